@@ -1,0 +1,133 @@
+"""Loss primitives side by side with optax and a hand-written closed form, in one process.
+
+For each shape (float32 logits) it times, interleaving single calls and keeping minima:
+
+* ``value_and_grad`` of the mean loss: ours vs optax, integer and one-hot labels;
+* the Hessian-vector product of the mean loss: ``jvp(grad)`` of ours, of optax's (autodiff),
+  ``softmax_cross_entropy_hvp`` and a hand-written closed form ``s ⊙ (v − sᵀv) / N``;
+* where it fits in memory, the per-example Hessians ``[N, K, K]`` then a batched product.
+
+It prints ratios ours / theirs and a memory-bandwidth floor: the bytes that a single fused
+pass must move (read the logits once, write the gradient once) at the bandwidth measured by a
+plain copy of the logits.
+
+Run: ``python benchmarks/bench_losses.py`` (``--quick`` for small shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import format_times, interleaved_min_times, machine_info, ratio_table  # noqa: E402
+
+import xentropy_jax as xj  # noqa: E402
+
+HESSIAN_BYTES_LIMIT = 1 << 28  # materialise [N, K, K] float32 only up to 256 MiB
+
+
+def closed_form_hvp(logits, tangents):
+    """Reference: (diag(s) − s sᵀ) v / N written out by hand with jax.nn.softmax."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    inner = jnp.sum(probs * tangents, axis=-1, keepdims=True)
+    return probs * (tangents - inner) / logits.shape[0]
+
+
+def bench_shape(num_rows: int, num_classes: int, repeats: int) -> None:
+    key_logits, key_labels, key_tangents = jax.random.split(jax.random.key(0), 3)
+    logits = 3.0 * jax.random.normal(key_logits, (num_rows, num_classes), jnp.float32)
+    labels = jax.random.randint(key_labels, (num_rows,), 0, num_classes)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    tangents = jax.random.normal(key_tangents, logits.shape, jnp.float32)
+
+    def mean_of(loss, targets):
+        return lambda z: jnp.mean(loss(z, targets))
+
+    ours_int = mean_of(xj.softmax_cross_entropy_with_integer_labels, labels)
+    optax_int = mean_of(optax.softmax_cross_entropy_with_integer_labels, labels)
+    ours_hot = mean_of(xj.softmax_cross_entropy, onehot)
+    optax_hot = mean_of(optax.softmax_cross_entropy, onehot)
+
+    def hvp_of(loss):
+        return jax.jit(lambda z, v: jax.jvp(jax.grad(loss), (z,), (v,))[1])
+
+    fns = {
+        "ours value_and_grad (integer)": jax.jit(jax.value_and_grad(ours_int)),
+        "optax value_and_grad (integer)": jax.jit(jax.value_and_grad(optax_int)),
+        "ours value_and_grad (one-hot)": jax.jit(jax.value_and_grad(ours_hot)),
+        "optax value_and_grad (one-hot)": jax.jit(jax.value_and_grad(optax_hot)),
+        "ours jvp(grad) (integer)": hvp_of(ours_int),
+        "optax jvp(grad) (integer)": hvp_of(optax_int),
+        "ours softmax_cross_entropy_hvp": jax.jit(
+            lambda z, v: xj.softmax_cross_entropy_hvp(z, v) / z.shape[0]
+        ),
+        "hand-written closed-form hvp": jax.jit(closed_form_hvp),
+        "copy of the logits (bandwidth)": jax.jit(lambda z: z + 1.0),
+    }
+    args = {name: (logits,) for name in fns}
+    for name in fns:
+        if "hvp" in name or "jvp" in name:
+            args[name] = (logits, tangents)
+    hessian_bytes = num_rows * num_classes * num_classes * 4
+    if hessian_bytes <= HESSIAN_BYTES_LIMIT:
+        row_hessian = jax.hessian(
+            lambda z, c: optax.softmax_cross_entropy_with_integer_labels(z, c)
+        )
+        fns["jax.hessian [N,K,K] then multiply"] = jax.jit(
+            lambda z, v: jnp.einsum("nij,nj->ni", jax.vmap(row_hessian)(z, labels), v) / z.shape[0]
+        )
+        args["jax.hessian [N,K,K] then multiply"] = (logits, tangents)
+
+    # Correctness first: the products must agree before their times mean anything.
+    reference = closed_form_hvp(logits, tangents)
+    for name in ("ours jvp(grad) (integer)", "ours softmax_cross_entropy_hvp"):
+        error = jnp.max(jnp.abs(fns[name](*args[name]) - reference))
+        assert error < 1e-6 * max(1.0, float(jnp.max(jnp.abs(reference))) * 1e3), (name, error)
+
+    times = interleaved_min_times(
+        {name: (lambda f=fn, a=args[name]: f(*a)) for name, fn in fns.items()}, repeats=repeats
+    )
+    print(f"\n== logits float32 [{num_rows}, {num_classes}] ==")
+    print(format_times(times))
+    pairs = [
+        ("ours value_and_grad (integer)", "optax value_and_grad (integer)"),
+        ("ours value_and_grad (one-hot)", "optax value_and_grad (one-hot)"),
+        ("ours jvp(grad) (integer)", "hand-written closed-form hvp"),
+        ("ours softmax_cross_entropy_hvp", "hand-written closed-form hvp"),
+        ("ours jvp(grad) (integer)", "optax jvp(grad) (integer)"),
+    ]
+    if "jax.hessian [N,K,K] then multiply" in times:
+        pairs.append(("ours softmax_cross_entropy_hvp", "jax.hessian [N,K,K] then multiply"))
+    print("ratios (ours / theirs; below 1 means ours is faster):")
+    print(ratio_table(times, pairs))
+    # A fused value_and_grad reads the logits once and writes the gradient once: twice the
+    # bytes of the copy, the floor that no implementation can beat.
+    floor = 2 * times["copy of the logits (bandwidth)"]
+    print(
+        "floor (read logits + write gradient at copy bandwidth): "
+        f"{1e3 * floor:.3f} ms; ours integer value_and_grad / floor = "
+        f"{times['ours value_and_grad (integer)'] / floor:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    options = parser.parse_args()
+    print(machine_info())
+    if options.quick:
+        shapes, repeats = [(256, 100), (64, 10)], 5
+    else:
+        shapes, repeats = [(8192, 1000), (65536, 100), (1024, 32000), (512, 10)], 20
+    for num_rows, num_classes in shapes:
+        bench_shape(num_rows, num_classes, repeats)
+
+
+if __name__ == "__main__":
+    main()

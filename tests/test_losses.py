@@ -1,0 +1,502 @@
+"""The loss primitives against independent references: optax, naive autodiff, explicit matrices."""
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax._src.ad_checkpoint import saved_residuals
+from jax.test_util import check_grads
+
+import xentropy_jax as xj
+
+
+def naive_loss(logits, labels):
+    """−Σ y log softmax(z), differentiated by plain autodiff (no custom rules)."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    log_probs = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+    return -jnp.sum(labels * log_probs, axis=-1)
+
+
+def explicit_hessian(logits, mass=1.0):
+    probs = np.asarray(jax.nn.softmax(logits))
+    return mass * (np.diag(probs) - np.outer(probs, probs))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def make_problem(rng, batch=(6,), num_classes=5, mass=1.0):
+    logits = jnp.asarray(rng.normal(scale=2.0, size=batch + (num_classes,)))
+    soft = jnp.asarray(mass * rng.dirichlet(np.ones(num_classes), size=batch))
+    integer = jnp.asarray(rng.integers(0, num_classes, size=batch))
+    return logits, soft, integer
+
+
+# --------------------------------------------------------------------------------------------
+# Values: a drop-in for optax.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_values_match_optax(rng, jit):
+    logits, soft, integer = make_problem(rng)
+    ours_soft = jax.jit(xj.softmax_cross_entropy) if jit else xj.softmax_cross_entropy
+    ours_int = (
+        jax.jit(xj.softmax_cross_entropy_with_integer_labels)
+        if jit
+        else xj.softmax_cross_entropy_with_integer_labels
+    )
+    np.testing.assert_allclose(
+        ours_soft(logits, soft), optax.softmax_cross_entropy(logits, soft), rtol=1e-14
+    )
+    np.testing.assert_allclose(
+        ours_int(logits, integer),
+        optax.softmax_cross_entropy_with_integer_labels(logits, integer),
+        rtol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("axis", [0, 1, -2, (1, 2), (2, 0)])
+def test_axis_matches_optax(rng, axis):
+    logits = jnp.asarray(rng.normal(size=(3, 4, 5)))
+    labels = jnp.asarray(rng.random(size=(3, 4, 5)))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, labels, axis=axis),
+        optax.softmax_cross_entropy(logits, labels, axis=axis),
+        rtol=1e-13,
+    )
+    axes = (axis,) if isinstance(axis, int) else axis
+    num_classes = int(np.prod([logits.shape[a] for a in axes]))
+    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a % 3 not in [b % 3 for b in axes])
+    integer = jnp.asarray(rng.integers(0, num_classes, size=batch_shape))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, integer, axis=axis),
+        optax.softmax_cross_entropy_with_integer_labels(logits, integer, axis=axis),
+        rtol=1e-13,
+    )
+
+
+def test_axis_equals_moveaxis(rng):
+    logits = jnp.asarray(rng.normal(size=(4, 7, 3)))
+    labels = jnp.asarray(rng.random(size=(4, 7, 3)))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, labels, axis=1),
+        xj.softmax_cross_entropy(jnp.moveaxis(logits, 1, -1), jnp.moveaxis(labels, 1, -1)),
+        rtol=1e-14,
+    )
+    tangents = jnp.asarray(rng.normal(size=logits.shape))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_hvp(logits, tangents, axis=1),
+        jnp.moveaxis(
+            xj.softmax_cross_entropy_hvp(
+                jnp.moveaxis(logits, 1, -1), jnp.moveaxis(tangents, 1, -1)
+            ),
+            -1,
+            1,
+        ),
+        rtol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("mask_shape", ["rows", "classes"])
+def test_where_matches_optax(rng, mask_shape):
+    logits, soft, integer = make_problem(rng, batch=(8,))
+    if mask_shape == "rows":
+        where = jnp.asarray(rng.random(8) > 0.4)
+    else:
+        where = jnp.asarray(rng.random((8, 5)) > 0.4).at[:, 0].set(True)
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, soft, where=where),
+        optax.softmax_cross_entropy(logits, soft, where=where),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, integer, where=where),
+        optax.softmax_cross_entropy_with_integer_labels(logits, integer, where=where),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+    # Gradients agree with optax's autodiff too, masked classes included.
+    for ours, theirs, labels in [
+        (xj.softmax_cross_entropy, optax.softmax_cross_entropy, soft),
+        (
+            xj.softmax_cross_entropy_with_integer_labels,
+            optax.softmax_cross_entropy_with_integer_labels,
+            integer,
+        ),
+    ]:
+        np.testing.assert_allclose(
+            jax.grad(lambda z, f=ours, y=labels: f(z, y, where=where).sum())(logits),
+            jax.grad(lambda z, f=theirs, y=labels: f(z, y, where=where).sum())(logits),
+            atol=1e-14,
+        )
+
+
+def test_fully_masked_row_is_exactly_zero(rng):
+    logits, soft, integer = make_problem(rng, batch=(3,))
+    where = jnp.array([True, False, True])
+    for loss, labels in [
+        (xj.softmax_cross_entropy, soft),
+        (xj.softmax_cross_entropy_with_integer_labels, integer),
+    ]:
+        values = loss(logits, labels, where=where)
+        grads = jax.grad(lambda z, f=loss, y=labels: f(z, y, where=where).sum())(logits)
+        assert values[1] == 0.0
+        assert np.all(grads[1] == 0.0)
+        assert np.all(np.isfinite(grads))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    data=st.data(),
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6),
+)
+def test_property_matches_optax(data, shape):
+    elements = st.floats(-30, 30, allow_nan=False, width=64)
+    logits = data.draw(hnp.arrays(np.float64, shape, elements=elements))
+    labels = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 5, width=64)))
+    classes = data.draw(hnp.arrays(np.int64, shape[:-1], elements=st.integers(0, shape[-1] - 1)))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, labels),
+        optax.softmax_cross_entropy(logits, labels),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, classes),
+        optax.softmax_cross_entropy_with_integer_labels(logits, classes),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Derivatives: closed forms, finite differences, naive autodiff, explicit matrices.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mass", [1.0, 3.5])
+def test_gradient_is_mass_times_softmax_minus_labels(rng, mass):
+    logits, soft, _ = make_problem(rng, mass=mass)
+    grad = jax.grad(lambda z: xj.softmax_cross_entropy(z, soft).sum())(logits)
+    expected = mass * jax.nn.softmax(logits) - soft
+    np.testing.assert_allclose(grad, expected, atol=1e-15)
+    np.testing.assert_allclose(
+        grad, jax.grad(lambda z: naive_loss(z, soft).sum())(logits), atol=1e-14
+    )
+
+
+def test_gradient_sign_is_probs_minus_labels(rng):
+    """∇L = s − y: a small step along −(s − y) lowers the loss, along −(y − s) raises it."""
+    logits, _, integer = make_problem(rng, batch=(1,))
+    onehot = jax.nn.one_hot(integer, 5)
+    grad = jax.grad(lambda z: xj.softmax_cross_entropy(z, onehot).sum())(logits)
+    np.testing.assert_allclose(grad, jax.nn.softmax(logits) - onehot, atol=1e-15)
+    loss = lambda z: float(xj.softmax_cross_entropy(z, onehot).sum())  # noqa: E731
+    step = 1e-3
+    assert loss(logits - step * (jax.nn.softmax(logits) - onehot)) < loss(logits)
+    assert loss(logits - step * (onehot - jax.nn.softmax(logits))) > loss(logits)
+
+
+@pytest.mark.parametrize("loss_name", ["soft", "integer"])
+def test_check_grads_order_two_and_three(rng, loss_name):
+    logits, soft, integer = make_problem(rng)
+    if loss_name == "soft":
+        fn = lambda z: xj.softmax_cross_entropy(z, 2.0 * soft)  # noqa: E731
+    else:
+        fn = lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer)  # noqa: E731
+    check_grads(fn, (logits,), order=2, modes=("fwd", "rev"))
+    check_grads(lambda z: fn(z)[:2], (logits,), order=3, modes=("fwd", "rev"))
+
+
+def test_check_grads_through_labels(rng):
+    logits, soft, _ = make_problem(rng)
+    check_grads(xj.softmax_cross_entropy, (logits, soft), order=2, modes=("fwd", "rev"))
+    grad = jax.grad(lambda y: xj.softmax_cross_entropy(logits, y).sum())(soft)
+    np.testing.assert_allclose(grad, -jax.nn.log_softmax(logits), atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "hessian_fn",
+    [
+        jax.hessian,
+        lambda f: jax.jacrev(jax.jacrev(f)),
+        lambda f: jax.jacfwd(jax.jacfwd(f)),
+        lambda f: jax.jacrev(jax.jacfwd(f)),
+    ],
+    ids=["hessian", "rev-rev", "fwd-fwd", "rev-fwd"],
+)
+def test_hessian_matches_explicit_matrix(rng, hessian_fn):
+    logits, soft, integer = make_problem(rng, batch=(), num_classes=6, mass=2.5)
+    hessian_soft = hessian_fn(lambda z: xj.softmax_cross_entropy(z, soft))(logits)
+    np.testing.assert_allclose(hessian_soft, explicit_hessian(logits, 2.5), atol=1e-15)
+    hessian_int = hessian_fn(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer))(
+        logits
+    )
+    np.testing.assert_allclose(hessian_int, explicit_hessian(logits), atol=1e-15)
+
+
+def test_third_derivative_matches_naive_autodiff(rng):
+    logits, soft, _ = make_problem(rng, batch=(), num_classes=4)
+    third = jax.jacfwd(jax.hessian(lambda z: xj.softmax_cross_entropy(z, soft)))(logits)
+    naive = jax.jacfwd(jax.hessian(lambda z: naive_loss(z, soft)))(logits)
+    np.testing.assert_allclose(third, naive, atol=1e-14)
+
+
+def test_jit_vmap_grad_compose(rng):
+    logits, soft, integer = make_problem(rng, batch=(4, 3))
+    per_example = jax.vmap(jax.vmap(jax.grad(xj.softmax_cross_entropy_with_integer_labels)))
+    batched = jax.jit(
+        jax.grad(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer).sum())
+    )
+    np.testing.assert_allclose(per_example(logits, integer), batched(logits), atol=1e-15)
+    hvps = jax.jit(
+        jax.vmap(
+            lambda z, v: jax.jvp(
+                jax.grad(lambda u: xj.softmax_cross_entropy(u, soft[0, 0])), (z,), (v,)
+            )[1]
+        )
+    )
+    tangents = jnp.asarray(rng.normal(size=(3, 5)))
+    np.testing.assert_allclose(
+        hvps(logits[0], tangents),
+        jax.vmap(xj.softmax_cross_entropy_hvp)(logits[0], tangents),
+        atol=1e-15,
+    )
+
+
+def test_reverse_pass_saves_one_residual(rng):
+    logits, soft, integer = make_problem(rng, batch=(7,))
+    for fn in [
+        lambda z: xj.softmax_cross_entropy(z, soft).sum(),
+        lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer).sum(),
+    ]:
+        full_size = [r for r, _ in saved_residuals(fn, logits) if r.shape == logits.shape]
+        assert len(full_size) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Curvature helpers and the facts the docs state.
+# --------------------------------------------------------------------------------------------
+
+
+def test_hessian_function_matches_autodiff(rng):
+    logits, _, integer = make_problem(rng, batch=(4,))
+    expected = jax.vmap(jax.hessian(xj.softmax_cross_entropy_with_integer_labels))(logits, integer)
+    np.testing.assert_allclose(xj.softmax_cross_entropy_hessian(logits), expected, atol=1e-15)
+    one = xj.softmax_cross_entropy_hessian(logits[0])
+    np.testing.assert_allclose(one, explicit_hessian(logits[0]), atol=1e-15)
+
+
+def test_hvp_matches_matrix_and_never_forms_it(rng):
+    logits, _, _ = make_problem(rng, batch=(5,), num_classes=7)
+    tangents = jnp.asarray(rng.normal(size=logits.shape))
+    product = xj.softmax_cross_entropy_hvp(logits, tangents)
+    matrices = xj.softmax_cross_entropy_hessian(logits)
+    np.testing.assert_allclose(product, jnp.einsum("nij,nj->ni", matrices, tangents), atol=1e-15)
+    jaxpr = jax.make_jaxpr(xj.softmax_cross_entropy_hvp)(logits, tangents)
+    shapes = [v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert all(len(shape) <= 2 for shape in shapes), shapes
+
+
+def test_hessian_facts(rng):
+    """PSD, H·1 = 0, λmax ≤ m/2, not the identity, independent of the labelled class."""
+    logits, _, _ = make_problem(rng, batch=(), num_classes=6)
+    mass = 3.0
+    hessians = [
+        jax.hessian(lambda z, c=c: mass * xj.softmax_cross_entropy_with_integer_labels(z, c))(
+            logits
+        )
+        for c in range(6)
+    ]
+    for other in hessians[1:]:
+        np.testing.assert_allclose(other, hessians[0], atol=1e-14)
+    hessian = np.asarray(hessians[0])
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    assert eigenvalues.min() > -1e-14
+    assert eigenvalues.max() <= mass / 2 + 1e-14
+    np.testing.assert_allclose(hessian @ np.ones(6), 0.0, atol=1e-14)
+    assert np.linalg.matrix_rank(hessian, tol=1e-10) == 5
+    assert not np.allclose(hessian, np.eye(6))
+    # The bound is attained: two classes with equal logits have λmax = m/2.
+    two = jax.hessian(lambda z: mass * xj.softmax_cross_entropy_with_integer_labels(z, 0))(
+        jnp.zeros(2)
+    )
+    np.testing.assert_allclose(np.linalg.eigvalsh(two).max(), mass / 2, rtol=1e-14)
+
+
+def test_newton_on_linear_model_needs_penalty_or_reference(rng):
+    """The Hessian in W of Σ CE(xᵢW) is singular along W → W + a·1ᵀ; an L2 term removes that."""
+    inputs = jnp.asarray(rng.normal(size=(30, 3)))
+    labels = jnp.asarray(rng.integers(0, 4, size=30))
+
+    def objective(flat, l2):
+        weights = flat.reshape(3, 4)
+        loss = xj.softmax_cross_entropy_with_integer_labels(inputs @ weights, labels).mean()
+        return loss + 0.5 * l2 * jnp.sum(weights**2)
+
+    flat = jnp.asarray(rng.normal(size=12))
+    unpenalized = np.asarray(jax.hessian(objective)(flat, 0.0))
+    null = np.kron(np.eye(3)[0], np.ones(4))  # shift every class's weight on feature 0 equally
+    np.testing.assert_allclose(unpenalized @ null, 0.0, atol=1e-14)
+    assert np.linalg.matrix_rank(unpenalized, tol=1e-10) == 3 * 3
+    assert np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(flat, 1e-3))).min() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: huge and infinite logits, low precision, bad labels.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e30])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_huge_logits_are_exact(scale, dtype):
+    logits = jnp.array([[scale, -scale, 0.0], [scale, -scale, 0.0]], dtype)
+    labels = jnp.array([1, 0])
+    loss = xj.softmax_cross_entropy_with_integer_labels(logits, labels)
+    np.testing.assert_allclose(loss, [2 * scale, 0.0], rtol=1e-7)
+    grad = jax.grad(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, labels).sum())(logits)
+    np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
+    soft = jax.nn.one_hot(labels, 3, dtype=dtype)
+    np.testing.assert_allclose(xj.softmax_cross_entropy(logits, soft), loss, rtol=1e-7)
+
+
+def test_minus_inf_logits_are_masked_classes(rng):
+    logits, soft, integer = make_problem(rng, batch=(4,))
+    logits = logits.at[:, 2].set(-jnp.inf)
+    soft = soft.at[:, 2].set(0.0)
+    integer = jnp.where(integer == 2, 0, integer)
+    for loss, labels in [
+        (xj.softmax_cross_entropy, soft),
+        (xj.softmax_cross_entropy_with_integer_labels, integer),
+    ]:
+        values = loss(logits, labels)
+        grads = jax.grad(lambda z, loss=loss, labels=labels: loss(z, labels).sum())(logits)
+        assert np.all(np.isfinite(values))
+        assert np.all(grads[:, 2] == 0.0)
+        # Equal to the loss over the remaining classes.
+        keep = jnp.array([0, 1, 3, 4])
+        kept_labels = labels[:, keep] if labels.ndim == 2 else jnp.searchsorted(keep, labels)
+        np.testing.assert_allclose(values, loss(logits[:, keep], kept_labels), rtol=1e-14)
+        hessian = jax.hessian(lambda z, loss=loss, labels=labels: loss(z, labels[0]))(logits[0])
+        assert np.all(hessian[2] == 0.0) and np.all(hessian[:, 2] == 0.0)
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, soft),
+        optax.safe_softmax_cross_entropy(logits, soft),
+        rtol=1e-14,
+    )
+
+
+def test_label_on_minus_inf_class_is_inf_without_nan_elsewhere(rng):
+    logits, soft, integer = make_problem(rng, batch=(3,))
+    logits = logits.at[0, 1].set(-jnp.inf)
+    integer = integer.at[0].set(1)
+    values = xj.softmax_cross_entropy_with_integer_labels(logits, integer)
+    assert values[0] == np.inf
+    assert np.all(np.isfinite(values[1:]))
+    soft = soft.at[0].set(jax.nn.one_hot(1, 5))
+    values = xj.softmax_cross_entropy(logits, soft)
+    assert values[0] == np.inf
+    assert np.all(np.isfinite(values[1:]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computed_in_float32(rng, dtype):
+    logits, soft, integer = make_problem(rng, batch=(64,), num_classes=50)
+    low = logits.astype(dtype)
+    # The exact loss of the rounded logits, in float64, is the reference.
+    reference = optax.softmax_cross_entropy_with_integer_labels(low.astype(jnp.float64), integer)
+    ours = xj.softmax_cross_entropy_with_integer_labels(low, integer)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(
+        ours.astype(jnp.float64), reference, rtol=float(jnp.finfo(dtype).eps)
+    )
+    soft_low = soft.astype(dtype)
+    assert xj.softmax_cross_entropy(low, soft_low).dtype == dtype
+    grad = jax.grad(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer).sum())(low)
+    assert grad.dtype == dtype
+    expected = jax.nn.softmax(low.astype(jnp.float64)) - jax.nn.one_hot(integer, 50)
+    np.testing.assert_allclose(grad.astype(jnp.float64), expected, atol=float(jnp.finfo(dtype).eps))
+    # Large logits do not overflow in half precision: the shift happens in float32.
+    big = jnp.full((2, 3), 60000.0, jnp.float16).at[:, 0].set(-60000.0)
+    assert np.all(
+        np.isfinite(xj.softmax_cross_entropy_with_integer_labels(big, jnp.array([1, 0]))[:1])
+    )
+
+
+def test_float32_matches_float64(rng):
+    logits, soft, integer = make_problem(rng, batch=(100,), num_classes=20)
+    ours32 = xj.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), integer)
+    assert ours32.dtype == jnp.float32
+    np.testing.assert_allclose(
+        ours32, xj.softmax_cross_entropy_with_integer_labels(logits, integer), rtol=2e-6
+    )
+
+
+def test_out_of_range_labels_give_nan_rows_only(rng):
+    logits, _, _ = make_problem(rng, batch=(4,))
+    labels = jnp.array([5, -1, 2, 0])
+    for smoothing in [0.0, 0.2]:
+        loss = functools.partial(
+            xj.softmax_cross_entropy_with_integer_labels, label_smoothing=smoothing
+        )
+        values = loss(logits, labels)
+        grads = jax.grad(lambda z, loss=loss: loss(z, labels).sum())(logits)
+        assert np.all(np.isnan(values[:2])) and np.all(np.isfinite(values[2:]))
+        assert np.all(np.isnan(grads[:2])) and np.all(np.isfinite(grads[2:]))
+        # A masked-out row is 0 whatever its label.
+        where = jnp.array([False, True, True, True])
+        assert loss(logits, labels, where=where)[0] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Label smoothing and argument checking.
+# --------------------------------------------------------------------------------------------
+
+
+def test_label_smoothing(rng):
+    logits, soft, integer = make_problem(rng)
+    onehot = jax.nn.one_hot(integer, 5)
+    expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, 0.1))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, onehot, label_smoothing=0.1), expected, rtol=1e-14
+    )
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, integer, label_smoothing=0.1),
+        expected,
+        rtol=1e-14,
+    )
+    # Smoothing keeps the label mass: the gradient still sums to zero.
+    grad = jax.grad(lambda z: xj.softmax_cross_entropy(z, 3 * soft, label_smoothing=0.3).sum())(
+        logits
+    )
+    np.testing.assert_allclose(grad.sum(-1), 0.0, atol=1e-14)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xj.softmax_cross_entropy(logits, soft, label_smoothing=1.5)
+
+
+def test_bad_arguments_raise_clear_errors(rng):
+    logits, soft, integer = make_problem(rng)
+    with pytest.raises(TypeError, match="floating"):
+        xj.softmax_cross_entropy(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="integer"):
+        xj.softmax_cross_entropy_with_integer_labels(logits, soft)
+    with pytest.raises(ValueError, match="batch shape"):
+        xj.softmax_cross_entropy_with_integer_labels(logits, integer[:3])
+    with pytest.raises(ValueError, match="broadcast"):
+        xj.softmax_cross_entropy(logits, soft[:, :3])
+    with pytest.raises(ValueError, match="out of range"):
+        xj.softmax_cross_entropy(logits, soft, axis=2)
+    with pytest.raises(TypeError, match="boolean"):
+        xj.softmax_cross_entropy(logits, soft, where=jnp.ones(6))
+    with pytest.raises(ValueError, match="tangents"):
+        xj.softmax_cross_entropy_hvp(logits, soft[:, :2])
