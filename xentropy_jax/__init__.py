@@ -1,5 +1,12 @@
 """xentropy_jax: closed-form derivatives, curvature and Newton solvers for softmax cross-entropy."""
 
+from ._curvature import ggn_operator as ggn_operator
+from ._curvature import ggn_vp as ggn_vp
+from ._curvature import hessian_vp as hessian_vp
+from ._curvature import mean_cross_entropy as mean_cross_entropy
+from ._diagonals import ggn_diagonal as ggn_diagonal
+from ._diagonals import ggn_diagonal_bartlett as ggn_diagonal_bartlett
+from ._diagonals import ggn_diagonal_hutchinson as ggn_diagonal_hutchinson
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -10,6 +17,13 @@ from ._losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ggn_diagonal",
+    "ggn_diagonal_bartlett",
+    "ggn_diagonal_hutchinson",
+    "ggn_operator",
+    "ggn_vp",
+    "hessian_vp",
+    "mean_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_hessian",
     "softmax_cross_entropy_hvp",

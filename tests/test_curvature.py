@@ -1,0 +1,363 @@
+"""GGN and Hessian products of a model against explicit matrices (jax.jacfwd, jax.hessian)."""
+
+import chex
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import xentropy_jax as xj
+
+N, D, H, K = 7, 3, 4, 5  # distinct sizes, so an [N, K, K] array is recognisable in a jaxpr
+
+
+def mlp(params, inputs):
+    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+def linear(params, inputs):
+    return inputs @ params["w"] + params["b"]
+
+
+def make_problem(model, dtype=jnp.float64, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    inputs = jax.random.normal(keys[0], (N, D), dtype)
+    if model is mlp:
+        params = {
+            "w1": jax.random.normal(keys[1], (D, H), dtype),
+            "b1": jax.random.normal(keys[2], (H,), dtype),
+            "w2": jax.random.normal(keys[3], (H, K), dtype),
+            "b2": jax.random.normal(keys[4], (K,), dtype),
+        }
+    else:
+        params = {
+            "w": jax.random.normal(keys[1], (D, K), dtype),
+            "b": jax.random.normal(keys[2], (K,), dtype),
+        }
+    labels = jax.random.randint(keys[5], (N,), 0, K)
+    return params, inputs, labels
+
+
+def naive_row_loss(logits, labels):
+    """m·logsumexp(z) − yᵀz with log-softmax written out: an independent reference."""
+    shifted = logits - jnp.max(logits)
+    log_probs = shifted - jnp.log(jnp.sum(jnp.exp(shifted)))
+    return -jnp.sum(labels * log_probs)
+
+
+def coefficients(weights, mass):
+    weights = np.ones(N) if weights is None else np.asarray(weights, float)
+    return weights * mass / weights.sum()
+
+
+def explicit_ggn(model, params, inputs, weights=None, mass=1.0):
+    """Σᵢ cᵢ Jᵢᵀ Hᵢ Jᵢ with J from jax.jacfwd and Hᵢ from jax.hessian of the naive loss."""
+    flat, unravel = ravel_pytree(params)
+    jacobian = jax.jacfwd(lambda theta: model(unravel(theta), inputs))(flat)  # [N, K, P]
+    logits = model(params, inputs)
+    unit = jnp.zeros(K).at[0].set(1.0)  # the loss Hessian does not depend on the label
+    hessians = jax.vmap(jax.hessian(naive_row_loss), (0, None))(logits, unit)
+    c = coefficients(weights, mass)
+    return jnp.einsum("n,nkp,nkl,nlq->pq", c, jacobian, hessians, jacobian)
+
+
+def explicit_hessian(model, params, inputs, labels_dense, weights=None):
+    flat, unravel = ravel_pytree(params)
+    c = coefficients(weights, 1.0)
+
+    def objective(theta):
+        logits = model(unravel(theta), inputs)
+        return jnp.sum(c * jax.vmap(naive_row_loss)(logits, labels_dense))
+
+    return jax.hessian(objective)(flat)
+
+
+def random_tangents(params, seed=1):
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.normal(jax.random.key(seed), flat.shape, flat.dtype))
+
+
+def flat(tree):
+    return ravel_pytree(tree)[0]
+
+
+WEIGHTS = np.array([0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.5])
+
+
+@pytest.mark.parametrize("model", [mlp, linear])
+@pytest.mark.parametrize("weights", [None, WEIGHTS])
+@pytest.mark.parametrize("mass", [1.0, 1.7])
+def test_ggn_vp_is_jt_h_j(model, weights, mass):
+    params, inputs, _ = make_problem(model)
+    tangents = random_tangents(params)
+    expected = explicit_ggn(model, params, inputs, weights, mass) @ flat(tangents)
+    got = xj.ggn_vp(model, params, inputs, tangents, sample_weight=weights, label_mass=mass)
+    np.testing.assert_allclose(flat(got), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_per_example_label_mass():
+    params, inputs, _ = make_problem(mlp)
+    tangents = random_tangents(params)
+    mass = np.linspace(0.5, 2.0, N)
+    flat_params, unravel = ravel_pytree(params)
+    expected = sum(
+        explicit_ggn(mlp, params, inputs, np.eye(N)[i] * 1.0, mass[i]) / N for i in range(N)
+    )
+    got = xj.ggn_vp(mlp, params, inputs, tangents, label_mass=mass)
+    np.testing.assert_allclose(flat(got), expected @ flat(tangents), rtol=1e-12, atol=1e-13)
+
+
+def test_operator_applies_many_vectors_and_damping_adds_lambda_v():
+    params, inputs, _ = make_problem(mlp)
+    ggn = explicit_ggn(mlp, params, inputs)
+    flat_params, unravel = ravel_pytree(params)
+    vectors = jax.random.normal(jax.random.key(3), (4, flat_params.size))
+    damping = 0.37
+    plain = xj.ggn_operator(mlp, params, inputs)
+    damped = xj.ggn_operator(mlp, params, inputs, damping=damping)
+    batch = jax.vmap(unravel)(vectors)
+    plain_out = jax.vmap(lambda v: flat(plain(v)))(batch)
+    damped_out = jax.vmap(lambda v: flat(damped(v)))(batch)
+    np.testing.assert_allclose(plain_out, vectors @ ggn.T, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(damped_out - plain_out, damping * vectors, rtol=1e-12, atol=1e-13)
+
+
+def test_ggn_is_symmetric_psd_with_model_null_space():
+    params, inputs, _ = make_problem(mlp)
+    flat_params, unravel = ravel_pytree(params)
+    operator = xj.ggn_operator(mlp, params, inputs)
+    matrix = jax.vmap(lambda e: flat(operator(unravel(e))))(jnp.eye(flat_params.size))
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-13)
+    assert np.linalg.eigvalsh(matrix).min() > -1e-12
+    # Adding the same constant to every logit leaves the loss unchanged: b2 along 1 is null.
+    null = jax.tree.map(jnp.zeros_like, params)
+    null["b2"] = jnp.ones(K)
+    np.testing.assert_allclose(flat(operator(null)), 0.0, atol=1e-13)
+
+
+def test_ggn_equals_fisher_summed_over_all_labels():
+    params, inputs, _ = make_problem(mlp)
+    flat_params, unravel = ravel_pytree(params)
+    probs = jax.nn.softmax(mlp(params, inputs))
+
+    def example_loss(theta, i, label):
+        logits = mlp(unravel(theta), inputs[i : i + 1])[0]
+        return naive_row_loss(logits, jax.nn.one_hot(label, K))
+
+    fisher = jnp.zeros((flat_params.size, flat_params.size))
+    for i in range(N):
+        for label in range(K):
+            g = jax.grad(example_loss)(flat_params, i, label)
+            fisher += probs[i, label] * jnp.outer(g, g) / N
+    operator = xj.ggn_operator(mlp, params, inputs)
+    ggn = jax.vmap(lambda e: flat(operator(unravel(e))))(jnp.eye(flat_params.size))
+    np.testing.assert_allclose(ggn, fisher, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("weights", [None, WEIGHTS])
+@pytest.mark.parametrize("soft", [False, True])
+def test_hessian_vp_matches_jax_hessian_of_naive_loss(weights, soft):
+    params, inputs, labels = make_problem(mlp)
+    dense = jax.nn.one_hot(labels, K)
+    if soft:  # soft labels of mass 1.3, so the residual m·s − y is not the one-hot one
+        dense = 1.3 * jax.nn.softmax(jax.random.normal(jax.random.key(7), (N, K)))
+    tangents = random_tangents(params)
+    expected = explicit_hessian(mlp, params, inputs, dense, weights) @ flat(tangents)
+    got = xj.hessian_vp(
+        mlp, params, inputs, dense if soft else labels, tangents, sample_weight=weights
+    )
+    np.testing.assert_allclose(flat(got), expected, rtol=1e-11, atol=1e-13)
+    # The MLP has curvature of its own: the test above would see it if it were dropped.
+    ggn = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=weights, label_mass=dense.sum(-1))
+    assert np.abs(flat(ggn) - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_linear_model_ggn_equals_hessian(soft):
+    params, inputs, labels = make_problem(linear)
+    mass = 1.0
+    if soft:
+        labels = 2.5 * jax.nn.softmax(jax.random.normal(jax.random.key(8), (N, K)))
+        mass = labels.sum(-1)
+    flat_params, unravel = ravel_pytree(params)
+    basis = jax.vmap(unravel)(jnp.eye(flat_params.size))
+    ggn = jax.vmap(lambda e: flat(xj.ggn_vp(linear, params, inputs, e, label_mass=mass)))(basis)
+    hessian = jax.vmap(lambda e: flat(xj.hessian_vp(linear, params, inputs, labels, e)))(basis)
+    np.testing.assert_allclose(ggn, hessian, rtol=1e-12, atol=1e-13)
+    dense = labels if soft else jax.nn.one_hot(labels, K)
+    np.testing.assert_allclose(ggn, explicit_hessian(linear, params, inputs, dense), atol=1e-12)
+
+
+def test_mean_cross_entropy_is_the_weighted_mean():
+    params, inputs, labels = make_problem(mlp)
+    rows = jax.vmap(naive_row_loss)(mlp(params, inputs), jax.nn.one_hot(labels, K))
+    got = xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=WEIGHTS)
+    np.testing.assert_allclose(got, np.sum(WEIGHTS * rows) / WEIGHTS.sum(), rtol=1e-13)
+    np.testing.assert_allclose(xj.mean_cross_entropy(mlp, params, inputs, labels), rows.mean())
+
+
+def test_masked_examples_are_dropped_and_weights_are_scale_free():
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    mask = np.array([True, False, True, True, False, True, True])
+    masked = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=mask)
+    subset = xj.ggn_vp(mlp, params, inputs[mask], tangents)
+    np.testing.assert_allclose(flat(masked), flat(subset), rtol=1e-12, atol=1e-14)
+    hess_masked = xj.hessian_vp(mlp, params, inputs, labels, tangents, sample_weight=mask)
+    hess_subset = xj.hessian_vp(mlp, params, inputs[mask], labels[mask], tangents)
+    np.testing.assert_allclose(flat(hess_masked), flat(hess_subset), rtol=1e-12, atol=1e-14)
+    once = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=WEIGHTS)
+    thrice = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=3 * WEIGHTS)
+    np.testing.assert_allclose(flat(once), flat(thrice), rtol=1e-12)
+
+
+def test_zero_total_weight_gives_zero_not_nan():
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    zeros = jnp.zeros(N)
+    for product in (
+        jax.jit(lambda w: xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=w)),
+        jax.jit(lambda w: xj.hessian_vp(mlp, params, inputs, labels, tangents, sample_weight=w)),
+    ):
+        np.testing.assert_array_equal(flat(product(zeros)), 0.0)
+    assert xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=zeros) == 0.0
+
+
+def test_masked_class_with_minus_inf_logit_has_no_curvature():
+    params, inputs, _ = make_problem(linear)
+    tangents = random_tangents(params)
+
+    def masked_model(p, x):
+        return linear(p, x).at[:, 0].set(-jnp.inf)
+
+    got = xj.ggn_vp(masked_model, params, inputs, tangents)
+    assert np.all(np.isfinite(flat(got)))
+    np.testing.assert_array_equal(got["w"][:, 0], 0.0)
+    # Equal to the model without that class at all.
+    reduced = {"w": params["w"][:, 1:], "b": params["b"][1:]}
+    expected = xj.ggn_vp(
+        linear, reduced, inputs, {"w": tangents["w"][:, 1:], "b": tangents["b"][1:]}
+    )
+    np.testing.assert_allclose(got["w"][:, 1:], expected["w"], rtol=1e-12, atol=1e-14)
+
+
+def all_avals(jaxpr):
+    """Every variable type in a jaxpr and in all the jaxprs nested in its equations."""
+    for var in list(jaxpr.invars) + list(jaxpr.constvars):
+        yield var.aval
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield var.aval
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from all_avals(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from all_avals(sub)
+
+
+def test_no_k_by_k_or_p_by_p_array_in_the_products():
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    num_params = flat(params).size
+    products = {
+        "ggn_vp": lambda: xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=WEIGHTS),
+        "operator": lambda: xj.ggn_operator(mlp, params, inputs, damping=0.1)(tangents),
+        "hessian_vp": lambda: xj.hessian_vp(mlp, params, inputs, labels, tangents),
+        "hutchinson": lambda: xj.ggn_diagonal_hutchinson(mlp, params, inputs, jax.random.key(0)),
+        "bartlett": lambda: xj.ggn_diagonal_bartlett(mlp, params, inputs, jax.random.key(0)),
+    }
+
+    def shapes_of(fn):
+        jaxpr = jax.make_jaxpr(fn)()
+        return [tuple(a.shape) for a in all_avals(jaxpr.jaxpr) if hasattr(a, "shape")]
+
+    for name, product in products.items():
+        shapes = shapes_of(product)
+        assert (N, K) in shapes, name  # the walk does see the logits-sized arrays
+        assert not [s for s in shapes if s.count(K) >= 2], name
+        assert not [s for s in shapes if s.count(num_params) >= 2], name
+    # Control: the same walk finds the [N, K, K] Hessians of a product that forms them.
+    explicit = jax.jit(lambda z: xj.softmax_cross_entropy_hessian(z))
+    assert (N, K, K) in shapes_of(lambda: explicit(mlp(params, inputs)))
+
+
+def test_jit_vmap_and_operator_as_argument():
+    params, inputs, labels = make_problem(mlp)
+    flat_params, unravel = ravel_pytree(params)
+    vectors = jax.random.normal(jax.random.key(5), (3, flat_params.size))
+    batch = jax.vmap(unravel)(vectors)
+    eager = [flat(xj.ggn_vp(mlp, params, inputs, unravel(v))) for v in vectors]
+    jitted = jax.jit(jax.vmap(lambda v: xj.ggn_vp(mlp, params, inputs, v)))(batch)
+    np.testing.assert_allclose(jax.vmap(flat)(jitted), np.stack(eager), rtol=1e-13)
+
+    # The operator is a pytree: one compiled apply serves every vector (a CG loop's need).
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def apply(operator, v):
+        return operator(v)
+
+    operator = xj.ggn_operator(mlp, params, inputs, damping=0.5)
+    for v, expected in zip(vectors, eager, strict=True):
+        np.testing.assert_allclose(
+            flat(apply(operator, unravel(v))), expected + 0.5 * v, rtol=1e-13
+        )
+
+    # vmap over weight vectors and over the Hessian product's tangents.
+    weight_sets = jnp.stack([jnp.ones(N), jnp.asarray(WEIGHTS)])
+    per_weights = jax.vmap(
+        lambda w: flat(xj.ggn_vp(mlp, params, inputs, batch_first(batch), sample_weight=w))
+    )(weight_sets)
+    np.testing.assert_allclose(per_weights[0], eager[0], rtol=1e-13)
+    hess = jax.jit(jax.vmap(lambda v: xj.hessian_vp(mlp, params, inputs, labels, v)))(batch)
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[1], hess)),
+        flat(xj.hessian_vp(mlp, params, inputs, labels, unravel(vectors[1]))),
+        rtol=1e-12,
+    )
+
+
+def batch_first(batch):
+    return jax.tree.map(lambda x: x[0], batch)
+
+
+def test_float32_products_match_float64():
+    params64, inputs64, labels = make_problem(mlp)
+    params32, inputs32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params64, inputs64))
+    tangents64 = random_tangents(params64)
+    tangents32 = jax.tree.map(lambda x: x.astype(jnp.float32), tangents64)
+    weights = WEIGHTS.astype(np.float64)  # float64 weights must not upcast float32 products
+    for fn in (
+        lambda p, x, v: xj.ggn_vp(mlp, p, x, v, sample_weight=weights, damping=np.float64(0.1)),
+        lambda p, x, v: xj.hessian_vp(mlp, p, x, labels, v, sample_weight=weights),
+    ):
+        got = jax.jit(fn)(params32, inputs32, tangents32)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+        expected = fn(params64, inputs64, tangents64)
+        np.testing.assert_allclose(flat(got), flat(expected), rtol=2e-4, atol=2e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    with pytest.raises(ValueError, match="non-negative"):
+        xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=-np.ones(N))
+    with pytest.raises(ValueError, match="shape"):
+        xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=np.ones(N + 1))
+    with pytest.raises(ValueError, match="finite"):
+        xj.ggn_vp(mlp, params, inputs, tangents, label_mass=np.nan)
+    with pytest.raises(ValueError, match="damping"):
+        xj.ggn_operator(mlp, params, inputs, damping=-1.0)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        xj.ggn_vp(lambda p, x: mlp(p, x)[0], params, inputs, tangents)
+    with pytest.raises(ValueError, match="tree structure"):
+        xj.ggn_vp(mlp, params, inputs, {"w1": tangents["w1"]})
+    with pytest.raises(ValueError, match="match its parameter"):
+        xj.hessian_vp(mlp, params, inputs, labels, jax.tree.map(lambda t: t[..., :1], tangents))
+    with pytest.raises(ValueError, match="labels"):
+        xj.hessian_vp(mlp, params, inputs, labels[:3], tangents)
+    with pytest.raises(TypeError, match="floating"):
+        xj.ggn_vp(mlp, {**params, "b2": jnp.ones(K, int)}, inputs, tangents)

@@ -1,0 +1,170 @@
+"""GGN diagonals: exact against explicit matrices, estimators unbiased (fixed seeds)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import xentropy_jax as xj
+from xentropy_jax._diagonals import _sqrt_factor_rows
+
+N, D, H, K = 7, 3, 4, 5
+WEIGHTS = np.array([0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.5])
+MASS = np.linspace(0.5, 2.0, N)
+
+
+def mlp(params, inputs):
+    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+def linear(params, inputs):
+    return inputs @ params["w"] + params["b"]
+
+
+def make_problem(model, dtype=jnp.float64):
+    keys = jax.random.split(jax.random.key(0), 6)
+    inputs = jax.random.normal(keys[0], (N, D), dtype)
+    if model is mlp:
+        shapes = {"w1": (D, H), "b1": (H,), "w2": (H, K), "b2": (K,)}
+    else:
+        shapes = {"w": (D, K), "b": (K,)}
+    params = {
+        name: jax.random.normal(k, shape, dtype)
+        for k, (name, shape) in zip(keys[1:], shapes.items(), strict=False)
+    }
+    return params, inputs
+
+
+def explicit_ggn_diagonal(model, params, inputs, weights=None, mass=1.0):
+    """diag(Σᵢ cᵢ Jᵢᵀ (diag(sᵢ) − sᵢsᵢᵀ) Jᵢ) from the dense Jacobian of jax.jacfwd."""
+    flat, unravel = ravel_pytree(params)
+    jacobian = jax.jacfwd(lambda theta: model(unravel(theta), inputs))(flat)
+    probs = jax.nn.softmax(model(params, inputs))
+    hessians = jax.vmap(jnp.diag)(probs) - probs[:, :, None] * probs[:, None, :]
+    weights = np.ones(N) if weights is None else weights
+    c = weights * mass / weights.sum()
+    return jnp.einsum("n,nkp,nkl,nlp->p", c, jacobian, hessians, jacobian)
+
+
+def flat(tree):
+    return ravel_pytree(tree)[0]
+
+
+def test_square_root_factor_reproduces_the_loss_hessian():
+    logits = jax.random.normal(jax.random.key(1), (3, K)).at[1, 2].set(-jnp.inf)
+    rows = jax.vmap(_sqrt_factor_rows)(logits)
+    np.testing.assert_allclose(
+        jnp.einsum("nki,nkj->nij", rows, rows),
+        xj.softmax_cross_entropy_hessian(logits),
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize("model", [mlp, linear])
+@pytest.mark.parametrize(
+    ("weights", "mass", "chunk_size"),
+    [(None, 1.0, None), (WEIGHTS, MASS, 3), (None, 2.0, 1)],
+)
+def test_exact_diagonal_matches_explicit_matrix(model, weights, mass, chunk_size):
+    params, inputs = make_problem(model)
+    got = xj.ggn_diagonal(
+        model, params, inputs, sample_weight=weights, label_mass=mass, chunk_size=chunk_size
+    )
+    expected = explicit_ggn_diagonal(model, params, inputs, weights, mass)
+    np.testing.assert_allclose(flat(got), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_exact_diagonal_is_the_diagonal_of_the_ggn_operator():
+    params, inputs = make_problem(mlp)
+    flat_params, unravel = ravel_pytree(params)
+    operator = xj.ggn_operator(mlp, params, inputs, sample_weight=WEIGHTS)
+    columns = jax.vmap(lambda e: flat(operator(unravel(e))))(jnp.eye(flat_params.size))
+    got = jax.jit(lambda p: xj.ggn_diagonal(mlp, p, inputs, sample_weight=WEIGHTS))(params)
+    np.testing.assert_allclose(flat(got), jnp.diag(columns), rtol=1e-12, atol=1e-15)
+
+
+def assert_unbiased(draws, exact, num_sigmas=4.0):
+    """The mean of independent draws is within a few standard errors of ``exact``, per entry."""
+    mean = draws.mean(axis=0)
+    standard_error = draws.std(axis=0, ddof=1) / np.sqrt(draws.shape[0])
+    z_scores = np.abs(mean - exact) / np.maximum(standard_error, 1e-12)
+    assert z_scores.max() < num_sigmas, (z_scores.max(), np.argmax(z_scores))
+    # Not a vacuous pass: the draws do scatter, and their mean is informative.
+    assert standard_error.max() > 0
+    assert np.abs(mean - exact).max() < 0.1 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("estimator", [xj.ggn_diagonal_hutchinson, xj.ggn_diagonal_bartlett])
+def test_estimators_are_unbiased(estimator):
+    params, inputs = make_problem(mlp)
+    exact = explicit_ggn_diagonal(mlp, params, inputs, WEIGHTS, MASS)
+
+    @jax.jit
+    def draw(key):
+        estimate = estimator(
+            mlp, params, inputs, key, sample_weight=WEIGHTS, label_mass=MASS, num_samples=1
+        )
+        return flat(estimate)
+
+    keys = jax.random.split(jax.random.key(42), 4000)
+    draws = np.asarray(jax.lax.map(draw, keys, batch_size=500))
+    assert_unbiased(draws, np.asarray(exact))
+
+
+@pytest.mark.parametrize("estimator", [xj.ggn_diagonal_hutchinson, xj.ggn_diagonal_bartlett])
+def test_num_samples_averages_independent_draws(estimator):
+    params, inputs = make_problem(linear)
+    key = jax.random.key(3)
+    single = flat(jax.jit(lambda k: estimator(linear, params, inputs, k))(key))
+    many = flat(jax.jit(lambda k: estimator(linear, params, inputs, k, num_samples=64))(key))
+    exact = explicit_ggn_diagonal(linear, params, inputs)
+    # Averaging 64 draws shrinks the error (with this seed, by far more than the margin).
+    assert np.abs(many - exact).mean() < 0.5 * np.abs(single - exact).mean()
+    if estimator is xj.ggn_diagonal_bartlett:
+        assert np.all(many >= 0)
+
+
+def test_bartlett_with_equal_weights_is_n_times_squared_mean_gradient():
+    params, inputs = make_problem(mlp)
+    key = jax.random.key(9)
+    estimate = xj.ggn_diagonal_bartlett(mlp, params, inputs, key)
+    # The same labels as the estimator draws: categorical of the logits under the split key.
+    (sample_key,) = jax.random.split(key, 1)
+    labels = jax.random.categorical(sample_key, mlp(params, inputs), axis=-1)
+    gradient = jax.grad(xj.mean_cross_entropy, argnums=1)(mlp, params, inputs, labels)
+    np.testing.assert_allclose(flat(estimate), N * flat(gradient) ** 2, rtol=1e-12)
+
+
+def test_float32_and_vmap_over_keys():
+    params, inputs = make_problem(mlp)
+    params32, inputs32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, inputs))
+    exact = flat(xj.ggn_diagonal(mlp, params, inputs))
+    got = jax.jit(lambda p, x: xj.ggn_diagonal(mlp, p, x, sample_weight=np.ones(N)))(
+        params32, inputs32
+    )
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+    np.testing.assert_allclose(flat(got), exact, rtol=1e-4, atol=1e-6)
+    keys = jax.random.split(jax.random.key(0), 2)
+    for estimator in (xj.ggn_diagonal_hutchinson, xj.ggn_diagonal_bartlett):
+        draws = jax.jit(jax.vmap(lambda k, e=estimator: e(mlp, params32, inputs32, k)))(keys)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(draws))
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(draws))
+        assert not np.allclose(
+            flat(jax.tree.map(lambda x: x[0], draws)), flat(jax.tree.map(lambda x: x[1], draws))
+        )
+
+
+def test_bad_input_raises_clear_errors():
+    params, inputs = make_problem(mlp)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        xj.ggn_diagonal(mlp, params, inputs, chunk_size=0)
+    with pytest.raises(ValueError, match="leading axis"):
+        xj.ggn_diagonal(lambda p, x: mlp(p, x["a"]), params, {"a": inputs, "b": jnp.ones(3)})
+    for estimator in (xj.ggn_diagonal_hutchinson, xj.ggn_diagonal_bartlett):
+        with pytest.raises(ValueError, match="num_samples"):
+            estimator(mlp, params, inputs, key, num_samples=0)
+        with pytest.raises(ValueError, match="non-negative"):
+            estimator(mlp, params, inputs, key, sample_weight=-np.ones(N))

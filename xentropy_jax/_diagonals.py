@@ -1,0 +1,239 @@
+"""Diagonal of the Gauss-Newton matrix: exact through a square-root factor, or estimated.
+
+G = Σᵢ cᵢ Jᵢᵀ Hᵢ Jᵢ with Hᵢ = diag(sᵢ) − sᵢsᵢᵀ and cᵢ = wᵢ mᵢ / Σ w (see ``_curvature``). The loss
+Hessian factors as H = B Bᵀ with B = diag(√s) − s √sᵀ, whose k-th column √sₖ (eₖ − s) is the
+gradient of the loss at label k scaled by the square root of its probability. Hence
+
+    diag(G) = Σᵢ cᵢ Σₖ sᵢₖ (Jᵢᵀ (eₖ − sᵢ))²,
+
+the Fisher information summed over all K labels instead of sampled. Three ways to get it:
+
+* :func:`ggn_diagonal`: exact, K per-example backward passes (needs per-example gradients);
+* :func:`ggn_diagonal_hutchinson`: z ⊙ G z for Rademacher z, one GGN product per probe;
+* :func:`ggn_diagonal_bartlett`: ĝ ⊙ ĝ for ĝ the gradient at labels sampled from the model's
+  own softmax (Gauss-Newton-Bartlett), one backward pass per sample.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._curvature import (
+    LogitsFn,
+    PyTree,
+    _check_params,
+    _logits_shape,
+    example_coefficients,
+    ggn_operator,
+    loss_probabilities,
+)
+from ._losses import softmax_cross_entropy_with_integer_labels
+
+# Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
+_PER_EXAMPLE_BUDGET = 2**25
+
+
+def _check_num_samples(num_samples: int) -> None:
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+
+
+def _sqrt_factor_rows(logits: jax.Array) -> jax.Array:
+    """Rows k of Bᵀ for one example: √sₖ (eₖ − s), so that Σₖ rowₖ rowₖᵀ = diag(s) − ssᵀ. [K, K]."""
+    probs = loss_probabilities(logits)
+    eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
+    return (jnp.sqrt(probs)[:, None] * (eye - probs[None, :])).astype(logits.dtype)
+
+
+def ggn_diagonal(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    sample_weight: jax.typing.ArrayLike | None = None,
+    label_mass: jax.typing.ArrayLike = 1.0,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """The exact diagonal of the Gauss-Newton matrix G of the weighted mean cross-entropy.
+
+    diag(G) = Σᵢ cᵢ Σₖ (Jᵢᵀ bᵢₖ)², with cᵢ = wᵢ mᵢ / Σ w and bᵢₖ = √sᵢₖ (eₖ − sᵢ) the columns of
+    the square-root factor Bᵢ = diag(√sᵢ) − sᵢ√sᵢᵀ of the loss Hessian (BᵢBᵢᵀ = diag(sᵢ) − sᵢsᵢᵀ).
+    The squares are per example, so this takes per-example gradients: the model is called on
+    one example at a time under ``vmap``, which requires row i of the logits to depend only on
+    row i of the inputs (no batch normalisation across examples).
+
+    Cost: one forward pass and K per-example backward passes (≈ K gradients of flops), holding
+    ``chunk_size`` × K × P numbers at once. Use it when K·P fits in memory a few times over; for
+    large models use :func:`ggn_diagonal_hutchinson` or :func:`ggn_diagonal_bartlett`.
+
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent.
+      params: pytree of floating arrays θ (P numbers).
+      inputs: pytree of arrays whose leaves all have leading axis N.
+      sample_weight: optional non-negative [N] example weights (plain mean without them).
+      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+      chunk_size: examples processed together; by default as many as keep about 2²⁵ numbers of
+        per-example gradients in memory.
+
+    Returns:
+      diag(G), a pytree like ``params`` (non-negative).
+
+    Raises:
+      ValueError: if the shapes do not fit, or ``chunk_size`` is not a positive integer.
+      TypeError: if the logits or a parameter are not floating.
+    """
+    _check_params(params)
+    shape = _logits_shape(logits_fn, params, inputs)
+    n, k = shape.shape
+    leaves = jax.tree.leaves(inputs)
+    if not leaves or any(jnp.ndim(x) < 1 or jnp.shape(x)[0] != n for x in leaves):
+        raise ValueError(f"every leaf of inputs must have leading axis N = {n}.")
+    coefficients = example_coefficients(n, shape.dtype, sample_weight, label_mass)
+    num_params = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
+    if chunk_size is None:
+        chunk_size = max(1, _PER_EXAMPLE_BUDGET // max(1, k * num_params))
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    chunk_size = min(int(chunk_size), n)
+    num_chunks = -(-n // chunk_size)
+
+    def example_diagonal(example: PyTree, coefficient: jax.Array) -> PyTree:
+        def row_logits(p: PyTree) -> jax.Array:
+            return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+
+        logits, model_vjp = jax.vjp(row_logits, params)
+        rows = jnp.sqrt(coefficient) * _sqrt_factor_rows(jax.lax.stop_gradient(logits))
+        (columns,) = jax.vmap(model_vjp)(rows)
+        return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
+
+    def add_chunk(total: PyTree, start: jax.Array) -> tuple[PyTree, None]:
+        index = start + jnp.arange(chunk_size)
+        # Padding rows repeat the last example with coefficient 0: finite, and add nothing.
+        safe = jnp.minimum(index, n - 1)
+        chunk = jax.tree.map(lambda x: x[safe], inputs)
+        weights = jnp.where(index < n, coefficients[safe], 0)
+        parts = jax.vmap(example_diagonal)(chunk, weights)
+        return jax.tree.map(lambda t, p: t + jnp.sum(p, axis=0), total, parts), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    starts = jnp.arange(num_chunks) * chunk_size
+    total, _ = jax.lax.scan(add_chunk, zeros, starts)
+    return total
+
+
+def _rademacher_like(key: jax.Array, params: PyTree, num_samples: int) -> PyTree:
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    probes = [
+        jax.random.rademacher(k, (num_samples, *jnp.shape(p))).astype(jnp.result_type(p))
+        for k, p in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, probes)
+
+
+def ggn_diagonal_hutchinson(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    inputs: PyTree,
+    key: jax.Array,
+    *,
+    num_samples: int = 1,
+    sample_weight: jax.typing.ArrayLike | None = None,
+    label_mass: jax.typing.ArrayLike = 1.0,
+) -> PyTree:
+    """Hutchinson's unbiased estimate of diag(G): the mean of z ⊙ (G z) over Rademacher probes z.
+
+    E[z ⊙ G z]ₚ = Σ_q Gₚ_q E[zₚ z_q] = Gₚₚ since the entries of z are independent ±1. The variance
+    of one probe is Σ_{q≠p} Gₚ_q², so the estimate is good when G is diagonally dominant. Works
+    for any model (no per-example structure needed).
+
+    Cost: one forward pass, then ``num_samples`` GGN products (each ≈ one gradient), run
+    together under ``vmap`` (memory ``num_samples`` × (N·K + P)).
+
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+      params: pytree of floating arrays θ.
+      inputs: second argument of ``logits_fn``.
+      key: a ``jax.random.key``.
+      num_samples: number of probes averaged (static).
+      sample_weight: optional non-negative [N] example weights (plain mean without them).
+      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+
+    Returns:
+      An unbiased estimate of diag(G), a pytree like ``params``.
+
+    Raises:
+      ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
+      TypeError: if the logits or a parameter are not floating.
+    """
+    _check_num_samples(num_samples)
+    operator = ggn_operator(
+        logits_fn, params, inputs, sample_weight=sample_weight, label_mass=label_mass
+    )
+    probes = _rademacher_like(key, params, num_samples)
+    products = jax.vmap(operator)(probes)
+    return jax.tree.map(lambda z, gz: jnp.mean(z * gz, axis=0), probes, products)
+
+
+def ggn_diagonal_bartlett(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    inputs: PyTree,
+    key: jax.Array,
+    *,
+    num_samples: int = 1,
+    sample_weight: jax.typing.ArrayLike | None = None,
+    label_mass: jax.typing.ArrayLike = 1.0,
+) -> PyTree:
+    """Gauss-Newton-Bartlett unbiased estimate of diag(G) from labels sampled from the model.
+
+    Draw ŷᵢ ∼ softmax(zᵢ) independently for each example and form the gradient
+
+        ĝ = Σᵢ √cᵢ Jᵢᵀ (sᵢ − e_{ŷᵢ}) = ∇_θ Σᵢ √cᵢ Lᵢ(θ; ŷᵢ),     cᵢ = wᵢ mᵢ / Σ w.
+
+    Each sᵢ − e_{ŷᵢ} has mean 0 and covariance diag(sᵢ) − sᵢsᵢᵀ, and the examples are
+    independent, so E[ĝ ĝᵀ] = Σᵢ cᵢ Jᵢᵀ (diag(sᵢ) − sᵢsᵢᵀ) Jᵢ = G and ĝ ⊙ ĝ is unbiased for
+    diag(G). With equal weights and unit mass ĝ = √N g for g the gradient of the mean loss at ŷ,
+    i.e. the estimate N·g⊙g. Works for any model (no per-example structure needed).
+
+    Cost: one forward pass, then one backward pass per sample (≈ one gradient each), run
+    together under ``vmap``.
+
+    Args:
+      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+      params: pytree of floating arrays θ.
+      inputs: second argument of ``logits_fn``.
+      key: a ``jax.random.key``.
+      num_samples: number of label samples averaged (static).
+      sample_weight: optional non-negative [N] example weights (plain mean without them).
+      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+
+    Returns:
+      An unbiased estimate of diag(G), a pytree like ``params`` (non-negative).
+
+    Raises:
+      ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
+      TypeError: if the logits or a parameter are not floating.
+    """
+    _check_num_samples(num_samples)
+    _check_params(params)
+    shape = _logits_shape(logits_fn, params, inputs)
+    n, k = shape.shape
+    root_coefficients = jnp.sqrt(example_coefficients(n, shape.dtype, sample_weight, label_mass))
+    logits, model_vjp = jax.vjp(lambda p: logits_fn(p, inputs), params)
+    logits = jax.lax.stop_gradient(logits)
+
+    def squared_gradient(sample_key: jax.Array) -> PyTree:
+        labels = jax.random.categorical(sample_key, logits, axis=-1)
+        logit_gradient = jax.grad(
+            lambda z: jnp.sum(
+                root_coefficients * softmax_cross_entropy_with_integer_labels(z, labels)
+            )
+        )(logits)
+        (gradient,) = model_vjp(logit_gradient)
+        return jax.tree.map(jnp.square, gradient)
+
+    squares = jax.vmap(squared_gradient)(jax.random.split(key, num_samples))
+    return jax.tree.map(lambda s: jnp.mean(s, axis=0), squares)
