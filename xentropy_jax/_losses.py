@@ -146,10 +146,12 @@ def _integer_loss_jvp(primals, tangents):
     logits_dot, _, _ = tangents
     num_classes = logits.shape[-1]
     onehot = labels[..., None] == jnp.arange(num_classes)
-    grad = _softmax(logits, where) - onehot
-    grad = jnp.where(_label_is_valid(labels, num_classes)[..., None], grad, jnp.nan)
+    # One factor per row (1, NaN for a bad label, 0 for a masked row) applied by a broadcast
+    # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
+    row_scale = jnp.where(_label_is_valid(labels, num_classes), 1.0, jnp.nan).astype(logits.dtype)
     if where is not None:
-        grad = jnp.where(jnp.any(where, axis=-1, keepdims=True), grad, 0.0)
+        row_scale = jnp.where(jnp.any(where, axis=-1), row_scale, 0.0)
+    grad = (_softmax(logits, where) - onehot) * row_scale[..., None]
     # No `where` in this sum: a label on a masked class still enters the loss through z[label].
     return _integer_loss(logits, labels, where), _dot_rows(grad, logits_dot, None)
 
