@@ -37,9 +37,10 @@ Axis = int | Sequence[int]
 def _shifted_exp(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Return ``exp(z − c)`` (zero where masked) and ``c``, with ``c`` the finite row maximum.
 
-    The shift is the row maximum over included classes; a non-finite maximum (all classes
-    ``-inf`` or masked) is replaced by 0 so that no ``inf − inf`` appears, and the shift is a
-    ``stop_gradient`` constant since the normaliser does not depend on it.
+    The shift is the row maximum over included classes, raised to the lowest finite number when
+    every class is ``-inf`` or masked so that no ``inf − inf`` appears. It is computed from
+    ``stop_gradient(z)``: the normaliser does not depend on it, and no derivative of ``max`` (a
+    select on the input) enters the higher-order rules.
     """
     peak = jnp.max(
         jax.lax.stop_gradient(logits), axis=-1, keepdims=True, where=where, initial=-jnp.inf
