@@ -13,10 +13,24 @@ from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
 from ._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from .solvers import FitError as FitError
+from .solvers import FitResult as FitResult
+from .solvers import Newton as Newton
+from .solvers import NewtonCG as NewtonCG
+from .solvers import Status as Status
+from .solvers import TrustRegion as TrustRegion
+from .solvers import fit_logistic_regression as fit_logistic_regression
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitError",
+    "FitResult",
+    "Newton",
+    "NewtonCG",
+    "Status",
+    "TrustRegion",
+    "fit_logistic_regression",
     "ggn_diagonal",
     "ggn_diagonal_bartlett",
     "ggn_diagonal_hutchinson",

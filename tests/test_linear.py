@@ -1,0 +1,207 @@
+"""The logistic objective against autodiff of a naive formula written with log_softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xentropy_jax
+from xentropy_jax import _linear
+
+NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 40, 5, 4
+SETTINGS = [
+    pytest.param(
+        fit_intercept, reference_class, id=f"intercept={fit_intercept}-ref={reference_class}"
+    )
+    for fit_intercept in (True, False)
+    for reference_class in (False, True)
+]
+
+
+def make_problem(fit_intercept, reference_class, l2=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(NUM_ROWS, NUM_FEATURES))
+    labels = rng.integers(0, NUM_CLASSES, NUM_ROWS)
+    sample_weight = rng.uniform(0.1, 3.0, NUM_ROWS)
+    sample_weight[:3] = 0.0  # zero weights must simply drop rows
+    objective = _linear.logistic_objective(
+        features,
+        labels,
+        NUM_CLASSES,
+        sample_weight=sample_weight,
+        l2=l2,
+        fit_intercept=fit_intercept,
+        reference_class=reference_class,
+    )
+    theta = jnp.asarray(rng.normal(size=objective.num_params))
+    return objective, theta, (features, labels, sample_weight, l2)
+
+
+def naive_loss(weights, intercept, features, labels, sample_weight, l2):
+    """The objective straight from its definition, on full (W [d, K], b [K])."""
+    log_probs = jax.nn.log_softmax(features @ weights + intercept, axis=-1)
+    per_row = -log_probs[jnp.arange(labels.shape[0]), labels]
+    return jnp.sum(sample_weight * per_row) / jnp.sum(sample_weight) + 0.5 * l2 * jnp.sum(
+        weights**2
+    )
+
+
+def naive_in_theta(objective, data):
+    def loss(theta):
+        weights, intercept = objective.expand(theta)
+        return naive_loss(weights, intercept, *data)
+
+    return loss
+
+
+@pytest.mark.parametrize("fit_intercept, reference_class", SETTINGS)
+def test_value_gradient_hessian_match_autodiff(fit_intercept, reference_class):
+    objective, theta, data = make_problem(fit_intercept, reference_class)
+    naive = naive_in_theta(objective, data)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    np.testing.assert_allclose(evaluation.loss, naive(theta), rtol=1e-13)
+    np.testing.assert_allclose(objective.value(theta), naive(theta), rtol=1e-13)
+    np.testing.assert_allclose(evaluation.grad, jax.grad(naive)(theta), rtol=1e-11, atol=1e-14)
+    expected_hessian = jax.hessian(naive)(theta)
+    np.testing.assert_allclose(
+        _linear.hessian(objective, evaluation), expected_hessian, rtol=1e-11, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        _linear.hessian_diagonal(objective, evaluation),
+        jnp.diag(expected_hessian),
+        rtol=1e-11,
+        atol=1e-14,
+    )
+    tangent = jnp.asarray(np.random.default_rng(1).normal(size=objective.num_params))
+    np.testing.assert_allclose(
+        _linear.hessian_vector_product(objective, evaluation, tangent),
+        expected_hessian @ tangent,
+        rtol=1e-11,
+        atol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("fit_intercept, reference_class", SETTINGS)
+def test_gradient_hessian_product_closure(fit_intercept, reference_class):
+    objective, theta, data = make_problem(fit_intercept, reference_class)
+    loss, grad, hvp = _linear.gradient_hessian_product(objective, theta)
+    naive = naive_in_theta(objective, data)
+    np.testing.assert_allclose(loss, naive(theta), rtol=1e-13)
+    np.testing.assert_allclose(grad, jax.grad(naive)(theta), rtol=1e-11, atol=1e-14)
+    tangents = np.random.default_rng(2).normal(size=(3, objective.num_params))
+    products = jnp.stack([hvp(jnp.asarray(t)) for t in tangents])
+    # A symmetric positive semidefinite operator: uᵀHv = vᵀHu and vᵀHv >= 0.
+    gram = tangents @ np.asarray(products).T
+    np.testing.assert_allclose(gram, gram.T, rtol=1e-12)
+    assert np.all(np.diag(gram) > 0)
+
+
+def test_hessian_column_matches_gradient_difference():
+    # As scikit-learn's test: column j of H ≈ (g(θ + εeⱼ) − g(θ − εeⱼ)) / 2ε.
+    objective, theta, _ = make_problem(True, False, l2=0.05)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    matrix = _linear.hessian(objective, evaluation)
+    epsilon = 1e-5
+    for column in (0, 7, objective.num_params - 1):
+        basis = jnp.zeros(objective.num_params).at[column].set(epsilon)
+        plus = _linear.evaluate(objective, theta + basis, objective.free_logits(theta + basis))
+        minus = _linear.evaluate(objective, theta - basis, objective.free_logits(theta - basis))
+        difference = (plus.grad - minus.grad) / (2 * epsilon)
+        np.testing.assert_allclose(matrix[:, column], difference, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("fit_intercept, reference_class", SETTINGS)
+def test_hessian_is_the_gauss_newton_matrix(fit_intercept, reference_class):
+    # For a linear model Newton = Gauss-Newton: H − l2·I_W = Jᵀ (diag(s) − ssᵀ) J.
+    objective, theta, (_, _, sample_weight, _) = make_problem(fit_intercept, reference_class)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    tangent = jnp.asarray(np.random.default_rng(3).normal(size=objective.num_params))
+    expected = xentropy_jax.ggn_vp(
+        lambda params, _: objective.logits(params),
+        theta,
+        None,
+        tangent,
+        sample_weight=sample_weight,
+    )
+    tangent_weights, _ = objective.unpack(tangent)
+    penalty_part = objective.pack(
+        objective.l2 * tangent_weights, jnp.zeros(objective.num_free_classes)
+    )
+    if not fit_intercept:
+        penalty_part = objective.l2 * tangent
+    np.testing.assert_allclose(
+        _linear.hessian_vector_product(objective, evaluation, tangent) - penalty_part,
+        expected,
+        rtol=1e-11,
+        atol=1e-14,
+    )
+
+
+def test_singular_direction_and_reference_class():
+    # Without a reference class, shifting every class's intercept by the same amount is a null
+    # direction of H (the intercept is unpenalised); with l2 = 0 so is shifting a row of W.
+    objective, theta, _ = make_problem(True, False, l2=0.0)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    shift = objective.pack(jnp.zeros((NUM_FEATURES, NUM_CLASSES)), jnp.ones(NUM_CLASSES))
+    row_shift = objective.pack(
+        jnp.zeros((NUM_FEATURES, NUM_CLASSES)).at[2].set(1.0), jnp.zeros(NUM_CLASSES)
+    )
+    for direction in (shift, row_shift):
+        product = _linear.hessian_vector_product(objective, evaluation, direction)
+        np.testing.assert_allclose(product, 0, atol=1e-14)
+    # With a reference class and l2 = 0 the Hessian is positive definite.
+    objective, theta, _ = make_problem(True, True, l2=0.0)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    assert np.linalg.eigvalsh(_linear.hessian(objective, evaluation)).min() > 1e-6
+
+
+def test_expand_restrict_round_trip():
+    objective, theta, _ = make_problem(True, True)
+    weights, intercept = objective.expand(theta)
+    assert weights.shape == (NUM_FEATURES, NUM_CLASSES) and intercept.shape == (NUM_CLASSES,)
+    np.testing.assert_array_equal(weights[:, 0], 0)
+    np.testing.assert_array_equal(intercept[0], 0)
+    np.testing.assert_allclose(objective.restrict(weights, intercept), theta)
+    # Shifting all classes equally is absorbed by the reference class.
+    np.testing.assert_allclose(objective.restrict(weights + 1.5, intercept - 2.0), theta)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, 1e-3, 1e-7])
+def test_loss_change_is_accurate_for_tiny_steps(scale):
+    objective, theta, _ = make_problem(True, False)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    step = jnp.asarray(np.random.default_rng(4).normal(size=objective.num_params))
+    step_logits = objective.free_logits(step)
+    change = _linear.loss_change(objective, theta, evaluation, step, step_logits, scale)
+    if scale >= 0.3:
+        np.testing.assert_allclose(
+            change, objective.value(theta + scale * step) - objective.value(theta), rtol=1e-12
+        )
+    else:
+        # Third-order Taylor: f(θ+tΔ) − f(θ) = t·gᵀΔ + t²/2·ΔᵀHΔ + O(t³), accurate to ~t²
+        # relative, far below what the plain difference of two values can resolve at t = 1e-7.
+        curvature = jnp.vdot(step, _linear.hessian_vector_product(objective, evaluation, step))
+        taylor = scale * jnp.vdot(evaluation.grad, step) + 0.5 * scale**2 * curvature
+        np.testing.assert_allclose(change, taylor, rtol=max(100 * scale**2, 1e-12))
+
+
+def test_large_logit_steps_stay_finite():
+    objective, theta, _ = make_problem(True, False)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    step = 200.0 * jnp.asarray(np.random.default_rng(5).normal(size=objective.num_params))
+    change = _linear.loss_change(
+        objective, theta, evaluation, step, objective.free_logits(step), 1.0
+    )
+    np.testing.assert_allclose(
+        change, objective.value(theta + step) - objective.value(theta), rtol=1e-12
+    )
+
+
+def test_float32_features_stay_float32():
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(10, 3)).astype(np.float32)
+    objective = _linear.logistic_objective(features, rng.integers(0, 3, 10), 3, l2=0.1)
+    theta = jnp.zeros(objective.num_params, jnp.float32)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    assert evaluation.loss.dtype == jnp.float32 and evaluation.grad.dtype == jnp.float32
+    np.testing.assert_allclose(evaluation.loss, np.log(3), rtol=1e-6)

@@ -1,0 +1,361 @@
+"""The three solvers against scikit-learn and statsmodels, and their statuses, jit and vmap."""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris, make_classification
+from sklearn.linear_model import LogisticRegression
+
+from xentropy_jax import _linear
+from xentropy_jax.solvers import (
+    FitError,
+    Newton,
+    NewtonCG,
+    Status,
+    TrustRegion,
+    fit_logistic_regression,
+)
+from xentropy_jax.solvers import _fit as fit_module
+
+SOLVERS = ["newton", "newton-cg", "trust-region"]
+
+
+@pytest.fixture(scope="module")
+def multiclass():
+    features, labels = make_classification(
+        n_samples=300, n_features=6, n_informative=4, n_classes=3, random_state=0
+    )
+    sample_weight = np.random.default_rng(0).uniform(0.2, 2.0, labels.shape[0])
+    return features, labels, sample_weight
+
+
+def sklearn_fit(features, labels, sample_weight, C):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=1000)
+        return model.fit(features, labels, sample_weight=sample_weight)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_multinomial_matches_sklearn(multiclass, solver):
+    features, labels, sample_weight = multiclass
+    C = 0.7
+    reference = sklearn_fit(features, labels, sample_weight, C)
+    result = fit_logistic_regression(
+        features,
+        labels,
+        3,
+        sample_weight=sample_weight,
+        l2=1 / (C * sample_weight.sum()),
+        solver=solver,
+        tol=1e-10,
+    )
+    weights, intercept = result.params
+    assert result.status == Status.CONVERGED and bool(result.converged)
+    assert float(result.grad_norm) <= 1e-10
+    np.testing.assert_allclose(weights.T, reference.coef_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(intercept, reference.intercept_, rtol=1e-6, atol=1e-8)
+    probs = jax.nn.softmax(features @ weights + intercept)
+    np.testing.assert_allclose(probs, reference.predict_proba(features), atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_binary_reference_class_is_sklearn_binomial(solver):
+    features, labels = load_iris(return_X_y=True)
+    labels = (labels == 2).astype(int)
+    sample_weight = np.linspace(0.5, 1.5, labels.shape[0])
+    C = 2.0
+    reference = sklearn_fit(features, labels, sample_weight, C)
+    result = fit_logistic_regression(
+        features,
+        labels,
+        2,
+        sample_weight=sample_weight,
+        l2=1 / (C * sample_weight.sum()),
+        reference_class=True,
+        solver=solver,
+        tol=1e-10,
+    )
+    weights, intercept = result.params
+    assert result.status == Status.CONVERGED
+    np.testing.assert_array_equal(weights[:, 0], 0)
+    np.testing.assert_array_equal(intercept[0], 0)
+    np.testing.assert_allclose(weights[:, 1], reference.coef_[0], rtol=1e-6)
+    np.testing.assert_allclose(intercept[1], reference.intercept_[0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+    # Overlapping classes: the unpenalised maximum-likelihood estimate exists.
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(400, 3))
+    logits = features @ np.array([[0.0, 1.0, -0.5], [0.0, -0.7, 0.4], [0.0, 0.3, 0.9]])
+    logits = logits + np.array([0.0, 0.2, -0.3])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    return features, labels
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_unpenalised_reference_class_matches_statsmodels(overlapping, solver):
+    statsmodels = pytest.importorskip("statsmodels.api")
+    features, labels = overlapping
+    model = statsmodels.MNLogit(labels, statsmodels.add_constant(features))
+    expected = model.fit(method="newton", tol=1e-12, maxiter=100, disp=False).params
+    result = fit_logistic_regression(
+        features,
+        labels,
+        3,
+        sample_weight=np.ones(labels.shape[0]),
+        reference_class=True,
+        solver=solver,
+        tol=1e-10,
+    )
+    weights, intercept = result.params
+    assert result.status == Status.CONVERGED
+    np.testing.assert_allclose(intercept[1:], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(weights[:, 1:], expected[1:], rtol=1e-6)
+
+
+def test_unpenalised_without_reference_class_reaches_the_same_likelihood(overlapping):
+    # The Hessian is singular (every class shift is free); the explicit Newton step removes the
+    # known null space exactly, and the result is reported in the symmetric parametrisation.
+    features, labels = overlapping
+    sample_weight = np.ones(labels.shape[0])
+    free = fit_logistic_regression(
+        features, labels, 3, sample_weight=sample_weight, solver="newton", tol=1e-10
+    )
+    anchored = fit_logistic_regression(
+        features, labels, 3, sample_weight=sample_weight, reference_class=True, tol=1e-10
+    )
+    assert free.status == Status.CONVERGED
+    np.testing.assert_allclose(free.loss, anchored.loss, rtol=1e-12)
+    weights, intercept = free.params
+    np.testing.assert_allclose(jnp.sum(weights, axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(jnp.sum(intercept), 0, atol=1e-12)
+    np.testing.assert_allclose(
+        jax.nn.softmax(features @ weights + intercept),
+        jax.nn.softmax(features @ anchored.params[0] + anchored.params[1]),
+        atol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_separable_data_without_penalty_reports_divergence(solver):
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(60, 2))
+    labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(int)
+    result = fit_logistic_regression(
+        features,
+        labels,
+        2,
+        sample_weight=np.ones(60),
+        reference_class=True,
+        solver=solver,
+        throw=False,
+    )
+    assert result.status == Status.DIVERGED and not bool(result.converged)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in result.params)
+    assert np.isfinite(float(result.loss))
+    with pytest.raises(FitError, match="separable") as info:
+        fit_logistic_regression(
+            features, labels, 2, sample_weight=np.ones(60), reference_class=True, solver=solver
+        )
+    assert info.value.result.status == Status.DIVERGED
+    # The same data with a penalty have a unique optimum.
+    penalised = fit_logistic_regression(
+        features,
+        labels,
+        2,
+        sample_weight=np.ones(60),
+        l2=1e-2,
+        reference_class=True,
+        solver=solver,
+    )
+    assert penalised.status == Status.CONVERGED
+
+
+def test_non_finite_values_are_reported_inside_jit():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(30, 3))
+    features[4, 1] = np.nan
+    labels = rng.integers(0, 3, 30)
+    fit = jax.jit(
+        lambda x: fit_logistic_regression(x, labels, 3, sample_weight=np.ones(30), l2=0.1)
+    )
+    result = fit(features)
+    assert result.status == Status.NON_FINITE and not bool(result.converged)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_logistic_regression(features, labels, 3, l2=0.1)
+
+
+def test_iteration_limit_is_reported(multiclass):
+    features, labels, sample_weight = multiclass
+    result = fit_logistic_regression(
+        features, labels, 3, sample_weight=sample_weight, l2=1e-3, max_iter=1, throw=False
+    )
+    assert result.status == Status.MAX_ITER and int(result.n_iter) == 1
+    with pytest.raises(FitError, match="MAX_ITER"):
+        fit_logistic_regression(
+            features, labels, 3, sample_weight=sample_weight, l2=1e-3, max_iter=1
+        )
+    assert "max_iter" in Status.message(Status.MAX_ITER)
+
+
+def test_warm_start_at_the_optimum_stops_at_once(multiclass):
+    features, labels, sample_weight = multiclass
+    kwargs = dict(sample_weight=sample_weight, l2=1e-2, tol=1e-10)
+    cold = fit_logistic_regression(features, labels, 3, **kwargs)
+    warm = fit_logistic_regression(features, labels, 3, init=cold.params, **kwargs)
+    assert int(warm.n_iter) == 1 and warm.status == Status.CONVERGED
+    np.testing.assert_allclose(warm.params[0], cold.params[0], atol=1e-10)
+
+
+def test_repeat_calls_do_not_recompile(multiclass):
+    features, labels, sample_weight = multiclass
+    kwargs = dict(sample_weight=sample_weight, solver="trust-region", tol=1e-9)
+    fit_logistic_regression(features, labels, 3, l2=1e-2, **kwargs)
+    size = fit_module._fit._cache_size()
+    rng = np.random.default_rng(4)
+    for l2 in (1e-3, 0.1):
+        fit_logistic_regression(
+            features + rng.normal(size=features.shape), labels, 3, l2=l2, **kwargs
+        )
+    fit_logistic_regression(
+        features,
+        labels,
+        3,
+        l2=1e-2,
+        max_iter=50,
+        tol=1e-7,
+        **{k: v for k, v in kwargs.items() if k != "tol"},
+    )
+    assert fit_module._fit._cache_size() == size
+
+
+def test_core_traces_once_per_shape():
+    # chex counts traces of the uncompiled core: new data, l2, tol and max_iter reuse it.
+    core = jax.jit(
+        chex.assert_max_traces(fit_module._fit.__wrapped__, n=1),
+        static_argnames=("num_classes", "fit_intercept", "reference_class", "solver", "verbose"),
+    )
+    rng = np.random.default_rng(5)
+    static = dict(
+        num_classes=3, fit_intercept=True, reference_class=False, solver=NewtonCG(), verbose=False
+    )
+    for seed, l2 in ((0, 0.1), (1, 0.01)):
+        rng = np.random.default_rng(seed)
+        features, labels = rng.normal(size=(50, 4)), rng.integers(0, 3, 50)
+        result = core(features, labels, np.ones(50), l2, None, 1e-8, 100, **static)
+        assert result.status == Status.CONVERGED
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_vmap_over_a_grid_of_penalties(multiclass, solver):
+    features, labels, sample_weight = multiclass
+    grid = jnp.asarray([1e-3, 1e-2, 1e-1])
+    batched = jax.vmap(
+        lambda l2: fit_logistic_regression(
+            features, labels, 3, sample_weight=sample_weight, l2=l2, solver=solver, tol=1e-10
+        )
+    )(grid)
+    assert batched.params[0].shape == (3, 6, 3)
+    assert np.all(np.asarray(batched.status) == Status.CONVERGED)
+    for index, l2 in enumerate(np.asarray(grid)):
+        single = fit_logistic_regression(
+            features,
+            labels,
+            3,
+            sample_weight=sample_weight,
+            l2=float(l2),
+            solver=solver,
+            tol=1e-10,
+        )
+        np.testing.assert_allclose(batched.params[0][index], single.params[0], atol=1e-9)
+        np.testing.assert_allclose(batched.loss[index], single.loss, rtol=1e-12)
+
+
+def test_float32_fit_is_float32_and_accurate(multiclass):
+    features, labels, sample_weight = multiclass
+    C = 0.7
+    reference = sklearn_fit(features, labels, sample_weight, C)
+    result = fit_logistic_regression(
+        features.astype(np.float32),
+        labels,
+        3,
+        sample_weight=sample_weight,
+        l2=1 / (C * sample_weight.sum()),
+        tol=1e-5,
+    )
+    assert result.params[0].dtype == jnp.float32 and result.loss.dtype == jnp.float32
+    np.testing.assert_allclose(result.params[0].T, reference.coef_, rtol=1e-3, atol=1e-4)
+
+
+def test_no_intercept(multiclass):
+    features, labels, sample_weight = multiclass
+    C = 0.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LogisticRegression(
+            C=C, fit_intercept=False, solver="newton-cholesky", tol=1e-12
+        ).fit(features, labels, sample_weight=sample_weight)
+    result = fit_logistic_regression(
+        features,
+        labels,
+        3,
+        sample_weight=sample_weight,
+        l2=1 / (C * sample_weight.sum()),
+        fit_intercept=False,
+        tol=1e-10,
+    )
+    np.testing.assert_array_equal(result.params[1], 0)
+    np.testing.assert_allclose(result.params[0].T, reference.coef_, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(labels=np.array([0, 1, 3, 1])), ValueError, "labels must lie"),
+        (dict(labels=np.array([0.0, 1.0, 2.0, 1.0])), TypeError, "integers"),
+        (dict(sample_weight=np.array([1.0, -1.0, 1.0, 1.0])), ValueError, ">= 0"),
+        (dict(sample_weight=np.ones(3)), ValueError, "shape"),
+        (dict(labels=np.array([0, 1, 1, 1])), ValueError, "no samples"),
+        (dict(l2=-1.0), ValueError, "l2"),
+        (dict(solver="lbfgs"), ValueError, "solver"),
+        (dict(num_classes=1), ValueError, "num_classes"),
+        (dict(init=(np.zeros((3, 3)), np.zeros(3))), ValueError, "init"),
+    ],
+)
+def test_bad_input_is_rejected_before_compiling(kwargs, error, match):
+    arguments = dict(
+        X=np.arange(8.0).reshape(4, 2), labels=np.array([0, 1, 2, 1]), num_classes=3, l2=0.1
+    )
+    arguments.update(kwargs)
+    size = fit_module._fit._cache_size()
+    with pytest.raises(error, match=match):
+        fit_logistic_regression(**arguments)
+    assert fit_module._fit._cache_size() == size
+
+
+def test_solver_configurations_are_validated_and_hashable():
+    with pytest.raises(ValueError, match="max_cg_iter"):
+        NewtonCG(max_cg_iter=0)
+    with pytest.raises(ValueError, match="preconditioner_mix"):
+        TrustRegion(preconditioner_mix=0.0)
+    with pytest.raises(ValueError, match="sufficient_decrease"):
+        Newton(sufficient_decrease=0.7)
+    assert hash(NewtonCG()) == hash(NewtonCG()) and NewtonCG() != NewtonCG(max_cg_iter=10)
+
+
+def test_objective_value_is_reported(multiclass):
+    features, labels, sample_weight = multiclass
+    result = fit_logistic_regression(features, labels, 3, sample_weight=sample_weight, l2=0.05)
+    objective = _linear.logistic_objective(
+        features, labels, 3, sample_weight=sample_weight, l2=0.05
+    )
+    theta = objective.restrict(*result.params)
+    np.testing.assert_allclose(result.loss, objective.value(theta), rtol=1e-12)

@@ -1,0 +1,243 @@
+"""`fit_logistic_regression`: validation at the boundary, one compiled solve, finalize."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from .._linear import LogisticObjective, logistic_objective
+from ._newton import Newton
+from ._newton_cg import NewtonCG
+from ._result import FitError, FitResult, Status
+from ._trust_region import TrustRegion
+
+Solver = Newton | NewtonCG | TrustRegion
+
+SOLVERS: dict[str, type] = {"newton": Newton, "newton-cg": NewtonCG, "trust-region": TrustRegion}
+
+
+def _is_concrete(*values) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def _resolve_solver(solver: str | Solver) -> Solver:
+    if isinstance(solver, Newton | NewtonCG | TrustRegion):
+        return solver
+    if isinstance(solver, str) and solver in SOLVERS:
+        return SOLVERS[solver]()
+    raise ValueError(
+        f"solver must be one of {sorted(SOLVERS)} or a solver configuration, got {solver!r}"
+    )
+
+
+def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init):
+    if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
+        raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
+    if np.ndim(X) != 2:
+        raise ValueError(f"X must be 2-D [n_samples, n_features], got shape {np.shape(X)}")
+    num_rows, num_features = np.shape(X)
+    if num_rows < 1:
+        raise ValueError("X has no rows")
+    if np.shape(labels) != (num_rows,):
+        raise ValueError(f"labels must have shape ({num_rows},) to match X, got {np.shape(labels)}")
+    if sample_weight is not None and np.shape(sample_weight) != (num_rows,):
+        raise ValueError(
+            f"sample_weight must have shape ({num_rows},) to match X, got {np.shape(sample_weight)}"
+        )
+    if init is not None:
+        weights, intercept = init
+        if np.shape(weights) != (num_features, num_classes) or np.shape(intercept) != (
+            num_classes,
+        ):
+            raise ValueError(
+                f"init must be (W [{num_features}, {num_classes}], b [{num_classes}]), got "
+                f"shapes {np.shape(weights)} and {np.shape(intercept)}"
+            )
+    if _is_concrete(X) and not np.all(np.isfinite(np.asarray(X))):
+        raise ValueError("X contains NaN or infinity")
+    if _is_concrete(l2):
+        l2_value = np.asarray(l2)
+        if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
+            raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
+    if _is_concrete(labels):
+        label_values = np.asarray(labels)
+        if not np.issubdtype(label_values.dtype, np.integer):
+            raise TypeError(f"labels must be integers, got dtype {label_values.dtype}")
+        if label_values.min() < 0 or label_values.max() >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}), got values in "
+                f"[{label_values.min()}, {label_values.max()}]"
+            )
+    if sample_weight is not None and _is_concrete(sample_weight):
+        weight_values = np.asarray(sample_weight, dtype=float)
+        if not np.all(np.isfinite(weight_values)):
+            raise ValueError("sample_weight contains NaN or infinity")
+        if np.any(weight_values < 0):
+            raise ValueError("sample_weight must be >= 0")
+        if not weight_values.sum() > 0:
+            raise ValueError("sample_weight sums to zero")
+    if fit_intercept and _is_concrete(labels, sample_weight):
+        weight_values = np.ones(num_rows) if sample_weight is None else np.asarray(sample_weight)
+        mass = np.bincount(np.asarray(labels), weights=weight_values, minlength=num_classes)
+        empty = np.flatnonzero(mass <= 0)
+        if empty.size:
+            raise ValueError(
+                f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
+                "have no finite optimum; drop those classes or lower num_classes"
+            )
+
+
+def _initial_theta(objective: LogisticObjective, init) -> jax.Array:
+    if init is None:
+        return jnp.zeros((objective.num_params,), objective.dtype)
+    weights, intercept = (jnp.asarray(x, objective.dtype) for x in init)
+    if not objective.reference_class:
+        # A common shift of every class changes no probability; the centred one has the
+        # smallest penalty and keeps the gradient orthogonal to the singular direction.
+        weights = weights - jnp.mean(weights, axis=1, keepdims=True)
+        intercept = intercept - jnp.mean(intercept)
+    if not objective.fit_intercept:
+        intercept = jnp.zeros_like(intercept)
+    return objective.restrict(weights, intercept)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_classes", "fit_intercept", "reference_class", "solver", "verbose"),
+)
+def _fit(
+    X,
+    labels,
+    sample_weight,
+    l2,
+    init,
+    tol,
+    max_iter,
+    *,
+    num_classes,
+    fit_intercept,
+    reference_class,
+    solver,
+    verbose,
+) -> FitResult:
+    objective = logistic_objective(
+        X,
+        labels,
+        num_classes,
+        sample_weight=sample_weight,
+        l2=l2,
+        fit_intercept=fit_intercept,
+        reference_class=reference_class,
+    )
+    theta = _initial_theta(objective, init)
+    output = solver.minimize(
+        objective,
+        theta,
+        tol=jnp.asarray(tol, objective.dtype),
+        max_iter=jnp.asarray(max_iter, jnp.int32),
+        verbose=verbose,
+    )
+    # finalize: the symmetric parametrisation (as scikit-learn) where a class shift is free.
+    weights, intercept = objective.expand(output.theta)
+    if not reference_class:
+        intercept = intercept - jnp.mean(intercept)
+        centred = weights - jnp.mean(weights, axis=1, keepdims=True)
+        weights = jnp.where(objective.l2 == 0, centred, weights)
+    evaluation = output.evaluation
+    return FitResult(
+        params=(weights, intercept),
+        loss=evaluation.loss,
+        converged=output.status == Status.CONVERGED,
+        n_iter=output.n_iter,
+        grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
+        status=output.status,
+        n_hessian_products=output.n_hessian_products,
+    )
+
+
+def fit_logistic_regression(
+    X: ArrayLike,
+    labels: ArrayLike,
+    num_classes: int,
+    *,
+    sample_weight: ArrayLike | None = None,
+    l2: float | ArrayLike = 0.0,
+    fit_intercept: bool = True,
+    reference_class: bool = False,
+    solver: str | Solver = "newton-cg",
+    tol: float = 1e-8,
+    max_iter: int = 100,
+    init: tuple[ArrayLike, ArrayLike] | None = None,
+    verbose: bool = False,
+    throw: bool = True,
+) -> FitResult:
+    """Fit multinomial logistic regression to the exact optimum with Newton steps.
+
+    Minimises f(W, b) = Σᵢ wᵢ·CE(xᵢW + b, yᵢ)/Σᵢ wᵢ + (l2/2)·‖W‖² (intercept unpenalised;
+    scikit-learn's `C` is `l2 = 1/(C·Σᵢ wᵢ)`). One compiled function per set of shapes and
+    static options: repeat calls do not recompile, and the function works under `jax.vmap`
+    (for example over a grid of `l2`) and `jax.jit`.
+
+    Args:
+        X: [N, d] features. float64 (with x64 enabled) fits in float64, anything else float32.
+        labels: [N] integer labels in [0, num_classes).
+        num_classes: K >= 2 (static).
+        sample_weight: [N] weights >= 0 (class weights folded in), or None for ones.
+        l2: L2 strength on W (traced), 0 for the unpenalised maximum-likelihood fit.
+        fit_intercept: fit the unpenalised intercept b (static).
+        reference_class: fix class 0's column of W and intercept at zero (static); the
+            binomial model for K = 2, and statsmodels' `MNLogit` parametrisation.
+        solver: "newton" (explicit Hessian, Cholesky: small (d + 1)·K), "newton-cg"
+            (matrix-free, preconditioned CG) or "trust-region" (Steihaug-CG, TRON's rules), or a
+            `Newton`/`NewtonCG`/`TrustRegion` configuration (static).
+        tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol.
+        max_iter: most outer iterations.
+        init: warm start (W [d, K], b [K]); None starts from zeros.
+        verbose: print one line per iteration (loss, max|g|, step, decrement, products).
+        throw: raise `FitError` when the fit does not converge (only with concrete results,
+            i.e. outside `jit`/`vmap`; the status field reports it in every case).
+
+    Returns:
+        A `FitResult`: params (W [d, K], b [K]) in the symmetric parametrisation without a
+        reference class (b sums to zero, and so does every row of W when l2 = 0), or with the
+        reference column/entry zero; loss, converged, n_iter, grad_norm, status,
+        n_hessian_products.
+
+    Raises:
+        ValueError: bad shapes, NaN/inf in X or the weights, labels out of range, negative or
+            all-zero weights, a class with no samples while fitting an intercept, negative l2,
+            an unknown solver (checked before any compilation, where the inputs are concrete).
+        TypeError: non-integer labels.
+        FitError: `throw=True` and the fit stopped without converging.
+    """
+    config = _resolve_solver(solver)
+    _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
+    features = jnp.asarray(X)
+    if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
+        features = features.astype(jnp.float32)
+    result = _fit(
+        features,
+        jnp.asarray(labels),
+        None if sample_weight is None else jnp.asarray(sample_weight),
+        l2,
+        init,
+        tol,
+        max_iter,
+        num_classes=int(num_classes),
+        fit_intercept=bool(fit_intercept),
+        reference_class=bool(reference_class),
+        solver=config,
+        verbose=bool(verbose),
+    )
+    if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
+        raise FitError(result)
+    return result

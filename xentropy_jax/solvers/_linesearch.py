@@ -1,0 +1,68 @@
+"""Backtracking line search with the Armijo sufficient-decrease condition."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class LineSearchResult(NamedTuple):
+    """Outcome of `backtracking`.
+
+    Attributes:
+        scale: accepted step length t (the last one tried on failure).
+        change: f(θ + t·Δ) − f(θ) at that t.
+        success: whether t satisfies the Armijo condition.
+        n_steps: trial lengths evaluated.
+    """
+
+    scale: jax.Array
+    change: jax.Array
+    success: jax.Array
+    n_steps: jax.Array
+
+
+def backtracking(
+    change_at: Callable[[jax.Array], jax.Array],
+    slope: jax.Array,
+    *,
+    sufficient_decrease: float = 1e-4,
+    shrink: float = 0.5,
+    max_steps: int = 30,
+) -> LineSearchResult:
+    """Largest t in {1, shrink, shrink², ...} with f(θ + tΔ) − f(θ) <= c·t·gᵀΔ.
+
+    Args:
+        change_at: t -> f(θ + t·Δ) − f(θ), computed accurately (see `_linear.loss_change`).
+        slope: gᵀΔ, the directional derivative at t = 0 (negative for a descent direction).
+        sufficient_decrease: Armijo constant c in (0, 1/2).
+        shrink: factor applied to t after each rejection.
+        max_steps: trial lengths before giving up (t reaches shrink^(max_steps − 1)).
+
+    Returns:
+        A `LineSearchResult`; `success` is False when the direction is not one of descent or no
+        trial decreased f enough (a non-finite change counts as a rejection). Each trial costs
+        one call of `change_at`.
+    """
+    dtype = jnp.result_type(slope)
+    descent = slope < 0
+
+    def cond(state):
+        n_steps, _, _, done = state
+        return ~done & (n_steps < max_steps)
+
+    def body(state):
+        n_steps, scale, _, _ = state
+        change = change_at(scale)
+        accepted = jnp.isfinite(change) & (change <= sufficient_decrease * scale * slope)
+        next_scale = jnp.where(accepted, scale, scale * shrink)
+        return n_steps + 1, next_scale, change, accepted
+
+    init = (jnp.zeros((), jnp.int32), jnp.ones((), dtype), jnp.zeros((), dtype), ~descent)
+    n_steps, scale, change, done = lax.while_loop(cond, body, init)
+    success = done & descent
+    return LineSearchResult(scale, change, success, n_steps)

@@ -1,0 +1,88 @@
+"""Outcome of a fit: the result pytree, the status codes and the error raised on failure."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+
+
+class Status(enum.IntEnum):
+    """How a solver stopped. `Status.message(code)` says what it means and what to do."""
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    LINE_SEARCH_FAILED = 2
+    NON_FINITE = 3
+    DIVERGED = 4
+
+    @staticmethod
+    def message(code: int) -> str:
+        """A sentence describing the status `code` and the remedy."""
+        return _MESSAGES[Status(int(code))]
+
+
+# Internal marker while the loop runs; never returned.
+RUNNING = -1
+
+_MESSAGES = {
+    Status.CONVERGED: "Converged: max|gradient| <= tol and the Newton decrement <= tol.",
+    Status.MAX_ITER: (
+        "Stopped at the iteration limit before max|gradient| <= tol: increase max_iter, loosen "
+        "tol, or scale the features (standardising X usually helps)."
+    ),
+    Status.LINE_SEARCH_FAILED: (
+        "The line search found no decrease along the Newton direction: the point is as accurate "
+        "as the floating-point precision allows (use float64, or a larger tol), or the Hessian is "
+        "badly conditioned (scale the features, or increase the L2 penalty)."
+    ),
+    Status.NON_FINITE: (
+        "Non-finite values (NaN or inf) appeared in the loss or the gradient: check X, the "
+        "sample weights and the initial parameters for NaN/inf, or scale the features."
+    ),
+    Status.DIVERGED: (
+        "The data are linearly separable and there is no L2 penalty, so the maximum-likelihood "
+        "estimate does not exist (the loss goes to 0 as the weights grow without bound): set "
+        "l2 > 0 (penalty='l2' with a finite C)."
+    ),
+}
+
+
+class FitResult(NamedTuple):
+    """The result of `fit_logistic_regression` (a pytree: batched under `vmap`).
+
+    Attributes:
+        params: (W [d, K], b [K]); b is zeros without an intercept, and the reference class's
+            column and entry are zeros with `reference_class=True`.
+        loss: scalar objective value at `params`.
+        converged: bool scalar, `status == Status.CONVERGED`.
+        n_iter: int scalar, outer (Newton or trust-region) iterations taken.
+        grad_norm: scalar max|gradient| at `params`.
+        status: int scalar, a `Status` code.
+        n_hessian_products: int scalar, Hessian-vector products (or explicit Hessians) formed.
+    """
+
+    params: tuple[jax.Array, jax.Array]
+    loss: jax.Array
+    converged: jax.Array
+    n_iter: jax.Array
+    grad_norm: jax.Array
+    status: jax.Array
+    n_hessian_products: jax.Array
+
+
+class FitError(RuntimeError):
+    """Raised by `fit_logistic_regression(..., throw=True)` when the fit did not converge.
+
+    Attributes:
+        result: the `FitResult`, so the last iterate is still available.
+    """
+
+    def __init__(self, result: FitResult):
+        self.result = result
+        code = Status(int(result.status))
+        super().__init__(
+            f"{code.name} after {int(result.n_iter)} iterations "
+            f"(max|gradient| = {float(result.grad_norm):.3e}). {Status.message(code)}"
+        )
