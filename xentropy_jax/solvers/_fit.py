@@ -202,7 +202,10 @@ def fit_logistic_regression(
         tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol.
         max_iter: most outer iterations.
         init: warm start (W [d, K], b [K]); None starts from zeros.
-        verbose: print one line per iteration (loss, max|g|, step, decrement, products).
+        verbose: print one line per iteration: iteration, loss, max|g|, inner CG iterations
+            ("cg"; not for "newton"), step length (line search) or trust radius, the solver's
+            diagnostics, and the wall time since the solve started (compilation excluded).
+            Iteration 0 is the initial point. Without it the loop holds no host callback.
         throw: raise `FitError` when the fit does not converge (only with concrete results,
             i.e. outside `jit`/`vmap`; the status field reports it in every case).
 
@@ -218,6 +221,25 @@ def fit_logistic_regression(
             an unknown solver (checked before any compilation, where the inputs are concrete).
         TypeError: non-integer labels.
         FitError: `throw=True` and the fit stopped without converging.
+
+    Example:
+        At the optimum the gradient of f vanishes: the residuals softmax(XW + b) − onehot(y)
+        average to zero over the rows (∂f/∂b), and Xᵀ(residuals)/N + l2·W = 0 (∂f/∂W):
+
+        >>> import jax, jax.numpy as jnp
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> result = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6)
+        >>> W, b = result.params
+        >>> bool(result.converged), W.shape, b.shape
+        (True, (1, 3), (3,))
+        >>> residuals = jax.nn.softmax(X @ W + b) - jax.nn.one_hot(y, 3)
+        >>> bool(jnp.allclose(jnp.mean(residuals, axis=0), 0, atol=1e-5))
+        True
+        >>> bool(jnp.allclose(X.T @ residuals / len(y) + 0.1 * W, 0, atol=1e-5))
+        True
     """
     config = _resolve_solver(solver)
     _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
@@ -238,6 +260,9 @@ def fit_logistic_regression(
         solver=config,
         verbose=bool(verbose),
     )
+    if verbose and _is_concrete(result.status):
+        # The lines come from host callbacks: let them all print before returning.
+        jax.effects_barrier()
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
     return result

@@ -52,6 +52,29 @@ class NewtonCG:
         forcing_exponent: η_k = ‖g‖^forcing_exponent near the optimum (0.5: superlinear).
         sufficient_decrease: Armijo constant of the line search.
         max_line_search: trial step lengths before the line search gives up.
+
+    Raises:
+        ValueError: on construction, for an unknown preconditioner or a value out of range.
+
+    Example:
+        Either preconditioner reaches the same optimum; the configuration is checked on
+        construction:
+
+        >>> import jax.numpy as jnp
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> reference = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6)
+        >>> solver = xj.NewtonCG(preconditioner="diagonal")
+        >>> result = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6, solver=solver)
+        >>> same = jnp.allclose(result.params[0], reference.params[0], atol=1e-5)
+        >>> bool(result.converged), bool(same)
+        (True, True)
+        >>> xj.NewtonCG(max_cg_iter=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_cg_iter must be >= 1, got 0
     """
 
     preconditioner: str = "kronecker"

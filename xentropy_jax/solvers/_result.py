@@ -9,7 +9,22 @@ import jax
 
 
 class Status(enum.IntEnum):
-    """How a solver stopped. `Status.message(code)` says what it means and what to do."""
+    """How a solver stopped. `Status.message(code)` says what it means and what to do.
+
+    Codes: CONVERGED (0), MAX_ITER (1), LINE_SEARCH_FAILED (2), NON_FINITE (3), DIVERGED (4).
+    `FitResult.status` holds the code as an int array; `Status(int(code))` names it.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> result = xj.fit_logistic_regression(X, y, 3, l2=0.1, max_iter=1, throw=False)
+        >>> xj.Status(int(result.status)).name
+        'MAX_ITER'
+        >>> xj.Status.message(result.status).startswith("Stopped at the iteration limit")
+        True
+    """
 
     CONVERGED = 0
     MAX_ITER = 1
@@ -61,6 +76,20 @@ class FitResult(NamedTuple):
         grad_norm: scalar max|gradient| at `params`.
         status: int scalar, a `Status` code.
         n_hessian_products: int scalar, Hessian-vector products (or explicit Hessians) formed.
+
+    Example:
+        >>> import jax
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> result = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6)
+        >>> bool(result.converged), bool(result.status == xj.Status.CONVERGED)
+        (True, True)
+        >>> bool(result.grad_norm <= 1e-6), bool(result.n_hessian_products >= result.n_iter)
+        (True, True)
+        >>> len(jax.tree.leaves(result))  # a pytree: W, b and six scalars
+        8
     """
 
     params: tuple[jax.Array, jax.Array]
@@ -77,6 +106,19 @@ class FitError(RuntimeError):
 
     Attributes:
         result: the `FitResult`, so the last iterate is still available.
+
+    Example:
+        Classes that a line separates, without a penalty, have no maximum-likelihood estimate:
+
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> separable = np.array([0, 0, 1, 2, 2, 1])
+        >>> try:
+        ...     xj.fit_logistic_regression(X, separable, 3)
+        ... except xj.FitError as error:
+        ...     print(xj.Status(int(error.result.status)).name)
+        DIVERGED
     """
 
     def __init__(self, result: FitResult):

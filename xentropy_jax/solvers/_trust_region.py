@@ -15,6 +15,7 @@ from ._cg import conjugate_gradient
 from ._convergence import status_code
 from ._newton import SolverOutput, setup
 from ._newton_cg import check_preconditioner, forcing_term
+from ._progress import Progress
 from ._result import RUNNING
 
 # liblinear's TRON constants: acceptance and radius-update thresholds on the ratio of actual to
@@ -55,6 +56,23 @@ class TrustRegion:
         forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
         preconditioner_mix: with the diagonal, M = (1 − mix)·mean(diag H) + mix·diag(H); 1 is
             the plain Hessian diagonal, TRON uses 0.01 in its own scaling.
+
+    Raises:
+        ValueError: on construction, for an unknown preconditioner or a value out of range.
+
+    Example:
+        The same optimum as the line-search solvers:
+
+        >>> import jax.numpy as jnp
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> reference = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6)
+        >>> result = xj.fit_logistic_regression(X, y, 3, l2=0.1, tol=1e-6, solver=xj.TrustRegion())
+        >>> same = jnp.allclose(result.params[0], reference.params[0], atol=1e-5)
+        >>> bool(result.converged), bool(same)
+        (True, True)
     """
 
     preconditioner: str = "kronecker"
@@ -88,6 +106,12 @@ class TrustRegion:
         dtype = theta.dtype
         max_steps = min(self.max_cg_iter, max(objective.num_params, 1))
         basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        progress = None
+        if verbose:
+            progress = Progress(
+                "cg {cg:3d}  radius {radius:.3e}  actual/predicted {ratio:.3g}  accepted {accepted}"
+            )
+            progress.start(start.evaluation)
 
         def cond(state: TrustRegionState) -> jax.Array:
             return state.status == RUNNING
@@ -175,17 +199,14 @@ class TrustRegion:
                 tol=tol,
                 step_failed=collapsed & ~accepted,
             )
-            if verbose:
-                jax.debug.print(
-                    "iter {i}: loss {f:.12e} max|g| {g:.3e} actual/predicted {r:.3g} radius "
-                    "{d:.3e} accepted {a} products {h}",
-                    i=n_iter,
-                    f=new_evaluation.loss,
-                    g=jnp.max(jnp.abs(new_evaluation.grad)),
-                    r=actual / predicted,
-                    d=radius,
-                    a=accepted,
-                    h=solve.n_steps,
+            if progress is not None:
+                progress.iteration(
+                    n_iter,
+                    new_evaluation,
+                    cg=solve.n_steps,
+                    radius=radius,
+                    ratio=actual / predicted,
+                    accepted=accepted,
                 )
             return TrustRegionState(
                 theta,
