@@ -1,0 +1,323 @@
+"""The scikit-learn estimator: API conventions, validation, warnings, dtypes, meta-estimators."""
+
+import importlib
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from scipy.special import expit
+
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_iris, load_wine, make_classification  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
+from sklearn.model_selection import GridSearchCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import check_estimator  # noqa: E402
+
+import xentropy_jax.sklearn as xsk  # noqa: E402
+from xentropy_jax.sklearn import LogisticRegression  # noqa: E402
+from xentropy_jax.solvers import Status  # noqa: E402
+
+SOLVERS = ["newton", "newton-cg", "trust-region"]
+
+
+@pytest.fixture(scope="module")
+def iris():
+    X, y = load_iris(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.fixture(scope="module")
+def binary(iris):
+    X, y = iris
+    keep = y > 0  # versicolor vs virginica: overlapping classes
+    return X[keep], y[keep]
+
+
+class _SolverReachedError(Exception):
+    pass
+
+
+@pytest.fixture
+def core_calls(monkeypatch):
+    """Replace the solver by a recorder that stops the fit: inspect what would be solved."""
+    calls = []
+
+    def record(X, labels, num_classes, **kwargs):
+        calls.append(dict(X=np.asarray(X), labels=np.asarray(labels), K=num_classes, **kwargs))
+        raise _SolverReachedError
+
+    monkeypatch.setattr(xsk, "fit_logistic_regression", record)
+    return calls
+
+
+def test_check_estimator():
+    results = check_estimator(LogisticRegression(), on_fail=None, on_skip=None)
+    failed = {r["check_name"]: repr(r["exception"]) for r in results if r["status"] == "failed"}
+    assert not failed, failed
+    skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
+    # Only the array-API checks may skip (they need SCIPY_ARRAY_API in the environment).
+    assert all("array_api" in name for name in skipped), skipped
+    assert sum(r["status"] == "passed" for r in results) > 50
+
+
+_X_OK = np.array([[0.0, 1.0], [1.0, 0.5], [2.0, -1.0], [3.0, 0.0]])
+_Y_OK = np.array([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "X, y, sample_weight, match",
+    [
+        (np.where(_X_OK > 2, np.nan, _X_OK), _Y_OK, None, "NaN"),
+        (np.where(_X_OK > 2, np.inf, _X_OK), _Y_OK, None, "infinity"),
+        (_X_OK, np.zeros(4), None, "at least 2 classes"),
+        (_X_OK, _Y_OK[:3], None, "inconsistent numbers of samples"),
+        (_X_OK, _Y_OK, np.array([1.0, -1.0, 1.0, 1.0]), "Negative values"),
+        (_X_OK, _Y_OK, np.ones(5), "sample_weight.shape"),
+        (_X_OK, _Y_OK, np.zeros(4), "at least one non-zero"),
+        (_X_OK, _Y_OK, np.array([1.0, 0.0, 1.0, 0.0]), "at least 2 classes"),
+        (_X_OK, np.array([0, 1, 2, 2]), np.array([1.0, 0.0, 1.0, 1.0]), "zero total weight"),
+        (_X_OK, np.array([0.5, 1.5, 0.25, 1.0]), None, "Unknown label type"),
+        (_X_OK[:0], _Y_OK[:0], None, "0 sample"),
+        (_X_OK[:, 0], _Y_OK, None, "Expected 2D array"),
+        (_X_OK + 1j, _Y_OK, None, "Complex data"),
+    ],
+)
+def test_bad_input_raises_before_solving(core_calls, X, y, sample_weight, match):
+    with pytest.raises(ValueError, match=match):
+        LogisticRegression().fit(X, y, sample_weight=sample_weight)
+    assert not core_calls
+
+
+def test_sparse_input_is_refused(core_calls):
+    sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(TypeError, match="[Ss]parse"):
+        LogisticRegression().fit(sparse.csr_array(_X_OK), _Y_OK)
+    assert not core_calls
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        (dict(C=0.0), "C"),
+        (dict(C=-1.0), "C"),
+        (dict(C="1"), "C"),
+        (dict(penalty="l1"), "penalty"),
+        (dict(solver="lbfgs"), "solver"),
+        (dict(tol=-1e-3), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(class_weight="even"), "class_weight"),
+        (dict(fit_intercept="yes"), "fit_intercept"),
+        (dict(warm_start=None), "warm_start"),
+    ],
+)
+def test_bad_parameters_raise_before_solving(core_calls, params, name):
+    with pytest.raises(ValueError, match=f"The '{name}' parameter"):
+        LogisticRegression(**params).fit(_X_OK, _Y_OK)
+    assert not core_calls
+
+
+def test_class_weight_with_unknown_label_raises(core_calls):
+    with pytest.raises(ValueError, match="class"):
+        LogisticRegression(class_weight={0: 1.0, 7: 2.0}).fit(_X_OK, _Y_OK)
+    assert not core_calls
+
+
+def test_what_the_solver_is_asked(core_calls, iris):
+    X, y = iris
+    sample_weight = np.linspace(0.5, 2.0, y.size)
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(C=0.5, class_weight={0: 3.0}).fit(X, y, sample_weight=sample_weight)
+    (call,) = core_calls
+    weights = sample_weight * np.where(y == 0, 3.0, 1.0)
+    n = y.size
+    # Zero-weight padding rows may follow the data; they change nothing in the objective.
+    np.testing.assert_array_equal(call["X"][:n], X)
+    assert not np.any(call["X"][n:]) and not np.any(call["sample_weight"][n:])
+    np.testing.assert_allclose(call["sample_weight"][:n], weights, rtol=1e-15)
+    np.testing.assert_allclose(call["l2"], 1.0 / (0.5 * weights.sum()), rtol=1e-15)
+    assert call["K"] == 3 and not call["reference_class"] and call["fit_intercept"]
+    assert call["solver"] == "newton"  # (4 + 1) * 3 parameters: "auto" picks newton
+
+    core_calls.clear()
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(penalty=None, C=0.5).fit(X, y)
+    assert core_calls[0]["l2"] == 0.0 and core_calls[0]["reference_class"]
+
+    core_calls.clear()
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression().fit(X, np.where(y == 0, "a", "b"))
+    assert core_calls[0]["K"] == 2 and core_calls[0]["reference_class"]
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+@pytest.mark.parametrize("over", [False, True])
+def test_auto_solver_rule(core_calls, n_classes, over):
+    # Largest n_features with (n_features + 1) * free_classes <= the threshold, or one more.
+    free_classes = n_classes - 1 if n_classes == 2 else n_classes
+    n_features = xsk.AUTO_NEWTON_MAX_PARAMETERS // free_classes - 1 + int(over)
+    X = np.random.default_rng(0).normal(size=(2 * n_classes, n_features))
+    y = np.arange(2 * n_classes) % n_classes
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(solver="auto").fit(X, y)
+    assert core_calls[0]["solver"] == ("newton-cg" if over else "newton")
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.base", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "xentropy_jax.sklearn")
+    with pytest.raises(ImportError, match=r"xentropy_jax\[sklearn\]"):
+        importlib.import_module("xentropy_jax.sklearn")
+
+
+def test_unfitted_raises():
+    with pytest.raises(NotFittedError):
+        LogisticRegression().predict_proba(_X_OK)
+
+
+def test_convergence_warning_names_the_status(iris):
+    X, y = iris
+    with pytest.warns(ConvergenceWarning) as record:
+        clf = LogisticRegression(max_iter=1, solver="newton-cg").fit(X, y)
+    assert any(Status.message(Status.MAX_ITER) in str(w.message) for w in record)
+    assert clf.n_iter_.shape == (1,) and clf.n_iter_.dtype == np.int32 and clf.n_iter_[0] == 1
+
+
+def test_separable_unpenalised_data_warns():
+    X = np.array([[-2.0], [-1.0], [-0.5], [0.5], [1.0], [2.0]])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    for solver in SOLVERS:
+        with pytest.warns(ConvergenceWarning, match="linearly separable") as record:
+            LogisticRegression(penalty=None, solver=solver).fit(X, y)
+        assert record[0].filename == __file__  # attributed to the caller's line
+
+
+def test_overflowing_features_raise():
+    rng = np.random.default_rng(0)
+    X = (1e30 * rng.normal(size=(40, 3))).astype(np.float32)  # finite, but X @ W overflows
+    with pytest.raises(ValueError, match="non-finite"):
+        LogisticRegression().fit(X, np.arange(40) % 2)
+
+
+def test_binary_convention_with_string_labels(binary):
+    X, y = binary
+    labels = np.where(y == 1, "versicolor", "virginica")
+    clf = LogisticRegression().fit(X, labels)
+    assert list(clf.classes_) == ["versicolor", "virginica"]
+    assert clf.coef_.shape == (1, 4) and clf.intercept_.shape == (1,)
+    scores = clf.decision_function(X)
+    assert scores.shape == (y.size,)
+    np.testing.assert_allclose(scores, X @ clf.coef_[0] + clf.intercept_[0], rtol=1e-12)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba[:, 1], expit(scores), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(clf.predict_log_proba(X), np.log(proba), rtol=1e-12)
+    np.testing.assert_array_equal(clf.predict(X), np.where(scores > 0, "virginica", "versicolor"))
+    np.testing.assert_array_equal(clf.predict(X[:1]), clf.predict(X)[:1])
+    assert clf.score(X, labels) > 0.9
+
+
+def test_multiclass_shapes_and_predictions(iris):
+    X, y = iris
+    labels = np.array(["setosa", "versicolor", "virginica"], dtype=object)[y]
+    clf = LogisticRegression(C=10.0).fit(X, labels)
+    assert clf.coef_.shape == (3, 4) and clf.intercept_.shape == (3,)
+    assert clf.n_features_in_ == 4
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-14)
+    np.testing.assert_array_equal(clf.predict(X), clf.classes_[np.argmax(proba, axis=1)])
+    # scikit-learn's symmetric convention: intercepts (and penalised coefficients) sum to 0.
+    assert abs(clf.intercept_.sum()) < 1e-12
+    np.testing.assert_allclose(clf.coef_.sum(axis=0), 0.0, atol=1e-8)
+
+
+def test_dataframe_feature_names(iris):
+    pd = pytest.importorskip("pandas")
+    X, y = iris
+    frame = pd.DataFrame(X, columns=["a", "b", "c", "d"])
+    clf = LogisticRegression().fit(frame, y)
+    np.testing.assert_array_equal(clf.feature_names_in_, ["a", "b", "c", "d"])
+    with pytest.warns(UserWarning, match="feature names"):
+        clf.predict(X)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_integer_weights_equal_repeated_rows(solver):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20, 5))
+    y = rng.integers(0, 3, size=20)
+    counts = rng.integers(0, 4, size=20)
+    counts[:3] = 1  # every class keeps some weight
+    y[:3] = [0, 1, 2]
+    weighted = LogisticRegression(solver=solver).fit(X, y, sample_weight=counts)
+    repeated = LogisticRegression(solver=solver).fit(X.repeat(counts, 0), y.repeat(counts))
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        weighted.predict_proba(X), repeated.predict_proba(X), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_warm_start_resumes_from_previous_fit(iris):
+    X, y = iris
+    cold = LogisticRegression(C=100.0).fit(X, y)
+    warm = LogisticRegression(C=100.0, warm_start=True, max_iter=2)
+    with pytest.warns(ConvergenceWarning):
+        warm.fit(X, y)
+    warm.set_params(max_iter=100).fit(X, y)
+    np.testing.assert_allclose(warm.coef_, cold.coef_, rtol=1e-7)
+    assert warm.n_iter_[0] < cold.n_iter_[0]
+    again = warm.fit(X, y)  # already at the optimum
+    assert again.n_iter_[0] <= 1
+
+
+def test_float32_in_float32_out_and_global_flag_untouched(iris):
+    X, y = iris
+    assert jax.config.jax_enable_x64  # tests run with x64 on
+    fit64 = LogisticRegression().fit(X, y)
+    with warnings.catch_warnings():
+        # The default tol is raised to float32's gradient resolution: no spurious warning.
+        warnings.simplefilter("error", ConvergenceWarning)
+        fit32 = LogisticRegression().fit(X.astype(np.float32), y)
+        unscaled = load_wine().data.astype(np.float32)  # features up to ~1,700
+        LogisticRegression(solver="newton-cg").fit(unscaled, load_wine().target)
+    assert jax.config.jax_enable_x64
+    assert fit64.coef_.dtype == np.float64 and fit32.coef_.dtype == np.float32
+    assert fit32.predict_proba(X.astype(np.float32)).dtype == np.float32
+    np.testing.assert_allclose(fit32.coef_, fit64.coef_, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_fit_with_x64_disabled_globally(iris):
+    X, y = iris
+    reference = LogisticRegression().fit(X, y)
+    with jax.enable_x64(False):
+        clf = LogisticRegression().fit(X, y)
+        assert not jax.config.jax_enable_x64
+    assert clf.coef_.dtype == np.float64
+    np.testing.assert_allclose(clf.coef_, reference.coef_, rtol=1e-12)
+
+
+def test_pipeline_and_grid_search_match_scikit_learn():
+    X, y = make_classification(
+        n_samples=240, n_features=6, n_informative=4, n_classes=3, random_state=0
+    )
+    grid = {"logisticregression__C": [0.01, 0.3, 10.0]}
+    ours = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()), grid, cv=3)
+    theirs = GridSearchCV(
+        make_pipeline(
+            StandardScaler(),
+            SklearnLogisticRegression(solver="newton-cholesky", tol=1e-10, max_iter=1000),
+        ),
+        grid,
+        cv=3,
+    )
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    np.testing.assert_allclose(
+        ours.cv_results_["mean_test_score"], theirs.cv_results_["mean_test_score"]
+    )
+    assert ours.best_params_ == theirs.best_params_
+    np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-6)
