@@ -1,0 +1,74 @@
+"""Every example script runs as ``python examples/NAME.py`` (small sizes) and prints its result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
+TIMEOUT = 180
+
+# Extra arguments, and a line each script's output must contain.
+ARGUMENTS = {"train_mlp_gauss_newton.py": ["--plot", "{tmp}/curves.png"]}
+EXPECTED = {
+    "fit_digits.py": "xentropy_jax newton-cg",
+    "loss_tour.py": "matrix-free H·v vs dense",
+    "train_mlp_gauss_newton.py": "Gauss-Newton (20 CG its)",
+}
+
+
+def run_example(path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # Small sizes; no display; one BLAS thread each, since oversubscribed BLAS threads on a
+    # busy machine can make scikit-learn's timings (and the test) many times slower.
+    env.update(XENTROPY_SMALL="1", MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    args = [arg.format(tmp=tmp_path) for arg in ARGUMENTS.get(path.name, [])]
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+
+
+def test_examples_are_known():
+    names = {path.name for path in EXAMPLES}
+    assert {"fit_digits.py", "train_mlp_gauss_newton.py"} <= names
+    assert names <= set(EXPECTED), "add the new example's expected output to EXPECTED"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.stem)
+def test_example_runs(path: Path, tmp_path: Path):
+    completed = run_example(path, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert EXPECTED[path.name] in completed.stdout, completed.stdout[-4000:]
+    assert "Traceback" not in completed.stderr
+    if path.name == "train_mlp_gauss_newton.py":
+        assert (tmp_path / "curves.png").stat().st_size > 0
+    if path.name == "fit_digits.py":
+        check_fit_digits_table(completed.stdout)
+
+
+def check_fit_digits_table(stdout: str) -> None:
+    # The headline table: every fit reaches the same objective, accuracy and coefficients.
+    rows = [
+        line.split() for line in stdout.splitlines() if line.startswith(("xentropy_jax", "sklearn"))
+    ]
+    assert len(rows) == 6, stdout
+    objectives = [float(row[-5]) for row in rows]
+    test_accuracies = [float(row[-2]) for row in rows]
+    coef_gaps = [float(row[-1]) for row in rows]
+    assert max(objectives) - min(objectives) < 1e-9
+    assert max(test_accuracies) - min(test_accuracies) < 1e-2
+    assert max(coef_gaps) < 1e-4
