@@ -23,6 +23,7 @@ from jax.tree_util import Partial
 
 from ._losses import (
     _softmax,
+    hessian_product_from_probs,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
@@ -118,7 +119,7 @@ def _apply_ggn(
     vectors = logit_tangents.astype(probs.dtype)
     # The closed form of softmax_cross_entropy_hvp, s ⊙ (u − sᵀu), from probabilities computed
     # once: recomputing the softmax in every product would cost K exponentials per row each time.
-    loss_curvature = probs * (vectors - jnp.sum(probs * vectors, axis=-1, keepdims=True))
+    loss_curvature = hessian_product_from_probs(probs, vectors)
     cotangents = (coefficients[:, None] * loss_curvature).astype(logit_tangents.dtype)
     (product,) = model_vjp(cotangents)
     return jax.tree.map(lambda g, v: g + damping.astype(v.dtype) * v, product, tangents)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from ._losses import hessian_product_from_probs
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +200,10 @@ def hessian_vector_product(
         Cost: two GEMMs (X·V and Xᵀ·U), O(N·K) in between.
     """
     directional = objective.free_logits(tangent)
-    probs = evaluation.probs
-    centred = directional - jnp.sum(probs * directional, axis=-1, keepdims=True)
-    weighted = objective.weights[:, None] * probs * centred
+    # Over the free classes only: a reference class has zero logit tangent, so it drops out.
+    weighted = objective.weights[:, None] * hessian_product_from_probs(
+        evaluation.probs, directional
+    )
     weights, _ = objective.unpack(tangent)
     product_weights = objective.features.T @ weighted + objective.l2 * weights
     return objective.pack(product_weights, jnp.sum(weighted, axis=0))

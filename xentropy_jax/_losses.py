@@ -70,6 +70,18 @@ def _softmax(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     return unnormalized / jnp.maximum(total, 1.0)
 
 
+def hessian_product_from_probs(
+    probs: jax.Array, tangents: jax.Array, where: jax.Array | None = None
+) -> jax.Array:
+    """``(diag(s) − s sᵀ) v = s ⊙ (v − sᵀv)`` per row, classes last, from the probabilities.
+
+    The one implementation of the closed-form product: the softmax's derivative rule, the public
+    HVP, the Gauss-Newton operator and the logistic objective all call it.
+    """
+    mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
+    return probs * (tangents - mean)
+
+
 @_softmax.defjvp
 def _softmax_jvp(primals, tangents):
     # ṡ = s ⊙ (ż − sᵀż), built from the primal output so that one residual (s) is saved and a
@@ -77,8 +89,7 @@ def _softmax_jvp(primals, tangents):
     logits, where = primals
     logits_dot, _ = tangents
     probs = _softmax(logits, where)
-    mean_dot = jnp.sum(probs * logits_dot, axis=-1, keepdims=True, where=where)
-    return probs, probs * (logits_dot - mean_dot)
+    return probs, hessian_product_from_probs(probs, logits_dot, where)
 
 
 def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -500,6 +511,5 @@ def softmax_cross_entropy_hvp(
     dtype = _compute_dtype(logits.dtype, tangents.dtype)
     probs = _softmax(_classes_last(logits, axes).astype(dtype), where)
     vectors = _classes_last(tangents, axes).astype(dtype)
-    mean = jnp.sum(probs * vectors, axis=-1, keepdims=True, where=where)
-    product = probs * (vectors - mean)
+    product = hessian_product_from_probs(probs, vectors, where)
     return _classes_back(product, axes, logits.shape).astype(jnp.result_type(tangents, logits))
