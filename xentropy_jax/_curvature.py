@@ -153,41 +153,41 @@ def ggn_operator(
     ``jit``-compiled solvers (conjugate gradients) as an argument.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits. Classes can be masked with
-        ``-inf`` logits.
-      params: pytree of floating arrays θ (P numbers in all).
-      inputs: anything ``logits_fn`` takes as its second argument (passed through unchanged).
-      sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
-        them the objective is the plain mean. If Σ w = 0 the objective is 0 and so is G.
-      label_mass: mᵢ = Σₖ yᵢₖ, a scalar or [N]; 1 for one-hot or integer labels.
-      damping: λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping).
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits. Classes can be masked with
+          ``-inf`` logits.
+        params: pytree of floating arrays θ (P numbers in all).
+        inputs: anything ``logits_fn`` takes as its second argument (passed through unchanged).
+        sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
+          them the objective is the plain mean. If Σ w = 0 the objective is 0 and so is G.
+        label_mass: mᵢ = Σₖ yᵢₖ, a scalar or [N]; 1 for one-hot or integer labels.
+        damping: λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping).
 
     Returns:
-      A function ``tangents -> (G + λI) tangents`` mapping a pytree shaped as ``params`` to one of
-      the same structure, shapes and dtypes.
+        A function ``tangents -> (G + λI) tangents`` mapping a pytree shaped as ``params`` to one of
+        the same structure, shapes and dtypes.
 
     Raises:
-      ValueError: if the logits are not [N, K] or the weights/mass are the wrong shape, or
-        (when concrete) negative or non-finite.
-      TypeError: if the logits or a parameter are not floating.
+        ValueError: if the logits are not [N, K] or the weights/mass are the wrong shape, or
+          (when concrete) negative or non-finite.
+        TypeError: if the logits or a parameter are not floating.
 
     Example:
-      For a linear model G is the Hessian, and shifting every class alike is its null direction:
+        For a linear model G is the Hessian, and shifting every class alike is its null direction:
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> ggn = xj.ggn_operator(linear, W, X)
-      >>> labels = jnp.array([0, 2, 1])
-      >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
-      >>> V = jnp.arange(6.0).reshape(2, 3)
-      >>> bool(jnp.allclose(ggn(V), jnp.tensordot(H, V, 2)))
-      True
-      >>> bool(jnp.allclose(ggn(jnp.ones((2, 3))), 0, atol=1e-6))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> ggn = xj.ggn_operator(linear, W, X)
+        >>> labels = jnp.array([0, 2, 1])
+        >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
+        >>> V = jnp.arange(6.0).reshape(2, 3)
+        >>> bool(jnp.allclose(ggn(V), jnp.tensordot(H, V, 2)))
+        True
+        >>> bool(jnp.allclose(ggn(jnp.ones((2, 3))), 0, atol=1e-6))
+        True
     """
     _check_params(params)
     shape = _logits_shape(logits_fn, params, inputs)
@@ -219,33 +219,33 @@ def ggn_vp(
     products). To apply G to many vectors at the same parameters, use :func:`ggn_operator`.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
-      params: pytree of floating arrays θ.
-      inputs: second argument of ``logits_fn``.
-      tangents: pytree v with the structure, shapes and dtypes of ``params``.
-      sample_weight: optional non-negative [N] example weights (plain mean without them).
-      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
-      damping: λ ≥ 0 added as λ·v.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        params: pytree of floating arrays θ.
+        inputs: second argument of ``logits_fn``.
+        tangents: pytree v with the structure, shapes and dtypes of ``params``.
+        sample_weight: optional non-negative [N] example weights (plain mean without them).
+        label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+        damping: λ ≥ 0 added as λ·v.
 
     Returns:
-      (G + λI) v, a pytree like ``params``.
+        (G + λI) v, a pytree like ``params``.
 
     Raises:
-      ValueError: as :func:`ggn_operator`, or if ``tangents`` does not match ``params``.
-      TypeError: as :func:`ggn_operator`.
+        ValueError: as :func:`ggn_operator`, or if ``tangents`` does not match ``params``.
+        TypeError: as :func:`ggn_operator`.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> W, V = jnp.zeros((2, 3)), jnp.arange(6.0).reshape(2, 3)
-      >>> damped = xj.ggn_vp(linear, W, X, V, damping=0.5)
-      >>> bool(jnp.allclose(damped - xj.ggn_vp(linear, W, X, V), 0.5 * V))
-      True
-      >>> damped.shape
-      (2, 3)
+        >>> import jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> W, V = jnp.zeros((2, 3)), jnp.arange(6.0).reshape(2, 3)
+        >>> damped = xj.ggn_vp(linear, W, X, V, damping=0.5)
+        >>> bool(jnp.allclose(damped - xj.ggn_vp(linear, W, X, V), 0.5 * V))
+        True
+        >>> damped.shape
+        (2, 3)
     """
     _check_params(params)
     _check_tangents(params, tangents)
@@ -274,39 +274,40 @@ def mean_cross_entropy(
     form at the loss. Cost: one forward pass.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
-      params: pytree of floating arrays θ.
-      inputs: second argument of ``logits_fn``.
-      labels: integer class indices [N], or label distributions / one-hot rows [N, K].
-      sample_weight: optional non-negative [N] example weights.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        params: pytree of floating arrays θ.
+        inputs: second argument of ``logits_fn``.
+        labels: integer class indices [N], or label distributions / one-hot rows [N, K].
+        sample_weight: optional non-negative [N] example weights.
 
     Returns:
-      The scalar objective, in the dtype of the logits.
+        The scalar objective, in the dtype of the logits.
 
     Raises:
-      ValueError: if the labels or weights do not fit the [N, K] logits.
-      TypeError: if the logits are not floating.
+        ValueError: if the labels or weights do not fit the [N, K] logits.
+        TypeError: if the logits are not floating.
 
     Example:
-      At θ = 0 every class has probability 1/K, so F = log K; one-hot labels agree with
-      integer labels, and a 0/1 weight selects examples:
+        At θ = 0 every class has probability 1/K, so F = log K; one-hot labels agree with
+        integer labels, and a 0/1 weight selects examples:
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> labels = jnp.array([0, 2, 1])
-      >>> print(round(float(xj.mean_cross_entropy(linear, jnp.zeros((2, 3)), X, labels)), 4))
-      1.0986
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> one_hot = jax.nn.one_hot(labels, 3)
-      >>> bool(jnp.isclose(xj.mean_cross_entropy(linear, W, X, labels),
-      ...                  xj.mean_cross_entropy(linear, W, X, one_hot)))
-      True
-      >>> first = xj.mean_cross_entropy(linear, W, X, labels, sample_weight=jnp.array([1.0, 0, 0]))
-      >>> bool(jnp.isclose(first, xj.softmax_cross_entropy_with_integer_labels(X[0] @ W, 0)))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> labels = jnp.array([0, 2, 1])
+        >>> print(round(float(xj.mean_cross_entropy(linear, jnp.zeros((2, 3)), X, labels)), 4))
+        1.0986
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> one_hot = jax.nn.one_hot(labels, 3)
+        >>> bool(jnp.isclose(xj.mean_cross_entropy(linear, W, X, labels),
+        ...                  xj.mean_cross_entropy(linear, W, X, one_hot)))
+        True
+        >>> only_first = jnp.array([1.0, 0.0, 0.0])
+        >>> first = xj.mean_cross_entropy(linear, W, X, labels, sample_weight=only_first)
+        >>> bool(jnp.isclose(first, xj.softmax_cross_entropy_with_integer_labels(X[0] @ W, 0)))
+        True
     """
     shape = _logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
@@ -347,37 +348,37 @@ def hessian_vp(
     O(N·K + P) memory beyond the backward pass.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
-      params: pytree of floating arrays θ.
-      inputs: second argument of ``logits_fn``.
-      labels: integer class indices [N], or label distributions / one-hot rows [N, K].
-      tangents: pytree v with the structure, shapes and dtypes of ``params``.
-      sample_weight: optional non-negative [N] example weights.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        params: pytree of floating arrays θ.
+        inputs: second argument of ``logits_fn``.
+        labels: integer class indices [N], or label distributions / one-hot rows [N, K].
+        tangents: pytree v with the structure, shapes and dtypes of ``params``.
+        sample_weight: optional non-negative [N] example weights.
 
     Returns:
-      ∇²F(θ) v, a pytree like ``params``.
+        ∇²F(θ) v, a pytree like ``params``.
 
     Raises:
-      ValueError: if labels, weights or tangents do not fit.
-      TypeError: if the logits or a parameter are not floating.
+        ValueError: if labels, weights or tangents do not fit.
+        TypeError: if the logits or a parameter are not floating.
 
     Example:
-      Against ``jax.hessian``; for a linear model the Hessian is the Gauss-Newton matrix:
+        Against ``jax.hessian``; for a linear model the Hessian is the Gauss-Newton matrix:
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> labels = jnp.array([0, 2, 1])
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> V = jnp.arange(6.0).reshape(2, 3)
-      >>> product = xj.hessian_vp(linear, W, X, labels, V)
-      >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
-      >>> bool(jnp.allclose(product, jnp.tensordot(H, V, 2)))
-      True
-      >>> bool(jnp.allclose(product, xj.ggn_vp(linear, W, X, V)))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> labels = jnp.array([0, 2, 1])
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> V = jnp.arange(6.0).reshape(2, 3)
+        >>> product = xj.hessian_vp(linear, W, X, labels, V)
+        >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
+        >>> bool(jnp.allclose(product, jnp.tensordot(H, V, 2)))
+        True
+        >>> bool(jnp.allclose(product, xj.ggn_vp(linear, W, X, V)))
+        True
     """
     _check_params(params)
     _check_tangents(params, tangents)

@@ -69,35 +69,35 @@ def ggn_diagonal(
     large models use :func:`ggn_diagonal_hutchinson` or :func:`ggn_diagonal_bartlett`.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent.
-      params: pytree of floating arrays θ (P numbers).
-      inputs: pytree of arrays whose leaves all have leading axis N.
-      sample_weight: optional non-negative [N] example weights (plain mean without them).
-      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
-      chunk_size: examples processed together; by default as many as keep about 2²⁵ numbers of
-        per-example gradients in memory.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent.
+        params: pytree of floating arrays θ (P numbers).
+        inputs: pytree of arrays whose leaves all have leading axis N.
+        sample_weight: optional non-negative [N] example weights (plain mean without them).
+        label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+        chunk_size: examples processed together; by default as many as keep about 2²⁵ numbers of
+          per-example gradients in memory.
 
     Returns:
-      diag(G), a pytree like ``params`` (non-negative).
+        diag(G), a pytree like ``params`` (non-negative).
 
     Raises:
-      ValueError: if the shapes do not fit, or ``chunk_size`` is not a positive integer.
-      TypeError: if the logits or a parameter are not floating.
+        ValueError: if the shapes do not fit, or ``chunk_size`` is not a positive integer.
+        TypeError: if the logits or a parameter are not floating.
 
     Example:
-      For a linear model G is the Hessian, so its diagonal is the one ``jax.hessian`` gives:
+        For a linear model G is the Hessian, so its diagonal is the one ``jax.hessian`` gives:
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> labels = jnp.array([0, 2, 1])
-      >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
-      >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
-      >>> bool(jnp.allclose(xj.ggn_diagonal(linear, W, X), exact))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> labels = jnp.array([0, 2, 1])
+        >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
+        >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
+        >>> bool(jnp.allclose(xj.ggn_diagonal(linear, W, X), exact))
+        True
     """
     _check_params(params)
     shape = _logits_shape(logits_fn, params, inputs)
@@ -168,39 +168,39 @@ def ggn_diagonal_hutchinson(
     together under ``vmap`` (memory ``num_samples`` × (N·K + P)).
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
-      params: pytree of floating arrays θ.
-      inputs: second argument of ``logits_fn``.
-      key: a ``jax.random.key``.
-      num_samples: number of probes averaged (static).
-      sample_weight: optional non-negative [N] example weights (plain mean without them).
-      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        params: pytree of floating arrays θ.
+        inputs: second argument of ``logits_fn``.
+        key: a ``jax.random.key``.
+        num_samples: number of probes averaged (static).
+        sample_weight: optional non-negative [N] example weights (plain mean without them).
+        label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
 
     Returns:
-      An unbiased estimate of diag(G), a pytree like ``params``.
+        An unbiased estimate of diag(G), a pytree like ``params``.
 
     Raises:
-      ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
-      TypeError: if the logits or a parameter are not floating.
+        ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
+        TypeError: if the logits or a parameter are not floating.
 
     Example:
-      Many probes average to the exact diagonal (a linear model, where G is the Hessian):
+        Many probes average to the exact diagonal (a linear model, where G is the Hessian):
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> labels = jnp.array([0, 2, 1])
-      >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
-      >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
-      >>> @jax.jit
-      ... def estimate_at(key):
-      ...     return xj.ggn_diagonal_hutchinson(linear, W, X, key, num_samples=4000)
-      >>> estimate = estimate_at(jax.random.key(0))
-      >>> bool(jnp.allclose(estimate, exact, atol=0.1 * exact.max()))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> labels = jnp.array([0, 2, 1])
+        >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
+        >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
+        >>> @jax.jit
+        ... def estimate_at(key):
+        ...     return xj.ggn_diagonal_hutchinson(linear, W, X, key, num_samples=4000)
+        >>> estimate = estimate_at(jax.random.key(0))
+        >>> bool(jnp.allclose(estimate, exact, atol=0.1 * exact.max()))
+        True
     """
     _check_num_samples(num_samples)
     operator = ggn_operator(
@@ -236,41 +236,41 @@ def ggn_diagonal_bartlett(
     together under ``vmap``.
 
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
-      params: pytree of floating arrays θ.
-      inputs: second argument of ``logits_fn``.
-      key: a ``jax.random.key``.
-      num_samples: number of label samples averaged (static).
-      sample_weight: optional non-negative [N] example weights (plain mean without them).
-      label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        params: pytree of floating arrays θ.
+        inputs: second argument of ``logits_fn``.
+        key: a ``jax.random.key``.
+        num_samples: number of label samples averaged (static).
+        sample_weight: optional non-negative [N] example weights (plain mean without them).
+        label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
 
     Returns:
-      An unbiased estimate of diag(G), a pytree like ``params`` (non-negative).
+        An unbiased estimate of diag(G), a pytree like ``params`` (non-negative).
 
     Raises:
-      ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
-      TypeError: if the logits or a parameter are not floating.
+        ValueError: if the shapes do not fit or ``num_samples`` is not a positive integer.
+        TypeError: if the logits or a parameter are not floating.
 
     Example:
-      Many samples average to the exact diagonal (a linear model, where G is the Hessian):
+        Many samples average to the exact diagonal (a linear model, where G is the Hessian):
 
-      >>> import jax, jax.numpy as jnp
-      >>> import xentropy_jax as xj
-      >>> def linear(W, X):
-      ...     return X @ W
-      >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
-      >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
-      >>> labels = jnp.array([0, 2, 1])
-      >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
-      >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
-      >>> @jax.jit
-      ... def estimate_at(key):
-      ...     return xj.ggn_diagonal_bartlett(linear, W, X, key, num_samples=4000)
-      >>> estimate = estimate_at(jax.random.key(0))
-      >>> bool(jnp.allclose(estimate, exact, atol=0.1 * exact.max()))
-      True
-      >>> bool(jnp.all(estimate >= 0))
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> def linear(W, X):
+        ...     return X @ W
+        >>> X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-1.5, 0.3]])
+        >>> W = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]])
+        >>> labels = jnp.array([0, 2, 1])
+        >>> H = jax.jit(jax.hessian(lambda w: xj.mean_cross_entropy(linear, w, X, labels)))(W)
+        >>> exact = jnp.diagonal(H.reshape(6, 6)).reshape(2, 3)
+        >>> @jax.jit
+        ... def estimate_at(key):
+        ...     return xj.ggn_diagonal_bartlett(linear, W, X, key, num_samples=4000)
+        >>> estimate = estimate_at(jax.random.key(0))
+        >>> bool(jnp.allclose(estimate, exact, atol=0.1 * exact.max()))
+        True
+        >>> bool(jnp.all(estimate >= 0))
+        True
     """
     _check_num_samples(num_samples)
     _check_params(params)
