@@ -168,6 +168,32 @@ def test_auto_solver_rule(core_calls, n_classes, over):
     assert core_calls[0]["solver"] == ("newton-cg" if over else "newton")
 
 
+@pytest.mark.parametrize("solver", ["newton-cg", "trust-region"])
+def test_many_features_use_the_diagonal_preconditioner(core_calls, monkeypatch, solver):
+    monkeypatch.setattr(xsk, "KRONECKER_MAX_FEATURES", 3)
+    X = np.random.default_rng(0).normal(size=(8, 4))
+    y = np.arange(8) % 3
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(solver=solver).fit(X, y)
+    configuration = core_calls[0]["solver"]
+    assert configuration.preconditioner == "diagonal"
+    assert (
+        type(configuration).__name__
+        == {"newton-cg": "NewtonCG", "trust-region": "TrustRegion"}[solver]
+    )
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(solver=solver).fit(X[:, :3], y)
+    assert core_calls[1]["solver"] == solver
+
+
+def test_diagonal_preconditioner_reaches_the_same_optimum(monkeypatch):
+    X, y = load_iris(return_X_y=True)
+    kronecker = LogisticRegression(solver="newton-cg").fit(X, y)
+    monkeypatch.setattr(xsk, "KRONECKER_MAX_FEATURES", 2)
+    diagonal = LogisticRegression(solver="newton-cg").fit(X, y)
+    np.testing.assert_allclose(diagonal.coef_, kronecker.coef_, rtol=1e-6, atol=1e-8)
+
+
 def test_missing_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.base", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "xentropy_jax.sklearn")

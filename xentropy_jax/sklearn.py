@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from .solvers import Status, fit_logistic_regression
+from .solvers import NewtonCG, Status, TrustRegion, fit_logistic_regression
 
 __all__ = ["LogisticRegression"]
 
@@ -75,6 +75,20 @@ def _resolve_solver(solver: str, n_parameters: int) -> str:
     if solver != "auto":
         return solver
     return "newton" if n_parameters <= AUTO_NEWTON_MAX_PARAMETERS else "newton-cg"
+
+
+# The CG solvers' default Kronecker preconditioner forms and factorises the (d+1)×(d+1) feature
+# Gram matrix once per fit; beyond this many features that costs more than it saves (and, for
+# text-sized d, more memory than there is), so CG falls back to the Hessian diagonal.
+KRONECKER_MAX_FEATURES = 4000
+
+
+def _core_solver(solver: str, n_features: int) -> str | NewtonCG | TrustRegion:
+    """The functional core's configuration for the concrete ``solver`` on ``n_features``."""
+    if n_features <= KRONECKER_MAX_FEATURES or solver == "newton":
+        return solver
+    configuration = NewtonCG if solver == "newton-cg" else TrustRegion
+    return configuration(preconditioner="diagonal")
 
 
 class LogisticRegression(ClassifierMixin, BaseEstimator):
@@ -252,7 +266,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 fit_intercept=self.fit_intercept,
                 reference_class=reference,
-                solver=solver,
+                solver=_core_solver(solver, X.shape[1]),
                 tol=_attainable_tol(self.tol, X),
                 max_iter=self.max_iter,
                 init=init,
