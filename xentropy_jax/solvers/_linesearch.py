@@ -10,6 +10,14 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def check_line_search_options(sufficient_decrease: float, max_line_search: int) -> None:
+    """Raise ValueError for an Armijo constant outside (0, 0.5) or fewer than one trial step."""
+    if not 0 < sufficient_decrease < 0.5:
+        raise ValueError(f"sufficient_decrease must be in (0, 0.5), got {sufficient_decrease}")
+    if max_line_search < 1:
+        raise ValueError(f"max_line_search must be >= 1, got {max_line_search}")
+
+
 class LineSearchResult(NamedTuple):
     """Outcome of `backtracking`.
 

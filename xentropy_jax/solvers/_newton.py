@@ -18,7 +18,7 @@ from jax import lax
 
 from .._linear import Evaluation, LogisticObjective, evaluate, hessian, loss_change
 from ._convergence import status_code
-from ._linesearch import backtracking
+from ._linesearch import backtracking, check_line_search_options
 from ._progress import Progress
 from ._result import RUNNING
 
@@ -235,12 +235,7 @@ class Newton:
     max_line_search: int = 30
 
     def __post_init__(self):
-        if not 0 < self.sufficient_decrease < 0.5:
-            raise ValueError(
-                f"sufficient_decrease must be in (0, 0.5), got {self.sufficient_decrease}"
-            )
-        if self.max_line_search < 1:
-            raise ValueError(f"max_line_search must be >= 1, got {self.max_line_search}")
+        check_line_search_options(self.sufficient_decrease, self.max_line_search)
 
     def minimize(
         self,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .._linear import Evaluation, LogisticObjective, hessian_vector_product
 from . import _preconditioners
 from ._cg import conjugate_gradient
+from ._linesearch import check_line_search_options
 from ._newton import SolverOutput, Step, line_search_newton
 
 # The inner solve never aims below this fraction of tol on the residual: the next gradient is
@@ -28,10 +29,20 @@ def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -
     return jnp.minimum(cap, jnp.maximum(norm**exponent, enough))
 
 
-def check_preconditioner(kind: str) -> None:
-    """Raise ValueError for an unknown preconditioner name."""
-    if kind not in _preconditioners.KINDS:
-        raise ValueError(f"preconditioner must be one of {_preconditioners.KINDS}, got {kind!r}")
+def check_cg_options(
+    preconditioner: str, max_cg_iter: int, forcing_cap: float, forcing_exponent: float
+) -> None:
+    """Raise ValueError for an unknown preconditioner or a CG option out of range."""
+    if preconditioner not in _preconditioners.KINDS:
+        raise ValueError(
+            f"preconditioner must be one of {_preconditioners.KINDS}, got {preconditioner!r}"
+        )
+    if max_cg_iter < 1:
+        raise ValueError(f"max_cg_iter must be >= 1, got {max_cg_iter}")
+    if not 0 < forcing_cap < 1:
+        raise ValueError(f"forcing_cap must be in (0, 1), got {forcing_cap}")
+    if forcing_exponent < 0:
+        raise ValueError(f"forcing_exponent must be >= 0, got {forcing_exponent}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +96,10 @@ class NewtonCG:
     max_line_search: int = 30
 
     def __post_init__(self):
-        check_preconditioner(self.preconditioner)
-        if self.max_cg_iter < 1:
-            raise ValueError(f"max_cg_iter must be >= 1, got {self.max_cg_iter}")
-        if not 0 < self.forcing_cap < 1:
-            raise ValueError(f"forcing_cap must be in (0, 1), got {self.forcing_cap}")
-        if self.forcing_exponent < 0:
-            raise ValueError(f"forcing_exponent must be >= 0, got {self.forcing_exponent}")
-        if not 0 < self.sufficient_decrease < 0.5:
-            raise ValueError(
-                f"sufficient_decrease must be in (0, 0.5), got {self.sufficient_decrease}"
-            )
-        if self.max_line_search < 1:
-            raise ValueError(f"max_line_search must be >= 1, got {self.max_line_search}")
+        check_cg_options(
+            self.preconditioner, self.max_cg_iter, self.forcing_cap, self.forcing_exponent
+        )
+        check_line_search_options(self.sufficient_decrease, self.max_line_search)
 
     def inner_solve(
         self,

@@ -14,7 +14,7 @@ from . import _preconditioners
 from ._cg import conjugate_gradient
 from ._convergence import status_code
 from ._newton import SolverOutput, setup
-from ._newton_cg import check_preconditioner, forcing_term
+from ._newton_cg import check_cg_options, forcing_term
 from ._progress import Progress
 from ._result import RUNNING
 
@@ -82,13 +82,9 @@ class TrustRegion:
     preconditioner_mix: float = 1.0
 
     def __post_init__(self):
-        check_preconditioner(self.preconditioner)
-        if self.max_cg_iter < 1:
-            raise ValueError(f"max_cg_iter must be >= 1, got {self.max_cg_iter}")
-        if not 0 < self.forcing_cap < 1:
-            raise ValueError(f"forcing_cap must be in (0, 1), got {self.forcing_cap}")
-        if self.forcing_exponent < 0:
-            raise ValueError(f"forcing_exponent must be >= 0, got {self.forcing_exponent}")
+        check_cg_options(
+            self.preconditioner, self.max_cg_iter, self.forcing_cap, self.forcing_exponent
+        )
         if not 0 < self.preconditioner_mix <= 1:
             raise ValueError(f"preconditioner_mix must be in (0, 1], got {self.preconditioner_mix}")
 
