@@ -1,5 +1,9 @@
 """xentropy_jax: closed-form derivatives, curvature and Newton solvers for softmax cross-entropy."""
 
+from ._cg import CGResult as CGResult
+from ._cg import CGStatus as CGStatus
+from ._cg import cg as cg
+from ._cg import steihaug_cg as steihaug_cg
 from ._curvature import ggn_operator as ggn_operator
 from ._curvature import ggn_vp as ggn_vp
 from ._curvature import hessian_vp as hessian_vp
@@ -13,6 +17,13 @@ from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
 from ._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from ._optax import GaussNewtonState as GaussNewtonState
+from ._optax import ScaleByGGNDiagonalState as ScaleByGGNDiagonalState
+from ._optax import SophiaGState as SophiaGState
+from ._optax import gauss_newton as gauss_newton
+from ._optax import scale_by_ggn_diagonal as scale_by_ggn_diagonal
+from ._optax import scale_by_sophia_g as scale_by_sophia_g
+from ._optax import sophia_g as sophia_g
 from .solvers import FitError as FitError
 from .solvers import FitResult as FitResult
 from .solvers import Newton as Newton
@@ -24,13 +35,20 @@ from .solvers import fit_logistic_regression as fit_logistic_regression
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGResult",
+    "CGStatus",
     "FitError",
     "FitResult",
+    "GaussNewtonState",
     "Newton",
     "NewtonCG",
+    "ScaleByGGNDiagonalState",
+    "SophiaGState",
     "Status",
     "TrustRegion",
+    "cg",
     "fit_logistic_regression",
+    "gauss_newton",
     "ggn_diagonal",
     "ggn_diagonal_bartlett",
     "ggn_diagonal_hutchinson",
@@ -38,8 +56,12 @@ __all__ = [
     "ggn_vp",
     "hessian_vp",
     "mean_cross_entropy",
+    "scale_by_ggn_diagonal",
+    "scale_by_sophia_g",
     "softmax_cross_entropy",
     "softmax_cross_entropy_hessian",
     "softmax_cross_entropy_hvp",
     "softmax_cross_entropy_with_integer_labels",
+    "sophia_g",
+    "steihaug_cg",
 ]
