@@ -74,7 +74,7 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def _axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """y + α x, leaf by leaf, in each leaf's dtype."""
+    """The pytree y + α x, leaf by leaf, in each leaf's dtype."""
     return jax.tree.map(lambda a, b: b + alpha.astype(jnp.result_type(b)) * a, x, y)
 
 

@@ -343,7 +343,7 @@ def _refresh(
     sample_weight: jax.typing.ArrayLike | None,
     label_mass: jax.typing.ArrayLike,
 ) -> tuple[PyTree, jax.Array]:
-    """h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch: other steps are free)."""
+    """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch)."""
     key, sample_key = jax.random.split(jax.random.wrap_key_data(key))
     sample_key = jax.random.key_data(sample_key)
 
