@@ -1,0 +1,231 @@
+"""Public pytree CG and Steihaug-CG: against dense solves, outcome codes, pytrees, jit/vmap."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import xentropy_jax as xj
+from xentropy_jax import CGStatus
+
+
+def spd_matrix(n: int, condition: float, seed: int, dtype=np.float64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    eigenvalues = np.geomspace(1.0, condition, n)
+    return ((q * eigenvalues) @ q.T).astype(dtype)
+
+
+def pytree_problem(matrix: np.ndarray, seed: int = 0):
+    """A = matrix acting on the pytree {"w": [2, 3], "b": [n - 6]}; b a random pytree."""
+    n = matrix.shape[0]
+    template = {"w": jnp.zeros((2, 3), matrix.dtype), "b": jnp.zeros(n - 6, matrix.dtype)}
+    _, unravel = ravel_pytree(template)
+    a = jnp.asarray(matrix)
+
+    def operator(tree):
+        return unravel(a @ ravel_pytree(tree)[0])
+
+    rhs_flat = jnp.asarray(np.random.default_rng(seed).normal(size=n).astype(matrix.dtype))
+    return operator, unravel(rhs_flat), rhs_flat, unravel
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_cg_matches_dense_solve_on_a_pytree(dtype, tol):
+    matrix = spd_matrix(10, 50.0, seed=1, dtype=dtype)
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix)
+    result = jax.jit(lambda b: xj.cg(operator, b, rtol=tol, max_steps=50))(rhs)
+    expected = np.linalg.solve(matrix.astype(np.float64), np.asarray(rhs_flat, np.float64))
+    solution = np.asarray(ravel_pytree(result.solution)[0], np.float64)
+    assert int(result.status) == CGStatus.CONVERGED
+    assert jax.tree.structure(result.solution) == jax.tree.structure(rhs)
+    assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(result.solution))
+    np.testing.assert_allclose(solution, expected, rtol=50 * tol, atol=50 * tol)
+    # The recurrence's residual is the true residual b − A x.
+    true_residual = rhs_flat - jnp.asarray(matrix) @ ravel_pytree(result.solution)[0]
+    np.testing.assert_allclose(
+        ravel_pytree(result.residual)[0], true_residual, atol=100 * tol * float(jnp.max(rhs_flat))
+    )
+    assert float(result.residual_norm) <= tol * float(jnp.linalg.norm(rhs_flat)) * 1.01
+    assert 1 <= int(result.num_steps) <= 3 * matrix.shape[0]
+
+
+def test_preconditioner_gives_the_same_solution_in_fewer_steps():
+    rng = np.random.default_rng(3)
+    scales = np.geomspace(1.0, 1e4, 12)
+    matrix = spd_matrix(12, 3.0, seed=2) * np.sqrt(scales)[:, None] * np.sqrt(scales)[None, :]
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix, seed=int(rng.integers(100)))
+    inverse_diagonal = unravel(jnp.asarray(1.0 / np.diag(matrix)))
+
+    def jacobi(tree):
+        return jax.tree.map(jnp.multiply, inverse_diagonal, tree)
+
+    plain = xj.cg(operator, rhs, rtol=1e-10, max_steps=500)
+    preconditioned = xj.cg(operator, rhs, rtol=1e-10, preconditioner=jacobi, max_steps=500)
+    expected = np.linalg.solve(matrix, np.asarray(rhs_flat))
+    for result in (plain, preconditioned):
+        assert int(result.status) == CGStatus.CONVERGED
+        np.testing.assert_allclose(ravel_pytree(result.solution)[0], expected, rtol=1e-6)
+    assert int(preconditioned.num_steps) < int(plain.num_steps)
+
+
+def test_step_limit_is_reported_not_taken_for_convergence():
+    matrix = spd_matrix(10, 1e3, seed=4)
+    operator, rhs, _, _ = pytree_problem(matrix)
+    result = xj.cg(operator, rhs, rtol=1e-12, max_steps=3)
+    assert int(result.status) == CGStatus.MAX_STEPS
+    assert int(result.num_steps) == 3
+    assert float(result.residual_norm) > 0
+
+
+def test_zero_rhs_converges_in_zero_steps_and_warm_start_at_the_solution():
+    matrix = spd_matrix(8, 10.0, seed=5)
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix)
+    zero = xj.cg(operator, jax.tree.map(jnp.zeros_like, rhs))
+    assert int(zero.status) == CGStatus.CONVERGED and int(zero.num_steps) == 0
+    exact = unravel(jnp.asarray(np.linalg.solve(matrix, np.asarray(rhs_flat))))
+    warm = xj.cg(operator, rhs, x0=exact, rtol=1e-8)
+    assert int(warm.status) == CGStatus.CONVERGED and int(warm.num_steps) == 0
+    # A warm start elsewhere still reaches the solution.
+    elsewhere = xj.cg(operator, rhs, x0=jax.tree.map(jnp.ones_like, rhs), rtol=1e-12)
+    np.testing.assert_allclose(
+        ravel_pytree(elsewhere.solution)[0], ravel_pytree(exact)[0], rtol=1e-8
+    )
+
+
+def test_negative_curvature_stops_cg_at_the_previous_iterate():
+    matrix = np.diag([1.0, 2.0, -1.0])
+
+    def operator(v):
+        return jnp.asarray(matrix) @ v
+
+    first_direction_negative = xj.cg(operator, jnp.array([0.0, 0.0, 1.0]))
+    assert int(first_direction_negative.status) == CGStatus.NEGATIVE_CURVATURE
+    np.testing.assert_array_equal(first_direction_negative.solution, 0.0)
+    later = xj.cg(operator, jnp.array([1.0, 1.0, 1.0]), rtol=1e-12)
+    assert int(later.status) == CGStatus.NEGATIVE_CURVATURE
+    assert int(later.num_steps) >= 1
+    assert bool(jnp.all(jnp.isfinite(later.solution)))
+    # The iterate it returns lowers the quadratic ½xᵀAx − bᵀx below its value at 0.
+    x = later.solution
+    assert float(0.5 * x @ (matrix @ x) - x.sum()) < 0
+
+
+def test_non_finite_products_are_reported_and_the_last_finite_iterate_kept():
+    matrix = jnp.asarray(spd_matrix(6, 10.0, seed=6))
+    calls = {"n": 0}
+
+    def operator(v):
+        calls["n"] += 1
+        return jnp.where(jnp.abs(v).sum() > 0, matrix @ v * jnp.nan, matrix @ v)
+
+    result = xj.cg(operator, jnp.ones(6))
+    assert int(result.status) == CGStatus.NON_FINITE
+    assert bool(jnp.all(jnp.isfinite(result.solution)))
+    nan_rhs = xj.cg(lambda v: matrix @ v, jnp.full(6, jnp.nan))
+    assert int(nan_rhs.status) == CGStatus.NON_FINITE and int(nan_rhs.num_steps) == 0
+
+
+def test_steihaug_inside_the_region_is_cg():
+    matrix = spd_matrix(10, 20.0, seed=7)
+    operator, rhs, rhs_flat, _ = pytree_problem(matrix)
+    expected = np.linalg.solve(matrix, np.asarray(rhs_flat))
+    result = xj.steihaug_cg(
+        operator, rhs, radius=10 * np.linalg.norm(expected), rtol=1e-10, max_steps=50
+    )
+    assert int(result.status) == CGStatus.CONVERGED
+    np.testing.assert_allclose(ravel_pytree(result.solution)[0], expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_steihaug_stops_on_the_boundary_in_the_preconditioner_norm(preconditioned):
+    matrix = spd_matrix(10, 100.0, seed=8)
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix)
+    metric = np.diag(matrix) if preconditioned else np.ones(10)
+    inverse = unravel(jnp.asarray(1.0 / metric))
+
+    def precondition(tree):
+        return jax.tree.map(jnp.multiply, inverse, tree)
+
+    expected = np.linalg.solve(matrix, np.asarray(rhs_flat))
+    radius = 0.3 * np.sqrt(expected @ (metric * expected))
+    result = xj.steihaug_cg(
+        operator, rhs, radius, preconditioner=precondition if preconditioned else None
+    )
+    x = np.asarray(ravel_pytree(result.solution)[0])
+    assert int(result.status) == CGStatus.BOUNDARY
+    np.testing.assert_allclose(np.sqrt(x @ (metric * x)), radius, rtol=1e-10)
+    # A descent step of the model ½xᵀAx − bᵀx.
+    assert 0.5 * x @ matrix @ x - x @ np.asarray(rhs_flat) < 0
+
+
+def test_steihaug_follows_negative_curvature_to_the_boundary():
+    matrix = np.diag([3.0, 1.0, -2.0])
+    result = xj.steihaug_cg(lambda v: jnp.asarray(matrix) @ v, jnp.array([1.0, 0.5, 0.2]), 2.0)
+    assert int(result.status) == CGStatus.NEGATIVE_CURVATURE
+    np.testing.assert_allclose(float(jnp.linalg.norm(result.solution)), 2.0, rtol=1e-10)
+
+
+def test_cg_with_ggn_operator_solves_the_damped_gauss_newton_system():
+    def mlp(params, inputs):
+        return jnp.tanh(inputs @ params["w1"]) @ params["w2"]
+
+    key_w1, key_w2, key_x = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "w1": jax.random.normal(key_w1, (4, 5), jnp.float64),
+        "w2": jax.random.normal(key_w2, (5, 3), jnp.float64),
+    }
+    inputs = jax.random.normal(key_x, (20, 4), jnp.float64)
+    damping = 0.1
+    rhs = jax.tree.map(jnp.ones_like, params)
+
+    @jax.jit
+    def solve_and_dense(params):
+        operator = xj.ggn_operator(mlp, params, inputs, damping=damping)
+        result = xj.cg(operator, rhs, rtol=1e-12, max_steps=200)
+        # Independent dense G = Σᵢ Jᵢᵀ Hᵢ Jᵢ / N from explicit Jacobians.
+        flat, unravel = ravel_pytree(params)
+        jacobian = jax.jacobian(lambda f: mlp(unravel(f), inputs))(flat)
+        hessians = xj.softmax_cross_entropy_hessian(mlp(params, inputs))
+        dense = jnp.einsum("nkp,nkl,nlq->pq", jacobian, hessians, jacobian) / inputs.shape[0]
+        return result, dense
+
+    result, dense = solve_and_dense(params)
+    flat, _ = ravel_pytree(params)
+    expected = jnp.linalg.solve(dense + damping * jnp.eye(flat.size), ravel_pytree(rhs)[0])
+    assert int(result.status) == CGStatus.CONVERGED
+    np.testing.assert_allclose(ravel_pytree(result.solution)[0], expected, rtol=1e-8)
+
+
+def test_jit_vmap_and_traced_limits_do_not_recompile():
+    matrix = jnp.asarray(spd_matrix(6, 30.0, seed=9))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def solve(rhs, max_steps, rtol):
+        return xj.cg(lambda v: matrix @ v, rhs, max_steps=max_steps, rtol=rtol)
+
+    for steps in (1, 2, 4):
+        result = solve(jnp.ones(6), steps, 1e-12)
+        assert int(result.num_steps) == steps
+    batched = jax.vmap(lambda b: xj.cg(lambda v: matrix @ v, b, rtol=1e-12))(jnp.eye(6))
+    np.testing.assert_allclose(batched.solution, jnp.linalg.inv(matrix), rtol=1e-8, atol=1e-10)
+    assert batched.status.shape == (6,)
+
+
+def test_bad_input_is_rejected_at_the_boundary():
+    operator = lambda v: v  # noqa: E731
+    with pytest.raises(TypeError, match="floating"):
+        xj.cg(operator, jnp.arange(3))
+    with pytest.raises(ValueError, match="max_steps"):
+        xj.cg(operator, jnp.ones(3), max_steps=-1)
+    with pytest.raises(ValueError, match="rtol"):
+        xj.cg(operator, jnp.ones(3), rtol=-1.0)
+    with pytest.raises(ValueError, match="x0"):
+        xj.cg(operator, {"a": jnp.ones(3)}, x0=jnp.ones(3))
+    with pytest.raises(ValueError, match="radius"):
+        xj.steihaug_cg(operator, jnp.ones(3), radius=0.0)
