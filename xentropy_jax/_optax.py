@@ -671,10 +671,10 @@ def scale_by_ggn_diagonal(
         )
         refreshed = (state.count % update_interval == 0).astype(jnp.int32)
         num_refreshes = state.num_refreshes + refreshed
-        correction = 1 - jnp.asarray(decay, jnp.float32) ** num_refreshes
 
         def scale(g: jax.Array, d: jax.Array) -> jax.Array:
-            curvature = d / correction.astype(d.dtype) + jnp.asarray(damping, d.dtype)
+            correction = 1 - jnp.asarray(decay, d.dtype) ** num_refreshes
+            curvature = d / correction + jnp.asarray(damping, d.dtype)
             return (g / curvature ** jnp.asarray(power, d.dtype)).astype(g.dtype)
 
         new_state = ScaleByGGNDiagonalState(

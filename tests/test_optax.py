@@ -1,0 +1,330 @@
+"""Second-order optax transformations: against dense solves, Newton steps, unbiasedness, optax."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import xentropy_jax as xj
+from xentropy_jax import CGStatus
+
+
+def mlp(params, inputs):
+    return jnp.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"]
+
+
+def linear(params, inputs):
+    return inputs @ params["W"] + params["b"]
+
+
+def mlp_problem(dtype=jnp.float64, n=24, d=4, hidden=5, k=3, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = {
+        "w1": jax.random.normal(keys[0], (d, hidden), dtype),
+        "b1": 0.1 * jax.random.normal(keys[1], (hidden,), dtype),
+        "w2": jax.random.normal(keys[2], (hidden, k), dtype),
+    }
+    inputs = jax.random.normal(keys[3], (n, d), dtype)
+    labels = jnp.arange(n) % k
+    return params, inputs, labels
+
+
+def dense_ggn(logits_fn, params, inputs):
+    """G = Σᵢ Jᵢᵀ (diag(sᵢ) − sᵢsᵢᵀ) Jᵢ / N from explicit Jacobians, [P, P]."""
+    flat, unravel = ravel_pytree(params)
+    jacobian = jax.jacobian(lambda f: logits_fn(unravel(f), inputs))(flat)
+    hessians = xj.softmax_cross_entropy_hessian(logits_fn(params, inputs))
+    return jnp.einsum("nkp,nkl,nlq->pq", jacobian, hessians, jacobian) / inputs.shape[0]
+
+
+def test_gauss_newton_direction_is_the_damped_gauss_newton_solution():
+    params, inputs, labels = mlp_problem()
+    damping = 0.3
+    optimizer = xj.gauss_newton(
+        initial_damping=damping, max_cg_steps=200, cg_rtol=1e-12, warm_start_decay=0.0
+    )
+
+    @jax.jit
+    def step(params):
+        grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+        updates, state = optimizer.update(
+            grad, optimizer.init(params), params, logits_fn=mlp, inputs=inputs
+        )
+        return grad, updates, state, dense_ggn(mlp, params, inputs)
+
+    grad, updates, state, dense = step(params)
+    expected = -jnp.linalg.solve(dense + damping * jnp.eye(dense.shape[0]), ravel_pytree(grad)[0])
+    np.testing.assert_allclose(ravel_pytree(updates)[0], expected, rtol=1e-8, atol=1e-12)
+    assert int(state.cg_status) == CGStatus.CONVERGED and bool(state.accepted)
+    np.testing.assert_allclose(ravel_pytree(state.direction)[0], expected, rtol=1e-8, atol=1e-12)
+    # Without value_fn the damping stays, and ρ is not measured.
+    assert float(state.damping) == damping and bool(jnp.isnan(state.ratio))
+
+
+def test_undamped_full_batch_step_on_a_linear_model_is_one_newton_step():
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.normal(size=(60, 4)))
+    labels = jnp.asarray(rng.integers(0, 3, 60))
+    zero = {"W": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    optimizer = xj.gauss_newton(
+        initial_damping=0.0, max_cg_steps=100, cg_rtol=1e-12, warm_start_decay=0.0
+    )
+
+    def loss_fn(params):
+        return xj.mean_cross_entropy(linear, params, inputs, labels)
+
+    @jax.jit
+    def step(params):
+        loss, grad = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(
+            grad,
+            optimizer.init(params),
+            params,
+            logits_fn=linear,
+            inputs=inputs,
+            value_fn=loss_fn,
+            value=loss,
+        )
+        flat, unravel = ravel_pytree(params)
+        hessian = jax.hessian(lambda f: loss_fn(unravel(f)))(flat)
+        return optax.apply_updates(params, updates), state, hessian, ravel_pytree(grad)[0]
+
+    stepped, state, hessian, grad = step(zero)
+    # The package's own Newton solver (explicit Hessian), one iteration from zero.
+    newton = xj.fit_logistic_regression(
+        np.asarray(inputs), np.asarray(labels), 3, solver=xj.Newton(), max_iter=1, throw=False
+    )
+    np.testing.assert_allclose(stepped["W"], newton.params[0], atol=1e-10)
+    np.testing.assert_allclose(stepped["b"], newton.params[1], atol=1e-10)
+    # And the minimum-norm Newton step from the dense Hessian (singular: class shifts).
+    np.testing.assert_allclose(
+        ravel_pytree(stepped)[0], -np.linalg.pinv(np.asarray(hessian)) @ grad, atol=1e-10
+    )
+    assert bool(state.accepted) and float(state.ratio) > 0.5
+
+
+def lm_setup(value_fn_offset=None, initial_damping=1.0):
+    params, inputs, labels = mlp_problem()
+    optimizer = xj.gauss_newton(initial_damping=initial_damping, max_cg_steps=10)
+
+    def loss_fn(p):
+        loss = xj.mean_cross_entropy(mlp, p, inputs, labels)
+        if value_fn_offset is None:
+            return loss
+        # A loss that punishes moving: every proposed step looks bad.
+        pairs = zip(jax.tree.leaves(p), value_fn_offset, strict=True)
+        distance = sum(jnp.sum((a - b) ** 2) for a, b in pairs)
+        return loss + 1e3 * distance
+
+    @jax.jit
+    def step(params, state):
+        grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+        updates, state = optimizer.update(
+            grad, state, params, logits_fn=mlp, inputs=inputs, value_fn=loss_fn
+        )
+        return optax.apply_updates(params, updates), state, updates
+
+    return params, optimizer, step, loss_fn
+
+
+def test_levenberg_marquardt_rule_lowers_damping_after_good_steps_and_rejects_bad_ones():
+    params, optimizer, step, loss_fn = lm_setup(initial_damping=1.0)
+    state = optimizer.init(params)
+    losses = [float(loss_fn(params))]
+    for _ in range(4):
+        params, state, _ = step(params, state)
+        losses.append(float(loss_fn(params)))
+        assert bool(state.accepted)
+        if float(state.ratio) > 0.75:
+            assert float(state.damping) < 1.0
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))
+    assert int(state.count) == 4 and 1 <= int(state.cg_steps) <= 10
+
+    start, _, _, _ = lm_setup()
+    params, optimizer, step, _ = lm_setup(value_fn_offset=jax.tree.leaves(start))
+    state = optimizer.init(params)
+    new_params, state, updates = step(params, state)
+    assert not bool(state.accepted) and float(state.ratio) < 0.25
+    np.testing.assert_allclose(float(state.damping), 1.5)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    chex.assert_trees_all_equal(new_params, params)
+
+
+def test_gnb_estimate_of_sophia_g_is_unbiased_for_the_ggn_diagonal():
+    params, inputs, _ = mlp_problem(n=16, hidden=4)
+    transform = xj.scale_by_sophia_g(b2=0.0, update_interval=1)
+    state = transform.init(params)
+    grad = jax.tree.map(jnp.ones_like, params)
+
+    def estimate(seed):
+        keyed = state._replace(key=jax.random.key_data(jax.random.key(seed)))
+        _, new_state = transform.update(grad, keyed, params, logits_fn=mlp, inputs=inputs)
+        return ravel_pytree(new_state.hessian)[0]
+
+    num = 4000
+    samples = jax.jit(jax.vmap(estimate))(jnp.arange(num))
+    exact = ravel_pytree(xj.ggn_diagonal(mlp, params, inputs))[0]
+    np.testing.assert_allclose(exact, jnp.diag(dense_ggn(mlp, params, inputs)), rtol=1e-10)
+    mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(num)
+    z = np.asarray((mean - exact) / stderr)
+    # Unbiased: every coordinate within 4.5 standard errors (P ≈ 43 coordinates, fixed seed),
+    # and the z-scores centred; a biased estimate (say, without the batch-size factor) fails.
+    assert np.max(np.abs(z)) < 4.5, z
+    assert abs(np.mean(z)) < 4.5 / np.sqrt(z.size)
+    assert not np.allclose(mean / inputs.shape[0], exact, rtol=0.5)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "bartlett"])
+def test_sophia_g_update_is_the_clipped_preconditioned_average(estimator):
+    params, inputs, labels = mlp_problem()
+    b1, gamma, lr = 0.9, 0.05, 0.1
+    optimizer = xj.sophia_g(lr, b1=b1, b2=0.0, gamma=gamma, estimator=estimator)
+    grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+    updates, state = jax.jit(
+        lambda g, s, p: optimizer.update(g, s, p, logits_fn=mlp, inputs=inputs)
+    )(grad, optimizer.init(params), params)
+    hessian = state[0].hessian
+    if estimator == "exact":
+        chex.assert_trees_all_close(hessian, xj.ggn_diagonal(mlp, params, inputs), rtol=1e-10)
+    expected = jax.tree.map(
+        lambda g, h: -lr * jnp.clip((1 - b1) * g / jnp.maximum(gamma * h, 1e-12), -1, 1),
+        grad,
+        hessian,
+    )
+    chex.assert_trees_all_close(updates, expected, rtol=1e-10)
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) <= lr
+
+
+def test_curvature_is_refreshed_every_k_steps_only():
+    params, inputs, labels = mlp_problem()
+    transform = xj.scale_by_sophia_g(b2=0.5, update_interval=3)
+    grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+    update = jax.jit(lambda s: transform.update(grad, s, params, logits_fn=mlp, inputs=inputs)[1])
+    state = transform.init(params)
+    hessians = []
+    for _ in range(7):
+        state = update(state)
+        hessians.append(ravel_pytree(state.hessian)[0])
+    changed = [not np.array_equal(a, b) for a, b in zip(hessians, hessians[1:], strict=False)]
+    # Refreshes at steps 0, 3, 6: the average changes going into steps 3 and 6 only.
+    assert changed == [False, False, True, False, False, True]
+
+
+def test_scale_by_ggn_diagonal_divides_by_the_damped_diagonal():
+    params, inputs, labels = mlp_problem()
+    grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+    transform = xj.scale_by_ggn_diagonal(damping=0.1, power=0.5)
+    updates, state = transform.update(
+        grad, transform.init(params), params, logits_fn=mlp, inputs=inputs
+    )
+    diagonal = xj.ggn_diagonal(mlp, params, inputs)
+    expected = jax.tree.map(lambda g, h: g / jnp.sqrt(h + 0.1), grad, diagonal)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-10)
+    # With decay, the bias correction makes the first average the estimate itself.
+    averaged = xj.scale_by_ggn_diagonal(damping=0.1, decay=0.9)
+    updates, _ = averaged.update(grad, averaged.init(params), params, logits_fn=mlp, inputs=inputs)
+    expected = jax.tree.map(lambda g, h: g / (h + 0.1), grad, diagonal)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-10)
+
+
+# factory, its hyperparameters, and the one changed between steps.
+FACTORIES = {
+    "gauss_newton": (xj.gauss_newton, {"initial_damping": 0.5, "max_cg_steps": 5}, "max_cg_steps"),
+    "sophia_g": (xj.sophia_g, {"learning_rate": 0.05, "update_interval": 2}, "learning_rate"),
+    "scale_by_ggn_diagonal": (
+        xj.scale_by_ggn_diagonal,
+        {"damping": 0.1, "estimator": "bartlett"},
+        "damping",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_composes_with_chain_and_inject_hyperparams_without_recompiling(name):
+    factory, hyperparams, changed = FACTORIES[name]
+    chex.clear_trace_counter()
+    params, inputs, labels = mlp_problem(dtype=jnp.float32)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(10.0),
+        optax.inject_hyperparams(factory)(**hyperparams),
+        optax.scale(-0.3) if name == "scale_by_ggn_diagonal" else optax.identity(),
+    )
+
+    def loss_fn(p):
+        return xj.mean_cross_entropy(mlp, p, inputs, labels)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state):
+        loss, grad = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(
+            grad, state, params, logits_fn=mlp, inputs=inputs, value_fn=loss_fn, value=loss
+        )
+        return optax.apply_updates(params, updates), state, loss
+
+    state = optimizer.init(params)
+    losses = []
+    for i in range(6):
+        if i == 3:
+            # Change a hyperparameter between steps: a new value, not a new compilation.
+            injected = state[1].hyperparams
+            old = injected[changed]
+            injected[changed] = old // 2 if jnp.issubdtype(old.dtype, jnp.integer) else old * 0.5
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    if name == "gauss_newton":
+        damping = optax.tree.get(state, "damping")
+        assert damping.shape == () and float(damping) > 0
+        assert int(optax.tree.get(state, "cg_steps")) <= 2  # max_cg_steps halved from 5
+
+
+def test_float32_gauss_newton_training_without_x64_dtypes():
+    params, inputs, labels = mlp_problem(dtype=jnp.float32, n=64)
+    optimizer = xj.gauss_newton()
+
+    def loss_fn(p):
+        return xj.mean_cross_entropy(mlp, p, inputs, labels)
+
+    @jax.jit
+    def step(params, state):
+        loss, grad = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(
+            grad, state, params, logits_fn=mlp, inputs=inputs, value_fn=loss_fn, value=loss
+        )
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.init(params)
+    start = float(loss_fn(params))
+    for _ in range(10):
+        params, state = step(params, state)
+    assert state.damping.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.direction))
+    assert float(loss_fn(params)) < 0.5 * start
+
+
+def test_missing_extra_arguments_and_bad_hyperparameters_raise():
+    params, inputs, _ = mlp_problem()
+    grad = jax.tree.map(jnp.ones_like, params)
+    for transform in (xj.gauss_newton(), xj.scale_by_sophia_g(), xj.scale_by_ggn_diagonal()):
+        state = transform.init(params)
+        with pytest.raises(ValueError, match="logits_fn"):
+            transform.update(grad, state, params)
+        with pytest.raises(ValueError, match="params"):
+            transform.update(grad, state, logits_fn=mlp, inputs=inputs)
+    with pytest.raises(ValueError, match="initial_damping"):
+        xj.gauss_newton(initial_damping=-1.0)
+    with pytest.raises(ValueError, match="damping_decrease"):
+        xj.gauss_newton(damping_decrease=0.0)
+    with pytest.raises(ValueError, match="estimator"):
+        xj.sophia_g(estimator="hessian")
+    with pytest.raises(ValueError, match="gamma"):
+        xj.scale_by_sophia_g(gamma=0.0)
+    with pytest.raises(ValueError, match="update_interval"):
+        xj.scale_by_ggn_diagonal(update_interval=0)
