@@ -368,6 +368,7 @@ def scale_by_sophia_g(
     clip_threshold: float = 1.0,
     estimator: str = "bartlett",
     seed: int = 0,
+    bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia's clipped, diagonally preconditioned direction with a Gauss-Newton diagonal.
 
@@ -384,7 +385,8 @@ def scale_by_sophia_g(
     (:func:`~xentropy_jax.ggn_diagonal`, K per-example backward passes); ``"hutchinson"`` the
     Hutchinson estimate (one GGN product). Refreshes happen at steps 0, k, 2k, …, inside a
     ``lax.cond``, so the other steps cost nothing extra. As in the reference implementation
-    there is no bias correction, so the first steps are mostly clipped (sign-like) steps.
+    there is no bias correction by default, so the first steps are mostly clipped (sign-like)
+    steps; ``bias_correction=True`` corrects both averages as Adam does.
 
     ``update(grads, state, params, *, logits_fn, inputs, sample_weight=None, label_mass=1.0)``.
 
@@ -397,6 +399,9 @@ def scale_by_sophia_g(
         clip_threshold: c > 0, the per-coordinate bound of the update.
         estimator: ``"bartlett"`` (Sophia-G), ``"exact"`` or ``"hutchinson"``.
         seed: seed of the label samples / probes.
+        bias_correction: divide m by 1 − b₁ᵗ after t steps and h by 1 − b₂ⁿ after n refreshes,
+          as Adam does (not in the reference implementation; it helps short runs, where the
+          averages start far below their values).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` with state :class:`SophiaGState`; its updates
@@ -464,11 +469,19 @@ def scale_by_sophia_g(
             label_mass,
         )
 
+        if bias_correction:
+            # m / (1 − b₁ᵗ) after t steps; h / (1 − b₂ⁿ) after n = ⌊count / k⌋ + 1 refreshes.
+            refreshes = state.count // update_interval + 1
+            mu_hat = optax.tree.bias_correction(mu, b1, optax.safe_increment(state.count))
+            hessian_hat = optax.tree.bias_correction(hessian, b2, refreshes)
+        else:
+            mu_hat, hessian_hat = mu, hessian
+
         def direction(m: jax.Array, h: jax.Array) -> jax.Array:
             ratio = m / jnp.maximum(gamma * h, eps).astype(m.dtype)
             return jnp.clip(ratio, -clip_threshold, clip_threshold).astype(m.dtype)
 
-        new_updates = jax.tree.map(direction, mu, hessian)
+        new_updates = jax.tree.map(direction, mu_hat, hessian_hat)
         return new_updates, SophiaGState(optax.safe_increment(state.count), mu, hessian, key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -485,6 +498,7 @@ def sophia_g(
     clip_threshold: float = 1.0,
     estimator: str = "bartlett",
     seed: int = 0,
+    bias_correction: bool = False,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia-G: :func:`scale_by_sophia_g`, decoupled weight decay, then −learning rate.
@@ -508,6 +522,7 @@ def sophia_g(
         clip_threshold: per-coordinate bound c of the preconditioned step.
         estimator: ``"bartlett"`` (Sophia-G), ``"exact"`` or ``"hutchinson"``.
         seed: seed of the label samples.
+        bias_correction: divide m and h by 1 − b₁ᵗ and 1 − b₂ⁿ (n refreshes), as Adam does.
         mask: optional pytree or callable selecting the parameters to decay (as optax's).
 
     Returns:
@@ -549,6 +564,7 @@ def sophia_g(
             clip_threshold=clip_threshold,
             estimator=estimator,
             seed=seed,
+            bias_correction=bias_correction,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
