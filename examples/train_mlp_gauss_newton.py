@@ -124,7 +124,11 @@ def main() -> None:
     )
     methods = [
         ("Gauss-Newton (20 CG its)", xj.gauss_newton(max_cg_steps=20), gn_steps),
-        ("Sophia-G (lr 1e-2)", xj.sophia_g(1e-2), first_order_steps),
+        (
+            "Sophia-G (lr 3e-3)",
+            xj.sophia_g(3e-3, b1=0.9, gamma=0.01, bias_correction=True),
+            first_order_steps,
+        ),
         ("Adam (lr 1e-2)", optax.adam(1e-2), first_order_steps),
     ]
     runs = {}
@@ -146,7 +150,7 @@ def main() -> None:
         f"{float(gn_states.damping[0]):.2g} -> {float(gn_states.damping[-1]):.2g}"
     )
     # The others' training loss when Gauss-Newton finished, at the same wall-clock time.
-    for name in ("Sophia-G (lr 1e-2)", "Adam (lr 1e-2)"):
+    for name in ("Sophia-G (lr 3e-3)", "Adam (lr 1e-2)"):
         clock, losses, _, _ = runs[name]
         at_same_time = int(np.searchsorted(clock, gn_clock[-1]))
         if at_same_time < clock.size:
