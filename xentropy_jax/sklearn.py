@@ -142,7 +142,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     with class 0 as reference and the coefficients are returned centred over the classes.
 
     The fit is one compiled JAX function per (n_rows, n_features, n_classes) shape and
-    configuration; a repeat fit on the same shape does not recompile. Float64 input is fitted
+    configuration; a repeat fit on the same shape does not recompile. The rows are padded
+    with zero-weight rows to one of four sizes per doubling (at most 25% extra beyond 1,024
+    rows, the next power of two below), so that nearby row counts share one program, and at
+    most 8 programs are kept: a fit that needs a ninth clears JAX's in-memory caches
+    (``jax.clear_caches()``). Float64 input is fitted
     in float64 (64-bit JAX types are enabled for the duration of the fit only, thread-locally,
     the global ``jax_enable_x64`` flag is never changed); float32 input is fitted in float32.
 
