@@ -74,26 +74,22 @@ def test_nearby_row_counts_share_one_program(monkeypatch):
 
 
 def test_programs_are_bounded(monkeypatch):
-    monkeypatch.setattr(xsk, "_MAX_PROGRAMS", 2)
+    monkeypatch.setattr(xsk, "_MAX_PROGRAMS", 1)
     monkeypatch.setattr(xsk, "_programs", type(xsk._programs)())
     clears = []
     clear_caches = jax.clear_caches
     monkeypatch.setattr(jax, "clear_caches", lambda: (clears.append(1), clear_caches())[1])
-    X, y = _data(200)
+    X, y = _data(100)
 
     def fit(rows: int):
         return xsk.LogisticRegression(solver="newton").fit(X[:rows], y[:rows])
 
     with solver_traces() as traces:
         fit(40)  # 64 rows
-        fit(100)  # 128 rows
+        kept = len(traces)  # 0 when an earlier test already built this program
         fit(50)  # 64 rows again: kept, no new program
-        assert clears == [] and len(xsk._programs) == 2
-        kept = len(traces)
-        fit(60)  # 64 rows: still kept
-        assert len(traces) == kept
-        fit(200)  # 256 rows: a third program, beyond the bound
+        assert clears == [] and len(traces) == kept and len(xsk._programs) == 1
+        fit(100)  # 128 rows: a second program, beyond the bound
         assert clears == [1] and len(xsk._programs) == 1
-        fit(100)  # 128 rows: dropped with the caches, so traced again
-        assert len(traces) == kept + 2
-    assert len(xsk._programs) <= xsk._MAX_PROGRAMS
+        fit(60)  # 64 rows: dropped with the caches, so traced again
+        assert clears == [1, 1] and len(traces) == kept + 2
