@@ -1,4 +1,4 @@
-"""Every notebook runs top to bottom at full size, as in Colab, with stripped outputs in the repo."""
+"""Every notebook runs top to bottom at full size, as in Colab, and is stored without outputs."""
 
 from __future__ import annotations
 
