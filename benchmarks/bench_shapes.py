@@ -17,8 +17,8 @@ The third, ``features``, fits at 24 distinct feature counts (24 distinct program
 can share) to show that memory stays bounded once more than ``_MAX_PROGRAMS`` programs were
 needed. The persistent compilation cache is off, so every compilation is counted.
 
-Run ``python benchmarks/bench_shapes.py`` (about 5 minutes on two cores, most of it in the
-``exact`` mode's 50 compilations) or ``--quick`` (fewer fits).
+Run ``python benchmarks/bench_shapes.py`` (5 to 15 minutes on two cores, most of it in the
+``exact`` mode's 50 compilations), ``--modes bucketed`` (about a minute) or ``--quick``.
 """
 
 from __future__ import annotations
