@@ -111,7 +111,8 @@ def main() -> None:
     # 51 fits: the first one (not counted) and 50 more at 50 distinct row counts.
     num_fits = args.fits or (13 if args.quick else 51)
     if args.child:
-        print(json.dumps(run_mode(args.child, num_fits if args.child != "features" else 25)))
+        fits = num_fits if args.child != "features" else min(num_fits, 25)
+        print(json.dumps(run_mode(args.child, fits)))
         return
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,9 @@ def main() -> None:
         )
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         results[mode] = result
-        rows = result["padded_rows"] if mode != "features" else "2000 rows, 24 feature counts"
+        rows = result["padded_rows"]
+        if mode == "features":
+            rows = f"2000 rows, {result['fits']} feature counts"
         print(
             f"{mode:10s} {result['fits']:5d} {result['compilations']:19d} "
             f"{result['other_compilations']:6d} "
