@@ -45,6 +45,10 @@ def penalised_objective(coef, intercept, inputs, labels, C) -> tuple[float, floa
 
 
 def main() -> None:
+    # JAX's persistent compilation cache: a second run loads the compiled programs from disk
+    # instead of compiling them again (JAX_COMPILATION_CACHE_DIR, when set, takes precedence).
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jax"))
     inputs, labels = load_digits(return_X_y=True)
     train_x, test_x, train_y, test_y = train_test_split(
         inputs, labels, test_size=0.25, random_state=0, stratify=labels

@@ -7,6 +7,8 @@ eigenvalues at most 1/2, and its product with a vector never forms the K×K matr
 Run: ``python examples/loss_tour.py``
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,10 @@ import xentropy_jax as xj
 
 
 def main() -> None:
+    # JAX's persistent compilation cache: a second run loads the compiled programs from disk
+    # instead of compiling them again (JAX_COMPILATION_CACHE_DIR, when set, takes precedence).
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jax"))
     digits = load_digits()
     inputs = jnp.asarray(digits.data / 16.0, jnp.float32)
     labels = jnp.asarray(digits.target)

@@ -16,6 +16,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 TIMEOUT = 180
 
+# The examples that turn on JAX's persistent compilation cache.
+USE_COMPILATION_CACHE = {"fit_digits.py", "loss_tour.py"}
 # Extra arguments, and a line each script's output must contain.
 ARGUMENTS = {"train_mlp_gauss_newton.py": ["--plot", "{tmp}/curves.png"]}
 EXPECTED = {
@@ -30,6 +32,12 @@ def run_example(path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     # Small sizes; no display; one BLAS thread each, since oversubscribed BLAS threads on a
     # busy machine can make scikit-learn's timings (and the test) many times slower.
     env.update(XENTROPY_SMALL="1", MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # The examples enable JAX's persistent compilation cache: here in a folder of the test's own,
+    # with every program written (not only those that took a second to compile).
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     args = [arg.format(tmp=tmp_path) for arg in ARGUMENTS.get(path.name, [])]
     return subprocess.run(
         [sys.executable, str(path), *args],
@@ -58,6 +66,9 @@ def test_example_runs(path: Path, tmp_path: Path):
         assert (tmp_path / "curves.png").stat().st_size > 0
     if path.name == "fit_digits.py":
         check_fit_digits_table(completed.stdout)
+    if path.name in USE_COMPILATION_CACHE:
+        cache = tmp_path / "jax-cache"
+        assert cache.is_dir() and any(cache.iterdir()), "no program in the compilation cache"
 
 
 def check_fit_digits_table(stdout: str) -> None:

@@ -8,7 +8,9 @@ into the sample weights, maps ``C`` to the L2 strength of the functional core an
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import OrderedDict
 from numbers import Integral, Real
 
 try:
@@ -39,18 +41,49 @@ __all__ = ["LogisticRegression"]
 # are within noise up to ~200, and Newton-CG wins from ~200 on (5x at 650).
 AUTO_NEWTON_MAX_PARAMETERS = 128
 
-# Row counts up to this are padded with zero-weight rows to the next power of two (at least
-# 32), so that fits on nearby shapes, as cross-validation folds or scikit-learn's checks produce,
-# share one compiled solver; zero-weight rows change no sum of the objective. Beyond it the
-# compilation is negligible next to the fit, and rows are never padded.
-_PAD_MAX_ROWS = 4096
+# Fits pad their rows with zero-weight rows (which change no sum of the objective) to a few
+# bucket sizes, so that fits on nearby shapes, as cross-validation folds, learning curves or
+# scikit-learn's checks produce, share one compiled solver: up to _PAD_POWER_OF_TWO_ROWS rows,
+# to the next power of two (at least 32; the extra rows cost next to nothing there); beyond,
+# to the next number with _PAD_MANTISSA_BITS bits after the leading one (4 buckets per
+# doubling: 5,120, 6,144, 7,168, 8,192, ...), at most 25% extra rows (about 10% on average).
+_PAD_MIN_ROWS = 32
+_PAD_POWER_OF_TWO_ROWS = 1024
+_PAD_MANTISSA_BITS = 2
+
+# The compiled programs (about 10 MB each) that JAX keeps in memory for the life of the
+# process: when fits have needed more than this many distinct programs, JAX's in-memory
+# caches are cleared before compiling the next one, so that a loop over many shapes cannot
+# grow memory without bound.
+_MAX_PROGRAMS = 8
+_programs: OrderedDict[tuple, None] = OrderedDict()
+_programs_lock = threading.Lock()
 
 
 def _padded_rows(n_samples: int) -> int:
-    """The row count a fit on ``n_samples`` rows is padded to."""
-    if n_samples > _PAD_MAX_ROWS:
-        return n_samples
-    return max(32, 1 << (n_samples - 1).bit_length())
+    """The row count a fit on ``n_samples`` rows is padded to (its bucket)."""
+    if n_samples <= _PAD_POWER_OF_TWO_ROWS:
+        return max(_PAD_MIN_ROWS, 1 << (n_samples - 1).bit_length())
+    step = 1 << (n_samples.bit_length() - 1 - _PAD_MANTISSA_BITS)
+    return -(-n_samples // step) * step
+
+
+def _use_program(key: tuple) -> None:
+    """Record that a fit runs the compiled program ``key``; keep at most _MAX_PROGRAMS.
+
+    JAX offers no eviction of a single program, and a program hangs on through several of
+    its internal caches, so past the bound every in-memory cache is cleared
+    (``jax.clear_caches()``): other jitted functions recompile at their next call, or load
+    from the persistent compilation cache when it is enabled.
+    """
+    with _programs_lock:
+        if key in _programs:
+            _programs.move_to_end(key)
+            return
+        if len(_programs) >= _MAX_PROGRAMS:
+            jax.clear_caches()
+            _programs.clear()
+        _programs[key] = None
 
 
 def _attainable_tol(tol: float, X: np.ndarray) -> float:
@@ -109,7 +142,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     with class 0 as reference and the coefficients are returned centred over the classes.
 
     The fit is one compiled JAX function per (n_rows, n_features, n_classes) shape and
-    configuration; a repeat fit on the same shape does not recompile. Float64 input is fitted
+    configuration; a repeat fit on the same shape does not recompile. The rows are padded
+    with zero-weight rows to one of four sizes per doubling (at most 25% extra beyond 1,024
+    rows, the next power of two below), so that nearby row counts share one program, and at
+    most 8 programs are kept: a fit that needs a ninth clears JAX's in-memory caches
+    (``jax.clear_caches()``). Float64 input is fitted
     in float64 (64-bit JAX types are enabled for the duration of the fit only, thread-locally,
     the global ``jax_enable_x64`` flag is never changed); float32 input is fitted in float32.
 
@@ -256,6 +293,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
             weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
 
+        core_solver = _core_solver(solver, X.shape[1])
+        _use_program(
+            (X.shape, X.dtype.str, n_classes, bool(self.fit_intercept), reference, core_solver)
+            + (bool(self.verbose), init is None)
+        )
         # Float64 input is fitted in float64, float32 in float32, whatever the global flag.
         with jax.enable_x64(X.dtype == np.float64):
             result = fit_logistic_regression(
@@ -266,7 +308,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 l2=l2,
                 fit_intercept=self.fit_intercept,
                 reference_class=reference,
-                solver=_core_solver(solver, X.shape[1]),
+                solver=core_solver,
                 tol=_attainable_tol(self.tol, X),
                 max_iter=self.max_iter,
                 init=init,

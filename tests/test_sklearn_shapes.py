@@ -1,0 +1,95 @@
+"""The estimator across shapes: bucketed zero-weight padding and a bounded set of programs."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import xentropy_jax.sklearn as xsk  # noqa: E402
+from xentropy_jax.solvers import fit_logistic_regression  # noqa: E402
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+@contextlib.contextmanager
+def solver_traces():
+    """Collect the tracings of the solver's compiled program (one per program built)."""
+    traces: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == TRACE_EVENT and kwargs.get("fun_name") == "_fit":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _data(num_rows: int, num_features: int = 3, num_classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(num_rows, num_features))
+    y = rng.integers(0, num_classes, num_rows)
+    return X, y
+
+
+def test_padded_rows_buckets():
+    sizes = np.arange(1, 300_000)
+    padded = np.array([xsk._padded_rows(int(n)) for n in sizes])
+    assert np.all(padded >= sizes)
+    assert np.all(np.diff(padded) >= 0)  # monotone
+    assert all(xsk._padded_rows(int(p)) == p for p in np.unique(padded))  # a bucket pads to itself
+    large = sizes > xsk._PAD_POWER_OF_TWO_ROWS
+    overhead = padded[large] / sizes[large] - 1
+    assert overhead.max() <= 0.25 and overhead.mean() < 0.11
+    # Four buckets per doubling: the row counts of a cross-validation loop share a few programs.
+    assert len(np.unique(padded[(sizes >= 4200) & (sizes <= 7140)])) <= 4
+    assert len(np.unique(padded[(sizes > 2**16) & (sizes <= 2**17)])) == 4
+
+
+def test_nearby_row_counts_share_one_program(monkeypatch):
+    # Beyond 4,096 rows every new row count used to trace and compile its own program.
+    monkeypatch.setattr(xsk, "_programs", type(xsk._programs)())
+    X, y = _data(4700)
+    row_counts = [4200, 4450, 4700]
+    assert len({xsk._padded_rows(n) for n in row_counts}) == 1
+    models = []
+    with solver_traces() as traces:
+        for n in row_counts:
+            models.append(xsk.LogisticRegression(C=1.0, solver="newton").fit(X[:n], y[:n]))
+    assert len(traces) <= 1  # 0 when an earlier test already built this program
+
+    # Padding changes nothing: the same optimum as the core fitted on the rows themselves.
+    n = row_counts[0]
+    result = fit_logistic_regression(
+        X[:n], y[:n], 3, l2=1.0 / n, solver="newton", tol=1e-10, max_iter=50
+    )
+    weights, intercept = (np.asarray(p) for p in result.params)
+    np.testing.assert_allclose(models[0].coef_, weights.T, atol=1e-7)
+    np.testing.assert_allclose(models[0].intercept_, intercept, atol=1e-7)
+
+
+def test_programs_are_bounded(monkeypatch):
+    monkeypatch.setattr(xsk, "_MAX_PROGRAMS", 1)
+    monkeypatch.setattr(xsk, "_programs", type(xsk._programs)())
+    clears = []
+    clear_caches = jax.clear_caches
+    monkeypatch.setattr(jax, "clear_caches", lambda: (clears.append(1), clear_caches())[1])
+    X, y = _data(100)
+
+    def fit(rows: int):
+        return xsk.LogisticRegression(solver="newton").fit(X[:rows], y[:rows])
+
+    with solver_traces() as traces:
+        fit(40)  # 64 rows
+        kept = len(traces)  # 0 when an earlier test already built this program
+        fit(50)  # 64 rows again: kept, no new program
+        assert clears == [] and len(traces) == kept and len(xsk._programs) == 1
+        fit(100)  # 128 rows: a second program, beyond the bound
+        assert clears == [1] and len(xsk._programs) == 1
+        fit(60)  # 64 rows: dropped with the caches, so traced again
+        assert clears == [1, 1] and len(traces) == kept + 2
