@@ -26,6 +26,7 @@ except ImportError as error:  # pragma: no cover - exercised only without scikit
 
 import jax
 import numpy as np
+import scipy.sparse
 from scipy.special import log_softmax, softmax
 
 from .solvers import NewtonCG, Status, TrustRegion, fit_logistic_regression
@@ -63,6 +64,20 @@ def _attainable_tol(tol: float, X: np.ndarray) -> float:
     """
     scale = max(1.0, float(X.max()), -float(X.min()))
     return max(float(tol), 10.0 * float(np.finfo(X.dtype).eps) * scale)
+
+
+SUPPORTED_PENALTIES = 'the L2 penalty (penalty="l2", l1_ratio=0, C > 0) or none (C=np.inf)'
+
+
+def check_penalty(penalty: str | None, l1_ratio: float | None) -> None:
+    """Raise a ValueError naming the supported options for an L1 or elastic-net penalty."""
+    if penalty in ("l1", "elasticnet") or (l1_ratio is not None and l1_ratio > 0):
+        raise ValueError(
+            f"penalty={penalty!r} with l1_ratio={l1_ratio!r} asks for an L1 or elastic-net "
+            f"penalty, which the Newton solvers cannot fit (the objective must be twice "
+            f"differentiable). Supported: {SUPPORTED_PENALTIES}. For L1 or elastic-net use "
+            "sklearn.linear_model.LogisticRegression(solver='saga')."
+        )
 
 
 def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, reference: bool) -> int:
@@ -114,8 +129,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     the global ``jax_enable_x64`` flag is never changed); float32 input is fitted in float32.
 
     Args:
-        C: Inverse of the L2 regularisation strength, > 0; ``np.inf`` means no penalty.
-        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored).
+        C: Inverse of the L2 regularisation strength, > 0; ``np.inf`` means no penalty
+            (scikit-learn 1.8's replacement for ``penalty=None``).
+        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored). ``"l1"`` and
+            ``"elasticnet"`` are refused with an error naming the supported options.
+        l1_ratio: ``0`` (or ``None``): the L2 penalty, as scikit-learn 1.8's default. Any
+            positive value (L1 or elastic-net) is refused with an error naming the supported
+            options: the Newton solvers need a twice-differentiable objective.
         fit_intercept: Whether to fit the (unpenalised) intercept ``b``.
         class_weight: ``None``, ``"balanced"`` (``n_samples / (n_classes * counts)``, counts
             weighted by ``sample_weight``) or a dict ``{label: weight}``; multiplies the
@@ -135,6 +155,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
             new problem (same classes and features).
         verbose: Print the solver's progress.
+        n_jobs: Accepted for compatibility with scikit-learn and ignored: a fit is one
+            compiled XLA program, which uses every core it is given.
 
     Attributes:
         classes_: [n_classes] the class labels, sorted (any label type).
@@ -156,7 +178,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "C": [Interval(Real, 0, None, closed="right")],
-        "penalty": [StrOptions({"l2"}), None],
+        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None],
+        "l1_ratio": [Interval(Real, 0, 1, closed="both"), None],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "solver": [StrOptions({"auto", "newton", "newton-cg", "trust-region"})],
@@ -164,6 +187,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
+        "n_jobs": [Integral, None],
     }
 
     def __init__(
@@ -178,6 +202,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         max_iter: int = 100,
         warm_start: bool = False,
         verbose: int = 0,
+        l1_ratio: float | None = 0.0,
+        n_jobs: int | None = None,
     ) -> None:
         self.C = C
         self.penalty = penalty
@@ -188,13 +214,21 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.warm_start = warm_start
         self.verbose = verbose
+        self.l1_ratio = l1_ratio
+        self.n_jobs = n_jobs
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None) -> LogisticRegression:
         """Fit the model to the optimum of the penalised objective.
 
         Args:
-            X: [n_samples, n_features] finite real features (array, DataFrame, list).
+            X: [n_samples, n_features] finite real features (array, DataFrame, list, or a
+                scipy.sparse CSR/CSC matrix, which is kept sparse).
             y: [n_samples] class labels of any type, at least two distinct classes.
             sample_weight: [n_samples] non-negative weights, not all zero; None means ones.
 
@@ -202,11 +236,15 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             The fitted estimator.
 
         Raises:
-            ValueError: Bad parameters, NaN/inf or complex features, mismatched lengths,
+            ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
+                in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features, mismatched lengths,
                 continuous targets, fewer than two classes (after weighting), negative or
                 all-zero sample weights; or a fit that produced non-finite values.
         """
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
+        check_penalty(self.penalty, self.l1_ratio)
+        X, y = validate_data(
+            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
+        )
         check_classification_targets(y)
         classes, labels = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -251,7 +289,12 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         init = self._warm_start_init(classes, X.shape[1], reference)
 
         n_rows = _padded_rows(X.shape[0])
-        if n_rows > X.shape[0]:
+        if n_rows > X.shape[0] and scipy.sparse.issparse(X):
+            padding = scipy.sparse.csr_matrix((n_rows - X.shape[0], X.shape[1]), dtype=X.dtype)
+            X = scipy.sparse.vstack([X, padding], format="csr")
+            labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
+            weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
+        elif n_rows > X.shape[0]:
             X = np.concatenate([X, np.zeros((n_rows - X.shape[0], X.shape[1]), X.dtype)])
             labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
             weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
@@ -334,8 +377,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             [n_samples, n_classes].
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        scores = X @ self.coef_.T + self.intercept_
+        X = validate_data(
+            self, X, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], reset=False
+        )
+        scores = np.asarray(X @ self.coef_.T) + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
 
     def _logits(self, X) -> np.ndarray:

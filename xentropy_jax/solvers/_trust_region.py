@@ -50,7 +50,7 @@ class TrustRegion:
     The region is measured in the preconditioner's norm ‖s‖_M, as TRON does.
 
     Attributes:
-        preconditioner: "kronecker" (default; A ⊗ B + l2·I, see `NewtonCG`) or "diagonal".
+        preconditioner: "auto" (default), "kronecker", "ekfac" or "diagonal", see `NewtonCG`.
         max_cg_iter: most Hessian products per iteration.
         forcing_cap: upper bound of the CG relative tolerance.
         forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
@@ -75,7 +75,7 @@ class TrustRegion:
         (True, True)
     """
 
-    preconditioner: str = "kronecker"
+    preconditioner: str = "auto"
     max_cg_iter: int = 250
     forcing_cap: float = 0.5
     forcing_exponent: float = 0.5
