@@ -135,9 +135,11 @@ class NewtonCG:
         tol: jax.Array,
         max_iter: jax.Array,
         verbose: bool = False,
+        basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P]; see `line_search_newton`."""
-        basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
+        if basis is None:  # a regularisation path passes the one it computed once
+            basis = _preconditioners.setup_basis(self.preconditioner, objective)
 
         def inner_solve(objective, evaluation):
             return self.inner_solve(objective, evaluation, basis, tol)

@@ -96,12 +96,14 @@ class TrustRegion:
         tol: jax.Array,
         max_iter: jax.Array,
         verbose: bool = False,
+        basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P]."""
+        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
         start = setup(objective, theta, max_iter)
         dtype = theta.dtype
         max_steps = min(self.max_cg_iter, max(objective.num_params, 1))
-        basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        if basis is None:  # a regularisation path passes the one it computed once
+            basis = _preconditioners.setup_basis(self.preconditioner, objective)
         progress = None
         if verbose:
             progress = Progress(
