@@ -44,9 +44,19 @@ def _path(
     tol = jnp.asarray(tol, objective.dtype)
     max_iter = jnp.asarray(max_iter, jnp.int32)
 
-    def step(theta, l2):
+    def step(carry, l2):
+        theta, previous_theta, previous_log_l2 = carry
         problem = dataclasses.replace(objective, l2=l2.astype(objective.dtype))
-        output = solver.minimize(problem, theta, tol=tol, max_iter=max_iter, **extra)
+        # Predictor: the optimum moves smoothly with log(l2); extrapolate the last two optima
+        # linearly (the first point starts from `init`; l2 = 0 is never extrapolated to).
+        log_l2 = jnp.log(jnp.maximum(problem.l2, jnp.finfo(problem.dtype).tiny))
+        gap = log_l2 - previous_log_l2[1]
+        span = previous_log_l2[1] - previous_log_l2[0]
+        usable = jnp.isfinite(previous_log_l2).all() & (span != 0) & (problem.l2 > 0)
+        factor = jnp.where(usable, gap / jnp.where(span != 0, span, 1), 0)
+        start = theta + jnp.clip(factor, 0, 2) * (theta - previous_theta)
+        start = jnp.where(jnp.all(jnp.isfinite(start)), start, theta)
+        output = solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
         weights, intercept = problem.expand(output.theta)
         if not reference_class:
             intercept = intercept - jnp.mean(intercept)
@@ -62,9 +72,12 @@ def _path(
             status=output.status,
             n_hessian_products=output.n_hessian_products,
         )
-        return output.theta, result
+        history = jnp.stack([previous_log_l2[1], log_l2])
+        return (output.theta, theta, history), result
 
-    _, results = jax.lax.scan(step, _initial_theta(objective, init), l2_values)
+    theta = _initial_theta(objective, init)
+    history = jnp.full((2,), -jnp.inf, objective.dtype)
+    _, results = jax.lax.scan(step, (theta, theta, history), l2_values)
     return results
 
 
@@ -87,7 +100,8 @@ def fit_regularization_path(
 
     For l2 in `l2_values`, in the order given, minimises the objective of
     `fit_logistic_regression`, f(W, b) = Σᵢ wᵢ·CE(xᵢW + b, yᵢ)/Σᵢ wᵢ + (l2/2)·‖W‖², starting
-    from the previous value's optimum (from `init` or zeros for the first). Give the values
+    from the previous value's optimum (from `init` or zeros for the first), extrapolated
+    linearly in log(l2) from the two previous optima (a predictor step). Give the values
     from the strongest penalty to the weakest (decreasing l2, increasing scikit-learn C): the
     optimum then moves little from one to the next. The whole path is one compiled `lax.scan`
     (repeat calls with the same shapes and number of values do not recompile; it works under
