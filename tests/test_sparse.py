@@ -42,7 +42,9 @@ def test_sparse_objective_equals_dense(fit_intercept, reference_class):
     assert isinstance(sparse_objective.features, sparse.BCOO)
     theta = jnp.asarray(np.random.default_rng(1).normal(size=dense.num_params))
     tangent = jnp.asarray(np.random.default_rng(2).normal(size=dense.num_params))
-    evaluations = [_linear.evaluate(o, theta, o.free_logits(theta)) for o in (dense, sparse_objective)]
+    evaluations = [
+        _linear.evaluate(o, theta, o.free_logits(theta)) for o in (dense, sparse_objective)
+    ]
     for left, right in zip(evaluations[0], evaluations[1]):
         np.testing.assert_allclose(right, left, rtol=1e-12, atol=1e-14)
     products = [

@@ -244,8 +244,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
         Raises:
             ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
-                in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features, mismatched lengths,
-                continuous targets, fewer than two classes (after weighting), negative or
+                in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features,
+                mismatched lengths, continuous targets, fewer than two classes (after weighting), negative or
                 all-zero sample weights; or a fit that produced non-finite values.
         """
         check_penalty(self.penalty, self.l1_ratio)

@@ -150,7 +150,9 @@ def fit_regularization_path(
     """
     config = _resolve_solver(solver)
     if np.ndim(l2_values) != 1 or np.shape(l2_values)[0] < 1:
-        raise ValueError(f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}")
+        raise ValueError(
+            f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
+        )
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
     if _sparse_input.is_sparse(X) and _is_concrete(_sparse_input.stored_values(X)):
         x64 = jax.config.jax_enable_x64 and X.dtype == np.float64
