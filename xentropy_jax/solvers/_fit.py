@@ -11,9 +11,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._linear import LogisticObjective, logistic_objective
+from . import _sparse_input
 from ._newton import Newton
 from ._newton_cg import NewtonCG
-from . import _sparse_input
 from ._result import FitError, FitResult, Status
 from ._trust_region import TrustRegion
 
