@@ -58,13 +58,16 @@ def tfidf_like(n_samples=20_000, n_features=100_000, density=1e-3, n_classes=20,
     from sklearn.preprocessing import normalize
 
     rng = np.random.default_rng(seed)
-    X = scipy.sparse.random(
-        n_samples, n_features, density=density, format="csr", random_state=seed
-    )
-    X.data = np.log1p(1 + 9 * X.data)
+    # Built row by row: scipy.sparse.random draws from all N·d positions (gigabytes here).
+    counts = rng.poisson(density * n_features, n_samples)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    indices = rng.integers(0, n_features, indptr[-1])
+    data = np.log1p(1 + 9 * rng.uniform(size=indptr[-1]))
+    X = scipy.sparse.csr_matrix((data, indices, indptr), shape=(n_samples, n_features))
+    X.sum_duplicates()
     X = normalize(X)
-    planted = scipy.sparse.random(n_features, n_classes, density=0.05, random_state=seed + 1)
-    logits = np.asarray(X @ (30 * planted.toarray()))
+    planted = rng.uniform(size=(n_features, n_classes)) * (rng.uniform(size=(n_features, 1)) < 0.05)
+    logits = np.asarray(X @ (30 * planted))
     y = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
     return X, y
 
