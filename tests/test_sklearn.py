@@ -94,20 +94,15 @@ def test_bad_input_raises_before_solving(core_calls, X, y, sample_weight, match)
     assert not core_calls
 
 
-def test_sparse_input_is_refused(core_calls):
-    sparse = pytest.importorskip("scipy.sparse")
-    with pytest.raises(TypeError, match="[Ss]parse"):
-        LogisticRegression().fit(sparse.csr_array(_X_OK), _Y_OK)
-    assert not core_calls
-
-
 @pytest.mark.parametrize(
     "params, name",
     [
         (dict(C=0.0), "C"),
         (dict(C=-1.0), "C"),
         (dict(C="1"), "C"),
-        (dict(penalty="l1"), "penalty"),
+        (dict(penalty="l3"), "penalty"),
+        (dict(l1_ratio=2.0), "l1_ratio"),
+        (dict(n_jobs="2"), "n_jobs"),
         (dict(solver="lbfgs"), "solver"),
         (dict(tol=-1e-3), "tol"),
         (dict(max_iter=0), "max_iter"),

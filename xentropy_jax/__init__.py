@@ -31,6 +31,7 @@ from .solvers import NewtonCG as NewtonCG
 from .solvers import Status as Status
 from .solvers import TrustRegion as TrustRegion
 from .solvers import fit_logistic_regression as fit_logistic_regression
+from .solvers import fit_regularization_path as fit_regularization_path
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "TrustRegion",
     "cg",
     "fit_logistic_regression",
+    "fit_regularization_path",
     "gauss_newton",
     "ggn_diagonal",
     "ggn_diagonal_bartlett",

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from ._losses import hessian_product_from_probs
@@ -42,7 +43,8 @@ class LogisticObjective:
     """Data and settings of one multinomial logistic regression problem (a pytree).
 
     Attributes:
-        features: [N, d] float design matrix X.
+        features: [N, d] float design matrix X, dense or a `jax.experimental.sparse.BCOO`
+            (kept sparse: the products X·V and Xᵀ·U are sparse-dense products).
         labels: [N] integer labels in [0, num_classes).
         weights: [N] row weights normalised to sum to one, ŵ = w / Σw.
         l2: scalar L2 strength on W (traced: a batch of problems may vary it).
@@ -51,7 +53,7 @@ class LogisticObjective:
         reference_class: whether class 0's column and intercept are fixed at zero (static).
     """
 
-    features: jax.Array
+    features: jax.Array | sparse.BCOO
     labels: jax.Array
     weights: jax.Array
     l2: jax.Array
@@ -216,7 +218,7 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     """
     probs = evaluation.probs
     variance = objective.weights[:, None] * probs * (1 - probs)
-    diag_weights = jnp.square(objective.features).T @ variance + objective.l2
+    diag_weights = squared_features(objective.features).T @ variance + objective.l2
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 
 
@@ -227,7 +229,7 @@ def hessian(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
     part is Kf weighted Gram matrices X̃ᵀdiag(ŵ⊙s_k)X̃, the rank-one part one Gram matrix BᵀB
     with B = √ŵ ⊙ (x̃ ⊗ s) [N, P]. Cost: O(N·P²) flops in large GEMMs, O(N·P + P²) memory.
     """
-    features = objective.features
+    features = dense_features(objective.features)
     if objective.fit_intercept:
         features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
     probs = evaluation.probs
@@ -313,8 +315,9 @@ def logistic_objective(
     """Build the penalised multinomial logistic objective (no validation; see the solvers').
 
     Args:
-        X: [N, d] features; float64 stays float64 (with x64 on), anything else becomes float32
-            or the default float dtype.
+        X: [N, d] features, dense or a `jax.experimental.sparse.BCOO` (kept sparse); float64
+            stays float64 (with x64 on), anything else becomes float32 or the default float
+            dtype.
         labels: [N] integer labels in [0, num_classes).
         num_classes: K.
         sample_weight: [N] weights ≥ 0, or None for ones. They are normalised to sum to one.
@@ -325,7 +328,7 @@ def logistic_objective(
     Returns:
         A `LogisticObjective` pytree.
     """
-    features = jnp.asarray(X)
+    features = X if isinstance(X, sparse.BCOO) else jnp.asarray(X)
     if not jnp.issubdtype(features.dtype, jnp.floating):
         features = features.astype(jnp.result_type(float))
     elif jnp.finfo(features.dtype).bits < 32:
@@ -377,6 +380,17 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
     probabilities): the Kronecker preconditioner of the CG solvers.
     """
     features = objective.features
+    if isinstance(features, sparse.BCOO):
+        # Sparse X with few enough columns for a d × d Gram: Xᵀ·(ŵ ⊙ X) as a sparse-dense
+        # product against the dense copy of one factor, O(N·d) memory.
+        weighted = objective.weights[:, None] * features.todense()
+        gram = features.T @ weighted
+        if objective.fit_intercept:
+            column_sums = jnp.sum(weighted, axis=0)
+            gram = jnp.block(
+                [[gram, column_sums[:, None]], [column_sums[None, :], jnp.sum(objective.weights)]]
+            )
+        return gram
     if objective.fit_intercept:
         features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
     return features.T @ (objective.weights[:, None] * features)
@@ -387,3 +401,15 @@ def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax
     probs = evaluation.probs
     weighted = objective.weights[:, None] * probs
     return jnp.diag(jnp.sum(weighted, axis=0)) - weighted.T @ probs
+
+
+def squared_features(features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
+    """X ⊙ X, elementwise, keeping a sparse X sparse (its stored values squared)."""
+    if isinstance(features, sparse.BCOO):
+        return sparse.BCOO((jnp.square(features.data), features.indices), shape=features.shape)
+    return jnp.square(features)
+
+
+def dense_features(features: jax.Array | sparse.BCOO) -> jax.Array:
+    """X as a dense array (only for the explicit-Hessian paths, meant for small d)."""
+    return features.todense() if isinstance(features, sparse.BCOO) else features

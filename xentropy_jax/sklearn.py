@@ -16,6 +16,7 @@ from numbers import Integral, Real
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import check_cv
     from sklearn.utils._param_validation import Interval, StrOptions
     from sklearn.utils.class_weight import compute_class_weight
     from sklearn.utils.multiclass import check_classification_targets
@@ -28,11 +29,18 @@ except ImportError as error:  # pragma: no cover - exercised only without scikit
 
 import jax
 import numpy as np
+import scipy.sparse
 from scipy.special import log_softmax, softmax
 
-from .solvers import NewtonCG, Status, TrustRegion, fit_logistic_regression
+from .solvers import (
+    NewtonCG,
+    Status,
+    TrustRegion,
+    fit_logistic_regression,
+    fit_regularization_path,
+)
 
-__all__ = ["LogisticRegression"]
+__all__ = ["LogisticRegression", "LogisticRegressionCV"]
 
 # "auto" uses the explicit-Hessian Newton solver while the number of free parameters
 # (n_features + fit_intercept) * free classes is at most this. Forming the Hessian costs
@@ -98,6 +106,20 @@ def _attainable_tol(tol: float, X: np.ndarray) -> float:
     return max(float(tol), 10.0 * float(np.finfo(X.dtype).eps) * scale)
 
 
+SUPPORTED_PENALTIES = 'the L2 penalty (penalty="l2", l1_ratio=0, C > 0) or none (C=np.inf)'
+
+
+def check_penalty(penalty: str | None, l1_ratio: float | None) -> None:
+    """Raise a ValueError naming the supported options for an L1 or elastic-net penalty."""
+    if penalty in ("l1", "elasticnet") or (l1_ratio is not None and l1_ratio > 0):
+        raise ValueError(
+            f"penalty={penalty!r} with l1_ratio={l1_ratio!r} asks for an L1 or elastic-net "
+            f"penalty, which the Newton solvers cannot fit (the objective must be twice "
+            f"differentiable). Supported: {SUPPORTED_PENALTIES}. For L1 or elastic-net use "
+            "sklearn.linear_model.LogisticRegression(solver='saga')."
+        )
+
+
 def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, reference: bool) -> int:
     """Number of free parameters of the multinomial model as the core fits it."""
     return (n_features + int(fit_intercept)) * (n_classes - int(reference))
@@ -151,8 +173,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     the global ``jax_enable_x64`` flag is never changed); float32 input is fitted in float32.
 
     Args:
-        C: Inverse of the L2 regularisation strength, > 0; ``np.inf`` means no penalty.
-        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored).
+        C: Inverse of the L2 regularisation strength, > 0; ``np.inf`` means no penalty
+            (scikit-learn 1.8's replacement for ``penalty=None``).
+        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored). ``"l1"`` and
+            ``"elasticnet"`` are refused with an error naming the supported options.
+        l1_ratio: ``0`` (or ``None``): the L2 penalty, as scikit-learn 1.8's default. Any
+            positive value (L1 or elastic-net) is refused with an error naming the supported
+            options: the Newton solvers need a twice-differentiable objective.
         fit_intercept: Whether to fit the (unpenalised) intercept ``b``.
         class_weight: ``None``, ``"balanced"`` (``n_samples / (n_classes * counts)``, counts
             weighted by ``sample_weight``) or a dict ``{label: weight}``; multiplies the
@@ -172,6 +199,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
             new problem (same classes and features).
         verbose: Print the solver's progress.
+        n_jobs: Accepted for compatibility with scikit-learn and ignored: a fit is one
+            compiled XLA program, which uses every core it is given.
 
     Attributes:
         classes_: [n_classes] the class labels, sorted (any label type).
@@ -193,7 +222,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "C": [Interval(Real, 0, None, closed="right")],
-        "penalty": [StrOptions({"l2"}), None],
+        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None],
+        "l1_ratio": [Interval(Real, 0, 1, closed="both"), None],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "solver": [StrOptions({"auto", "newton", "newton-cg", "trust-region"})],
@@ -201,6 +231,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
+        "n_jobs": [Integral, None],
     }
 
     def __init__(
@@ -215,6 +246,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         max_iter: int = 100,
         warm_start: bool = False,
         verbose: int = 0,
+        l1_ratio: float | None = 0.0,
+        n_jobs: int | None = None,
     ) -> None:
         self.C = C
         self.penalty = penalty
@@ -225,13 +258,21 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.warm_start = warm_start
         self.verbose = verbose
+        self.l1_ratio = l1_ratio
+        self.n_jobs = n_jobs
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None) -> LogisticRegression:
         """Fit the model to the optimum of the penalised objective.
 
         Args:
-            X: [n_samples, n_features] finite real features (array, DataFrame, list).
+            X: [n_samples, n_features] finite real features (array, DataFrame, list, or a
+                scipy.sparse CSR/CSC matrix, which is kept sparse).
             y: [n_samples] class labels of any type, at least two distinct classes.
             sample_weight: [n_samples] non-negative weights, not all zero; None means ones.
 
@@ -239,11 +280,15 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             The fitted estimator.
 
         Raises:
-            ValueError: Bad parameters, NaN/inf or complex features, mismatched lengths,
-                continuous targets, fewer than two classes (after weighting), negative or
+            ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
+                in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features,
+                mismatched lengths, continuous targets, fewer than two classes (after weighting), negative or
                 all-zero sample weights; or a fit that produced non-finite values.
         """
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
+        check_penalty(self.penalty, self.l1_ratio)
+        X, y = validate_data(
+            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
+        )
         check_classification_targets(y)
         classes, labels = np.unique(y, return_inverse=True)
         if classes.size < 2:
@@ -288,7 +333,12 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         init = self._warm_start_init(classes, X.shape[1], reference)
 
         n_rows = _padded_rows(X.shape[0])
-        if n_rows > X.shape[0]:
+        if n_rows > X.shape[0] and scipy.sparse.issparse(X):
+            padding = scipy.sparse.csr_matrix((n_rows - X.shape[0], X.shape[1]), dtype=X.dtype)
+            X = scipy.sparse.vstack([X, padding], format="csr")
+            labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
+            weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
+        elif n_rows > X.shape[0]:
             X = np.concatenate([X, np.zeros((n_rows - X.shape[0], X.shape[1]), X.dtype)])
             labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
             weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
@@ -376,8 +426,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             [n_samples, n_classes].
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        scores = X @ self.coef_.T + self.intercept_
+        X = validate_data(
+            self, X, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], reset=False
+        )
+        scores = np.asarray(X @ self.coef_.T) + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
 
     def _logits(self, X) -> np.ndarray:
@@ -399,3 +451,204 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     def predict_log_proba(self, X) -> np.ndarray:
         """Log class probabilities, computed stably as ``log_softmax(logits)``."""
         return log_softmax(self._logits(X), axis=1)
+
+
+class LogisticRegressionCV(LogisticRegression):
+    r"""Cross-validated choice of ``C`` along a warm-started regularisation path.
+
+    For each cross-validation split, the penalised objective of :class:`LogisticRegression` is
+    fitted at every value of ``Cs`` (smallest first) by
+    :func:`xentropy_jax.fit_regularization_path`, each fit warm-started from the previous. All
+    splits are fitted at once, as one compiled program vectorised over the splits: each split is
+    the whole data set with its held-out rows at weight zero, so every split has the same shape
+    (one compilation, no worker processes). The ``C`` with the best mean held-out score is
+    kept, and the model is refitted on all the data at that ``C``.
+
+    Args:
+        Cs: Number of values on the grid ``np.logspace(-4, 4, Cs)``, or the values of ``C``
+            (each > 0 and finite).
+        cv: Splitter, number of folds (stratified), or None for 5 stratified folds.
+        scoring: ``"accuracy"`` (scikit-learn's default for classifiers) or
+            ``"neg_log_loss"``, computed on the held-out rows with their sample weights.
+        refit: Refit on all the data at the best ``C`` (otherwise the coefficients are the
+            mean over the splits of the path's coefficients at the best ``C``).
+        fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs: as
+            :class:`LogisticRegression` (``n_jobs`` is accepted and ignored: the splits are
+            already fitted together in one program).
+
+    Attributes:
+        Cs_: [n_Cs] the grid of ``C``, increasing.
+        scores_: [n_splits, n_Cs] held-out scores.
+        C_: The best ``C``.
+        coef_, intercept_, classes_, n_iter_, solver_, n_features_in_: as
+            :class:`LogisticRegression` (for the refit).
+
+    Example:
+        >>> from sklearn.datasets import load_iris
+        >>> from xentropy_jax.sklearn import LogisticRegressionCV
+        >>> X, y = load_iris(return_X_y=True)
+        >>> clf = LogisticRegressionCV(Cs=4, cv=3).fit(X, y)
+        >>> clf.scores_.shape, clf.C_ in clf.Cs_
+        ((3, 4), True)
+    """
+
+    _parameter_constraints: dict = {
+        key: value
+        for key, value in LogisticRegression._parameter_constraints.items()
+        if key not in ("C", "penalty", "l1_ratio", "warm_start")
+    }
+    _parameter_constraints.update(
+        {
+            "Cs": [Interval(Integral, 1, None, closed="left"), "array-like"],
+            "cv": ["cv_object"],
+            "scoring": [StrOptions({"accuracy", "neg_log_loss"})],
+            "refit": ["boolean"],
+        }
+    )
+
+    def __init__(
+        self,
+        *,
+        Cs: int | np.ndarray = 10,
+        cv=None,
+        scoring: str = "accuracy",
+        refit: bool = True,
+        fit_intercept: bool = True,
+        class_weight: dict | str | None = None,
+        solver: str = "auto",
+        tol: float = 1e-8,
+        max_iter: int = 100,
+        verbose: int = 0,
+        n_jobs: int | None = None,
+    ) -> None:
+        self.Cs = Cs
+        self.cv = cv
+        self.scoring = scoring
+        self.refit = refit
+        self.fit_intercept = fit_intercept
+        self.class_weight = class_weight
+        self.solver = solver
+        self.tol = tol
+        self.max_iter = max_iter
+        self.verbose = verbose
+        self.n_jobs = n_jobs
+
+    # Fixed settings of the parent estimator that this one does not expose.
+    C = 1.0
+    penalty = "l2"
+    l1_ratio = 0.0
+    warm_start = False
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None) -> LogisticRegressionCV:
+        """Score every ``C`` by cross-validation, then refit at the best.
+
+        Args:
+            X: [n_samples, n_features] features, dense or scipy.sparse CSR/CSC.
+            y: [n_samples] class labels, at least two classes.
+            sample_weight: [n_samples] non-negative weights, or None for ones.
+
+        Returns:
+            The fitted estimator.
+
+        Raises:
+            ValueError: as :meth:`LogisticRegression.fit`, and for values of ``Cs`` that
+                are not finite and positive.
+        """
+        if isinstance(self.Cs, Integral):
+            grid = np.logspace(-4, 4, int(self.Cs))
+        else:
+            grid = np.sort(np.asarray(self.Cs, dtype=float).ravel())
+        if grid.size < 1 or not np.all(np.isfinite(grid) & (grid > 0)):
+            raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
+        X, y = validate_data(
+            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
+        )
+        check_classification_targets(y)
+        classes, labels = np.unique(y, return_inverse=True)
+        if classes.size < 2:
+            raise ValueError(
+                "LogisticRegressionCV needs samples of at least 2 classes in the data; got "
+                f"1 class: {classes[0]!r}."
+            )
+        weights = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
+        if self.class_weight is not None:
+            per_class = compute_class_weight(
+                self.class_weight, classes=classes, y=y, sample_weight=weights
+            )
+            weights = weights * per_class[labels].astype(X.dtype)
+        splits = list(check_cv(self.cv, y, classifier=True).split(X, y))
+        n_classes = classes.size
+        reference = n_classes == 2
+        solver = _resolve_solver(
+            self.solver, _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference)
+        )
+        fold_weights = np.zeros((len(splits), X.shape[0]), X.dtype)
+        for index, (train, _) in enumerate(splits):
+            fold_weights[index, train] = weights[train]
+        l2 = 1.0 / (grid[None, :] * fold_weights.sum(axis=1, keepdims=True))
+        with jax.enable_x64(X.dtype == np.float64):
+            fit_path = jax.vmap(
+                lambda w, l2_values: fit_regularization_path(
+                    X,
+                    labels.astype(np.int32),
+                    n_classes,
+                    l2_values,
+                    sample_weight=w,
+                    fit_intercept=self.fit_intercept,
+                    reference_class=reference,
+                    solver=_core_solver(solver, X.shape[1]),
+                    tol=_attainable_tol(self.tol, X),
+                    max_iter=self.max_iter,
+                    throw=False,
+                )
+            )
+            if scipy.sparse.issparse(X):
+                # A vmapped sparse X would be traced: fit the splits one after the other.
+                paths = [fit_path(w[None], l[None]) for w, l in zip(fold_weights, l2)]
+                paths = jax.tree.map(lambda *leaves: np.concatenate(leaves), *paths)
+            else:
+                paths = fit_path(fold_weights, l2)
+            coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
+            intercepts = np.asarray(paths.params[1], dtype=X.dtype)  # [splits, Cs, K]
+        scores = np.empty((len(splits), grid.size))
+        for index, (_, test) in enumerate(splits):
+            logits = np.asarray(X[test] @ coefs[index].transpose(1, 0, 2).reshape(X.shape[1], -1))
+            logits = logits.reshape(len(test), grid.size, n_classes) + intercepts[index]
+            test_weights = weights[test]
+            if self.scoring == "accuracy":
+                hits = np.argmax(logits, axis=2) == labels[test][:, None]
+                scores[index] = test_weights @ hits / test_weights.sum()
+            else:
+                log_probs = log_softmax(logits, axis=2)
+                picked = np.take_along_axis(log_probs, labels[test][:, None, None], axis=2)[..., 0]
+                scores[index] = test_weights @ picked / test_weights.sum()
+        best = int(np.argmax(scores.mean(axis=0)))
+        self.Cs_ = grid
+        self.scores_ = scores
+        self.C_ = float(grid[best])
+        if self.refit:
+            model = LogisticRegression(
+                C=self.C_,
+                fit_intercept=self.fit_intercept,
+                class_weight=self.class_weight,
+                solver=self.solver,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                verbose=self.verbose,
+            ).fit(X, y, sample_weight=sample_weight)
+            for name in ("classes_", "coef_", "intercept_", "n_iter_", "solver_"):
+                setattr(self, name, getattr(model, name))
+            return self
+        coef = coefs[:, best].mean(axis=0).T
+        intercept = intercepts[:, best].mean(axis=0)
+        if reference:
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        else:
+            intercept = intercept - intercept.mean()
+        self.classes_ = classes
+        self.coef_ = coef
+        self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
+        self.n_iter_ = np.asarray([int(np.max(paths.n_iter))], dtype=np.int32)
+        self.solver_ = solver
+        return self

@@ -3,6 +3,7 @@
 from ._fit import fit_logistic_regression as fit_logistic_regression
 from ._newton import Newton as Newton
 from ._newton_cg import NewtonCG as NewtonCG
+from ._path import fit_regularization_path as fit_regularization_path
 from ._result import FitError as FitError
 from ._result import FitResult as FitResult
 from ._result import Status as Status
@@ -16,4 +17,5 @@ __all__ = [
     "Status",
     "TrustRegion",
     "fit_logistic_regression",
+    "fit_regularization_path",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._linear import LogisticObjective, logistic_objective
+from . import _sparse_input
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import FitError, FitResult, Status
@@ -62,7 +63,8 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"init must be (W [{num_features}, {num_classes}], b [{num_classes}]), got "
                 f"shapes {np.shape(weights)} and {np.shape(intercept)}"
             )
-    if _is_concrete(X) and not np.all(np.isfinite(np.asarray(X))):
+    values = _sparse_input.stored_values(X) if _sparse_input.is_sparse(X) else X
+    if _is_concrete(values) and not np.all(np.isfinite(np.asarray(values))):
         raise ValueError("X contains NaN or infinity")
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
@@ -188,7 +190,11 @@ def fit_logistic_regression(
     (for example over a grid of `l2`) and `jax.jit`.
 
     Args:
-        X: [N, d] features. float64 (with x64 enabled) fits in float64, anything else float32.
+        X: [N, d] features: an array, a scipy.sparse matrix/array (CSR, CSC, COO) or a
+            `jax.experimental.sparse.BCOO`; sparse X stays sparse end to end (products with it
+            are sparse-dense; only the "newton" solver's explicit Hessian and the "kronecker"
+            preconditioner's Gram densify it, so use them only for small d). float64 (with x64
+            enabled) fits in float64, anything else float32.
         labels: [N] integer labels in [0, num_classes).
         num_classes: K >= 2 (static).
         sample_weight: [N] weights >= 0 (class weights folded in), or None for ones.
@@ -243,9 +249,13 @@ def fit_logistic_regression(
     """
     config = _resolve_solver(solver)
     _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
-    features = jnp.asarray(X)
-    if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
-        features = features.astype(jnp.float32)
+    if _sparse_input.is_sparse(X) and _is_concrete(_sparse_input.stored_values(X)):
+        x64 = jax.config.jax_enable_x64 and X.dtype == np.float64
+        features = _sparse_input.to_bcoo(X, np.float64 if x64 else np.float32)
+    else:
+        features = X if _sparse_input.is_sparse(X) else jnp.asarray(X)
+        if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
+            features = features.astype(jnp.float32)
     result = _fit(
         features,
         jnp.asarray(labels),

@@ -57,7 +57,9 @@ class NewtonCG:
     the convergence superlinear (Eisenstat and Walker; Nocedal and Wright, section 7.1).
 
     Attributes:
-        preconditioner: "kronecker" (default; needs the (d+1)×(d+1) Gram) or "diagonal".
+        preconditioner: "auto" (default: "diagonal" for sparse X or d > 4000, else
+            "kronecker"), "kronecker" (A ⊗ B + l2·I; needs the (d+1)×(d+1) Gram), "ekfac"
+            (the Kronecker eigenbasis with per-pair eigenvalues) or "diagonal".
         max_cg_iter: most Hessian products per outer iteration.
         forcing_cap: upper bound of the forcing term (loose solves far from the optimum).
         forcing_exponent: η_k = ‖g‖^forcing_exponent near the optimum (0.5: superlinear).
@@ -88,7 +90,7 @@ class NewtonCG:
         ValueError: max_cg_iter must be >= 1, got 0
     """
 
-    preconditioner: str = "kronecker"
+    preconditioner: str = "auto"
     max_cg_iter: int = 250
     forcing_cap: float = 0.5
     forcing_exponent: float = 0.5
@@ -133,9 +135,11 @@ class NewtonCG:
         tol: jax.Array,
         max_iter: jax.Array,
         verbose: bool = False,
+        basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P]; see `line_search_newton`."""
-        basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
+        if basis is None:  # a regularisation path passes the one it computed once
+            basis = _preconditioners.setup_basis(self.preconditioner, objective)
 
         def inner_solve(objective, evaluation):
             return self.inner_solve(objective, evaluation, basis, tol)

@@ -1,4 +1,8 @@
-"""Preconditioners for the CG inner solves: the Hessian diagonal and a Kronecker factorisation.
+"""Preconditioners for the CG inner solves: the Hessian diagonal and two Kronecker forms.
+
+"kronecker" is A ⊗ B + l2·I with one mean class curvature B; "ekfac" keeps A's and B's
+eigenbases but refits the eigenvalues per (feature direction, class direction) pair;
+"diagonal" is Jacobi; "auto" picks one from the (static) shapes of the problem, see `resolve`.
 
 A preconditioner is a pair of linear maps on θ [P]: `solve` applies M⁻¹ (each CG iteration)
 and `apply` applies M (the trust-region norm ‖s‖_M = √(sᵀMs)). Both are symmetric positive
@@ -12,6 +16,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jax.experimental import sparse
 
 from .._linear import (
     Evaluation,
@@ -90,12 +96,90 @@ def kronecker(
     )
 
 
-KINDS = ("kronecker", "diagonal")
+class ProjectedBasis(NamedTuple):
+    """The Gram's eigenbasis and the features in it, X̃·Qa [N, d̃] (once per fit, for "ekfac")."""
+
+    eigenvalues: jax.Array
+    eigenvectors: jax.Array
+    projected: jax.Array
 
 
-def setup_basis(kind: str, objective: LogisticObjective) -> FeatureBasis | None:
+def ekfac(
+    objective: LogisticObjective, evaluation: Evaluation, basis: ProjectedBasis
+) -> Preconditioner:
+    """Kronecker eigenbasis, per-pair eigenvalues: M = (Qa ⊗ Qb)·diag(D)·(Qa ⊗ Qb)ᵀ + l2·I.
+
+    Qa are the eigenvectors of A = X̃ᵀŴX̃ (fixed), Qb those of the mean class curvature B (per
+    iteration); D is the exact diagonal of H in that basis,
+
+        D[j, m] = Σᵢ ŵᵢ·(x̃ᵢ·qa_j)²·(qb_mᵀ(diag sᵢ − sᵢsᵢᵀ)qb_m),
+
+    so that each (feature, class) direction gets its own curvature instead of λa_j·μb_m
+    (George et al., 2018, "eigenvalue-corrected" K-FAC). Measured on Gaussian class means
+    (K = 30 to 200) it conditions H no better than "kronecker" (κ(M⁻¹H) 221 against 209 at
+    K = 30; the same CG count at K = 100), at twice the cost per outer iteration, so "auto"
+    does not choose it: the coupling between classes, not the per-class scale, is what is
+    left. Cost per outer iteration:
+    two GEMMs [N, Kf] × [Kf, Kf] and one [d̃, N] × [N, Kf] (about one Hessian product),
+    O(d²K + dK²) per use; X̃·Qa is formed once per fit.
+    """
+    kf = objective.num_free_classes
+    _, curvature_vectors = jnp.linalg.eigh(class_curvature(objective, evaluation))
+    probs = evaluation.probs
+    rotated_probs = probs @ curvature_vectors
+    row_curvature = probs @ jnp.square(curvature_vectors) - jnp.square(rotated_probs)
+    row_curvature = objective.weights[:, None] * jnp.maximum(row_curvature, 0)
+    spectrum = jnp.square(basis.projected).T @ row_curvature
+    floor = _EIGENVALUE_FLOOR * jnp.max(spectrum, initial=0)
+    spectrum = jnp.maximum(spectrum, floor) + objective.l2
+    spectrum = jnp.maximum(spectrum, jnp.finfo(spectrum.dtype).tiny)
+    feature_vectors = basis.eigenvectors
+
+    def transform(vector, scale):
+        block = vector.reshape(-1, kf)
+        rotated = feature_vectors.T @ block @ curvature_vectors
+        return (feature_vectors @ (rotated * scale) @ curvature_vectors.T).reshape(-1)
+
+    return Preconditioner(
+        solve=lambda v: transform(v, 1 / spectrum), apply=lambda v: transform(v, spectrum)
+    )
+
+
+KINDS = ("auto", "kronecker", "ekfac", "diagonal")
+
+# "auto" uses the Hessian diagonal beyond this many features (the d̃ × d̃ Gram and its
+# eigendecomposition cost more than they save, and text-sized d does not fit in memory).
+AUTO_MAX_GRAM_FEATURES = 4000
+
+def resolve(kind: str, objective: LogisticObjective) -> str:
+    """The concrete preconditioner for `kind` on this problem ("auto" decides statically).
+
+    "auto" is "diagonal" for sparse features or more than `AUTO_MAX_GRAM_FEATURES` features,
+    and "kronecker" otherwise.
+    """
+    if kind != "auto":
+        return kind
+    if isinstance(objective.features, sparse.BCOO):
+        return "diagonal"
+    if objective.num_features > AUTO_MAX_GRAM_FEATURES:
+        return "diagonal"
+    return "kronecker"
+
+
+def setup_basis(kind: str, objective: LogisticObjective) -> FeatureBasis | ProjectedBasis | None:
     """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis)."""
-    return feature_basis(feature_gram(objective)) if kind == "kronecker" else None
+    kind = resolve(kind, objective)
+    if kind == "diagonal":
+        return None
+    basis = feature_basis(feature_gram(objective))
+    if kind == "kronecker":
+        return basis
+    features = objective.features
+    if isinstance(features, sparse.BCOO):
+        features = features.todense()
+    if objective.fit_intercept:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    return ProjectedBasis(basis.eigenvalues, basis.eigenvectors, features @ basis.eigenvectors)
 
 
 def build(
@@ -106,6 +190,9 @@ def build(
     mix: float = 1.0,
 ) -> Preconditioner:
     """The preconditioner of this kind at the point of `evaluation`."""
+    kind = resolve(kind, objective)
     if kind == "kronecker":
         return kronecker(objective, evaluation, basis)
+    if kind == "ekfac":
+        return ekfac(objective, evaluation, basis)
     return diagonal(objective, evaluation, mix)

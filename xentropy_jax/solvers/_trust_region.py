@@ -50,7 +50,7 @@ class TrustRegion:
     The region is measured in the preconditioner's norm ‖s‖_M, as TRON does.
 
     Attributes:
-        preconditioner: "kronecker" (default; A ⊗ B + l2·I, see `NewtonCG`) or "diagonal".
+        preconditioner: "auto" (default), "kronecker", "ekfac" or "diagonal", see `NewtonCG`.
         max_cg_iter: most Hessian products per iteration.
         forcing_cap: upper bound of the CG relative tolerance.
         forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
@@ -75,7 +75,7 @@ class TrustRegion:
         (True, True)
     """
 
-    preconditioner: str = "kronecker"
+    preconditioner: str = "auto"
     max_cg_iter: int = 250
     forcing_cap: float = 0.5
     forcing_exponent: float = 0.5
@@ -96,12 +96,14 @@ class TrustRegion:
         tol: jax.Array,
         max_iter: jax.Array,
         verbose: bool = False,
+        basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P]."""
+        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
         start = setup(objective, theta, max_iter)
         dtype = theta.dtype
         max_steps = min(self.max_cg_iter, max(objective.num_params, 1))
-        basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        if basis is None:  # a regularisation path passes the one it computed once
+            basis = _preconditioners.setup_basis(self.preconditioner, objective)
         progress = None
         if verbose:
             progress = Progress(

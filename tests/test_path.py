@@ -1,0 +1,90 @@
+"""The regularisation path against independent fits; compile once; under vmap."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import xentropy_jax as xj
+from xentropy_jax.solvers import _path
+
+NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 80, 6, 3
+L2_VALUES = np.array([1.0, 0.1, 0.01, 0.001])
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(NUM_ROWS, NUM_FEATURES))
+    y = rng.integers(0, NUM_CLASSES, NUM_ROWS)
+    return X, y
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "newton"])
+def test_path_matches_independent_fits(problem, solver):
+    X, y = problem
+    path = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, tol=1e-11, solver=solver)
+    assert path.params[0].shape == (L2_VALUES.size, NUM_FEATURES, NUM_CLASSES)
+    assert bool(np.all(path.converged))
+    for index, l2 in enumerate(L2_VALUES):
+        single = xj.fit_logistic_regression(X, y, NUM_CLASSES, l2=l2, tol=1e-11, solver=solver)
+        np.testing.assert_allclose(path.params[0][index], single.params[0], atol=1e-8)
+        np.testing.assert_allclose(path.params[1][index], single.params[1], atol=1e-8)
+        np.testing.assert_allclose(path.loss[index], single.loss, rtol=1e-12)
+
+
+def test_warm_start_saves_iterations(problem):
+    X, y = problem
+    path = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, tol=1e-10)
+    cold = [
+        int(xj.fit_logistic_regression(X, y, NUM_CLASSES, l2=l2, tol=1e-10).n_iter)
+        for l2 in L2_VALUES
+    ]
+    assert int(np.sum(path.n_iter)) < sum(cold)
+
+
+def test_path_compiles_once_and_vmaps_over_folds(problem, monkeypatch):
+    X, y = problem
+    chex.clear_trace_counter()
+    traced = jax.jit(
+        chex.assert_max_traces(_path._path.__wrapped__, n=1),
+        static_argnames=("num_classes", "fit_intercept", "reference_class", "solver"),
+    )
+    monkeypatch.setattr(_path, "_path", traced)
+    first = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES)
+    xj.fit_regularization_path(X * 2, y, NUM_CLASSES, L2_VALUES / 3)
+    monkeypatch.undo()  # a vmapped call is a new trace, by design
+    # Two folds as sample weights: each vmapped path equals the path on its rows.
+    folds = np.stack([np.arange(NUM_ROWS) % 2 == 0, np.arange(NUM_ROWS) % 2 == 1]).astype(float)
+    batched = jax.vmap(
+        lambda w: xj.fit_regularization_path(
+            X, y, NUM_CLASSES, L2_VALUES, sample_weight=w, tol=1e-10, throw=False
+        )
+    )(folds)
+    assert batched.params[0].shape == (2,) + first.params[0].shape
+    for fold in range(2):
+        rows = folds[fold] > 0
+        alone = xj.fit_regularization_path(X[rows], y[rows], NUM_CLASSES, L2_VALUES, tol=1e-10)
+        np.testing.assert_allclose(batched.params[0][fold], alone.params[0], atol=1e-7)
+
+
+def test_float32_path_matches_float64(problem):
+    X, y = problem
+    reference = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, tol=1e-10)
+    with jax.enable_x64(False):
+        result = xj.fit_regularization_path(
+            X.astype(np.float32), y, NUM_CLASSES, L2_VALUES, tol=1e-5
+        )
+        assert result.params[0].dtype == np.float32
+    np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-4)
+    np.testing.assert_allclose(result.loss, reference.loss, rtol=1e-6)
+
+
+def test_bad_path_arguments(problem):
+    X, y = problem
+    with pytest.raises(ValueError, match="1-D"):
+        xj.fit_regularization_path(X, y, NUM_CLASSES, [[0.1]])
+    with pytest.raises(ValueError, match="l2"):
+        xj.fit_regularization_path(X, y, NUM_CLASSES, [0.1, -1.0])
+    with pytest.raises(xj.FitError):
+        xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, max_iter=1)

@@ -1,0 +1,113 @@
+"""The estimators on the data people bring: sparse input, scikit-learn 1.8 parameters, CV."""
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import scipy.sparse  # noqa: E402
+from sklearn.datasets import load_iris  # noqa: E402
+from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
+from sklearn.model_selection import StratifiedKFold  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from xentropy_jax.sklearn import LogisticRegression, LogisticRegressionCV  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def text():
+    rng = np.random.default_rng(0)
+    X = scipy.sparse.random(120, 300, density=0.05, format="csr", random_state=0)
+    y = np.asarray(X[:, :3].sum(axis=1)).ravel().argsort().argsort() * 3 // 120
+    y = np.where(rng.uniform(size=120) < 0.1, (y + 1) % 3, y)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def iris():
+    X, y = load_iris(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_fit_equals_dense_fit(text, fmt):
+    X, y = text
+    sparse_model = LogisticRegression(C=10.0, tol=1e-12).fit(X.asformat(fmt), y)
+    dense_model = LogisticRegression(C=10.0, tol=1e-12).fit(X.toarray(), y)
+    np.testing.assert_allclose(sparse_model.coef_, dense_model.coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sparse_model.intercept_, dense_model.intercept_, atol=1e-10)
+    np.testing.assert_allclose(
+        sparse_model.predict_proba(X), dense_model.predict_proba(X.toarray()), atol=1e-12
+    )
+    assert LogisticRegression().__sklearn_tags__().input_tags.sparse
+
+
+def test_sparse_fit_matches_scikit_learn(text):
+    X, y = text
+    ours = LogisticRegression(C=10.0).fit(X, y)
+    theirs = SklearnLogisticRegression(C=10.0, tol=1e-10, max_iter=10_000).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, atol=1e-5)
+
+
+def test_float32_data_fit_matches_float64(iris):
+    X, y = iris
+    reference = LogisticRegression(C=1.0).fit(X, y)
+    model = LogisticRegression(C=1.0).fit(X.astype(np.float32), y)
+    assert model.coef_.dtype == np.float32
+    np.testing.assert_allclose(model.coef_, reference.coef_, atol=5e-4)
+
+
+def test_infinite_C_is_the_unpenalised_fit():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    X = rng.normal(size=(200, 2)) + y[:, None]  # overlapping classes: a finite optimum
+    inf = LogisticRegression(C=np.inf).fit(X, y)
+    none = LogisticRegression(penalty=None).fit(X, y)
+    np.testing.assert_allclose(inf.coef_, none.coef_, atol=1e-9)
+    theirs = SklearnLogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(X, y)
+    np.testing.assert_allclose(inf.coef_, theirs.coef_, atol=1e-4)
+
+
+def test_l1_ratio_zero_and_n_jobs_are_accepted(iris):
+    X, y = iris
+    plain = LogisticRegression().fit(X, y)
+    other = LogisticRegression(l1_ratio=0.0, n_jobs=2).fit(X, y)
+    np.testing.assert_array_equal(other.coef_, plain.coef_)
+    assert LogisticRegression(l1_ratio=None).fit(X, y).coef_.shape == plain.coef_.shape
+
+
+@pytest.mark.parametrize(
+    "params", [dict(penalty="l1"), dict(penalty="elasticnet"), dict(l1_ratio=0.5)]
+)
+def test_l1_and_elastic_net_name_the_supported_options(iris, params):
+    X, y = iris
+    with pytest.raises(ValueError, match=r"Supported: the L2 penalty.*C=np.inf"):
+        LogisticRegression(**params).fit(X, y)
+
+
+def test_cross_validation_picks_the_best_C_and_refits(iris):
+    X, y = iris
+    Cs = [0.01, 1.0, 100.0]
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    model = LogisticRegressionCV(Cs=Cs, cv=cv, scoring="neg_log_loss").fit(X, y)
+    assert model.scores_.shape == (3, 3)
+    # Each score is that of an independent fit on the training rows.
+    for fold, (train, test) in enumerate(cv.split(X, y)):
+        for index, C in enumerate(Cs):
+            alone = LogisticRegression(C=C).fit(X[train], y[train])
+            log_probs = alone.predict_log_proba(X[test])
+            expected = np.mean(log_probs[np.arange(test.size), y[test]])
+            np.testing.assert_allclose(model.scores_[fold, index], expected, rtol=1e-6)
+    assert model.C_ == Cs[int(np.argmax(model.scores_.mean(axis=0)))]
+    refit = LogisticRegression(C=model.C_).fit(X, y)
+    np.testing.assert_allclose(model.coef_, refit.coef_)
+    assert model.score(X, y) == refit.score(X, y)
+
+
+def test_cross_validation_on_sparse_binary(text):
+    X, y = text
+    binary = y > 0
+    model = LogisticRegressionCV(Cs=3, cv=2).fit(X[binary], y[binary])
+    assert model.coef_.shape == (1, X.shape[1]) and model.scores_.shape == (2, 3)
+    assert jax.config.jax_enable_x64  # the global flag is left as it was

@@ -1,0 +1,164 @@
+"""Sparse features: the objective with a BCOO, the functional fit on scipy.sparse and BCOO."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse
+from jax.experimental import sparse
+
+import xentropy_jax as xj
+from xentropy_jax import _linear
+from xentropy_jax.solvers import _preconditioners, _sparse_input
+
+NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 60, 30, 4
+
+
+def sparse_problem(seed=0, density=0.15, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    matrix = scipy.sparse.random(
+        NUM_ROWS, NUM_FEATURES, density=density, format="csr", random_state=seed, dtype=dtype
+    )
+    matrix.data = 3 * matrix.data - 1
+    labels = rng.integers(0, NUM_CLASSES, NUM_ROWS)
+    sample_weight = rng.uniform(0.5, 2.0, NUM_ROWS)
+    return matrix, labels, sample_weight
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("reference_class", [False, True])
+def test_sparse_objective_equals_dense(fit_intercept, reference_class):
+    matrix, labels, sample_weight = sparse_problem()
+    settings = dict(
+        sample_weight=sample_weight,
+        l2=0.05,
+        fit_intercept=fit_intercept,
+        reference_class=reference_class,
+    )
+    dense = _linear.logistic_objective(matrix.toarray(), labels, NUM_CLASSES, **settings)
+    bcoo = _sparse_input.to_bcoo(matrix, np.float64)
+    sparse_objective = _linear.logistic_objective(bcoo, labels, NUM_CLASSES, **settings)
+    assert isinstance(sparse_objective.features, sparse.BCOO)
+    theta = jnp.asarray(np.random.default_rng(1).normal(size=dense.num_params))
+    tangent = jnp.asarray(np.random.default_rng(2).normal(size=dense.num_params))
+    evaluations = [
+        _linear.evaluate(o, theta, o.free_logits(theta)) for o in (dense, sparse_objective)
+    ]
+    for left, right in zip(evaluations[0], evaluations[1]):
+        np.testing.assert_allclose(right, left, rtol=1e-12, atol=1e-14)
+    products = [
+        _linear.hessian_vector_product(o, e, tangent)
+        for o, e in zip((dense, sparse_objective), evaluations)
+    ]
+    np.testing.assert_allclose(products[1], products[0], rtol=1e-12, atol=1e-14)
+    for function in (_linear.hessian_diagonal, _linear.hessian):
+        np.testing.assert_allclose(
+            function(sparse_objective, evaluations[1]),
+            function(dense, evaluations[0]),
+            rtol=1e-12,
+            atol=1e-14,
+        )
+    np.testing.assert_allclose(
+        _linear.feature_gram(sparse_objective), _linear.feature_gram(dense), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "solver, kind",
+    [
+        ("newton-cg", "csr"),
+        ("newton-cg", "csc"),
+        ("newton-cg", "bcoo"),
+        ("newton", "csr"),
+        ("trust-region", "csr"),
+    ],
+)
+def test_sparse_fit_equals_dense_fit(solver, kind):
+    matrix, labels, sample_weight = sparse_problem()
+    X = {"csr": matrix, "csc": matrix.tocsc(), "bcoo": sparse.BCOO.from_scipy_sparse(matrix)}[kind]
+    settings = dict(sample_weight=sample_weight, l2=0.02, tol=1e-12, solver=solver)
+    reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, **settings)
+    result = xj.fit_logistic_regression(X, labels, NUM_CLASSES, **settings)
+    assert bool(result.converged)
+    for ours, theirs in zip(result.params, reference.params):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_duplicates_and_explicit_zeros_are_summed():
+    matrix, labels, _ = sparse_problem()
+    coo = matrix.tocoo()
+    # Every stored entry split in two halves, plus explicit zeros: the same matrix.
+    doubled = scipy.sparse.coo_matrix(
+        (
+            np.concatenate([coo.data / 2, coo.data / 2, np.zeros(5)]),
+            (
+                np.concatenate([coo.row, coo.row, np.arange(5)]),
+                np.concatenate([coo.col, coo.col, np.arange(5)]),
+            ),
+        ),
+        shape=matrix.shape,
+    )
+    reference = xj.fit_logistic_regression(
+        matrix.toarray(), labels, NUM_CLASSES, l2=0.1, tol=1e-12
+    )
+    result = xj.fit_logistic_regression(doubled, labels, NUM_CLASSES, l2=0.1, tol=1e-12)
+    np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
+
+
+def test_stored_entries_are_bucketed_so_nearby_sizes_compile_once():
+    sizes = [_sparse_input.bucketed_size(count) for count in range(1000, 1030)]
+    assert len(set(sizes)) <= 2 and all(size >= 1000 for size in sizes)
+    assert max(size / count for count, size in zip(range(1000, 1030), sizes)) < 1.07
+    assert _sparse_input.bucketed_size(0) == 1
+
+
+def test_sparse_nan_is_refused_and_auto_preconditioner_is_diagonal():
+    matrix, labels, _ = sparse_problem()
+    broken = matrix.copy()
+    broken.data[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        xj.fit_logistic_regression(broken, labels, NUM_CLASSES)
+    objective = _linear.logistic_objective(
+        _sparse_input.to_bcoo(matrix, np.float64), labels, NUM_CLASSES
+    )
+    assert _preconditioners.resolve("auto", objective) == "diagonal"
+    dense = _linear.logistic_objective(matrix.toarray(), labels, NUM_CLASSES)
+    assert _preconditioners.resolve("auto", dense) == "kronecker"
+
+
+def test_float32_sparse_fit_matches_float64():
+    matrix, labels, sample_weight = sparse_problem()
+    reference = xj.fit_logistic_regression(
+        matrix, labels, NUM_CLASSES, sample_weight=sample_weight, l2=0.02, tol=1e-10
+    )
+    with jax.enable_x64(False):
+        result = xj.fit_logistic_regression(
+            matrix.astype(np.float32), labels, NUM_CLASSES, sample_weight=sample_weight,
+            l2=0.02, tol=1e-5,
+        )
+        assert result.params[0].dtype == jnp.float32
+    np.testing.assert_allclose(result.params[0], reference.params[0], atol=2e-4)
+    assert abs(float(result.loss) - float(reference.loss)) <= 1e-6 * float(reference.loss)
+
+
+def test_sparse_fit_compiles_once_per_shape():
+    matrix, labels, _ = sparse_problem()
+    other = sparse_problem(seed=3)[0]
+    assert _sparse_input.bucketed_size(matrix.nnz) == _sparse_input.bucketed_size(other.nnz)
+    from xentropy_jax.solvers import _fit
+
+    chex.clear_trace_counter()
+    traced = chex.assert_max_traces(_fit._fit.__wrapped__, n=1)
+    original = _fit._fit
+    _fit._fit = jax.jit(
+        traced,
+        static_argnames=(
+            "num_classes", "fit_intercept", "reference_class", "solver", "verbose"
+        ),
+    )
+    try:
+        for X in (matrix, other):
+            xj.fit_logistic_regression(X, labels, NUM_CLASSES, l2=0.1)
+    finally:
+        _fit._fit = original
