@@ -7,6 +7,11 @@ from ._curvature import mean_cross_entropy as mean_cross_entropy
 from ._diagonals import ggn_diagonal as ggn_diagonal
 from ._diagonals import ggn_diagonal_bartlett as ggn_diagonal_bartlett
 from ._diagonals import ggn_diagonal_hutchinson as ggn_diagonal_hutchinson
+from ._inference import InferenceError as InferenceError
+from ._inference import InferenceWarning as InferenceWarning
+from ._inference import LogitInference as LogitInference
+from ._inference import MarginalEffects as MarginalEffects
+from ._inference import logit_inference as logit_inference
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -26,6 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FitError",
     "FitResult",
+    "InferenceError",
+    "InferenceWarning",
+    "LogitInference",
+    "MarginalEffects",
     "Newton",
     "NewtonCG",
     "Status",
@@ -37,6 +46,7 @@ __all__ = [
     "ggn_operator",
     "ggn_vp",
     "hessian_vp",
+    "logit_inference",
     "mean_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_hessian",
