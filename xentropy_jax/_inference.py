@@ -502,7 +502,7 @@ def logit_inference(
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
         llf = -float(sums["loss"])
-        mass = sums["mass"]
+        mass, saturated = sums["mass"], sums["saturated"]
         hessian = sums["hessian"]
         scale = 1 / np.sqrt(np.maximum(np.diag(hessian), np.finfo(float).tiny))
         scaled = hessian * scale[:, None] * scale[None, :]
@@ -547,7 +547,7 @@ def logit_inference(
         wanted = np.flatnonzero(mask.reshape(-1))
         directions = np.zeros((wanted.size + 1, num_params))
         directions[np.arange(wanted.size), wanted] = 1.0
-        llf, grad, mass = core.value_grad_mass(
+        llf, grad, mass, saturated = core.value_grad_mass(
             features, labels_j, weights_j, theta, chunk=chunk_rows(num_params, itemsize=itemsize),
             **static,
         )
@@ -587,6 +587,15 @@ def logit_inference(
                 "(collinear columns or separable data)"
             )
 
+    if int(saturated) > 0:
+        warnings.warn(
+            f"{int(saturated)} rows are fitted with probability above 1 - 1e-8 for their "
+            "label: if the estimates are large this is (quasi-)separation, where the true "
+            "maximum-likelihood estimates are infinite and these standard errors are "
+            "meaningless; check the largest coefficients",
+            InferenceWarning,
+            stacklevel=2,
+        )
     if check_optimum and not decrement <= 0.01:
         raise InferenceError(
             f"the estimates are not at the maximum of the likelihood (Newton decrement "

@@ -38,6 +38,17 @@ def _objective(features, labels, weights, num_classes, fit_intercept, l2=0.0):
     )
 
 
+# A row whose label has fitted probability above 1 − 1e-8 is predicted (almost) perfectly:
+# with many of them the estimates may be drifting to infinity (quasi-separation).
+_SATURATED_LOG_PROB = -1e-8
+
+
+def _saturated(log_probs, labels, weights):
+    """Number of weighted rows with log P(yᵢ) > −1e-8."""
+    label_log_probs = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum((label_log_probs > _SATURATED_LOG_PROB) & (weights > 0))
+
+
 def _scores(objective: LogisticObjective, probs_all: jax.Array) -> jax.Array:
     """Per-row scores gᵢ = wᵢ·x̃ᵢ ⊗ (sᵢ − yᵢ)[1:] as [n, P] (sign irrelevant for gᵢgᵢᵀ)."""
     onehot = jax.nn.one_hot(objective.labels, objective.num_classes, dtype=probs_all.dtype)
@@ -69,6 +80,7 @@ def dense_sums(
             "grad": evaluation.grad,
             "hessian": hessian(objective, evaluation),
             "mass": jnp.zeros((num_classes,), x.dtype).at[y].add(w),
+            "saturated": _saturated(evaluation.log_probs, y, w),
         }
         if cov_type == "HC0":
             scores = _scores(objective, jnp.exp(evaluation.log_probs))
@@ -87,12 +99,13 @@ def dense_sums(
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
 def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_intercept, chunk):
-    """(−ℓ(θ), its gradient [P], class masses Σᵢ wᵢ[yᵢ = k] [K]) over row chunks: O(N·d·K)."""
+    """(−ℓ(θ), gradient [P], class masses Σᵢ wᵢ[yᵢ = k] [K], saturated rows): O(N·d·K)."""
 
     def partial(x, y, w):
         objective = _objective(x, y, w, num_classes, fit_intercept)
         evaluation = evaluate(objective, theta, objective.free_logits(theta))
-        return evaluation.loss, evaluation.grad, jnp.zeros((num_classes,), x.dtype).at[y].add(w)
+        mass = jnp.zeros((num_classes,), x.dtype).at[y].add(w)
+        return evaluation.loss, evaluation.grad, mass, _saturated(evaluation.log_probs, y, w)
 
     return row_chunk_sum(partial, (features, labels, weights), chunk)
 
