@@ -49,11 +49,34 @@ DENSE_MAX_PARAMS = 4096
 
 class InferenceError(ValueError):
     """The requested inference is undefined: penalised or non-optimal estimates, separation, a
-    singular Hessian (collinear columns), or an option this method cannot provide."""
+    singular Hessian (collinear columns), or an option this method cannot provide.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> fit = xj.fit_logistic_regression(X, y, 3, l2=0.1)
+        >>> try:
+        ...     xj.logit_inference(fit, X, y, l2=0.1)
+        ... except xj.InferenceError as error:
+        ...     print(str(error)[:30])
+        the fit is penalised (l2 = 0.1
+    """
 
 
 class InferenceWarning(UserWarning):
-    """The inference was computed but may be unreliable (non-converged or ill-conditioned fit)."""
+    """The inference was computed but may be unreliable (non-converged, ill-conditioned or
+    nearly separated fit, CG short of its tolerance).
+
+    Example:
+        >>> import warnings
+        >>> import xentropy_jax as xj
+        >>> issubclass(xj.InferenceWarning, UserWarning)
+        True
+        >>> warnings.simplefilter("error", xj.InferenceWarning)  # make them fatal
+        >>> warnings.resetwarnings()
+    """
 
 
 _erfc = np.vectorize(math.erfc, otypes=[float])
@@ -178,6 +201,21 @@ class LogitInference:
         margins: `MarginalEffects` when requested, else None.
         term_names: d̃ labels ("x0", …, "intercept" unless given).
         class_names: K labels; class_names[0] is the reference.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> rng = np.random.default_rng(1)
+        >>> X = rng.normal(size=(300, 2))
+        >>> y = (X[:, 0] + rng.logistic(size=300) > 0).astype(int) + (X[:, 1] > 1)
+        >>> fit = xj.fit_logistic_regression(X, y, 3, reference_class=True)
+        >>> result = xj.logit_inference(fit, X, y, term_names=["a", "b"])
+        >>> result.params.shape, result.cov_params.shape
+        ((3, 2), (6, 6))
+        >>> bool(np.allclose(result.bse.ravel(), np.sqrt(np.diag(result.cov_params))))
+        True
+        >>> bool(np.isclose(result.aic, -2 * result.llf + 2 * 6))
+        True
     """
 
     params: np.ndarray
@@ -295,7 +333,9 @@ def _validate(weights, intercept, X, labels, sample_weight, groups):
 def _subset_mask(subset, shape) -> np.ndarray:
     if isinstance(subset, str):
         if subset != "all":
-            raise ValueError(f"subset must be 'all', a boolean mask or flat indices, got {subset!r}")
+            raise ValueError(
+                f"subset must be 'all', a boolean mask or flat indices, got {subset!r}"
+            )
         return np.ones(shape, bool)
     values = np.asarray(subset)
     if values.dtype == bool:
