@@ -534,11 +534,12 @@ def logit_inference(
     nobs = float(row_weights.sum())
 
     static = dict(num_classes=num_classes, fit_intercept=bool(fit_intercept))
+    width = max(num_params, core.pair_width(d, num_classes, bool(fit_intercept)))
     itemsize = jnp.dtype(dtype).itemsize
     if method == "dense":
         sums = core.dense_sums(
             features, labels_j, weights_j, groups_j, theta, cov_type=cov_type,
-            num_groups=num_groups, chunk=chunk_rows(num_params, itemsize=itemsize), **static,
+            num_groups=num_groups, chunk=chunk_rows(width, itemsize=itemsize), **static,
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
         llf = -float(sums["loss"])
@@ -683,8 +684,7 @@ def logit_inference(
 
 
 def _margins(features, labels, weights, theta, static, cov, alpha, names, class_names, num_params):
-    num_classes = static["num_classes"]
-    width = max(features.shape[1], num_params // (num_classes - 1)) * num_classes
+    width = core.pair_width(features.shape[1], static["num_classes"], static["fit_intercept"])
     effects, jac = core.margin_sums(
         features, labels, weights, theta,
         chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize), **static,
