@@ -122,6 +122,13 @@ def test_binary_matches_logit():
     _close(ours.margins.effects[:, 1], margins.margeff)
     _close(ours.margins.bse[:, 1], margins.margeff_se)
     _close(ours.margins.effects[:, 0], -margins.margeff)
+    pytest.importorskip("sklearn")
+    from xentropy_jax.sklearn import LogisticRegression
+
+    clf = LogisticRegression(penalty=None, tol=1e-12).fit(X, y)
+    by_estimator = clf.inference(X, y)
+    _close(by_estimator.params[:, 0], np.append(clf.coef_[0], clf.intercept_[0]), rtol=1e-12)
+    _close(by_estimator.bse[:, 0], theirs.bse, rtol=1e-6)
 
 
 def test_anes96_real_dataset_matches_mnlogit():
