@@ -82,6 +82,15 @@ class InferenceWarning(UserWarning):
 _erfc = np.vectorize(math.erfc, otypes=[float])
 
 
+def _solve_triangular(lower: np.ndarray, rhs: np.ndarray, transpose: bool) -> np.ndarray:
+    """L⁻¹·rhs (or L⁻ᵀ·rhs) for lower-triangular L: LAPACK's trsm through scipy when present."""
+    try:
+        from scipy.linalg import solve_triangular
+    except ImportError:  # scipy is optional; a general solve gives the same numbers
+        return np.linalg.solve(lower.T if transpose else lower, rhs)
+    return solve_triangular(lower, rhs, lower=True, trans=1 if transpose else 0)
+
+
 def _normal_quantile(alpha: float) -> float:
     return statistics.NormalDist().inv_cdf(1 - alpha / 2)
 
@@ -568,17 +577,18 @@ def logit_inference(
                 stacklevel=2,
             )
 
-        def solve(rhs):  # H⁻¹·rhs via the factor of the diagonally scaled Hessian
-            inner = np.linalg.solve(factor, scale[:, None] * rhs)
-            return scale[:, None] * np.linalg.solve(factor.T, inner)
+        def solve(rhs):  # H⁻¹·rhs = D·L⁻ᵀ·L⁻¹·D·rhs with D·H·D = L·Lᵀ: two triangular solves
+            inner = _solve_triangular(factor, scale[:, None] * rhs, transpose=False)
+            return scale[:, None] * _solve_triangular(factor, inner, transpose=True)
 
         grad = sums["grad"]
         decrement = float(grad @ solve(grad[:, None])[:, 0])
-        cov = solve(np.eye(num_params))
+        if cov_type == "nonrobust":
+            cov = solve(np.eye(num_params))
+        else:
+            cov = solve(solve(sums["meat"]).T)
         cov = 0.5 * (cov + cov.T)
         if cov_type != "nonrobust":
-            cov = solve(solve(sums["meat"]).T)
-            cov = 0.5 * (cov + cov.T)
             if cov_type == "cluster":
                 cov *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
         variances = np.diag(cov)
