@@ -11,6 +11,11 @@ from ._curvature import mean_cross_entropy as mean_cross_entropy
 from ._diagonals import ggn_diagonal as ggn_diagonal
 from ._diagonals import ggn_diagonal_bartlett as ggn_diagonal_bartlett
 from ._diagonals import ggn_diagonal_hutchinson as ggn_diagonal_hutchinson
+from ._inference import InferenceError as InferenceError
+from ._inference import InferenceWarning as InferenceWarning
+from ._inference import LogitInference as LogitInference
+from ._inference import MarginalEffects as MarginalEffects
+from ._inference import logit_inference as logit_inference
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -41,6 +46,10 @@ __all__ = [
     "FitError",
     "FitResult",
     "GaussNewtonState",
+    "InferenceError",
+    "InferenceWarning",
+    "LogitInference",
+    "MarginalEffects",
     "Newton",
     "NewtonCG",
     "ScaleByGGNDiagonalState",
@@ -57,6 +66,7 @@ __all__ = [
     "ggn_operator",
     "ggn_vp",
     "hessian_vp",
+    "logit_inference",
     "mean_cross_entropy",
     "scale_by_ggn_diagonal",
     "scale_by_sophia_g",

@@ -452,6 +452,112 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         """Log class probabilities, computed stably as ``log_softmax(logits)``."""
         return log_softmax(self._logits(X), axis=1)
 
+    def inference(
+        self,
+        X,
+        y,
+        sample_weight=None,
+        *,
+        cov_type: str = "nonrobust",
+        groups=None,
+        alpha: float = 0.05,
+        marginal_effects: bool = False,
+        method: str = "auto",
+        subset=None,
+    ):
+        """Standard errors, tests and intervals of a ``penalty=None`` fit (statsmodels' MNLogit).
+
+        Calls :func:`xentropy_jax.logit_inference` on ``coef_`` and ``intercept_`` with the
+        data of the fit (the estimator keeps no copy of it). The estimates are reported in the
+        reference-class parametrisation, class ``classes_[0]`` the base:
+        ``params[j, k - 1] = coef_[k, j] - coef_[0, j]`` (and likewise the intercept, the
+        last row) for the multinomial model; ``params[:, 0] = (coef_[0], intercept_[0])`` for a
+        binary one. Sample and class weights act as frequency weights (nobs = their sum).
+
+        Args:
+            X: [n_samples, n_features] the features the model was fitted on.
+            y: [n_samples] the labels it was fitted on.
+            sample_weight: the sample weights of the fit, or None.
+            cov_type: ``"nonrobust"``, ``"HC0"`` or ``"cluster"`` (with ``groups``).
+            groups: [n_samples] cluster labels for ``cov_type="cluster"``.
+            alpha: the intervals have level ``1 - alpha``.
+            marginal_effects: also compute average marginal effects (``.margins``).
+            method: ``"auto"``, ``"dense"`` or ``"cg"`` (see ``logit_inference``).
+            subset: with ``"cg"``, the coefficients to compute (see ``logit_inference``).
+
+        Returns:
+            A :class:`xentropy_jax.LogitInference`, with ``.summary()`` and ``.to_frame()``.
+
+        Raises:
+            InferenceError: a penalised fit (``penalty="l2"`` with finite ``C``): the penalised
+                Hessian's inverse is not a covariance of the estimates; data that are not those
+                of the fit; a singular Hessian (collinear columns, separation).
+
+        Example:
+            >>> from sklearn.datasets import load_iris
+            >>> from xentropy_jax.sklearn import LogisticRegression
+            >>> X, y = load_iris(return_X_y=True)
+            >>> X = X[:, :1]  # sepal length: more features separate setosa
+            >>> clf = LogisticRegression(penalty=None).fit(X, y)
+            >>> result = clf.inference(X, y)
+            >>> result.params.shape  # (features + intercept, classes - 1)
+            (2, 2)
+            >>> bool((result.bse > 0).all())
+            True
+        """
+        from ._inference import logit_inference
+
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
+        position = np.searchsorted(self.classes_, y)
+        position = np.minimum(position, self.classes_.size - 1)
+        if np.any(self.classes_[position] != y):
+            raise ValueError("y has labels that the estimator was not fitted on")
+        weights = _check_sample_weight(sample_weight, X, dtype=X.dtype, copy=True)
+        if self.class_weight is not None:
+            per_class = compute_class_weight(
+                self.class_weight, classes=self.classes_, y=y, sample_weight=weights
+            )
+            weights *= per_class[position].astype(X.dtype)
+        unpenalised = self.penalty is None or np.isinf(self.C)
+        l2 = 0.0 if unpenalised else 1.0 / (float(self.C) * float(weights.sum()))
+        coef, intercept = self.coef_, self.intercept_
+        if coef.shape[0] == 1:  # binomial: class 0 is the reference
+            coef = np.concatenate([np.zeros_like(coef), coef])
+            intercept = np.concatenate([np.zeros_like(intercept), intercept])
+        names = getattr(self, "feature_names_in_", None)
+        with jax.enable_x64(X.dtype == np.float64):
+            return logit_inference(
+                (coef.T, intercept),
+                X,
+                position.astype(np.int32),
+                sample_weight=weights,
+                fit_intercept=self.fit_intercept,
+                l2=l2,
+                cov_type=cov_type,
+                groups=groups,
+                alpha=alpha,
+                marginal_effects=marginal_effects,
+                method=method,
+                subset=subset,
+                term_names=None if names is None else [str(n) for n in names],
+                class_names=[str(c) for c in self.classes_],
+            )
+
+    def summary(self, X, y, sample_weight=None, **options) -> str:
+        """The text table of :meth:`inference` (one block per class against ``classes_[0]``).
+
+        Args:
+            X: the features of the fit.
+            y: the labels of the fit.
+            sample_weight: the sample weights of the fit, or None.
+            **options: passed to :meth:`inference` (``cov_type``, ``groups``, ``alpha``, ...).
+
+        Returns:
+            The summary as a string.
+        """
+        return self.inference(X, y, sample_weight, **options).summary()
+
 
 class LogisticRegressionCV(LogisticRegression):
     r"""Cross-validated choice of ``C`` along a warm-started regularisation path.

@@ -1,0 +1,288 @@
+"""Inference of unpenalised logit fits against statsmodels' MNLogit / Logit and direct formulas."""
+
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xentropy_jax as xj
+from xentropy_jax import _inference_core as core
+
+sm = pytest.importorskip("statsmodels.api")
+
+RTOL = 1e-6
+
+
+def _close(ours, theirs, rtol=RTOL, atol=0.0):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=rtol, atol=atol)
+
+
+def _simulate(seed, n, d, k):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    coef = rng.normal(size=(d, k))
+    logits = X @ coef
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    y = (probs.cumsum(1) > rng.uniform(size=(n, 1))).argmax(1)
+    return X, y
+
+
+def _fit(X, y, k, **kwargs):
+    return xj.fit_logistic_regression(
+        X, y, k, reference_class=True, solver="newton", tol=1e-12, **kwargs
+    )
+
+
+def _statsmodels(X, y, **kwargs):
+    exog = np.column_stack([X, np.ones(len(y))])  # intercept last, as our params
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sm.MNLogit(y, exog).fit(method="newton", disp=0, tol=1e-12, maxiter=100, **kwargs)
+
+
+def _cov_permutation(num_terms, kf):
+    """Our index (term m, class l) -> statsmodels' class-major index l·d̃ + m."""
+    return np.array([m * kf + l for l in range(kf) for m in range(num_terms)])
+
+
+X4, Y4 = _simulate(0, 300, 3, 4)
+FIT4 = _fit(X4, Y4, 4)
+SM4 = _statsmodels(X4, Y4)
+
+
+def test_model_based_matches_mnlogit():
+    assert SM4.mle_retvals["converged"]
+    result = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True)
+    _close(result.params, SM4.params)
+    _close(result.bse, SM4.bse)
+    _close(result.zvalues, SM4.tvalues)
+    _close(result.pvalues, SM4.pvalues)
+    lower, upper = np.split(np.asarray(SM4.conf_int()).reshape(-1, 2), 2, axis=1)
+    ours_lower = result.conf_int_lower.T.reshape(-1, 1)
+    _close(ours_lower, lower)
+    _close(result.conf_int_upper.T.reshape(-1, 1), upper)
+    for name in ("llf", "llnull", "aic", "bic", "prsquared"):
+        _close(getattr(result, name), getattr(SM4, name))
+    perm = _cov_permutation(4, 3)
+    _close(result.cov_params[np.ix_(perm, perm)], SM4.cov_params(), atol=1e-12)
+    margins = SM4.get_margeff()
+    _close(result.margins.effects, margins.margeff)
+    _close(result.margins.bse, margins.margeff_se)
+    _close(result.margins.pvalues, margins.pvalues)
+    np.testing.assert_allclose(result.margins.effects.sum(axis=1), 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", ["HC0", "cluster"])
+def test_robust_matches_mnlogit(cov_type):
+    groups = np.arange(len(Y4)) % 23
+    kwds = {"groups": groups} if cov_type == "cluster" else None
+    theirs = _statsmodels(X4, Y4, cov_type=cov_type, cov_kwds=kwds)
+    ours = xj.logit_inference(FIT4, X4, Y4, cov_type=cov_type, groups=groups)
+    assert not np.allclose(ours.bse, SM4.bse, rtol=1e-3)  # a different estimator indeed
+    _close(ours.bse, theirs.bse)
+    _close(ours.pvalues, theirs.pvalues)
+    perm = _cov_permutation(4, 3)
+    _close(ours.cov_params[np.ix_(perm, perm)], theirs.cov_params(), atol=1e-12)
+    # The CG path computes the same quadratic forms without any P x P matrix.
+    by_cg = xj.logit_inference(FIT4, X4, Y4, cov_type=cov_type, groups=groups, method="cg",
+                               subset="all")
+    assert by_cg.cov_params is None
+    _close(by_cg.bse, ours.bse, rtol=1e-8)
+
+
+def test_cg_subset_matches_dense():
+    dense = xj.logit_inference(FIT4, X4, Y4)
+    indices = np.array([0, 5, 11])
+    by_cg = xj.logit_inference(FIT4, X4, Y4, method="cg", subset=indices)
+    computed = np.zeros(12, bool)
+    computed[indices] = True
+    _close(by_cg.bse.ravel()[computed], dense.bse.ravel()[computed], rtol=1e-8)
+    assert np.all(np.isnan(by_cg.bse.ravel()[~computed]))
+    assert np.all(by_cg.cg_relative_residual.ravel()[computed] <= 1e-10)
+    assert "(not computed)" in by_cg.summary()
+    _close(by_cg.llf, dense.llf, rtol=1e-12)
+
+
+def test_binary_matches_logit():
+    X, y = _simulate(1, 250, 3, 2)
+    fit = _fit(X, y, 2)
+    ours = xj.logit_inference(fit, X, y, marginal_effects=True)
+    exog = np.column_stack([X, np.ones(len(y))])
+    theirs = sm.Logit(y, exog).fit(method="newton", disp=0, tol=1e-12)
+    _close(ours.params[:, 0], theirs.params)
+    _close(ours.bse[:, 0], theirs.bse)
+    _close(ours.pvalues[:, 0], theirs.pvalues)
+    for name in ("llf", "llnull", "aic", "bic", "prsquared"):
+        _close(getattr(ours, name), getattr(theirs, name))
+    margins = theirs.get_margeff()
+    _close(ours.margins.effects[:, 1], margins.margeff)
+    _close(ours.margins.bse[:, 1], margins.margeff_se)
+    _close(ours.margins.effects[:, 0], -margins.margeff)
+    pytest.importorskip("sklearn")
+    from xentropy_jax.sklearn import LogisticRegression
+
+    clf = LogisticRegression(penalty=None, tol=1e-12).fit(X, y)
+    by_estimator = clf.inference(X, y)
+    _close(by_estimator.params[:, 0], np.append(clf.coef_[0], clf.intercept_[0]), rtol=1e-12)
+    _close(by_estimator.bse[:, 0], theirs.bse, rtol=1e-6)
+
+
+def test_anes96_real_dataset_matches_mnlogit():
+    data = sm.datasets.anes96.load_pandas()
+    X = data.exog.to_numpy(float)
+    y = data.endog.to_numpy().astype(int)
+    theirs = _statsmodels(X, y)
+    assert theirs.mle_retvals["converged"]
+    fit = xj.fit_logistic_regression(X, y, 7, reference_class=True, solver="newton", tol=1e-10)
+    ours = xj.logit_inference(fit, X, y, marginal_effects=True,
+                              term_names=list(data.exog.columns))
+    _close(ours.params, theirs.params)
+    _close(ours.bse, theirs.bse)
+    _close(ours.pvalues, theirs.pvalues)
+    _close(ours.llf, theirs.llf)
+    _close(ours.bic, theirs.bic)
+    margins = theirs.get_margeff()
+    _close(ours.margins.effects, margins.margeff)
+    _close(ours.margins.bse, margins.margeff_se)
+    assert "selfLR" in ours.summary()
+
+
+def test_estimator_on_iris_matches_functional_and_statsmodels():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_iris
+
+    from xentropy_jax.sklearn import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    X = X[:, :1]  # sepal length; more features separate setosa from the rest
+    clf = LogisticRegression(penalty=None, tol=1e-12).fit(X, y)
+    ours = clf.inference(X, y, marginal_effects=True)
+    theirs = _statsmodels(X, y)
+    _close(ours.params, theirs.params, rtol=1e-6)
+    _close(ours.bse, theirs.bse, rtol=1e-6)
+    _close(ours.margins.bse, theirs.get_margeff().margeff_se, rtol=1e-6)
+    # The documented map to coef_: params[j, k-1] = coef_[k, j] - coef_[0, j].
+    _close(ours.params[:1], (clf.coef_[1:] - clf.coef_[:1]).T, rtol=1e-12)
+    with pytest.warns(xj.InferenceWarning, match="separation"):
+        separated = load_iris().data[:, :2]
+        LogisticRegression(penalty=None).fit(separated, y).inference(separated, y)
+    assert clf.summary(X, y).count("std err") == 2
+    with pytest.raises(xj.InferenceError, match="penalised"):
+        LogisticRegression(C=1.0).fit(X, y).inference(X, y)
+
+
+def test_symmetric_fit_and_frequency_weights():
+    symmetric = xj.fit_logistic_regression(X4, Y4, 4, solver="newton", tol=1e-12)
+    reference = xj.logit_inference(FIT4, X4, Y4)
+    _close(xj.logit_inference(symmetric, X4, Y4).bse, reference.bse, rtol=1e-8)
+    rng = np.random.default_rng(2)
+    counts = rng.integers(1, 4, size=len(Y4))
+    weighted_fit = _fit(X4, Y4, 4, sample_weight=counts.astype(float))
+    weighted = xj.logit_inference(weighted_fit, X4, Y4, sample_weight=counts)
+    repeated = np.repeat(np.arange(len(Y4)), counts)
+    expanded = xj.logit_inference(weighted_fit, X4[repeated], Y4[repeated])
+    _close(weighted.bse, expanded.bse, rtol=1e-10)
+    _close(weighted.llf, expanded.llf, rtol=1e-12)
+    assert weighted.nobs == counts.sum()
+
+
+def test_margin_jacobian_against_autodiff():
+    X, y = _simulate(3, 60, 3, 4)
+    fit = _fit(X, y, 4)
+    weights = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2, size=60))
+    W, b = fit.params
+    theta = jnp.concatenate([(W - W[:, :1])[:, 1:].ravel(), (b - b[0])[1:]])
+
+    def naive(theta):  # AME from the formula dP_k/dx_j = s_k (B_jk - Σ_l B_jl s_l), per row
+        coef = jnp.pad(theta[:9].reshape(3, 3), ((0, 0), (1, 0)))
+        intercept = jnp.pad(theta[9:], (1, 0))
+        probs = jax.nn.softmax(X @ coef + intercept)
+        rows = probs[:, None, :] * (coef[None] - (probs @ coef.T)[:, :, None])
+        return jnp.einsum("n,njk->jk", weights, rows) / weights.sum()
+
+    for chunk in (7,):  # full chunks through the scan, then a ragged last chunk
+        effects, jac = core.margin_sums(jnp.asarray(X), jnp.asarray(y), weights, theta,
+                                        num_classes=4, fit_intercept=True, chunk=chunk)
+        _close(effects, naive(theta), rtol=1e-12, atol=1e-15)
+        _close(jac, jax.jacfwd(naive)(theta).reshape(12, 12), rtol=1e-10, atol=1e-14)
+
+
+def test_chunked_sums_and_compile_once():
+    theta = jnp.asarray(xj.logit_inference(FIT4, X4, Y4).params.ravel())
+    args = (jnp.asarray(X4), jnp.asarray(Y4, jnp.int32), jnp.ones(300), jnp.zeros(300, jnp.int32),
+            theta)
+    small = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
+                            num_groups=1, chunk=64)
+    whole = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
+                            num_groups=1, chunk=512)
+    for key in whole:
+        _close(small[key], whole[key], rtol=1e-11, atol=1e-11)
+    before = core.dense_sums._cache_size()
+    xj.logit_inference(FIT4, X4 + 0.0, Y4)
+    xj.logit_inference(FIT4, X4 + 0.0, Y4)
+    assert core.dense_sums._cache_size() <= before + 1
+
+
+def test_float32():
+    with jax.enable_x64(False):
+        fit = xj.fit_logistic_regression(X4.astype(np.float32), Y4, 4, reference_class=True,
+                                         solver="newton", tol=1e-6)
+        ours = xj.logit_inference(fit, X4.astype(np.float32), Y4, marginal_effects=True)
+        by_cg = xj.logit_inference(fit, X4.astype(np.float32), Y4, method="cg", subset="all",
+                                   cov_type="HC0")
+    assert fit.params[0].dtype == jnp.float32
+    _close(ours.bse, SM4.bse, rtol=1e-3)
+    _close(ours.margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)
+    _close(by_cg.bse, _statsmodels(X4, Y4, cov_type="HC0").bse, rtol=1e-3)
+
+
+def test_refusals_and_warnings():
+    with pytest.raises(xj.InferenceError, match="penalised"):
+        xj.logit_inference(FIT4, X4, Y4, l2=0.1)
+    penalised = xj.fit_logistic_regression(X4, Y4, 4, l2=0.05, solver="newton")
+    with pytest.raises(xj.InferenceError, match="not at the maximum"):
+        xj.logit_inference(penalised, X4, Y4)  # l2 not declared: the gradient check refuses
+    early = _fit(X4, Y4, 4, max_iter=1, throw=False)
+    with pytest.warns(xj.InferenceWarning, match="did not converge"):
+        with pytest.raises(xj.InferenceError, match="not at the maximum"):
+            xj.logit_inference(early, X4, Y4)
+    # Separable data: the solver reports DIVERGED, and the inference refuses.
+    X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+    separable = np.array([0, 0, 1, 2, 2, 1])
+    diverged = xj.fit_logistic_regression(X, separable, 3, throw=False)
+    with pytest.raises(xj.InferenceError, match="separable"):
+        xj.logit_inference(diverged, X, separable)
+    # A duplicated column: the Hessian is singular and the message names the columns.
+    collinear = np.column_stack([X4, X4[:, 1] * 2.0])
+    coef = np.vstack([np.asarray(FIT4.params[0]), np.zeros((1, 4))])
+    with pytest.raises(xj.InferenceError, match=r"x1.*x3.*collinear"):
+        xj.logit_inference((coef, FIT4.params[1]), collinear, Y4)
+    with pytest.raises(xj.InferenceError, match="subset"):
+        xj.logit_inference(FIT4, X4, Y4, method="cg")
+    with pytest.raises(xj.InferenceError, match="dense"):
+        xj.logit_inference(FIT4, X4, Y4, method="cg", subset="all", marginal_effects=True)
+    with pytest.raises(ValueError, match="cov_type"):
+        xj.logit_inference(FIT4, X4, Y4, cov_type="HC3")
+    with pytest.raises(ValueError, match="groups"):
+        xj.logit_inference(FIT4, X4, Y4, cov_type="cluster")
+    with pytest.raises(ValueError, match="alpha"):
+        xj.logit_inference(FIT4, X4, Y4, alpha=1.5)
+    with pytest.raises(ValueError, match="X must be"):
+        xj.logit_inference(FIT4, X4[:, :2], Y4)
+
+
+def test_structured_output_and_intervals(monkeypatch):
+    result = xj.logit_inference(FIT4, X4, Y4, alpha=0.1)
+    frame = result.to_frame()
+    _close(frame.loc[("2", "x1"), "std_err"], result.bse[1, 1], rtol=0)
+    lower, upper = result.conf_int(0.1)
+    _close(lower, result.conf_int_lower, rtol=1e-14)
+    _close(result.conf_int_upper - result.params, 1.6448536269514722 * result.bse, rtol=1e-12)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # pandas stays optional
+    plain = result.to_frame()
+    assert isinstance(plain, dict) and plain["coef"].shape == (12,)
+    _close(plain["p_value"], result.pvalues.T.ravel(), rtol=0)

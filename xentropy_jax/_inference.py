@@ -1,0 +1,719 @@
+"""Statistical inference for an unpenalised multinomial logit fit: `logit_inference`.
+
+Estimates are reported in the reference-class parametrisation of statistics packages
+(statsmodels' `MNLogit`, Stata's `mlogit`): class 0 is the base, and the free parameters are
+
+    θₘₗ = W[m, l] − W[m, 0]   (term m = feature 0..d−1, then the intercept; class l = 1..K−1),
+
+an array `params` [d̃, K−1] (d̃ = d + 1 with an intercept). Any unpenalised fit maps to it,
+since adding a common vector to every class's coefficients changes no probability; conversely
+scikit-learn's centred `coef_` [K, d] is `coef_[k] = θ[:d, k−1] − mean over classes` (θ of
+class 0 being zero). `cov_params` [P, P] indexes `params.ravel()` (term-major, P = d̃·(K−1)).
+
+The model-based covariance is the inverse of the Hessian of −ℓ at the maximum-likelihood
+estimate, ℓ(θ) = Σᵢ wᵢ log sᵢ,yᵢ (weights are frequency weights; nobs = Σᵢ wᵢ):
+
+    H = Σᵢ wᵢ (x̃ᵢx̃ᵢᵀ) ⊗ (diag sᵢ − sᵢsᵢᵀ)[1:, 1:],   C = H⁻¹,
+
+computed by a Cholesky factorisation of H and triangular solves (`method="dense"`), or, for
+many parameters, vᵀH⁻¹v for requested coefficients by preconditioned CG on the matrix-free
+product (`method="cg"`). The sandwich (HC0) covariance is H⁻¹(Σᵢ gᵢgᵢᵀ)H⁻¹ with the scores
+gᵢ = wᵢ x̃ᵢ ⊗ (sᵢ − yᵢ)[1:]; the cluster-robust one sums the scores within each group first and
+multiplies by G/(G−1)·(n−1)/(n−P), as statsmodels' `cov_type="cluster"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import statistics
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from . import _inference_core as core
+from ._rowsums import chunk_rows
+from .solvers._result import FitResult, Status
+
+COV_TYPES = ("nonrobust", "HC0", "cluster")
+
+# method="auto" forms the dense Hessian while the number of parameters is at most this: its
+# P × P Cholesky (O(P³)) and O(N·P²) assembly stay within seconds up to a few thousand.
+DENSE_MAX_PARAMS = 4096
+
+
+class InferenceError(ValueError):
+    """The requested inference is undefined: penalised or non-optimal estimates, separation, a
+    singular Hessian (collinear columns), or an option this method cannot provide.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> fit = xj.fit_logistic_regression(X, y, 3, l2=0.1)
+        >>> try:
+        ...     xj.logit_inference(fit, X, y, l2=0.1)
+        ... except xj.InferenceError as error:
+        ...     print(str(error)[:30])
+        the fit is penalised (l2 = 0.1
+    """
+
+
+class InferenceWarning(UserWarning):
+    """The inference was computed but may be unreliable (non-converged, ill-conditioned or
+    nearly separated fit, CG short of its tolerance).
+
+    Example:
+        >>> import warnings
+        >>> import xentropy_jax as xj
+        >>> issubclass(xj.InferenceWarning, UserWarning)
+        True
+        >>> warnings.simplefilter("error", xj.InferenceWarning)  # make them fatal
+        >>> warnings.resetwarnings()
+    """
+
+
+_erfc = np.vectorize(math.erfc, otypes=[float])
+
+
+def _solve_triangular(lower: np.ndarray, rhs: np.ndarray, transpose: bool) -> np.ndarray:
+    """L⁻¹·rhs (or L⁻ᵀ·rhs) for lower-triangular L: LAPACK's trsm through scipy when present."""
+    try:
+        from scipy.linalg import solve_triangular
+    except ImportError:  # scipy is optional; a general solve gives the same numbers
+        return np.linalg.solve(lower.T if transpose else lower, rhs)
+    return solve_triangular(lower, rhs, lower=True, trans=1 if transpose else 0)
+
+
+def _normal_quantile(alpha: float) -> float:
+    return statistics.NormalDist().inv_cdf(1 - alpha / 2)
+
+
+def _two_sided_p(z: np.ndarray) -> np.ndarray:
+    """2·(1 − Φ(|z|)) = erfc(|z|/√2), accurate in the far tail."""
+    return _erfc(np.abs(z) / math.sqrt(2.0))
+
+
+def _table_frame(columns: dict[str, np.ndarray], index: list[tuple[str, str]]):
+    try:
+        import pandas as pd
+    except ImportError:
+        return {"class": np.array([i[0] for i in index]), "term": np.array([i[1] for i in index]),
+                **columns}
+    return pd.DataFrame(columns, index=pd.MultiIndex.from_tuples(index, names=["class", "term"]))
+
+
+def _format_table(title_rows, blocks, alpha: float, first_column: str, value: str) -> str:
+    low, high = f"[{alpha / 2:.3f}", f"{1 - alpha / 2:.3f}]"
+    width = 84
+    lines = ["=" * width]
+    for left, right in title_rows:
+        lines.append(f"{left:<42}{right:>42}" if right else left)
+    for name, rows in blocks:
+        lines.append("=" * width)
+        lines.append(
+            f"{first_column + '=' + name:<20}{value:>10}{'std err':>11}{'z':>10}{'P>|z|':>9}"
+            f"{low:>12}{high:>12}"
+        )
+        lines.append("-" * width)
+        for term, coef, se, z, p, lo, hi in rows:
+            if np.isnan(se):
+                lines.append(f"{term[:20]:<20}{coef:>10.4f}{'(not computed)':>25}")
+            else:
+                lines.append(
+                    f"{term[:20]:<20}{coef:>10.4f}{se:>11.4f}{z:>10.3f}{p:>9.3f}{lo:>12.4f}"
+                    f"{hi:>12.4f}"
+                )
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginalEffects:
+    """Average marginal effects ∂P(y = k)/∂xⱼ averaged over the rows, with delta-method errors.
+
+    Attributes:
+        effects: [d, K] AMEⱼₖ = Σᵢ ŵᵢ sᵢₖ (Bⱼₖ − Σₗ Bⱼₗ sᵢₗ) for every class k (they sum to 0).
+        bse: [d, K] standard errors √diag(J C Jᵀ), J = ∂AME/∂θ [d·K, P] in closed form.
+        zvalues, pvalues, conf_int_lower, conf_int_upper: [d, K].
+        cov: [d·K, d·K] covariance of `effects.ravel()`.
+        alpha: level of the intervals.
+        term_names, class_names: labels.
+    """
+
+    effects: np.ndarray
+    bse: np.ndarray
+    zvalues: np.ndarray
+    pvalues: np.ndarray
+    conf_int_lower: np.ndarray
+    conf_int_upper: np.ndarray
+    cov: np.ndarray
+    alpha: float
+    term_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+    def to_frame(self):
+        """The table as a pandas DataFrame indexed by (class, term), or a dict of arrays."""
+        index = [(c, t) for c in self.class_names for t in self.term_names]
+        columns = {
+            name: getattr(self, name).T.ravel()
+            for name in ("effects", "bse", "zvalues", "pvalues", "conf_int_lower",
+                         "conf_int_upper")
+        }
+        return _table_frame(columns, index)
+
+    def summary(self) -> str:
+        """Text table of dy/dx per class (effect, std err, z, P>|z|, interval)."""
+        blocks = []
+        for k, name in enumerate(self.class_names):
+            rows = [
+                (t, self.effects[j, k], self.bse[j, k], self.zvalues[j, k], self.pvalues[j, k],
+                 self.conf_int_lower[j, k], self.conf_int_upper[j, k])
+                for j, t in enumerate(self.term_names)
+            ]
+            blocks.append((name, rows))
+        title = [("Average marginal effects dP(y=k)/dx (delta-method standard errors)", "")]
+        return _format_table(title, blocks, self.alpha, "P(y)", "dy/dx")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitInference:
+    """Inference for an unpenalised multinomial logit in the reference-class parametrisation.
+
+    Attributes:
+        params: [d̃, K−1] θ: rows are the features then the intercept, columns classes 1..K−1,
+            each relative to class 0 (see the module docstring for the map to `coef_`).
+        bse: [d̃, K−1] standard errors (NaN only where a CG run was not asked for them).
+        zvalues: [d̃, K−1] params / bse.
+        pvalues: [d̃, K−1] two-sided normal p-values 2·(1 − Φ(|z|)).
+        conf_int_lower, conf_int_upper: [d̃, K−1] params ∓ z_{1−α/2}·bse.
+        cov_params: [P, P] covariance of `params.ravel()`, or None with `method="cg"`.
+        cov_type: "nonrobust", "HC0" or "cluster".
+        alpha: level of the intervals.
+        llf: maximised log-likelihood ℓ(θ̂).
+        llnull: log-likelihood of the intercept-only model, Σᵢ wᵢ log p̂_{yᵢ} with p̂ the
+            weighted class frequencies.
+        prsquared: McFadden's pseudo-R², 1 − llf/llnull.
+        aic: −2·llf + 2·P.   bic: −2·llf + log(nobs)·P.
+        nobs: Σᵢ wᵢ (the number of rows without weights).
+        num_params: P = d̃·(K−1).
+        converged: whether the fit reported convergence.
+        method: "dense" or "cg".
+        cg_steps, cg_relative_residual: [d̃, K−1] per coefficient (CG only; −1 / NaN where not
+            computed).
+        margins: `MarginalEffects` when requested, else None.
+        term_names: d̃ labels ("x0", …, "intercept" unless given).
+        class_names: K labels; class_names[0] is the reference.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> rng = np.random.default_rng(1)
+        >>> X = rng.normal(size=(300, 2))
+        >>> y = (X[:, 0] + rng.logistic(size=300) > 0).astype(int) + (X[:, 1] > 1)
+        >>> fit = xj.fit_logistic_regression(X, y, 3, reference_class=True)
+        >>> result = xj.logit_inference(fit, X, y, term_names=["a", "b"])
+        >>> result.params.shape, result.cov_params.shape
+        ((3, 2), (6, 6))
+        >>> bool(np.allclose(result.bse.ravel(), np.sqrt(np.diag(result.cov_params))))
+        True
+        >>> bool(np.isclose(result.aic, -2 * result.llf + 2 * 6))
+        True
+    """
+
+    params: np.ndarray
+    bse: np.ndarray
+    zvalues: np.ndarray
+    pvalues: np.ndarray
+    conf_int_lower: np.ndarray
+    conf_int_upper: np.ndarray
+    cov_params: np.ndarray | None
+    cov_type: str
+    alpha: float
+    llf: float
+    llnull: float
+    prsquared: float
+    aic: float
+    bic: float
+    nobs: float
+    num_params: int
+    converged: bool
+    method: str
+    cg_steps: np.ndarray | None
+    cg_relative_residual: np.ndarray | None
+    margins: MarginalEffects | None
+    term_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+    def conf_int(self, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) [d̃, K−1] normal intervals at level 1 − alpha."""
+        _check_alpha(alpha)
+        half = _normal_quantile(alpha) * self.bse
+        return self.params - half, self.params + half
+
+    def to_frame(self):
+        """The coefficient table as a pandas DataFrame (index (class, term); columns coef,
+        std_err, z, p_value, ci_lower, ci_upper) or, without pandas, a dict of 1-D arrays."""
+        index = [(c, t) for c in self.class_names[1:] for t in self.term_names]
+        columns = {
+            "coef": self.params.T.ravel(),
+            "std_err": self.bse.T.ravel(),
+            "z": self.zvalues.T.ravel(),
+            "p_value": self.pvalues.T.ravel(),
+            "ci_lower": self.conf_int_lower.T.ravel(),
+            "ci_upper": self.conf_int_upper.T.ravel(),
+        }
+        return _table_frame(columns, index)
+
+    def summary(self) -> str:
+        """A statsmodels-style text table: fit statistics, then one block per class 1..K−1."""
+        title = [
+            (f"Multinomial logit, reference class: {self.class_names[0]}", ""),
+            (f"Observations: {self.nobs:g}", f"Log-likelihood: {self.llf:.6g}"),
+            (f"Parameters: {self.num_params}", f"Null log-likelihood: {self.llnull:.6g}"),
+            (f"Converged: {self.converged}", f"Pseudo R-squ. (McFadden): {self.prsquared:.4f}"),
+            (f"Covariance: {self.cov_type} ({self.method})",
+             f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}"),
+        ]
+        blocks = []
+        for col, name in enumerate(self.class_names[1:]):
+            rows = [
+                (t, self.params[m, col], self.bse[m, col], self.zvalues[m, col],
+                 self.pvalues[m, col], self.conf_int_lower[m, col], self.conf_int_upper[m, col])
+                for m, t in enumerate(self.term_names)
+            ]
+            blocks.append((str(name), rows))
+        return _format_table(title, blocks, self.alpha, "y", "coef")
+
+
+def _check_alpha(alpha) -> None:
+    if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+
+
+def _params_from(fit, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, bool, int | None]:
+    """(W [d, K], b [K], converged, status) from a FitResult or a (W, b) pair."""
+    if isinstance(fit, FitResult):
+        weights, intercept = fit.params
+        if np.ndim(weights) != 2:
+            raise ValueError("inference needs one fit, not a batch of fits (vmap over them)")
+        return np.asarray(weights), np.asarray(intercept), bool(fit.converged), int(fit.status)
+    try:
+        weights, intercept = fit
+    except (TypeError, ValueError) as error:
+        raise TypeError("fit must be a FitResult or a pair (W [d, K], b [K])") from error
+    return np.asarray(weights), np.asarray(intercept), True, None
+
+
+def _validate(weights, intercept, X, labels, sample_weight, groups):
+    if weights.ndim != 2 or weights.shape[1] < 2:
+        raise ValueError(f"W must be [d, K] with K >= 2, got shape {weights.shape}")
+    d, k = weights.shape
+    if intercept.shape != (k,):
+        raise ValueError(f"b must have shape ({k},), got {intercept.shape}")
+    if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(intercept))):
+        raise InferenceError("the estimates are not finite: there is nothing to infer from")
+    if np.ndim(X) != 2 or np.shape(X)[1] != d:
+        raise ValueError(f"X must be [n_samples, {d}] to match W, got shape {np.shape(X)}")
+    n = np.shape(X)[0]
+    if not np.all(np.isfinite(np.asarray(X))):
+        raise ValueError("X contains NaN or infinity")
+    label_values = np.asarray(labels)
+    if label_values.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {label_values.shape}")
+    if not np.issubdtype(label_values.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {label_values.dtype}")
+    if n and (label_values.min() < 0 or label_values.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k})")
+    if sample_weight is not None:
+        w = np.asarray(sample_weight, dtype=float)
+        if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+            raise ValueError(f"sample_weight must be [{n}] finite, >= 0, not all zero")
+    if groups is not None and np.shape(groups) != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {np.shape(groups)}")
+
+
+def _subset_mask(subset, shape) -> np.ndarray:
+    if isinstance(subset, str):
+        if subset != "all":
+            raise ValueError(
+                f"subset must be 'all', a boolean mask or flat indices, got {subset!r}"
+            )
+        return np.ones(shape, bool)
+    values = np.asarray(subset)
+    if values.dtype == bool:
+        if values.shape != shape:
+            raise ValueError(f"a boolean subset must have the shape of params {shape}")
+        return values
+    if not np.issubdtype(values.dtype, np.integer) or values.ndim != 1:
+        raise ValueError("subset must be 'all', a boolean mask [d̃, K−1] or flat indices")
+    size = int(np.prod(shape))
+    if values.size and (values.min() < -size or values.max() >= size):
+        raise ValueError(f"subset indices must lie in [0, {size})")
+    mask = np.zeros(size, bool)
+    mask[values] = True
+    return mask.reshape(shape)
+
+
+def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str:
+    """Name collinear columns when the weighted Gram is singular; otherwise blame separation."""
+    extended = features
+    if fit_intercept:
+        extended = np.concatenate([features, np.ones_like(features[:, :1])], axis=1)
+    gram = np.asarray(extended.T @ (weights[:, None] * extended), dtype=float)
+    scale = 1 / np.sqrt(np.maximum(np.diag(gram), np.finfo(float).tiny))
+    values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    null = values < 100 * eps * len(values) * max(values.max(), 1.0)
+    if null.any():
+        involved = np.flatnonzero(np.abs(vectors[:, null]).max(axis=1) > 1e-3)
+        names = [term_names[i] for i in involved]
+        return (
+            f"the columns {names} are collinear (the weighted design matrix has rank "
+            f"{int((~null).sum())} < {len(values)}): drop or combine them"
+        )
+    return (
+        "the Hessian is singular although the columns are not collinear: the data are "
+        "(quasi-)separable, some estimates are infinite (the likelihood keeps increasing as "
+        "they grow); drop the separating columns, merge classes, or use a penalised fit "
+        "(which has no classical standard errors)"
+    )
+
+
+def logit_inference(
+    fit: FitResult | tuple[ArrayLike, ArrayLike],
+    X: ArrayLike,
+    labels: ArrayLike,
+    *,
+    sample_weight: ArrayLike | None = None,
+    fit_intercept: bool = True,
+    l2: float = 0.0,
+    cov_type: str = "nonrobust",
+    groups: ArrayLike | None = None,
+    alpha: float = 0.05,
+    marginal_effects: bool = False,
+    method: str = "auto",
+    subset: str | ArrayLike | None = None,
+    cg_rtol: float | None = None,
+    cg_max_steps: int | None = None,
+    term_names: Sequence[str] | None = None,
+    class_names: Sequence | None = None,
+    check_optimum: bool = True,
+) -> LogitInference:
+    """Standard errors, tests, intervals and fit statistics of an unpenalised multinomial logit.
+
+    Args:
+        fit: a `FitResult` of `fit_logistic_regression` with `l2=0` (any `reference_class`),
+            or its parameters (W [d, K], b [K]).
+        X: [N, d] the features the model was fitted on (float64 with x64 enabled computes in
+            float64, anything else in float32).
+        labels: [N] integer labels in [0, K).
+        sample_weight: [N] frequency weights (nobs = Σw) or None.
+        fit_intercept: whether the fit had an intercept (b is then a free parameter).
+        l2: the fit's L2 strength. Anything but 0 raises: the inverse of a penalised Hessian is
+            not the sampling covariance of the estimates (they are biased towards 0), and this
+            function does not print numbers that look like standard errors when they are not.
+        cov_type: "nonrobust" (H⁻¹), "HC0" (sandwich H⁻¹MH⁻¹) or "cluster" (needs `groups`).
+        groups: [N] cluster labels (any hashable values) for `cov_type="cluster"`.
+        alpha: the intervals have level 1 − alpha.
+        marginal_effects: also compute average marginal effects with delta-method errors
+            (needs `method="dense"`).
+        method: "dense" (Hessian [P, P] in row chunks, Cholesky; O(N·P² + P³) time,
+            O(P² + chunk·P) memory), "cg" (preconditioned CG per requested coefficient, about
+            (CG steps + 1)·2 GEMMs over X each, no P × P matrix) or "auto" (dense while
+            P <= DENSE_MAX_PARAMS = 4096).
+        subset: with CG, which coefficients get standard errors: "all", a boolean mask
+            [d̃, K−1] or flat indices into `params.ravel()`; required with CG (the cost is
+            per coefficient). With "dense", every coefficient is computed anyway.
+        cg_rtol: relative residual of each CG solve (default 1e-10 in float64, 1e-5 in
+            float32). The variance vᵀH⁻¹v is then exact to about rtol·κ(M⁻¹H) relative.
+        cg_max_steps: most CG iterations per coefficient (default max(P, 100)).
+        term_names: d names of the features (an "intercept" row is appended).
+        class_names: K names of the classes (default 0..K−1).
+        check_optimum: raise when θ is farther than 0.1 standard error from the maximum of
+            the likelihood (the Newton decrement gᵀH⁻¹g > 0.01): the covariance would describe
+            another point.
+
+    Returns:
+        A `LogitInference` (with `.summary()` and `.to_frame()`).
+
+    Raises:
+        InferenceError: a penalised fit (`l2 > 0`), a fit stopped by separation (status
+            DIVERGED), estimates not at the maximum (`check_optimum`), a singular Hessian
+            (collinear columns or separation; the message says which), marginal effects with CG.
+        ValueError, TypeError: bad shapes, values or options.
+
+    Warns:
+        InferenceWarning: the fit did not converge, or the Hessian is ill-conditioned.
+
+    Example:
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(200, 2))
+        >>> y = (X @ np.array([1.0, -1.0]) + rng.logistic(size=200) > 0).astype(int)
+        >>> fit = xj.fit_logistic_regression(X, y, 2, reference_class=True, solver="newton")
+        >>> inference = xj.logit_inference(fit, X, y)
+        >>> inference.params.shape, inference.bse.shape  # [d + 1, K - 1]
+        ((3, 1), (3, 1))
+        >>> bool(np.all(inference.bse > 0)) and bool(inference.pvalues[0, 0] < 1e-3)
+        True
+        >>> print(inference.summary().splitlines()[1])
+        Multinomial logit, reference class: 0
+    """
+    if not (isinstance(cov_type, str) and cov_type in COV_TYPES):
+        raise ValueError(f"cov_type must be one of {COV_TYPES}, got {cov_type!r}")
+    if method not in ("auto", "dense", "cg"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
+    _check_alpha(alpha)
+    if not (np.ndim(l2) == 0 and float(l2) == 0.0):
+        raise InferenceError(
+            f"the fit is penalised (l2 = {l2!r}): the penalised Hessian's inverse is not the "
+            "covariance of the estimates (they are shrunk towards zero, and the usual tests "
+            "and intervals do not hold). Refit with l2=0 (penalty=None) for standard errors"
+        )
+    if cov_type == "cluster" and groups is None:
+        raise ValueError("cov_type='cluster' needs groups")
+    weights, intercept, converged, status = _params_from(fit, fit_intercept)
+    _validate(weights, intercept, X, labels, sample_weight, groups)
+    if status == Status.DIVERGED:
+        raise InferenceError(
+            "the fit stopped because the data are separable: the maximum-likelihood estimates "
+            "are infinite and have no standard errors. " + Status.message(status)
+        )
+    if not converged:
+        warnings.warn(
+            "the fit did not converge (" + Status.message(status) + "); the standard errors "
+            "are those of the last iterate",
+            InferenceWarning,
+            stacklevel=2,
+        )
+    d, num_classes = weights.shape
+    kf = num_classes - 1
+    num_terms = d + int(fit_intercept)
+    num_params = num_terms * kf
+    if method == "auto":
+        method = "dense" if num_params <= DENSE_MAX_PARAMS else "cg"
+    if marginal_effects and method != "dense":
+        raise InferenceError(
+            "marginal effects' standard errors need the dense covariance (method='dense'); "
+            f"with {num_params} parameters that is a {num_params} x {num_params} matrix"
+        )
+    if method == "cg" and subset is None:
+        raise InferenceError(
+            f"with {num_params} parameters the standard errors come from one CG solve per "
+            "coefficient: pass subset= (a mask or indices of params.ravel()), or subset='all'"
+        )
+    term_names = tuple(f"x{j}" for j in range(d)) if term_names is None else tuple(term_names)
+    if len(term_names) != d:
+        raise ValueError(f"term_names must have {d} entries, got {len(term_names)}")
+    term_names = term_names + (("intercept",) if fit_intercept else ())
+    class_names = tuple(str(c) for c in (range(num_classes) if class_names is None
+                                         else class_names))
+    if len(class_names) != num_classes:
+        raise ValueError(f"class_names must have {num_classes} entries")
+
+    features = jnp.asarray(X)
+    if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
+        features = features.astype(jnp.float32)
+    dtype = features.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    labels_j = jnp.asarray(np.asarray(labels), jnp.int32)
+    n = features.shape[0]
+    row_weights = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+    weights_j = jnp.asarray(row_weights, dtype)
+    if groups is not None:
+        _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+        num_groups = int(group_index.max()) + 1
+        if cov_type == "cluster" and num_groups < 2:
+            raise ValueError("cov_type='cluster' needs at least 2 groups")
+        groups_j = jnp.asarray(group_index.reshape(-1), jnp.int32)
+    else:
+        num_groups, groups_j = 1, jnp.zeros((n,), jnp.int32)
+    # The reference-class θ: every unpenalised fit maps to it without changing a probability.
+    free_weights = (weights - weights[:, :1])[:, 1:]
+    free_intercept = (intercept - intercept[:1])[1:]
+    parts = [free_weights.reshape(-1)] + ([free_intercept] if fit_intercept else [])
+    theta = jnp.asarray(np.concatenate(parts), dtype)
+    nobs = float(row_weights.sum())
+
+    static = dict(num_classes=num_classes, fit_intercept=bool(fit_intercept))
+    width = max(num_params, core.pair_width(d, num_classes, bool(fit_intercept)))
+    itemsize = jnp.dtype(dtype).itemsize
+    if method == "dense":
+        sums = core.dense_sums(
+            features, labels_j, weights_j, groups_j, theta, cov_type=cov_type,
+            num_groups=num_groups, chunk=chunk_rows(width, itemsize=itemsize), **static,
+        )
+        sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
+        llf = -float(sums["loss"])
+        mass, saturated = sums["mass"], sums["saturated"]
+        hessian = sums["hessian"]
+        scale = 1 / np.sqrt(np.maximum(np.diag(hessian), np.finfo(float).tiny))
+        scaled = hessian * scale[:, None] * scale[None, :]
+        try:
+            factor = np.linalg.cholesky(scaled)
+            pivot = float(np.min(np.diag(factor)) ** 2)
+        except np.linalg.LinAlgError:
+            pivot = 0.0
+        if not pivot > 10 * eps * num_params:
+            raise InferenceError(
+                "the Hessian of the log-likelihood is singular, so the estimates have no "
+                "standard errors: "
+                + _diagnose_singular(np.asarray(features), row_weights, fit_intercept,
+                                     term_names, eps)
+            )
+        if pivot < 1e4 * eps * num_params:
+            warnings.warn(
+                f"the Hessian is ill-conditioned (smallest Cholesky pivot² {pivot:.2e} of its "
+                "correlation form): nearly collinear columns or near-separation; the standard "
+                "errors carry few correct digits",
+                InferenceWarning,
+                stacklevel=2,
+            )
+
+        def solve(rhs):  # H⁻¹·rhs = D·L⁻ᵀ·L⁻¹·D·rhs with D·H·D = L·Lᵀ: two triangular solves
+            inner = _solve_triangular(factor, scale[:, None] * rhs, transpose=False)
+            return scale[:, None] * _solve_triangular(factor, inner, transpose=True)
+
+        grad = sums["grad"]
+        decrement = float(grad @ solve(grad[:, None])[:, 0])
+        if cov_type == "nonrobust":
+            cov = solve(np.eye(num_params))
+        else:
+            cov = solve(solve(sums["meat"]).T)
+        cov = 0.5 * (cov + cov.T)
+        if cov_type != "nonrobust":
+            if cov_type == "cluster":
+                cov *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
+        variances = np.diag(cov)
+        cov_params, steps, relative = cov, None, None
+    else:
+        mask = _subset_mask(subset, (num_terms, kf))
+        wanted = np.flatnonzero(mask.reshape(-1))
+        directions = np.zeros((wanted.size + 1, num_params))
+        directions[np.arange(wanted.size), wanted] = 1.0
+        llf, grad, mass, saturated = core.value_grad_mass(
+            features, labels_j, weights_j, theta, chunk=chunk_rows(num_params, itemsize=itemsize),
+            **static,
+        )
+        llf, mass, grad = -float(llf), np.asarray(mass, float), np.asarray(grad, float)
+        directions[-1] = grad
+        rtol = (1e-10 if dtype == jnp.float64 else 1e-5) if cg_rtol is None else float(cg_rtol)
+        max_steps = max(num_params, 100) if cg_max_steps is None else int(cg_max_steps)
+        results = core.cg_variances(
+            features, labels_j, weights_j, groups_j, theta, jnp.asarray(directions, dtype),
+            jnp.asarray(rtol, dtype), cov_type=cov_type, num_groups=num_groups,
+            max_steps=max_steps, preconditioner="kronecker" if d <= 4000 else "diagonal",
+            batch=8, **static,
+        )
+        model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
+        if cov_type == "cluster":
+            values *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
+        # The distance to the optimum is the model-based quadratic form gᵀH⁻¹g.
+        decrement = float(model[-1])
+        variances = np.full(num_params, np.nan)
+        variances[wanted] = values[:-1]
+        steps = np.full(num_params, -1)
+        steps[wanted] = n_steps[:-1]
+        relative = np.full(num_params, np.nan)
+        relative[wanted] = achieved[:-1]
+        if np.any(achieved[:-1] > max(rtol, 1e3 * eps)):
+            warnings.warn(
+                f"CG reached a relative residual of only {achieved[:-1].max():.2e} for some "
+                f"coefficients within {max_steps} steps (asked {rtol:.0e}); raise cg_max_steps",
+                InferenceWarning,
+                stacklevel=2,
+            )
+        cov_params = None
+        steps, relative = steps.reshape(num_terms, kf), relative.reshape(num_terms, kf)
+        if np.any(~np.isfinite(variances[wanted])) or np.any(variances[wanted] <= 0):
+            raise InferenceError(
+                "CG gave non-positive or non-finite variances: the Hessian is (nearly) singular "
+                "(collinear columns or separable data)"
+            )
+
+    if int(saturated) > 0:
+        warnings.warn(
+            f"{int(saturated)} rows are fitted with probability above 1 - 1e-8 for their "
+            "label: if the estimates are large this is (quasi-)separation, where the true "
+            "maximum-likelihood estimates are infinite and these standard errors are "
+            "meaningless; check the largest coefficients",
+            InferenceWarning,
+            stacklevel=2,
+        )
+    if check_optimum and not decrement <= 0.01:
+        raise InferenceError(
+            f"the estimates are not at the maximum of the likelihood (Newton decrement "
+            f"gᵀH⁻¹g = {decrement:.3g}, i.e. about {math.sqrt(max(decrement, 0)):.3g} standard "
+            "errors away): a penalised or unfinished fit, or X, labels or weights differ from "
+            "those of the fit. Refit with l2=0 to convergence"
+        )
+
+    params = np.asarray(theta, dtype=float).reshape(num_terms, kf)
+    bse = np.sqrt(variances).reshape(num_terms, kf)
+    zvalues = params / bse
+    pvalues = _two_sided_p(zvalues)
+    half = _normal_quantile(alpha) * bse
+    freq = mass / mass.sum()
+    llnull = float(np.sum(mass[mass > 0] * np.log(freq[mass > 0])))
+    margins = None
+    if marginal_effects:
+        margins = _margins(features, labels_j, weights_j, theta, static, cov_params, alpha,
+                           term_names[:d], class_names, num_params)
+    return LogitInference(
+        params=params,
+        bse=bse,
+        zvalues=zvalues,
+        pvalues=pvalues,
+        conf_int_lower=params - half,
+        conf_int_upper=params + half,
+        cov_params=cov_params,
+        cov_type=cov_type,
+        alpha=float(alpha),
+        llf=llf,
+        llnull=llnull,
+        prsquared=1 - llf / llnull if llnull != 0 else float("nan"),
+        aic=-2 * llf + 2 * num_params,
+        bic=-2 * llf + math.log(nobs) * num_params,
+        nobs=nobs,
+        num_params=num_params,
+        converged=converged,
+        method=method,
+        cg_steps=steps,
+        cg_relative_residual=relative,
+        margins=margins,
+        term_names=term_names,
+        class_names=class_names,
+    )
+
+
+def _margins(features, labels, weights, theta, static, cov, alpha, names, class_names, num_params):
+    width = core.pair_width(features.shape[1], static["num_classes"], static["fit_intercept"])
+    effects, jac = core.margin_sums(
+        features, labels, weights, theta,
+        chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize), **static,
+    )
+    effects, jac = np.asarray(effects, float), np.asarray(jac, float)
+    margin_cov = jac @ cov @ jac.T
+    margin_cov = 0.5 * (margin_cov + margin_cov.T)
+    bse = np.sqrt(np.maximum(np.diag(margin_cov), 0)).reshape(effects.shape)
+    zvalues = effects / bse
+    half = _normal_quantile(alpha) * bse
+    return MarginalEffects(
+        effects=effects,
+        bse=bse,
+        zvalues=zvalues,
+        pvalues=_two_sided_p(zvalues),
+        conf_int_lower=effects - half,
+        conf_int_upper=effects + half,
+        cov=margin_cov,
+        alpha=float(alpha),
+        term_names=tuple(names),
+        class_names=tuple(class_names),
+    )

@@ -1,0 +1,268 @@
+"""Compiled sums behind statistical inference: log-likelihood, Hessian, scores, margins, CG.
+
+All functions take the reference-class parameters θ [P] (classes 1..K−1 free, layout of
+`LogisticObjective` with `reference_class=True`: W row-major [d, K−1], then b [K−1]) and raw
+(unnormalised) row weights w, so that every sum is of the total log-likelihood
+ℓ(θ) = Σᵢ wᵢ·log sᵢ,yᵢ. Rows are processed in chunks (`_rowsums`): no [N, P] array is formed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._linear import (
+    LogisticObjective,
+    evaluate,
+    feature_gram,
+    hessian_vector_product,
+)
+from ._rowsums import row_chunk_sum
+from .solvers._cg import conjugate_gradient
+from .solvers._preconditioners import diagonal, feature_basis, kronecker
+
+
+def _objective(features, labels, weights, num_classes, fit_intercept, l2=0.0):
+    return LogisticObjective(
+        features=features,
+        labels=labels,
+        weights=weights,
+        l2=jnp.asarray(l2, features.dtype),
+        num_classes=num_classes,
+        fit_intercept=fit_intercept,
+        reference_class=True,
+    )
+
+
+# A row whose label has fitted probability above 1 − 1e-8 is predicted (almost) perfectly:
+# with many of them the estimates may be drifting to infinity (quasi-separation).
+_SATURATED_LOG_PROB = -1e-8
+
+
+def _saturated(log_probs, labels, weights):
+    """Number of weighted rows with log P(yᵢ) > −1e-8."""
+    label_log_probs = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum((label_log_probs > _SATURATED_LOG_PROB) & (weights > 0))
+
+
+def _extended(features, fit_intercept):
+    if fit_intercept:
+        return jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    return features
+
+
+def pair_indices(num: int) -> tuple:
+    """Upper-triangle index pairs (k <= l) of a num × num matrix, as two int tuples."""
+    rows = [k for k in range(num) for _ in range(k, num)]
+    cols = [l for k in range(num) for l in range(k, num)]
+    return tuple(rows), tuple(cols)
+
+
+def _pair_gram(pair_weights, left, right):
+    """Σᵢ cᵢₚ·leftᵢₐ·rightᵢ_b [pairs, a, b] as one GEMM [n, pairs·a]ᵀ·[n, b]."""
+    n = left.shape[0]
+    scaled = (pair_weights[:, :, None] * left[:, None, :]).reshape(n, -1)
+    return (scaled.T @ right).reshape(pair_weights.shape[1], left.shape[1], right.shape[1])
+
+
+def pair_width(num_features: int, num_classes: int, fit_intercept: bool) -> int:
+    """Widest per-row array of `dense_sums`/`margin_sums`, in elements, to size row chunks."""
+    num_terms = num_features + int(fit_intercept)
+    pairs = num_classes * (num_classes + 1) // 2
+    return max(pairs * num_terms, num_terms * (num_classes - 1), num_features * num_classes)
+
+
+def _hessian_from_blocks(blocks, num_free):
+    """Assemble H [P, P] (θ layout: term major, class minor) from its upper class blocks."""
+    rows, cols = (jnp.asarray(i) for i in pair_indices(num_free))
+    num_terms = blocks.shape[1]
+    full = jnp.zeros((num_free, num_free, num_terms, num_terms), blocks.dtype)
+    full = full.at[cols, rows].set(jnp.swapaxes(blocks, 1, 2)).at[rows, cols].set(blocks)
+    return jnp.transpose(full, (2, 0, 3, 1)).reshape(num_terms * num_free, -1)
+
+
+def _scores(objective: LogisticObjective, probs_all: jax.Array) -> jax.Array:
+    """Per-row scores gᵢ = wᵢ·x̃ᵢ ⊗ (sᵢ − yᵢ)[1:] as [n, P] (sign irrelevant for gᵢgᵢᵀ)."""
+    onehot = jax.nn.one_hot(objective.labels, objective.num_classes, dtype=probs_all.dtype)
+    residual = (objective.weights[:, None] * (probs_all - onehot))[:, 1:]
+    features = objective.features
+    if objective.fit_intercept:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    return (features[:, :, None] * residual[:, None, :]).reshape(features.shape[0], -1)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_classes", "fit_intercept", "cov_type", "num_groups", "chunk")
+)
+def dense_sums(
+    features, labels, weights, groups, theta, *, num_classes, fit_intercept, cov_type, num_groups,
+    chunk,
+):
+    """Total −ℓ, its gradient, Hessian [P, P], class masses and the sandwich meat [P, P].
+
+    The Hessian's class blocks (k, l) are X̃ᵀ·diag(wᵢ(δₖₗsᵢₖ − sᵢₖsᵢₗ))·X̃; only the upper
+    triangle k <= l is summed (one GEMM per chunk), half the flops of the full P × P product.
+    The meat is Σᵢ gᵢgᵢᵀ for "HC0" and Σ_g (Σ_{i∈g} gᵢ)(Σ_{i∈g} gᵢ)ᵀ for "cluster" (zeros
+    for "nonrobust"). Cost: O(N·P²) flops in GEMMs over row chunks, O(chunk·P + P²) memory.
+    """
+
+    kf = num_classes - 1
+    rows, cols = pair_indices(kf)
+    diagonal = jnp.asarray([float(k == l) for k, l in zip(rows, cols, strict=True)])
+
+    def partial(x, y, w, g):
+        objective = _objective(x, y, w, num_classes, fit_intercept)
+        evaluation = evaluate(objective, theta, objective.free_logits(theta))
+        probs = evaluation.probs  # [n, K−1]
+        pair_probs = probs[:, rows] * probs[:, cols]
+        pair_weights = w[:, None] * (diagonal.astype(x.dtype) * probs[:, rows] - pair_probs)
+        extended = _extended(x, fit_intercept)
+        out = {
+            "loss": evaluation.loss,
+            "grad": evaluation.grad,
+            "blocks": _pair_gram(pair_weights, extended, extended),
+            "mass": jnp.zeros((num_classes,), x.dtype).at[y].add(w),
+            "saturated": _saturated(evaluation.log_probs, y, w),
+        }
+        if cov_type == "HC0":
+            scores = _scores(objective, jnp.exp(evaluation.log_probs))
+            out["meat"] = scores.T @ scores
+        elif cov_type == "cluster":
+            scores = _scores(objective, jnp.exp(evaluation.log_probs))
+            out["cluster_scores"] = jax.ops.segment_sum(scores, g, num_segments=num_groups)
+        return out
+
+    sums = row_chunk_sum(partial, (features, labels, weights, groups), chunk)
+    sums["hessian"] = _hessian_from_blocks(sums.pop("blocks"), kf)
+    if cov_type == "cluster":
+        cluster_scores = sums.pop("cluster_scores")
+        sums["meat"] = cluster_scores.T @ cluster_scores
+    return sums
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
+def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_intercept, chunk):
+    """(−ℓ(θ), gradient [P], class masses Σᵢ wᵢ[yᵢ = k] [K], saturated rows): O(N·d·K)."""
+
+    def partial(x, y, w):
+        objective = _objective(x, y, w, num_classes, fit_intercept)
+        evaluation = evaluate(objective, theta, objective.free_logits(theta))
+        mass = jnp.zeros((num_classes,), x.dtype).at[y].add(w)
+        return evaluation.loss, evaluation.grad, mass, _saturated(evaluation.log_probs, y, w)
+
+    return row_chunk_sum(partial, (features, labels, weights), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
+def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept, chunk):
+    """Average marginal effects dP(y=k)/dx_j [d, K] and their Jacobian in θ [d·K, P].
+
+    With B the full coefficients [d, K] (class 0's column zero), sᵢ the probabilities,
+    β̄ᵢ = B·sᵢ [d] and Dᵢⱼₖ = Bⱼₖ − β̄ᵢⱼ, the effect is AMEⱼₖ = Σᵢ ŵᵢ sᵢₖ Dᵢⱼₖ and, for the
+    coefficient of term m (feature or intercept) in class l,
+
+        ∂AMEⱼₖ/∂θₘₗ = Σᵢ ŵᵢ [δₖₗ sᵢₖ Dᵢⱼₖ x̃ᵢₘ − sᵢₖ sᵢₗ x̃ᵢₘ (Dᵢⱼₖ + Dᵢⱼₗ)
+                           + δⱼₘ (δₖₗ sᵢₖ − sᵢₖ sᵢₗ)]
+                    = δₖₗ Aⱼₖₘ − (Bⱼₖ + Bⱼₗ) Qₖₗₘ + 2 Rⱼₖₗₘ + δⱼₘ (δₖₗ mₖ − Sₖₗ),
+
+    with A = Σᵢ ŵᵢ sᵢₖ Dᵢⱼₖ x̃ᵢₘ, Q = Σᵢ ŵᵢ sᵢₖ sᵢₗ x̃ᵢₘ, R = Σᵢ ŵᵢ sᵢₖ sᵢₗ β̄ᵢⱼ x̃ᵢₘ (symmetric
+    in k, l: only k <= l is summed), m = Σᵢ ŵᵢ sᵢ, S = Σᵢ ŵᵢ sᵢsᵢᵀ. Each is a GEMM over row
+    chunks, O(N·d·K) per pass and O(N·d·d̃·K²/2) flops in all, never an [N, K, P] array.
+    """
+    d = features.shape[1]
+    kf = num_classes - 1
+    rows, cols = pair_indices(num_classes)
+    objective = _objective(features[:1], labels[:1], weights[:1], num_classes, fit_intercept)
+    coef, _ = objective.expand(theta)  # [d, K]
+
+    def partial(x, y, w):
+        sub = _objective(x, y, w, num_classes, fit_intercept)
+        probs = jax.nn.softmax(sub.logits(theta), axis=-1)  # [n, K]
+        extended = _extended(x, fit_intercept)
+        mean_coef = probs @ coef.T  # β̄ [n, d]
+        weighted_probs = w[:, None] * probs
+        effect_rows = weighted_probs[:, None, :] * (coef[None, :, :] - mean_coef[:, :, None])
+        pair_weights = weighted_probs[:, rows] * probs[:, cols]  # ŵ sₖ sₗ, k <= l
+        return {
+            "effects": jnp.sum(effect_rows, axis=0),
+            "diagonal": effect_rows.reshape(x.shape[0], -1).T @ extended,  # A [dK, d̃]
+            "pair_terms": pair_weights.T @ extended,  # Q [pairs, d̃]
+            "pair_cross": _pair_gram(pair_weights, mean_coef, extended),  # R [pairs, d, d̃]
+            "mass": jnp.sum(weighted_probs, axis=0),
+            "second": weighted_probs.T @ probs,
+        }
+
+    sums = row_chunk_sum(partial, (features, labels, weights), chunk)
+    total = jnp.sum(weights)
+    num_terms = d + int(fit_intercept)
+    rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
+
+    def symmetric(pairs):  # [pairs, ...] -> [K, K, ...]
+        full = jnp.zeros((num_classes, num_classes) + pairs.shape[1:], pairs.dtype)
+        return full.at[cols_j, rows_j].set(pairs).at[rows_j, cols_j].set(pairs)
+
+    terms = symmetric(sums["pair_terms"])  # Q [K, K, d̃]
+    cross = jnp.moveaxis(symmetric(sums["pair_cross"]), 2, 0)  # R [d, K, K, d̃]
+    eye = jnp.eye(num_classes, dtype=features.dtype)
+    diagonal_part = sums["diagonal"].reshape(d, num_classes, num_terms)
+    jac = jnp.einsum("kl,jkm->jklm", eye, diagonal_part) + 2 * cross
+    jac = jac - (coef[:, :, None, None] + coef[:, None, :, None]) * terms[None]
+    class_part = jnp.diag(sums["mass"]) - sums["second"]  # [K, K]
+    jac = jac.at[jnp.arange(d), :, :, jnp.arange(d)].add(class_part[None])
+    # θ's layout: term m major, free class l = 1..K−1 minor.
+    jac = jnp.transpose(jac, (0, 1, 3, 2))[..., 1:].reshape(d * num_classes, num_terms * kf)
+    return sums["effects"] / total, jac / total
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "num_classes", "fit_intercept", "cov_type", "num_groups", "max_steps", "preconditioner",
+        "batch",
+    ),
+)
+def cg_variances(
+    features, labels, weights, groups, theta, directions, rtol, *, num_classes, fit_intercept,
+    cov_type, num_groups, max_steps, preconditioner, batch,
+):
+    """vᵀCv for each row v of `directions` [R, P] by preconditioned CG on the matrix-free H.
+
+    Solves H·a = v (H the Hessian of −ℓ, a Σw multiple of the mean objective's) to
+    ‖v − H·a‖ <= rtol·‖v‖, then returns vᵀa (model-based) or Σ_g (Σ_{i∈g} gᵢᵀa)² (HC0:
+    each row its own group; cluster) without any P × P matrix. Cost per direction: (CG steps
+    + 1) × two GEMMs over X. Returns (vᵀH⁻¹v, the chosen form, CG steps, achieved relative
+    residuals), each [R].
+    """
+    total = jnp.sum(weights)
+    objective = _objective(features, labels, weights / total, num_classes, fit_intercept)
+    evaluation = evaluate(objective, theta, objective.free_logits(theta))
+    if preconditioner == "kronecker":
+        precond = kronecker(objective, evaluation, feature_basis(feature_gram(objective)))
+    else:
+        precond = diagonal(objective, evaluation)
+    probs_all = jnp.exp(evaluation.log_probs)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=probs_all.dtype)
+    residual = (weights[:, None] * (probs_all - onehot))[:, 1:]
+
+    def matvec(v):
+        return hessian_vector_product(objective, evaluation, v)
+
+    def one(direction):
+        result = conjugate_gradient(matvec, direction, precond, rtol=rtol, max_steps=max_steps)
+        solution = result.solution / total  # H_total⁻¹ v
+        achieved = jnp.linalg.norm(result.residual) / jnp.linalg.norm(direction)
+        model = jnp.vdot(direction, solution)
+        if cov_type == "nonrobust":
+            variance = model
+        else:
+            # gᵢᵀa = wᵢ (sᵢ − yᵢ)[1:] · (x̃ᵢ A), A = a as [d̃, K−1]: one GEMM.
+            per_row = jnp.sum(residual * objective.free_logits(solution), axis=1)
+            if cov_type == "cluster":
+                per_row = jax.ops.segment_sum(per_row, groups, num_segments=num_groups)
+            variance = jnp.vdot(per_row, per_row)
+        return model, variance, result.n_steps, achieved
+
+    return lax.map(one, directions, batch_size=batch)
