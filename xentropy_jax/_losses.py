@@ -12,6 +12,13 @@ itself, and a softmax whose own ``custom_jvp`` gives ``ṡ = s ⊙ (ż − sᵀ�
 rule again therefore lands on a closed form again, to any order, and the reverse pass of
 ``jax.grad`` saves a single ``[..., K]`` residual, the gradient ``m · s − y`` itself.
 
+Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
+the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
+and the Hessian product shifts ``v`` by its value at the most probable class
+(``hessian_product_from_probs``). Every component of the gradient, Hessian and product then
+keeps a few ulps of its own size at any margin, and the float32 Hessian stays positive
+semi-definite; ``docs/losses.md`` states the guarantee and the tests that check it.
+
 The public functions move the class axis (or axes) last, promote half precision to float32,
 apply ``where`` masks and label smoothing, and call one of two private cores: ``_soft_loss``
 (dense labels of any mass) or ``_integer_loss`` (one class index per row, no one-hot array).
@@ -65,21 +72,25 @@ def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array
     return exps, peak
 
 
-def _rest(exps: jax.Array) -> jax.Array:
-    """``R = Σ_k e_k − 1``, the other classes' share beside the largest, without cancellation.
+def _totals(exps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Σ_k e_k`` and ``R = Σ_k e_k − 1`` (the other classes' share beside the largest).
 
-    When the total is below 3/2, every class but the largest has ``e_k < 1/2``, so
-    ``min(e_k, 1 − e_k)`` is ``e_k`` for them and 0 for the largest (``e = 1``): their sum is
-    ``R`` to the last bit even where ``1 + R`` rounds to 1. Otherwise ``R ≥ 1/2`` and the
-    subtraction loses nothing. Tied maxima count once each beyond the first, as they should.
-    ``R ≥ 0`` always (also under the fused rounding described in ``_exponentials``), so the
-    normaliser ``1 + R`` is at least 1 and an empty row gets ``R = 0``. Shape ``[..., 1]``.
+    Both of shape ``[..., 1]``.
+
+    ``R`` comes without cancellation: when the total is below 3/2, every class but the largest
+    has ``e_k < 1/2``, so ``min(e_k, 1 − e_k)`` is ``e_k`` for them and 0 for the largest
+    (``e = 1``), and their sum is ``R`` to the last bit even where ``1 + R`` rounds to 1.
+    Otherwise ``R ≥ 1/2`` and the subtraction loses nothing. Tied maxima count once each beyond
+    the first, as they should. ``R ≥ 0`` always (also under the fused rounding described in
+    ``_exponentials``), and an empty row gets ``R = 0``.
     """
     total = exps.sum(axis=-1, keepdims=True)
     below_half = jnp.minimum(exps, 1.0 - exps).sum(axis=-1, keepdims=True)
-    return jnp.where(total < 1.5, below_half, total - 1.0)
+    return total, jnp.where(total < 1.5, below_half, total - 1.0)
 
 
+def _rest(exps: jax.Array) -> jax.Array:
+    return _totals(exps)[1]
 
 
 @jax.custom_jvp
@@ -92,10 +103,14 @@ def _softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Arra
     empty rows get probability 0 (complement 1).
     """
     exps, _ = _exponentials(logits, where)
-    rest = _rest(exps)
-    total = 1.0 + rest
+    total, rest = _totals(exps)
+    # The largest term is exp(0) = 1, so the total is 0 (nothing included) or >= 1: `maximum`
+    # guards the empty row without a select. Computing s from the plain total (rather than
+    # 1 + R) lets XLA drop R where only s is needed. Reciprocals per row: one multiply per class.
+    probs = exps * (1.0 / jnp.maximum(total, 1.0))
     # e − 1 is exact for e ≥ 1/2 (Sterbenz) and R + (1 − e) adds two non-negative numbers.
-    return exps / total, (rest - (exps - 1.0)) / total
+    complement = (rest - (exps - 1.0)) * (1.0 / (1.0 + rest))
+    return probs, complement
 
 
 @_softmax_parts.defjvp
@@ -122,16 +137,20 @@ def hessian_product_from_probs(
     The one implementation of the closed-form product: the softmax's derivative rule, the public
     HVP, the Gauss-Newton operator and the logistic objective all call it.
 
-    ``v`` is first shifted by its value ``r`` at the class holding more than half the
-    probability, if there is one (``floor(s + 1/2)`` marks it): ``v − sᵀv = (v − r) − sᵀ(v − r)``
-    with no term from that class, so ``sᵀ(v − r)`` keeps the other classes' contributions where
-    ``sᵀv`` would round them away. Every component of the product is then accurate relative to
-    its own terms at any margin, its matrix has the null vector ``1`` exactly, and it stays
-    positive semi-definite up to the rounding of its smallest eigenvalue, in float32 too.
+    ``v`` is first shifted by its value ``r`` at the most probable class (the mean over tied
+    ones): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no term from that class, so ``sᵀ(v − r)``
+    keeps the other classes' contributions where ``sᵀv`` would round them away against the
+    winner. Every component of the product is then accurate relative to its own terms at any
+    margin, the constant vector maps to exactly 0, and the operator stays positive
+    semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
     """
-    dominant = jnp.floor(probs + 0.5)
-    reference = jnp.sum(dominant * tangents, axis=-1, keepdims=True, where=where)
-    centered = tangents - reference
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    # 1 at the most probable classes (s / max s is exactly 1 there), 0 elsewhere and on an
+    # empty row (whose max is 0: the `maximum` keeps 0 / 0 out).
+    is_top = jnp.floor(probs / jnp.maximum(top, jnp.finfo(probs.dtype).tiny))
+    count = jnp.sum(is_top, axis=-1, keepdims=True)
+    reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
+    centered = tangents - reference / jnp.maximum(count, 1.0)
     mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
     return probs * (centered - mean)
 
@@ -339,7 +358,15 @@ def _prepare_where(
 
 
 def _check_label_smoothing(label_smoothing: float | jax.Array) -> None:
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing <= 1.0:
+    """A concrete ``α`` (Python, NumPy or JAX scalar) must be a number in [0, 1]; traced passes."""
+    if isinstance(label_smoothing, jax.core.Tracer):
+        return
+    value = np.asarray(label_smoothing)
+    if value.shape != () or not (
+        np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+    ):
+        raise ValueError(f"label_smoothing must be a scalar number, got {label_smoothing!r}.")
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
 
 
@@ -389,12 +416,16 @@ def softmax_cross_entropy(
     plus ``label_smoothing``, and differs where optax returns NaN: a ``-inf`` logit is a masked
     class (finite loss, zero gradient and curvature there) unless a label sits on it, which gives
     ``+inf`` as the maths says. ``+inf`` or NaN logits give NaN for their row only. Half
-    precision inputs are computed in float32 and returned in the promoted input dtype.
+    precision inputs are computed in float32 and returned in the promoted input dtype. Every
+    component of the gradient (and of the Hessian) is accurate to a few ulps of its own size at
+    any margin, where ``1 − s`` computed by subtraction would round to 0 (see ``docs/losses.md``);
+    loss and gradient stay finite when ``jit`` fuses the logits' producer into the loss.
 
     Args:
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
         labels: ``[..., K]`` (or broadcastable) target weights: one-hot, soft, or unnormalised.
-        axis: the class axis, or a tuple of axes whose elements together form the classes.
+        axis: the class axis, a tuple of axes whose elements together form the classes, or
+            ``None`` for all axes (one example).
         where: boolean mask of the batch shape (a ``False`` row gives exactly 0) or of the
             logits' shape (``False`` classes are excluded from the softmax and their labels
             are ignored).
@@ -463,7 +494,9 @@ def softmax_cross_entropy_with_integer_labels(
 
     * a label outside ``[0, K)`` (negative ones included, which optax wraps around) gives a NaN
       loss and NaN gradient for its row, never a plausible number; a row fully masked by
-      ``where`` gives 0 whatever its label;
+      ``where`` gives 0 whatever its label, and so does a label on a class that ``where``
+      excludes (it carries no label, as the one-hot row in ``optax.softmax_cross_entropy``;
+      optax's integer version returns ``logsumexp − z[label]`` there, which can be negative);
     * a ``-inf`` logit is a masked class: finite loss and zero gradient there, unless the label
       sits on it, which gives ``+inf``.
 
@@ -473,7 +506,8 @@ def softmax_cross_entropy_with_integer_labels(
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
         labels: ``[...]`` integer class indices (a flat index into the class axes when ``axis``
             is a tuple).
-        axis: the class axis, or a tuple of axes whose elements together form the classes.
+        axis: the class axis, a tuple of axes whose elements together form the classes, or
+            ``None`` for all axes (then ``labels`` is a scalar flat index).
         where: boolean mask of the batch shape or of the logits' shape (see
             :func:`softmax_cross_entropy`).
         label_smoothing: ``α`` in ``[0, 1]``.
@@ -533,7 +567,10 @@ def softmax_cross_entropy_hessian(
 
     for labels of unit mass (multiply by ``m`` for mass ``m``). It does not depend on the
     labels. It is symmetric positive semi-definite, ``H·1 = 0``, and its eigenvalues lie in
-    ``[0, 1/2]``. Masked (``-inf`` or ``where=False``) classes get zero rows and columns.
+    ``[0, 1/2]``. The diagonal uses the exact complement ``1 − s_k``, so every entry keeps a few
+    ulps of its own size at any margin and the matrix stays PSD in float32 (no eigenvalue below
+    the rounding of the smallest nonzero one). Masked (``-inf`` or ``where=False``) classes get zero
+    rows and columns.
     This forms ``K×K`` per example: prefer :func:`softmax_cross_entropy_hvp` for products.
 
     Args:
@@ -576,8 +613,11 @@ def softmax_cross_entropy_hvp(
 
     .. math:: (\operatorname{diag}(s) - s s^\top)\, v = s \odot (v - s^\top v)
 
-    in ``O(K)`` per example (two passes over the classes), for labels of unit mass (multiply by
-    ``m`` for mass ``m``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each example's
+    in ``O(K)`` per example (a few passes over the classes), for labels of unit mass (multiply
+    by ``m`` for mass ``m``). ``v`` is shifted by its value at the most probable class first, so
+    each component is accurate to a few ulps of its terms at any margin (see
+    ``hessian_product_from_probs``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each
+    example's
     loss, and is itself differentiable.
 
     Args:
