@@ -145,9 +145,11 @@ def hessian_product_from_probs(
     semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
     """
     top = jnp.max(probs, axis=-1, keepdims=True)
-    # 1 at the most probable classes (s / max s is exactly 1 there), 0 elsewhere and on an
-    # empty row (whose max is 0: the `maximum` keeps 0 / 0 out).
-    is_top = jnp.floor(probs / jnp.maximum(top, jnp.finfo(probs.dtype).tiny))
+    # 1 at the most probable classes (s / max s rounds to within an ulp of 1 there), 0 elsewhere
+    # and on an empty row (whose max is 0: the `maximum` keeps 0 / 0 out). A class within 2⁻¹⁶
+    # of the top may be marked too: then no class dominates and any such reference will do.
+    inverse_top = 1.0 / jnp.maximum(top, jnp.finfo(probs.dtype).tiny)
+    is_top = jnp.floor(probs * inverse_top + 2.0**-16)
     count = jnp.sum(is_top, axis=-1, keepdims=True)
     reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
     centered = tangents - reference / jnp.maximum(count, 1.0)
