@@ -255,8 +255,8 @@ def test_float32_hessian_and_products_are_psd_at_every_margin(num_classes):
     """
     rng = np.random.default_rng(num_classes + 1)
     eps = float(jnp.finfo(jnp.float32).eps)
-    # A thousand classes: four margins keep the eigendecompositions few.
-    for margin in MARGINS if num_classes <= 10 else [0.0, 18.0, 40.0, 60.0]:
+    # A thousand classes: three margins keep the eigendecompositions few.
+    for margin in MARGINS if num_classes <= 10 else [0.0, 18.0, 60.0]:
         logits = grid_logits(rng, num_classes, margin)
         probs = exact_probs_float64(logits)
         exact = exact_hessian(logits) if num_classes <= 10 else np.diag(probs) - np.outer(
