@@ -130,7 +130,11 @@ def _softmax(logits: jax.Array, where: jax.Array | None) -> jax.Array:
 
 
 def hessian_product_from_probs(
-    probs: jax.Array, tangents: jax.Array, where: jax.Array | None = None
+    probs: jax.Array,
+    tangents: jax.Array,
+    where: jax.Array | None = None,
+    *,
+    complete: bool = True,
 ) -> jax.Array:
     """``(diag(s) − s sᵀ) v = s ⊙ (v − sᵀv)`` per row, classes last, from the probabilities.
 
@@ -143,7 +147,14 @@ def hessian_product_from_probs(
     winner. Every component of the product is then accurate relative to its own terms at any
     margin, the constant vector maps to exactly 0, and the operator stays positive
     semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
+
+    ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
+    as the logistic objective's reference class): the rows do not sum to 1, the shift would be
+    wrong, and the plain formula is used.
     """
+    if not complete:
+        mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
+        return probs * (tangents - mean)
     top = jnp.max(probs, axis=-1, keepdims=True)
     # 1 at the most probable classes (s / max s rounds to within an ulp of 1 there), 0 elsewhere
     # and on an empty row (whose max is 0: the `maximum` keeps 0 / 0 out). A class within 2⁻¹⁶
