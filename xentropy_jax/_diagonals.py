@@ -106,6 +106,9 @@ def ggn_diagonal(
     if not leaves or any(jnp.ndim(x) < 1 or jnp.shape(x)[0] != n for x in leaves):
         raise ValueError(f"every leaf of inputs must have leading axis N = {n}.")
     coefficients = example_coefficients(n, shape.dtype, sample_weight, label_mass)
+    if n == 0:
+        # The empty mean is the zero objective (as in `example_coefficients`): G = 0.
+        return jax.tree.map(jnp.zeros_like, params)
     num_params = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_BUDGET // max(1, k * num_params))

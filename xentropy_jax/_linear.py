@@ -204,7 +204,7 @@ def hessian_vector_product(
     directional = objective.free_logits(tangent)
     # Over the free classes only: a reference class has zero logit tangent, so it drops out.
     weighted = objective.weights[:, None] * hessian_product_from_probs(
-        evaluation.probs, directional
+        evaluation.probs, directional, complete=not objective.reference_class
     )
     weights, _ = objective.unpack(tangent)
     product_weights = objective.features.T @ weighted + objective.l2 * weights

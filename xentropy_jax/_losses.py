@@ -12,6 +12,13 @@ itself, and a softmax whose own ``custom_jvp`` gives ``ṡ = s ⊙ (ż − sᵀ�
 rule again therefore lands on a closed form again, to any order, and the reverse pass of
 ``jax.grad`` saves a single ``[..., K]`` residual, the gradient ``m · s − y`` itself.
 
+Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
+the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
+and the Hessian product shifts ``v`` by its value at the most probable class
+(``hessian_product_from_probs``). Every component of the gradient, Hessian and product then
+keeps a few ulps of its own size at any margin, and the float32 Hessian stays positive
+semi-definite; ``docs/losses.md`` states the guarantee and the tests that check it.
+
 The public functions move the class axis (or axes) last, promote half precision to float32,
 apply ``where`` masks and label smoothing, and call one of two private cores: ``_soft_loss``
 (dense labels of any mass) or ``_integer_loss`` (one class index per row, no one-hot array).
@@ -26,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-Axis = int | Sequence[int]
+Axis = int | Sequence[int] | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,62 +41,146 @@ Axis = int | Sequence[int]
 # --------------------------------------------------------------------------------------------
 
 
-def _shifted_exp(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Return ``exp(z − c)`` (zero where masked) and ``c``, with ``c`` the finite row maximum.
+def _peak(logits: jax.Array, where: jax.Array | None) -> jax.Array:
+    """The shift ``c``: the row maximum over included classes, ``[..., 1]``.
 
-    The shift is the row maximum over included classes, raised to the lowest finite number when
-    every class is ``-inf`` or masked so that no ``inf − inf`` appears. It is computed from
-    ``stop_gradient(z)``: the normaliser does not depend on it, and no derivative of ``max`` (a
-    select on the input) enters the higher-order rules.
+    It is raised to the lowest finite number when every class is ``-inf`` or masked, so that no
+    ``inf − inf`` appears, and computed from ``stop_gradient(z)``: the normaliser does not depend
+    on it, and no derivative of ``max`` (a select on the input) enters the higher-order rules.
     """
     peak = jnp.max(
         jax.lax.stop_gradient(logits), axis=-1, keepdims=True, where=where, initial=-jnp.inf
     )
     # A row with no finite included logit has peak −inf; any finite shift serves it. `maximum`
     # (not a select) keeps the whole softmax in one fused kernel on CPU.
-    peak = jnp.maximum(peak, jnp.finfo(logits.dtype).min)
-    unnormalized = jnp.exp(logits - peak)
+    return jnp.maximum(peak, jnp.finfo(logits.dtype).min)
+
+
+def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``e = exp(min(z − c, 0))`` (zero where masked) and the shift ``c``; every ``e_k ≤ 1``.
+
+    The largest included class has ``e = exp(0) = 1``. The ``min`` changes nothing for logits
+    held in memory, but XLA may fuse the logits' producer (``x / T``) into both the maximum and
+    this exponential and round it differently in each (a multiply by the reciprocal contracted
+    into a fused multiply-add): without the ``min`` a logit can then exceed its own row maximum
+    by many units and overflow the exponential.
+    """
+    peak = _peak(logits, where)
+    exps = jnp.exp(jnp.minimum(logits - peak, 0.0))
     if where is not None:
-        unnormalized = jnp.where(where, unnormalized, 0.0)
-    return unnormalized, peak
+        exps = jnp.where(where, exps, 0.0)
+    return exps, peak
 
 
-def _logsumexp(logits: jax.Array, where: jax.Array | None) -> jax.Array:
-    """Row-wise ``log Σ_k exp(z_k)`` over included classes, ``-inf`` for an empty row."""
-    unnormalized, peak = _shifted_exp(logits, where)
-    return jnp.log(unnormalized.sum(axis=-1)) + peak[..., 0]
+def _totals(exps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Σ_k e_k`` and ``R = Σ_k e_k − 1`` (the other classes' share beside the largest).
+
+    Both of shape ``[..., 1]``.
+
+    ``R`` comes without cancellation: when the total is below 3/2, every class but the largest
+    has ``e_k < 1/2``, so ``min(e_k, 1 − e_k)`` is ``e_k`` for them and 0 for the largest
+    (``e = 1``), and their sum is ``R`` to the last bit even where ``1 + R`` rounds to 1.
+    Otherwise ``R ≥ 1/2`` and the subtraction loses nothing. Tied maxima count once each beyond
+    the first, as they should. ``R ≥ 0`` always (also under the fused rounding described in
+    ``_exponentials``), and an empty row gets ``R = 0``.
+    """
+    total = exps.sum(axis=-1, keepdims=True)
+    below_half = jnp.minimum(exps, 1.0 - exps).sum(axis=-1, keepdims=True)
+    return total, jnp.where(total < 1.5, below_half, total - 1.0)
+
+
+def _rest(exps: jax.Array) -> jax.Array:
+    return _totals(exps)[1]
 
 
 @jax.custom_jvp
+def _softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1 − s)`` over the last axis, each component to a few ulps of its own size.
+
+    ``s_k = e_k / (1 + R)`` and ``1 − s_k = (R + (1 − e_k)) / (1 + R)``: the complement is the
+    other classes' exponentials over the total, never ``1 − s_k`` by subtraction, so the winner
+    of a confident row keeps ``1 − s ≈ R`` where ``s`` itself rounds to 1. Masked classes and
+    empty rows get probability 0 (complement 1).
+    """
+    exps, _ = _exponentials(logits, where)
+    total, rest = _totals(exps)
+    # The largest term is exp(0) = 1, so the total is 0 (nothing included) or >= 1: `maximum`
+    # guards the empty row without a select. Computing s from the plain total (rather than
+    # 1 + R) lets XLA drop R where only s is needed. Reciprocals per row: one multiply per class.
+    probs = exps * (1.0 / jnp.maximum(total, 1.0))
+    # e − 1 is exact for e ≥ 1/2 (Sterbenz) and R + (1 − e) adds two non-negative numbers.
+    complement = (rest - (exps - 1.0)) * (1.0 / (1.0 + rest))
+    return probs, complement
+
+
+@_softmax_parts.defjvp
+def _softmax_parts_jvp(primals, tangents):
+    # ṡ = s ⊙ (ż − sᵀż) and (1 − s)˙ = −ṡ, built from the primal output so that one residual (s)
+    # is saved and a further derivative goes through this rule again.
+    logits, where = primals
+    logits_dot, _ = tangents
+    probs, complement = _softmax_parts(logits, where)
+    probs_dot = hessian_product_from_probs(probs, logits_dot, where)
+    return (probs, complement), (probs_dot, -probs_dot)
+
+
 def _softmax(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     """Softmax over the last axis; masked classes and empty rows get probability 0."""
-    unnormalized, _ = _shifted_exp(logits, where)
-    # The largest included term is exp(0) = 1, so the total is 0 (nothing included) or >= 1:
-    # max(total, 1) guards the empty row exactly, without a select.
-    total = unnormalized.sum(axis=-1, keepdims=True)
-    return unnormalized / jnp.maximum(total, 1.0)
+    return _softmax_parts(logits, where)[0]
 
 
 def hessian_product_from_probs(
-    probs: jax.Array, tangents: jax.Array, where: jax.Array | None = None
+    probs: jax.Array,
+    tangents: jax.Array,
+    where: jax.Array | None = None,
+    *,
+    complete: bool = True,
 ) -> jax.Array:
     """``(diag(s) − s sᵀ) v = s ⊙ (v − sᵀv)`` per row, classes last, from the probabilities.
 
     The one implementation of the closed-form product: the softmax's derivative rule, the public
     HVP, the Gauss-Newton operator and the logistic objective all call it.
+
+    ``v`` is first shifted by its value ``r`` at the most probable class (the mean over tied
+    ones): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no term from that class, so ``sᵀ(v − r)``
+    keeps the other classes' contributions where ``sᵀv`` would round them away against the
+    winner. Every component of the product is then accurate relative to its own terms at any
+    margin, the constant vector maps to exactly 0, and the operator stays positive
+    semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
+
+    ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
+    as the logistic objective's reference class): the rows do not sum to 1, the shift would be
+    wrong, and the plain formula is used.
     """
-    mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
-    return probs * (tangents - mean)
+    if not complete:
+        mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
+        return probs * (tangents - mean)
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    # 1 at the most probable classes (s / max s rounds to within an ulp of 1 there), 0 elsewhere
+    # and on an empty row (whose max is 0: the `maximum` keeps 0 / 0 out). A class within 2⁻¹⁶
+    # of the top may be marked too: then no class dominates and any such reference will do.
+    inverse_top = 1.0 / jnp.maximum(top, jnp.finfo(probs.dtype).tiny)
+    is_top = jnp.floor(probs * inverse_top + 2.0**-16)
+    count = jnp.sum(is_top, axis=-1, keepdims=True)
+    reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
+    centered = tangents - reference / jnp.maximum(count, 1.0)
+    mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
+    return probs * (centered - mean)
 
 
-@_softmax.defjvp
-def _softmax_jvp(primals, tangents):
-    # ṡ = s ⊙ (ż − sᵀż), built from the primal output so that one residual (s) is saved and a
-    # further derivative goes through this rule again.
+@jax.custom_jvp
+def _logsumexp(logits: jax.Array, where: jax.Array | None) -> jax.Array:
+    """Row-wise ``log Σ_k exp(z_k) = c + log1p(R)`` over included classes, ``[...]``."""
+    exps, peak = _exponentials(logits, where)
+    return (peak + jnp.log1p(_rest(exps)))[..., 0]
+
+
+@_logsumexp.defjvp
+def _logsumexp_jvp(primals, tangents):
+    # d logsumexp = sᵀż; R's own formula (a `min` per class) must not be differentiated.
     logits, where = primals
     logits_dot, _ = tangents
-    probs = _softmax(logits, where)
-    return probs, hessian_product_from_probs(probs, logits_dot, where)
+    return _logsumexp(logits, where), _dot_rows(_softmax(logits, where), logits_dot, where)
 
 
 def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -99,12 +190,19 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
 
 @jax.custom_jvp
 def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
-    """``m · logsumexp(z) − yᵀz`` per row, for labels already zero on masked classes."""
+    """``Σ_k y_k (c − z_k) + m · log1p(R)`` per row, for labels already zero on masked classes.
+
+    This is ``m · logsumexp(z) − yᵀz`` with the shift ``c`` taken out first: the first sum
+    (non-negative) cancels exactly for a one-hot label on the winner, so the small remainder
+    ``m · log1p(R)`` survives.
+    """
+    exps, peak = _exponentials(logits, where)
     mass = labels.sum(axis=-1)
     # 0 · (−inf) is NaN: a class that carries no label contributes nothing, whatever its logit.
     label_logits = jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
-    normalizer = jnp.where(mass != 0, mass * _logsumexp(logits, where), 0.0)
-    return normalizer - label_logits
+    # Σ y (c − z) ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
+    shifted = jnp.maximum(mass * peak[..., 0] - label_logits, 0.0)
+    return shifted + mass * jnp.log1p(_rest(exps)[..., 0])
 
 
 @_soft_loss.defjvp
@@ -117,15 +215,18 @@ def _soft_loss_jvp(primals, tangents):
     terms = []
     if not isinstance(logits_dot, SymbolicZero):
         mass = labels.sum(axis=-1, keepdims=True)
-        grad = mass * _softmax(logits, where) - labels
+        probs, complement = _softmax_parts(logits, where)
+        # m s_k − y_k = s_k (m − y_k) − y_k (1 − s_k): two non-negative terms, each exact in
+        # the tails (for a one-hot label one of them is zero).
+        grad = probs * (mass - labels) - labels * complement
         terms.append(_dot_rows(grad, logits_dot, where))
     if not isinstance(labels_dot, SymbolicZero):
         # ∂L/∂y_k = −log s_k, +inf on a −inf logit: such a class counts as masked (derivative 0)
-        # unless it carries label mass, as in the primal. The predicate must not involve the
-        # tangent, which is linear.
+        # unless it carries label mass, as in the primal. The select acts on the coefficient,
+        # not on the product with the tangent, so that its transpose never meets 0 · inf.
         neg_log_probs = _logsumexp(logits, where)[..., None] - logits
         counts = (labels != 0) | jnp.isfinite(logits)
-        terms.append(jnp.where(counts, labels_dot * neg_log_probs, 0.0).sum(axis=-1))
+        terms.append(_dot_rows(jnp.where(counts, neg_log_probs, 0.0), labels_dot, None))
     return loss, sum(terms[1:], start=terms[0]) if terms else jnp.zeros_like(loss)
 
 
@@ -136,36 +237,55 @@ def _label_is_valid(labels: jax.Array, num_classes: int) -> jax.Array:
     return (labels >= 0) & (labels < num_classes)
 
 
+def _row_scale(labels: jax.Array, where: jax.Array | None, num_classes: int, dtype) -> jax.Array:
+    """Per row: 1, NaN for a label outside ``[0, K)``, 0 for a label on a masked class. ``[...]``.
+
+    A label on a class that ``where`` excludes carries no label mass, as in
+    ``softmax_cross_entropy`` with the one-hot row (whose labels on masked classes are ignored):
+    the row's loss and gradient are 0. A fully masked row is a special case.
+    """
+    scale = jnp.where(_label_is_valid(labels, num_classes), 1.0, jnp.nan).astype(dtype)
+    if where is not None:
+        safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
+        included = jnp.take_along_axis(where, safe_labels, axis=-1)[..., 0]
+        scale = jnp.where(included, scale, 0.0)
+    return scale
+
+
 @jax.custom_jvp
 def _integer_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
-    """``logsumexp(z) − z[label]`` per row; NaN for a label outside ``[0, K)``."""
+    """``(c − z[label]) + log1p(R)`` per row; NaN for a label outside ``[0, K)``.
+
+    This is ``logsumexp(z) − z[label]`` with the shift taken out first, so that a label on the
+    winner of a confident row keeps the small loss ``log1p(R)``.
+    """
     num_classes = logits.shape[-1]
     safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
     label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)[..., 0]
-    loss = jnp.where(
-        _label_is_valid(labels, num_classes), _logsumexp(logits, where) - label_logits, jnp.nan
-    )
-    if where is not None:
-        loss = jnp.where(jnp.any(where, axis=-1), loss, 0.0)
-    return loss
+    exps, peak = _exponentials(logits, where)
+    # c − z[label] ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
+    shifted = jnp.maximum(peak[..., 0] - label_logits, 0.0)
+    loss = shifted + jnp.log1p(_rest(exps)[..., 0])
+    scale = _row_scale(labels, where, num_classes, logits.dtype)
+    # Not loss * scale: a label on a masked class may sit on a +inf logit.
+    return jnp.where(scale == 0, 0.0, loss * scale)
 
 
 @_integer_loss.defjvp
 def _integer_loss_jvp(primals, tangents):
     # dL = (s − e_label)ᵀ ż; the one-hot vector is a comparison fused into the product, never an
-    # array, and an out-of-range label turns the row's gradient into NaN like its value.
+    # array, and an out-of-range label turns the row's gradient into NaN like its value. The
+    # label's component is −(1 − s_label), taken from the exact complement.
     logits, labels, where = primals
     logits_dot, _, _ = tangents
     num_classes = logits.shape[-1]
     onehot = labels[..., None] == jnp.arange(num_classes)
-    # One factor per row (1, NaN for a bad label, 0 for a masked row) applied by a broadcast
+    # One factor per row (1, NaN for a bad label, 0 for a masked label) applied by a broadcast
     # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
-    row_scale = jnp.where(_label_is_valid(labels, num_classes), 1.0, jnp.nan).astype(logits.dtype)
-    if where is not None:
-        row_scale = jnp.where(jnp.any(where, axis=-1), row_scale, 0.0)
-    grad = (_softmax(logits, where) - onehot) * row_scale[..., None]
-    # No `where` in this sum: a label on a masked class still enters the loss through z[label].
-    return _integer_loss(logits, labels, where), _dot_rows(grad, logits_dot, None)
+    scale = _row_scale(labels, where, num_classes, logits.dtype)
+    probs, complement = _softmax_parts(logits, where)
+    grad = jnp.where(onehot, -complement, probs) * scale[..., None]
+    return _integer_loss(logits, labels, where), _dot_rows(grad, logits_dot, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,12 +309,15 @@ def _compute_dtype(*dtypes) -> np.dtype:
 
 
 def _normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
-    if isinstance(axis, int):
+    if axis is None:
+        # As optax: every axis is a class axis, and each example is the whole array.
+        axes = tuple(range(ndim))
+    elif isinstance(axis, int):
         axes = (axis,)
     elif isinstance(axis, Sequence) and all(isinstance(a, int) for a in axis):
         axes = tuple(axis)
     else:
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}.")
     if not axes:
         raise ValueError("axis must name at least one class axis.")
     for a in axes:
@@ -212,7 +335,9 @@ def _classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     if axes == (x.ndim - 1,):
         return x
     x = jnp.transpose(x, batch + axes)
-    return x.reshape(x.shape[: len(batch)] + (-1,))
+    # The class count spelled out, not -1: reshape cannot infer it when a batch axis is empty.
+    num_classes = int(np.prod([x.shape[a] for a in range(len(batch), x.ndim)]))
+    return x.reshape(x.shape[: len(batch)] + (num_classes,))
 
 
 def _classes_back(x: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
@@ -246,7 +371,15 @@ def _prepare_where(
 
 
 def _check_label_smoothing(label_smoothing: float | jax.Array) -> None:
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing <= 1.0:
+    """A concrete ``α`` (Python, NumPy or JAX scalar) must be a number in [0, 1]; traced passes."""
+    if isinstance(label_smoothing, jax.core.Tracer):
+        return
+    value = np.asarray(label_smoothing)
+    if value.shape != () or not (
+        np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+    ):
+        raise ValueError(f"label_smoothing must be a scalar number, got {label_smoothing!r}.")
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
 
 
@@ -296,12 +429,16 @@ def softmax_cross_entropy(
     plus ``label_smoothing``, and differs where optax returns NaN: a ``-inf`` logit is a masked
     class (finite loss, zero gradient and curvature there) unless a label sits on it, which gives
     ``+inf`` as the maths says. ``+inf`` or NaN logits give NaN for their row only. Half
-    precision inputs are computed in float32 and returned in the promoted input dtype.
+    precision inputs are computed in float32 and returned in the promoted input dtype. Every
+    component of the gradient (and of the Hessian) is accurate to a few ulps of its own size at
+    any margin, where ``1 − s`` computed by subtraction would round to 0 (see ``docs/losses.md``);
+    loss and gradient stay finite when ``jit`` fuses the logits' producer into the loss.
 
     Args:
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
         labels: ``[..., K]`` (or broadcastable) target weights: one-hot, soft, or unnormalised.
-        axis: the class axis, or a tuple of axes whose elements together form the classes.
+        axis: the class axis, a tuple of axes whose elements together form the classes, or
+            ``None`` for all axes (one example).
         where: boolean mask of the batch shape (a ``False`` row gives exactly 0) or of the
             logits' shape (``False`` classes are excluded from the softmax and their labels
             are ignored).
@@ -370,7 +507,9 @@ def softmax_cross_entropy_with_integer_labels(
 
     * a label outside ``[0, K)`` (negative ones included, which optax wraps around) gives a NaN
       loss and NaN gradient for its row, never a plausible number; a row fully masked by
-      ``where`` gives 0 whatever its label;
+      ``where`` gives 0 whatever its label, and so does a label on a class that ``where``
+      excludes (it carries no label, as the one-hot row in ``optax.softmax_cross_entropy``;
+      optax's integer version returns ``logsumexp − z[label]`` there, which can be negative);
     * a ``-inf`` logit is a masked class: finite loss and zero gradient there, unless the label
       sits on it, which gives ``+inf``.
 
@@ -380,7 +519,8 @@ def softmax_cross_entropy_with_integer_labels(
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
         labels: ``[...]`` integer class indices (a flat index into the class axes when ``axis``
             is a tuple).
-        axis: the class axis, or a tuple of axes whose elements together form the classes.
+        axis: the class axis, a tuple of axes whose elements together form the classes, or
+            ``None`` for all axes (then ``labels`` is a scalar flat index).
         where: boolean mask of the batch shape or of the logits' shape (see
             :func:`softmax_cross_entropy`).
         label_smoothing: ``α`` in ``[0, 1]``.
@@ -440,7 +580,10 @@ def softmax_cross_entropy_hessian(
 
     for labels of unit mass (multiply by ``m`` for mass ``m``). It does not depend on the
     labels. It is symmetric positive semi-definite, ``H·1 = 0``, and its eigenvalues lie in
-    ``[0, 1/2]``. Masked (``-inf`` or ``where=False``) classes get zero rows and columns.
+    ``[0, 1/2]``. The diagonal uses the exact complement ``1 − s_k``, so every entry keeps a few
+    ulps of its own size at any margin and the matrix stays PSD in float32 (no eigenvalue below
+    the rounding of the smallest nonzero one). Masked (``-inf`` or ``where=False``) classes get zero
+    rows and columns.
     This forms ``K×K`` per example: prefer :func:`softmax_cross_entropy_hvp` for products.
 
     Args:
@@ -462,10 +605,15 @@ def softmax_cross_entropy_hessian(
     logits = _check_floating(logits)
     axes = _normalize_axes(axis, logits.ndim)
     where = _prepare_where(where, logits, axes)
-    probs = _softmax(_classes_last(logits, axes).astype(_compute_dtype(logits.dtype)), where)
-    eye = jnp.eye(probs.shape[-1], dtype=probs.dtype)
-    # diag(s) − s sᵀ = s_i (δ_ij − s_j)
-    return (probs[..., :, None] * (eye - probs[..., None, :])).astype(logits.dtype)
+    probs, complement = _softmax_parts(
+        _classes_last(logits, axes).astype(_compute_dtype(logits.dtype)), where
+    )
+    eye = jnp.eye(probs.shape[-1], dtype=bool)
+    # Off the diagonal −s_i s_j; on it s_k (1 − s_k) with the exact complement, so that the
+    # winner of a confident row keeps its curvature and the matrix stays PSD in float32.
+    outer = probs[..., :, None] * probs[..., None, :]
+    diagonal = (probs * complement)[..., :, None]
+    return jnp.where(eye, diagonal, -outer).astype(logits.dtype)
 
 
 def softmax_cross_entropy_hvp(
@@ -478,8 +626,11 @@ def softmax_cross_entropy_hvp(
 
     .. math:: (\operatorname{diag}(s) - s s^\top)\, v = s \odot (v - s^\top v)
 
-    in ``O(K)`` per example (two passes over the classes), for labels of unit mass (multiply by
-    ``m`` for mass ``m``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each example's
+    in ``O(K)`` per example (a few passes over the classes), for labels of unit mass (multiply
+    by ``m`` for mass ``m``). ``v`` is shifted by its value at the most probable class first, so
+    each component is accurate to a few ulps of its terms at any margin (see
+    ``hessian_product_from_probs``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each
+    example's
     loss, and is itself differentiable.
 
     Args:
