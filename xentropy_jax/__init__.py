@@ -13,6 +13,7 @@ from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
 from ._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from .solvers import CollinearityWarning as CollinearityWarning
 from .solvers import FitError as FitError
 from .solvers import FitResult as FitResult
 from .solvers import Newton as Newton
@@ -24,6 +25,7 @@ from .solvers import fit_logistic_regression as fit_logistic_regression
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollinearityWarning",
     "FitError",
     "FitResult",
     "Newton",

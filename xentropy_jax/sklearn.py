@@ -53,18 +53,6 @@ def _padded_rows(n_samples: int) -> int:
     return max(32, 1 << (n_samples - 1).bit_length())
 
 
-def _attainable_tol(tol: float, X: np.ndarray) -> float:
-    """``tol`` raised to the rounding level of the gradient in X's precision.
-
-    The gradient's entries are weighted means of x_ij·(s_ik − y_ik), so rounding leaves them
-    uncertain by about eps·max|x|; a smaller tol could not be verified (in float32 it would
-    end every fit at the precision floor with a warning). The floor is 10·eps·max(1, max|X|):
-    ~1e-6 for standardised float32 features, ~1e-14 in float64.
-    """
-    scale = max(1.0, float(X.max()), -float(X.min()))
-    return max(float(tol), 10.0 * float(np.finfo(X.dtype).eps) * scale)
-
-
 def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, reference: bool) -> int:
     """Number of free parameters of the multinomial model as the core fits it."""
     return (n_features + int(fit_intercept)) * (n_classes - int(reference))
@@ -267,7 +255,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 fit_intercept=self.fit_intercept,
                 reference_class=reference,
                 solver=_core_solver(solver, X.shape[1]),
-                tol=_attainable_tol(self.tol, X),
+                tol=self.tol,
                 max_iter=self.max_iter,
                 init=init,
                 verbose=bool(self.verbose),
