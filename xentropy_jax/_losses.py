@@ -246,8 +246,12 @@ def _prepare_where(
 
 
 def _check_label_smoothing(label_smoothing: float | jax.Array) -> None:
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+    # Any concrete value (Python, NumPy or JAX scalar) is checked; a tracer cannot be.
+    if isinstance(label_smoothing, jax.core.Tracer):
+        return
+    value = np.asarray(label_smoothing, dtype=float)
+    if not np.all((value >= 0.0) & (value <= 1.0)):
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}.")
 
 
 def _no_smoothing(label_smoothing: float | jax.Array) -> bool:

@@ -53,6 +53,18 @@ def _padded_rows(n_samples: int) -> int:
     return max(32, 1 << (n_samples - 1).bit_length())
 
 
+def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
+    """Raise ValueError, naming the classes, for a NaN, infinite or negative class weight."""
+    per_class = np.asarray(per_class, dtype=float)
+    bad = ~(np.isfinite(per_class) & (per_class >= 0))
+    if np.any(bad):
+        named = {classes[i].item(): per_class[i].item() for i in np.flatnonzero(bad)}
+        raise ValueError(
+            f"class_weight must be finite and >= 0 for every class, got {named}: a class "
+            "weight multiplies the sample weights of its class."
+        )
+
+
 def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, reference: bool) -> int:
     """Number of free parameters of the multinomial model as the core fits it."""
     return (n_features + int(fit_intercept)) * (n_classes - int(reference))
@@ -209,6 +221,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             per_class = compute_class_weight(
                 self.class_weight, classes=classes, y=y, sample_weight=weights
             )
+            _check_class_weight(per_class, classes)
             weights *= per_class[labels].astype(X.dtype)
         class_mass = np.bincount(labels, weights=weights, minlength=classes.size)
         if np.count_nonzero(class_mass > 0) < 2:

@@ -55,9 +55,11 @@ _MESSAGES = {
         "tol, or scale the features (standardising X usually helps)."
     ),
     Status.LINE_SEARCH_FAILED: (
-        "The line search found no decrease along the Newton direction: the point is as accurate "
-        "as the floating-point precision allows (use float64, or a larger tol), or the Hessian is "
-        "badly conditioned (scale the features, or increase the L2 penalty)."
+        "The line search found no decrease along the Newton direction before the gradient "
+        "reached its rounding level: the fit is not as accurate as tol asks, and the working "
+        "precision cannot improve it. In float32 (JAX's default) this comes from badly scaled "
+        "or nearly collinear features: standardise the columns, or fit in float64 "
+        "(jax.config.update('jax_enable_x64', True) and float64 X); or increase the L2 penalty."
     ),
     Status.NON_FINITE: (
         "Non-finite values (NaN or inf) appeared in the loss or the gradient: check X, the "
