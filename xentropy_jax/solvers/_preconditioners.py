@@ -52,7 +52,8 @@ class FeatureBasis(NamedTuple):
 
     A = X̃ᵀŴX̃ and D = diag(A)^(-1/2): the scaling keeps columns of very different sizes
     resolved (an eigendecomposition of A itself loses the small ones, in float32 above all).
-    `scale` holds D's diagonal and `penalty` the diagonal of Uᵀ·D²·U (the L2 term in S's eigenbasis).
+    `scale` holds D's diagonal and `penalty` the diagonal of Uᵀ·D²·U (the L2 term in S's
+    eigenbasis).
     """
 
     eigenvalues: jax.Array
@@ -80,8 +81,8 @@ def kronecker(
     H = Σᵢ ŵᵢ x̃ᵢx̃ᵢᵀ ⊗ Dᵢ + l2·I_W; replacing each Dᵢ by their weighted mean B keeps the
     feature correlations that make H ill-conditioned (a diagonal cannot), and
     in the Jacobi-scaled variables (S = D·A·D = U·diag(λ)·Uᵀ, B = Q·diag(μ)·Qᵀ)
-    M⁻¹ = (D ⊗ I)(U ⊗ Q)·diag(1/(λ·μ + l2·(UᵀD²U)ᵢᵢ))·(U ⊗ Q)ᵀ(D ⊗ I) costs O(d²K + dK²) per use after an
-    O(N·K² + K³) update per outer iteration. Far fewer CG iterations than the diagonal when
+    M⁻¹ = (D ⊗ I)(U ⊗ Q)·diag(1/(λ·μ + l2·(UᵀD²U)ᵢᵢ))·(U ⊗ Q)ᵀ(D ⊗ I) costs O(d²K + dK²) per
+    use after an O(N·K² + K³) update per outer iteration. Far fewer CG iterations than the diagonal when
     features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     """
     kf = objective.num_free_classes
@@ -92,12 +93,14 @@ def kronecker(
     feature_vectors, scale = basis.eigenvectors, basis.scale[:, None]
     spectrum = basis.eigenvalues[:, None] * curvature_values[None, :]
     spectrum = spectrum + objective.l2 * basis.penalty[:, None]
-    # Collinear features without a penalty make A (and H) singular. Flooring at a fraction of
-    # the largest entry (not at `tiny`) keeps M⁻¹ bounded there: the gradient has no component
-    # in those directions beyond rounding, so the steps stay of the size of the others, and the
-    # minimum-norm projection at the end of the fit removes what they add (see `_fit`).
+    # Collinear features without a penalty make A (and H) singular: there M is the pseudo-
+    # inverse (zero on the null directions, decided relative to the largest entry), so CG never
+    # moves along directions that change no logit (rounding there would otherwise be amplified
+    # by 1/tiny); the minimum-norm projection at the end of the fit does the rest.
     floor = spectrum.size * jnp.finfo(spectrum.dtype).eps * jnp.max(spectrum, initial=0)
-    spectrum = jnp.maximum(spectrum, jnp.maximum(floor, jnp.finfo(spectrum.dtype).tiny))
+    null = spectrum <= jnp.maximum(floor, jnp.finfo(spectrum.dtype).tiny)
+    inverse = jnp.where(null, 0, 1 / jnp.where(null, 1, spectrum))
+    spectrum = jnp.where(null, 0, spectrum)
 
     def transform(vector, values, outer):
         block = vector.reshape(-1, kf) * outer
@@ -106,7 +109,7 @@ def kronecker(
 
     # M = (D⁻¹ ⊗ I)(U ⊗ Q)·diag(spectrum)·(U ⊗ Q)ᵀ(D⁻¹ ⊗ I), and M⁻¹ with D and 1/spectrum.
     return Preconditioner(
-        solve=lambda v: transform(v, 1 / spectrum, scale),
+        solve=lambda v: transform(v, inverse, scale),
         apply=lambda v: transform(v, spectrum, 1 / scale),
     )
 
