@@ -128,9 +128,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             binary problems and ``penalty=None``.
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
-            sample by an integer equals repeating it to ~1e-9. ``tol`` is raised to the
-            gradient's rounding level, ``10 * eps * max(1, max|X|)`` (~1e-6 for standardised
-            float32 features), below which convergence cannot be verified.
+            sample by an integer equals repeating it to ~1e-9. ``tol`` is raised, per
+            parameter, to its gradient entry's rounding level, ``8 * eps * mean|x_j|`` for
+            column j (~1e-6 for standardised float32 features), below which convergence
+            cannot be verified.
         max_iter: Maximum number of outer (Newton) iterations, >= 1.
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
             new problem (same classes and features).
@@ -202,9 +203,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             The fitted estimator.
 
         Raises:
-            ValueError: Bad parameters, NaN/inf or complex features, mismatched lengths,
-                continuous targets, fewer than two classes (after weighting), negative or
-                all-zero sample weights; or a fit that produced non-finite values.
+            ValueError: Bad parameters, NaN/inf or complex features, features whose squares
+                overflow the precision, mismatched lengths, continuous targets, fewer than two
+                classes (after weighting), negative, all-zero or subnormal sample weights, NaN
+                or negative ``class_weight``; or a fit that produced non-finite values.
         """
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
         check_classification_targets(y)

@@ -315,7 +315,9 @@ def fit_logistic_regression(
         solver: "newton" (explicit Hessian, Cholesky: small (d + 1)·K), "newton-cg"
             (matrix-free, preconditioned CG) or "trust-region" (Steihaug-CG, TRON's rules), or a
             `Newton`/`NewtonCG`/`TrustRegion` configuration (static).
-        tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol.
+        tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol; tol is
+            first raised, per parameter, to its gradient entry's rounding level
+            8·eps·Σᵢ ŵᵢ·|x_ij| (`attainable_tolerance`: ~1e-6 for standardised float32 data).
         max_iter: most outer iterations.
         init: warm start (W [d, K], b [K]); None starts from zeros.
         verbose: print one line per iteration: iteration, loss, max|g|, inner CG iterations
@@ -332,9 +334,16 @@ def fit_logistic_regression(
         n_hessian_products.
 
     Raises:
-        ValueError: bad shapes, NaN/inf in X or the weights, labels out of range, negative or
-            all-zero weights, a class with no samples while fitting an intercept, negative l2,
-            an unknown solver (checked before any compilation, where the inputs are concrete).
+        ValueError: bad shapes, NaN/inf in X or the weights, features whose squares overflow
+            the working precision, labels out of range, negative, all-zero or subnormal weights,
+            a class with no samples while fitting an intercept, negative l2, an unknown solver,
+            `solver="newton"` whose explicit Hessian exceeds the device's memory (checked before
+            any compilation, where the inputs are concrete). Under `jit` the same problems are
+            reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2).
+
+    Warns:
+        CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
+            the fit returns the minimum-norm optimum.
         TypeError: non-integer labels.
         FitError: `throw=True` and the fit stopped without converging.
 
