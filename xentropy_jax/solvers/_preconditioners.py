@@ -94,12 +94,15 @@ def kronecker(
     spectrum = basis.eigenvalues[:, None] * curvature_values[None, :]
     spectrum = spectrum + objective.l2 * basis.penalty[:, None]
     # Collinear features without a penalty make A (and H) singular: there M is the pseudo-
-    # inverse (zero on the null directions, decided relative to the largest entry), so CG never
-    # moves along directions that change no logit (rounding there would otherwise be amplified
-    # by 1/tiny); the minimum-norm projection at the end of the fit does the rest.
-    floor = spectrum.size * jnp.finfo(spectrum.dtype).eps * jnp.max(spectrum, initial=0)
-    null = spectrum <= jnp.maximum(floor, jnp.finfo(spectrum.dtype).tiny)
-    inverse = jnp.where(null, 0, 1 / jnp.where(null, 1, spectrum))
+    # inverse (zero on the null directions of the scaled Gram), so CG never moves along
+    # directions that change no logit (rounding there would otherwise be amplified by 1/tiny);
+    # the minimum-norm projection at the end of the fit does the rest. With l2 > 0 every
+    # direction is curved and nothing is dropped.
+    values = basis.eigenvalues
+    feature_null = values <= values.size * jnp.finfo(values.dtype).eps * jnp.max(values, initial=0)
+    null = feature_null[:, None] & (objective.l2 == 0)
+    spectrum = jnp.maximum(spectrum, jnp.finfo(spectrum.dtype).tiny)
+    inverse = jnp.where(null, 0, 1 / spectrum)
     spectrum = jnp.where(null, 0, spectrum)
 
     def transform(vector, values, outer):
