@@ -59,7 +59,6 @@ def _ours(X, y, k):
 
 def speed(n, d, informative, k, sm_maxiter):
     import statsmodels.api as sm
-
     from scipy.linalg import qr
 
     X, y = make_classification(

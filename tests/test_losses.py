@@ -512,3 +512,14 @@ def test_bad_arguments_raise_clear_errors(rng):
         xj.softmax_cross_entropy(logits, soft, where=jnp.ones(6))
     with pytest.raises(ValueError, match="tangents"):
         xj.softmax_cross_entropy_hvp(logits, soft[:, :2])
+
+
+@pytest.mark.parametrize("smoothing", [np.float32(1.5), jnp.array(-0.1), np.array(2.0)])
+def test_label_smoothing_out_of_range_is_refused_for_array_scalars(smoothing):
+    logits, labels = jnp.zeros((2, 3)), jnp.array([0, 2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xj.softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=smoothing)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xj.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 3), label_smoothing=smoothing)
+    # In range, the same types are accepted.
+    xj.softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=np.float32(0.2))

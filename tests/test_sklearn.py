@@ -94,6 +94,14 @@ def test_bad_input_raises_before_solving(core_calls, X, y, sample_weight, match)
     assert not core_calls
 
 
+@pytest.mark.parametrize("bad", [np.nan, -1.0, np.inf])
+def test_class_weight_must_be_finite_and_non_negative(core_calls, bad):
+    with pytest.raises(ValueError, match="class_weight must be finite and >= 0") as info:
+        LogisticRegression(class_weight={0: 1.0, 1: bad}).fit(_X_OK, _Y_OK)
+    assert "l2" not in str(info.value) and "zero total weight" not in str(info.value)
+    assert not core_calls
+
+
 @pytest.mark.parametrize(
     "params, name",
     [

@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from xentropy_jax import _linear
 from xentropy_jax.solvers import (
+    CollinearityWarning,
     FitError,
     Newton,
     NewtonCG,
@@ -421,3 +422,274 @@ def test_host_callbacks_only_when_verbose():
                 **static,
             )
             assert ("callback" in lowered.as_text()) == verbose
+
+
+# --- Collinear features without a penalty ----------------------------------------------------
+
+CONFIGURATIONS = {
+    "newton": Newton(),
+    "newton-cg kronecker": NewtonCG(),
+    "newton-cg diagonal": NewtonCG(preconditioner="diagonal"),
+    "trust-region kronecker": TrustRegion(),
+    "trust-region diagonal": TrustRegion(preconditioner="diagonal"),
+}
+
+
+def _collinear_problems():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 240)
+    base = rng.normal(size=(240, 8)) + 0.3 * labels[:, None]
+    repeated = np.hstack([base, base[:, :1]])  # column 8 repeats column 0
+    groups = rng.integers(0, 3, 240)
+    dummies = np.hstack([base[:, :4], np.eye(3)[groups]])  # dummies sum to the intercept
+    return {
+        "repeated column": (repeated, labels, [8], [0, 8]),
+        "dummies and intercept": (dummies, labels, [6], [4, 5, 6, "intercept"]),
+    }
+
+
+def _minimum_norm_reference(features, labels, dropped, reference_class):
+    """The optimum from the independent columns, lifted and projected as a pseudo-inverse."""
+    keep = [j for j in range(features.shape[1]) if j not in dropped]
+    reduced = fit_logistic_regression(
+        features[:, keep], labels, 4, reference_class=reference_class, solver="newton", tol=1e-12
+    )
+    weights = np.zeros((features.shape[1], 4))
+    weights[keep] = np.asarray(reduced.params[0])
+    theta = np.vstack([weights, np.asarray(reduced.params[1])])  # [d̃, K]
+    design = np.hstack([features, np.ones((features.shape[0], 1))])
+    projector = np.linalg.pinv(design) @ design  # onto the row space: kills null(X̃)
+    theta = projector @ theta
+    if not reference_class:
+        theta = theta - theta.mean(axis=1, keepdims=True)
+    return float(reduced.loss), theta
+
+
+@pytest.mark.parametrize(
+    "problem, name, reference_class",
+    [
+        (problem, name, False)
+        for problem in ("repeated column", "dummies and intercept")
+        for name in CONFIGURATIONS
+    ]
+    + [("dummies and intercept", "newton-cg kronecker", True), ("repeated column", "newton", True)],
+)
+def test_collinear_unpenalised_fit_is_the_minimum_norm_optimum(problem, name, reference_class):
+    features, labels, dropped, named = _collinear_problems()[problem]
+    loss, theta = _minimum_norm_reference(features, labels, dropped, reference_class)
+    with pytest.warns(CollinearityWarning) as record:
+        result = fit_logistic_regression(
+            features,
+            labels,
+            4,
+            reference_class=reference_class,
+            solver=CONFIGURATIONS[name],
+            tol=1e-10,
+        )
+    assert result.status == Status.CONVERGED
+    assert abs(float(result.loss) - loss) <= 1e-10 * loss
+    fitted = np.vstack([np.asarray(result.params[0]), np.asarray(result.params[1])])
+    if reference_class:
+        fitted = fitted - fitted[:, :1]
+        theta = theta - theta[:, :1]
+    np.testing.assert_allclose(fitted, theta, atol=1e-6)
+    message = str(record[0].message)
+    assert f"[{', '.join(map(str, named))}]" in message and "minimum-norm" in message
+
+
+def test_collinearity_is_not_warned_with_a_penalty_or_independent_columns():
+    features, labels, _, _ = _collinear_problems()["repeated column"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CollinearityWarning)
+        fit_logistic_regression(features, labels, 4, l2=1e-2)
+        fit_logistic_regression(features[:, :8], labels, 4)
+
+
+def test_collinear_issue_reproduction_with_the_estimator():
+    from xentropy_jax.sklearn import LogisticRegression as Estimator
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 45))
+    labels = rng.integers(0, 4, 500)
+    features = np.hstack([features, features[:, :1]])
+    with pytest.warns(CollinearityWarning, match=r"\[0, 45\]"):
+        model = Estimator(penalty=None).fit(features, labels)
+    reduced = Estimator(penalty=None).fit(features[:, :45], labels)
+    np.testing.assert_allclose(model.coef_[:, 0], model.coef_[:, 45], atol=1e-7)
+    np.testing.assert_allclose(2 * model.coef_[:, 0], reduced.coef_[:, 0], atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict_proba(features), reduced.predict_proba(features[:, :45]), atol=1e-8
+    )
+
+
+# --- Bad input under jit: a status that names the cause --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        (dict(sample_weight=-np.ones(40)), Status.INVALID_WEIGHTS),
+        (dict(sample_weight=np.where(np.arange(40) == 3, np.nan, 1.0)), Status.INVALID_WEIGHTS),
+        (dict(l2=-0.1), Status.INVALID_L2),
+        (dict(labels=np.where(np.arange(40) == 5, -1, np.arange(40) % 3)), Status.INVALID_LABELS),
+        (dict(labels=np.where(np.arange(40) == 5, 3, np.arange(40) % 3)), Status.INVALID_LABELS),
+        (dict(sample_weight=np.zeros(40)), Status.ZERO_WEIGHT),
+        (dict(sample_weight=np.full(40, 1e-320)), Status.ZERO_WEIGHT),
+    ],
+)
+def test_bad_input_under_jit_reports_its_cause(change, status):
+    rng = np.random.default_rng(5)
+    arguments = dict(
+        features=rng.normal(size=(40, 3)),
+        labels=np.arange(40) % 3,
+        sample_weight=np.ones(40),
+        l2=0.1,
+    )
+    arguments.update(change)
+
+    @jax.jit
+    def fit(features, labels, sample_weight, l2):
+        return fit_logistic_regression(
+            features, labels, 3, sample_weight=sample_weight, l2=l2, throw=False
+        )
+
+    result = fit(**arguments)
+    assert Status(int(result.status)) == status
+    assert int(result.n_iter) == 0 and not bool(result.converged)
+    assert Status.message(status) != Status.message(Status.LINE_SEARCH_FAILED)
+
+
+def test_subnormal_weights_raise_outside_jit():
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(40, 3)), np.arange(40) % 3
+    with pytest.raises(ValueError, match="Rescale"):
+        fit_logistic_regression(features, labels, 3, sample_weight=np.full(40, 1e-320))
+    # float32 fits (x64 off, or float32 data) already lose 1e-40.
+    with pytest.raises(ValueError, match="Rescale"):
+        fit_logistic_regression(
+            features.astype(np.float32), labels, 3, sample_weight=np.full(40, 1e-40)
+        )
+
+
+def test_newton_refuses_a_hessian_that_cannot_fit_before_compiling(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(fit_module, "_fit", never)
+    features = np.random.default_rng(0).normal(size=(1000, 200))
+    labels = np.arange(1000)
+    with pytest.raises(ValueError, match="newton-cg") as info:
+        fit_logistic_regression(features, labels, 1000, l2=0.1, solver="newton")
+    assert "Hessian" in str(info.value) and "GiB" in str(info.value)
+
+
+def test_features_whose_squares_overflow_raise():
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(40, 3)), np.arange(40) % 3
+    features[0, 0] = 1e30
+    with pytest.raises(ValueError, match="overflow"):
+        fit_logistic_regression(features.astype(np.float32), labels, 3, l2=0.1)
+
+
+# --- float32 without 64-bit mode, in a fresh process as a JAX/Colab user has it ---------------
+
+FLOAT32_SCRIPT = """
+import contextlib, io, json, warnings
+import numpy as np
+import jax
+from sklearn.datasets import load_digits
+import xentropy_jax as xj
+from xentropy_jax.sklearn import LogisticRegression
+
+assert not jax.config.jax_enable_x64
+out = {}
+X, y = load_digits(return_X_y=True)
+result = xj.fit_logistic_regression(X, y, 10, l2=1e-3, solver="newton-cg")  # the README's call
+weights = np.asarray(result.params[0])
+out["digits"] = [int(result.n_iter), str(weights.dtype), weights.tolist()]
+
+rng = np.random.default_rng(0)
+Xb = rng.normal(size=(600, 8))
+yb = (Xb[:, 0] + Xb[:, 1] + rng.normal(size=600) > 0).astype(int) + (Xb[:, 2] > 0)
+Xb[:, 3] *= 1e8
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = LogisticRegression().fit(Xb.astype(np.float32), yb)
+out["scaled"] = [model.coef_.tolist(), [str(w.message) for w in caught]]
+cg = xj.fit_logistic_regression(Xb, yb, 3, l2=1 / 600, throw=False)
+out["scaled_cg"] = [int(cg.status), xj.Status.message(cg.status)]
+
+huge = Xb[:, :3].astype(np.float32)
+huge[0, 0] = 1e30
+try:
+    LogisticRegression().fit(huge, yb)
+    out["huge"] = "no error"
+except ValueError as error:
+    out["huge"] = str(error)
+
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    LogisticRegression(verbose=1).fit(Xb[:200, :3], yb[:200])
+out["verbose"] = printed.getvalue().splitlines()[0]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def float32_session():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    completed = subprocess.run(
+        [sys.executable, "-c", FLOAT32_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_float32_readme_fit_stops_at_the_precision_floor(float32_session):
+    from sklearn.datasets import load_digits
+
+    n_iter, dtype, weights = float32_session["digits"]
+    assert dtype == "float32" and n_iter <= 20
+    features, labels = load_digits(return_X_y=True)
+    reference = fit_logistic_regression(features, labels, 10, l2=1e-3, tol=1e-10)
+    expected = np.asarray(reference.params[0])
+    assert np.max(np.abs(np.asarray(weights) - expected)) <= 1e-3 * np.max(np.abs(expected))
+
+
+def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_session):
+    from xentropy_jax.sklearn import LogisticRegression as Estimator
+
+    coef, messages = float32_session["scaled"]
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(600, 8))
+    labels = (features[:, 0] + features[:, 1] + rng.normal(size=600) > 0).astype(int)
+    labels = labels + (features[:, 2] > 0)
+    features[:, 3] *= 1e8
+    expected = Estimator().fit(features, labels).coef_
+    assert not messages
+    assert np.max(np.abs(np.asarray(coef) - expected)) <= 1e-4 * np.max(np.abs(expected))
+    # The matrix-free solver cannot reach tol here in float32: it must say so, and what to do.
+    status, message = float32_session["scaled_cg"]
+    if status != Status.CONVERGED:
+        assert "float64" in message and "standardise" in message
+
+
+def test_float32_features_of_1e30_raise(float32_session):
+    assert "overflow" in float32_session["huge"]
+
+
+def test_verbose_prints_a_float64_loss_with_x64_off(float32_session):
+    # The first line is the initial point, whose loss is log K: in float64, not float32.
+    printed = float(float32_session["verbose"].split("loss")[1].split()[0])
+    assert printed == float(f"{np.log(3):.12e}")
+    assert printed != float(f"{float(np.float32(np.log(3))):.12e}")

@@ -29,6 +29,7 @@ from ._optax import gauss_newton as gauss_newton
 from ._optax import scale_by_ggn_diagonal as scale_by_ggn_diagonal
 from ._optax import scale_by_sophia_g as scale_by_sophia_g
 from ._optax import sophia_g as sophia_g
+from .solvers import CollinearityWarning as CollinearityWarning
 from .solvers import FitError as FitError
 from .solvers import FitResult as FitResult
 from .solvers import Newton as Newton
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CGResult",
     "CGStatus",
+    "CollinearityWarning",
     "FitError",
     "FitResult",
     "GaussNewtonState",

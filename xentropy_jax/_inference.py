@@ -259,7 +259,8 @@ class LogitInference:
 
     def to_frame(self):
         """The coefficient table as a pandas DataFrame (index (class, term); columns coef,
-        std_err, z, p_value, ci_lower, ci_upper) or, without pandas, a dict of 1-D arrays."""
+        std_err, z, p_value, ci_lower, ci_upper) or, without pandas, a dict of 1-D arrays.
+        """
         index = [(c, t) for c in self.class_names[1:] for t in self.term_names]
         columns = {
             "coef": self.params.T.ravel(),

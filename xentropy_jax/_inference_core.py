@@ -108,7 +108,6 @@ def dense_sums(
     The meat is Σᵢ gᵢgᵢᵀ for "HC0" and Σ_g (Σ_{i∈g} gᵢ)(Σ_{i∈g} gᵢ)ᵀ for "cluster" (zeros
     for "nonrobust"). Cost: O(N·P²) flops in GEMMs over row chunks, O(chunk·P + P²) memory.
     """
-
     kf = num_classes - 1
     rows, cols = pair_indices(kf)
     diagonal = jnp.asarray([float(k == l) for k, l in zip(rows, cols, strict=True)])

@@ -94,16 +94,16 @@ def _use_program(key: tuple) -> None:
         _programs[key] = None
 
 
-def _attainable_tol(tol: float, X: np.ndarray) -> float:
-    """``tol`` raised to the rounding level of the gradient in X's precision.
-
-    The gradient's entries are weighted means of x_ij·(s_ik − y_ik), so rounding leaves them
-    uncertain by about eps·max|x|; a smaller tol could not be verified (in float32 it would
-    end every fit at the precision floor with a warning). The floor is 10·eps·max(1, max|X|):
-    ~1e-6 for standardised float32 features, ~1e-14 in float64.
-    """
-    scale = max(1.0, float(X.max()), -float(X.min()))
-    return max(float(tol), 10.0 * float(np.finfo(X.dtype).eps) * scale)
+def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
+    """Raise ValueError, naming the classes, for a NaN, infinite or negative class weight."""
+    per_class = np.asarray(per_class, dtype=float)
+    bad = ~(np.isfinite(per_class) & (per_class >= 0))
+    if np.any(bad):
+        named = {classes[i].item(): per_class[i].item() for i in np.flatnonzero(bad)}
+        raise ValueError(
+            f"class_weight must be finite and >= 0 for every class, got {named}: a class "
+            "weight multiplies the sample weights of its class."
+        )
 
 
 SUPPORTED_PENALTIES = 'the L2 penalty (penalty="l2", l1_ratio=0, C > 0) or none (C=np.inf)'
@@ -192,9 +192,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             binary problems and ``penalty=None``.
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
-            sample by an integer equals repeating it to ~1e-9. ``tol`` is raised to the
-            gradient's rounding level, ``10 * eps * max(1, max|X|)`` (~1e-6 for standardised
-            float32 features), below which convergence cannot be verified.
+            sample by an integer equals repeating it to ~1e-9. ``tol`` is raised, per
+            parameter, to its gradient entry's rounding level, ``8 * eps * mean|x_j|`` for
+            column j (~1e-6 for standardised float32 features), below which convergence
+            cannot be verified.
         max_iter: Maximum number of outer (Newton) iterations, >= 1.
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
             new problem (same classes and features).
@@ -282,8 +283,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         Raises:
             ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
                 in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features,
-                mismatched lengths, continuous targets, fewer than two classes (after weighting), negative or
-                all-zero sample weights; or a fit that produced non-finite values.
+                features whose squares overflow the precision, mismatched lengths, continuous
+                targets, fewer than two classes (after weighting), negative, all-zero or
+                subnormal sample weights, NaN or negative ``class_weight``; or a fit that
+                produced non-finite values.
         """
         check_penalty(self.penalty, self.l1_ratio)
         X, y = validate_data(
@@ -303,6 +306,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             per_class = compute_class_weight(
                 self.class_weight, classes=classes, y=y, sample_weight=weights
             )
+            _check_class_weight(per_class, classes)
             weights *= per_class[labels].astype(X.dtype)
         class_mass = np.bincount(labels, weights=weights, minlength=classes.size)
         if np.count_nonzero(class_mass > 0) < 2:
@@ -359,7 +363,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 fit_intercept=self.fit_intercept,
                 reference_class=reference,
                 solver=core_solver,
-                tol=_attainable_tol(self.tol, X),
+                tol=self.tol,
                 max_iter=self.max_iter,
                 init=init,
                 verbose=bool(self.verbose),
@@ -704,7 +708,7 @@ class LogisticRegressionCV(LogisticRegression):
                     fit_intercept=self.fit_intercept,
                     reference_class=reference,
                     solver=_core_solver(solver, X.shape[1]),
-                    tol=_attainable_tol(self.tol, X),
+                    tol=self.tol,
                     max_iter=self.max_iter,
                     throw=False,
                 )

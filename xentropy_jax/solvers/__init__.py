@@ -4,12 +4,14 @@ from ._fit import fit_logistic_regression as fit_logistic_regression
 from ._newton import Newton as Newton
 from ._newton_cg import NewtonCG as NewtonCG
 from ._path import fit_regularization_path as fit_regularization_path
+from ._result import CollinearityWarning as CollinearityWarning
 from ._result import FitError as FitError
 from ._result import FitResult as FitResult
 from ._result import Status as Status
 from ._trust_region import TrustRegion as TrustRegion
 
 __all__ = [
+    "CollinearityWarning",
     "FitError",
     "FitResult",
     "Newton",

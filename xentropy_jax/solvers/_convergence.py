@@ -49,11 +49,11 @@ def status_code(
     with a float64-sized tol), and further iterations could not be verified.
     """
     finite = jnp.isfinite(evaluation.loss) & jnp.all(jnp.isfinite(evaluation.grad))
-    grad_norm = jnp.max(jnp.abs(evaluation.grad), initial=0)
-    converged = (grad_norm <= tol) & (decrement <= tol)
+    grad_small = jnp.all(jnp.abs(evaluation.grad) <= tol)
+    converged = grad_small & (decrement <= jnp.max(tol, initial=0))
     diverged = (objective.l2 == 0) & separated(objective, free_logits)
     resolution = jnp.finfo(evaluation.loss.dtype).eps * jnp.abs(evaluation.loss)
-    step_failed = step_failed | ((decrement <= resolution) & (grad_norm > tol))
+    step_failed = step_failed | ((decrement <= resolution) & ~grad_small)
     code = jnp.where(n_iter >= max_iter, Status.MAX_ITER, RUNNING)
     code = jnp.where(converged, Status.CONVERGED, code)
     code = jnp.where(diverged, Status.DIVERGED, code)

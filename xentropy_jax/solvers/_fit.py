@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from .._linear import LogisticObjective, logistic_objective
 from . import _sparse_input
+from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
 from ._newton import Newton
 from ._newton_cg import NewtonCG
-from ._result import FitError, FitResult, Status
+from ._result import CollinearityWarning, FitError, FitResult, Status
 from ._trust_region import TrustRegion
 
 Solver = Newton | NewtonCG | TrustRegion
@@ -64,8 +67,21 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"shapes {np.shape(weights)} and {np.shape(intercept)}"
             )
     values = _sparse_input.stored_values(X) if _sparse_input.is_sparse(X) else X
-    if _is_concrete(values) and not np.all(np.isfinite(np.asarray(values))):
-        raise ValueError("X contains NaN or infinity")
+    if _is_concrete(values):
+        values = np.asarray(values)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("X contains NaN or infinity")
+        dtype = _working_dtype(X)
+        # The curvature needs x² (the Gram of the features): beyond this its sums overflow.
+        limit = np.sqrt(np.finfo(dtype).max) / 1e3
+        largest = float(np.max(np.abs(values), initial=0))
+        if largest > limit:
+            raise ValueError(
+                f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
+                f"{dtype.__name__} (its largest finite number is {np.finfo(dtype).max:.3g}), "
+                "so the fit would meet non-finite values. Scale the features (e.g. standardise "
+                "the columns), or fit in float64."
+            )
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
@@ -87,6 +103,14 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
             raise ValueError("sample_weight must be >= 0")
         if not weight_values.sum() > 0:
             raise ValueError("sample_weight sums to zero")
+        working = np.asarray(sample_weight, dtype=_working_dtype(X))
+        tiny = np.finfo(working.dtype).tiny
+        if not working.sum(dtype=working.dtype) >= tiny:
+            raise ValueError(
+                f"sample_weight sums to {weight_values.sum():.3g}, below the smallest normal "
+                f"{working.dtype} number ({tiny:.3g}): the objective divides by this sum. "
+                "Rescale the weights (e.g. divide them by their maximum)."
+            )
     if fit_intercept and _is_concrete(labels, sample_weight):
         weight_values = np.ones(num_rows) if sample_weight is None else np.asarray(sample_weight)
         mass = np.bincount(np.asarray(labels), weights=weight_values, minlength=num_classes)
@@ -96,6 +120,101 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
                 "have no finite optimum; drop those classes or lower num_classes"
             )
+
+
+def _working_dtype(X) -> type:
+    """The floating type a fit on X runs in: float64 only with x64 on and float64 X."""
+    dtype = X.dtype if hasattr(X, "dtype") else np.asarray(X).dtype
+    if jax.config.jax_enable_x64 and dtype == np.float64:
+        return np.float64
+    return np.float32
+
+
+def _check_explicit_hessian_fits(solver, X, num_classes, fit_intercept, reference_class) -> None:
+    """Refuse `Newton` before compiling when its [P, P] Hessian cannot fit in memory.
+
+    The explicit Hessian step holds the matrix, its Cholesky factor and the regularised copy
+    (3·P² entries) plus two [N, P] products of rows and probabilities.
+    """
+    if not isinstance(solver, Newton):
+        return
+    num_rows, num_features = np.shape(X)
+    params = (num_features + int(fit_intercept)) * (num_classes - int(reference_class))
+    itemsize = np.dtype(_working_dtype(X)).itemsize
+    needed = itemsize * (3.0 * params**2 + 2.0 * num_rows * params)
+    available = _device_memory_bytes()
+    if needed > available:
+        raise ValueError(
+            f"solver='newton' forms the explicit {params} x {params} Hessian (P = (d + "
+            f"fit_intercept)·K = {params} parameters), about {needed / 2**30:.1f} GiB of "
+            f"temporaries, more than the {available / 2**30:.1f} GiB of memory available: use "
+            "solver='newton-cg' or 'trust-region' (matrix-free, O(N·P) memory)."
+        )
+
+
+def _device_memory_bytes() -> float:
+    """Memory of the default device: its allocator limit, or the host's physical memory."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"])
+    try:
+        import os
+
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def _input_status(objective: LogisticObjective, sample_weight, l2) -> jax.Array:
+    """Inside `jit`: the Status that names bad input, or CONVERGED (0) when the input is fine.
+
+    The same checks as `_validate`, for values that were tracers there.
+    """
+    labels = objective.labels
+    bad_labels = jnp.any((labels < 0) | (labels >= objective.num_classes))
+    dtype = objective.dtype
+    if sample_weight is None:
+        bad_weights = jnp.zeros((), bool)
+        zero_weight = jnp.zeros((), bool)
+    else:
+        raw = jnp.asarray(sample_weight, dtype)
+        bad_weights = ~jnp.all(jnp.isfinite(raw) & (raw >= 0))
+        zero_weight = ~(jnp.sum(raw) >= jnp.finfo(dtype).tiny)
+    l2 = jnp.asarray(l2, dtype)
+    bad_l2 = ~jnp.all(jnp.isfinite(l2) & (l2 >= 0))
+    code = jnp.where(bad_l2, Status.INVALID_L2, Status.CONVERGED)
+    code = jnp.where(zero_weight, Status.ZERO_WEIGHT, code)
+    code = jnp.where(bad_weights, Status.INVALID_WEIGHTS, code)
+    code = jnp.where(bad_labels, Status.INVALID_LABELS, code)
+    return code.astype(jnp.int32)
+
+
+# The gradient's entry for feature j is a weighted mean of x_ij·(s_ik − y_ik), |s − y| <= 1:
+# rounding leaves it uncertain by a few eps·mean|x_j|. This multiple of that is the floor.
+_FLOOR_FACTOR = 8.0
+
+
+def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Array:
+    """Per-parameter tolerance [P]: max(tol, 8·eps·Σᵢ ŵᵢ·|x̃_ij|) for the entries of column j.
+
+    Below this level a gradient entry is rounding noise in the working precision, so a smaller
+    tol could never be verified (in float32 every fit would stop at the iteration limit). The
+    floor is per column: one badly scaled column raises only its own parameters' tolerance.
+    """
+    features = objective.features
+    if isinstance(features, sparse.BCOO):
+        features = sparse.BCOO((jnp.abs(features.data), features.indices), shape=features.shape)
+    else:
+        features = jnp.abs(features)
+    scale = features.T @ objective.weights  # [d]
+    if objective.fit_intercept:
+        scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
+    floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
+    floor = jnp.repeat(floor, objective.num_free_classes)
+    return jnp.maximum(jnp.asarray(tol, objective.dtype), floor)
 
 
 def _initial_theta(objective: LogisticObjective, init) -> jax.Array:
@@ -141,16 +260,27 @@ def _fit(
         reference_class=reference_class,
     )
     theta = _initial_theta(objective, init)
+    invalid = _input_status(objective, sample_weight, l2)
     output = solver.minimize(
         objective,
         theta,
-        tol=jnp.asarray(tol, objective.dtype),
-        max_iter=jnp.asarray(max_iter, jnp.int32),
+        tol=attainable_tolerance(objective, tol),
+        max_iter=jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
         verbose=verbose,
     )
-    # finalize: the symmetric parametrisation (as scikit-learn) where a class shift is free.
-    weights, intercept = objective.expand(output.theta)
-    if not reference_class:
+    return finalize(objective, output, invalid)
+
+
+def finalize(objective: LogisticObjective, output, invalid: jax.Array) -> FitResult:
+    """The `FitResult` of a solver's output (the finalize phase).
+
+    Takes the minimum-norm point where collinear features leave a set of optima, and the
+    symmetric parametrisation (as scikit-learn) where a class shift is free; `invalid` is the
+    input status (`_input_status`), which overrides the solver's when the input was bad.
+    """
+    status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
+    weights, intercept = objective.expand(minimum_norm(objective, output.theta))
+    if not objective.reference_class:
         intercept = intercept - jnp.mean(intercept)
         centred = weights - jnp.mean(weights, axis=1, keepdims=True)
         weights = jnp.where(objective.l2 == 0, centred, weights)
@@ -158,12 +288,26 @@ def _fit(
     return FitResult(
         params=(weights, intercept),
         loss=evaluation.loss,
-        converged=output.status == Status.CONVERGED,
+        converged=status == Status.CONVERGED,
         n_iter=output.n_iter,
         grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
-        status=output.status,
+        status=status,
         n_hessian_products=output.n_hessian_products,
     )
+
+
+def as_features(X):
+    """X in the working precision: a BCOO for sparse input (kept sparse), else a jax array.
+
+    float64 only with 64-bit mode on and float64 X; anything else float32.
+    """
+    if _sparse_input.is_sparse(X) and _is_concrete(_sparse_input.stored_values(X)):
+        x64 = jax.config.jax_enable_x64 and X.dtype == np.float64
+        return _sparse_input.to_bcoo(X, np.float64 if x64 else np.float32)
+    features = X if _sparse_input.is_sparse(X) else jnp.asarray(X)
+    if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
+        features = features.astype(jnp.float32)
+    return features
 
 
 def fit_logistic_regression(
@@ -205,7 +349,9 @@ def fit_logistic_regression(
         solver: "newton" (explicit Hessian, Cholesky: small (d + 1)·K), "newton-cg"
             (matrix-free, preconditioned CG) or "trust-region" (Steihaug-CG, TRON's rules), or a
             `Newton`/`NewtonCG`/`TrustRegion` configuration (static).
-        tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol.
+        tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol; tol is
+            first raised, per parameter, to its gradient entry's rounding level
+            8·eps·Σᵢ ŵᵢ·|x_ij| (`attainable_tolerance`: ~1e-6 for standardised float32 data).
         max_iter: most outer iterations.
         init: warm start (W [d, K], b [K]); None starts from zeros.
         verbose: print one line per iteration: iteration, loss, max|g|, inner CG iterations
@@ -222,9 +368,16 @@ def fit_logistic_regression(
         n_hessian_products.
 
     Raises:
-        ValueError: bad shapes, NaN/inf in X or the weights, labels out of range, negative or
-            all-zero weights, a class with no samples while fitting an intercept, negative l2,
-            an unknown solver (checked before any compilation, where the inputs are concrete).
+        ValueError: bad shapes, NaN/inf in X or the weights, features whose squares overflow
+            the working precision, labels out of range, negative, all-zero or subnormal weights,
+            a class with no samples while fitting an intercept, negative l2, an unknown solver,
+            `solver="newton"` whose explicit Hessian exceeds the device's memory (checked before
+            any compilation, where the inputs are concrete). Under `jit` the same problems are
+            reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2).
+
+    Warns:
+        CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
+            the fit returns the minimum-norm optimum.
         TypeError: non-integer labels.
         FitError: `throw=True` and the fit stopped without converging.
 
@@ -249,13 +402,8 @@ def fit_logistic_regression(
     """
     config = _resolve_solver(solver)
     _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
-    if _sparse_input.is_sparse(X) and _is_concrete(_sparse_input.stored_values(X)):
-        x64 = jax.config.jax_enable_x64 and X.dtype == np.float64
-        features = _sparse_input.to_bcoo(X, np.float64 if x64 else np.float32)
-    else:
-        features = X if _sparse_input.is_sparse(X) else jnp.asarray(X)
-        if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
-            features = features.astype(jnp.float32)
+    _check_explicit_hessian_fits(config, X, num_classes, fit_intercept, reference_class)
+    features = as_features(X)
     result = _fit(
         features,
         jnp.asarray(labels),
@@ -273,6 +421,31 @@ def fit_logistic_regression(
     if verbose and _is_concrete(result.status):
         # The lines come from host callbacks: let them all print before returning.
         jax.effects_barrier()
+    if _is_concrete(X, l2, sample_weight) and np.all(np.asarray(l2) == 0):
+        _warn_collinear(features, sample_weight, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
     return result
+
+
+def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
+    """Warn, naming the columns, when unpenalised features are exactly collinear."""
+    num_columns = features.shape[1] + int(fit_intercept)
+    if num_columns > MAX_PROJECTED_COLUMNS:
+        return
+    if isinstance(features, sparse.BCOO):
+        features = features.todense()
+    columns, rank = collinear_columns(features, sample_weight, fit_intercept)
+    if not columns:
+        return
+    names = [
+        "intercept" if column == features.shape[1] else str(column) for column in columns
+    ]
+    warnings.warn(
+        f"The columns [{', '.join(names)}] of X are exactly collinear (rank {rank} of "
+        f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and l2 = 0: "
+        "their coefficients are not identified, and the fit returns the minimum-norm optimum "
+        "(as a pseudo-inverse). Drop redundant columns, or set l2 > 0.",
+        CollinearityWarning,
+        stacklevel=3,
+    )

@@ -184,20 +184,30 @@ def _explicit_newton_step(objective: LogisticObjective, evaluation: Evaluation) 
     matrix = hessian(objective, evaluation)
     grad = evaluation.grad
     if not objective.reference_class:
-        scale = jnp.maximum(jnp.mean(jnp.diag(matrix)), jnp.finfo(matrix.dtype).tiny)
-        matrix = matrix + scale * _nullspace_projector(objective)
+        # One scale per feature row (the mean of its diagonal block), so that a large column
+        # does not swamp the small ones; P still commutes with H row by row.
+        kf = objective.num_free_classes
+        row_scale = jnp.mean(jnp.diag(matrix).reshape(-1, kf), axis=1)
+        row_scale = jnp.maximum(row_scale, jnp.finfo(matrix.dtype).tiny)
+        matrix = matrix + jnp.repeat(row_scale, kf)[:, None] * _nullspace_projector(objective)
+    # Jacobi scaling D·H·D (unit diagonal) before factorising: columns of very different
+    # scales (1e8 next to 1) would otherwise lose the small ones to rounding, in float32 above
+    # all. The step is D·(DHD)⁻¹·D·g, the same Newton step.
+    diagonal = jnp.diag(matrix)
+    scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
+    matrix = matrix * scale[:, None] * scale[None, :]
     factor = jnp.linalg.cholesky(matrix)
-    direction = -jax.scipy.linalg.cho_solve((factor, True), grad)
+    direction = -scale * jax.scipy.linalg.cho_solve((factor, True), scale * grad)
 
     def pseudo_inverse_step(_):
         # H singular beyond the known direction (collinear features with l2 = 0): the
-        # minimum-norm Newton step from the eigendecomposition.
+        # minimum-norm Newton step (in the scaled variables) from the eigendecomposition.
         eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
         cutoff = jnp.max(eigenvalues) * matrix.shape[0] * jnp.finfo(matrix.dtype).eps
         inverse = jnp.where(
             eigenvalues > cutoff, 1 / jnp.where(eigenvalues > cutoff, eigenvalues, 1), 0
         )
-        return -(eigenvectors @ (inverse * (eigenvectors.T @ grad)))
+        return -scale * (eigenvectors @ (inverse * (eigenvectors.T @ (scale * grad))))
 
     direction = lax.cond(
         jnp.all(jnp.isfinite(direction)), lambda _: direction, pseudo_inverse_step, None

@@ -22,10 +22,11 @@ def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -
     """Inexact-Newton forcing term η = min(cap, max(‖g‖₂^exponent, 0.1·tol/‖g‖₂)).
 
     ‖g‖^exponent (exponent 1/2) gives superlinear convergence; the second term stops the last
-    solves from going far beyond what `tol` asks of the next gradient.
+    solves from going far beyond what `tol` asks of the next gradient (per-parameter
+    tolerances [P] count by their smallest).
     """
     norm = jnp.linalg.norm(grad)
-    enough = _TOL_FRACTION * tol / jnp.where(norm > 0, norm, 1)
+    enough = _TOL_FRACTION * jnp.min(tol) / jnp.where(norm > 0, norm, 1)
     return jnp.minimum(cap, jnp.maximum(norm**exponent, enough))
 
 

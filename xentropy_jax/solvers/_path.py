@@ -16,8 +16,18 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._linear import logistic_objective
-from . import _preconditioners, _sparse_input
-from ._fit import Solver, _initial_theta, _is_concrete, _resolve_solver, _validate
+from . import _preconditioners
+from ._fit import (
+    Solver,
+    _initial_theta,
+    _input_status,
+    _is_concrete,
+    _resolve_solver,
+    _validate,
+    as_features,
+    attainable_tolerance,
+    finalize,
+)
 from ._result import FitError, FitResult, Status
 
 
@@ -41,8 +51,9 @@ def _path(
     extra = {}
     if preconditioner is not None:
         extra["basis"] = _preconditioners.setup_basis(preconditioner, objective)
-    tol = jnp.asarray(tol, objective.dtype)
-    max_iter = jnp.asarray(max_iter, jnp.int32)
+    invalid = _input_status(objective, sample_weight, l2_values)
+    tol = attainable_tolerance(objective, tol)  # does not depend on l2
+    max_iter = jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32)
 
     def step(carry, l2):
         theta, previous_theta, previous_log_l2 = carry
@@ -56,22 +67,10 @@ def _path(
         factor = jnp.where(usable, gap / jnp.where(span != 0, span, 1), 0)
         start = theta + jnp.clip(factor, 0, 2) * (theta - previous_theta)
         start = jnp.where(jnp.all(jnp.isfinite(start)), start, theta)
-        output = solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
-        weights, intercept = problem.expand(output.theta)
-        if not reference_class:
-            intercept = intercept - jnp.mean(intercept)
-            centred = weights - jnp.mean(weights, axis=1, keepdims=True)
-            weights = jnp.where(problem.l2 == 0, centred, weights)
-        evaluation = output.evaluation
-        result = FitResult(
-            params=(weights, intercept),
-            loss=evaluation.loss,
-            converged=output.status == Status.CONVERGED,
-            n_iter=output.n_iter,
-            grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
-            status=output.status,
-            n_hessian_products=output.n_hessian_products,
+        output = solver.minimize(
+            problem, start, tol=tol, max_iter=max_iter, **extra
         )
+        result = finalize(problem, output, invalid)
         history = jnp.stack([previous_log_l2[1], log_l2])
         return (output.theta, theta, history), result
 
@@ -154,13 +153,7 @@ def fit_regularization_path(
             f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
         )
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
-    if _sparse_input.is_sparse(X) and _is_concrete(_sparse_input.stored_values(X)):
-        x64 = jax.config.jax_enable_x64 and X.dtype == np.float64
-        features = _sparse_input.to_bcoo(X, np.float64 if x64 else np.float32)
-    else:
-        features = X if _sparse_input.is_sparse(X) else jnp.asarray(X)
-        if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
-            features = features.astype(jnp.float32)
+    features = as_features(X)
     results = _path(
         features,
         jnp.asarray(labels),

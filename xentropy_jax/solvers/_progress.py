@@ -6,15 +6,39 @@ A `Progress` is built only when `verbose=True`; otherwise the loop holds no host
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .._linear import Evaluation
 
 _HEAD = "iter {iteration:3d}  loss {loss:.12e}  max|g| {grad_norm:.3e}"
 _TIME = "  time {time:.4f}s"
+
+
+class _Float64Bits(NamedTuple):
+    bits: jax.Array
+
+
+def _encode(value: jax.Array):
+    """A float64 value as its two uint32 halves (exact whatever the host's x64 flag).
+
+    The callback's arguments are placed on the host under the global flag: a float64 fit run
+    with 64-bit types enabled only locally (as the estimator does) would print float32 values.
+    """
+    value = jnp.asarray(value)
+    if value.dtype == jnp.float64:
+        return _Float64Bits(lax.bitcast_convert_type(value, jnp.uint32))
+    return value
+
+
+def _decode(value) -> float | int | bool:
+    if isinstance(value, _Float64Bits):
+        return np.asarray(value.bits, np.uint32).view(np.float64).item()
+    return np.asarray(value).item()
 
 
 class Progress:
@@ -40,7 +64,7 @@ class Progress:
         iteration = int(iteration)
         if iteration == 0 or self._start is None:
             self._start = now
-        values = {name: np.asarray(value).item() for name, value in values.items()}
+        values = {name: _decode(value) for name, value in values.items()}
         template = self._first_line if iteration == 0 else self._line
         print(template.format(iteration=iteration, time=now - self._start, **values), flush=True)
 
@@ -49,8 +73,8 @@ class Progress:
         jax.debug.callback(
             self._print,
             jnp.zeros((), jnp.int32),
-            loss=evaluation.loss,
-            grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
+            loss=_encode(evaluation.loss),
+            grad_norm=_encode(jnp.max(jnp.abs(evaluation.grad), initial=0)),
         )
 
     def iteration(self, n_iter: jax.Array, evaluation: Evaluation, **fields: jax.Array) -> None:
@@ -58,7 +82,7 @@ class Progress:
         jax.debug.callback(
             self._print,
             n_iter,
-            loss=evaluation.loss,
-            grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
-            **fields,
+            loss=_encode(evaluation.loss),
+            grad_norm=_encode(jnp.max(jnp.abs(evaluation.grad), initial=0)),
+            **{name: _encode(value) for name, value in fields.items()},
         )

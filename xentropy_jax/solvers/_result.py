@@ -11,7 +11,10 @@ import jax
 class Status(enum.IntEnum):
     """How a solver stopped. `Status.message(code)` says what it means and what to do.
 
-    Codes: CONVERGED (0), MAX_ITER (1), LINE_SEARCH_FAILED (2), NON_FINITE (3), DIVERGED (4).
+    Codes: CONVERGED (0), MAX_ITER (1), LINE_SEARCH_FAILED (2), NON_FINITE (3), DIVERGED (4),
+    and, for input that only `jit` let through unchecked (outside `jit` the same input raises a
+    `ValueError` before compiling): INVALID_LABELS (5), INVALID_WEIGHTS (6), ZERO_WEIGHT (7),
+    INVALID_L2 (8). With one of these the solver takes no iteration.
     `FitResult.status` holds the code as an int array; `Status(int(code))` names it.
 
     Example:
@@ -31,6 +34,10 @@ class Status(enum.IntEnum):
     LINE_SEARCH_FAILED = 2
     NON_FINITE = 3
     DIVERGED = 4
+    INVALID_LABELS = 5
+    INVALID_WEIGHTS = 6
+    ZERO_WEIGHT = 7
+    INVALID_L2 = 8
 
     @staticmethod
     def message(code: int) -> str:
@@ -48,9 +55,11 @@ _MESSAGES = {
         "tol, or scale the features (standardising X usually helps)."
     ),
     Status.LINE_SEARCH_FAILED: (
-        "The line search found no decrease along the Newton direction: the point is as accurate "
-        "as the floating-point precision allows (use float64, or a larger tol), or the Hessian is "
-        "badly conditioned (scale the features, or increase the L2 penalty)."
+        "The line search found no decrease along the Newton direction before the gradient "
+        "reached its rounding level: the fit is not as accurate as tol asks, and the working "
+        "precision cannot improve it. In float32 (JAX's default) this comes from badly scaled "
+        "or nearly collinear features: standardise the columns, or fit in float64 "
+        "(jax.config.update('jax_enable_x64', True) and float64 X); or increase the L2 penalty."
     ),
     Status.NON_FINITE: (
         "Non-finite values (NaN or inf) appeared in the loss or the gradient: check X, the "
@@ -61,7 +70,49 @@ _MESSAGES = {
         "estimate does not exist (the loss goes to 0 as the weights grow without bound): set "
         "l2 > 0 (penalty='l2' with a finite C)."
     ),
+    Status.INVALID_LABELS: (
+        "A label lies outside [0, num_classes) (a negative label such as -1, or one >= "
+        "num_classes): map the labels to 0..K-1, or raise num_classes. No iteration was taken."
+    ),
+    Status.INVALID_WEIGHTS: (
+        "A sample weight is negative, NaN or infinite: weights must be finite and >= 0. No "
+        "iteration was taken."
+    ),
+    Status.ZERO_WEIGHT: (
+        "The sample weights sum to zero, or to less than the smallest normal number of the "
+        "working precision (subnormal weights such as 1e-320): the objective divides by their "
+        "sum. Give some rows a positive weight, or rescale the weights (e.g. divide them by "
+        "their maximum). No iteration was taken."
+    ),
+    Status.INVALID_L2: (
+        "l2 is negative or not finite: the penalty (l2/2)·‖W‖² needs 0 <= l2 < inf. No "
+        "iteration was taken."
+    ),
 }
+
+
+class CollinearityWarning(UserWarning):
+    """Warned when the features are exactly collinear and nothing is penalised (l2 = 0).
+
+    The coefficients along the collinear directions are then not identified: every split of
+    the effect between the dependent columns has the same objective. The fit returns the
+    minimum-norm optimum (what a pseudo-inverse gives) and the warning names the columns.
+
+    Example:
+        >>> import warnings
+        >>> import numpy as np
+        >>> import xentropy_jax as xj
+        >>> X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+        >>> y = np.array([0, 0, 1, 2, 2, 0])
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     result = xj.fit_logistic_regression(np.hstack([X, X]), y, 3, tol=1e-6)
+        >>> [w.category.__name__ for w in caught]
+        ['CollinearityWarning']
+        >>> W = result.params[0]
+        >>> bool(np.allclose(W[0], W[1]))  # the effect split evenly: the minimum norm
+        True
+    """
 
 
 class FitResult(NamedTuple):

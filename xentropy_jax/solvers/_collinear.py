@@ -1,0 +1,86 @@
+"""Exact collinearity of the features: detection, and the minimum-norm point of an unpenalised fit.
+
+With l2 = 0, a vector v with X̃v = 0 on every weighted row (X̃ = [X, 1] with an intercept) moves
+no logit: W + v⊗c has the objective of W for every c. The optimum is then a whole affine set; the
+fit returns its point of least ‖θ‖₂, which is what the pseudo-inverse gives for a linear model.
+Rank is decided on the Jacobi-scaled Gram S = D·A·D (A = X̃ᵀŴX̃, D = diag(A)^(-1/2)), so that a
+column's scale does not decide whether it counts as collinear.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._linear import LogisticObjective, feature_gram
+
+# Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
+# the fit: the unpenalised collinear case keeps the solver's own point (still an optimum).
+MAX_PROJECTED_COLUMNS = 4096
+
+
+def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
+    diagonal = jnp.diag(gram)
+    scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
+    values, vectors = jnp.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
+    return scale, vectors, values <= cutoff
+
+
+def minimum_norm(objective: LogisticObjective, theta: jax.Array) -> jax.Array:
+    """θ with its components along the features' null space removed, when l2 = 0.
+
+    Θ [d̃, Kf] (θ's rows are the features, then the intercept) becomes (I − P)·Θ with P the
+    orthogonal projector onto null(X̃ᵀŴX̃): the same logits on every weighted row, so the same
+    objective, and the least norm among all optima. With l2 > 0 the optimum is unique and θ is
+    returned unchanged. Cost: one Gram (O(N·d̃²)) and two O(d̃³) factorisations, only when
+    l2 = 0 (a `lax.cond`) and d̃ <= MAX_PROJECTED_COLUMNS.
+    """
+    rows = objective.num_features + int(objective.fit_intercept)
+    if rows > MAX_PROJECTED_COLUMNS:
+        return theta
+
+    def project(theta):
+        scale, vectors, null = _scaled_null_space(feature_gram(objective))
+        # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
+        # of N zeroed and an identity in their place so that the Gram stays invertible.
+        basis = scale[:, None] * vectors * null[None, :]
+        gram = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
+        block = theta.reshape(rows, -1)
+        coefficients = jnp.linalg.solve(gram, basis.T @ block)
+        return (block - basis @ coefficients).reshape(-1)
+
+    return lax.cond(objective.l2 == 0, project, lambda theta: theta, theta)
+
+
+@jax.jit
+def _null_vectors(features: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gram = features.T @ (weights[:, None] * features)
+    _, vectors, null = _scaled_null_space(gram)
+    return vectors, null
+
+
+def collinear_columns(
+    X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
+) -> tuple[list[int], int]:
+    """The columns of X̃ = [X, 1] that take part in an exact linear dependence, and X̃'s rank.
+
+    Rows of zero weight are left out. Computed in X's precision (float64 with 64-bit mode on).
+
+    Returns:
+        (columns, rank): the sorted column indices (d for the intercept) with a non-negligible
+        entry in some null vector of the scaled Gram; rank is d̃ minus the number of null vectors.
+    """
+    features = jnp.asarray(X)
+    if fit_intercept:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    weights = jnp.ones(features.shape[0], features.dtype)
+    if sample_weight is not None:
+        weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
+    vectors, null = (np.asarray(a) for a in _null_vectors(features, weights))
+    threshold = np.sqrt(np.finfo(vectors.dtype).eps)
+    involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
+    return np.flatnonzero(involved).tolist(), int(features.shape[1] - np.count_nonzero(null))
