@@ -7,6 +7,10 @@ from ._curvature import mean_cross_entropy as mean_cross_entropy
 from ._diagonals import ggn_diagonal as ggn_diagonal
 from ._diagonals import ggn_diagonal_bartlett as ggn_diagonal_bartlett
 from ._diagonals import ggn_diagonal_hutchinson as ggn_diagonal_hutchinson
+from ._linear_head import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from ._linear_head import (
+    linear_softmax_cross_entropy_ggn_vp as linear_softmax_cross_entropy_ggn_vp,
+)
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -37,6 +41,8 @@ __all__ = [
     "ggn_operator",
     "ggn_vp",
     "hessian_vp",
+    "linear_softmax_cross_entropy",
+    "linear_softmax_cross_entropy_ggn_vp",
     "mean_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_hessian",
