@@ -201,6 +201,7 @@ def test_gradients_equal_optax():
 def test_finite_differences():
     hidden, weight, bias, labels = make_head(seed=3, n=6, v=11)
     for reduction in ("none", "mean"):
+        @jax.jit
         def loss(h, w, b, reduction=reduction):
             return xj.linear_softmax_cross_entropy(
                 h, w, labels, bias=b, reduction=reduction, z_loss=0.1, label_smoothing=0.1,
@@ -387,6 +388,8 @@ def test_float32_equals_dense_float32(reduction):
     np.testing.assert_allclose(value, dense_value, rtol=2e-5)
     for g, r in zip(grads, dense_grads, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    if reduction == "none":
+        return
     _, products = xj.linear_softmax_cross_entropy_ggn_vp(
         hidden, weight, labels, (jnp.cos(hidden), jnp.sin(weight), None), bias=bias,
         row_chunk_size=16, vocab_chunk_size=64,
@@ -573,3 +576,57 @@ def test_errors():
     # Under jit the label cannot be checked: its token's loss is NaN, never a plausible number.
     out = jax.jit(lambda y: fn(hidden, weight, y))(labels.at[0].set(V))
     assert jnp.isnan(out[0]) and jnp.all(jnp.isfinite(out[1:]))
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import xentropy_jax as xj
+
+assert jax.device_count() == 2, jax.devices()
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+keys = jax.random.split(jax.random.key(0), 3)
+hidden = jax.random.normal(keys[0], (20, 6))
+weight = jax.random.normal(keys[1], (6, 37))
+labels = jax.random.randint(keys[2], (20,), 0, 37)
+chunks = dict(row_chunk_size=4, vocab_chunk_size=8)
+
+def step(h, w, y):
+    loss, grads = jax.value_and_grad(
+        lambda h, w: xj.linear_softmax_cross_entropy(h, w, y, reduction="mean", **chunks),
+        argnums=(0, 1))(h, w)
+    _, ggn = xj.linear_softmax_cross_entropy_ggn_vp(h, w, y, (None, jnp.cos(w), None), **chunks)
+    return loss, grads, ggn[1]
+
+rows = NamedSharding(mesh, P("data", None))
+sharded = jax.jit(step)(jax.device_put(hidden, rows), weight,
+                        jax.device_put(labels, NamedSharding(mesh, P("data"))))
+plain = jax.jit(step)(hidden, weight, labels)
+for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+explicit = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+try:
+    with jax.set_mesh(explicit):
+        h = jax.device_put(hidden, NamedSharding(explicit, P("data", None)))
+        xj.linear_softmax_cross_entropy(h, weight, labels)
+except ValueError as error:
+    assert "Explicit" in str(error)
+else:
+    raise AssertionError("explicitly sharded inputs must raise")
+print("sharded-ok")
+"""
+
+
+def test_sharded_rows_match_unsharded(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded-ok" in result.stdout

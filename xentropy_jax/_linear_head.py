@@ -284,6 +284,30 @@ def _row_weight(row_weight: jax.Array, labels: jax.Array, config: _Config) -> ja
     return jnp.where(valid | (row_weight == 0), row_weight, jnp.nan)
 
 
+def _add_weight_update(out_weight, index, hidden_r, coefficients, config: _Config):
+    """``out_weight[index] += h_rᵀ B`` in column slices of at most 2^24 / D columns.
+
+    XLA writes a GEMM's result to a fresh buffer before adding it: done in one piece, the update
+    of a whole-vocabulary block would be a second weight-sized array.
+    """
+    width = coefficients.shape[1]
+    pieces = -(-width // max(1, _DEFAULT_BLOCK_ELEMENTS // hidden_r.shape[1]))
+    step = -(-width // pieces)
+
+    def add_piece(start, size, out_weight):
+        piece = jax.lax.dynamic_slice_in_dim(coefficients, start, size, axis=1)
+        update = _matmul_t(hidden_r, piece, 0, config)[None]
+        current = jax.lax.dynamic_slice(out_weight, (index, 0, start), update.shape)
+        return jax.lax.dynamic_update_slice(out_weight, current + update, (index, 0, start))
+
+    # A loop, not unrolled pieces: XLA would schedule unrolled GEMMs side by side.
+    if pieces > 1:
+        out_weight = jax.lax.fori_loop(
+            0, pieces - 1, lambda i, w: add_piece(i * step, step, w), out_weight
+        )
+    return add_piece((pieces - 1) * step, width - (pieces - 1) * step, out_weight)
+
+
 def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Config):
     """Products ``Jᵀ B`` with ``B`` the per-block gradient (no tangents) or GGN product.
 
@@ -349,8 +373,8 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
             if want[0]:
                 out_hidden_r = out_hidden_r + _matmul_t(coefficients_op, xs_c[1], 1, config)
             if want[1]:
-                update = _matmul_t(hidden_r, coefficients_op, 0, config)
-                out_weight = out_weight.at[index].add(update)
+                out_weight = _add_weight_update(out_weight, index, hidden_r, coefficients_op,
+                                                config)
             if want[2]:
                 out_bias = out_bias.at[index].add(coefficients.sum(axis=0))
             return (out_hidden_r, out_weight, out_bias), lse_r
@@ -517,6 +541,18 @@ def _check_chunk(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
 
 
+def _check_not_explicitly_sharded(*arrays) -> None:
+    """Blocks are reshapes of the token axis, which explicit sharding cannot express."""
+    for x in arrays:
+        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+        if spec is not None and any(axis is not None for axis in spec):
+            raise ValueError(
+                "inputs sharded on a mesh with Explicit axes are not supported: build the mesh "
+                "with axis_types=(jax.sharding.AxisType.Auto, ...) (sharding is then propagated "
+                "through the blocks), or call this inside jax.shard_map on each shard's tokens."
+            )
+
+
 def _plan(num_rows: int, vocab_size: int, row_chunk_size, vocab_chunk_size) -> tuple[int, int]:
     """Block sizes: the whole vocabulary up to 2^18 classes, rows to fill 2^24 logits."""
     if vocab_chunk_size is None:
@@ -547,6 +583,7 @@ def _prepare(
         )
     dim, vocab_size = weight.shape
     batch_shape = hidden.shape[:-1]
+    _check_not_explicitly_sharded(hidden, weight)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
