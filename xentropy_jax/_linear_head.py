@@ -142,10 +142,13 @@ def _block_probs(logits, lse) -> jax.Array:
     return jnp.exp(logits - lse[:, None])
 
 
-def _block_gradient(logits, lse, labels_r, row_weight, index, config: _Config) -> jax.Array:
+def _block_gradient(
+    logits, lse, labels_r, row_weight, index, config: _Config, probs=None
+) -> jax.Array:
     """``c ⊙ (a s − t)`` for one block: the gradient of the weighted loss w.r.t. the logits."""
     valid, columns = _column_valid(index, config)
-    probs = _block_probs(logits, lse)
+    if probs is None:
+        probs = _block_probs(logits, lse)
     scale = 1.0 + 2.0 * config.z_loss * lse if config.z_loss else None
     grad = probs if scale is None else scale[:, None] * probs
     onehot = (labels_r[:, None] == columns).astype(grad.dtype)
@@ -155,10 +158,13 @@ def _block_gradient(logits, lse, labels_r, row_weight, index, config: _Config) -
     return grad * row_weight[:, None]
 
 
-def _block_ggn(logits, logits_dot, lse, dot, row_weight, index, config: _Config) -> jax.Array:
+def _block_ggn(
+    logits, logits_dot, lse, dot, row_weight, index, config: _Config, probs=None
+) -> jax.Array:
     """``c ⊙ s ⊙ (a ż − (a − 2ζ) sᵀż)`` for one block, given ``lse`` and ``sᵀż`` per row."""
     del index
-    probs = _block_probs(logits, lse)
+    if probs is None:
+        probs = _block_probs(logits, lse)
     if config.z_loss:
         scale = 1.0 + 2.0 * config.z_loss * lse
         inner = scale[:, None] * logits_dot - (scale - 2.0 * config.z_loss)[:, None] * dot[:, None]
@@ -166,6 +172,16 @@ def _block_ggn(logits, logits_dot, lse, dot, row_weight, index, config: _Config)
         inner = logits_dot - dot[:, None]
     # A −inf logit (masked or padded class) gives s = 0 and a finite ż: the product is 0 there.
     return probs * inner * row_weight[:, None]
+
+
+def _softmax_and_logsumexp(logits):
+    """``(logsumexp, softmax)`` of whole rows from one ``exp(z − max)``; an all ``-inf`` row gives
+    ``(-inf, 0)``."""
+    peak = jnp.maximum(jnp.max(logits, axis=-1), jnp.finfo(logits.dtype).min)
+    unnormalized = jnp.exp(logits - peak[:, None])
+    total = unnormalized.sum(axis=-1)
+    probs = unnormalized * (1.0 / jnp.where(total > 0, total, 1.0))[:, None]
+    return jnp.log(total) + peak, probs
 
 
 def _stream_step(state, logits, logits_dot):
@@ -332,18 +348,19 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
     def block_coefficients(hidden_r, labels_r, weight_r, hidden_dot_r, lse, dot, xs):
         index, weight_c, bias_c, weight_dot_c, bias_dot_c = xs
         logits = _block_logits(hidden_r, weight_c, bias_c, config)
+        probs = None
         if single:
-            # The whole row is in this block: its statistics come from the logits at hand.
-            lse = jax.nn.logsumexp(logits, axis=-1)
+            # The whole row is in this block: its statistics come from the logits at hand, with
+            # one exponential per logit (on CPU the exponential, not the memory, costs most).
+            lse, probs = _softmax_and_logsumexp(logits)
         if not ggn:
-            return lse, _block_gradient(logits, lse, labels_r, weight_r, index, config)
+            return lse, _block_gradient(logits, lse, labels_r, weight_r, index, config, probs)
         logits_dot = _tangent_logits(
             hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, config
         )
         if single:
-            probs = _block_probs(logits, lse)
             dot = jnp.sum(probs * logits_dot, axis=-1)
-        return lse, _block_ggn(logits, logits_dot, lse, dot, weight_r, index, config)
+        return lse, _block_ggn(logits, logits_dot, lse, dot, weight_r, index, config, probs)
 
     def row_step(carry, xs):
         out_weight, out_bias = carry
