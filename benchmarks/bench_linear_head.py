@@ -87,7 +87,8 @@ def memory_table(n, d, v, dtype, row_chunk, vocab_chunk):
         print(f"  {name:<20s} {temp / gib:10.3f} {peak / gib:10.3f}")
     for job in ("loss+grad", "loss+GGN"):
         fused, dense = rows[f"{job} fused"], rows[f"{job} dense"]
-        print(f"  {job}: fused / dense  temp {fused[0] / dense[0]:.4f} (1/{dense[0] / fused[0]:.1f})"
+        ratio = dense[0] / fused[0]
+        print(f"  {job}: fused / dense  temp {fused[0] / dense[0]:.4f} (1/{ratio:.1f})"
               f"  total {fused[1] / dense[1]:.4f} (1/{dense[1] / fused[1]:.1f})")
 
 
@@ -123,13 +124,14 @@ def main() -> None:
     parser.add_argument("--vocab-chunk", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quick", action="store_true", help="N=512, D=64, V=8192")
+    parser.add_argument("--quick", action="store_true", help="N=512, D=64, V=8192, 64-row blocks")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--jobs", nargs="+", default=["loss+grad", "loss+GGN"],
                         choices=["loss+grad", "loss+GGN"])
     args = parser.parse_args()
     if args.quick:
         args.n, args.d, args.v = 512, 64, 8192
+        args.row_chunk = args.row_chunk or 64
     dtype = jnp.dtype(args.dtype)
     print(machine_info())
     print(f"chunks: rows {args.row_chunk or 'default'}, vocabulary {args.vocab_chunk or 'default'}")

@@ -1,4 +1,4 @@
-"""Chunked linear-head cross-entropy against the dense loss (ours and optax's) and dense curvature."""
+"""Chunked linear-head cross-entropy against the dense loss (ours, optax's) and dense curvature."""
 
 import functools
 
