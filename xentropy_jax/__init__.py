@@ -16,6 +16,10 @@ from ._inference import InferenceWarning as InferenceWarning
 from ._inference import LogitInference as LogitInference
 from ._inference import MarginalEffects as MarginalEffects
 from ._inference import logit_inference as logit_inference
+from ._linear_head import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from ._linear_head import (
+    linear_softmax_cross_entropy_ggn_vp as linear_softmax_cross_entropy_ggn_vp,
+)
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -68,6 +72,8 @@ __all__ = [
     "ggn_operator",
     "ggn_vp",
     "hessian_vp",
+    "linear_softmax_cross_entropy",
+    "linear_softmax_cross_entropy_ggn_vp",
     "logit_inference",
     "mean_cross_entropy",
     "scale_by_ggn_diagonal",
