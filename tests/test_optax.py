@@ -285,6 +285,25 @@ def test_composes_with_chain_and_inject_hyperparams_without_recompiling(name):
         assert int(optax.tree.get(state, "cg_steps")) <= 2  # max_cg_steps halved from 5
 
 
+def test_multisteps_accumulates_micro_batches_then_applies_one_preconditioned_step():
+    params, inputs, labels = mlp_problem()
+    inner = optax.chain(xj.scale_by_ggn_diagonal(damping=0.1), optax.scale(-0.3))
+    multi = optax.MultiSteps(inner, every_k_schedule=2)
+    grad_fn = jax.grad(lambda p, x, y: xj.mean_cross_entropy(mlp, p, x, y))
+    halves = [slice(0, 12), slice(12, 24)]
+    grads = [grad_fn(params, inputs[h], labels[h]) for h in halves]
+    state = multi.init(params)
+    first, state = multi.update(grads[0], state, params, logits_fn=mlp, inputs=inputs)
+    assert all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(first))
+    second, state = multi.update(grads[1], state, params, logits_fn=mlp, inputs=inputs)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    expected, _ = inner.update(mean, inner.init(params), params, logits_fn=mlp, inputs=inputs)
+    # optax keeps a running mean of the micro-batch gradients rather than the sum formed here:
+    # agreement to the rounding of that accumulation.
+    chex.assert_trees_all_close(second, expected, rtol=1e-6, atol=1e-12)
+    assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(second))
+
+
 def test_float32_gauss_newton_training_without_x64_dtypes():
     params, inputs, labels = mlp_problem(dtype=jnp.float32, n=64)
     optimizer = xj.gauss_newton()
