@@ -636,7 +636,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def float32_session():
+def float32_process():
     import json
     import os
     import subprocess
@@ -655,10 +655,10 @@ def float32_session():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_float32_readme_fit_stops_at_the_precision_floor(float32_session):
+def test_float32_readme_fit_stops_at_the_precision_floor(float32_process):
     from sklearn.datasets import load_digits
 
-    n_iter, dtype, weights = float32_session["digits"]
+    n_iter, dtype, weights = float32_process["digits"]
     assert dtype == "float32" and n_iter <= 20
     features, labels = load_digits(return_X_y=True)
     reference = fit_logistic_regression(features, labels, 10, l2=1e-3, tol=1e-10)
@@ -666,10 +666,10 @@ def test_float32_readme_fit_stops_at_the_precision_floor(float32_session):
     assert np.max(np.abs(np.asarray(weights) - expected)) <= 1e-3 * np.max(np.abs(expected))
 
 
-def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_session):
+def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_process):
     from xentropy_jax.sklearn import LogisticRegression as Estimator
 
-    coef, messages = float32_session["scaled"]
+    coef, messages = float32_process["scaled"]
     rng = np.random.default_rng(0)
     features = rng.normal(size=(600, 8))
     labels = (features[:, 0] + features[:, 1] + rng.normal(size=600) > 0).astype(int)
@@ -679,17 +679,17 @@ def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_session):
     assert not messages
     assert np.max(np.abs(np.asarray(coef) - expected)) <= 1e-4 * np.max(np.abs(expected))
     # The matrix-free solver cannot reach tol here in float32: it must say so, and what to do.
-    status, message = float32_session["scaled_cg"]
+    status, message = float32_process["scaled_cg"]
     if status != Status.CONVERGED:
         assert "float64" in message and "standardise" in message
 
 
-def test_float32_features_of_1e30_raise(float32_session):
-    assert "overflow" in float32_session["huge"]
+def test_float32_features_of_1e30_raise(float32_process):
+    assert "overflow" in float32_process["huge"]
 
 
-def test_verbose_prints_a_float64_loss_with_x64_off(float32_session):
+def test_verbose_prints_a_float64_loss_with_x64_off(float32_process):
     # The first line is the initial point, whose loss is log K: in float64, not float32.
-    printed = float(float32_session["verbose"].split("loss")[1].split()[0])
+    printed = float(float32_process["verbose"].split("loss")[1].split()[0])
     assert printed == float(f"{np.log(3):.12e}")
     assert printed != float(f"{float(np.float32(np.log(3))):.12e}")
