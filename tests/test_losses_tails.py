@@ -134,7 +134,6 @@ def test_soft_label_gradient_relative_to_its_terms(dtype):
 def test_random_logits_within_the_conditioning_of_the_shift():
     """Off the grid, z_k − max z rounds: the error stays within that rounding, |z_k − c|·eps."""
     rng = np.random.default_rng(3)
-    eps = float(jnp.finfo(jnp.float32).eps)
     for margin in MARGINS:
         logits = np.asarray(
             jnp.asarray(np.concatenate([[margin], rng.normal(size=99)]), jnp.float32), np.float64

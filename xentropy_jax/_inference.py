@@ -48,8 +48,10 @@ DENSE_MAX_PARAMS = 4096
 
 
 class InferenceError(ValueError):
-    """The requested inference is undefined: penalised or non-optimal estimates, separation, a
-    singular Hessian (collinear columns), or an option this method cannot provide.
+    """The requested inference is undefined.
+
+    Raised for penalised or non-optimal estimates, separation, a singular Hessian (collinear
+    columns), or an option this method cannot provide.
 
     Example:
         >>> import numpy as np
@@ -66,8 +68,10 @@ class InferenceError(ValueError):
 
 
 class InferenceWarning(UserWarning):
-    """The inference was computed but may be unreliable (non-converged, ill-conditioned or
-    nearly separated fit, CG short of its tolerance).
+    """The inference was computed but may be unreliable.
+
+    Issued for a non-converged, ill-conditioned or nearly separated fit, or CG short of its
+    tolerance.
 
     Example:
         >>> import warnings
@@ -258,8 +262,10 @@ class LogitInference:
         return self.params - half, self.params + half
 
     def to_frame(self):
-        """The coefficient table as a pandas DataFrame (index (class, term); columns coef,
-        std_err, z, p_value, ci_lower, ci_upper) or, without pandas, a dict of 1-D arrays.
+        """The coefficient table as a pandas DataFrame, or without pandas a dict of 1-D arrays.
+
+        The frame's index is (class, term); its columns are coef, std_err, z, p_value,
+        ci_lower and ci_upper.
         """
         index = [(c, t) for c in self.class_names[1:] for t in self.term_names]
         columns = {

@@ -178,8 +178,10 @@ def _block_ggn(
 
 
 def _softmax_and_logsumexp(logits):
-    """``(logsumexp, softmax)`` of whole rows from one ``exp(z − max)``; an all ``-inf`` row gives
-    ``(-inf, 0)``."""
+    """``(logsumexp, softmax)`` of whole rows from one ``exp(z − max)``.
+
+    An all ``-inf`` row gives ``(-inf, 0)``.
+    """
     peak = jnp.maximum(jnp.max(logits, axis=-1), jnp.finfo(logits.dtype).min)
     unnormalized = jnp.exp(logits - peak[:, None])
     total = unnormalized.sum(axis=-1)

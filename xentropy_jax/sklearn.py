@@ -715,7 +715,10 @@ class LogisticRegressionCV(LogisticRegression):
             )
             if scipy.sparse.issparse(X):
                 # A vmapped sparse X would be traced: fit the splits one after the other.
-                paths = [fit_path(w[None], l[None]) for w, l in zip(fold_weights, l2)]
+                paths = [
+                    fit_path(w[None], strength[None])
+                    for w, strength in zip(fold_weights, l2, strict=True)
+                ]
                 paths = jax.tree.map(lambda *leaves: np.concatenate(leaves), *paths)
             else:
                 paths = fit_path(fold_weights, l2)

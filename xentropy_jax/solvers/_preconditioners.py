@@ -87,8 +87,8 @@ def kronecker(
     feature correlations that make H ill-conditioned (a diagonal cannot), and
     in the Jacobi-scaled variables (S = D·A·D = U·diag(λ)·Uᵀ, B = Q·diag(μ)·Qᵀ)
     M⁻¹ = (D ⊗ I)(U ⊗ Q)·diag(1/(λ·μ + l2·(UᵀD²U)ᵢᵢ))·(U ⊗ Q)ᵀ(D ⊗ I) costs O(d²K + dK²) per
-    use after an O(N·K² + K³) update per outer iteration. Far fewer CG iterations than the diagonal when
-    features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
+    use after an O(N·K² + K³) update per outer iteration. Far fewer CG iterations than the
+    diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     """
     kf = objective.num_free_classes
     curvature_values, curvature_vectors = jnp.linalg.eigh(class_curvature(objective, evaluation))
