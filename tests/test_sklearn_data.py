@@ -111,3 +111,10 @@ def test_cross_validation_on_sparse_binary(text):
     model = LogisticRegressionCV(Cs=3, cv=2).fit(X[binary], y[binary])
     assert model.coef_.shape == (1, X.shape[1]) and model.scores_.shape == (2, 3)
     assert jax.config.jax_enable_x64  # the global flag is left as it was
+
+
+@pytest.mark.parametrize("estimator", [LogisticRegression, LogisticRegressionCV])
+def test_both_estimators_refuse_a_nan_class_weight(estimator):
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="class_weight must be finite and >= 0"):
+        estimator(class_weight={0: 1.0, 1: np.nan, 2: 1.0}).fit(X, y)

@@ -403,11 +403,16 @@ def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax
     return jnp.diag(jnp.sum(weighted, axis=0)) - weighted.T @ probs
 
 
+def map_features(function, features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
+    """function(X) elementwise, for a `function` with f(0) = 0: a sparse X stays sparse."""
+    if isinstance(features, sparse.BCOO):
+        return sparse.BCOO((function(features.data), features.indices), shape=features.shape)
+    return function(features)
+
+
 def squared_features(features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
     """X ⊙ X, elementwise, keeping a sparse X sparse (its stored values squared)."""
-    if isinstance(features, sparse.BCOO):
-        return sparse.BCOO((jnp.square(features.data), features.indices), shape=features.shape)
-    return jnp.square(features)
+    return map_features(jnp.square, features)
 
 
 def dense_features(features: jax.Array | sparse.BCOO) -> jax.Array:

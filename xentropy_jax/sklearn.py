@@ -289,25 +289,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 produced non-finite values.
         """
         check_penalty(self.penalty, self.l1_ratio)
-        X, y = validate_data(
-            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
-        )
-        check_classification_targets(y)
-        classes, labels = np.unique(y, return_inverse=True)
-        if classes.size < 2:
-            raise ValueError(
-                "LogisticRegression needs samples of at least 2 classes in the data; got "
-                f"1 class: {classes[0]!r}."
-            )
-        weights = _check_sample_weight(
-            sample_weight, X, dtype=X.dtype, ensure_non_negative=True, copy=True
-        )
-        if self.class_weight is not None:
-            per_class = compute_class_weight(
-                self.class_weight, classes=classes, y=y, sample_weight=weights
-            )
-            _check_class_weight(per_class, classes)
-            weights *= per_class[labels].astype(X.dtype)
+        X, classes, labels, weights = self._fit_data(X, y, sample_weight)
         class_mass = np.bincount(labels, weights=weights, minlength=classes.size)
         if np.count_nonzero(class_mass > 0) < 2:
             raise ValueError(
@@ -399,6 +381,34 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 stacklevel=3,  # the caller of fit, past scikit-learn's fit wrapper
             )
         return self
+
+    def _fit_data(self, X, y, sample_weight) -> tuple:
+        """Validated (X, classes, labels [n], weights [n]) of a fit, class weights folded in.
+
+        Raises:
+            ValueError: as :meth:`fit` for the data: fewer than two classes, bad sample weights,
+                NaN, infinite or negative ``class_weight``.
+        """
+        X, y = validate_data(
+            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
+        )
+        check_classification_targets(y)
+        classes, labels = np.unique(y, return_inverse=True)
+        if classes.size < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in the data; got "
+                f"1 class: {classes[0]!r}."
+            )
+        weights = _check_sample_weight(
+            sample_weight, X, dtype=X.dtype, ensure_non_negative=True, copy=True
+        )
+        if self.class_weight is not None:
+            per_class = compute_class_weight(
+                self.class_weight, classes=classes, y=y, sample_weight=weights
+            )
+            _check_class_weight(per_class, classes)
+            weights *= per_class[labels].astype(X.dtype)
+        return X, classes, labels, weights
 
     def _warm_start_init(
         self, classes: np.ndarray, n_features: int, reference: bool
@@ -671,23 +681,8 @@ class LogisticRegressionCV(LogisticRegression):
             grid = np.sort(np.asarray(self.Cs, dtype=float).ravel())
         if grid.size < 1 or not np.all(np.isfinite(grid) & (grid > 0)):
             raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
-        X, y = validate_data(
-            self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
-        )
-        check_classification_targets(y)
-        classes, labels = np.unique(y, return_inverse=True)
-        if classes.size < 2:
-            raise ValueError(
-                "LogisticRegressionCV needs samples of at least 2 classes in the data; got "
-                f"1 class: {classes[0]!r}."
-            )
-        weights = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
-        if self.class_weight is not None:
-            per_class = compute_class_weight(
-                self.class_weight, classes=classes, y=y, sample_weight=weights
-            )
-            weights = weights * per_class[labels].astype(X.dtype)
-        splits = list(check_cv(self.cv, y, classifier=True).split(X, y))
+        X, classes, labels, weights = self._fit_data(X, y, sample_weight)
+        splits = list(check_cv(self.cv, labels, classifier=True).split(X, labels))
         n_classes = classes.size
         reference = n_classes == 2
         solver = _resolve_solver(

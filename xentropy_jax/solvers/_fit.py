@@ -9,10 +9,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import sparse
 from jax.typing import ArrayLike
 
-from .._linear import LogisticObjective, logistic_objective
+from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
 from ._newton import Newton
@@ -204,12 +203,7 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     tol could never be verified (in float32 every fit would stop at the iteration limit). The
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
-    features = objective.features
-    if isinstance(features, sparse.BCOO):
-        features = sparse.BCOO((jnp.abs(features.data), features.indices), shape=features.shape)
-    else:
-        features = jnp.abs(features)
-    scale = features.T @ objective.weights  # [d]
+    scale = map_features(jnp.abs, objective.features).T @ objective.weights  # [d]
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
@@ -433,9 +427,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     num_columns = features.shape[1] + int(fit_intercept)
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
-    if isinstance(features, sparse.BCOO):
-        features = features.todense()
-    columns, rank = collinear_columns(features, sample_weight, fit_intercept)
+    columns, rank = collinear_columns(dense_features(features), sample_weight, fit_intercept)
     if not columns:
         return
     names = [
