@@ -55,6 +55,10 @@ AUTO_NEWTON_MAX_PARAMETERS = 128
 # to the next power of two (at least 32; the extra rows cost next to nothing there); beyond,
 # to the next number with _PAD_MANTISSA_BITS bits after the leading one (4 buckets per
 # doubling: 5,120, 6,144, 7,168, 8,192, ...), at most 25% extra rows (about 10% on average).
+# Above _PAD_POWER_OF_TWO_ROWS the extra rows cost time in every product, so the first row
+# count a configuration meets is compiled exactly, and only other row counts of the same
+# configuration are padded: repeat fits on one data set pay nothing, a loop over sizes
+# compiles one program more than the buckets.
 _PAD_MIN_ROWS = 32
 _PAD_POWER_OF_TWO_ROWS = 1024
 _PAD_MANTISSA_BITS = 2
@@ -66,14 +70,34 @@ _PAD_MANTISSA_BITS = 2
 _MAX_PROGRAMS = 8
 _programs: OrderedDict[tuple, None] = OrderedDict()
 _programs_lock = threading.Lock()
+# The first row count of each configuration (see _fitted_rows), for the most recent ones.
+_MAX_CONFIGURATIONS = 64
+_first_rows: OrderedDict[tuple, int] = OrderedDict()
 
 
 def _padded_rows(n_samples: int) -> int:
-    """The row count a fit on ``n_samples`` rows is padded to (its bucket)."""
+    """The bucket a fit on ``n_samples`` rows is padded to, when it is padded."""
     if n_samples <= _PAD_POWER_OF_TWO_ROWS:
         return max(_PAD_MIN_ROWS, 1 << (n_samples - 1).bit_length())
     step = 1 << (n_samples.bit_length() - 1 - _PAD_MANTISSA_BITS)
     return -(-n_samples // step) * step
+
+
+def _fitted_rows(n_samples: int, configuration: tuple) -> int:
+    """The row count a fit runs at: ``n_samples`` itself, or its bucket (`_padded_rows`).
+
+    Small fits are always padded. Above _PAD_POWER_OF_TWO_ROWS, the first row count seen for
+    a configuration (everything else that selects a compiled program) runs exactly, and any
+    other row count of that configuration runs at its bucket.
+    """
+    if n_samples <= _PAD_POWER_OF_TWO_ROWS:
+        return _padded_rows(n_samples)
+    with _programs_lock:
+        first = _first_rows.setdefault(configuration, n_samples)
+        _first_rows.move_to_end(configuration)
+        while len(_first_rows) > _MAX_CONFIGURATIONS:
+            _first_rows.popitem(last=False)
+    return n_samples if n_samples == first else _padded_rows(n_samples)
 
 
 def _use_program(key: tuple) -> None:
@@ -166,8 +190,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     The fit is one compiled JAX function per (n_rows, n_features, n_classes) shape and
     configuration; a repeat fit on the same shape does not recompile. The rows are padded
     with zero-weight rows to one of four sizes per doubling (at most 25% extra beyond 1,024
-    rows, the next power of two below), so that nearby row counts share one program, and at
-    most 8 programs are kept: a fit that needs a ninth clears JAX's in-memory caches
+    rows, the next power of two below), so that nearby row counts share one program (above
+    1,024 rows the first row count of a configuration runs unpadded), and at most 8 programs
+    are kept: a fit that needs a ninth clears JAX's in-memory caches
     (``jax.clear_caches()``). Float64 input is fitted
     in float64 (64-bit JAX types are enabled for the duration of the fit only, thread-locally,
     the global ``jax_enable_x64`` flag is never changed); float32 input is fitted in float32.
@@ -318,7 +343,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         )
         init = self._warm_start_init(classes, X.shape[1], reference)
 
-        n_rows = _padded_rows(X.shape[0])
+        core_solver = _core_solver(solver, X.shape[1])
+        configuration = (X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
+        configuration += (bool(self.fit_intercept), reference, core_solver)
+        configuration += (bool(self.verbose), init is None)
+        n_rows = _fitted_rows(X.shape[0], configuration)
         if n_rows > X.shape[0] and scipy.sparse.issparse(X):
             padding = scipy.sparse.csr_matrix((n_rows - X.shape[0], X.shape[1]), dtype=X.dtype)
             X = scipy.sparse.vstack([X, padding], format="csr")
@@ -329,11 +358,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
             weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
 
-        core_solver = _core_solver(solver, X.shape[1])
-        _use_program(
-            (X.shape, X.dtype.str, n_classes, bool(self.fit_intercept), reference, core_solver)
-            + (bool(self.verbose), init is None)
-        )
+        _use_program((X.shape[0], *configuration))
         # Float64 input is fitted in float64, float32 in float32, whatever the global flag.
         with jax.enable_x64(X.dtype == np.float64):
             result = fit_logistic_regression(
