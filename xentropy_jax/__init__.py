@@ -26,6 +26,7 @@ from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
 from ._losses import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from ._objective import Objective as Objective
 from ._optax import GaussNewtonState as GaussNewtonState
 from ._optax import ScaleByGGNDiagonalState as ScaleByGGNDiagonalState
 from ._optax import SophiaGState as SophiaGState
@@ -38,6 +39,8 @@ from .solvers import FitError as FitError
 from .solvers import FitResult as FitResult
 from .solvers import Newton as Newton
 from .solvers import NewtonCG as NewtonCG
+from .solvers import Solver as Solver
+from .solvers import SolverOutput as SolverOutput
 from .solvers import Status as Status
 from .solvers import TrustRegion as TrustRegion
 from .solvers import fit_logistic_regression as fit_logistic_regression
@@ -58,7 +61,10 @@ __all__ = [
     "MarginalEffects",
     "Newton",
     "NewtonCG",
+    "Objective",
     "ScaleByGGNDiagonalState",
+    "Solver",
+    "SolverOutput",
     "SophiaGState",
     "Status",
     "TrustRegion",

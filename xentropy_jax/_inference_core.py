@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._cg import cg
 from ._linear import (
     LogisticObjective,
     evaluate,
@@ -21,7 +22,6 @@ from ._linear import (
     hessian_vector_product,
 )
 from ._rowsums import row_chunk_sum
-from .solvers._cg import conjugate_gradient
 from .solvers._preconditioners import diagonal, feature_basis, kronecker
 
 
@@ -55,9 +55,9 @@ def _extended(features, fit_intercept):
 
 
 def pair_indices(num: int) -> tuple:
-    """Upper-triangle index pairs (k <= l) of a num × num matrix, as two int tuples."""
+    """Upper-triangle index pairs (k <= m) of a num × num matrix, as two int tuples."""
     rows = [k for k in range(num) for _ in range(k, num)]
-    cols = [l for k in range(num) for l in range(k, num)]
+    cols = [m for k in range(num) for m in range(k, num)]
     return tuple(rows), tuple(cols)
 
 
@@ -98,7 +98,16 @@ def _scores(objective: LogisticObjective, probs_all: jax.Array) -> jax.Array:
     jax.jit, static_argnames=("num_classes", "fit_intercept", "cov_type", "num_groups", "chunk")
 )
 def dense_sums(
-    features, labels, weights, groups, theta, *, num_classes, fit_intercept, cov_type, num_groups,
+    features,
+    labels,
+    weights,
+    groups,
+    theta,
+    *,
+    num_classes,
+    fit_intercept,
+    cov_type,
+    num_groups,
     chunk,
 ):
     """Total −ℓ, its gradient, Hessian [P, P], class masses and the sandwich meat [P, P].
@@ -110,7 +119,7 @@ def dense_sums(
     """
     kf = num_classes - 1
     rows, cols = pair_indices(kf)
-    diagonal = jnp.asarray([float(k == l) for k, l in zip(rows, cols, strict=True)])
+    diagonal = jnp.asarray([float(k == m) for k, m in zip(rows, cols, strict=True)])
 
     def partial(x, y, w, g):
         objective = _objective(x, y, w, num_classes, fit_intercept)
@@ -219,13 +228,31 @@ def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept,
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "num_classes", "fit_intercept", "cov_type", "num_groups", "max_steps", "preconditioner",
+        "num_classes",
+        "fit_intercept",
+        "cov_type",
+        "num_groups",
+        "max_steps",
+        "preconditioner",
         "batch",
     ),
 )
 def cg_variances(
-    features, labels, weights, groups, theta, directions, rtol, *, num_classes, fit_intercept,
-    cov_type, num_groups, max_steps, preconditioner, batch,
+    features,
+    labels,
+    weights,
+    groups,
+    theta,
+    directions,
+    rtol,
+    *,
+    num_classes,
+    fit_intercept,
+    cov_type,
+    num_groups,
+    max_steps,
+    preconditioner,
+    batch,
 ):
     """vᵀCv for each row v of `directions` [R, P] by preconditioned CG on the matrix-free H.
 
@@ -250,7 +277,7 @@ def cg_variances(
         return hessian_vector_product(objective, evaluation, v)
 
     def one(direction):
-        result = conjugate_gradient(matvec, direction, precond, rtol=rtol, max_steps=max_steps)
+        result = cg(matvec, direction, preconditioner=precond.solve, rtol=rtol, max_steps=max_steps)
         solution = result.solution / total  # H_total⁻¹ v
         achieved = jnp.linalg.norm(result.residual) / jnp.linalg.norm(direction)
         model = jnp.vdot(direction, solution)
@@ -262,6 +289,6 @@ def cg_variances(
             if cov_type == "cluster":
                 per_row = jax.ops.segment_sum(per_row, groups, num_segments=num_groups)
             variance = jnp.vdot(per_row, per_row)
-        return model, variance, result.n_steps, achieved
+        return model, variance, result.num_steps, achieved
 
     return lax.map(one, directions, batch_size=batch)

@@ -36,6 +36,10 @@ from jax.typing import ArrayLike
 
 from ._losses import hessian_product_from_probs
 
+# "auto" preconditions CG with the Hessian diagonal beyond this many features (see
+# `LogisticObjective.default_preconditioner`).
+AUTO_MAX_GRAM_FEATURES = 4000
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +141,89 @@ class LogisticObjective:
         """f(θ), the objective value. Cost: one GEMM and O(N·K)."""
         return evaluate(self, theta, self.free_logits(theta)).loss
 
+    # The `Objective` protocol (see `_objective`), over the module's functions below.
+
+    def predictor(self, theta: jax.Array) -> jax.Array:
+        """The free logits X·W + b [N, Kf], linear in θ (`free_logits`)."""
+        return self.free_logits(theta)
+
+    def evaluate(self, theta: jax.Array, predictor: jax.Array) -> Evaluation:
+        """`evaluate` at θ from its free logits."""
+        return evaluate(self, theta, predictor)
+
+    def hessian_product(self, evaluation: Evaluation, tangent: jax.Array) -> jax.Array:
+        """`hessian_vector_product`: H·v in two GEMMs."""
+        return hessian_vector_product(self, evaluation, tangent)
+
+    def loss_change(
+        self,
+        theta: jax.Array,
+        evaluation: Evaluation,
+        direction: jax.Array,
+        direction_predictor: jax.Array,
+        scale: jax.Array,
+    ) -> jax.Array:
+        """`loss_change`: f(θ + tΔ) − f(θ) in O(N·K), from the logits of Δ."""
+        return loss_change(self, theta, evaluation, direction, direction_predictor, scale)
+
+    def diverged(self, evaluation: Evaluation, predictor: jax.Array) -> jax.Array:
+        """l2 = 0 and the logits separate the data (`separated`): no finite optimum exists."""
+        return (self.l2 == 0) & separated(self, predictor)
+
+    def hessian(self, evaluation: Evaluation) -> jax.Array:
+        """The explicit Hessian [P, P] (`hessian`)."""
+        return hessian(self, evaluation)
+
+    def hessian_diagonal(self, evaluation: Evaluation) -> jax.Array:
+        """diag(H) [P] (`hessian_diagonal`)."""
+        return hessian_diagonal(self, evaluation)
+
+    def hessian_null_space(self, matrix: jax.Array) -> jax.Array | None:
+        """Without a reference class: the class shifts P = I ⊗ 11ᵀ/K, scaled like `matrix`.
+
+        A common shift of every class changes no probability, so H·P = P·H (the loss part of
+        H annihilates P, the penalty is block-diagonal by feature) and the gradient is
+        orthogonal to P's range when W's rows are centred (the solvers keep them so). Then
+        (H + αP)⁻¹g = H⁺g: adding αP removes the singular direction without changing the
+        Newton step. α is one value per feature row (the mean of its diagonal block of
+        `matrix`), so that a large column does not swamp the small ones. None with a reference
+        class, where H is nonsingular.
+        """
+        if self.reference_class:
+            return None
+        kf = self.num_free_classes
+        row_scale = jnp.mean(jnp.diag(matrix).reshape(-1, kf), axis=1)
+        row_scale = jnp.maximum(row_scale, jnp.finfo(matrix.dtype).tiny)
+        block = jnp.full((kf, kf), 1.0 / kf, matrix.dtype)
+        return jnp.kron(jnp.diag(row_scale), block)
+
+    @property
+    def default_preconditioner(self) -> str:
+        """What "auto" means here: "diagonal" for sparse X or d > 4000, else "kronecker".
+
+        The Kronecker form needs the d̃ × d̃ Gram and its eigendecomposition, which cost more
+        than they save beyond a few thousand features (and do not fit in memory at text
+        sizes); sparse X would have to be densified for it.
+        """
+        if isinstance(self.features, sparse.BCOO) or self.num_features > AUTO_MAX_GRAM_FEATURES:
+            return "diagonal"
+        return "kronecker"
+
+    def design_matrix(self) -> jax.Array:
+        """X̃ = [X, 1] (with an intercept) as a dense [N, d̃] array, for small d only."""
+        features = dense_features(self.features)
+        if self.fit_intercept:
+            features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+        return features
+
+    def feature_gram(self) -> jax.Array:
+        """A = X̃ᵀ·diag(ŵ)·X̃ [d̃, d̃] (`feature_gram`), the fixed Kronecker factor."""
+        return feature_gram(self)
+
+    def class_curvature(self, evaluation: Evaluation) -> jax.Array:
+        """B = Σᵢ ŵᵢ·(diag(sᵢ) − sᵢsᵢᵀ) [Kf, Kf] (`class_curvature`), per iteration."""
+        return class_curvature(self, evaluation)
+
 
 class Evaluation(NamedTuple):
     """Everything computed once per outer iteration at one point θ.
@@ -158,6 +245,23 @@ def _with_reference(objective: LogisticObjective, free_logits: jax.Array) -> jax
     if objective.reference_class:
         return jnp.pad(free_logits, ((0, 0), (1, 0)))
     return free_logits
+
+
+def separated(objective: LogisticObjective, free_logits: jax.Array) -> jax.Array:
+    """Whether the current logits classify every weighted row strictly correctly.
+
+    If they do, the current W is itself a separating direction: scaling it up drives the
+    unpenalised loss to 0, so with l2 = 0 the maximum-likelihood estimate does not exist. This
+    is a certificate, not a heuristic: on data that are not separable it can never hold.
+    Cost: O(N·K).
+    """
+    logits = _with_reference(objective, free_logits)
+    labels = objective.labels[:, None]
+    label_logit = jnp.take_along_axis(logits, labels, axis=-1)[:, 0]
+    is_label = jnp.arange(objective.num_classes)[None, :] == labels
+    runner_up = jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
+    margin_ok = (label_logit > runner_up) | (objective.weights <= 0)
+    return jnp.all(margin_ok)
 
 
 def evaluate(objective: LogisticObjective, theta: jax.Array, free_logits: jax.Array) -> Evaluation:
@@ -229,9 +333,7 @@ def hessian(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
     part is Kf weighted Gram matrices X̃ᵀdiag(ŵ⊙s_k)X̃, the rank-one part one Gram matrix BᵀB
     with B = √ŵ ⊙ (x̃ ⊗ s) [N, P]. Cost: O(N·P²) flops in large GEMMs, O(N·P + P²) memory.
     """
-    features = dense_features(objective.features)
-    if objective.fit_intercept:
-        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    features = objective.design_matrix()
     probs = evaluation.probs
     num_rows, dt = features.shape
     kf = probs.shape[1]

@@ -1,6 +1,8 @@
 """Newton, Newton-CG and trust-region solvers for multinomial logistic regression."""
 
 from ._fit import fit_logistic_regression as fit_logistic_regression
+from ._loop import Solver as Solver
+from ._loop import SolverOutput as SolverOutput
 from ._newton import Newton as Newton
 from ._newton_cg import NewtonCG as NewtonCG
 from ._path import fit_regularization_path as fit_regularization_path
@@ -16,6 +18,8 @@ __all__ = [
     "FitResult",
     "Newton",
     "NewtonCG",
+    "Solver",
+    "SolverOutput",
     "Status",
     "TrustRegion",
     "fit_logistic_regression",

@@ -14,12 +14,11 @@ from jax.typing import ArrayLike
 from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
+from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import CollinearityWarning, FitError, FitResult, Status
 from ._trust_region import TrustRegion
-
-Solver = Newton | NewtonCG | TrustRegion
 
 SOLVERS: dict[str, type] = {"newton": Newton, "newton-cg": NewtonCG, "trust-region": TrustRegion}
 
@@ -29,7 +28,7 @@ def _is_concrete(*values) -> bool:
 
 
 def _resolve_solver(solver: str | Solver) -> Solver:
-    if isinstance(solver, Newton | NewtonCG | TrustRegion):
+    if not isinstance(solver, str) and isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
@@ -342,7 +341,7 @@ def fit_logistic_regression(
             binomial model for K = 2, and statsmodels' `MNLogit` parametrisation.
         solver: "newton" (explicit Hessian, Cholesky: small (d + 1)·K), "newton-cg"
             (matrix-free, preconditioned CG) or "trust-region" (Steihaug-CG, TRON's rules), or a
-            `Newton`/`NewtonCG`/`TrustRegion` configuration (static).
+            `Newton`/`NewtonCG`/`TrustRegion` configuration, or any other `Solver` (static).
         tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol; tol is
             first raised, per parameter, to its gradient entry's rounding level
             8·eps·Σᵢ ŵᵢ·|x_ij| (`attainable_tolerance`: ~1e-6 for standardised float32 data).
@@ -430,9 +429,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     columns, rank = collinear_columns(dense_features(features), sample_weight, fit_intercept)
     if not columns:
         return
-    names = [
-        "intercept" if column == features.shape[1] else str(column) for column in columns
-    ]
+    names = ["intercept" if column == features.shape[1] else str(column) for column in columns]
     warnings.warn(
         f"The columns [{', '.join(names)}] of X are exactly collinear (rank {rank} of "
         f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and l2 = 0: "

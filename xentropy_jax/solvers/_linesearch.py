@@ -1,4 +1,4 @@
-"""Backtracking line search with the Armijo sufficient-decrease condition."""
+"""Backtracking line search (Armijo), and the line-search step of the Newton solvers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from .._objective import Objective
+from ._loop import Iterate, StepResult
 
 
 def check_line_search_options(sufficient_decrease: float, max_line_search: int) -> None:
@@ -45,7 +48,7 @@ def backtracking(
     """Largest t in {1, shrink, shrink², ...} with f(θ + tΔ) − f(θ) <= c·t·gᵀΔ.
 
     Args:
-        change_at: t -> f(θ + t·Δ) − f(θ), computed accurately (see `_linear.loss_change`).
+        change_at: t -> f(θ + t·Δ) − f(θ), computed accurately (`Objective.loss_change`).
         slope: gᵀΔ, the directional derivative at t = 0 (negative for a descent direction).
         sufficient_decrease: Armijo constant c in (0, 1/2).
         shrink: factor applied to t after each rejection.
@@ -74,3 +77,55 @@ def backtracking(
     n_steps, scale, change, done = lax.while_loop(cond, body, init)
     success = done & descent
     return LineSearchResult(scale, change, success, n_steps)
+
+
+def line_search_step(
+    objective: Objective,
+    point: Iterate,
+    direction: jax.Array,
+    curvature: jax.Array,
+    n_products: jax.Array,
+    *,
+    sufficient_decrease: float,
+    max_line_search: int,
+) -> StepResult:
+    """The line_search and update_gradient_hessian phases of a Newton-type step along Δ.
+
+    One predictor η(Δ) per direction (for logistic regression, one GEMM for XΔ), then
+    `backtracking` on f(θ + tΔ) − f(θ) from `Objective.loss_change` (O(N·K) per trial), and
+    the evaluation at θ + tΔ, whose predictor is η(θ) + t·η(Δ) (no further product with X).
+
+    Args:
+        objective: the problem.
+        point: the current iterate.
+        direction: [P] the inner solve's direction Δ.
+        curvature: ΔᵀHΔ (twice the model decrease), from the inner solve.
+        n_products: the inner solve's Hessian products, passed through.
+        sufficient_decrease: Armijo constant.
+        max_line_search: most trial lengths.
+
+    Returns:
+        A `StepResult` whose report holds the step length ("step") and the decrement.
+    """
+    evaluation = point.evaluation
+    slope = jnp.vdot(evaluation.grad, direction)
+    direction_predictor = objective.predictor(direction)
+
+    def change_at(scale):
+        return objective.loss_change(point.theta, evaluation, direction, direction_predictor, scale)
+
+    search = backtracking(
+        change_at, slope, sufficient_decrease=sufficient_decrease, max_steps=max_line_search
+    )
+    scale = jnp.where(search.success, search.scale, 0)
+    theta = point.theta + scale * direction
+    predictor = jax.tree.map(lambda a, b: a + scale * b, point.predictor, direction_predictor)
+    decrement = 0.5 * curvature
+    return StepResult(
+        Iterate(theta, predictor, objective.evaluate(theta, predictor)),
+        decrement=decrement,
+        failed=~search.success,
+        n_products=n_products,
+        carry=(),
+        report={"step": scale, "decrement": decrement},
+    )

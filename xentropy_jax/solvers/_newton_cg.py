@@ -7,43 +7,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .._linear import Evaluation, LogisticObjective, hessian_vector_product
+from .._cg import cg
+from .._objective import Objective
 from . import _preconditioners
-from ._cg import conjugate_gradient
-from ._linesearch import check_line_search_options
-from ._newton import SolverOutput, Step, line_search_newton
-
-# The inner solve never aims below this fraction of tol on the residual: the next gradient is
-# ≈ the residual, so solving further cannot make the fit converge sooner.
-_TOL_FRACTION = 0.1
-
-
-def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -> jax.Array:
-    """Inexact-Newton forcing term η = min(cap, max(‖g‖₂^exponent, 0.1·tol/‖g‖₂)).
-
-    ‖g‖^exponent (exponent 1/2) gives superlinear convergence; the second term stops the last
-    solves from going far beyond what `tol` asks of the next gradient (per-parameter
-    tolerances [P] count by their smallest).
-    """
-    norm = jnp.linalg.norm(grad)
-    enough = _TOL_FRACTION * jnp.min(tol) / jnp.where(norm > 0, norm, 1)
-    return jnp.minimum(cap, jnp.maximum(norm**exponent, enough))
-
-
-def check_cg_options(
-    preconditioner: str, max_cg_iter: int, forcing_cap: float, forcing_exponent: float
-) -> None:
-    """Raise ValueError for an unknown preconditioner or a CG option out of range."""
-    if preconditioner not in _preconditioners.KINDS:
-        raise ValueError(
-            f"preconditioner must be one of {_preconditioners.KINDS}, got {preconditioner!r}"
-        )
-    if max_cg_iter < 1:
-        raise ValueError(f"max_cg_iter must be >= 1, got {max_cg_iter}")
-    if not 0 < forcing_cap < 1:
-        raise ValueError(f"forcing_cap must be in (0, 1), got {forcing_cap}")
-    if forcing_exponent < 0:
-        raise ValueError(f"forcing_exponent must be >= 0, got {forcing_exponent}")
+from ._inner import check_cg_options, forcing_term, max_cg_steps
+from ._linesearch import check_line_search_options, line_search_step
+from ._loop import Iterate, SolverOutput, StepResult, run
+from ._progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +28,10 @@ class NewtonCG:
     the convergence superlinear (Eisenstat and Walker; Nocedal and Wright, section 7.1).
 
     Attributes:
-        preconditioner: "auto" (default: "diagonal" for sparse X or d > 4000, else
-            "kronecker"), "kronecker" (A ⊗ B + l2·I; needs the (d+1)×(d+1) Gram), "ekfac"
-            (the Kronecker eigenbasis with per-pair eigenvalues) or "diagonal".
+        preconditioner: "auto" (default: what the objective prefers; for logistic
+            regression "diagonal" for sparse X or d > 4000, else "kronecker"), "kronecker"
+            (A ⊗ B + l2·I; needs the (d+1)×(d+1) Gram), "ekfac" (the Kronecker eigenbasis
+            with per-pair eigenvalues), "diagonal" (Jacobi) or "none".
         max_cg_iter: most Hessian products per outer iteration.
         forcing_cap: upper bound of the forcing term (loose solves far from the optimum).
         forcing_exponent: η_k = ‖g‖^forcing_exponent near the optimum (0.5: superlinear).
@@ -104,33 +75,40 @@ class NewtonCG:
         )
         check_line_search_options(self.sufficient_decrease, self.max_line_search)
 
-    def inner_solve(
-        self,
-        objective: LogisticObjective,
-        evaluation: Evaluation,
-        basis: _preconditioners.FeatureBasis | None,
-        tol: jax.Array,
-    ) -> Step:
-        """Preconditioned CG on H·Δ = −g to ‖HΔ + g‖ <= η‖g‖."""
+    def step(
+        self, objective: Objective, point: Iterate, basis, tol: jax.Array, carry=()
+    ) -> StepResult:
+        """One iteration: preconditioned CG on H·Δ = −g to ‖HΔ + g‖ <= η‖g‖, then a line search.
+
+        `basis` is the preconditioner's once-per-fit setup (`_preconditioners.setup_basis`).
+        """
+        evaluation = point.evaluation
         grad = evaluation.grad
-
-        def matvec(tangent):
-            return hessian_vector_product(objective, evaluation, tangent)
-
-        solve = conjugate_gradient(
-            matvec,
+        metric = _preconditioners.build(self.preconditioner, objective, evaluation, basis)
+        solve = cg(
+            lambda tangent: objective.hessian_product(evaluation, tangent),
             -grad,
-            _preconditioners.build(self.preconditioner, objective, evaluation, basis),
+            preconditioner=metric.solve,
             rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
-            max_steps=min(self.max_cg_iter, max(objective.num_params, 1)),
+            max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
         )
-        # HΔ = −g − r, so ΔᵀHΔ = −Δᵀ(g + r) with no extra product.
+        # HΔ = −g − r, so ΔᵀHΔ = −Δᵀ(g + r) with no extra product. A first CG direction of
+        # zero curvature (rounding only, H is PSD) leaves Δ = 0: no decrease, a failed step.
         curvature = -jnp.vdot(solve.solution, grad + solve.residual)
-        return Step(solve.solution, curvature, solve.n_steps)
+        result = line_search_step(
+            objective,
+            point,
+            solve.solution,
+            curvature,
+            solve.num_steps,
+            sufficient_decrease=self.sufficient_decrease,
+            max_line_search=self.max_line_search,
+        )
+        return result._replace(report={"cg": solve.num_steps, **result.report})
 
     def minimize(
         self,
-        objective: LogisticObjective,
+        objective: Objective,
         theta: jax.Array,
         *,
         tol: jax.Array,
@@ -138,22 +116,35 @@ class NewtonCG:
         verbose: bool = False,
         basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
-        if basis is None:  # a regularisation path passes the one it computed once
+        """Minimise `objective` from θ [P].
+
+        Args:
+            objective: any `Objective` (the "diagonal" preconditioner needs its optional
+                `hessian_diagonal`, the Kronecker ones its Kronecker factors).
+            theta: [P] initial point.
+            tol: scalar or [P] tolerance: stop when |g| <= tol and ½ΔᵀHΔ <= max(tol).
+            max_iter: most iterations.
+            verbose: print a line per iteration (loss, max|g|, CG products, step length,
+                decrement, time).
+            basis: the preconditioner's setup, when already computed (a regularisation path
+                computes it once for all its fits).
+
+        Returns:
+            A `SolverOutput` (theta, evaluation, n_iter, status, n_hessian_products).
+        """
+        if basis is None:
             basis = _preconditioners.setup_basis(self.preconditioner, objective)
-
-        def inner_solve(objective, evaluation):
-            return self.inner_solve(objective, evaluation, basis, tol)
-
-        return line_search_newton(
+        progress = None
+        if verbose:
+            progress = Progress("cg {cg:3d}  step {step:.3g}  decrement {decrement:.3e}")
+        return run(
             objective,
             theta,
-            inner_solve,
+            lambda point, carry: self.step(objective, point, basis, tol, carry),
+            (),
             tol=tol,
             max_iter=max_iter,
-            sufficient_decrease=self.sufficient_decrease,
-            max_line_search=self.max_line_search,
-            verbose=verbose,
+            progress=progress,
         )
 
 

@@ -35,8 +35,18 @@ from ._result import FitError, FitResult, Status
     jax.jit, static_argnames=("num_classes", "fit_intercept", "reference_class", "solver")
 )
 def _path(
-    X, labels, sample_weight, l2_values, init, tol, max_iter, *, num_classes, fit_intercept,
-    reference_class, solver,
+    X,
+    labels,
+    sample_weight,
+    l2_values,
+    init,
+    tol,
+    max_iter,
+    *,
+    num_classes,
+    fit_intercept,
+    reference_class,
+    solver,
 ) -> FitResult:
     objective = logistic_objective(
         X,
@@ -67,9 +77,7 @@ def _path(
         factor = jnp.where(usable, gap / jnp.where(span != 0, span, 1), 0)
         start = theta + jnp.clip(factor, 0, 2) * (theta - previous_theta)
         start = jnp.where(jnp.all(jnp.isfinite(start)), start, theta)
-        output = solver.minimize(
-            problem, start, tol=tol, max_iter=max_iter, **extra
-        )
+        output = solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
         result = finalize(problem, output, invalid)
         history = jnp.stack([previous_log_l2[1], log_l2])
         return (output.theta, theta, history), result

@@ -2,7 +2,11 @@
 
 "kronecker" is A ⊗ B + l2·I with one mean class curvature B; "ekfac" keeps A's and B's
 eigenbases but refits the eigenvalues per (feature direction, class direction) pair;
-"diagonal" is Jacobi; "auto" picks one from the (static) shapes of the problem, see `resolve`.
+"diagonal" is Jacobi; "none" is the identity; "auto" is what the objective prefers (its
+`default_preconditioner`; for logistic regression a choice from the static shapes), see
+`resolve`. The Kronecker forms need the objective's Kronecker factors (`feature_gram`,
+`class_curvature`, `design_matrix`, `num_free_classes`, `l2`), the diagonal its
+`hessian_diagonal`; any `Objective` can use "none".
 
 A preconditioner is a pair of linear maps on θ [P]: `solve` applies M⁻¹ (each CG iteration)
 and `apply` applies M (the trust-region norm ‖s‖_M = √(sᵀMs)). Both are symmetric positive
@@ -16,15 +20,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import sparse
 
-from .._linear import (
-    Evaluation,
-    LogisticObjective,
-    class_curvature,
-    feature_gram,
-    hessian_diagonal,
-)
+from .._objective import Evaluation, Objective
 
 # Eigenvalues of B below this fraction of the largest are raised to it: B·1 = 0 without a
 # reference class, and the preconditioner must stay positive definite.
@@ -38,14 +35,17 @@ class Preconditioner(NamedTuple):
     apply: Callable[[jax.Array], jax.Array]
 
 
-def diagonal(
-    objective: LogisticObjective, evaluation: Evaluation, mix: float = 1.0
-) -> Preconditioner:
+def identity() -> Preconditioner:
+    """M = I: plain CG."""
+    return Preconditioner(solve=lambda v: v, apply=lambda v: v)
+
+
+def diagonal(objective: Objective, evaluation: Evaluation, mix: float = 1.0) -> Preconditioner:
     """M = (1 − mix)·mean(diag H) + mix·diag(H) (Jacobi for mix = 1; TRON uses a small mix).
 
     Cost: one GEMM with X² per outer iteration (X² formed on the fly, O(N·d)), O(P) per use.
     """
-    values = hessian_diagonal(objective, evaluation)
+    values = objective.hessian_diagonal(evaluation)
     values = jnp.where(values > 0, values, jnp.max(values, initial=1.0))
     if mix != 1.0:
         values = (1 - mix) * jnp.mean(values) + mix * values
@@ -68,7 +68,7 @@ class FeatureBasis(NamedTuple):
 
 
 def feature_basis(gram: jax.Array) -> FeatureBasis:
-    """Eigendecomposition of `_linear.feature_gram` after Jacobi scaling (O(d³), once per fit)."""
+    """Eigendecomposition of the feature Gram after Jacobi scaling (O(d³), once per fit)."""
     diagonal = jnp.diag(gram)
     scale = jnp.where(diagonal > 0, jax.lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram * scale[:, None] * scale[None, :])
@@ -78,9 +78,7 @@ def feature_basis(gram: jax.Array) -> FeatureBasis:
     return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, scale, penalty)
 
 
-def kronecker(
-    objective: LogisticObjective, evaluation: Evaluation, basis: FeatureBasis
-) -> Preconditioner:
+def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis) -> Preconditioner:
     """M ≈ A ⊗ B + l2·I with A = X̃ᵀŴX̃ (fixed) and B = Σᵢ ŵᵢ(diag sᵢ − sᵢsᵢᵀ) (per iteration).
 
     H = Σᵢ ŵᵢ x̃ᵢx̃ᵢᵀ ⊗ Dᵢ + l2·I_W; replacing each Dᵢ by their weighted mean B keeps the
@@ -91,7 +89,7 @@ def kronecker(
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     """
     kf = objective.num_free_classes
-    curvature_values, curvature_vectors = jnp.linalg.eigh(class_curvature(objective, evaluation))
+    curvature_values, curvature_vectors = jnp.linalg.eigh(objective.class_curvature(evaluation))
     curvature_values = jnp.maximum(
         curvature_values, _EIGENVALUE_FLOOR * jnp.max(curvature_values, initial=0)
     )
@@ -130,9 +128,7 @@ class ProjectedBasis(NamedTuple):
     projected: jax.Array
 
 
-def ekfac(
-    objective: LogisticObjective, evaluation: Evaluation, basis: ProjectedBasis
-) -> Preconditioner:
+def ekfac(objective: Objective, evaluation: Evaluation, basis: ProjectedBasis) -> Preconditioner:
     """Kronecker eigenbasis, per-pair eigenvalues: M = (Qa ⊗ Qb)·diag(D)·(Qa ⊗ Qb)ᵀ + l2·I.
 
     Qa are the eigenvectors of A = X̃ᵀŴX̃ (fixed), Qb those of the mean class curvature B (per
@@ -150,7 +146,7 @@ def ekfac(
     O(d²K + dK²) per use; X̃·Qa is formed once per fit.
     """
     kf = objective.num_free_classes
-    _, curvature_vectors = jnp.linalg.eigh(class_curvature(objective, evaluation))
+    _, curvature_vectors = jnp.linalg.eigh(objective.class_curvature(evaluation))
     probs = evaluation.probs
     rotated_probs = probs @ curvature_vectors
     row_curvature = probs @ jnp.square(curvature_vectors) - jnp.square(rotated_probs)
@@ -171,48 +167,57 @@ def ekfac(
     )
 
 
-KINDS = ("auto", "kronecker", "ekfac", "diagonal")
+KINDS = ("auto", "kronecker", "ekfac", "diagonal", "none")
 
-# "auto" uses the Hessian diagonal beyond this many features (the d̃ × d̃ Gram and its
-# eigendecomposition cost more than they save, and text-sized d does not fit in memory).
-AUTO_MAX_GRAM_FEATURES = 4000
+# What each kind needs of the objective beyond the `Objective` protocol.
+_NEEDS = {
+    "kronecker": ("feature_gram", "class_curvature"),
+    "ekfac": ("feature_gram", "class_curvature", "design_matrix"),
+    "diagonal": ("hessian_diagonal",),
+    "none": (),
+}
 
-def resolve(kind: str, objective: LogisticObjective) -> str:
-    """The concrete preconditioner for `kind` on this problem ("auto" decides statically).
 
-    "auto" is "diagonal" for sparse features or more than `AUTO_MAX_GRAM_FEATURES` features,
-    and "kronecker" otherwise.
+def resolve(kind: str, objective: Objective) -> str:
+    """The concrete preconditioner for `kind` on this objective ("auto" decides statically).
+
+    "auto" is the objective's `default_preconditioner` when it has one, else "diagonal" when
+    it has `hessian_diagonal`, else "none".
+
+    Raises:
+        ValueError: the objective lacks what the requested kind needs.
     """
-    if kind != "auto":
-        return kind
-    if isinstance(objective.features, sparse.BCOO):
-        return "diagonal"
-    if objective.num_features > AUTO_MAX_GRAM_FEATURES:
-        return "diagonal"
-    return "kronecker"
+    if kind == "auto":
+        kind = getattr(objective, "default_preconditioner", None)
+        if kind is None:
+            kind = "diagonal" if hasattr(objective, "hessian_diagonal") else "none"
+    missing = [name for name in _NEEDS[kind] if not hasattr(objective, name)]
+    if missing:
+        raise ValueError(
+            f'preconditioner="{kind}" needs the objective to have {missing}; '
+            f'{type(objective).__name__} does not: choose another preconditioner ("none" '
+            "works for any objective)."
+        )
+    return kind
 
 
-def setup_basis(kind: str, objective: LogisticObjective) -> FeatureBasis | ProjectedBasis | None:
+def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasis | None:
     """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis)."""
     kind = resolve(kind, objective)
-    if kind == "diagonal":
+    if kind in ("diagonal", "none"):
         return None
-    basis = feature_basis(feature_gram(objective))
+    basis = feature_basis(objective.feature_gram())
     if kind == "kronecker":
         return basis
-    features = objective.features
-    if isinstance(features, sparse.BCOO):
-        features = features.todense()
-    if objective.fit_intercept:
-        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
-    return ProjectedBasis(basis.eigenvalues, basis.eigenvectors, features @ basis.eigenvectors)
+    projected = objective.design_matrix() @ basis.eigenvectors
+    return ProjectedBasis(basis.eigenvalues, basis.eigenvectors, projected)
 
 
 def build(
     kind: str,
-    objective: LogisticObjective,
+    objective: Objective,
     evaluation: Evaluation,
-    basis: FeatureBasis | None,
+    basis: FeatureBasis | ProjectedBasis | None,
     mix: float = 1.0,
 ) -> Preconditioner:
     """The preconditioner of this kind at the point of `evaluation`."""
@@ -221,4 +226,6 @@ def build(
         return kronecker(objective, evaluation, basis)
     if kind == "ekfac":
         return ekfac(objective, evaluation, basis)
+    if kind == "none":
+        return identity()
     return diagonal(objective, evaluation, mix)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._linear import Evaluation
+from .._objective import Evaluation
 
 _HEAD = "iter {iteration:3d}  loss {loss:.12e}  max|g| {grad_norm:.3e}"
 _TIME = "  time {time:.4f}s"

@@ -7,16 +7,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from .._linear import Evaluation, LogisticObjective, evaluate, hessian_vector_product, loss_change
+from .._cg import CGStatus, steihaug_cg
+from .._objective import Objective
 from . import _preconditioners
-from ._cg import conjugate_gradient
-from ._convergence import status_code
-from ._newton import SolverOutput, setup
-from ._newton_cg import check_cg_options, forcing_term
+from ._inner import check_cg_options, forcing_term, max_cg_steps
+from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
-from ._result import RUNNING
 
 # liblinear's TRON constants: acceptance and radius-update thresholds on the ratio of actual to
 # predicted reduction, and the radius scalings.
@@ -24,17 +21,70 @@ _ETA0, _ETA1, _ETA2 = 1e-4, 0.25, 0.75
 _SIGMA1, _SIGMA2, _SIGMA3 = 0.25, 0.5, 4.0
 
 
-class TrustRegionState(NamedTuple):
-    """State of the trust-region loop."""
+def accepted(actual: jax.Array, predicted: jax.Array) -> jax.Array:
+    """TRON's acceptance test: a finite change and actual > 1e-4·predicted reduction."""
+    return jnp.isfinite(actual) & (actual > _ETA0 * predicted)
 
-    theta: jax.Array
-    free_logits: jax.Array
-    evaluation: Evaluation
+
+def radius_update(
+    radius: jax.Array,
+    step_norm: jax.Array,
+    actual: jax.Array,
+    predicted: jax.Array,
+    slope: jax.Array,
+    on_boundary: jax.Array,
+) -> jax.Array:
+    """The next trust radius from liblinear's TRON (Lin, Weng and Keerthi, 2008).
+
+    α = max(σ₁, −½·gᵀs/(f(θ+s) − f(θ) − gᵀs)) is the step length that minimises the quadratic
+    through f(θ), gᵀs and f(θ + s) (σ₃ when that quadratic is not convex, σ₁ when the change is
+    not finite). With ρ = actual/predicted reduction: ρ < η₀ shrinks to min(α‖s‖, σ₂Δ);
+    ρ < η₁ to max(σ₁Δ, min(α‖s‖, σ₂Δ)); ρ < η₂ to max(σ₁Δ, min(α‖s‖, σ₃Δ)); otherwise the
+    radius grows, to σ₃Δ when the step stopped on the boundary, else to max(Δ, min(α‖s‖, σ₃Δ)).
+
+    Args:
+        radius: Δ, the current radius.
+        step_norm: ‖s‖_M of the step.
+        actual: f(θ) − f(θ + s).
+        predicted: the model's reduction −(gᵀs + ½sᵀHs).
+        slope: gᵀs.
+        on_boundary: whether the inner solve stopped on the boundary.
+
+    Returns:
+        The new radius (a pure function: no state, no side effect).
+    """
+    change = -actual
+    curvature_gap = change - slope
+    alpha = jnp.where(
+        curvature_gap <= 0,
+        _SIGMA3,
+        jnp.maximum(_SIGMA1, -0.5 * slope / jnp.where(curvature_gap > 0, curvature_gap, 1)),
+    )
+    alpha = jnp.where(jnp.isfinite(change), alpha, _SIGMA1)
+    scaled = alpha * step_norm
+    bad = ~jnp.isfinite(change) | (actual < _ETA0 * predicted)
+    return jnp.where(
+        bad,
+        jnp.minimum(scaled, _SIGMA2 * radius),
+        jnp.where(
+            actual < _ETA1 * predicted,
+            jnp.maximum(_SIGMA1 * radius, jnp.minimum(scaled, _SIGMA2 * radius)),
+            jnp.where(
+                actual < _ETA2 * predicted,
+                jnp.maximum(_SIGMA1 * radius, jnp.minimum(scaled, _SIGMA3 * radius)),
+                jnp.where(
+                    on_boundary,
+                    _SIGMA3 * radius,
+                    jnp.maximum(radius, jnp.minimum(scaled, _SIGMA3 * radius)),
+                ),
+            ),
+        ),
+    )
+
+
+class _Carry(NamedTuple):
     radius: jax.Array
     decrement: jax.Array
-    n_iter: jax.Array
-    n_hessian_products: jax.Array
-    status: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +100,8 @@ class TrustRegion:
     The region is measured in the preconditioner's norm ‖s‖_M, as TRON does.
 
     Attributes:
-        preconditioner: "auto" (default), "kronecker", "ekfac" or "diagonal", see `NewtonCG`.
+        preconditioner: "auto" (default), "kronecker", "ekfac", "diagonal" or "none", see
+            `NewtonCG`.
         max_cg_iter: most Hessian products per iteration.
         forcing_cap: upper bound of the CG relative tolerance.
         forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
@@ -88,9 +139,66 @@ class TrustRegion:
         if not 0 < self.preconditioner_mix <= 1:
             raise ValueError(f"preconditioner_mix must be in (0, 1], got {self.preconditioner_mix}")
 
+    def step(
+        self, objective: Objective, point: Iterate, basis, tol: jax.Array, carry: _Carry
+    ) -> StepResult:
+        """One iteration: Steihaug-CG in ‖s‖_M <= Δ, the ratio test, the radius update."""
+        evaluation = point.evaluation
+        grad = evaluation.grad
+        dtype = grad.dtype
+        metric = _preconditioners.build(
+            self.preconditioner, objective, evaluation, basis, self.preconditioner_mix
+        )
+        solve = steihaug_cg(
+            lambda tangent: objective.hessian_product(evaluation, tangent),
+            -grad,
+            carry.radius,
+            preconditioner=metric.solve,
+            rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
+            max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
+        )
+        step = solve.solution
+        step_predictor = objective.predictor(step)
+        slope = jnp.vdot(grad, step)
+        # Model decrease −(gᵀs + ½sᵀHs) with Hs = −g − r.
+        predicted = -0.5 * (slope - jnp.vdot(step, solve.residual))
+        actual = -objective.loss_change(
+            point.theta, evaluation, step, step_predictor, jnp.ones((), dtype)
+        )
+        step_norm = jnp.sqrt(jnp.vdot(step, metric.apply(step)))
+        # The first radius is unbounded: the first step is a Newton-CG step, and the radius
+        # starts from its length (TRON's min(Δ₀, ‖s‖_M)).
+        first = ~jnp.isfinite(carry.radius)
+        radius = jnp.where(first, jnp.minimum(carry.radius, step_norm), carry.radius)
+        on_boundary = solve.status == CGStatus.BOUNDARY
+        radius = radius_update(radius, step_norm, actual, predicted, slope, on_boundary)
+        taken = accepted(actual, predicted)
+        theta = jnp.where(taken, point.theta + step, point.theta)
+        predictor = jax.tree.map(
+            lambda a, b: jnp.where(taken, a + b, a), point.predictor, step_predictor
+        )
+        decrement = jnp.where(taken, predicted, carry.decrement)
+        # The region has collapsed below the resolution of θ: no decrease can be found.
+        collapsed = radius <= 10 * jnp.finfo(dtype).eps * (
+            1 + jnp.sqrt(jnp.vdot(theta, metric.apply(theta)))
+        )
+        return StepResult(
+            Iterate(theta, predictor, objective.evaluate(theta, predictor)),
+            decrement=decrement,
+            failed=collapsed & ~taken,
+            n_products=solve.num_steps,
+            carry=_Carry(radius, decrement),
+            report={
+                "cg": solve.num_steps,
+                "radius": radius,
+                "ratio": actual / predicted,
+                "accepted": taken,
+            },
+        )
+
     def minimize(
         self,
-        objective: LogisticObjective,
+        objective: Objective,
         theta: jax.Array,
         *,
         tol: jax.Array,
@@ -98,138 +206,24 @@ class TrustRegion:
         verbose: bool = False,
         basis=None,
     ) -> SolverOutput:
-        """Run the solver from θ [P] (`basis`: the preconditioner's setup, if already computed)."""
-        start = setup(objective, theta, max_iter)
-        dtype = theta.dtype
-        max_steps = min(self.max_cg_iter, max(objective.num_params, 1))
-        if basis is None:  # a regularisation path passes the one it computed once
+        """Minimise `objective` from θ [P]; arguments and result as `NewtonCG.minimize`."""
+        if basis is None:
             basis = _preconditioners.setup_basis(self.preconditioner, objective)
         progress = None
         if verbose:
             progress = Progress(
                 "cg {cg:3d}  radius {radius:.3e}  actual/predicted {ratio:.3g}  accepted {accepted}"
             )
-            progress.start(start.evaluation)
-
-        def cond(state: TrustRegionState) -> jax.Array:
-            return state.status == RUNNING
-
-        def body(state: TrustRegionState) -> TrustRegionState:
-            evaluation = state.evaluation
-            grad = evaluation.grad
-            metric = _preconditioners.build(
-                self.preconditioner, objective, evaluation, basis, self.preconditioner_mix
-            )
-
-            def matvec(tangent):
-                return hessian_vector_product(objective, evaluation, tangent)
-
-            solve = conjugate_gradient(
-                matvec,
-                -grad,
-                metric,
-                rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
-                max_steps=max_steps,
-                radius=state.radius,
-            )
-            step = solve.solution
-            step_logits = objective.free_logits(step)
-            grad_step = jnp.vdot(grad, step)
-            # Model decrease −(gᵀs + ½sᵀHs) with Hs = −g − r.
-            predicted = -0.5 * (grad_step - jnp.vdot(step, solve.residual))
-            change = loss_change(
-                objective, state.theta, evaluation, step, step_logits, jnp.ones((), dtype)
-            )
-            actual = -change
-            step_norm = jnp.sqrt(jnp.vdot(step, metric.apply(step)))
-            first = state.n_iter == 0
-            radius = jnp.where(first, jnp.minimum(state.radius, step_norm), state.radius)
-            # Step length that minimises the quadratic through f, gᵀs and the new value.
-            curvature_gap = change - grad_step
-            alpha = jnp.where(
-                curvature_gap <= 0,
-                _SIGMA3,
-                jnp.maximum(
-                    _SIGMA1,
-                    -0.5 * grad_step / jnp.where(curvature_gap > 0, curvature_gap, 1),
-                ),
-            )
-            alpha = jnp.where(jnp.isfinite(change), alpha, _SIGMA1)
-            bad = ~jnp.isfinite(change) | (actual < _ETA0 * predicted)
-            radius = jnp.where(
-                bad,
-                jnp.minimum(alpha * step_norm, _SIGMA2 * radius),
-                jnp.where(
-                    actual < _ETA1 * predicted,
-                    jnp.maximum(_SIGMA1 * radius, jnp.minimum(alpha * step_norm, _SIGMA2 * radius)),
-                    jnp.where(
-                        actual < _ETA2 * predicted,
-                        jnp.maximum(
-                            _SIGMA1 * radius, jnp.minimum(alpha * step_norm, _SIGMA3 * radius)
-                        ),
-                        jnp.where(
-                            solve.on_boundary,
-                            _SIGMA3 * radius,
-                            jnp.maximum(radius, jnp.minimum(alpha * step_norm, _SIGMA3 * radius)),
-                        ),
-                    ),
-                ),
-            )
-            accepted = jnp.isfinite(change) & (actual > _ETA0 * predicted)
-            theta = jnp.where(accepted, state.theta + step, state.theta)
-            free_logits = jnp.where(accepted, state.free_logits + step_logits, state.free_logits)
-            new_evaluation = evaluate(objective, theta, free_logits)
-            decrement = jnp.where(
-                accepted, 0.5 * (-grad_step - jnp.vdot(step, solve.residual)), state.decrement
-            )
-            n_iter = state.n_iter + 1
-            # The region has collapsed below the resolution of θ: no decrease can be found.
-            collapsed = radius <= 10 * jnp.finfo(dtype).eps * (
-                1 + jnp.sqrt(jnp.vdot(theta, metric.apply(theta)))
-            )
-            status = status_code(
-                objective,
-                new_evaluation,
-                free_logits,
-                decrement=decrement,
-                n_iter=n_iter,
-                max_iter=max_iter,
-                tol=tol,
-                step_failed=collapsed & ~accepted,
-            )
-            if progress is not None:
-                progress.iteration(
-                    n_iter,
-                    new_evaluation,
-                    cg=solve.n_steps,
-                    radius=radius,
-                    ratio=actual / predicted,
-                    accepted=accepted,
-                )
-            return TrustRegionState(
-                theta,
-                free_logits,
-                new_evaluation,
-                radius,
-                decrement,
-                n_iter,
-                state.n_hessian_products + solve.n_steps,
-                status,
-            )
-
-        state = TrustRegionState(
-            theta=start.theta,
-            free_logits=start.free_logits,
-            evaluation=start.evaluation,
-            radius=jnp.asarray(jnp.inf, dtype),
-            decrement=start.decrement,
-            n_iter=start.n_iter,
-            n_hessian_products=start.n_hessian_products,
-            status=start.status,
-        )
-        state = lax.while_loop(cond, body, state)
-        return SolverOutput(
-            state.theta, state.evaluation, state.n_iter, state.status, state.n_hessian_products
+        dtype = jnp.result_type(theta)
+        carry = _Carry(jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype))
+        return run(
+            objective,
+            theta,
+            lambda point, carry: self.step(objective, point, basis, tol, carry),
+            carry,
+            tol=tol,
+            max_iter=max_iter,
+            progress=progress,
         )
 
 

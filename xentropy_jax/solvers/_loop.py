@@ -1,0 +1,179 @@
+"""The one loop every solver runs: setup, step, check_convergence, under `lax.while_loop`.
+
+The phases follow scikit-learn's `NewtonSolver` (setup -> update_gradient_hessian ->
+inner_solve -> line_search -> check_convergence -> finalize). The loop owns the iterate, the
+counters, the status and the verbose output; a solver contributes only its step (a pure
+function from the current point to the next, see `Step`), so `Newton`, `NewtonCG` and
+`TrustRegion` are peers that differ in nothing else. Everything is written against the
+`Objective` protocol: no solver knows which objective it minimises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._objective import Evaluation, Objective
+from ._convergence import status_code
+from ._progress import Progress
+from ._result import RUNNING
+
+
+class Iterate(NamedTuple):
+    """A point of the iteration: θ [P], its predictor η(θ) and the evaluation there."""
+
+    theta: jax.Array
+    predictor: Any
+    evaluation: Evaluation
+
+
+class StepResult(NamedTuple):
+    """What a solver's step returns to the loop.
+
+    Attributes:
+        iterate: the next point (the same one when the step was rejected).
+        decrement: ½ΔᵀHΔ of the step (the model decrease; half the squared Newton decrement
+            when the inner solve is exact), tested against tol for convergence.
+        failed: no acceptable step can be found from here (line search exhausted, trust
+            region collapsed).
+        n_products: Hessian products (or explicit Hessians) the step used.
+        carry: the solver's own state for the next step (the trust radius), or ().
+        report: values printed with `verbose`, by the names of the solver's progress fields.
+    """
+
+    iterate: Iterate
+    decrement: jax.Array
+    failed: jax.Array
+    n_products: jax.Array
+    carry: Any
+    report: dict[str, jax.Array]
+
+
+Step = Callable[[Iterate, Any], StepResult]
+
+
+class SolverOutput(NamedTuple):
+    """The final state of a run: θ [P], the evaluation there, iterations, status, products."""
+
+    theta: jax.Array
+    evaluation: Evaluation
+    n_iter: jax.Array
+    status: jax.Array
+    n_hessian_products: jax.Array
+
+
+class _State(NamedTuple):
+    iterate: Iterate
+    decrement: jax.Array
+    n_iter: jax.Array
+    n_hessian_products: jax.Array
+    status: jax.Array
+    carry: Any
+
+
+def start(objective: Objective, theta: jax.Array) -> Iterate:
+    """The setup phase: predictor, value and gradient at the initial point."""
+    predictor = objective.predictor(theta)
+    return Iterate(theta, predictor, objective.evaluate(theta, predictor))
+
+
+def run(
+    objective: Objective,
+    theta: jax.Array,
+    step: Step,
+    carry: Any,
+    *,
+    tol: jax.Array,
+    max_iter: jax.Array,
+    progress: Progress | None = None,
+) -> SolverOutput:
+    """Iterate `step` from θ until the status leaves RUNNING.
+
+    Args:
+        objective: what is minimised (the `Objective` protocol).
+        theta: [P] initial point.
+        step: (iterate, carry) -> `StepResult`, the solver's iteration.
+        carry: the solver's initial own state.
+        tol: scalar or [P] tolerance on |g| (and, by its largest value, on the decrement).
+        max_iter: most iterations (traced).
+        progress: prints a line per iteration when given (`verbose`).
+
+    Returns:
+        A `SolverOutput`. The status after iteration 0 is NON_FINITE, DIVERGED or MAX_ITER
+        (max_iter = 0) when that already holds at θ; the loop runs while it is RUNNING.
+    """
+    first = start(objective, theta)
+    zero = jnp.zeros((), jnp.int32)
+    decrement = jnp.asarray(jnp.inf, theta.dtype)
+    status = status_code(
+        first.evaluation,
+        diverged=objective.diverged(first.evaluation, first.predictor),
+        decrement=decrement,
+        n_iter=zero,
+        max_iter=max_iter,
+        tol=jnp.zeros((), theta.dtype),
+        step_failed=jnp.zeros((), bool),
+    )
+    if progress is not None:
+        progress.start(first.evaluation)
+
+    def cond(state: _State) -> jax.Array:
+        return state.status == RUNNING
+
+    def body(state: _State) -> _State:
+        result = step(state.iterate, state.carry)
+        point = result.iterate
+        n_iter = state.n_iter + 1
+        status = status_code(
+            point.evaluation,
+            diverged=objective.diverged(point.evaluation, point.predictor),
+            decrement=result.decrement,
+            n_iter=n_iter,
+            max_iter=max_iter,
+            tol=tol,
+            step_failed=result.failed,
+        )
+        if progress is not None:
+            progress.iteration(n_iter, point.evaluation, **result.report)
+        return _State(
+            point,
+            result.decrement,
+            n_iter,
+            state.n_hessian_products + result.n_products,
+            status,
+            result.carry,
+        )
+
+    state = lax.while_loop(cond, body, _State(first, decrement, zero, zero, status, carry))
+    return SolverOutput(
+        state.iterate.theta,
+        state.iterate.evaluation,
+        state.n_iter,
+        state.status,
+        state.n_hessian_products,
+    )
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """Anything that minimises an `Objective`: `Newton`, `NewtonCG`, `TrustRegion` or a new one.
+
+    A solver is a hashable configuration (it is a static argument of compiled fits) whose
+    `minimize` runs from θ to a `SolverOutput`, usually by `run` with its own `Step`.
+    """
+
+    def minimize(
+        self,
+        objective: Objective,
+        theta: jax.Array,
+        *,
+        tol: jax.Array,
+        max_iter: jax.Array,
+        verbose: bool = False,
+    ) -> SolverOutput:
+        """Minimise `objective` from θ [P]."""
+        ...
