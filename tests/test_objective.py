@@ -1,0 +1,267 @@
+"""The solver core: a user-defined objective, the preconditioners, line search and radius rule.
+
+The objective here is Poisson regression with an L2 penalty, written in this file against the
+`Objective` protocol: no solver code knows it exists. It is checked against scikit-learn's
+`PoissonRegressor` and against the gradient of a naive formula.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import PoissonRegressor
+
+import xentropy_jax as xj
+from xentropy_jax._linear import evaluate, logistic_objective
+from xentropy_jax.solvers import _preconditioners
+from xentropy_jax.solvers._linesearch import backtracking
+from xentropy_jax.solvers._trust_region import radius_update
+
+PACKAGE = Path(xj.__file__).parent
+
+
+class PoissonPoint(NamedTuple):
+    loss: jax.Array
+    grad: jax.Array
+    rates: jax.Array  # exp(Xθ), what the curvature reuses
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Poisson:
+    """f(θ) = mean(exp(xᵢθ) − yᵢ·xᵢθ) + (l2/2)·‖θ‖², the predictor η = Xθ."""
+
+    features: jax.Array
+    counts: jax.Array
+    l2: jax.Array
+
+    @property
+    def num_params(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dtype(self):
+        return self.features.dtype
+
+    def predictor(self, theta):
+        return self.features @ theta
+
+    def evaluate(self, theta, predictor):
+        rates = jnp.exp(predictor)
+        n = self.features.shape[0]
+        loss = jnp.mean(rates - self.counts * predictor) + 0.5 * self.l2 * theta @ theta
+        grad = self.features.T @ (rates - self.counts) / n + self.l2 * theta
+        return PoissonPoint(loss, grad, rates)
+
+    def hessian_product(self, evaluation, tangent):
+        n = self.features.shape[0]
+        return self.features.T @ (evaluation.rates * (self.features @ tangent)) / n + (
+            self.l2 * tangent
+        )
+
+    def hessian(self, evaluation):
+        n = self.features.shape[0]
+        weighted = evaluation.rates[:, None] * self.features
+        return self.features.T @ weighted / n + self.l2 * jnp.eye(self.num_params)
+
+    def hessian_diagonal(self, evaluation):
+        n = self.features.shape[0]
+        return jnp.square(self.features).T @ evaluation.rates / n + self.l2
+
+    def loss_change(self, theta, evaluation, direction, direction_predictor, scale):
+        moved = scale * direction_predictor
+        data = jnp.mean(evaluation.rates * jnp.expm1(moved) - self.counts * moved)
+        penalty = self.l2 * (scale * theta @ direction + 0.5 * scale**2 * direction @ direction)
+        return data + penalty
+
+    def diverged(self, evaluation, predictor):
+        return jnp.zeros((), bool)
+
+
+def naive_loss(theta, features, counts, l2):
+    eta = features @ theta
+    return jnp.mean(jnp.exp(eta) - counts * eta) + 0.5 * l2 * jnp.sum(theta**2)
+
+
+@pytest.fixture(scope="module")
+def poisson():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, 6)) / 2
+    truth = rng.normal(size=6) / 2
+    counts = rng.poisson(np.exp(features @ truth)).astype(float)
+    return jnp.asarray(features), jnp.asarray(counts)
+
+
+SOLVERS = [
+    xj.Newton(),
+    xj.NewtonCG(),
+    xj.NewtonCG(preconditioner="none"),
+    xj.TrustRegion(),
+    xj.TrustRegion(preconditioner="none"),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}")
+def test_user_defined_objective_is_fitted_by_every_solver(poisson, solver):
+    features, counts = poisson
+    l2 = 0.05
+    objective = Poisson(features, counts, jnp.asarray(l2))
+    assert isinstance(objective, xj.Objective)
+    output = solver.minimize(objective, jnp.zeros(6), tol=1e-10, max_iter=50)
+    assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+    # An independent reference: scikit-learn minimises mean deviance / 2 + alpha/2·‖θ‖², the
+    # same objective up to a constant in θ.
+    reference = PoissonRegressor(alpha=l2, fit_intercept=False, tol=1e-12, max_iter=1000)
+    reference.fit(np.asarray(features), np.asarray(counts))
+    np.testing.assert_allclose(output.theta, reference.coef_, rtol=1e-6, atol=1e-8)
+    naive_grad = jax.grad(naive_loss)(output.theta, features, counts, l2)
+    assert float(jnp.max(jnp.abs(naive_grad))) <= 1e-10
+    np.testing.assert_allclose(output.evaluation.loss, naive_loss(output.theta, *poisson, l2))
+
+
+def test_user_defined_objective_under_jit_and_vmap_compiles_once(poisson):
+    features, counts = poisson
+    solver = xj.NewtonCG()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def fit(l2):
+        objective = Poisson(features, counts, l2)
+        return solver.minimize(objective, jnp.zeros(6), tol=1e-10, max_iter=50).theta
+
+    grid = jnp.array([0.01, 0.1, 1.0])
+    batched = jax.vmap(fit)(grid)
+    for l2, theta in zip(grid, batched, strict=True):
+        one = xj.Newton().minimize(
+            Poisson(features, counts, l2), jnp.zeros(6), tol=1e-10, max_iter=50
+        )
+        np.testing.assert_allclose(theta, one.theta, rtol=1e-7, atol=1e-10)
+    # A second call with the same shapes reuses the program (assert_max_traces would raise).
+    jax.vmap(fit)(grid * 2)
+
+
+def test_preconditioner_auto_and_missing_capabilities(poisson):
+    features, counts = poisson
+    objective = Poisson(features, counts, jnp.asarray(0.1))
+    assert _preconditioners.resolve("auto", objective) == "diagonal"
+    with pytest.raises(ValueError, match="feature_gram"):
+        xj.NewtonCG(preconditioner="kronecker").minimize(
+            objective, jnp.zeros(6), tol=1e-8, max_iter=5
+        )
+
+    class Bare(NamedTuple):  # no hessian_diagonal: "auto" falls back to plain CG
+        pass
+
+    assert _preconditioners.resolve("auto", Bare()) == "none"
+
+
+@pytest.fixture(scope="module")
+def logistic_point():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 4)) * np.array([1.0, 3.0, 0.1, 1.0])
+    X[:, 3] += 0.8 * X[:, 0]  # correlated columns
+    y = rng.integers(0, 3, 120)
+    cases = {}
+    for reference in (False, True):
+        objective = logistic_objective(
+            X, y, 3, l2=0.05, fit_intercept=True, reference_class=reference
+        )
+        theta = jnp.asarray(rng.normal(size=objective.num_params) / 3)
+        cases[reference] = (objective, evaluate(objective, theta, objective.free_logits(theta)))
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["kronecker", "ekfac", "diagonal", "none"])
+@pytest.mark.parametrize("reference", [False, True])
+def test_preconditioners_are_spd_and_inverse_of_each_other(logistic_point, kind, reference):
+    objective, evaluation = logistic_point[reference]
+    basis = _preconditioners.setup_basis(kind, objective)
+    metric = _preconditioners.build(kind, objective, evaluation, basis)
+    eye = jnp.eye(objective.num_params)
+    apply = jax.vmap(metric.apply)(eye).T
+    solve = jax.vmap(metric.solve)(eye).T
+    np.testing.assert_allclose(apply @ solve, eye, atol=1e-9)
+    np.testing.assert_allclose(apply, apply.T, atol=1e-10 * float(jnp.max(jnp.abs(apply))))
+    np.testing.assert_allclose(solve, solve.T, atol=1e-10 * float(jnp.max(jnp.abs(solve))))
+    assert float(jnp.min(jnp.linalg.eigvalsh(apply))) > 0
+    assert float(jnp.min(jnp.linalg.eigvalsh(solve))) > 0
+
+
+def test_backtracking_armijo():
+    # f(t) = (t − 0.3)², from t = 0 along Δ = 1: slope −0.6.
+    def change_at(t):
+        return (t - 0.3) ** 2 - 0.09
+
+    result = backtracking(change_at, jnp.asarray(-0.6), sufficient_decrease=1e-4)
+    assert bool(result.success)
+    # The largest t in {1, 1/2, 1/4, ...} meeting the Armijo condition: 1/2 (1 increases f).
+    assert float(result.scale) == 0.5
+    assert float(result.change) <= 1e-4 * 0.5 * -0.6
+    ascent = backtracking(change_at, jnp.asarray(0.6))
+    assert not bool(ascent.success) and int(ascent.n_steps) == 0
+    never = backtracking(lambda t: jnp.asarray(jnp.nan), jnp.asarray(-1.0), max_steps=5)
+    assert not bool(never.success) and int(never.n_steps) == 5
+
+
+def test_trust_region_radius_rule():
+    radius, norm = jnp.asarray(2.0), jnp.asarray(2.0)
+    # A very good step on the boundary: the radius grows by σ₃ = 4.
+    grown = radius_update(radius, norm, jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(-1.5), True)
+    assert float(grown) == 8.0
+    # Inside the region, a good step keeps at least the radius.
+    kept = radius_update(radius, norm, jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(-1.5), False)
+    assert float(kept) >= 2.0
+    # A step that increased f: the radius shrinks to at most σ₂·Δ.
+    shrunk = radius_update(
+        radius, norm, jnp.asarray(-0.5), jnp.asarray(1.0), jnp.asarray(-1.5), False
+    )
+    assert float(shrunk) <= 1.0
+    failed = radius_update(
+        radius, norm, jnp.asarray(jnp.nan), jnp.asarray(1.0), jnp.asarray(-1.5), False
+    )
+    assert float(failed) == 0.25 * 2.0  # σ₁·‖s‖ when the change is not finite
+
+
+def _imports(path: Path) -> set[str]:
+    """The package-relative modules a file imports (``.._linear``, ``._loop``, ...)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = "." * node.level + (node.module or "")
+            if node.module is None:
+                found.update(base + alias.name for alias in node.names)
+            else:
+                found.add(base)
+    return found
+
+
+def test_solvers_never_import_a_concrete_objective_nor_each_other():
+    core = ["_loop", "_convergence", "_linesearch", "_inner", "_preconditioners", "_progress"]
+    peers = ["_newton", "_newton_cg", "_trust_region"]
+    for name in core + peers:
+        imported = _imports(PACKAGE / "solvers" / f"{name}.py")
+        assert "..__linear" not in imported and ".._linear" not in imported, name
+        assert not any(f".{peer}" in imported for peer in peers if peer != name), name
+    for name in core:  # the core never imports a solver
+        assert not any(f".{peer}" in _imports(PACKAGE / "solvers" / f"{name}.py") for peer in peers)
+
+
+def test_nothing_imports_jax_private_modules():
+    for path in list(PACKAGE.rglob("*.py")) + list(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            assert not any(name.startswith("jax._src") for name in names), path.name
