@@ -229,3 +229,31 @@ def test_bad_input_is_rejected_at_the_boundary():
         xj.cg(operator, {"a": jnp.ones(3)}, x0=jnp.ones(3))
     with pytest.raises(ValueError, match="radius"):
         xj.steihaug_cg(operator, jnp.ones(3), radius=0.0)
+
+
+class CGVariantsTest(chex.TestCase):
+    """The same solves with and without `jax.jit` (chex variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pytree_solve_matches_dense_solve(self):
+        matrix = jnp.array([[5.0, 1.0, 0.5], [1.0, 4.0, 1.0], [0.5, 1.0, 3.0]])
+        rhs = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
+
+        def operator(v):
+            out = matrix @ jnp.concatenate([v["a"], v["b"]])
+            return {"a": out[:2], "b": out[2:]}
+
+        solve = self.variant(lambda b: xj.cg(operator, b, rtol=1e-12))
+        result = solve(rhs)
+        exact = jnp.linalg.solve(matrix, jnp.concatenate([rhs["a"], rhs["b"]]))
+        got = jnp.concatenate([result.solution["a"], result.solution["b"]])
+        np.testing.assert_allclose(got, exact, rtol=1e-10)
+        assert int(result.status) == xj.CGStatus.CONVERGED
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_steihaug_stops_on_the_boundary(self):
+        matrix = jnp.diag(jnp.array([1.0, 2.0, 4.0]))
+        solve = self.variant(lambda b: xj.steihaug_cg(lambda v: matrix @ v, b, 0.1, rtol=1e-12))
+        result = solve(jnp.ones(3))
+        np.testing.assert_allclose(jnp.linalg.norm(result.solution), 0.1, rtol=1e-10)
+        assert int(result.status) == xj.CGStatus.BOUNDARY

@@ -14,6 +14,7 @@ import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,12 +90,12 @@ def _check_inputs(rhs: PyTree, x0: PyTree | None, rtol: Any, atol: Any, max_step
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(f"every leaf of rhs must be floating, got {jnp.result_type(leaf)}.")
-    if x0 is not None and jax.tree.structure(x0) != jax.tree.structure(rhs):
-        raise ValueError("x0 must have the tree structure of rhs.")
     if x0 is not None:
-        for a, b in zip(jax.tree.leaves(x0), leaves, strict=True):
-            if jnp.shape(a) != jnp.shape(b):
-                raise ValueError(f"x0 leaf shape {jnp.shape(a)} != rhs leaf {jnp.shape(b)}.")
+        try:  # chex names the first leaf that differs by its path in the tree
+            chex.assert_trees_all_equal_shapes(x0, rhs)
+        except AssertionError as error:
+            detail = str(error).split("failed:", 1)[-1].strip()
+            raise ValueError(f"x0 must match rhs leaf by leaf: {detail}") from None
     for name, value in [("rtol", rtol), ("atol", atol)]:
         if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.")

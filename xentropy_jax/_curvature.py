@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,17 +57,18 @@ def _check_params(params: PyTree) -> None:
 
 
 def _check_tangents(params: PyTree, tangents: PyTree, name: str = "tangents") -> None:
-    if jax.tree.structure(params) != jax.tree.structure(tangents):
+    """ValueError unless `tangents` matches `params` leaf by leaf (structure, shape, dtype).
+
+    chex names the first leaf that differs by its path in the tree ('layer1/w': (3,) != (4,)).
+    """
+    try:
+        chex.assert_trees_all_equal_shapes_and_dtypes(params, tangents)
+    except AssertionError as error:
+        detail = str(error).split("failed:", 1)[-1].strip()
         raise ValueError(
-            f"{name} must have the tree structure of params: "
-            f"{jax.tree.structure(tangents)} != {jax.tree.structure(params)}."
-        )
-    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(tangents), strict=True):
-        if jnp.shape(p) != jnp.shape(t) or jnp.result_type(p) != jnp.result_type(t):
-            raise ValueError(
-                f"each leaf of {name} must match its parameter: got {jnp.shape(t)} "
-                f"{jnp.result_type(t)} for a parameter {jnp.shape(p)} {jnp.result_type(p)}."
-            )
+            f"{name} must match params leaf by leaf (tree structure, shapes and dtypes): "
+            f"{detail}"
+        ) from None
 
 
 def _per_example(value: Any, n: int, name: str, nonnegative: bool = True) -> jax.Array:
