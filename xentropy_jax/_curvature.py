@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from ._checks import is_concrete as _is_concrete
 from ._losses import (
     _softmax,
     hessian_product_from_probs,
@@ -31,10 +32,6 @@ from ._losses import (
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], jax.Array]
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _logits_shape(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> jax.ShapeDtypeStruct:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from ._checks import is_concrete as _is_concrete
+
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
 # enough rows for every GEMM to run at full speed on CPU.
 _DEFAULT_BLOCK_ELEMENTS = 2**25
@@ -552,10 +554,6 @@ _token_loss.defjvp(_token_loss_jvp, symbolic_zeros=True)
 # --------------------------------------------------------------------------------------------
 # Public API: validation and layout at the boundary.
 # --------------------------------------------------------------------------------------------
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_chunk(value: int | None, name: str) -> None:

@@ -28,14 +28,11 @@ import numpy as np
 import optax
 
 from ._cg import CGStatus, cg, tree_vdot
+from ._checks import is_concrete as _is_concrete
 from ._curvature import LogitsFn, PyTree, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
 
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _check(name: str, value: Any, low: float, high: float = np.inf, closed: bool = True) -> None:

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from .._checks import is_concrete as _is_concrete
 from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
+from ._convergence import max_abs
 from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
@@ -21,10 +23,6 @@ from ._result import CollinearityWarning, FitError, FitResult, Status
 from ._trust_region import TrustRegion
 
 SOLVERS: dict[str, type] = {"newton": Newton, "newton-cg": NewtonCG, "trust-region": TrustRegion}
-
-
-def _is_concrete(*values) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
 
 
 def _resolve_solver(solver: str | Solver) -> Solver:
@@ -283,7 +281,7 @@ def finalize(objective: LogisticObjective, output, invalid: jax.Array) -> FitRes
         loss=evaluation.loss,
         converged=status == Status.CONVERGED,
         n_iter=output.n_iter,
-        grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
+        grad_norm=max_abs(evaluation.grad),
         status=status,
         n_hessian_products=output.n_hessian_products,
     )

@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from .._objective import Evaluation
+from ._convergence import max_abs
 
 _HEAD = "iter {iteration:3d}  loss {loss:.12e}  max|g| {grad_norm:.3e}"
 _TIME = "  time {time:.4f}s"
@@ -74,7 +75,7 @@ class Progress:
             self._print,
             jnp.zeros((), jnp.int32),
             loss=_encode(evaluation.loss),
-            grad_norm=_encode(jnp.max(jnp.abs(evaluation.grad), initial=0)),
+            grad_norm=_encode(max_abs(evaluation.grad)),
         )
 
     def iteration(self, n_iter: jax.Array, evaluation: Evaluation, **fields: jax.Array) -> None:
@@ -83,6 +84,6 @@ class Progress:
             self._print,
             n_iter,
             loss=_encode(evaluation.loss),
-            grad_norm=_encode(jnp.max(jnp.abs(evaluation.grad), initial=0)),
+            grad_norm=_encode(max_abs(evaluation.grad)),
             **{name: _encode(value) for name, value in fields.items()},
         )
