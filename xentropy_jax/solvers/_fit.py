@@ -20,6 +20,7 @@ from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import CollinearityWarning, FitError, FitResult, Status
+from ._sharding import with_auto_axes
 from ._trust_region import TrustRegion
 
 SOLVERS: dict[str, type] = {"newton": Newton, "newton-cg": NewtonCG, "trust-region": TrustRegion}
@@ -64,13 +65,12 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
             )
     values = _sparse_input.stored_values(X) if _sparse_input.is_sparse(X) else X
     if _is_concrete(values):
-        values = np.asarray(values)
-        if not np.all(np.isfinite(values)):
+        finite, largest = _finite_and_largest(values)
+        if not finite:
             raise ValueError("X contains NaN or infinity")
         dtype = _working_dtype(X)
         # The curvature needs x² (the Gram of the features): beyond this its sums overflow.
         limit = np.sqrt(np.finfo(dtype).max) / 1e3
-        largest = float(np.max(np.abs(values), initial=0))
         if largest > limit:
             raise ValueError(
                 f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
@@ -116,6 +116,24 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
                 "have no finite optimum; drop those classes or lower num_classes"
             )
+
+
+@jax.jit
+def _device_finite_and_largest(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.all(jnp.isfinite(values)), jnp.max(jnp.abs(values), initial=0)
+
+
+def _finite_and_largest(values) -> tuple[bool, float]:
+    """Whether every value is finite, and max|value|.
+
+    A jax array is reduced where it lives (on its devices, shard by shard for rows sharded
+    over a mesh) and only the two scalars come back: X is never gathered to the host.
+    """
+    if isinstance(values, jax.Array):
+        finite, largest = _device_finite_and_largest(values)
+        return bool(finite), float(largest)
+    values = np.asarray(values)
+    return bool(np.all(np.isfinite(values))), float(np.max(np.abs(values), initial=0))
 
 
 def _working_dtype(X) -> type:
@@ -394,11 +412,11 @@ def fit_logistic_regression(
     config = _resolve_solver(solver)
     _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
     _check_explicit_hessian_fits(config, X, num_classes, fit_intercept, reference_class)
-    features = as_features(X)
+    features = with_auto_axes(as_features(X))
     result = _fit(
         features,
-        jnp.asarray(labels),
-        None if sample_weight is None else jnp.asarray(sample_weight),
+        with_auto_axes(jnp.asarray(labels)),
+        None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight)),
         l2,
         init,
         tol,

@@ -1,0 +1,136 @@
+"""Rows sharded over several devices: the same fit as on one, one all-reduce per product.
+
+Eight CPU devices exist only when `XLA_FLAGS=--xla_force_host_platform_device_count=8` is set
+before jax starts, so the checks run in a child process and report back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, re
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    import xentropy_jax as xj
+    from xentropy_jax._linear import evaluate, hessian_vector_product, logistic_objective
+    from xentropy_jax.sklearn import LogisticRegression
+
+    out = {"devices": len(jax.devices())}
+    rng = np.random.default_rng(0)
+    N, d, K = 2000, 12, 4
+    X = rng.normal(size=(N, d)) * rng.uniform(0.5, 2, size=d)
+    y = rng.integers(0, K, N)
+    w = rng.uniform(0.5, 1.5, N)
+
+    def relative(a, b):
+        return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+    def sharded(count, kind=AxisType.Auto):
+        mesh = jax.make_mesh((count,), ("rows",), devices=jax.devices()[:count], axis_types=(kind,))
+        sharding = NamedSharding(mesh, PartitionSpec("rows"))
+        return [jax.device_put(a, sharding) for a in (X, y, w)]
+
+    fits = {}
+    for solver, counts in [("newton-cg", (2, 4, 8)), ("newton", (8,)), ("trust-region", (8,))]:
+        one = xj.fit_logistic_regression(X, y, K, sample_weight=w, l2=1e-3, tol=1e-12, solver=solver)
+        for count in counts:
+            kind = AxisType.Explicit if count == 4 else AxisType.Auto
+            Xs, ys, ws = sharded(count, kind)
+            many = xj.fit_logistic_regression(
+                Xs, ys, K, sample_weight=ws, l2=1e-3, tol=1e-12, solver=solver
+            )
+            fits[f"{solver}/{count}"] = [
+                relative(many.params[0], one.params[0]),
+                relative(many.params[1], one.params[1]),
+                int(many.n_iter),
+                int(one.n_iter),
+                bool(many.converged),
+            ]
+    out["fits"] = fits
+
+    # One Hessian product on 8 devices: the collectives XLA compiled into it.
+    Xs, ys, ws = sharded(8)
+    objective = logistic_objective(Xs, ys, K, sample_weight=ws, l2=1e-3)
+    theta = jnp.zeros(objective.num_params)
+    point = jax.jit(lambda o, t: evaluate(o, t, o.free_logits(t)))(objective, theta)
+    text = jax.jit(hessian_vector_product).lower(objective, point, theta + 1).compile().as_text()
+    collectives = re.findall(
+        r"= (\\([^)]*\\)|\\S+) (all-reduce|all-gather|reduce-scatter|all-to-all)\\(", text
+    )
+    out["collectives"] = [[shape, name] for shape, name in collectives]
+
+    # Bad values in one shard are found where they live.
+    bad = np.array(X)
+    bad[N - 1, 3] = np.nan
+    try:
+        xj.fit_logistic_regression(jax.device_put(bad, Xs.sharding), ys, K)
+        out["nan_error"] = None
+    except ValueError as error:
+        out["nan_error"] = str(error)
+
+    # The estimator: rows split over 3 devices (2000 rows padded to 2001).
+    one = LogisticRegression(C=1.0, tol=1e-12).fit(X, y)
+    many = LogisticRegression(C=1.0, tol=1e-12, devices=3).fit(X, y)
+    out["estimator"] = [
+        relative(jnp.asarray(many.coef_), jnp.asarray(one.coef_)),
+        int(many.n_iter_[0]),
+        int(one.n_iter_[0]),
+    ]
+    try:
+        LogisticRegression(devices=9).fit(X, y)
+        out["too_many"] = None
+    except ValueError as error:
+        out["too_many"] = str(error)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    completed = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_fits_equal_the_one_device_fit(report):
+    assert report["devices"] == 8
+    for name, (coef, intercept, n_iter, n_iter_one, converged) in report["fits"].items():
+        assert converged, name
+        assert coef <= 1e-10 and intercept <= 1e-10, (name, coef, intercept)
+        assert n_iter == n_iter_one, name
+
+
+def test_one_all_reduce_of_the_parameter_block_per_product_and_no_gather(report):
+    names = [name for _, name in report["collectives"]]
+    assert names == ["all-reduce"], report["collectives"]
+    # The reduced block is the d×K product Xᵀ·U together with the intercept's K sums.
+    shape = report["collectives"][0][0]
+    assert "[12,4]" in shape and "[4]" in shape, shape
+
+
+def test_validation_finds_bad_values_in_any_shard(report):
+    assert report["nan_error"] is not None and "NaN" in report["nan_error"]
+
+
+def test_estimator_splits_rows_over_devices(report):
+    coef, n_iter, n_iter_one = report["estimator"]
+    assert coef <= 1e-10 and n_iter == n_iter_one
+    assert report["too_many"] is not None and "available" in report["too_many"]
