@@ -45,7 +45,9 @@ SCRIPT = textwrap.dedent(
 
     fits = {}
     for solver, counts in [("newton-cg", (2, 4, 8)), ("newton", (8,)), ("trust-region", (8,))]:
-        one = xj.fit_logistic_regression(X, y, K, sample_weight=w, l2=1e-3, tol=1e-12, solver=solver)
+        one = xj.fit_logistic_regression(
+            X, y, K, sample_weight=w, l2=1e-3, tol=1e-12, solver=solver
+        )
         for count in counts:
             kind = AxisType.Explicit if count == 4 else AxisType.Auto
             Xs, ys, ws = sharded(count, kind)
