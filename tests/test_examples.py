@@ -22,6 +22,7 @@ USE_COMPILATION_CACHE = {"fit_digits.py", "loss_tour.py"}
 ARGUMENTS = {"train_mlp_gauss_newton.py": ["--plot", "{tmp}/curves.png"]}
 EXPECTED = {
     "fit_digits.py": "xentropy_jax newton-cg",
+    "fit_multiprocess.py": "process 1 of 2",
     "loss_tour.py": "matrix-free H·v vs dense",
     "train_mlp_gauss_newton.py": "Gauss-Newton (20 CG its)",
 }
@@ -66,6 +67,12 @@ def test_example_runs(path: Path, tmp_path: Path):
         assert (tmp_path / "curves.png").stat().st_size > 0
     if path.name == "fit_digits.py":
         check_fit_digits_table(completed.stdout)
+    if path.name == "fit_multiprocess.py":
+        # Each of the two processes ends with the one-process coefficients.
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("process")]
+        assert len(lines) == 2, completed.stdout
+        for line in lines:
+            assert float(line.split("within ")[1].split()[0]) <= 1e-10, line
     if path.name in USE_COMPILATION_CACHE:
         cache = tmp_path / "jax-cache"
         assert cache.is_dir() and any(cache.iterdir()), "no program in the compilation cache"

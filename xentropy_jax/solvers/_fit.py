@@ -82,7 +82,9 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
             raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
-    if _is_concrete(labels):
+    # Labels and weights spread over several processes are not fetched: the same checks run
+    # inside the compiled fit and report through `status` (`_input_status`).
+    if _is_concrete(labels) and _addressable(labels):
         label_values = np.asarray(labels)
         if not np.issubdtype(label_values.dtype, np.integer):
             raise TypeError(f"labels must be integers, got dtype {label_values.dtype}")
@@ -91,7 +93,7 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"labels must lie in [0, {num_classes}), got values in "
                 f"[{label_values.min()}, {label_values.max()}]"
             )
-    if sample_weight is not None and _is_concrete(sample_weight):
+    if sample_weight is not None and _is_concrete(sample_weight) and _addressable(sample_weight):
         weight_values = np.asarray(sample_weight, dtype=float)
         if not np.all(np.isfinite(weight_values)):
             raise ValueError("sample_weight contains NaN or infinity")
@@ -107,7 +109,8 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"{working.dtype} number ({tiny:.3g}): the objective divides by this sum. "
                 "Rescale the weights (e.g. divide them by their maximum)."
             )
-    if fit_intercept and _is_concrete(labels, sample_weight):
+    weights_here = _is_concrete(labels, sample_weight) and _addressable(labels, sample_weight)
+    if fit_intercept and weights_here:
         weight_values = np.ones(num_rows) if sample_weight is None else np.asarray(sample_weight)
         mass = np.bincount(np.asarray(labels), weights=weight_values, minlength=num_classes)
         empty = np.flatnonzero(mass <= 0)
@@ -116,6 +119,13 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
                 "have no finite optimum; drop those classes or lower num_classes"
             )
+
+
+def _addressable(*values) -> bool:
+    """Whether every array is held entirely by this process (not one of several processes')."""
+    return all(
+        getattr(value, "is_fully_addressable", True) for value in values if value is not None
+    )
 
 
 @jax.jit
