@@ -44,6 +44,7 @@ from .solvers import SolverOutput as SolverOutput
 from .solvers import Status as Status
 from .solvers import TrustRegion as TrustRegion
 from .solvers import fit_logistic_regression as fit_logistic_regression
+from .solvers import fit_logistic_regression_streamed as fit_logistic_regression_streamed
 from .solvers import fit_regularization_path as fit_regularization_path
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "TrustRegion",
     "cg",
     "fit_logistic_regression",
+    "fit_logistic_regression_streamed",
     "fit_regularization_path",
     "gauss_newton",
     "ggn_diagonal",

@@ -10,6 +10,7 @@ from ._result import CollinearityWarning as CollinearityWarning
 from ._result import FitError as FitError
 from ._result import FitResult as FitResult
 from ._result import Status as Status
+from ._streamed_fit import fit_logistic_regression_streamed as fit_logistic_regression_streamed
 from ._trust_region import TrustRegion as TrustRegion
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "Status",
     "TrustRegion",
     "fit_logistic_regression",
+    "fit_logistic_regression_streamed",
     "fit_regularization_path",
 ]
