@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
+from ._implicit import minimize_implicit
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import CollinearityWarning, FitError, FitResult, Status
@@ -255,25 +256,40 @@ def _fit(
     )
     theta = _initial_theta(objective, init)
     invalid = _input_status(objective, sample_weight, l2)
-    output = solver.minimize(
+
+    def minimize(objective, theta, tol, max_iter):
+        return solver.minimize(objective, theta, tol=tol, max_iter=max_iter, verbose=verbose)
+
+    # Derivatives with respect to X, the weights and l2 by implicit differentiation.
+    optimum, loss, output = minimize_implicit(
+        minimize,
         objective,
         theta,
-        tol=attainable_tolerance(objective, tol),
-        max_iter=jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
-        verbose=verbose,
+        attainable_tolerance(objective, tol),
+        jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
     )
-    return finalize(objective, output, invalid)
+    return finalize(objective, output, invalid, solution=(optimum, loss))
 
 
-def finalize(objective: LogisticObjective, output, invalid: jax.Array) -> FitResult:
+def finalize(
+    objective: LogisticObjective,
+    output,
+    invalid: jax.Array,
+    solution: tuple[jax.Array, jax.Array] | None = None,
+) -> FitResult:
     """The `FitResult` of a solver's output (the finalize phase).
 
     Takes the minimum-norm point where collinear features leave a set of optima, and the
     symmetric parametrisation (as scikit-learn) where a class shift is free; `invalid` is the
     input status (`_input_status`), which overrides the solver's when the input was bad.
+    `solution`, when given, is (θ, loss) already at the minimum-norm point (from
+    `minimize_implicit`, carrying its derivatives) and replaces the output's.
     """
     status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
-    weights, intercept = objective.expand(minimum_norm(objective, output.theta))
+    if solution is None:
+        solution = (minimum_norm(objective, output.theta), output.evaluation.loss)
+    theta, loss = solution
+    weights, intercept = objective.expand(theta)
     if not objective.reference_class:
         intercept = intercept - jnp.mean(intercept)
         centred = weights - jnp.mean(weights, axis=1, keepdims=True)
@@ -281,7 +297,7 @@ def finalize(objective: LogisticObjective, output, invalid: jax.Array) -> FitRes
     evaluation = output.evaluation
     return FitResult(
         params=(weights, intercept),
-        loss=evaluation.loss,
+        loss=loss,
         converged=status == Status.CONVERGED,
         n_iter=output.n_iter,
         grad_norm=jnp.max(jnp.abs(evaluation.grad), initial=0),
