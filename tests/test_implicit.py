@@ -51,7 +51,11 @@ def outputs(u, features, labels, sample_weight, *, solver="newton-cg", **options
 def directional(u, direction, features, labels, sample_weight, *, solver, **options):
     """jax.jvp of `outputs` along `direction` in u (one compiled function per configuration)."""
     function = functools.partial(
-        outputs, features=features, labels=labels, sample_weight=sample_weight, solver=solver,
+        outputs,
+        features=features,
+        labels=labels,
+        sample_weight=sample_weight,
+        solver=solver,
         **options,
     )
     return jax.jvp(function, (u,), (direction,))[1]
@@ -141,7 +145,12 @@ def test_check_grads_forward_and_reverse(data):
     function = functools.partial(outputs, features=data[0], labels=data[1], sample_weight=data[2])
     # Fits at tol = 1e-13 are smooth far below the differences' step.
     check_grads(
-        function, (base_point(0.1),), order=1, modes=("fwd", "rev"), eps=1e-5, atol=1e-6,
+        function,
+        (base_point(0.1),),
+        order=1,
+        modes=("fwd", "rev"),
+        eps=1e-5,
+        atol=1e-6,
         rtol=1e-6,
     )
 
