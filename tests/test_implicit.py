@@ -190,7 +190,7 @@ def test_float32_agrees_with_float64(data):
         **options,
     )
     assert single.dtype == np.float32
-    # Measured: ~1e-5 of the largest entry (the fit's float32 floor, amplified by H⁻¹).
+    # Measured: 3e-6 of the largest entry (the fit's float32 floor, amplified by H⁻¹).
     np.testing.assert_allclose(single, exact, atol=1e-4 * np.max(np.abs(exact)))
 
 
