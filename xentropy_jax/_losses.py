@@ -66,7 +66,9 @@ def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array
     by many units and overflow the exponential.
     """
     peak = _peak(logits, where)
-    exps = jnp.exp(jnp.minimum(logits - peak, 0.0))
+    # min(z, c) − c rather than min(z − c, 0): no scalar constant over [..., K] (see
+    # `hessian_product_from_probs`), and the same numbers.
+    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
     if where is not None:
         exps = jnp.where(where, exps, 0.0)
     return exps, peak
@@ -155,15 +157,14 @@ def hessian_product_from_probs(
     if not complete:
         mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
         return probs * (tangents - mean)
-    top = jnp.max(probs, axis=-1, keepdims=True)
-    # 1 at the most probable classes (s / max s rounds to within an ulp of 1 there), 0 elsewhere
-    # and on an empty row (whose max is 0: the `maximum` keeps 0 / 0 out). A class within 2⁻¹⁶
-    # of the top may be marked too: then no class dominates and any such reference will do.
-    inverse_top = 1.0 / jnp.maximum(top, jnp.finfo(probs.dtype).tiny)
-    is_top = jnp.floor(probs * inverse_top + 2.0**-16)
-    count = jnp.sum(is_top, axis=-1, keepdims=True)
-    reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
-    centered = tangents - reference / jnp.maximum(count, 1.0)
+    # The class with s ≥ 1/2 if there is one (two at exactly 1/2, whose sum then serves):
+    # floor(2s) − floor(s) is 1 there and 0 elsewhere, s = 1 included. Where no class reaches
+    # 1/2 none dominates, the shift is 0 and the plain formula loses nothing. No maximum, no
+    # count and no scalar constant over [..., K]: XLA's CPU backend keeps the softmax, the
+    # marker and both sums in one fused kernel, one reduction more than the plain formula.
+    dominant = jnp.floor(probs + probs) - jnp.floor(probs)
+    reference = jnp.sum(dominant * tangents, axis=-1, keepdims=True, where=where)
+    centered = tangents - reference
     mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
     return probs * (centered - mean)
 
@@ -188,21 +189,76 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.sum(a * b, axis=-1, where=where)
 
 
+def _soft_split(
+    logits: jax.Array, labels: jax.Array, where: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """What the dense-label loss and its gradient share: ``(e, c, m, T, R)``.
+
+    ``e`` the exponentials ``[..., K]`` (``_exponentials``); then, each ``[..., 1]``, the shift
+    ``c``, the label mass ``m``, the total ``T = Σ_k e_k`` and ``R = T − 1``. Both come from two
+    sums weighted by the labels, ``S = Σ_k e_k (m − y_k)`` (for a one-hot label: the other
+    classes' share, to the last bit) and ``Q = Σ_k e_k y_k``: ``T = (S + Q) / m`` and ``R = (S +
+    (Q − m)) / m``, where ``Q − m = −Σ_k y_k (1 − e_k)`` is 0 for a label on the winner. So ``R``
+    is exact for one-hot labels at any margin and accurate relative to the labels' spread
+    otherwise, with no maximum of anything and no scalar constant over ``[..., K]``. A row of
+    zero mass gets ``T = 1`` and ``R = 0`` (its loss and gradient do not depend on them).
+    """
+    exps, peak = _exponentials(logits, where)
+    mass = labels.sum(axis=-1, keepdims=True)
+    others = jnp.sum(exps * (mass - labels), axis=-1, keepdims=True)
+    on_labels = jnp.sum(exps * labels, axis=-1, keepdims=True)
+    nonzero = mass != 0
+    inverse_mass = 1.0 / jnp.where(nonzero, mass, 1.0)
+    total = jnp.where(nonzero, (others + on_labels) * inverse_mass, 1.0)
+    # R ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
+    rest = jnp.where(nonzero, jnp.maximum((others + (on_labels - mass)) * inverse_mass, 0.0), 0.0)
+    return exps, peak, mass, total, rest
+
+
 @jax.custom_jvp
 def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``Σ_k y_k (c − z_k) + m · log1p(R)`` per row, for labels already zero on masked classes.
 
     This is ``m · logsumexp(z) − yᵀz`` with the shift ``c`` taken out first: the first sum
     (non-negative) cancels exactly for a one-hot label on the winner, so the small remainder
-    ``m · log1p(R)`` survives.
+    ``m · log1p(R)`` survives (``R`` from ``_soft_split``).
     """
-    exps, peak = _exponentials(logits, where)
-    mass = labels.sum(axis=-1)
+    _, peak, mass, _, rest = _soft_split(logits, labels, where)
     # 0 · (−inf) is NaN: a class that carries no label contributes nothing, whatever its logit.
     label_logits = jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
     # Σ y (c − z) ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    shifted = jnp.maximum(mass * peak[..., 0] - label_logits, 0.0)
-    return shifted + mass * jnp.log1p(_rest(exps)[..., 0])
+    shifted = jnp.maximum(mass[..., 0] * peak[..., 0] - label_logits, 0.0)
+    return shifted + mass[..., 0] * jnp.log1p(rest[..., 0])
+
+
+@jax.custom_jvp
+def _soft_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
+    """``m·s − y`` per row, ``[..., K]``: for one-hot labels every component to a few ulps.
+
+    ``m s_k − y_k = (e_k (m − y_k) − y_k (T − e_k)) / T`` with ``T − e_k = R + (1 − e_k)``: two
+    non-negative terms (one of them zero for a one-hot label), the complement never taken from
+    1. Its derivative is the Hessian product (through ``_softmax``'s rule) plus the labels' part.
+    """
+    exps, _, mass, total, rest = _soft_split(logits, labels, where)
+    return (exps * (mass - labels) - labels * (rest + (1.0 - exps))) * (1.0 / total)
+
+
+def _soft_grad_jvp(primals, tangents):
+    logits, labels, where = primals
+    logits_dot, labels_dot, _ = tangents
+    grad = _soft_grad(logits, labels, where)
+    terms = []
+    if not isinstance(logits_dot, SymbolicZero) or not isinstance(labels_dot, SymbolicZero):
+        probs = _softmax(logits, where)
+    if not isinstance(logits_dot, SymbolicZero):
+        mass = labels.sum(axis=-1, keepdims=True)
+        terms.append(mass * hessian_product_from_probs(probs, logits_dot, where))
+    if not isinstance(labels_dot, SymbolicZero):
+        terms.append(labels_dot.sum(axis=-1, keepdims=True) * probs - labels_dot)
+    return grad, sum(terms[1:], start=terms[0]) if terms else jnp.zeros_like(grad)
+
+
+_soft_grad.defjvp(_soft_grad_jvp, symbolic_zeros=True)
 
 
 @_soft_loss.defjvp
@@ -214,12 +270,7 @@ def _soft_loss_jvp(primals, tangents):
     loss = _soft_loss(logits, labels, where)
     terms = []
     if not isinstance(logits_dot, SymbolicZero):
-        mass = labels.sum(axis=-1, keepdims=True)
-        probs, complement = _softmax_parts(logits, where)
-        # m s_k − y_k = s_k (m − y_k) − y_k (1 − s_k): two non-negative terms, each exact in
-        # the tails (for a one-hot label one of them is zero).
-        grad = probs * (mass - labels) - labels * complement
-        terms.append(_dot_rows(grad, logits_dot, where))
+        terms.append(_dot_rows(_soft_grad(logits, labels, where), logits_dot, where))
     if not isinstance(labels_dot, SymbolicZero):
         # ∂L/∂y_k = −log s_k, +inf on a −inf logit: such a class counts as masked (derivative 0)
         # unless it carries label mass, as in the primal. The select acts on the coefficient,
@@ -252,39 +303,86 @@ def _row_scale(labels: jax.Array, where: jax.Array | None, num_classes: int, dty
     return scale
 
 
+def _label_split(
+    logits: jax.Array, labels: jax.Array, where: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The exponentials split at the label: what the integer loss and its gradient share.
+
+    Returns ``(e', c, z_label, e_label, S)``: ``e'`` the exponentials ``e_k = exp(min(z_k − c,
+    0))`` with the label's class (and masked classes) set to 0, ``[..., K]``; then, each
+    ``[..., 1]``, the shift ``c``, the label's logit and exponential, and ``S = Σ_k e'_k`` the
+    other classes' share. ``S`` is one plain sum, so ``1 − s_label = S / (S + e_label)`` is exact
+    whatever the margin, and so is ``R = S − (1 − e_label)`` when the label is the most
+    probable class (``e_label = 1``); otherwise ``c − z_label`` dominates the loss. No second
+    reduction over the classes is needed, whatever the ties.
+    """
+    num_classes = logits.shape[-1]
+    safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
+    label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
+    peak = _peak(logits, where)
+    others = labels[..., None] != jnp.arange(num_classes)
+    if where is not None:
+        others = others & where
+    exps = jnp.where(others, jnp.exp(jnp.minimum(logits, peak) - peak), 0.0)
+    label_exps = jnp.exp(jnp.minimum(label_logits, peak) - peak)
+    if where is not None:
+        label_exps = jnp.where(jnp.take_along_axis(where, safe_labels, axis=-1), label_exps, 0.0)
+    return exps, peak, label_logits, label_exps, exps.sum(axis=-1, keepdims=True)
+
+
 @jax.custom_jvp
 def _integer_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``(c − z[label]) + log1p(R)`` per row; NaN for a label outside ``[0, K)``.
 
     This is ``logsumexp(z) − z[label]`` with the shift taken out first, so that a label on the
-    winner of a confident row keeps the small loss ``log1p(R)``.
+    winner of a confident row keeps the small loss ``log1p(R)``; ``R`` comes from
+    ``_label_split``.
     """
-    num_classes = logits.shape[-1]
-    safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
-    label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)[..., 0]
-    exps, peak = _exponentials(logits, where)
-    # c − z[label] ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    shifted = jnp.maximum(peak[..., 0] - label_logits, 0.0)
-    loss = shifted + jnp.log1p(_rest(exps)[..., 0])
-    scale = _row_scale(labels, where, num_classes, logits.dtype)
+    _, peak, label_logits, label_exps, others = _label_split(logits, labels, where)
+    # c − z[label] ≥ 0 and R ≥ 0; the `maximum`s only matter under the fused rounding of
+    # `_exponentials`.
+    shifted = jnp.maximum(peak - label_logits, 0.0)
+    rest = jnp.maximum(others + (label_exps - 1.0), 0.0)
+    loss = (shifted + jnp.log1p(rest))[..., 0]
+    scale = _row_scale(labels, where, logits.shape[-1], logits.dtype)
     # Not loss * scale: a label on a masked class may sit on a +inf logit.
     return jnp.where(scale == 0, 0.0, loss * scale)
+
+
+@jax.custom_jvp
+def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
+    """``s − e_label`` per row, ``[..., K]``, every component to a few ulps of its own size.
+
+    ``s_k = e_k / T`` off the label and ``−(1 − s_label) = −S / T`` on it, with ``T = S +
+    e_label`` (``_label_split``): the passes of a plain softmax and nothing more. Its derivative
+    is the Hessian product, through ``_softmax``'s rule, so that higher derivatives stay closed.
+    """
+    exps, _, _, label_exps, others = _label_split(logits, labels, where)
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1])
+    # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row, which
+    # the row scale zeroes: `maximum` keeps it finite without a select.
+    inverse_total = 1.0 / jnp.maximum(others + label_exps, 1.0)
+    return (exps - onehot * others) * inverse_total
+
+
+@_integer_grad.defjvp
+def _integer_grad_jvp(primals, tangents):
+    logits, labels, where = primals
+    logits_dot, _, _ = tangents
+    product = hessian_product_from_probs(_softmax(logits, where), logits_dot, where)
+    return _integer_grad(logits, labels, where), product
 
 
 @_integer_loss.defjvp
 def _integer_loss_jvp(primals, tangents):
     # dL = (s − e_label)ᵀ ż; the one-hot vector is a comparison fused into the product, never an
-    # array, and an out-of-range label turns the row's gradient into NaN like its value. The
-    # label's component is −(1 − s_label), taken from the exact complement.
+    # array, and an out-of-range label turns the row's gradient into NaN like its value. One
+    # factor per row (1, NaN for a bad label, 0 for a masked label) applied by a broadcast
+    # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
     logits, labels, where = primals
     logits_dot, _, _ = tangents
-    num_classes = logits.shape[-1]
-    onehot = labels[..., None] == jnp.arange(num_classes)
-    # One factor per row (1, NaN for a bad label, 0 for a masked label) applied by a broadcast
-    # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
-    scale = _row_scale(labels, where, num_classes, logits.dtype)
-    probs, complement = _softmax_parts(logits, where)
-    grad = jnp.where(onehot, -complement, probs) * scale[..., None]
+    scale = _row_scale(labels, where, logits.shape[-1], logits.dtype)
+    grad = _integer_grad(logits, labels, where) * scale[..., None]
     return _integer_loss(logits, labels, where), _dot_rows(grad, logits_dot, where)
 
 
