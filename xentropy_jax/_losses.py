@@ -14,8 +14,9 @@ rule again therefore lands on a closed form again, to any order, and the reverse
 
 Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
 the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
-and the Hessian product shifts ``v`` by its value at the most probable class
-(``hessian_product_from_probs``). Every component of the gradient, Hessian and product then
+and the Hessian product shifts ``v`` by its value at the dominant class
+(``hessian_product_from_probs``). The integer loss takes ``1 − s_label`` from one sum of the
+other classes' exponentials, so that its value and gradient cost the passes of a plain softmax. Every component of the gradient, Hessian and product then
 keeps a few ulps of its own size at any margin, and the float32 Hessian stays positive
 semi-definite; ``docs/losses.md`` states the guarantee and the tests that check it.
 
@@ -143,12 +144,13 @@ def hessian_product_from_probs(
     The one implementation of the closed-form product: the softmax's derivative rule, the public
     HVP, the Gauss-Newton operator and the logistic objective all call it.
 
-    ``v`` is first shifted by its value ``r`` at the most probable class (the mean over tied
-    ones): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no term from that class, so ``sᵀ(v − r)``
+    ``v`` is first shifted by its value ``r`` at the dominant class, the one with ``s ≥ 1/2``
+    (the sum over the two classes of a row ``[1/2, 1/2]``; no shift where no class reaches
+    1/2): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no term from that class, so ``sᵀ(v − r)``
     keeps the other classes' contributions where ``sᵀv`` would round them away against the
     winner. Every component of the product is then accurate relative to its own terms at any
-    margin, the constant vector maps to exactly 0, and the operator stays positive
-    semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
+    margin, and the operator stays positive semi-definite up to the rounding of its smallest
+    nonzero eigenvalue, in float32 too. The shift costs one reduction over the classes.
 
     ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be
@@ -189,76 +191,21 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.sum(a * b, axis=-1, where=where)
 
 
-def _soft_split(
-    logits: jax.Array, labels: jax.Array, where: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """What the dense-label loss and its gradient share: ``(e, c, m, T, R)``.
-
-    ``e`` the exponentials ``[..., K]`` (``_exponentials``); then, each ``[..., 1]``, the shift
-    ``c``, the label mass ``m``, the total ``T = Σ_k e_k`` and ``R = T − 1``. Both come from two
-    sums weighted by the labels, ``S = Σ_k e_k (m − y_k)`` (for a one-hot label: the other
-    classes' share, to the last bit) and ``Q = Σ_k e_k y_k``: ``T = (S + Q) / m`` and ``R = (S +
-    (Q − m)) / m``, where ``Q − m = −Σ_k y_k (1 − e_k)`` is 0 for a label on the winner. So ``R``
-    is exact for one-hot labels at any margin and accurate relative to the labels' spread
-    otherwise, with no maximum of anything and no scalar constant over ``[..., K]``. A row of
-    zero mass gets ``T = 1`` and ``R = 0`` (its loss and gradient do not depend on them).
-    """
-    exps, peak = _exponentials(logits, where)
-    mass = labels.sum(axis=-1, keepdims=True)
-    others = jnp.sum(exps * (mass - labels), axis=-1, keepdims=True)
-    on_labels = jnp.sum(exps * labels, axis=-1, keepdims=True)
-    nonzero = mass != 0
-    inverse_mass = 1.0 / jnp.where(nonzero, mass, 1.0)
-    total = jnp.where(nonzero, (others + on_labels) * inverse_mass, 1.0)
-    # R ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    rest = jnp.where(nonzero, jnp.maximum((others + (on_labels - mass)) * inverse_mass, 0.0), 0.0)
-    return exps, peak, mass, total, rest
-
-
 @jax.custom_jvp
 def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``Σ_k y_k (c − z_k) + m · log1p(R)`` per row, for labels already zero on masked classes.
 
     This is ``m · logsumexp(z) − yᵀz`` with the shift ``c`` taken out first: the first sum
     (non-negative) cancels exactly for a one-hot label on the winner, so the small remainder
-    ``m · log1p(R)`` survives (``R`` from ``_soft_split``).
+    ``m · log1p(R)`` survives.
     """
-    _, peak, mass, _, rest = _soft_split(logits, labels, where)
+    exps, peak = _exponentials(logits, where)
+    mass = labels.sum(axis=-1)
     # 0 · (−inf) is NaN: a class that carries no label contributes nothing, whatever its logit.
     label_logits = jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
     # Σ y (c − z) ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    shifted = jnp.maximum(mass[..., 0] * peak[..., 0] - label_logits, 0.0)
-    return shifted + mass[..., 0] * jnp.log1p(rest[..., 0])
-
-
-@jax.custom_jvp
-def _soft_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
-    """``m·s − y`` per row, ``[..., K]``: for one-hot labels every component to a few ulps.
-
-    ``m s_k − y_k = (e_k (m − y_k) − y_k (T − e_k)) / T`` with ``T − e_k = R + (1 − e_k)``: two
-    non-negative terms (one of them zero for a one-hot label), the complement never taken from
-    1. Its derivative is the Hessian product (through ``_softmax``'s rule) plus the labels' part.
-    """
-    exps, _, mass, total, rest = _soft_split(logits, labels, where)
-    return (exps * (mass - labels) - labels * (rest + (1.0 - exps))) * (1.0 / total)
-
-
-def _soft_grad_jvp(primals, tangents):
-    logits, labels, where = primals
-    logits_dot, labels_dot, _ = tangents
-    grad = _soft_grad(logits, labels, where)
-    terms = []
-    if not isinstance(logits_dot, SymbolicZero) or not isinstance(labels_dot, SymbolicZero):
-        probs = _softmax(logits, where)
-    if not isinstance(logits_dot, SymbolicZero):
-        mass = labels.sum(axis=-1, keepdims=True)
-        terms.append(mass * hessian_product_from_probs(probs, logits_dot, where))
-    if not isinstance(labels_dot, SymbolicZero):
-        terms.append(labels_dot.sum(axis=-1, keepdims=True) * probs - labels_dot)
-    return grad, sum(terms[1:], start=terms[0]) if terms else jnp.zeros_like(grad)
-
-
-_soft_grad.defjvp(_soft_grad_jvp, symbolic_zeros=True)
+    shifted = jnp.maximum(mass * peak[..., 0] - label_logits, 0.0)
+    return shifted + mass * jnp.log1p(_rest(exps)[..., 0])
 
 
 @_soft_loss.defjvp
@@ -270,7 +217,12 @@ def _soft_loss_jvp(primals, tangents):
     loss = _soft_loss(logits, labels, where)
     terms = []
     if not isinstance(logits_dot, SymbolicZero):
-        terms.append(_dot_rows(_soft_grad(logits, labels, where), logits_dot, where))
+        mass = labels.sum(axis=-1, keepdims=True)
+        probs, complement = _softmax_parts(logits, where)
+        # m s_k − y_k = s_k (m − y_k) − y_k (1 − s_k): two non-negative terms, each exact in
+        # the tails (for a one-hot label one of them is zero).
+        grad = probs * (mass - labels) - labels * complement
+        terms.append(_dot_rows(grad, logits_dot, where))
     if not isinstance(labels_dot, SymbolicZero):
         # ∂L/∂y_k = −log s_k, +inf on a −inf logit: such a class counts as masked (derivative 0)
         # unless it carries label mass, as in the primal. The select acts on the coefficient,
@@ -725,11 +677,10 @@ def softmax_cross_entropy_hvp(
     .. math:: (\operatorname{diag}(s) - s s^\top)\, v = s \odot (v - s^\top v)
 
     in ``O(K)`` per example (a few passes over the classes), for labels of unit mass (multiply
-    by ``m`` for mass ``m``). ``v`` is shifted by its value at the most probable class first, so
+    by ``m`` for mass ``m``). ``v`` is shifted by its value at the dominant class first, so
     each component is accurate to a few ulps of its terms at any margin (see
     ``hessian_product_from_probs``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each
-    example's
-    loss, and is itself differentiable.
+    example's loss, and is itself differentiable.
 
     Args:
         logits: ``[..., K]`` floating point.
