@@ -258,8 +258,8 @@ def test_float32_hessian_and_products_are_psd_at_every_margin(num_classes):
     for margin in MARGINS if num_classes <= 10 else [0.0, 18.0, 60.0]:
         logits = grid_logits(rng, num_classes, margin)
         probs = exact_probs_float64(logits)
-        exact = exact_hessian(logits) if num_classes <= 10 else np.diag(probs) - np.outer(
-            probs, probs
+        exact = (
+            exact_hessian(logits) if num_classes <= 10 else np.diag(probs) - np.outer(probs, probs)
         )
         largest = float(np.linalg.eigvalsh(exact)[-1])
         z = jnp.asarray(logits, jnp.float32)
@@ -344,6 +344,7 @@ def test_where_mask_hides_a_huge_logit(hidden):
         value, grad = jax.jit(jax.value_and_grad(total))(logits)
         np.testing.assert_allclose(value, loss(logits[:, keep], kept).sum(), rtol=1e-6)
         assert np.all(np.isfinite(grad)) and np.all(grad[:, 2] == 0.0)
+
         def first(z, loss=loss, labels=labels):
             return loss(z, labels[0], where=where[0])
 
@@ -408,7 +409,8 @@ def test_empty_batch_with_class_axis_not_last():
     assert xj.softmax_cross_entropy_hvp(logits, logits, axis=0).shape == (3, 0)
 
 
-def test_axis_none_takes_every_axis_as_classes(rng=np.random.default_rng(6)):
+def test_axis_none_takes_every_axis_as_classes():
+    rng = np.random.default_rng(6)
     logits = jnp.asarray(rng.normal(size=(2, 3)))
     labels = jnp.asarray(rng.random(size=(2, 3)))
     ours = xj.softmax_cross_entropy(logits, labels, axis=None)

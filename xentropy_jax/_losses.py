@@ -16,9 +16,10 @@ Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtracti
 the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
 and the Hessian product shifts ``v`` by its value at the dominant class
 (``hessian_product_from_probs``). The integer loss takes ``1 − s_label`` from one sum of the
-other classes' exponentials, so that its value and gradient cost the passes of a plain softmax. Every component of the gradient, Hessian and product then
-keeps a few ulps of its own size at any margin, and the float32 Hessian stays positive
-semi-definite; ``docs/losses.md`` states the guarantee and the tests that check it.
+other classes' exponentials (``_label_split``), so that its value and gradient cost the passes
+of a plain softmax. Every component of the gradient, Hessian and product then keeps a few ulps
+of its own size at any margin, and the float32 Hessian stays positive semi-definite;
+``docs/losses.md`` states the guarantee and the tests that check it.
 
 The public functions move the class axis (or axes) last, promote half precision to float32,
 apply ``where`` masks and label smoothing, and call one of two private cores: ``_soft_loss``
