@@ -14,7 +14,7 @@ rule again therefore lands on a closed form again, to any order, and the reverse
 
 Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
 the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
-and the Hessian product shifts ``v`` by its value at the most probable class
+and the Hessian product shifts ``v`` by its value at the dominant class
 (``hessian_product_from_probs``). The integer loss takes ``1 − s_label`` from one sum of the
 other classes' exponentials (``_label_split``), so that its value and gradient cost the passes
 of a plain softmax. Every component of the gradient, Hessian and product then keeps a few ulps
@@ -145,14 +145,14 @@ def hessian_product_from_probs(
     The one implementation of the closed-form product: the softmax's derivative rule, the public
     HVP, the Gauss-Newton operator and the logistic objective all call it.
 
-    ``v`` is first shifted by its value ``r`` at the most probable class (with ties, their sum
-    divided by ``⌊1 / max s⌋``, at least their count): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with
-    no term from that class, so ``sᵀ(v − r)`` keeps the other classes' contributions where
-    ``sᵀv`` would round them away against the winner. Every component of the product is then
-    accurate relative to its own terms at any margin, the constant vector maps to 0 wherever a
-    class has ``s > 1/2``, and the operator stays positive semi-definite up to the rounding of
-    its smallest nonzero eigenvalue, in float32 too. The shift costs two reductions over the
-    classes (the maximum of ``s`` and ``r``).
+    ``v`` is first shifted by its value ``r`` at the dominant class, the one with ``s ≥ 1/2``
+    (the sum over the two classes of a row ``[1/2, 1/2]``; no shift where no class reaches
+    1/2, as then no term can round the others away): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no
+    term from that class, so ``sᵀ(v − r)`` keeps the other classes' contributions where ``sᵀv``
+    would round them away against the winner. Every component of the product is then accurate
+    relative to its own terms at any margin, the constant vector maps to 0 wherever a class
+    has ``s > 1/2``, and the operator stays positive semi-definite up to the rounding of its
+    smallest nonzero eigenvalue, in float32 too. The shift costs one reduction over the classes.
 
     ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be
@@ -161,16 +161,14 @@ def hessian_product_from_probs(
     if not complete:
         mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
         return probs * (tangents - mean)
-    # The most probable classes are those with s / max s = 1 (a division is exact there, where
-    # s · (1 / max s) may round just below 1). Their values of v are summed and divided by
-    # ⌊1 / max s⌋: 1 when the top class has s > 1/2 (the only case where the shift matters), at
-    # least their count otherwise, so the reference stays within the range of v without a count.
-    # No select and no scalar constant over [..., K]: XLA's CPU backend keeps the softmax, the
-    # marker and the three sums in one fused kernel.
-    top = jnp.maximum(jnp.max(probs, axis=-1, keepdims=True), jnp.finfo(probs.dtype).tiny)
-    is_top = jnp.floor(probs / top)
-    reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
-    centered = tangents - reference / jnp.floor(1.0 / top)
+    # The class with s ≥ 1/2 if there is one (two at exactly 1/2, whose sum then serves):
+    # floor(2s) − floor(s) is 1 there and 0 elsewhere, s = 1 included. Where no class reaches
+    # 1/2 none dominates, the shift is 0 and the plain formula loses nothing. No maximum, no
+    # count and no scalar constant over [..., K]: XLA's CPU backend keeps the softmax, the
+    # marker and both sums in one fused kernel, one reduction more than the plain formula.
+    dominant = jnp.floor(probs + probs) - jnp.floor(probs)
+    reference = jnp.sum(dominant * tangents, axis=-1, keepdims=True, where=where)
+    centered = tangents - reference
     mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
     return probs * (centered - mean)
 
@@ -681,7 +679,7 @@ def softmax_cross_entropy_hvp(
     .. math:: (\operatorname{diag}(s) - s s^\top)\, v = s \odot (v - s^\top v)
 
     in ``O(K)`` per example (a few passes over the classes), for labels of unit mass (multiply
-    by ``m`` for mass ``m``). ``v`` is shifted by its value at the most probable class first, so
+    by ``m`` for mass ``m``). ``v`` is shifted by its value at the dominant class first, so
     each component is accurate to a few ulps of its terms at any margin (see
     ``hessian_product_from_probs``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each
     example's loss, and is itself differentiable.
