@@ -11,12 +11,15 @@ It prints ratios ours / theirs and the floor of a numerically stable ``value_and
 row maximum (one read of the logits) plus ``exp(z − max)`` for every entry written out, each
 timed on its own. On a 2-core CPU the exponential, not memory bandwidth, sets that floor.
 
-Run: ``python benchmarks/bench_losses.py`` (``--quick`` for small shapes).
+Run: ``python benchmarks/bench_losses.py`` (``--quick`` for small shapes). ``--baseline FILE``
+times another version of the losses module (a copy of an earlier ``xentropy_jax/_losses.py``,
+e.g. from ``git show REV:xentropy_jax/_losses.py``) alongside, for before/after ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -39,7 +42,15 @@ def closed_form_hvp(logits, tangents):
     return probs * (tangents - inner) / logits.shape[0]
 
 
-def bench_shape(num_rows: int, num_classes: int, repeats: int) -> None:
+def load_module(path: str):
+    """A losses module from a file (it imports only jax, numpy and the standard library)."""
+    spec = importlib.util.spec_from_file_location("baseline_losses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_shape(num_rows: int, num_classes: int, repeats: int, baseline=None) -> None:
     key_logits, key_labels, key_tangents = jax.random.split(jax.random.key(0), 3)
     logits = 3.0 * jax.random.normal(key_logits, (num_rows, num_classes), jnp.float32)
     labels = jax.random.randint(key_labels, (num_rows,), 0, num_classes)
@@ -84,6 +95,22 @@ def bench_shape(num_rows: int, num_classes: int, repeats: int) -> None:
         "row max (floor, pass 1)": (logits,),
         "exp(z - max) written (floor, pass 2)": (logits, jnp.max(logits, axis=-1)),
     }
+    if baseline is not None:
+        fns["baseline value_and_grad (integer)"] = jax.jit(
+            jax.value_and_grad(mean_of(baseline.softmax_cross_entropy_with_integer_labels))
+        )
+        fns["baseline value_and_grad (one-hot)"] = jax.jit(
+            jax.value_and_grad(mean_of(baseline.softmax_cross_entropy))
+        )
+        fns["baseline jvp(grad) (integer)"] = hvp_of(
+            mean_of(baseline.softmax_cross_entropy_with_integer_labels)
+        )
+        fns["baseline softmax_cross_entropy_hvp"] = jax.jit(
+            lambda z, v: baseline.softmax_cross_entropy_hvp(z, v) / z.shape[0]
+        )
+        for kind in ("value_and_grad (integer)", "value_and_grad (one-hot)", "jvp(grad) (integer)"):
+            args[f"baseline {kind}"] = args[f"ours {kind}"]
+        args["baseline softmax_cross_entropy_hvp"] = args["ours softmax_cross_entropy_hvp"]
     hessian_bytes = num_rows * num_classes * num_classes * 4
     if hessian_bytes <= HESSIAN_BYTES_LIMIT:
         row_loss = optax.softmax_cross_entropy_with_integer_labels
@@ -112,6 +139,16 @@ def bench_shape(num_rows: int, num_classes: int, repeats: int) -> None:
         ("ours softmax_cross_entropy_hvp", "hand-written closed-form hvp"),
         ("ours jvp(grad) (integer)", "optax jvp(grad) (integer)"),
     ]
+    if baseline is not None:
+        pairs += [
+            ("baseline value_and_grad (integer)", "optax value_and_grad (integer)"),
+            ("baseline value_and_grad (one-hot)", "optax value_and_grad (one-hot)"),
+            ("baseline jvp(grad) (integer)", "optax jvp(grad) (integer)"),
+            ("ours value_and_grad (integer)", "baseline value_and_grad (integer)"),
+            ("ours value_and_grad (one-hot)", "baseline value_and_grad (one-hot)"),
+            ("ours jvp(grad) (integer)", "baseline jvp(grad) (integer)"),
+            ("ours softmax_cross_entropy_hvp", "baseline softmax_cross_entropy_hvp"),
+        ]
     if "jax.hessian [N,K,K] then multiply" in times:
         pairs.append(("ours softmax_cross_entropy_hvp", "jax.hessian [N,K,K] then multiply"))
     print("ratios (ours / theirs; below 1 means ours is faster):")
@@ -130,14 +167,16 @@ def bench_shape(num_rows: int, num_classes: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--baseline", help="another losses module file to time alongside")
     options = parser.parse_args()
+    baseline = load_module(options.baseline) if options.baseline else None
     print(machine_info())
     if options.quick:
         shapes, repeats = [(256, 100), (64, 10)], 5
     else:
         shapes, repeats = [(8192, 1000), (65536, 100), (1024, 32000), (512, 10)], 20
     for num_rows, num_classes in shapes:
-        bench_shape(num_rows, num_classes, repeats)
+        bench_shape(num_rows, num_classes, repeats, baseline)
 
 
 if __name__ == "__main__":

@@ -258,8 +258,8 @@ def test_float32_hessian_and_products_are_psd_at_every_margin(num_classes):
     for margin in MARGINS if num_classes <= 10 else [0.0, 18.0, 60.0]:
         logits = grid_logits(rng, num_classes, margin)
         probs = exact_probs_float64(logits)
-        exact = exact_hessian(logits) if num_classes <= 10 else np.diag(probs) - np.outer(
-            probs, probs
+        exact = (
+            exact_hessian(logits) if num_classes <= 10 else np.diag(probs) - np.outer(probs, probs)
         )
         largest = float(np.linalg.eigvalsh(exact)[-1])
         z = jnp.asarray(logits, jnp.float32)
@@ -344,6 +344,7 @@ def test_where_mask_hides_a_huge_logit(hidden):
         value, grad = jax.jit(jax.value_and_grad(total))(logits)
         np.testing.assert_allclose(value, loss(logits[:, keep], kept).sum(), rtol=1e-6)
         assert np.all(np.isfinite(grad)) and np.all(grad[:, 2] == 0.0)
+
         def first(z, loss=loss, labels=labels):
             return loss(z, labels[0], where=where[0])
 
@@ -408,7 +409,8 @@ def test_empty_batch_with_class_axis_not_last():
     assert xj.softmax_cross_entropy_hvp(logits, logits, axis=0).shape == (3, 0)
 
 
-def test_axis_none_takes_every_axis_as_classes(rng=np.random.default_rng(6)):
+def test_axis_none_takes_every_axis_as_classes():
+    rng = np.random.default_rng(6)
     logits = jnp.asarray(rng.normal(size=(2, 3)))
     labels = jnp.asarray(rng.random(size=(2, 3)))
     ours = xj.softmax_cross_entropy(logits, labels, axis=None)
@@ -477,3 +479,66 @@ def test_ggn_diagonal_of_an_empty_batch_is_zero():
     diagonal = xj.ggn_diagonal(linear, weights, empty)
     assert diagonal.shape == weights.shape and np.all(diagonal == 0.0)
     np.testing.assert_array_equal(xj.ggn_vp(linear, weights, empty, weights), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The other places that need 1 − s: the logistic objective's Hessian diagonal and the square-root
+# factor of the loss Hessian behind the exact GGN diagonal.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference_class", [False, True])
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_logistic_hessian_diagonal_in_the_tails(num_classes, reference_class):
+    """One example with x = 1: diag(H) over W is s_k (1 − s_k), each to its own size."""
+    from xentropy_jax import _linear
+
+    rng = np.random.default_rng(20 + num_classes)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    first = int(reference_class)
+    for margin in MARGINS:
+        logits = grid_logits(rng, num_classes, margin)
+        # With a reference class, class 0's logit is 0: shift the row (exact on this grid).
+        logits = logits - logits[0] if reference_class else logits
+        objective = _linear.logistic_objective(
+            np.ones((1, 1), np.float32),
+            np.array([int(np.argmax(logits))]),
+            num_classes,
+            l2=0.0,
+            fit_intercept=False,
+            reference_class=reference_class,
+        )
+        theta = jnp.asarray(logits[first:], jnp.float32)
+        evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+        diagonal = _linear.hessian_diagonal(objective, evaluation)
+        assert diagonal.dtype == jnp.float32
+        probs, complement = exact_softmax(logits)
+        exact = [float(p * q) for p, q in zip(probs, complement, strict=True)][first:]
+        # log_softmax rounds z_k − c − log Σ once: |z_k − max z| ulps, as the shift allows.
+        allowed = 8 + np.abs(logits - logits.max())[first:]
+        floor = float(jnp.finfo(jnp.float32).tiny) / eps
+        assert np.all(ulps(diagonal, exact, jnp.float32, floor=floor) <= allowed), margin
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 10])
+def test_square_root_factor_in_the_tails(num_classes):
+    """Rows √s_k (e_k − s): the diagonal √s_k (1 − s_k) keeps the winner's curvature."""
+    from xentropy_jax._diagonals import _sqrt_factor_rows
+
+    rng = np.random.default_rng(30 + num_classes)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    floor = float(jnp.finfo(jnp.float32).tiny) / eps
+    for margin in MARGINS:
+        logits = grid_logits(rng, num_classes, margin)
+        rows = _sqrt_factor_rows(jnp.asarray(logits, jnp.float32))
+        probs, complement = exact_softmax(logits)
+        exact = np.array(
+            [
+                [
+                    float(mpmath.sqrt(probs[k]) * (complement[k] if k == j else -probs[j]))
+                    for j in range(num_classes)
+                ]
+                for k in range(num_classes)
+            ]
+        )
+        assert np.max(ulps(rows, exact, jnp.float32, floor=floor)) <= 4, margin

@@ -27,9 +27,8 @@ from ._curvature import (
     _logits_shape,
     example_coefficients,
     ggn_operator,
-    loss_probabilities,
 )
-from ._losses import softmax_cross_entropy_with_integer_labels
+from ._losses import _softmax_parts, softmax_cross_entropy_with_integer_labels
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 _PER_EXAMPLE_BUDGET = 2**25
@@ -41,10 +40,17 @@ def _check_num_samples(num_samples: int) -> None:
 
 
 def _sqrt_factor_rows(logits: jax.Array) -> jax.Array:
-    """Rows k of Bᵀ for one example: √sₖ (eₖ − s), so that Σₖ rowₖ rowₖᵀ = diag(s) − ssᵀ. [K, K]."""
-    probs = loss_probabilities(logits)
-    eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
-    return (jnp.sqrt(probs)[:, None] * (eye - probs[None, :])).astype(logits.dtype)
+    """Rows k of Bᵀ for one example: √sₖ (eₖ − s), so that Σₖ rowₖ rowₖᵀ = diag(s) − ssᵀ. [K, K].
+
+    The diagonal √sₖ (1 − sₖ) takes 1 − sₖ from the other classes' exponentials (as the losses
+    do), so the winner of a confident example keeps its curvature at any margin.
+    """
+    probs, complement = _softmax_parts(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None
+    )
+    eye = jnp.eye(logits.shape[-1], dtype=bool)
+    rows = jnp.sqrt(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
+    return rows.astype(logits.dtype)
 
 
 def ggn_diagonal(

@@ -318,10 +318,20 @@ def hessian_vector_product(
 def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
     """diag(H) [P]: Σᵢ ŵᵢ·x_ij²·s_ik(1 − s_ik) + l2 for W, Σᵢ ŵᵢ·s_ik(1 − s_ik) for b.
 
-    Cost: one GEMM with X² (X² is formed on the fly, O(N·d)).
+    1 − s_ik is the other classes' probabilities summed where s_ik > 1/2 (at most one class per
+    row), never 1 − s_ik by subtraction: a confident row keeps its winner's curvature
+    s(1 − s) ≈ Σ_{j≠k} s_ij at any margin, where the subtraction would round it to 0.
+
+    Cost: one GEMM with X² (X² is formed on the fly, O(N·d)); O(N·K) for the complement.
     """
     probs = evaluation.probs
-    variance = objective.weights[:, None] * probs * (1 - probs)
+    all_probs = probs
+    if objective.reference_class:
+        all_probs = jnp.concatenate([jnp.exp(evaluation.log_probs[:, :1]), probs], axis=1)
+    dominant = all_probs > 0.5
+    others = jnp.sum(jnp.where(dominant, 0.0, all_probs), axis=1, keepdims=True)
+    complement = jnp.where(probs > 0.5, others, 1 - probs)
+    variance = objective.weights[:, None] * probs * complement
     diag_weights = squared_features(objective.features).T @ variance + objective.l2
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 

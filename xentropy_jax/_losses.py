@@ -14,10 +14,12 @@ rule again therefore lands on a closed form again, to any order, and the reverse
 
 Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
 the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
-and the Hessian product shifts ``v`` by its value at the most probable class
-(``hessian_product_from_probs``). Every component of the gradient, Hessian and product then
-keeps a few ulps of its own size at any margin, and the float32 Hessian stays positive
-semi-definite; ``docs/losses.md`` states the guarantee and the tests that check it.
+and the Hessian product shifts ``v`` by its value at the dominant class
+(``hessian_product_from_probs``). The integer loss takes ``1 − s_label`` from one sum of the
+other classes' exponentials (``_label_split``), so that its value and gradient cost the passes
+of a plain softmax. Every component of the gradient, Hessian and product then keeps a few ulps
+of its own size at any margin, and the float32 Hessian stays positive semi-definite;
+``docs/losses.md`` states the guarantee and the tests that check it.
 
 The public functions move the class axis (or axes) last, promote half precision to float32,
 apply ``where`` masks and label smoothing, and call one of two private cores: ``_soft_loss``
@@ -66,7 +68,9 @@ def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array
     by many units and overflow the exponential.
     """
     peak = _peak(logits, where)
-    exps = jnp.exp(jnp.minimum(logits - peak, 0.0))
+    # min(z, c) − c rather than min(z − c, 0): no scalar constant over [..., K] (see
+    # `hessian_product_from_probs`), and the same numbers.
+    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
     if where is not None:
         exps = jnp.where(where, exps, 0.0)
     return exps, peak
@@ -141,12 +145,14 @@ def hessian_product_from_probs(
     The one implementation of the closed-form product: the softmax's derivative rule, the public
     HVP, the Gauss-Newton operator and the logistic objective all call it.
 
-    ``v`` is first shifted by its value ``r`` at the most probable class (the mean over tied
-    ones): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no term from that class, so ``sᵀ(v − r)``
-    keeps the other classes' contributions where ``sᵀv`` would round them away against the
-    winner. Every component of the product is then accurate relative to its own terms at any
-    margin, the constant vector maps to exactly 0, and the operator stays positive
-    semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too.
+    ``v`` is first shifted by its value ``r`` at the dominant class, the one with ``s ≥ 1/2``
+    (the sum over the two classes of a row ``[1/2, 1/2]``; no shift where no class reaches
+    1/2, as then no term can round the others away): ``v − sᵀv = (v − r) − sᵀ(v − r)`` with no
+    term from that class, so ``sᵀ(v − r)`` keeps the other classes' contributions where ``sᵀv``
+    would round them away against the winner. Every component of the product is then accurate
+    relative to its own terms at any margin, the constant vector maps to 0 wherever a class
+    has ``s > 1/2``, and the operator stays positive semi-definite up to the rounding of its
+    smallest nonzero eigenvalue, in float32 too. The shift costs one reduction over the classes.
 
     ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be
@@ -155,15 +161,14 @@ def hessian_product_from_probs(
     if not complete:
         mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
         return probs * (tangents - mean)
-    top = jnp.max(probs, axis=-1, keepdims=True)
-    # 1 at the most probable classes (s / max s rounds to within an ulp of 1 there), 0 elsewhere
-    # and on an empty row (whose max is 0: the `maximum` keeps 0 / 0 out). A class within 2⁻¹⁶
-    # of the top may be marked too: then no class dominates and any such reference will do.
-    inverse_top = 1.0 / jnp.maximum(top, jnp.finfo(probs.dtype).tiny)
-    is_top = jnp.floor(probs * inverse_top + 2.0**-16)
-    count = jnp.sum(is_top, axis=-1, keepdims=True)
-    reference = jnp.sum(is_top * tangents, axis=-1, keepdims=True, where=where)
-    centered = tangents - reference / jnp.maximum(count, 1.0)
+    # The class with s ≥ 1/2 if there is one (two at exactly 1/2, whose sum then serves):
+    # floor(2s) − floor(s) is 1 there and 0 elsewhere, s = 1 included. Where no class reaches
+    # 1/2 none dominates, the shift is 0 and the plain formula loses nothing. No maximum, no
+    # count and no scalar constant over [..., K]: XLA's CPU backend keeps the softmax, the
+    # marker and both sums in one fused kernel, one reduction more than the plain formula.
+    dominant = jnp.floor(probs + probs) - jnp.floor(probs)
+    reference = jnp.sum(dominant * tangents, axis=-1, keepdims=True, where=where)
+    centered = tangents - reference
     mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
     return probs * (centered - mean)
 
@@ -252,39 +257,86 @@ def _row_scale(labels: jax.Array, where: jax.Array | None, num_classes: int, dty
     return scale
 
 
+def _label_split(
+    logits: jax.Array, labels: jax.Array, where: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The exponentials split at the label: what the integer loss and its gradient share.
+
+    Returns ``(e', c, z_label, e_label, S)``: ``e'`` the exponentials ``e_k = exp(min(z_k − c,
+    0))`` with the label's class (and masked classes) set to 0, ``[..., K]``; then, each
+    ``[..., 1]``, the shift ``c``, the label's logit and exponential, and ``S = Σ_k e'_k`` the
+    other classes' share. ``S`` is one plain sum, so ``1 − s_label = S / (S + e_label)`` is exact
+    whatever the margin, and so is ``R = S − (1 − e_label)`` when the label is the most
+    probable class (``e_label = 1``); otherwise ``c − z_label`` dominates the loss. No second
+    reduction over the classes is needed, whatever the ties.
+    """
+    num_classes = logits.shape[-1]
+    safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
+    label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
+    peak = _peak(logits, where)
+    others = labels[..., None] != jnp.arange(num_classes)
+    if where is not None:
+        others = others & where
+    exps = jnp.where(others, jnp.exp(jnp.minimum(logits, peak) - peak), 0.0)
+    label_exps = jnp.exp(jnp.minimum(label_logits, peak) - peak)
+    if where is not None:
+        label_exps = jnp.where(jnp.take_along_axis(where, safe_labels, axis=-1), label_exps, 0.0)
+    return exps, peak, label_logits, label_exps, exps.sum(axis=-1, keepdims=True)
+
+
 @jax.custom_jvp
 def _integer_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``(c − z[label]) + log1p(R)`` per row; NaN for a label outside ``[0, K)``.
 
     This is ``logsumexp(z) − z[label]`` with the shift taken out first, so that a label on the
-    winner of a confident row keeps the small loss ``log1p(R)``.
+    winner of a confident row keeps the small loss ``log1p(R)``; ``R`` comes from
+    ``_label_split``.
     """
-    num_classes = logits.shape[-1]
-    safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
-    label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)[..., 0]
-    exps, peak = _exponentials(logits, where)
-    # c − z[label] ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    shifted = jnp.maximum(peak[..., 0] - label_logits, 0.0)
-    loss = shifted + jnp.log1p(_rest(exps)[..., 0])
-    scale = _row_scale(labels, where, num_classes, logits.dtype)
+    _, peak, label_logits, label_exps, others = _label_split(logits, labels, where)
+    # c − z[label] ≥ 0 and R ≥ 0; the `maximum`s only matter under the fused rounding of
+    # `_exponentials`.
+    shifted = jnp.maximum(peak - label_logits, 0.0)
+    rest = jnp.maximum(others + (label_exps - 1.0), 0.0)
+    loss = (shifted + jnp.log1p(rest))[..., 0]
+    scale = _row_scale(labels, where, logits.shape[-1], logits.dtype)
     # Not loss * scale: a label on a masked class may sit on a +inf logit.
     return jnp.where(scale == 0, 0.0, loss * scale)
+
+
+@jax.custom_jvp
+def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
+    """``s − e_label`` per row, ``[..., K]``, every component to a few ulps of its own size.
+
+    ``s_k = e_k / T`` off the label and ``−(1 − s_label) = −S / T`` on it, with ``T = S +
+    e_label`` (``_label_split``): the passes of a plain softmax and nothing more. Its derivative
+    is the Hessian product, through ``_softmax``'s rule, so that higher derivatives stay closed.
+    """
+    exps, _, _, label_exps, others = _label_split(logits, labels, where)
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1])
+    # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row, which
+    # the row scale zeroes: `maximum` keeps it finite without a select.
+    inverse_total = 1.0 / jnp.maximum(others + label_exps, 1.0)
+    return (exps - onehot * others) * inverse_total
+
+
+@_integer_grad.defjvp
+def _integer_grad_jvp(primals, tangents):
+    logits, labels, where = primals
+    logits_dot, _, _ = tangents
+    product = hessian_product_from_probs(_softmax(logits, where), logits_dot, where)
+    return _integer_grad(logits, labels, where), product
 
 
 @_integer_loss.defjvp
 def _integer_loss_jvp(primals, tangents):
     # dL = (s − e_label)ᵀ ż; the one-hot vector is a comparison fused into the product, never an
-    # array, and an out-of-range label turns the row's gradient into NaN like its value. The
-    # label's component is −(1 − s_label), taken from the exact complement.
+    # array, and an out-of-range label turns the row's gradient into NaN like its value. One
+    # factor per row (1, NaN for a bad label, 0 for a masked label) applied by a broadcast
+    # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
     logits, labels, where = primals
     logits_dot, _, _ = tangents
-    num_classes = logits.shape[-1]
-    onehot = labels[..., None] == jnp.arange(num_classes)
-    # One factor per row (1, NaN for a bad label, 0 for a masked label) applied by a broadcast
-    # multiply rather than a select over [..., K], which keeps the product in one fused kernel.
-    scale = _row_scale(labels, where, num_classes, logits.dtype)
-    probs, complement = _softmax_parts(logits, where)
-    grad = jnp.where(onehot, -complement, probs) * scale[..., None]
+    scale = _row_scale(labels, where, logits.shape[-1], logits.dtype)
+    grad = _integer_grad(logits, labels, where) * scale[..., None]
     return _integer_loss(logits, labels, where), _dot_rows(grad, logits_dot, where)
 
 
@@ -627,11 +679,10 @@ def softmax_cross_entropy_hvp(
     .. math:: (\operatorname{diag}(s) - s s^\top)\, v = s \odot (v - s^\top v)
 
     in ``O(K)`` per example (a few passes over the classes), for labels of unit mass (multiply
-    by ``m`` for mass ``m``). ``v`` is shifted by its value at the most probable class first, so
+    by ``m`` for mass ``m``). ``v`` is shifted by its value at the dominant class first, so
     each component is accurate to a few ulps of its terms at any margin (see
     ``hessian_product_from_probs``). Equals ``jax.jvp(jax.grad(loss), (z,), (v,))[1]`` for each
-    example's
-    loss, and is itself differentiable.
+    example's loss, and is itself differentiable.
 
     Args:
         logits: ``[..., K]`` floating point.
