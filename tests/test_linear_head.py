@@ -26,7 +26,7 @@ def make_head(dtype=jnp.float64, seed=0, n=N, d=D, v=V, scale=1.0):
 
 
 def dense_losses(hidden, weight, bias, labels, where=None, label_smoothing=0.0, z_loss=0.0):
-    logits = hidden @ weight + bias
+    logits = hidden @ weight + bias[None, :]
     losses = xj.softmax_cross_entropy_with_integer_labels(
         logits, labels, label_smoothing=label_smoothing
     )
@@ -70,7 +70,8 @@ def test_value_equals_optax_and_keeps_batch_shape():
     fused = xj.linear_softmax_cross_entropy(
         hidden3, weight, labels3, bias=bias, row_chunk_size=5, vocab_chunk_size=6
     )
-    reference = optax.softmax_cross_entropy_with_integer_labels(hidden3 @ weight + bias, labels3)
+    logits3 = hidden3 @ weight + bias[None, None, :]
+    reference = optax.softmax_cross_entropy_with_integer_labels(logits3, labels3)
     assert fused.shape == (3, 4)
     np.testing.assert_allclose(fused, reference, rtol=1e-12)
     smoothed = xj.linear_softmax_cross_entropy(
@@ -78,7 +79,7 @@ def test_value_equals_optax_and_keeps_batch_shape():
     )
     targets = optax.smooth_labels(jax.nn.one_hot(labels3, V), 0.3)
     np.testing.assert_allclose(
-        smoothed, optax.softmax_cross_entropy(hidden3 @ weight + bias, targets), rtol=1e-12
+        smoothed, optax.softmax_cross_entropy(logits3, targets), rtol=1e-12
     )
 
 
