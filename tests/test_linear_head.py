@@ -191,7 +191,7 @@ def test_gradients_equal_optax():
                                                row_chunk_size=4, vocab_chunk_size=10)
 
     def reference(h, w, b):
-        return optax.softmax_cross_entropy_with_integer_labels(h @ w + b, labels).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(h @ w + b[None, :], labels).mean()
 
     grads = jax.grad(fused, argnums=(0, 1, 2))(hidden, weight, bias)
     expected = jax.grad(reference, argnums=(0, 1, 2))(hidden, weight, bias)
@@ -248,7 +248,7 @@ def dense_head_ggn(hidden, weight, bias, labels, tangents, where, z_loss, reduct
         full = [hidden, weight, bias]
         for i, a in zip(variables, args, strict=True):
             full[i] = a
-        return full[0] @ full[1] + full[2]
+        return full[0] @ full[1] + full[2][None, :]
 
     primals = [(hidden, weight, bias)[i] for i in variables]
     logits, logits_dot = jax.jvp(logits_of, primals, [tangents[i] for i in variables])
@@ -302,7 +302,7 @@ def test_ggn_vp_equals_package_ggn_and_hessian_for_the_weights():
     tangents = {"w": jnp.sin(weight), "b": jnp.cos(bias)}
 
     def logits_fn(p, h):
-        return h @ p["w"] + p["b"]
+        return h @ p["w"] + p["b"][None, :]
 
     _, (_, g_w, g_b) = xj.linear_softmax_cross_entropy_ggn_vp(
         hidden, weight, labels, (None, tangents["w"], tangents["b"]), bias=bias,
@@ -403,7 +403,7 @@ def test_float32_equals_dense_float32(reduction):
 
 def dense_head_ggn_any(hidden, weight, bias, labels, hidden_dot, weight_dot):
     def logits_fn(p, _):
-        return p["h"] @ p["w"] + bias
+        return p["h"] @ p["w"] + bias[None, :]
 
     out = xj.ggn_vp(logits_fn, {"h": hidden, "w": weight}, None,
                     {"h": hidden_dot, "w": weight_dot})

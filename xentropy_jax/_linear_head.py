@@ -231,7 +231,7 @@ def _tangent_logits(hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, 
     if weight_dot_c is not None:
         terms.append(_matmul(hidden_r, weight_dot_c, config))
     if bias_dot_c is not None:
-        terms.append(bias_dot_c.astype(config.compute_dtype))
+        terms.append(bias_dot_c.astype(config.compute_dtype)[None, :])
     if not terms:
         return None
     return functools.reduce(jnp.add, terms)
