@@ -45,8 +45,8 @@ def _statsmodels(X, y, **kwargs):
 
 
 def _cov_permutation(num_terms, kf):
-    """Our index (term m, class l) -> statsmodels' class-major index l·d̃ + m."""
-    return np.array([m * kf + l for l in range(kf) for m in range(num_terms)])
+    """Our index (term m, class k) -> statsmodels' class-major index k·d̃ + m."""
+    return np.array([m * kf + k for k in range(kf) for m in range(num_terms)])
 
 
 X4, Y4 = _simulate(0, 300, 3, 4)

@@ -51,8 +51,13 @@ def reduce(losses, where, reduction):
 
 @pytest.mark.parametrize(
     "row_chunk, vocab_chunk, label_smoothing, z_loss",
-    [(r, v, a, z) for (r, v), (a, z) in zip(CHUNKS, [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2),
-                                                      (0.2, 0.3), (0.0, 0.0), (0.3, 0.1)])],
+    [
+        (r, v, a, z)
+        for (r, v), (a, z) in zip(
+            CHUNKS, [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 0.3), (0.0, 0.0), (0.3, 0.1)],
+            strict=True,
+        )
+    ],
 )
 def test_per_token_value_equals_dense(row_chunk, vocab_chunk, label_smoothing, z_loss):
     hidden, weight, bias, labels = make_head()
