@@ -14,12 +14,12 @@ N, D, H, K = 7, 3, 4, 5  # distinct sizes, so an [N, K, K] array is recognisable
 
 
 def mlp(params, inputs):
-    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
-    return hidden @ params["w2"] + params["b2"]
+    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"][None, :])
+    return hidden @ params["w2"] + params["b2"][None, :]
 
 
 def linear(params, inputs):
-    return inputs @ params["w"] + params["b"]
+    return inputs @ params["w"] + params["b"][None, :]
 
 
 def make_problem(model, dtype=jnp.float64, seed=0):

@@ -15,12 +15,12 @@ MASS = np.linspace(0.5, 2.0, N)
 
 
 def mlp(params, inputs):
-    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
-    return hidden @ params["w2"] + params["b2"]
+    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"][None, :])
+    return hidden @ params["w2"] + params["b2"][None, :]
 
 
 def linear(params, inputs):
-    return inputs @ params["w"] + params["b"]
+    return inputs @ params["w"] + params["b"][None, :]
 
 
 def make_problem(model, dtype=jnp.float64):

@@ -45,8 +45,8 @@ def _statsmodels(X, y, **kwargs):
 
 
 def _cov_permutation(num_terms, kf):
-    """Our index (term m, class l) -> statsmodels' class-major index l·d̃ + m."""
-    return np.array([m * kf + l for l in range(kf) for m in range(num_terms)])
+    """Our index (term m, class k) -> statsmodels' class-major index k·d̃ + m."""
+    return np.array([m * kf + k for k in range(kf) for m in range(num_terms)])
 
 
 X4, Y4 = _simulate(0, 300, 3, 4)
@@ -200,7 +200,7 @@ def test_margin_jacobian_against_autodiff():
     def naive(theta):  # AME from the formula dP_k/dx_j = s_k (B_jk - Σ_l B_jl s_l), per row
         coef = jnp.pad(theta[:9].reshape(3, 3), ((0, 0), (1, 0)))
         intercept = jnp.pad(theta[9:], (1, 0))
-        probs = jax.nn.softmax(X @ coef + intercept)
+        probs = jax.nn.softmax(X @ coef + intercept[None, :])
         rows = probs[:, None, :] * (coef[None] - (probs @ coef.T)[:, :, None])
         return jnp.einsum("n,njk->jk", weights, rows) / weights.sum()
 

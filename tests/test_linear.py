@@ -39,7 +39,7 @@ def make_problem(fit_intercept, reference_class, l2=0.3, seed=0):
 
 def naive_loss(weights, intercept, features, labels, sample_weight, l2):
     """The objective straight from its definition, on full (W [d, K], b [K])."""
-    log_probs = jax.nn.log_softmax(features @ weights + intercept, axis=-1)
+    log_probs = jax.nn.log_softmax(features @ weights + intercept[None, :], axis=-1)
     per_row = -log_probs[jnp.arange(labels.shape[0]), labels]
     return jnp.sum(sample_weight * per_row) / jnp.sum(sample_weight) + 0.5 * l2 * jnp.sum(
         weights**2

@@ -26,7 +26,7 @@ def make_head(dtype=jnp.float64, seed=0, n=N, d=D, v=V, scale=1.0):
 
 
 def dense_losses(hidden, weight, bias, labels, where=None, label_smoothing=0.0, z_loss=0.0):
-    logits = hidden @ weight + bias
+    logits = hidden @ weight + bias[None, :]
     losses = xj.softmax_cross_entropy_with_integer_labels(
         logits, labels, label_smoothing=label_smoothing
     )
@@ -51,8 +51,13 @@ def reduce(losses, where, reduction):
 
 @pytest.mark.parametrize(
     "row_chunk, vocab_chunk, label_smoothing, z_loss",
-    [(r, v, a, z) for (r, v), (a, z) in zip(CHUNKS, [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2),
-                                                      (0.2, 0.3), (0.0, 0.0), (0.3, 0.1)])],
+    [
+        (r, v, a, z)
+        for (r, v), (a, z) in zip(
+            CHUNKS, [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 0.3), (0.0, 0.0), (0.3, 0.1)],
+            strict=True,
+        )
+    ],
 )
 def test_per_token_value_equals_dense(row_chunk, vocab_chunk, label_smoothing, z_loss):
     hidden, weight, bias, labels = make_head()
@@ -70,7 +75,8 @@ def test_value_equals_optax_and_keeps_batch_shape():
     fused = xj.linear_softmax_cross_entropy(
         hidden3, weight, labels3, bias=bias, row_chunk_size=5, vocab_chunk_size=6
     )
-    reference = optax.softmax_cross_entropy_with_integer_labels(hidden3 @ weight + bias, labels3)
+    logits3 = hidden3 @ weight + bias[None, None, :]
+    reference = optax.softmax_cross_entropy_with_integer_labels(logits3, labels3)
     assert fused.shape == (3, 4)
     np.testing.assert_allclose(fused, reference, rtol=1e-12)
     smoothed = xj.linear_softmax_cross_entropy(
@@ -78,7 +84,7 @@ def test_value_equals_optax_and_keeps_batch_shape():
     )
     targets = optax.smooth_labels(jax.nn.one_hot(labels3, V), 0.3)
     np.testing.assert_allclose(
-        smoothed, optax.softmax_cross_entropy(hidden3 @ weight + bias, targets), rtol=1e-12
+        smoothed, optax.softmax_cross_entropy(logits3, targets), rtol=1e-12
     )
 
 
@@ -190,7 +196,7 @@ def test_gradients_equal_optax():
                                                row_chunk_size=4, vocab_chunk_size=10)
 
     def reference(h, w, b):
-        return optax.softmax_cross_entropy_with_integer_labels(h @ w + b, labels).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(h @ w + b[None, :], labels).mean()
 
     grads = jax.grad(fused, argnums=(0, 1, 2))(hidden, weight, bias)
     expected = jax.grad(reference, argnums=(0, 1, 2))(hidden, weight, bias)
@@ -247,7 +253,7 @@ def dense_head_ggn(hidden, weight, bias, labels, tangents, where, z_loss, reduct
         full = [hidden, weight, bias]
         for i, a in zip(variables, args, strict=True):
             full[i] = a
-        return full[0] @ full[1] + full[2]
+        return full[0] @ full[1] + full[2][None, :]
 
     primals = [(hidden, weight, bias)[i] for i in variables]
     logits, logits_dot = jax.jvp(logits_of, primals, [tangents[i] for i in variables])
@@ -301,7 +307,7 @@ def test_ggn_vp_equals_package_ggn_and_hessian_for_the_weights():
     tangents = {"w": jnp.sin(weight), "b": jnp.cos(bias)}
 
     def logits_fn(p, h):
-        return h @ p["w"] + p["b"]
+        return h @ p["w"] + p["b"][None, :]
 
     _, (_, g_w, g_b) = xj.linear_softmax_cross_entropy_ggn_vp(
         hidden, weight, labels, (None, tangents["w"], tangents["b"]), bias=bias,
@@ -402,7 +408,7 @@ def test_float32_equals_dense_float32(reduction):
 
 def dense_head_ggn_any(hidden, weight, bias, labels, hidden_dot, weight_dot):
     def logits_fn(p, _):
-        return p["h"] @ p["w"] + bias
+        return p["h"] @ p["w"] + bias[None, :]
 
     out = xj.ggn_vp(logits_fn, {"h": hidden, "w": weight}, None,
                     {"h": hidden_dot, "w": weight_dot})

@@ -15,11 +15,11 @@ from xentropy_jax import CGStatus
 
 
 def mlp(params, inputs):
-    return jnp.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"]
+    return jnp.tanh(inputs @ params["w1"] + params["b1"][None, :]) @ params["w2"]
 
 
 def linear(params, inputs):
-    return inputs @ params["W"] + params["b"]
+    return inputs @ params["W"] + params["b"][None, :]
 
 
 def mlp_problem(dtype=jnp.float64, n=24, d=4, hidden=5, k=3, seed=0):

@@ -60,7 +60,7 @@ def test_multinomial_matches_sklearn(multiclass, solver):
     assert float(result.grad_norm) <= 1e-10
     np.testing.assert_allclose(weights.T, reference.coef_, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(intercept, reference.intercept_, rtol=1e-6, atol=1e-8)
-    probs = jax.nn.softmax(features @ weights + intercept)
+    probs = jax.nn.softmax(features @ weights + intercept[None, :])
     np.testing.assert_allclose(probs, reference.predict_proba(features), atol=1e-9)
 
 
@@ -139,8 +139,8 @@ def test_unpenalised_without_reference_class_reaches_the_same_likelihood(overlap
     np.testing.assert_allclose(jnp.sum(weights, axis=1), 0, atol=1e-12)
     np.testing.assert_allclose(jnp.sum(intercept), 0, atol=1e-12)
     np.testing.assert_allclose(
-        jax.nn.softmax(features @ weights + intercept),
-        jax.nn.softmax(features @ anchored.params[0] + anchored.params[1]),
+        jax.nn.softmax(features @ weights + intercept[None, :]),
+        jax.nn.softmax(features @ anchored.params[0] + anchored.params[1][None, :]),
         atol=1e-9,
     )
 

@@ -126,7 +126,8 @@ def dense_sums(
         evaluation = evaluate(objective, theta, objective.free_logits(theta))
         probs = evaluation.probs  # [n, K−1]
         pair_probs = probs[:, rows] * probs[:, cols]
-        pair_weights = w[:, None] * (diagonal.astype(x.dtype) * probs[:, rows] - pair_probs)
+        on_diagonal = diagonal.astype(x.dtype)[None, :]
+        pair_weights = w[:, None] * (on_diagonal * probs[:, rows] - pair_probs)
         extended = _extended(x, fit_intercept)
         out = {
             "loss": evaluation.loss,

@@ -125,7 +125,7 @@ class LogisticObjective:
         """X·W + b for the free classes, [N, Kf]: one GEMM. Linear in θ."""
         weights, intercept = self.unpack(theta)
         logits = self.features @ weights
-        return logits + intercept if self.fit_intercept else logits
+        return logits + intercept[None, :] if self.fit_intercept else logits
 
     def logits(self, theta: jax.Array) -> jax.Array:
         """All K logits [N, K] (a zero column in front with a reference class)."""

@@ -132,7 +132,7 @@ def _matmul_t(a: jax.Array, b: jax.Array, contract: int, config: _Config) -> jax
 
 
 def _block_logits(hidden_r, weight_c, bias_c, config: _Config) -> jax.Array:
-    return _matmul(hidden_r, weight_c, config) + bias_c.astype(config.compute_dtype)
+    return _matmul(hidden_r, weight_c, config) + bias_c.astype(config.compute_dtype)[None, :]
 
 
 def _column_valid(index: jax.Array, config: _Config) -> jax.Array:
@@ -156,10 +156,11 @@ def _block_gradient(
         probs = _block_probs(logits, lse)
     scale = 1.0 + 2.0 * config.z_loss * lse if config.z_loss else None
     grad = probs if scale is None else scale[:, None] * probs
-    onehot = (labels_r[:, None] == columns).astype(grad.dtype)
+    onehot = (labels_r[:, None] == columns[None, :]).astype(grad.dtype)
     grad = grad - (1.0 - config.label_smoothing) * onehot
     if config.label_smoothing:
-        grad = grad - valid.astype(grad.dtype) * (config.label_smoothing / config.vocab_size)
+        smoothing = config.label_smoothing / config.vocab_size
+        grad = grad - valid.astype(grad.dtype)[None, :] * smoothing
     return grad * row_weight[:, None]
 
 
@@ -232,7 +233,7 @@ def _tangent_logits(hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, 
     if weight_dot_c is not None:
         terms.append(_matmul(hidden_r, weight_dot_c, config))
     if bias_dot_c is not None:
-        terms.append(bias_dot_c.astype(config.compute_dtype))
+        terms.append(bias_dot_c.astype(config.compute_dtype)[None, :])
     if not terms:
         return None
     return functools.reduce(jnp.add, terms)

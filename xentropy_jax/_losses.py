@@ -612,7 +612,9 @@ def softmax_cross_entropy_with_integer_labels(
     if _no_smoothing(label_smoothing):
         return _integer_loss(logits, labels, where).astype(out_dtype)
     num_classes = logits.shape[-1]
-    onehot = (labels[..., None] == jnp.arange(num_classes)).astype(logits.dtype)
+    onehot = (labels[..., None] == jnp.arange(num_classes)[(None,) * labels.ndim]).astype(
+        logits.dtype
+    )
     valid = _label_is_valid(labels, num_classes)[..., None]
     # NaN labels make an out-of-range row's loss and gradient NaN through the formulas; masked
     # classes (a fully masked row included) carry no label.

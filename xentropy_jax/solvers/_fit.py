@@ -438,7 +438,7 @@ def fit_logistic_regression(
         >>> W, b = result.params
         >>> bool(result.converged), W.shape, b.shape
         (True, (1, 3), (3,))
-        >>> residuals = jax.nn.softmax(X @ W + b) - jax.nn.one_hot(y, 3)
+        >>> residuals = jax.nn.softmax(X @ W + b[None, :]) - jax.nn.one_hot(y, 3)
         >>> bool(jnp.allclose(jnp.mean(residuals, axis=0), 0, atol=1e-5))
         True
         >>> bool(jnp.allclose(X.T @ residuals / len(y) + 0.1 * W, 0, atol=1e-5))
