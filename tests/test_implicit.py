@@ -180,7 +180,7 @@ def test_vmap_of_grad_over_l2_under_jit(data):
         weights, intercept = fit_logistic_regression(
             features, labels, NUM_CLASSES, sample_weight=sample_weight, l2=l2, tol=TOL
         ).params
-        log_probs = jax.nn.log_softmax(validation_features @ weights + intercept)
+        log_probs = jax.nn.log_softmax(validation_features @ weights + intercept[None, :])
         return -jnp.mean(jnp.take_along_axis(log_probs, validation_labels[:, None], axis=1))
 
     grid = jnp.array([0.03, 0.1, 0.3])

@@ -274,7 +274,7 @@ def _label_split(
     safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
     label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
     peak = _peak(logits, where)
-    others = labels[..., None] != jnp.arange(num_classes)
+    others = labels[..., None] != jnp.arange(num_classes)[(None,) * labels.ndim]
     if where is not None:
         others = others & where
     exps = jnp.where(others, jnp.exp(jnp.minimum(logits, peak) - peak), 0.0)
@@ -312,7 +312,7 @@ def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
     is the Hessian product, through ``_softmax``'s rule, so that higher derivatives stay closed.
     """
     exps, _, _, label_exps, others = _label_split(logits, labels, where)
-    onehot = labels[..., None] == jnp.arange(logits.shape[-1])
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1])[(None,) * labels.ndim]
     # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row, which
     # the row scale zeroes: `maximum` keeps it finite without a select.
     inverse_total = 1.0 / jnp.maximum(others + label_exps, 1.0)
