@@ -35,8 +35,11 @@ def test_sparse_fit_equals_dense_fit(text, fmt):
     X, y = text
     sparse_model = LogisticRegression(C=10.0, tol=1e-12).fit(X.asformat(fmt), y)
     dense_model = LogisticRegression(C=10.0, tol=1e-12).fit(X.toarray(), y)
-    np.testing.assert_allclose(sparse_model.coef_, dense_model.coef_, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(sparse_model.intercept_, dense_model.intercept_, atol=1e-10)
+    # Both stop at max|g| <= tol = 1e-12; the smallest curvature is the penalty's,
+    # l2 = 1/(C·N) = 1/1200 (empty columns have no other), so the two optima are only
+    # determined to tol/l2 = 1.2e-9 (the preconditioners differ: Kronecker against diagonal).
+    np.testing.assert_allclose(sparse_model.coef_, dense_model.coef_, rtol=0, atol=2e-9)
+    np.testing.assert_allclose(sparse_model.intercept_, dense_model.intercept_, atol=2e-9)
     np.testing.assert_allclose(
         sparse_model.predict_proba(X), dense_model.predict_proba(X.toarray()), atol=1e-12
     )
