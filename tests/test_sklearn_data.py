@@ -61,7 +61,7 @@ def test_float32_data_fit_matches_float64(iris):
     np.testing.assert_allclose(model.coef_, reference.coef_, atol=5e-4)
 
 
-def test_infinite_C_is_the_unpenalised_fit():
+def test_infinite_c_is_the_unpenalised_fit():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
     X = rng.normal(size=(200, 2)) + y[:, None]  # overlapping classes: a finite optimum
@@ -89,7 +89,7 @@ def test_l1_and_elastic_net_name_the_supported_options(iris, params):
         LogisticRegression(**params).fit(X, y)
 
 
-def test_cross_validation_picks_the_best_C_and_refits(iris):
+def test_cross_validation_picks_the_best_c_and_refits(iris):
     X, y = iris
     Cs = [0.01, 1.0, 100.0]
     cv = StratifiedKFold(3, shuffle=True, random_state=0)

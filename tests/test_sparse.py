@@ -45,11 +45,11 @@ def test_sparse_objective_equals_dense(fit_intercept, reference_class):
     evaluations = [
         _linear.evaluate(o, theta, o.free_logits(theta)) for o in (dense, sparse_objective)
     ]
-    for left, right in zip(evaluations[0], evaluations[1]):
+    for left, right in zip(evaluations[0], evaluations[1], strict=True):
         np.testing.assert_allclose(right, left, rtol=1e-12, atol=1e-14)
     products = [
         _linear.hessian_vector_product(o, e, tangent)
-        for o, e in zip((dense, sparse_objective), evaluations)
+        for o, e in zip((dense, sparse_objective), evaluations, strict=True)
     ]
     np.testing.assert_allclose(products[1], products[0], rtol=1e-12, atol=1e-14)
     for function in (_linear.hessian_diagonal, _linear.hessian):
@@ -81,7 +81,7 @@ def test_sparse_fit_equals_dense_fit(solver, kind):
     reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, **settings)
     result = xj.fit_logistic_regression(X, labels, NUM_CLASSES, **settings)
     assert bool(result.converged)
-    for ours, theirs in zip(result.params, reference.params):
+    for ours, theirs in zip(result.params, reference.params, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
 
 
@@ -109,7 +109,7 @@ def test_duplicates_and_explicit_zeros_are_summed():
 def test_stored_entries_are_bucketed_so_nearby_sizes_compile_once():
     sizes = [_sparse_input.bucketed_size(count) for count in range(1000, 1030)]
     assert len(set(sizes)) <= 2 and all(size >= 1000 for size in sizes)
-    assert max(size / count for count, size in zip(range(1000, 1030), sizes)) < 1.07
+    assert max(size / count for count, size in zip(range(1000, 1030), sizes, strict=True)) < 1.07
     assert _sparse_input.bucketed_size(0) == 1
 
 
