@@ -24,17 +24,17 @@ from jax.tree_util import Partial
 
 from ._checks import is_concrete as _is_concrete
 from ._losses import (
-    _softmax,
     hessian_product_from_probs,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
+    softmax_rule,
 )
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], jax.Array]
 
 
-def _logits_shape(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> jax.ShapeDtypeStruct:
+def logits_shape(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> jax.ShapeDtypeStruct:
     out = jax.eval_shape(logits_fn, params, inputs)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2:
         shape = getattr(out, "shape", type(out).__name__)
@@ -44,7 +44,7 @@ def _logits_shape(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> jax.Sh
     return out
 
 
-def _check_params(params: PyTree) -> None:
+def check_params(params: PyTree) -> None:
     for leaf in jax.tree.leaves(params):
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
@@ -87,7 +87,7 @@ def loss_probabilities(logits: jax.Array) -> jax.Array:
 
     Half precision logits give float32 probabilities, as the losses compute in float32.
     """
-    return _softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None)
+    return softmax_rule(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None)
 
 
 def example_coefficients(
@@ -188,8 +188,8 @@ def ggn_operator(
         >>> bool(jnp.allclose(ggn(jnp.ones((2, 3))), 0, atol=1e-6))
         True
     """
-    _check_params(params)
-    shape = _logits_shape(logits_fn, params, inputs)
+    check_params(params)
+    shape = logits_shape(logits_fn, params, inputs)
     coefficients = example_coefficients(shape.shape[0], shape.dtype, sample_weight, label_mass)
     if _is_concrete(damping) and not np.all(np.asarray(damping) >= 0):
         raise ValueError(f"damping must be a non-negative number, got {damping}.")
@@ -246,7 +246,7 @@ def ggn_vp(
         >>> damped.shape
         (2, 3)
     """
-    _check_params(params)
+    check_params(params)
     _check_tangents(params, tangents)
     operator = ggn_operator(
         logits_fn,
@@ -308,7 +308,7 @@ def mean_cross_entropy(
         >>> bool(jnp.isclose(first, xj.softmax_cross_entropy_with_integer_labels(X[0] @ W, 0)))
         True
     """
-    shape = _logits_shape(logits_fn, params, inputs)
+    shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -379,7 +379,7 @@ def hessian_vp(
         >>> bool(jnp.allclose(product, xj.ggn_vp(linear, W, X, V)))
         True
     """
-    _check_params(params)
+    check_params(params)
     _check_tangents(params, tangents)
 
     def gradient(p: PyTree) -> PyTree:

@@ -23,12 +23,12 @@ import numpy as np
 from ._curvature import (
     LogitsFn,
     PyTree,
-    _check_params,
-    _logits_shape,
+    check_params,
     example_coefficients,
     ggn_operator,
+    logits_shape,
 )
-from ._losses import _softmax_parts, softmax_cross_entropy_with_integer_labels
+from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 _PER_EXAMPLE_BUDGET = 2**25
@@ -45,7 +45,7 @@ def _sqrt_factor_rows(logits: jax.Array) -> jax.Array:
     The diagonal √sₖ (1 − sₖ) takes 1 − sₖ from the other classes' exponentials (as the losses
     do), so the winner of a confident example keeps its curvature at any margin.
     """
-    probs, complement = _softmax_parts(
+    probs, complement = softmax_parts(
         logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None
     )
     eye = jnp.eye(logits.shape[-1], dtype=bool)
@@ -105,8 +105,8 @@ def ggn_diagonal(
         >>> bool(jnp.allclose(xj.ggn_diagonal(linear, W, X), exact))
         True
     """
-    _check_params(params)
-    shape = _logits_shape(logits_fn, params, inputs)
+    check_params(params)
+    shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
     leaves = jax.tree.leaves(inputs)
     if not leaves or any(jnp.ndim(x) < 1 or jnp.shape(x)[0] != n for x in leaves):
@@ -282,8 +282,8 @@ def ggn_diagonal_bartlett(
         True
     """
     _check_num_samples(num_samples)
-    _check_params(params)
-    shape = _logits_shape(logits_fn, params, inputs)
+    check_params(params)
+    shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
     root_coefficients = jnp.sqrt(example_coefficients(n, shape.dtype, sample_weight, label_mass))
     logits, model_vjp = jax.vjp(lambda p: logits_fn(p, inputs), params)

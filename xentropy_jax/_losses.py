@@ -13,7 +13,7 @@ rule again therefore lands on a closed form again, to any order, and the reverse
 ``jax.grad`` saves a single ``[..., K]`` residual, the gradient ``m · s − y`` itself.
 
 Accuracy in the tails: the complement ``1 − s_k`` is never formed by subtraction from 1 but from
-the other classes' exponentials (``_softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
+the other classes' exponentials (``softmax_parts``), the gradient is ``s (m − y) − y (1 − s)``
 and the Hessian product shifts ``v`` by its value at the dominant class
 (``hessian_product_from_probs``). The integer loss takes ``1 − s_label`` from one sum of the
 other classes' exponentials (``_label_split``), so that its value and gradient cost the passes
@@ -98,7 +98,7 @@ def _rest(exps: jax.Array) -> jax.Array:
 
 
 @jax.custom_jvp
-def _softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(s, 1 − s)`` over the last axis, each component to a few ulps of its own size.
 
     ``s_k = e_k / (1 + R)`` and ``1 − s_k = (R + (1 − e_k)) / (1 + R)``: the complement is the
@@ -117,20 +117,20 @@ def _softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Arra
     return probs, complement
 
 
-@_softmax_parts.defjvp
+@softmax_parts.defjvp
 def _softmax_parts_jvp(primals, tangents):
     # ṡ = s ⊙ (ż − sᵀż) and (1 − s)˙ = −ṡ, built from the primal output so that one residual (s)
     # is saved and a further derivative goes through this rule again.
     logits, where = primals
     logits_dot, _ = tangents
-    probs, complement = _softmax_parts(logits, where)
+    probs, complement = softmax_parts(logits, where)
     probs_dot = hessian_product_from_probs(probs, logits_dot, where)
     return (probs, complement), (probs_dot, -probs_dot)
 
 
-def _softmax(logits: jax.Array, where: jax.Array | None) -> jax.Array:
+def softmax_rule(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     """Softmax over the last axis; masked classes and empty rows get probability 0."""
-    return _softmax_parts(logits, where)[0]
+    return softmax_parts(logits, where)[0]
 
 
 def hessian_product_from_probs(
@@ -185,7 +185,7 @@ def _logsumexp_jvp(primals, tangents):
     # d logsumexp = sᵀż; R's own formula (a `min` per class) must not be differentiated.
     logits, where = primals
     logits_dot, _ = tangents
-    return _logsumexp(logits, where), _dot_rows(_softmax(logits, where), logits_dot, where)
+    return _logsumexp(logits, where), _dot_rows(softmax_rule(logits, where), logits_dot, where)
 
 
 def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -220,7 +220,7 @@ def _soft_loss_jvp(primals, tangents):
     terms = []
     if not isinstance(logits_dot, SymbolicZero):
         mass = labels.sum(axis=-1, keepdims=True)
-        probs, complement = _softmax_parts(logits, where)
+        probs, complement = softmax_parts(logits, where)
         # m s_k − y_k = s_k (m − y_k) − y_k (1 − s_k): two non-negative terms, each exact in
         # the tails (for a one-hot label one of them is zero).
         grad = probs * (mass - labels) - labels * complement
@@ -309,7 +309,7 @@ def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
 
     ``s_k = e_k / T`` off the label and ``−(1 − s_label) = −S / T`` on it, with ``T = S +
     e_label`` (``_label_split``): the passes of a plain softmax and nothing more. Its derivative
-    is the Hessian product, through ``_softmax``'s rule, so that higher derivatives stay closed.
+    is the Hessian product, through ``softmax_rule``'s rule, so that higher derivatives stay closed.
     """
     exps, _, _, label_exps, others = _label_split(logits, labels, where)
     onehot = labels[..., None] == jnp.arange(logits.shape[-1])[(None,) * labels.ndim]
@@ -323,7 +323,7 @@ def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
 def _integer_grad_jvp(primals, tangents):
     logits, labels, where = primals
     logits_dot, _, _ = tangents
-    product = hessian_product_from_probs(_softmax(logits, where), logits_dot, where)
+    product = hessian_product_from_probs(softmax_rule(logits, where), logits_dot, where)
     return _integer_grad(logits, labels, where), product
 
 
@@ -659,7 +659,7 @@ def softmax_cross_entropy_hessian(
     logits = _check_floating(logits)
     axes = _normalize_axes(axis, logits.ndim)
     where = _prepare_where(where, logits, axes)
-    probs, complement = _softmax_parts(
+    probs, complement = softmax_parts(
         _classes_last(logits, axes).astype(_compute_dtype(logits.dtype)), where
     )
     eye = jnp.eye(probs.shape[-1], dtype=bool)
@@ -713,7 +713,7 @@ def softmax_cross_entropy_hvp(
     axes = _normalize_axes(axis, logits.ndim)
     where = _prepare_where(where, logits, axes)
     dtype = _compute_dtype(logits.dtype, tangents.dtype)
-    probs = _softmax(_classes_last(logits, axes).astype(dtype), where)
+    probs = softmax_rule(_classes_last(logits, axes).astype(dtype), where)
     vectors = _classes_last(tangents, axes).astype(dtype)
     product = hessian_product_from_probs(probs, vectors, where)
     return _classes_back(product, axes, logits.shape).astype(jnp.result_type(tangents, logits))
