@@ -70,3 +70,39 @@ def ratio_table(times: Mapping[str, float], pairs: list[tuple[str, str]]) -> str
 def format_times(times: Mapping[str, float]) -> str:
     """Lines ``name: milliseconds``."""
     return "\n".join(f"  {name:<48s} {1e3 * t:10.3f} ms" for name, t in times.items())
+
+
+def resident_mib() -> float:
+    """Resident set size of this process, in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # pragma: no cover - not Linux
+        return 0.0
+
+
+def peak_growth(function: Callable[[], object]) -> tuple[object, float, float]:
+    """(function(), its wall seconds, the peak growth of the resident set during it, in MiB).
+
+    The resident set is sampled every 5 ms against its size just before the call
+    (ru_maxrss would include peaks from before, such as generating the data).
+    """
+    import threading
+
+    before, peak, done = resident_mib(), [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_mib())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        result = function()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+    return result, seconds, max(peak[0], resident_mib()) - before

@@ -24,16 +24,14 @@ Run ``python benchmarks/bench_data.py`` (about 10 minutes on two cores) or pick 
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
 import jax
 import numpy as np
-from _common import format_times, interleaved_min_times, machine_info
+from _common import format_times, interleaved_min_times, machine_info, peak_growth
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression
 
@@ -214,30 +212,10 @@ def child_sparse_memory():
     import jax.numpy as jnp
 
     jnp.zeros(1).block_until_ready()
-    # The peak of the current resident set while fitting, sampled every 5 ms, against the
-    # resident set just before (ru_maxrss would include the peak of generating the data).
-    page = resource.getpagesize()
-
-    def resident():
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * page
-
-    before, peak, done = resident(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], resident())
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    LogisticRegression(C=1.0, tol=TOL).fit(X64, y)
-    done.set()
-    watcher.join()
-    after = max(peak[0], resident())
+    _, _, growth = peak_growth(lambda: LogisticRegression(C=1.0, tol=TOL).fit(X64, y))
     print(
-        f"  child process: peak resident set grew by {(after - before) / 2**20:.1f} MiB during "
-        f"our first fit (compilation included) = {(after - before) / csr_bytes:.2f}x the CSR "
+        f"  child process: peak resident set grew by {growth:.1f} MiB during "
+        f"our first fit (compilation included) = {growth * 2**20 / csr_bytes:.2f}x the CSR "
         f"({csr_bytes / 2**20:.1f} MiB; target <= 3x; the weights alone, d x K float64, are "
         f"{X.shape[1] * 20 * 8 / 2**20:.1f} MiB)"
     )

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -73,13 +72,9 @@ def child_devices(count: int, n_rows: int, n_features: int, n_classes: int, repe
     return {"devices": count, "hvp_s": min(hvp), "fit_s": min(fits), "n_iter": int(result.n_iter)}
 
 
-def _resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child_streamed(n_rows: int, n_features: int, n_classes: int, chunk_rows: int) -> dict:
     import numpy as np
+    from _common import peak_growth
 
     import xentropy_jax as xj
 
@@ -92,32 +87,15 @@ def child_streamed(n_rows: int, n_features: int, n_classes: int, chunk_rows: int
     y = np.load(folder / "y.npy", mmap_mode="r")
     out = {"file_mib": (folder / "X.npy").stat().st_size / 2**20}
 
-    def measured(fit):
-        before, peak, done = _resident_mib(), [0.0], threading.Event()
-
-        def watch():
-            while not done.is_set():
-                peak[0] = max(peak[0], _resident_mib())
-                time.sleep(0.005)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        start = time.perf_counter()
-        result = fit()
-        seconds = time.perf_counter() - start
-        done.set()
-        watcher.join()
-        return result, seconds, max(peak[0], _resident_mib()) - before
-
     # Each fit once before measuring: compilation and the runtime's buffers are not counted.
     xj.fit_logistic_regression_streamed(X, y, n_classes, l2=1e-4, tol=1e-6, chunk_rows=chunk_rows)
     xj.fit_logistic_regression(np.asarray(X), np.asarray(y), n_classes, l2=1e-4, tol=1e-6)
-    streamed, out["streamed_s"], out["streamed_growth_mib"] = measured(
+    streamed, out["streamed_s"], out["streamed_growth_mib"] = peak_growth(
         lambda: xj.fit_logistic_regression_streamed(
             X, y, n_classes, l2=1e-4, tol=1e-6, chunk_rows=chunk_rows
         )
     )
-    whole, out["in_memory_s"], out["in_memory_growth_mib"] = measured(
+    whole, out["in_memory_s"], out["in_memory_growth_mib"] = peak_growth(
         lambda: xj.fit_logistic_regression(
             np.asarray(X), np.asarray(y), n_classes, l2=1e-4, tol=1e-6
         )
