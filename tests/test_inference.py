@@ -89,13 +89,22 @@ def test_robust_matches_mnlogit(cov_type):
     perm = _cov_permutation(4, 3)
     _close(ours.cov_params[np.ix_(perm, perm)], theirs.cov_params(), atol=1e-12)
     # The CG path computes the same quadratic forms without any P x P matrix.
-    by_cg = xj.logit_inference(FIT4, X4, Y4, cov_type=cov_type, groups=groups, method="cg",
-                               subset="all", marginal_effects=True)
+    by_cg = xj.logit_inference(
+        FIT4,
+        X4,
+        Y4,
+        cov_type=cov_type,
+        groups=groups,
+        method="cg",
+        subset="all",
+        marginal_effects=True,
+    )
     assert by_cg.cov_params is None
     _close(by_cg.bse, ours.bse, rtol=1e-8)
     # Robust marginal effects' errors: J H⁻¹MH⁻¹Jᵀ from one solve per effect.
-    dense = xj.logit_inference(FIT4, X4, Y4, cov_type=cov_type, groups=groups,
-                               marginal_effects=True)
+    dense = xj.logit_inference(
+        FIT4, X4, Y4, cov_type=cov_type, groups=groups, marginal_effects=True
+    )
     assert not np.allclose(dense.margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)
     _close(by_cg.margins.bse, dense.margins.bse, rtol=1e-8)
 
@@ -133,8 +142,9 @@ def test_cg_marginal_effects_subsets():
     dense = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True).margins
     # Flat indices into effects.ravel() [d = 3, K = 4]: (0, 1), (1, 3), (2, 0).
     indices = np.array([1, 7, 8])
-    picked = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0],
-                                margins_subset=indices).margins
+    picked = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0], margins_subset=indices
+    ).margins
     computed = np.zeros(12, bool)
     computed[indices] = True
     _close(picked.bse.ravel()[computed], dense.bse.ravel()[computed], rtol=1e-8)
@@ -144,18 +154,19 @@ def test_cg_marginal_effects_subsets():
     assert "(not computed)" in picked.summary()
     mask = np.zeros((3, 4), bool)
     mask[2] = True
-    by_mask = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0],
-                                 margins_subset=mask).margins
+    by_mask = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0], margins_subset=mask
+    ).margins
     _close(by_mask.bse[2], dense.bse[2], rtol=1e-8)
     assert np.all(np.isnan(by_mask.bse[:2]))
     # Default: every class of the features whose coefficients are asked for (row 1 here:
     # params.ravel() index 4 is feature 1, class 2); an intercept coefficient adds none.
-    default = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg",
-                                 subset=[4, 10]).margins
+    default = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[4, 10]
+    ).margins
     _close(default.bse[1], dense.bse[1], rtol=1e-8)
     assert np.all(np.isnan(default.bse[[0, 2]]))
-    none = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg",
-                              subset=[9]).margins
+    none = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[9]).margins
     assert np.all(np.isnan(none.bse)) and np.all(np.isfinite(none.effects))
 
 
@@ -168,8 +179,9 @@ def test_bad_margins_subset():
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
-            xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset="all",
-                               margins_subset=bad)
+            xj.logit_inference(
+                FIT4, X4, Y4, marginal_effects=True, method="cg", subset="all", margins_subset=bad
+            )
     with pytest.raises(ValueError, match="marginal_effects is False"):
         xj.logit_inference(FIT4, X4, Y4, method="cg", subset="all", margins_subset="all")
 
@@ -198,16 +210,18 @@ def test_margin_sums_array_sizes():
     for selected in (None, jnp.asarray([4, 1], jnp.int32)):
         r = d if selected is None else 2
         jaxpr = jax.make_jaxpr(
-            lambda *a, s=selected: core.margin_sums(*a, s, num_classes=k, fit_intercept=True,
-                                                    chunk=chunk)
+            lambda *a, s=selected: core.margin_sums(
+                *a, s, num_classes=k, fit_intercept=True, chunk=chunk
+            )
         )(*args)
         sizes = _output_sizes(jaxpr.jaxpr)
         padded = -(-n // chunk) * chunk  # the rows, split into whole chunks
         bound = max(chunk * core.margin_width(d, k, True, r), r * k * k * (d + 1), padded * (d + 1))
         assert bound < n * k * num_params / 4
         assert max(sizes) <= bound, (max(sizes), bound)
-        effects, jac = core.margin_sums(*args, selected, num_classes=k, fit_intercept=True,
-                                        chunk=chunk)
+        effects, jac = core.margin_sums(
+            *args, selected, num_classes=k, fit_intercept=True, chunk=chunk
+        )
         assert jac.shape == (r * k, num_params)
 
 
@@ -242,8 +256,7 @@ def test_anes96_real_dataset_matches_mnlogit():
     theirs = _statsmodels(X, y)
     assert theirs.mle_retvals["converged"]
     fit = xj.fit_logistic_regression(X, y, 7, reference_class=True, solver="newton", tol=1e-10)
-    ours = xj.logit_inference(fit, X, y, marginal_effects=True,
-                              term_names=list(data.exog.columns))
+    ours = xj.logit_inference(fit, X, y, marginal_effects=True, term_names=list(data.exog.columns))
     _close(ours.params, theirs.params)
     _close(ours.bse, theirs.bse)
     _close(ours.pvalues, theirs.pvalues)
@@ -319,20 +332,32 @@ def test_margin_jacobian_against_autodiff(d, k):
     _close(jac, expected, rtol=1e-10, atol=1e-14)
     # The rows of selected features only, in the order asked, by either way of summing R.
     for picked in ([2, 0], [2, 0, 1, 2]):
-        _, rows = core.margin_sums(*args, jnp.asarray(picked, jnp.int32), num_classes=k,
-                                   fit_intercept=True, chunk=chunk)
-        _close(rows, expected.reshape(d, k, -1)[np.array(picked)].reshape(-1, num_params),
-               rtol=1e-10, atol=1e-14)
+        _, rows = core.margin_sums(
+            *args, jnp.asarray(picked, jnp.int32), num_classes=k, fit_intercept=True, chunk=chunk
+        )
+        _close(
+            rows,
+            expected.reshape(d, k, -1)[np.array(picked)].reshape(-1, num_params),
+            rtol=1e-10,
+            atol=1e-14,
+        )
 
 
 def test_chunked_sums_and_compile_once():
     theta = jnp.asarray(xj.logit_inference(FIT4, X4, Y4).params.ravel())
-    args = (jnp.asarray(X4), jnp.asarray(Y4, jnp.int32), jnp.ones(300), jnp.zeros(300, jnp.int32),
-            theta)
-    small = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
-                            num_groups=1, chunk=64)
-    whole = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
-                            num_groups=1, chunk=512)
+    args = (
+        jnp.asarray(X4),
+        jnp.asarray(Y4, jnp.int32),
+        jnp.ones(300),
+        jnp.zeros(300, jnp.int32),
+        theta,
+    )
+    small = core.dense_sums(
+        *args, num_classes=4, fit_intercept=True, cov_type="HC0", num_groups=1, chunk=64
+    )
+    whole = core.dense_sums(
+        *args, num_classes=4, fit_intercept=True, cov_type="HC0", num_groups=1, chunk=512
+    )
     for key in whole:
         _close(small[key], whole[key], rtol=1e-11, atol=1e-11)
     before = core.dense_sums._cache_size()
@@ -343,13 +368,16 @@ def test_chunked_sums_and_compile_once():
 
 def test_float32():
     with jax.enable_x64(False):
-        fit = xj.fit_logistic_regression(X4.astype(np.float32), Y4, 4, reference_class=True,
-                                         solver="newton", tol=1e-6)
+        fit = xj.fit_logistic_regression(
+            X4.astype(np.float32), Y4, 4, reference_class=True, solver="newton", tol=1e-6
+        )
         ours = xj.logit_inference(fit, X4.astype(np.float32), Y4, marginal_effects=True)
-        by_cg = xj.logit_inference(fit, X4.astype(np.float32), Y4, method="cg", subset="all",
-                                   cov_type="HC0")
-        cg_margins = xj.logit_inference(fit, X4.astype(np.float32), Y4, method="cg",
-                                        subset="all", marginal_effects=True).margins
+        by_cg = xj.logit_inference(
+            fit, X4.astype(np.float32), Y4, method="cg", subset="all", cov_type="HC0"
+        )
+        cg_margins = xj.logit_inference(
+            fit, X4.astype(np.float32), Y4, method="cg", subset="all", marginal_effects=True
+        ).margins
     assert fit.params[0].dtype == jnp.float32
     _close(ours.bse, SM4.bse, rtol=1e-3)
     _close(ours.margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)

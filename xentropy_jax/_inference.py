@@ -108,8 +108,11 @@ def _table_frame(columns: dict[str, np.ndarray], index: list[tuple[str, str]]):
     try:
         import pandas as pd
     except ImportError:
-        return {"class": np.array([i[0] for i in index]), "term": np.array([i[1] for i in index]),
-                **columns}
+        return {
+            "class": np.array([i[0] for i in index]),
+            "term": np.array([i[1] for i in index]),
+            **columns,
+        }
     return pd.DataFrame(columns, index=pd.MultiIndex.from_tuples(index, names=["class", "term"]))
 
 
@@ -172,8 +175,7 @@ class MarginalEffects:
         index = [(c, t) for c in self.class_names for t in self.term_names]
         columns = {
             name: getattr(self, name).T.ravel()
-            for name in ("effects", "bse", "zvalues", "pvalues", "conf_int_lower",
-                         "conf_int_upper")
+            for name in ("effects", "bse", "zvalues", "pvalues", "conf_int_lower", "conf_int_upper")
         }
         return _table_frame(columns, index)
 
@@ -182,8 +184,15 @@ class MarginalEffects:
         blocks = []
         for k, name in enumerate(self.class_names):
             rows = [
-                (t, self.effects[j, k], self.bse[j, k], self.zvalues[j, k], self.pvalues[j, k],
-                 self.conf_int_lower[j, k], self.conf_int_upper[j, k])
+                (
+                    t,
+                    self.effects[j, k],
+                    self.bse[j, k],
+                    self.zvalues[j, k],
+                    self.pvalues[j, k],
+                    self.conf_int_lower[j, k],
+                    self.conf_int_upper[j, k],
+                )
                 for j, t in enumerate(self.term_names)
             ]
             blocks.append((name, rows))
@@ -290,14 +299,23 @@ class LogitInference:
             (f"Observations: {self.nobs:g}", f"Log-likelihood: {self.llf:.6g}"),
             (f"Parameters: {self.num_params}", f"Null log-likelihood: {self.llnull:.6g}"),
             (f"Converged: {self.converged}", f"Pseudo R-squ. (McFadden): {self.prsquared:.4f}"),
-            (f"Covariance: {self.cov_type} ({self.method})",
-             f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}"),
+            (
+                f"Covariance: {self.cov_type} ({self.method})",
+                f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}",
+            ),
         ]
         blocks = []
         for col, name in enumerate(self.class_names[1:]):
             rows = [
-                (t, self.params[m, col], self.bse[m, col], self.zvalues[m, col],
-                 self.pvalues[m, col], self.conf_int_lower[m, col], self.conf_int_upper[m, col])
+                (
+                    t,
+                    self.params[m, col],
+                    self.bse[m, col],
+                    self.zvalues[m, col],
+                    self.pvalues[m, col],
+                    self.conf_int_lower[m, col],
+                    self.conf_int_upper[m, col],
+                )
                 for m, t in enumerate(self.term_names)
             ]
             blocks.append((str(name), rows))
@@ -532,16 +550,18 @@ def logit_inference(
     if len(term_names) != d:
         raise ValueError(f"term_names must have {d} entries, got {len(term_names)}")
     term_names = term_names + (("intercept",) if fit_intercept else ())
-    class_names = tuple(str(c) for c in (range(num_classes) if class_names is None
-                                         else class_names))
+    class_names = tuple(
+        str(c) for c in (range(num_classes) if class_names is None else class_names)
+    )
     if len(class_names) != num_classes:
         raise ValueError(f"class_names must have {num_classes} entries")
     effect_mask = None
     if margins_subset is not None:
         if not marginal_effects:
             raise ValueError("margins_subset is given but marginal_effects is False")
-        effect_mask = _subset_mask(margins_subset, (d, num_classes), "margins_subset",
-                                   "the marginal effects", "[d, K]")
+        effect_mask = _subset_mask(
+            margins_subset, (d, num_classes), "margins_subset", "the marginal effects", "[d, K]"
+        )
 
     features = jnp.asarray(X)
     if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
@@ -574,8 +594,15 @@ def logit_inference(
     margin_parts = None
     if method == "dense":
         sums = core.dense_sums(
-            features, labels_j, weights_j, groups_j, theta, cov_type=cov_type,
-            num_groups=num_groups, chunk=chunk_rows(width, itemsize=itemsize), **static,
+            features,
+            labels_j,
+            weights_j,
+            groups_j,
+            theta,
+            cov_type=cov_type,
+            num_groups=num_groups,
+            chunk=chunk_rows(width, itemsize=itemsize),
+            **static,
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
         llf = -float(sums["loss"])
@@ -592,8 +619,9 @@ def logit_inference(
             raise InferenceError(
                 "the Hessian of the log-likelihood is singular, so the estimates have no "
                 "standard errors: "
-                + _diagnose_singular(np.asarray(features), row_weights, fit_intercept,
-                                     term_names, eps)
+                + _diagnose_singular(
+                    np.asarray(features), row_weights, fit_intercept, term_names, eps
+                )
             )
         if pivot < 1e4 * eps * num_params:
             warnings.warn(
@@ -633,19 +661,25 @@ def logit_inference(
             # The Jacobian rows of the requested effects only (a placeholder feature when none).
             chosen = selected if selected.size else np.zeros(1, int)
             effects, jac = core.margin_sums(
-                *margin_args, jnp.asarray(chosen, jnp.int32),
-                chunk=chunk_rows(core.margin_width(d, num_classes, bool(fit_intercept),
-                                                   chosen.size), itemsize=itemsize),
+                *margin_args,
+                jnp.asarray(chosen, jnp.int32),
+                chunk=chunk_rows(
+                    core.margin_width(d, num_classes, bool(fit_intercept), chosen.size),
+                    itemsize=itemsize,
+                ),
                 **static,
             )
             place = np.searchsorted(selected, effects_wanted // num_classes)
-            margin_rows = np.asarray(jac, float)[place * num_classes
-                                                 + effects_wanted % num_classes]
+            margin_rows = np.asarray(jac, float)[place * num_classes + effects_wanted % num_classes]
             effects = np.asarray(effects, float)
         directions = np.zeros((len(margin_rows) + 1, num_params))
         directions[:-1] = margin_rows
         llf, grad, mass, saturated = core.value_grad_mass(
-            features, labels_j, weights_j, theta, chunk=chunk_rows(num_params, itemsize=itemsize),
+            features,
+            labels_j,
+            weights_j,
+            theta,
+            chunk=chunk_rows(num_params, itemsize=itemsize),
             **static,
         )
         llf, mass, grad = -float(llf), np.asarray(mass, float), np.asarray(grad, float)
@@ -653,10 +687,20 @@ def logit_inference(
         rtol = (1e-10 if dtype == jnp.float64 else 1e-5) if cg_rtol is None else float(cg_rtol)
         max_steps = max(num_params, 100) if cg_max_steps is None else int(cg_max_steps)
         results = core.cg_variances(
-            features, labels_j, weights_j, groups_j, theta, jnp.asarray(wanted, jnp.int32),
-            jnp.asarray(directions, dtype), jnp.asarray(rtol, dtype), cov_type=cov_type, num_groups=num_groups,
-            max_steps=max_steps, preconditioner="kronecker" if d <= 4000 else "diagonal",
-            batch=8, **static,
+            features,
+            labels_j,
+            weights_j,
+            groups_j,
+            theta,
+            jnp.asarray(wanted, jnp.int32),
+            jnp.asarray(directions, dtype),
+            jnp.asarray(rtol, dtype),
+            cov_type=cov_type,
+            num_groups=num_groups,
+            max_steps=max_steps,
+            preconditioner="kronecker" if d <= 4000 else "diagonal",
+            batch=8,
+            **static,
         )
         model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
         if cov_type == "cluster":
@@ -672,8 +716,9 @@ def logit_inference(
                 stacklevel=2,
             )
         split = wanted.size
-        variances, steps, relative = _scatter(wanted, num_params, values[:split],
-                                              n_steps[:split], achieved[:split])
+        variances, steps, relative = _scatter(
+            wanted, num_params, values[:split], n_steps[:split], achieved[:split]
+        )
         cov_params = None
         steps, relative = steps.reshape(num_terms, kf), relative.reshape(num_terms, kf)
         if not np.all(np.isfinite(values[:-1])) or np.any(variances[wanted] <= 0):
@@ -684,9 +729,13 @@ def logit_inference(
         if marginal_effects:
             margin_parts = (effects,) + tuple(
                 part.reshape(d, num_classes)
-                for part in _scatter(effects_wanted, d * num_classes,
-                                     np.maximum(values[split:-1], 0), n_steps[split:-1],
-                                     achieved[split:-1])
+                for part in _scatter(
+                    effects_wanted,
+                    d * num_classes,
+                    np.maximum(values[split:-1], 0),
+                    n_steps[split:-1],
+                    achieved[split:-1],
+                )
             )
 
     if int(saturated) > 0:
@@ -715,12 +764,21 @@ def logit_inference(
     llnull = float(np.sum(mass[mass > 0] * np.log(freq[mass > 0])))
     margins = None
     if marginal_effects and margin_parts is None:
-        margins = _dense_margins(margin_args, static, cov_params, alpha, term_names[:d],
-                                 class_names)
+        margins = _dense_margins(
+            margin_args, static, cov_params, alpha, term_names[:d], class_names
+        )
     elif marginal_effects:
         effects, margin_variances, margin_steps, margin_relative = margin_parts
-        margins = _margin_table(effects, np.sqrt(margin_variances), None, alpha,
-                                term_names[:d], class_names, margin_steps, margin_relative)
+        margins = _margin_table(
+            effects,
+            np.sqrt(margin_variances),
+            None,
+            alpha,
+            term_names[:d],
+            class_names,
+            margin_steps,
+            margin_relative,
+        )
     return LogitInference(
         params=params,
         bse=bse,
@@ -762,7 +820,8 @@ def _dense_margins(margin_args, static, cov, alpha, names, class_names):
     d = features.shape[1]
     width = core.margin_width(d, static["num_classes"], static["fit_intercept"], d)
     effects, jac = core.margin_sums(
-        *margin_args, chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize),
+        *margin_args,
+        chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize),
         **static,
     )
     effects, jac = np.asarray(effects, float), np.asarray(jac, float)

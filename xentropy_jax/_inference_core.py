@@ -78,8 +78,11 @@ def pair_width(num_features: int, num_classes: int, fit_intercept: bool) -> int:
 def margin_width(num_features: int, num_classes: int, fit_intercept: bool, selected: int) -> int:
     """Widest per-row array of `margin_sums` with `selected` features' Jacobian, in elements."""
     pairs = num_classes * (num_classes + 1) // 2
-    return max(pairs * min(num_classes, selected), num_features * num_classes,
-               num_features + int(fit_intercept))
+    return max(
+        pairs * min(num_classes, selected),
+        num_features * num_classes,
+        num_features + int(fit_intercept),
+    )
 
 
 def _hessian_from_blocks(blocks, num_free):
@@ -221,8 +224,9 @@ def margin_sums(
         pair_weights = weighted_probs[:, rows] * probs[:, cols]  # ŵ sₖ sₗ, k <= l
         out = {
             # Σᵢ ŵᵢ sᵢₖ (Bⱼₖ − β̄ᵢⱼ), differences formed row by row (no cancellation of sums).
-            "effects": jnp.einsum("nk,njk->jk", weighted_probs,
-                                  coef[None, :, :] - mean_coef[:, :, None]),
+            "effects": jnp.einsum(
+                "nk,njk->jk", weighted_probs, coef[None, :, :] - mean_coef[:, :, None]
+            ),
             "first": weighted_probs.T @ extended,  # M [K, d̃]
             "pair_terms": pair_weights.T @ extended,  # Q [pairs, d̃]
             "mass": jnp.sum(weighted_probs, axis=0),
