@@ -282,6 +282,11 @@ def test_estimator_on_iris_matches_functional_and_statsmodels():
     _close(ours.params, theirs.params, rtol=1e-6)
     _close(ours.bse, theirs.bse, rtol=1e-6)
     _close(ours.margins.bse, theirs.get_margeff().margeff_se, rtol=1e-6)
+    by_cg = clf.inference(
+        X, y, marginal_effects=True, method="cg", subset="all", margins_subset=[2]
+    ).margins
+    _close(by_cg.bse[0, 2], ours.margins.bse[0, 2], rtol=1e-8)
+    assert np.all(np.isnan(by_cg.bse[0, :2]))
     # The documented map to coef_: params[j, k-1] = coef_[k, j] - coef_[0, j].
     _close(ours.params[:1], (clf.coef_[1:] - clf.coef_[:1]).T, rtol=1e-12)
     with pytest.warns(xj.InferenceWarning, match="separation"):
