@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 import xentropy_jax as xj
 from xentropy_jax import _inference_core as core
@@ -88,10 +89,24 @@ def test_robust_matches_mnlogit(cov_type):
     perm = _cov_permutation(4, 3)
     _close(ours.cov_params[np.ix_(perm, perm)], theirs.cov_params(), atol=1e-12)
     # The CG path computes the same quadratic forms without any P x P matrix.
-    by_cg = xj.logit_inference(FIT4, X4, Y4, cov_type=cov_type, groups=groups, method="cg",
-                               subset="all")
+    by_cg = xj.logit_inference(
+        FIT4,
+        X4,
+        Y4,
+        cov_type=cov_type,
+        groups=groups,
+        method="cg",
+        subset="all",
+        marginal_effects=True,
+    )
     assert by_cg.cov_params is None
     _close(by_cg.bse, ours.bse, rtol=1e-8)
+    # Robust marginal effects' errors: J H⁻¹MH⁻¹Jᵀ from one solve per effect.
+    dense = xj.logit_inference(
+        FIT4, X4, Y4, cov_type=cov_type, groups=groups, marginal_effects=True
+    )
+    assert not np.allclose(dense.margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)
+    _close(by_cg.margins.bse, dense.margins.bse, rtol=1e-8)
 
 
 def test_cg_subset_matches_dense():
@@ -105,6 +120,109 @@ def test_cg_subset_matches_dense():
     assert np.all(by_cg.cg_relative_residual.ravel()[computed] <= 1e-10)
     assert "(not computed)" in by_cg.summary()
     _close(by_cg.llf, dense.llf, rtol=1e-12)
+
+
+def test_cg_marginal_effects_match_dense_and_statsmodels():
+    dense = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True)
+    by_cg = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset="all")
+    margins = by_cg.margins
+    assert margins.cov is None and dense.margins.cov is not None
+    _close(margins.effects, dense.margins.effects, rtol=1e-12)
+    _close(margins.bse, dense.margins.bse, rtol=1e-8)
+    _close(margins.pvalues, dense.margins.pvalues, rtol=1e-6)
+    theirs = SM4.get_margeff()
+    _close(margins.effects, theirs.margeff)
+    _close(margins.bse, theirs.margeff_se)
+    assert margins.cg_steps.shape == (3, 4) and np.all(margins.cg_steps > 0)
+    assert np.all(margins.cg_relative_residual <= 1e-10)
+    assert dense.margins.cg_steps is None
+
+
+def test_cg_marginal_effects_subsets():
+    dense = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True).margins
+    # Flat indices into effects.ravel() [d = 3, K = 4]: (0, 1), (1, 3), (2, 0).
+    indices = np.array([1, 7, 8])
+    picked = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0], margins_subset=indices
+    ).margins
+    computed = np.zeros(12, bool)
+    computed[indices] = True
+    _close(picked.bse.ravel()[computed], dense.bse.ravel()[computed], rtol=1e-8)
+    assert np.all(np.isnan(picked.bse.ravel()[~computed]))
+    assert np.all(picked.cg_steps.ravel()[~computed] == -1)
+    _close(picked.effects, dense.effects, rtol=1e-12)  # the effects are always all computed
+    assert "(not computed)" in picked.summary()
+    mask = np.zeros((3, 4), bool)
+    mask[2] = True
+    by_mask = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[0], margins_subset=mask
+    ).margins
+    _close(by_mask.bse[2], dense.bse[2], rtol=1e-8)
+    assert np.all(np.isnan(by_mask.bse[:2]))
+    # Default: every class of the features whose coefficients are asked for (row 1 here:
+    # params.ravel() index 4 is feature 1, class 2); an intercept coefficient adds none.
+    default = xj.logit_inference(
+        FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[4, 10]
+    ).margins
+    _close(default.bse[1], dense.bse[1], rtol=1e-8)
+    assert np.all(np.isnan(default.bse[[0, 2]]))
+    none = xj.logit_inference(FIT4, X4, Y4, marginal_effects=True, method="cg", subset=[9]).margins
+    assert np.all(np.isnan(none.bse)) and np.all(np.isfinite(none.effects))
+
+
+def test_bad_margins_subset():
+    cases = [
+        ("some", "margins_subset must be 'all'"),
+        (np.ones((3, 3), bool), r"boolean margins_subset must have the shape .* \(3, 4\)"),
+        (np.array([0, 12]), r"margins_subset indices must lie in \[0, 12\)"),
+        (np.array([0.5]), "flat indices into the marginal effects"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            xj.logit_inference(
+                FIT4, X4, Y4, marginal_effects=True, method="cg", subset="all", margins_subset=bad
+            )
+    with pytest.raises(ValueError, match="marginal_effects is False"):
+        xj.logit_inference(FIT4, X4, Y4, method="cg", subset="all", margins_subset="all")
+
+
+def _output_sizes(jaxpr) -> list[int]:
+    """Element counts of every value a jaxpr computes, nested jaxprs (scan bodies) included."""
+    sizes = []
+    for eqn in jaxpr.eqns:
+        sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    sizes.extend(_output_sizes(sub.jaxpr))
+                elif isinstance(sub, Jaxpr):
+                    sizes.extend(_output_sizes(sub))
+    return sizes
+
+
+def test_margin_sums_array_sizes():
+    """No intermediate of margin_sums (scan body included) is near N x K x P."""
+    n, d, k, chunk = 1000, 6, 5, 64
+    X, y = _simulate(5, n, d, k)
+    theta = jnp.asarray(np.random.default_rng(6).normal(size=(d + 1) * (k - 1)) * 0.1)
+    args = (jnp.asarray(X), jnp.asarray(y, jnp.int32), jnp.ones(n), theta)
+    num_params = (d + 1) * (k - 1)
+    for selected in (None, jnp.asarray([4, 1], jnp.int32)):
+        r = d if selected is None else 2
+        jaxpr = jax.make_jaxpr(
+            lambda *a, s=selected: core.margin_sums(
+                *a, s, num_classes=k, fit_intercept=True, chunk=chunk
+            )
+        )(*args)
+        sizes = _output_sizes(jaxpr.jaxpr)
+        padded = -(-n // chunk) * chunk  # the rows, split into whole chunks
+        bound = max(chunk * core.margin_width(d, k, True, r), r * k * k * (d + 1), padded * (d + 1))
+        assert bound < n * k * num_params / 4
+        assert max(sizes) <= bound, (max(sizes), bound)
+        effects, jac = core.margin_sums(
+            *args, selected, num_classes=k, fit_intercept=True, chunk=chunk
+        )
+        assert jac.shape == (r * k, num_params)
 
 
 def test_binary_matches_logit():
@@ -138,8 +256,7 @@ def test_anes96_real_dataset_matches_mnlogit():
     theirs = _statsmodels(X, y)
     assert theirs.mle_retvals["converged"]
     fit = xj.fit_logistic_regression(X, y, 7, reference_class=True, solver="newton", tol=1e-10)
-    ours = xj.logit_inference(fit, X, y, marginal_effects=True,
-                              term_names=list(data.exog.columns))
+    ours = xj.logit_inference(fit, X, y, marginal_effects=True, term_names=list(data.exog.columns))
     _close(ours.params, theirs.params)
     _close(ours.bse, theirs.bse)
     _close(ours.pvalues, theirs.pvalues)
@@ -165,6 +282,11 @@ def test_estimator_on_iris_matches_functional_and_statsmodels():
     _close(ours.params, theirs.params, rtol=1e-6)
     _close(ours.bse, theirs.bse, rtol=1e-6)
     _close(ours.margins.bse, theirs.get_margeff().margeff_se, rtol=1e-6)
+    by_cg = clf.inference(
+        X, y, marginal_effects=True, method="cg", subset="all", margins_subset=[2]
+    ).margins
+    _close(by_cg.bse[0, 2], ours.margins.bse[0, 2], rtol=1e-8)
+    assert np.all(np.isnan(by_cg.bse[0, :2]))
     # The documented map to coef_: params[j, k-1] = coef_[k, j] - coef_[0, j].
     _close(ours.params[:1], (clf.coef_[1:] - clf.coef_[:1]).T, rtol=1e-12)
     with pytest.warns(xj.InferenceWarning, match="separation"):
@@ -190,35 +312,57 @@ def test_symmetric_fit_and_frequency_weights():
     assert weighted.nobs == counts.sum()
 
 
-def test_margin_jacobian_against_autodiff():
-    X, y = _simulate(3, 60, 3, 4)
-    fit = _fit(X, y, 4)
+@pytest.mark.parametrize("d, k", [(3, 4), (5, 3)])
+def test_margin_jacobian_against_autodiff(d, k):
+    """Both ways of summing R: directly (r < K features) and from the third moment T."""
+    X, y = _simulate(3, 60, d, k)
+    fit = _fit(X, y, k)
     weights = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2, size=60))
     W, b = fit.params
     theta = jnp.concatenate([(W - W[:, :1])[:, 1:].ravel(), (b - b[0])[1:]])
+    num_params = (d + 1) * (k - 1)
 
     def naive(theta):  # AME from the formula dP_k/dx_j = s_k (B_jk - Σ_l B_jl s_l), per row
-        coef = jnp.pad(theta[:9].reshape(3, 3), ((0, 0), (1, 0)))
-        intercept = jnp.pad(theta[9:], (1, 0))
+        coef = jnp.pad(theta[: d * (k - 1)].reshape(d, k - 1), ((0, 0), (1, 0)))
+        intercept = jnp.pad(theta[d * (k - 1) :], (1, 0))
         probs = jax.nn.softmax(X @ coef + intercept[None, :])
         rows = probs[:, None, :] * (coef[None] - (probs @ coef.T)[:, :, None])
         return jnp.einsum("n,njk->jk", weights, rows) / weights.sum()
 
-    for chunk in (7,):  # full chunks through the scan, then a ragged last chunk
-        effects, jac = core.margin_sums(jnp.asarray(X), jnp.asarray(y), weights, theta,
-                                        num_classes=4, fit_intercept=True, chunk=chunk)
-        _close(effects, naive(theta), rtol=1e-12, atol=1e-15)
-        _close(jac, jax.jacfwd(naive)(theta).reshape(12, 12), rtol=1e-10, atol=1e-14)
+    expected = jax.jacfwd(naive)(theta).reshape(d * k, num_params)
+    args = (jnp.asarray(X), jnp.asarray(y), weights, theta)
+    chunk = 7  # full chunks through the scan, then a ragged last chunk
+    effects, jac = core.margin_sums(*args, num_classes=k, fit_intercept=True, chunk=chunk)
+    _close(effects, naive(theta), rtol=1e-12, atol=1e-15)
+    _close(jac, expected, rtol=1e-10, atol=1e-14)
+    # The rows of selected features only, in the order asked, by either way of summing R.
+    for picked in ([2, 0], [2, 0, 1, 2]):
+        _, rows = core.margin_sums(
+            *args, jnp.asarray(picked, jnp.int32), num_classes=k, fit_intercept=True, chunk=chunk
+        )
+        _close(
+            rows,
+            expected.reshape(d, k, -1)[np.array(picked)].reshape(-1, num_params),
+            rtol=1e-10,
+            atol=1e-14,
+        )
 
 
 def test_chunked_sums_and_compile_once():
     theta = jnp.asarray(xj.logit_inference(FIT4, X4, Y4).params.ravel())
-    args = (jnp.asarray(X4), jnp.asarray(Y4, jnp.int32), jnp.ones(300), jnp.zeros(300, jnp.int32),
-            theta)
-    small = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
-                            num_groups=1, chunk=64)
-    whole = core.dense_sums(*args, num_classes=4, fit_intercept=True, cov_type="HC0",
-                            num_groups=1, chunk=512)
+    args = (
+        jnp.asarray(X4),
+        jnp.asarray(Y4, jnp.int32),
+        jnp.ones(300),
+        jnp.zeros(300, jnp.int32),
+        theta,
+    )
+    small = core.dense_sums(
+        *args, num_classes=4, fit_intercept=True, cov_type="HC0", num_groups=1, chunk=64
+    )
+    whole = core.dense_sums(
+        *args, num_classes=4, fit_intercept=True, cov_type="HC0", num_groups=1, chunk=512
+    )
     for key in whole:
         _close(small[key], whole[key], rtol=1e-11, atol=1e-11)
     before = core.dense_sums._cache_size()
@@ -229,14 +373,22 @@ def test_chunked_sums_and_compile_once():
 
 def test_float32():
     with jax.enable_x64(False):
-        fit = xj.fit_logistic_regression(X4.astype(np.float32), Y4, 4, reference_class=True,
-                                         solver="newton", tol=1e-6)
+        fit = xj.fit_logistic_regression(
+            X4.astype(np.float32), Y4, 4, reference_class=True, solver="newton", tol=1e-6
+        )
         ours = xj.logit_inference(fit, X4.astype(np.float32), Y4, marginal_effects=True)
-        by_cg = xj.logit_inference(fit, X4.astype(np.float32), Y4, method="cg", subset="all",
-                                   cov_type="HC0")
+        by_cg = xj.logit_inference(
+            fit, X4.astype(np.float32), Y4, method="cg", subset="all", cov_type="HC0"
+        )
+        cg_margins = xj.logit_inference(
+            fit, X4.astype(np.float32), Y4, method="cg", subset="all", marginal_effects=True
+        ).margins
     assert fit.params[0].dtype == jnp.float32
     _close(ours.bse, SM4.bse, rtol=1e-3)
     _close(ours.margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)
+    _close(cg_margins.effects, SM4.get_margeff().margeff, rtol=1e-3, atol=1e-6)
+    _close(cg_margins.bse, SM4.get_margeff().margeff_se, rtol=1e-3)
+    assert np.all(cg_margins.cg_relative_residual <= 1e-5)
     _close(by_cg.bse, _statsmodels(X4, Y4, cov_type="HC0").bse, rtol=1e-3)
 
 
@@ -263,8 +415,6 @@ def test_refusals_and_warnings():
         xj.logit_inference((coef, FIT4.params[1]), collinear, Y4)
     with pytest.raises(xj.InferenceError, match="subset"):
         xj.logit_inference(FIT4, X4, Y4, method="cg")
-    with pytest.raises(xj.InferenceError, match="dense"):
-        xj.logit_inference(FIT4, X4, Y4, method="cg", subset="all", marginal_effects=True)
     with pytest.raises(ValueError, match="cov_type"):
         xj.logit_inference(FIT4, X4, Y4, cov_type="HC3")
     with pytest.raises(ValueError, match="groups"):

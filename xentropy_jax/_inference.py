@@ -108,8 +108,11 @@ def _table_frame(columns: dict[str, np.ndarray], index: list[tuple[str, str]]):
     try:
         import pandas as pd
     except ImportError:
-        return {"class": np.array([i[0] for i in index]), "term": np.array([i[1] for i in index]),
-                **columns}
+        return {
+            "class": np.array([i[0] for i in index]),
+            "term": np.array([i[1] for i in index]),
+            **columns,
+        }
     return pd.DataFrame(columns, index=pd.MultiIndex.from_tuples(index, names=["class", "term"]))
 
 
@@ -144,11 +147,14 @@ class MarginalEffects:
 
     Attributes:
         effects: [d, K] AMEⱼₖ = Σᵢ ŵᵢ sᵢₖ (Bⱼₖ − Σₗ Bⱼₗ sᵢₗ) for every class k (they sum to 0).
-        bse: [d, K] standard errors √diag(J C Jᵀ), J = ∂AME/∂θ [d·K, P] in closed form.
+        bse: [d, K] standard errors √diag(J C Jᵀ), J = ∂AME/∂θ [d·K, P] in closed form (C the
+            covariance of the chosen `cov_type`); with CG, NaN where not requested.
         zvalues, pvalues, conf_int_lower, conf_int_upper: [d, K].
-        cov: [d·K, d·K] covariance of `effects.ravel()`.
+        cov: [d·K, d·K] covariance of `effects.ravel()`, or None with `method="cg"`.
         alpha: level of the intervals.
         term_names, class_names: labels.
+        cg_steps, cg_relative_residual: [d, K] per effect, the CG steps and achieved relative
+            residual of its solve H·a = J_(j,k)ᵀ (CG only; −1 / NaN where not computed).
     """
 
     effects: np.ndarray
@@ -157,18 +163,19 @@ class MarginalEffects:
     pvalues: np.ndarray
     conf_int_lower: np.ndarray
     conf_int_upper: np.ndarray
-    cov: np.ndarray
+    cov: np.ndarray | None
     alpha: float
     term_names: tuple[str, ...]
     class_names: tuple[str, ...]
+    cg_steps: np.ndarray | None = None
+    cg_relative_residual: np.ndarray | None = None
 
     def to_frame(self):
         """The table as a pandas DataFrame indexed by (class, term), or a dict of arrays."""
         index = [(c, t) for c in self.class_names for t in self.term_names]
         columns = {
             name: getattr(self, name).T.ravel()
-            for name in ("effects", "bse", "zvalues", "pvalues", "conf_int_lower",
-                         "conf_int_upper")
+            for name in ("effects", "bse", "zvalues", "pvalues", "conf_int_lower", "conf_int_upper")
         }
         return _table_frame(columns, index)
 
@@ -177,8 +184,15 @@ class MarginalEffects:
         blocks = []
         for k, name in enumerate(self.class_names):
             rows = [
-                (t, self.effects[j, k], self.bse[j, k], self.zvalues[j, k], self.pvalues[j, k],
-                 self.conf_int_lower[j, k], self.conf_int_upper[j, k])
+                (
+                    t,
+                    self.effects[j, k],
+                    self.bse[j, k],
+                    self.zvalues[j, k],
+                    self.pvalues[j, k],
+                    self.conf_int_lower[j, k],
+                    self.conf_int_upper[j, k],
+                )
                 for j, t in enumerate(self.term_names)
             ]
             blocks.append((name, rows))
@@ -285,14 +299,23 @@ class LogitInference:
             (f"Observations: {self.nobs:g}", f"Log-likelihood: {self.llf:.6g}"),
             (f"Parameters: {self.num_params}", f"Null log-likelihood: {self.llnull:.6g}"),
             (f"Converged: {self.converged}", f"Pseudo R-squ. (McFadden): {self.prsquared:.4f}"),
-            (f"Covariance: {self.cov_type} ({self.method})",
-             f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}"),
+            (
+                f"Covariance: {self.cov_type} ({self.method})",
+                f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}",
+            ),
         ]
         blocks = []
         for col, name in enumerate(self.class_names[1:]):
             rows = [
-                (t, self.params[m, col], self.bse[m, col], self.zvalues[m, col],
-                 self.pvalues[m, col], self.conf_int_lower[m, col], self.conf_int_upper[m, col])
+                (
+                    t,
+                    self.params[m, col],
+                    self.bse[m, col],
+                    self.zvalues[m, col],
+                    self.pvalues[m, col],
+                    self.conf_int_lower[m, col],
+                    self.conf_int_upper[m, col],
+                )
                 for m, t in enumerate(self.term_names)
             ]
             blocks.append((str(name), rows))
@@ -346,23 +369,26 @@ def _validate(weights, intercept, X, labels, sample_weight, groups):
         raise ValueError(f"groups must have shape ({n},), got {np.shape(groups)}")
 
 
-def _subset_mask(subset, shape) -> np.ndarray:
+def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]") -> np.ndarray:
+    """Boolean mask of `shape` from "all", a boolean mask of that shape or flat indices."""
     if isinstance(subset, str):
         if subset != "all":
             raise ValueError(
-                f"subset must be 'all', a boolean mask or flat indices, got {subset!r}"
+                f"{name} must be 'all', a boolean mask or flat indices, got {subset!r}"
             )
         return np.ones(shape, bool)
     values = np.asarray(subset)
     if values.dtype == bool:
         if values.shape != shape:
-            raise ValueError(f"a boolean subset must have the shape of params {shape}")
+            raise ValueError(f"a boolean {name} must have the shape of {of} {shape}")
         return values
     if not np.issubdtype(values.dtype, np.integer) or values.ndim != 1:
-        raise ValueError("subset must be 'all', a boolean mask [d̃, K−1] or flat indices")
+        raise ValueError(
+            f"{name} must be 'all', a boolean mask {dims} or flat indices into {of}.ravel()"
+        )
     size = int(np.prod(shape))
     if values.size and (values.min() < -size or values.max() >= size):
-        raise ValueError(f"subset indices must lie in [0, {size})")
+        raise ValueError(f"{name} indices must lie in [0, {size})")
     mask = np.zeros(size, bool)
     mask[values] = True
     return mask.reshape(shape)
@@ -406,6 +432,7 @@ def logit_inference(
     marginal_effects: bool = False,
     method: str = "auto",
     subset: str | ArrayLike | None = None,
+    margins_subset: str | ArrayLike | None = None,
     cg_rtol: float | None = None,
     cg_max_steps: int | None = None,
     term_names: Sequence[str] | None = None,
@@ -428,8 +455,10 @@ def logit_inference(
         cov_type: "nonrobust" (H⁻¹), "HC0" (sandwich H⁻¹MH⁻¹) or "cluster" (needs `groups`).
         groups: [N] cluster labels (any hashable values) for `cov_type="cluster"`.
         alpha: the intervals have level 1 − alpha.
-        marginal_effects: also compute average marginal effects with delta-method errors
-            (needs `method="dense"`).
+        marginal_effects: also compute average marginal effects with delta-method errors.
+            The effects themselves cost one O(N·d·K) pass; their errors need the Jacobian
+            J = ∂AME/∂θ (O(N·r·d̃·K²/2) flops for r features) and, with CG, one solve
+            H·a = J_(j,k)ᵀ per requested effect (see `margins_subset`).
         method: "dense" (Hessian [P, P] in row chunks, Cholesky; O(N·P² + P³) time,
             O(P² + chunk·P) memory), "cg" (preconditioned CG per requested coefficient, about
             (CG steps + 1)·2 GEMMs over X each, no P × P matrix) or "auto" (dense while
@@ -437,6 +466,12 @@ def logit_inference(
         subset: with CG, which coefficients get standard errors: "all", a boolean mask
             [d̃, K−1] or flat indices into `params.ravel()`; required with CG (the cost is
             per coefficient). With "dense", every coefficient is computed anyway.
+        margins_subset: with CG and `marginal_effects`, which effects get standard errors:
+            "all", a boolean mask [d, K] or flat indices into `margins.effects.ravel()`
+            (feature-major). Default: every class of each feature that has a coefficient in
+            `subset` (so `subset="all"` gives d·K solves, about as many as the P coefficients).
+            The Jacobian is formed only for the features involved. With "dense", every effect
+            is computed anyway.
         cg_rtol: relative residual of each CG solve (default 1e-10 in float64, 1e-5 in
             float32). The variance vᵀH⁻¹v is then exact to about rtol·κ(M⁻¹H) relative.
         cg_max_steps: most CG iterations per coefficient (default max(P, 100)).
@@ -452,7 +487,7 @@ def logit_inference(
     Raises:
         InferenceError: a penalised fit (`l2 > 0`), a fit stopped by separation (status
             DIVERGED), estimates not at the maximum (`check_optimum`), a singular Hessian
-            (collinear columns or separation; the message says which), marginal effects with CG.
+            (collinear columns or separation; the message says which).
         ValueError, TypeError: bad shapes, values or options.
 
     Warns:
@@ -506,11 +541,6 @@ def logit_inference(
     num_params = num_terms * kf
     if method == "auto":
         method = "dense" if num_params <= DENSE_MAX_PARAMS else "cg"
-    if marginal_effects and method != "dense":
-        raise InferenceError(
-            "marginal effects' standard errors need the dense covariance (method='dense'); "
-            f"with {num_params} parameters that is a {num_params} x {num_params} matrix"
-        )
     if method == "cg" and subset is None:
         raise InferenceError(
             f"with {num_params} parameters the standard errors come from one CG solve per "
@@ -520,10 +550,18 @@ def logit_inference(
     if len(term_names) != d:
         raise ValueError(f"term_names must have {d} entries, got {len(term_names)}")
     term_names = term_names + (("intercept",) if fit_intercept else ())
-    class_names = tuple(str(c) for c in (range(num_classes) if class_names is None
-                                         else class_names))
+    class_names = tuple(
+        str(c) for c in (range(num_classes) if class_names is None else class_names)
+    )
     if len(class_names) != num_classes:
         raise ValueError(f"class_names must have {num_classes} entries")
+    effect_mask = None
+    if margins_subset is not None:
+        if not marginal_effects:
+            raise ValueError("margins_subset is given but marginal_effects is False")
+        effect_mask = _subset_mask(
+            margins_subset, (d, num_classes), "margins_subset", "the marginal effects", "[d, K]"
+        )
 
     features = jnp.asarray(X)
     if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
@@ -552,10 +590,19 @@ def logit_inference(
     static = dict(num_classes=num_classes, fit_intercept=bool(fit_intercept))
     width = max(num_params, core.pair_width(d, num_classes, bool(fit_intercept)))
     itemsize = jnp.dtype(dtype).itemsize
+    margin_args = (features, labels_j, weights_j, theta)
+    margin_parts = None
     if method == "dense":
         sums = core.dense_sums(
-            features, labels_j, weights_j, groups_j, theta, cov_type=cov_type,
-            num_groups=num_groups, chunk=chunk_rows(width, itemsize=itemsize), **static,
+            features,
+            labels_j,
+            weights_j,
+            groups_j,
+            theta,
+            cov_type=cov_type,
+            num_groups=num_groups,
+            chunk=chunk_rows(width, itemsize=itemsize),
+            **static,
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
         llf = -float(sums["loss"])
@@ -572,8 +619,9 @@ def logit_inference(
             raise InferenceError(
                 "the Hessian of the log-likelihood is singular, so the estimates have no "
                 "standard errors: "
-                + _diagnose_singular(np.asarray(features), row_weights, fit_intercept,
-                                     term_names, eps)
+                + _diagnose_singular(
+                    np.asarray(features), row_weights, fit_intercept, term_names, eps
+                )
             )
         if pivot < 1e4 * eps * num_params:
             warnings.warn(
@@ -603,10 +651,35 @@ def logit_inference(
     else:
         mask = _subset_mask(subset, (num_terms, kf))
         wanted = np.flatnonzero(mask.reshape(-1))
-        directions = np.zeros((wanted.size + 1, num_params))
-        directions[np.arange(wanted.size), wanted] = 1.0
+        margin_rows = np.zeros((0, num_params))
+        if marginal_effects:
+            if effect_mask is None:  # every class of the features with a coefficient asked for
+                effect_mask = np.zeros((d, num_classes), bool)
+                effect_mask[mask[:d].any(axis=1)] = True
+            effects_wanted = np.flatnonzero(effect_mask.reshape(-1))
+            selected = np.unique(effects_wanted // num_classes)
+            # The Jacobian rows of the requested effects only (a placeholder feature when none).
+            chosen = selected if selected.size else np.zeros(1, int)
+            effects, jac = core.margin_sums(
+                *margin_args,
+                jnp.asarray(chosen, jnp.int32),
+                chunk=chunk_rows(
+                    core.margin_width(d, num_classes, bool(fit_intercept), chosen.size),
+                    itemsize=itemsize,
+                ),
+                **static,
+            )
+            place = np.searchsorted(selected, effects_wanted // num_classes)
+            margin_rows = np.asarray(jac, float)[place * num_classes + effects_wanted % num_classes]
+            effects = np.asarray(effects, float)
+        directions = np.zeros((len(margin_rows) + 1, num_params))
+        directions[:-1] = margin_rows
         llf, grad, mass, saturated = core.value_grad_mass(
-            features, labels_j, weights_j, theta, chunk=chunk_rows(num_params, itemsize=itemsize),
+            features,
+            labels_j,
+            weights_j,
+            theta,
+            chunk=chunk_rows(num_params, itemsize=itemsize),
             **static,
         )
         llf, mass, grad = -float(llf), np.asarray(mass, float), np.asarray(grad, float)
@@ -614,35 +687,55 @@ def logit_inference(
         rtol = (1e-10 if dtype == jnp.float64 else 1e-5) if cg_rtol is None else float(cg_rtol)
         max_steps = max(num_params, 100) if cg_max_steps is None else int(cg_max_steps)
         results = core.cg_variances(
-            features, labels_j, weights_j, groups_j, theta, jnp.asarray(directions, dtype),
-            jnp.asarray(rtol, dtype), cov_type=cov_type, num_groups=num_groups,
-            max_steps=max_steps, preconditioner="kronecker" if d <= 4000 else "diagonal",
-            batch=8, **static,
+            features,
+            labels_j,
+            weights_j,
+            groups_j,
+            theta,
+            jnp.asarray(wanted, jnp.int32),
+            jnp.asarray(directions, dtype),
+            jnp.asarray(rtol, dtype),
+            cov_type=cov_type,
+            num_groups=num_groups,
+            max_steps=max_steps,
+            preconditioner="kronecker" if d <= 4000 else "diagonal",
+            batch=8,
+            **static,
         )
         model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
         if cov_type == "cluster":
             values *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
         # The distance to the optimum is the model-based quadratic form gᵀH⁻¹g.
         decrement = float(model[-1])
-        variances = np.full(num_params, np.nan)
-        variances[wanted] = values[:-1]
-        steps = np.full(num_params, -1)
-        steps[wanted] = n_steps[:-1]
-        relative = np.full(num_params, np.nan)
-        relative[wanted] = achieved[:-1]
         if np.any(achieved[:-1] > max(rtol, 1e3 * eps)):
             warnings.warn(
                 f"CG reached a relative residual of only {achieved[:-1].max():.2e} for some "
-                f"coefficients within {max_steps} steps (asked {rtol:.0e}); raise cg_max_steps",
+                f"coefficients or marginal effects within {max_steps} steps (asked "
+                f"{rtol:.0e}); raise cg_max_steps",
                 InferenceWarning,
                 stacklevel=2,
             )
+        split = wanted.size
+        variances, steps, relative = _scatter(
+            wanted, num_params, values[:split], n_steps[:split], achieved[:split]
+        )
         cov_params = None
         steps, relative = steps.reshape(num_terms, kf), relative.reshape(num_terms, kf)
-        if np.any(~np.isfinite(variances[wanted])) or np.any(variances[wanted] <= 0):
+        if not np.all(np.isfinite(values[:-1])) or np.any(variances[wanted] <= 0):
             raise InferenceError(
                 "CG gave non-positive or non-finite variances: the Hessian is (nearly) singular "
                 "(collinear columns or separable data)"
+            )
+        if marginal_effects:
+            margin_parts = (effects,) + tuple(
+                part.reshape(d, num_classes)
+                for part in _scatter(
+                    effects_wanted,
+                    d * num_classes,
+                    np.maximum(values[split:-1], 0),
+                    n_steps[split:-1],
+                    achieved[split:-1],
+                )
             )
 
     if int(saturated) > 0:
@@ -670,9 +763,22 @@ def logit_inference(
     freq = mass / mass.sum()
     llnull = float(np.sum(mass[mass > 0] * np.log(freq[mass > 0])))
     margins = None
-    if marginal_effects:
-        margins = _margins(features, labels_j, weights_j, theta, static, cov_params, alpha,
-                           term_names[:d], class_names, num_params)
+    if marginal_effects and margin_parts is None:
+        margins = _dense_margins(
+            margin_args, static, cov_params, alpha, term_names[:d], class_names
+        )
+    elif marginal_effects:
+        effects, margin_variances, margin_steps, margin_relative = margin_parts
+        margins = _margin_table(
+            effects,
+            np.sqrt(margin_variances),
+            None,
+            alpha,
+            term_names[:d],
+            class_names,
+            margin_steps,
+            margin_relative,
+        )
     return LogitInference(
         params=params,
         bse=bse,
@@ -700,16 +806,32 @@ def logit_inference(
     )
 
 
-def _margins(features, labels, weights, theta, static, cov, alpha, names, class_names, num_params):
-    width = core.pair_width(features.shape[1], static["num_classes"], static["fit_intercept"])
+def _scatter(indices, size, values, steps, relative):
+    """Full-length (variances, CG steps, residuals): NaN / −1 where not computed."""
+    full_values, full_steps = np.full(size, np.nan), np.full(size, -1)
+    full_relative = np.full(size, np.nan)
+    full_values[indices], full_steps[indices], full_relative[indices] = values, steps, relative
+    return full_values, full_steps, full_relative
+
+
+def _dense_margins(margin_args, static, cov, alpha, names, class_names):
+    """Effects and their delta-method covariance J C Jᵀ from the dense covariance C."""
+    features = margin_args[0]
+    d = features.shape[1]
+    width = core.margin_width(d, static["num_classes"], static["fit_intercept"], d)
     effects, jac = core.margin_sums(
-        features, labels, weights, theta,
-        chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize), **static,
+        *margin_args,
+        chunk=chunk_rows(width, itemsize=jnp.dtype(features.dtype).itemsize),
+        **static,
     )
     effects, jac = np.asarray(effects, float), np.asarray(jac, float)
     margin_cov = jac @ cov @ jac.T
     margin_cov = 0.5 * (margin_cov + margin_cov.T)
     bse = np.sqrt(np.maximum(np.diag(margin_cov), 0)).reshape(effects.shape)
+    return _margin_table(effects, bse, margin_cov, alpha, names, class_names)
+
+
+def _margin_table(effects, bse, cov, alpha, names, class_names, steps=None, relative=None):
     zvalues = effects / bse
     half = _normal_quantile(alpha) * bse
     return MarginalEffects(
@@ -719,8 +841,10 @@ def _margins(features, labels, weights, theta, static, cov, alpha, names, class_
         pvalues=_two_sided_p(zvalues),
         conf_int_lower=effects - half,
         conf_int_upper=effects + half,
-        cov=margin_cov,
+        cov=cov,
         alpha=float(alpha),
         term_names=tuple(names),
         class_names=tuple(class_names),
+        cg_steps=steps,
+        cg_relative_residual=relative,
     )

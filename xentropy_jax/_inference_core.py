@@ -69,10 +69,20 @@ def _pair_gram(pair_weights, left, right):
 
 
 def pair_width(num_features: int, num_classes: int, fit_intercept: bool) -> int:
-    """Widest per-row array of `dense_sums`/`margin_sums`, in elements, to size row chunks."""
+    """Widest per-row array of `dense_sums`, in elements, to size row chunks."""
     num_terms = num_features + int(fit_intercept)
     pairs = num_classes * (num_classes + 1) // 2
     return max(pairs * num_terms, num_terms * (num_classes - 1), num_features * num_classes)
+
+
+def margin_width(num_features: int, num_classes: int, fit_intercept: bool, selected: int) -> int:
+    """Widest per-row array of `margin_sums` with `selected` features' Jacobian, in elements."""
+    pairs = num_classes * (num_classes + 1) // 2
+    return max(
+        pairs * min(num_classes, selected),
+        num_features * num_classes,
+        num_features + int(fit_intercept),
+    )
 
 
 def _hessian_from_blocks(blocks, num_free):
@@ -166,8 +176,13 @@ def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_interc
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
-def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept, chunk):
-    """Average marginal effects dP(y=k)/dx_j [d, K] and their Jacobian in θ [d·K, P].
+def margin_sums(
+    features, labels, weights, theta, selected=None, *, num_classes, fit_intercept, chunk
+):
+    """Average marginal effects dP(y=k)/dx_j [d, K] and their Jacobian in θ [r·K, P].
+
+    `selected` [r] (default all d features) picks the features j whose rows of the Jacobian
+    are formed, in that order; the effects [d, K] are always all computed.
 
     With B the full coefficients [d, K] (class 0's column zero), sᵢ the probabilities,
     β̄ᵢ = B·sᵢ [d] and Dᵢⱼₖ = Bⱼₖ − β̄ᵢⱼ, the effect is AMEⱼₖ = Σᵢ ŵᵢ sᵢₖ Dᵢⱼₖ and, for the
@@ -175,17 +190,30 @@ def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept,
 
         ∂AMEⱼₖ/∂θₘₗ = Σᵢ ŵᵢ [δₖₗ sᵢₖ Dᵢⱼₖ x̃ᵢₘ − sᵢₖ sᵢₗ x̃ᵢₘ (Dᵢⱼₖ + Dᵢⱼₗ)
                            + δⱼₘ (δₖₗ sᵢₖ − sᵢₖ sᵢₗ)]
-                    = δₖₗ Aⱼₖₘ − (Bⱼₖ + Bⱼₗ) Qₖₗₘ + 2 Rⱼₖₗₘ + δⱼₘ (δₖₗ mₖ − Sₖₗ),
+                    = δₖₗ Aⱼₖₘ − (Bⱼₖ + Bⱼₗ) Qₖₗₘ + 2 Rⱼₖₗₘ + δⱼₘ (δₖₗ mₖ − Sₖₗ).
 
-    with A = Σᵢ ŵᵢ sᵢₖ Dᵢⱼₖ x̃ᵢₘ, Q = Σᵢ ŵᵢ sᵢₖ sᵢₗ x̃ᵢₘ, R = Σᵢ ŵᵢ sᵢₖ sᵢₗ β̄ᵢⱼ x̃ᵢₘ (symmetric
-    in k, l: only k <= l is summed), m = Σᵢ ŵᵢ sᵢ, S = Σᵢ ŵᵢ sᵢsᵢᵀ. Each is a GEMM over row
-    chunks, O(N·d·K) per pass and O(N·d·d̃·K²/2) flops in all, never an [N, K, P] array.
+    Everything is a contraction of B with moments of the probabilities against x̃:
+    Mₖₘ = Σᵢ ŵᵢ sᵢₖ x̃ᵢₘ, Qₖₗₘ = Σᵢ ŵᵢ sᵢₖ sᵢₗ x̃ᵢₘ, Tₖₗₚₘ = Σᵢ ŵᵢ sᵢₖ sᵢₗ sᵢₚ x̃ᵢₘ (k <= l
+    summed), m = Σᵢ ŵᵢ sᵢ, S = Σᵢ ŵᵢ sᵢsᵢᵀ:
+
+        Aⱼₖₘ = Σᵢ ŵᵢ sᵢₖ Dᵢⱼₖ x̃ᵢₘ = Bⱼₖ Mₖₘ − Σₚ Bⱼₚ Qₖₚₘ,
+        Rⱼₖₗₘ = Σᵢ ŵᵢ sᵢₖ sᵢₗ β̄ᵢⱼ x̃ᵢₘ = Σₚ Bⱼₚ Tₖₗₚₘ.
+
+    The row sums are GEMMs over row chunks: T costs N·d̃·K²(K+1)/2 multiply-adds, whatever
+    the number of features; when r < K, R is summed directly instead (N·d̃·r·K(K+1)/2,
+    the row factor β̄ᵢⱼ of the r features). The effects take one O(N·d·K) pass. The widest
+    per-row array has K(K+1)/2·min(K, r), d·K or d + 1 elements (chunks sized by
+    `margin_width`): never an [N, K, P] array. The Jacobian takes O(r·K·P) memory.
     """
     d = features.shape[1]
     kf = num_classes - 1
     rows, cols = pair_indices(num_classes)
     objective = _objective(features[:1], labels[:1], weights[:1], num_classes, fit_intercept)
     coef, _ = objective.expand(theta)  # [d, K]
+    selected = jnp.arange(d) if selected is None else jnp.asarray(selected, jnp.int32)
+    r = selected.shape[0]
+    coef_selected = coef[selected]  # [r, K]
+    third_moment = num_classes <= r  # R from T (K classes) or directly (r features)
 
     def partial(x, y, w):
         sub = _objective(x, y, w, num_classes, fit_intercept)
@@ -193,16 +221,22 @@ def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept,
         extended = _extended(x, fit_intercept)
         mean_coef = probs @ coef.T  # β̄ [n, d]
         weighted_probs = w[:, None] * probs
-        effect_rows = weighted_probs[:, None, :] * (coef[None, :, :] - mean_coef[:, :, None])
         pair_weights = weighted_probs[:, rows] * probs[:, cols]  # ŵ sₖ sₗ, k <= l
-        return {
-            "effects": jnp.sum(effect_rows, axis=0),
-            "diagonal": effect_rows.reshape(x.shape[0], -1).T @ extended,  # A [dK, d̃]
+        out = {
+            # Σᵢ ŵᵢ sᵢₖ (Bⱼₖ − β̄ᵢⱼ), differences formed row by row (no cancellation of sums).
+            "effects": jnp.einsum(
+                "nk,njk->jk", weighted_probs, coef[None, :, :] - mean_coef[:, :, None]
+            ),
+            "first": weighted_probs.T @ extended,  # M [K, d̃]
             "pair_terms": pair_weights.T @ extended,  # Q [pairs, d̃]
-            "pair_cross": _pair_gram(pair_weights, mean_coef, extended),  # R [pairs, d, d̃]
             "mass": jnp.sum(weighted_probs, axis=0),
             "second": weighted_probs.T @ probs,
         }
+        if third_moment:
+            out["third"] = _pair_gram(pair_weights, probs, extended)  # T [pairs, K, d̃]
+        else:
+            out["cross"] = _pair_gram(pair_weights, mean_coef[:, selected], extended)  # R
+        return out
 
     sums = row_chunk_sum(partial, (features, labels, weights), chunk)
     total = jnp.sum(weights)
@@ -214,15 +248,20 @@ def margin_sums(features, labels, weights, theta, *, num_classes, fit_intercept,
         return full.at[cols_j, rows_j].set(pairs).at[rows_j, cols_j].set(pairs)
 
     terms = symmetric(sums["pair_terms"])  # Q [K, K, d̃]
-    cross = jnp.moveaxis(symmetric(sums["pair_cross"]), 2, 0)  # R [d, K, K, d̃]
+    if third_moment:
+        cross = jnp.einsum("jp,klpm->jklm", coef_selected, symmetric(sums["third"]))
+    else:
+        cross = jnp.moveaxis(symmetric(sums["cross"]), 2, 0)  # R [r, K, K, d̃]
+    diagonal_part = coef_selected[:, :, None] * sums["first"][None] - jnp.einsum(
+        "jp,kpm->jkm", coef_selected, terms
+    )  # A [r, K, d̃]
     eye = jnp.eye(num_classes, dtype=features.dtype)
-    diagonal_part = sums["diagonal"].reshape(d, num_classes, num_terms)
     jac = jnp.einsum("kl,jkm->jklm", eye, diagonal_part) + 2 * cross
-    jac = jac - (coef[:, :, None, None] + coef[:, None, :, None]) * terms[None]
+    jac = jac - (coef_selected[:, :, None, None] + coef_selected[:, None, :, None]) * terms[None]
     class_part = jnp.diag(sums["mass"]) - sums["second"]  # [K, K]
-    jac = jac.at[jnp.arange(d), :, :, jnp.arange(d)].add(class_part[None])
+    jac = jac.at[jnp.arange(r), :, :, selected].add(class_part[None])
     # θ's layout: term m major, free class l = 1..K−1 minor.
-    jac = jnp.transpose(jac, (0, 1, 3, 2))[..., 1:].reshape(d * num_classes, num_terms * kf)
+    jac = jnp.transpose(jac, (0, 1, 3, 2))[..., 1:].reshape(r * num_classes, num_terms * kf)
     return sums["effects"] / total, jac / total
 
 
@@ -244,6 +283,7 @@ def cg_variances(
     weights,
     groups,
     theta,
+    coordinates,
     directions,
     rtol,
     *,
@@ -255,13 +295,17 @@ def cg_variances(
     preconditioner,
     batch,
 ):
-    """vᵀCv for each row v of `directions` [R, P] by preconditioned CG on the matrix-free H.
+    """vᵀCv for unit vectors and given directions by preconditioned CG on the matrix-free H.
+
+    The vectors v are first the unit vectors e_c for c in `coordinates` [R₁] (coefficients;
+    each formed inside the loop, so no [R₁, P] array exists), then the rows of `directions`
+    [R₂, P] (marginal-effect Jacobian rows, the gradient).
 
     Solves H·a = v (H the Hessian of −ℓ, a Σw multiple of the mean objective's) to
     ‖v − H·a‖ <= rtol·‖v‖, then returns vᵀa (model-based) or Σ_g (Σ_{i∈g} gᵢᵀa)² (HC0:
     each row its own group; cluster) without any P × P matrix. Cost per direction: (CG steps
     + 1) × two GEMMs over X. Returns (vᵀH⁻¹v, the chosen form, CG steps, achieved relative
-    residuals), each [R].
+    residuals), each [R₁ + R₂].
     """
     total = jnp.sum(weights)
     objective = _objective(features, labels, weights / total, num_classes, fit_intercept)
@@ -292,4 +336,9 @@ def cg_variances(
             variance = jnp.vdot(per_row, per_row)
         return model, variance, result.num_steps, achieved
 
-    return lax.map(one, directions, batch_size=batch)
+    def unit(coordinate):
+        return one(jnp.zeros((theta.shape[0],), theta.dtype).at[coordinate].set(1))
+
+    first = lax.map(unit, coordinates, batch_size=batch)
+    second = lax.map(one, directions, batch_size=batch)
+    return tuple(jnp.concatenate(pair) for pair in zip(first, second, strict=True))

@@ -529,6 +529,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         marginal_effects: bool = False,
         method: str = "auto",
         subset=None,
+        margins_subset=None,
     ):
         """Standard errors, tests and intervals of a ``penalty=None`` fit (statsmodels' MNLogit).
 
@@ -549,6 +550,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             marginal_effects: also compute average marginal effects (``.margins``).
             method: ``"auto"``, ``"dense"`` or ``"cg"`` (see ``logit_inference``).
             subset: with ``"cg"``, the coefficients to compute (see ``logit_inference``).
+            margins_subset: with ``"cg"``, the marginal effects whose standard errors are
+                computed (see ``logit_inference``).
 
         Returns:
             A :class:`xentropy_jax.LogitInference`, with ``.summary()`` and ``.to_frame()``.
@@ -605,6 +608,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 marginal_effects=marginal_effects,
                 method=method,
                 subset=subset,
+                margins_subset=margins_subset,
                 term_names=None if names is None else [str(n) for n in names],
                 class_names=[str(c) for c in self.classes_],
             )
