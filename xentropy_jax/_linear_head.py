@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
 
@@ -562,16 +563,45 @@ def _check_chunk(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
 
 
-def _check_not_explicitly_sharded(*arrays) -> None:
-    """Blocks are reshapes of the token axis, which explicit sharding cannot express."""
-    for x in arrays:
-        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-        if spec is not None and any(axis is not None for axis in spec):
-            raise ValueError(
-                "inputs sharded on a mesh with Explicit axes are not supported: build the mesh "
-                "with axis_types=(jax.sharding.AxisType.Auto, ...) (sharding is then propagated "
-                "through the blocks), or call this inside jax.shard_map on each shard's tokens."
-            )
+def _explicit_mesh(*values):
+    """The mesh of the first input sharded on a mesh with ``Explicit`` axes, else None."""
+    for leaf in jax.tree.leaves(values):
+        if not isinstance(leaf, jax.Array):
+            continue
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is not None and any(kind == AxisType.Explicit for kind in mesh.axis_types):
+            return mesh
+    return None
+
+
+def _spec(value, ndim: int) -> tuple:
+    """The partition of each of the first ``ndim`` axes of ``value`` (None: replicated)."""
+    spec = ()
+    if isinstance(value, jax.Array):
+        spec = tuple(getattr(getattr(jax.typeof(value), "sharding", None), "spec", None) or ())
+    return (spec + (None,) * ndim)[:ndim]
+
+
+def _on_auto_axes(function, mesh, out_specs):
+    """``function`` run with ``mesh``'s ``Explicit`` axes typed ``Auto``, outputs laid out so.
+
+    The blocks are reshapes of the token and vocabulary axes, which an ``Explicit`` axis would
+    ask every such reshape and contraction to state the sharding of; typed ``Auto``, the same
+    devices hold the same shards and XLA's partitioner propagates the layout through the blocks.
+    The outputs come back on the ``Explicit`` axes with the partitions ``out_specs`` (a pytree
+    of ``PartitionSpec`` matching the outputs, None for a None output).
+    """
+    axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Explicit
+    )
+    out_sharding = jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        out_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return jax.sharding.auto_axes(function, axes=axes, out_sharding=out_sharding)
 
 
 def _plan(num_rows: int, vocab_size: int, row_chunk_size, vocab_chunk_size) -> tuple[int, int]:
@@ -604,7 +634,6 @@ def _prepare(
         )
     dim, vocab_size = weight.shape
     batch_shape = hidden.shape[:-1]
-    _check_not_explicitly_sharded(hidden, weight)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
@@ -701,6 +730,14 @@ def linear_softmax_cross_entropy(
     loss is ``+inf``, as in the dense formula. bfloat16 or float16 inputs run their GEMMs in
     their own dtype, accumulated in float32, with every reduction in float32.
 
+    Inputs may be sharded over a mesh (``NamedSharding``): the token axes of ``hidden`` (and
+    ``labels``, ``where``), the vocabulary axis of ``weight`` and ``bias``, or both. On
+    ``Auto`` axes XLA's partitioner carries the layout through the blocks. Inputs on
+    ``Explicit`` axes (the default of ``jax.make_mesh``) are computed with those axes typed
+    ``Auto`` (``jax.sharding.auto_axes``: the same devices hold the same shards) and the result
+    comes back on the ``Explicit`` axes: per-token losses sharded as ``hidden``'s token axes, a
+    reduced loss replicated; gradients come back sharded as their arguments.
+
     Args:
         hidden: ``[..., D]`` features ``h`` of each token (floating point).
         weight: ``[D, V]`` head matrix ``W``.
@@ -744,6 +781,18 @@ def linear_softmax_cross_entropy(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    mesh = _explicit_mesh(hidden, weight, labels, bias, where)
+    if mesh is not None:
+        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
+                       row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size)
+
+        def on_auto_axes(hidden, weight, labels, bias, where):
+            return linear_softmax_cross_entropy(hidden, weight, labels, bias=bias, where=where,
+                                                **options)
+
+        batch_axes = max(jnp.ndim(hidden) - 1, 0) if reduction == "none" else 0
+        out_spec = PartitionSpec(*_spec(hidden, batch_axes))
+        return _on_auto_axes(on_auto_axes, mesh, out_spec)(hidden, weight, labels, bias, where)
     batch_shape = jnp.shape(hidden)[:-1]
     hidden, weight, labels, bias, mask, config = _prepare(
         hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
@@ -790,7 +839,9 @@ def linear_softmax_cross_entropy_ggn_vp(
     does not depend on the labels or on ``α``: they only enter the returned loss. For
     ``(W, b)`` alone the head is linear, so this is also the exact Hessian product. For a whole
     model ``h = f(θ)`` use ``ḣ`` from ``jax.jvp(f, …)`` and pull the hidden part back with
-    ``jax.vjp(f, …)`` (see ``docs/linear_head.md``).
+    ``jax.vjp(f, …)`` (see ``docs/linear_head.md``). Sharded inputs work as in
+    :func:`linear_softmax_cross_entropy`; on ``Explicit`` axes each product comes back sharded
+    as its argument (``h``, ``W``, ``b``) and the loss replicated.
 
     Args:
         hidden: ``[..., D]`` features ``h``.
@@ -837,6 +888,22 @@ def linear_softmax_cross_entropy_ggn_vp(
         raise ValueError("at least one of the tangents must be given (not None).")
     if tangents[2] is not None and bias is None:
         raise ValueError("a bias tangent needs a bias.")
+    mesh = _explicit_mesh(hidden, weight, labels, tuple(tangents), bias, where)
+    if mesh is not None:
+        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
+                       row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size)
+
+        def on_auto_axes(hidden, weight, labels, tangents, bias, where):
+            return linear_softmax_cross_entropy_ggn_vp(hidden, weight, labels, tangents,
+                                                       bias=bias, where=where, **options)
+
+        # Each product is laid out as its argument, whatever the layout of its tangent.
+        specs = [
+            None if tangent is None else PartitionSpec(*_spec(x, jnp.ndim(x)))
+            for tangent, x in zip(tangents, (hidden, weight, bias), strict=True)
+        ]
+        run = _on_auto_axes(on_auto_axes, mesh, (PartitionSpec(), tuple(specs)))
+        return run(hidden, weight, labels, tuple(tangents), bias, where)
     batch_shape = jnp.shape(hidden)[:-1]
     out_dtypes = [jnp.result_type(x) for x in (hidden, weight)]
     out_dtypes.append(None if bias is None else jnp.result_type(bias))
