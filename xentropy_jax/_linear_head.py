@@ -259,8 +259,13 @@ def _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
         return _stream_step(state, logits, logits_dot), None
 
     state = _init_stream(hidden_r.shape[0], config, with_dot)
-    xs = (jnp.arange(config.num_vocab_chunks), weight_blocks, bias_blocks,
-          weight_dot_blocks, bias_dot_blocks)
+    xs = (
+        jnp.arange(config.num_vocab_chunks),
+        weight_blocks,
+        bias_blocks,
+        weight_dot_blocks,
+        bias_dot_blocks,
+    )
     state, _ = jax.lax.scan(step, state, xs)
     return _finish_stream(state)
 
@@ -377,9 +382,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         lse = dot = None
         if not single:
             tangent_blocks = (hidden_dot_r, weight_dot_blocks, bias_dot_blocks) if ggn else None
-            lse, dot = _row_statistics(
-                hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
-            )
+            lse, dot = _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config)
         out_hidden_r = jnp.zeros(hidden_r.shape, dtype) if want[0] else None
 
         def vocab_step(inner, index):
@@ -399,8 +402,9 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
             if want[0]:
                 out_hidden_r = out_hidden_r + _matmul_t(coefficients_op, xs_c[1], 1, config)
             if want[1]:
-                out_weight = _add_weight_update(out_weight, index, hidden_r, coefficients_op,
-                                                config)
+                out_weight = _add_weight_update(
+                    out_weight, index, hidden_r, coefficients_op, config
+                )
             if want[2]:
                 out_bias = out_bias.at[index].add(coefficients.sum(axis=0))
             return (out_hidden_r, out_weight, out_bias), lse_r
@@ -424,9 +428,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         _row_blocks(row_weight, config),
         hidden_dot_blocks,
     )
-    (out_weight, out_bias), (lse, out_hidden) = jax.lax.scan(
-        row_step, (out_weight, out_bias), xs
-    )
+    (out_weight, out_bias), (lse, out_hidden) = jax.lax.scan(row_step, (out_weight, out_bias), xs)
     lse = _unrow_blocks(lse, config)
     out_hidden = None if out_hidden is None else _unrow_blocks(out_hidden, config)
     out_weight = None if out_weight is None else _unweight_blocks(out_weight, config)
@@ -512,8 +514,13 @@ def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
             )
             return total + jnp.sum(grad * logits_dot, axis=-1), None
 
-        xs = (jnp.arange(config.num_vocab_chunks), weight_blocks, bias_blocks,
-              weight_dot_blocks, bias_dot_blocks)
+        xs = (
+            jnp.arange(config.num_vocab_chunks),
+            weight_blocks,
+            bias_blocks,
+            weight_dot_blocks,
+            bias_dot_blocks,
+        )
         total, _ = jax.lax.scan(step, jnp.zeros_like(lse_r), xs)
         return total
 
@@ -619,7 +626,14 @@ def _plan(num_rows: int, vocab_size: int, row_chunk_size, vocab_chunk_size) -> t
 
 
 def _prepare(
-    hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+    hidden,
+    weight,
+    labels,
+    bias,
+    where,
+    label_smoothing,
+    z_loss,
+    row_chunk_size,
     vocab_chunk_size,
 ):
     """Checked, flattened arrays and the static configuration."""
@@ -638,15 +652,18 @@ def _prepare(
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
     if labels.shape != batch_shape:
-        raise ValueError(f"labels of shape {labels.shape} must have hidden's batch shape "
-                         f"{batch_shape}.")
+        raise ValueError(
+            f"labels of shape {labels.shape} must have hidden's batch shape {batch_shape}."
+        )
     if bias is None:
         bias = jnp.zeros((vocab_size,), weight.dtype)
     else:
         bias = jnp.asarray(bias)
         if bias.shape != (vocab_size,) or not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"bias must be a floating [V] = [{vocab_size}] array, got "
-                             f"{bias.dtype} {bias.shape}.")
+            raise ValueError(
+                f"bias must be a floating [V] = [{vocab_size}] array, got "
+                f"{bias.dtype} {bias.shape}."
+            )
     if where is None:
         mask = jnp.ones(batch_shape, bool)
     else:
@@ -656,8 +673,9 @@ def _prepare(
         try:
             mask = jnp.broadcast_to(mask, batch_shape)
         except ValueError as error:
-            raise ValueError(f"where of shape {mask.shape} does not broadcast to the batch "
-                             f"shape {batch_shape}.") from error
+            raise ValueError(
+                f"where of shape {mask.shape} does not broadcast to the batch shape {batch_shape}."
+            ) from error
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a Python float, got {type(value).__name__}.")
@@ -671,17 +689,24 @@ def _prepare(
         host_labels, host_mask = np.asarray(labels), np.asarray(mask)
         bad = host_mask & ((host_labels < 0) | (host_labels >= vocab_size))
         if bad.any():
-            raise ValueError(f"labels must lie in [0, V) = [0, {vocab_size}) on included "
-                             f"tokens; got {host_labels[bad][:5].tolist()}.")
+            raise ValueError(
+                f"labels must lie in [0, V) = [0, {vocab_size}) on included "
+                f"tokens; got {host_labels[bad][:5].tolist()}."
+            )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
     if num_rows == 0 or vocab_size == 0:
         raise ValueError("hidden needs at least one token and weight at least one class.")
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)
-    compute_dtype = np.dtype(
-        jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32)
+    compute_dtype = np.dtype(jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32))
+    config = _Config(
+        num_rows,
+        vocab_size,
+        row_chunk,
+        vocab_chunk,
+        float(label_smoothing),
+        float(z_loss),
+        compute_dtype,
     )
-    config = _Config(num_rows, vocab_size, row_chunk, vocab_chunk, float(label_smoothing),
-                     float(z_loss), compute_dtype)
     return hidden.reshape(num_rows, dim), weight, labels.reshape(-1), bias, mask, config
 
 
@@ -783,19 +808,32 @@ def linear_softmax_cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
     mesh = _explicit_mesh(hidden, weight, labels, bias, where)
     if mesh is not None:
-        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
-                       row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size)
+        options = dict(
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            row_chunk_size=row_chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
 
         def on_auto_axes(hidden, weight, labels, bias, where):
-            return linear_softmax_cross_entropy(hidden, weight, labels, bias=bias, where=where,
-                                                **options)
+            return linear_softmax_cross_entropy(
+                hidden, weight, labels, bias=bias, where=where, **options
+            )
 
         batch_axes = max(jnp.ndim(hidden) - 1, 0) if reduction == "none" else 0
         out_spec = PartitionSpec(*_spec(hidden, batch_axes))
         return _on_auto_axes(on_auto_axes, mesh, out_spec)(hidden, weight, labels, bias, where)
     batch_shape = jnp.shape(hidden)[:-1]
     hidden, weight, labels, bias, mask, config = _prepare(
-        hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+        hidden,
+        weight,
+        labels,
+        bias,
+        where,
+        label_smoothing,
+        z_loss,
+        row_chunk_size,
         vocab_chunk_size,
     )
     out_dtype = jnp.result_type(hidden, weight)
@@ -890,12 +928,18 @@ def linear_softmax_cross_entropy_ggn_vp(
         raise ValueError("a bias tangent needs a bias.")
     mesh = _explicit_mesh(hidden, weight, labels, tuple(tangents), bias, where)
     if mesh is not None:
-        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
-                       row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size)
+        options = dict(
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            row_chunk_size=row_chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
 
         def on_auto_axes(hidden, weight, labels, tangents, bias, where):
-            return linear_softmax_cross_entropy_ggn_vp(hidden, weight, labels, tangents,
-                                                       bias=bias, where=where, **options)
+            return linear_softmax_cross_entropy_ggn_vp(
+                hidden, weight, labels, tangents, bias=bias, where=where, **options
+            )
 
         # Each product is laid out as its argument, whatever the layout of its tangent.
         specs = [
@@ -908,7 +952,14 @@ def linear_softmax_cross_entropy_ggn_vp(
     out_dtypes = [jnp.result_type(x) for x in (hidden, weight)]
     out_dtypes.append(None if bias is None else jnp.result_type(bias))
     hidden, weight, labels, bias, mask, config = _prepare(
-        hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+        hidden,
+        weight,
+        labels,
+        bias,
+        where,
+        label_smoothing,
+        z_loss,
+        row_chunk_size,
         vocab_chunk_size,
     )
     shapes = ((*batch_shape, hidden.shape[-1]), weight.shape, bias.shape)
@@ -917,8 +968,9 @@ def linear_softmax_cross_entropy_ggn_vp(
         if tangent is not None:
             tangent = jnp.asarray(tangent)
             if tangent.shape != tuple(shape):
-                raise ValueError(f"the {name} tangent must have shape {tuple(shape)}, got "
-                                 f"{tangent.shape}.")
+                raise ValueError(
+                    f"the {name} tangent must have shape {tuple(shape)}, got {tangent.shape}."
+                )
             if not jnp.issubdtype(tangent.dtype, jnp.floating):
                 raise TypeError(f"the {name} tangent must be floating point.")
         checked.append(tangent)
