@@ -7,111 +7,165 @@ Two jobs, each fused (``linear_softmax_cross_entropy*``) vs dense (``h @ W + b``
   ``softmax_cross_entropy_with_integer_labels`` on the logits and ``xj.ggn_vp`` of the logits
   function ``(h, W) ↦ h W + b``. Fused: ``linear_softmax_cross_entropy_ggn_vp``, one call.
 
-Memory comes from XLA's compiled memory analysis at the full size (``--n``; compiling needs no
-data, so the dense N×V program is analysed without being run): temporaries (``temp``) and the
-whole footprint (``total``: arguments + outputs + temporaries − aliased bytes).
-Time is the minimum over interleaved single calls at ``--time-n`` rows (default: ``--n``);
-running the dense program needs about 2-3 N×V arrays of float32, so on a machine with little
-free memory pass a smaller ``--time-n`` (the work of both programs is linear in N).
+Memory, two ways: XLA's compiled memory analysis at the full size (``--n``; compiling needs no
+data, so the dense N×V program is analysed even when it is not run): temporaries (``temp``) and
+the whole footprint (``total``: arguments + outputs + temporaries − aliased bytes); and, for the
+programs that are timed, the measured growth of the process's resident set during a call
+(sampled every 5 ms; the arguments are already resident, so this is outputs + temporaries).
+Time: each program is compiled ahead (the compile time is printed), then called ``--calls``
+times, fused and dense interleaved; the minima of wall and of process CPU seconds are reported
+(on a shared machine the CPU seconds are the steadier measure of the work). Timing at
+``--time-n`` rows (default: ``--n``) needs room for the dense program (about 13 GiB resident at
+the default size); the work of both programs is linear in N, so a smaller ``--time-n`` also
+gives the ratios.
 
-Run: ``python benchmarks/bench_linear_head.py`` (V = 131,072, D = 1,024, N = 8,192);
-``--quick`` for a small shape.
+Run: ``python benchmarks/bench_linear_head.py`` (V = 131,072, D = 1,024, N = 8,192; about
+10 minutes on 2 CPU cores); ``--quick`` for a small shape; ``--sweep-rows 128 256 512`` times
+the fused programs with each row block (memory at ``--n``, time at ``--time-n``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import format_times, interleaved_min_times, machine_info, ratio_table  # noqa: E402
+from _common import machine_info, peak_growth  # noqa: E402
 
 import xentropy_jax as xj  # noqa: E402
 
+GIB = 2.0**30
+JOBS = ("loss+grad", "loss+GGN")
 
-def make_jobs(labels, row_chunk, vocab_chunk):
+
+def make_jobs(row_chunk, vocab_chunk):
+    """``name -> (jitted function, number of arguments)``; labels are an argument."""
     chunks = dict(row_chunk_size=row_chunk, vocab_chunk_size=vocab_chunk)
 
-    def fused_mean(h, w, b):
+    def fused_mean(h, w, b, labels):
         return xj.linear_softmax_cross_entropy(h, w, labels, bias=b, reduction="mean", **chunks)
 
-    def dense_mean(h, w, b):
+    def dense_mean(h, w, b, labels):
         return xj.softmax_cross_entropy_with_integer_labels(h @ w + b, labels).mean()
 
-    def fused_ggn(h, w, b, h_dot, w_dot):
+    def fused_ggn(h, w, b, labels, h_dot, w_dot):
         return xj.linear_softmax_cross_entropy_ggn_vp(
             h, w, labels, (h_dot, w_dot, None), bias=b, **chunks
         )
 
-    def dense_ggn(h, w, b, h_dot, w_dot):
+    def dense_ggn(h, w, b, labels, h_dot, w_dot):
         def logits_fn(params, _):
             return params["h"] @ params["w"] + b
 
-        loss = dense_mean(h, w, b)
+        loss = dense_mean(h, w, b, labels)
         product = xj.ggn_vp(logits_fn, {"h": h, "w": w}, None, {"h": h_dot, "w": w_dot})
         return loss, (product["h"], product["w"])
 
     grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2))  # noqa: E731
     return {
-        "loss+grad fused": (jax.jit(grad(fused_mean)), 3),
-        "loss+grad dense": (jax.jit(grad(dense_mean)), 3),
-        "loss+GGN fused": (jax.jit(fused_ggn), 5),
-        "loss+GGN dense": (jax.jit(dense_ggn), 5),
+        "loss+grad fused": (jax.jit(grad(fused_mean)), 4),
+        "loss+grad dense": (jax.jit(grad(dense_mean)), 4),
+        "loss+GGN fused": (jax.jit(fused_ggn), 6),
+        "loss+GGN dense": (jax.jit(dense_ggn), 6),
     }
 
 
 def shapes(n, d, v, dtype):
     s = jax.ShapeDtypeStruct
-    return (s((n, d), dtype), s((d, v), dtype), s((v,), dtype), s((n, d), dtype), s((d, v), dtype))
+    return (
+        s((n, d), dtype),
+        s((d, v), dtype),
+        s((v,), dtype),
+        s((n,), jnp.int32),
+        s((n, d), dtype),
+        s((d, v), dtype),
+    )
 
 
-def memory_table(n, d, v, dtype, row_chunk, vocab_chunk):
-    labels = jnp.zeros((n,), jnp.int32)
-    jobs = make_jobs(labels, row_chunk, vocab_chunk)
+def compile_jobs(n, d, v, dtype, row_chunk, vocab_chunk, names):
+    """``name -> (compiled, arity, compile seconds, temp bytes, total bytes)``."""
+    jobs = make_jobs(row_chunk, vocab_chunk)
     args = shapes(n, d, v, dtype)
-    rows = {}
-    for name, (fn, arity) in jobs.items():
-        stats = fn.lower(*args[:arity]).compile().memory_analysis()
-        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                 + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-        rows[name] = (stats.temp_size_in_bytes, total)
-    gib = 2.0**30
-    print(f"\nCompiled memory at N={n}, D={d}, V={v} ({jnp.dtype(dtype).name}; one N×V array is "
-          f"{n * v * jnp.dtype(dtype).itemsize / gib:.2f} GiB):")
-    print(f"  {'job':<20s} {'temp GiB':>10s} {'total GiB':>10s}")
-    for name, (temp, peak) in rows.items():
-        print(f"  {name:<20s} {temp / gib:10.3f} {peak / gib:10.3f}")
-    for job in ("loss+grad", "loss+GGN"):
-        fused, dense = rows[f"{job} fused"], rows[f"{job} dense"]
-        ratio = dense[0] / fused[0]
-        print(f"  {job}: fused / dense  temp {fused[0] / dense[0]:.4f} (1/{ratio:.1f})"
-              f"  total {fused[1] / dense[1]:.4f} (1/{dense[1] / fused[1]:.1f})")
+    out = {}
+    for name in names:
+        fn, arity = jobs[name]
+        start = time.perf_counter()
+        compiled = fn.lower(*args[:arity]).compile()
+        seconds = time.perf_counter() - start
+        stats = compiled.memory_analysis()
+        total = (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
+        out[name] = (compiled, arity, seconds, stats.temp_size_in_bytes, total)
+    return out
 
 
-def time_table(n, d, v, dtype, row_chunk, vocab_chunk, repeats, jobs_to_time):
+def print_memory(compiled, n, d, v, dtype):
+    print(
+        f"\nCompiled memory at N={n}, D={d}, V={v} ({jnp.dtype(dtype).name}; one N×V array is "
+        f"{n * v * jnp.dtype(dtype).itemsize / GIB:.2f} GiB):"
+    )
+    print(f"  {'job':<20s} {'temp GiB':>10s} {'total GiB':>10s} {'compile s':>10s}")
+    for name, (_, _, seconds, temp, total) in compiled.items():
+        print(f"  {name:<20s} {temp / GIB:10.3f} {total / GIB:10.3f} {seconds:10.1f}")
+    for job in JOBS:
+        if f"{job} fused" in compiled and f"{job} dense" in compiled:
+            fused, dense = compiled[f"{job} fused"][3:], compiled[f"{job} dense"][3:]
+            print(
+                f"  {job}: fused / dense  temp {fused[0] / dense[0]:.4f} "
+                f"(1/{dense[0] / fused[0]:.1f})  total {fused[1] / dense[1]:.4f} "
+                f"(1/{dense[1] / fused[1]:.1f})"
+            )
+
+
+def make_args(n, d, v, dtype):
     keys = jax.random.split(jax.random.key(0), 6)
     hidden = jax.random.normal(keys[0], (n, d), dtype)
     weight = (jax.random.normal(keys[1], (d, v), dtype) / d**0.5).astype(dtype)
     bias = jax.random.normal(keys[2], (v,), dtype)
-    labels = jax.random.randint(keys[3], (n,), 0, v)
+    labels = jax.random.randint(keys[3], (n,), 0, v, jnp.int32)
     hidden_dot = jax.random.normal(keys[4], (n, d), dtype)
     weight_dot = jax.random.normal(keys[5], (d, v), dtype)
-    args = (hidden, weight, bias, hidden_dot, weight_dot)
-    jobs = make_jobs(labels, row_chunk, vocab_chunk)
-    calls = {name: (lambda fn=fn, k=k: fn(*args[:k])) for name, (fn, k) in jobs.items()}
-    # One job at a time, fused and dense interleaved, so that at most one dense program's
-    # buffers are alive at once.
-    print(f"\nTime at N={n}, D={d}, V={v} ({jnp.dtype(dtype).name}), min of {repeats} "
-          "interleaved calls:", flush=True)
-    for job in jobs_to_time:
-        pair = {f"{job} fused": calls[f"{job} fused"], f"{job} dense": calls[f"{job} dense"]}
-        times = interleaved_min_times(pair, repeats=repeats, warmup=1)
-        print(format_times(times))
-        print(ratio_table(times, [(f"{job} fused", f"{job} dense")]), flush=True)
+    return jax.block_until_ready((hidden, weight, bias, labels, hidden_dot, weight_dot))
+
+
+def time_calls(compiled, args, names, calls):
+    """``name -> (min wall s, min CPU s, max resident growth MiB)``, calls interleaved.
+
+    CPU seconds are the process's (all threads): on a machine shared with other work they count
+    what the program did, while its wall time also counts the waits for a core.
+    """
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    growth = {name: 0.0 for name in names}
+    for _ in range(calls):
+        for name in names:
+            program, arity = compiled[name][:2]
+            gc.collect()
+            start = time.process_time()
+            result, seconds, grown = peak_growth(
+                lambda p=program, k=arity: jax.block_until_ready(p(*args[:k]))
+            )
+            cpu[name].append(time.process_time() - start)
+            del result
+            wall[name].append(seconds)
+            growth[name] = max(growth[name], grown)
+            print(
+                f"    {name:<20s} {seconds:8.2f} s wall {cpu[name][-1]:8.2f} s CPU  "
+                f"resident +{grown / 1024:.2f} GiB  (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+    return {name: (min(wall[name]), min(cpu[name]), growth[name]) for name in names}
 
 
 def main() -> None:
@@ -122,23 +176,68 @@ def main() -> None:
     parser.add_argument("--time-n", type=int, default=None, help="rows for timing (default --n)")
     parser.add_argument("--row-chunk", type=int, default=None)
     parser.add_argument("--vocab-chunk", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=2, help="timed calls per program")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="N=512, D=64, V=8192, 64-row blocks")
     parser.add_argument("--skip-time", action="store_true")
-    parser.add_argument("--jobs", nargs="+", default=["loss+grad", "loss+GGN"],
-                        choices=["loss+grad", "loss+GGN"])
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
+    parser.add_argument(
+        "--sweep-rows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="row blocks to compare (fused only; dense timed once)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.d, args.v = 512, 64, 8192
         args.row_chunk = args.row_chunk or 64
     dtype = jnp.dtype(args.dtype)
+    time_n = args.time_n or args.n
     print(machine_info())
-    print(f"chunks: rows {args.row_chunk or 'default'}, vocabulary {args.vocab_chunk or 'default'}")
-    memory_table(args.n, args.d, args.v, dtype, args.row_chunk, args.vocab_chunk)
-    if not args.skip_time:
-        time_table(args.time_n or args.n, args.d, args.v, dtype, args.row_chunk,
-                   args.vocab_chunk, args.repeats, args.jobs)
+    print(f"load average before: {os.getloadavg()}")
+    names = [f"{job} {kind}" for job in args.jobs for kind in ("fused", "dense")]
+    sweep = args.sweep_rows or [args.row_chunk]
+    for position, row_chunk in enumerate(sweep):
+        print(
+            f"\nchunks: rows {row_chunk or 'default'}, vocabulary {args.vocab_chunk or 'default'}"
+        )
+        fused_only = position > 0
+        wanted = [name for name in names if not (fused_only and name.endswith("dense"))]
+        compiled = compile_jobs(args.n, args.d, args.v, dtype, row_chunk, args.vocab_chunk, wanted)
+        print_memory(compiled, args.n, args.d, args.v, dtype)
+        if args.skip_time:
+            continue
+        if time_n != args.n:
+            compiled = compile_jobs(
+                time_n, args.d, args.v, dtype, row_chunk, args.vocab_chunk, wanted
+            )
+        data = make_args(time_n, args.d, args.v, dtype)
+        print(
+            f"\nTime at N={time_n}, D={args.d}, V={args.v} ({dtype.name}), {args.calls} "
+            "calls each after compiling, interleaved; resident growth during a call:",
+            flush=True,
+        )
+        for job in args.jobs:
+            pair = [name for name in wanted if name.startswith(job)]
+            results = time_calls(compiled, data, pair, args.calls)
+            for name in pair:
+                best, best_cpu, grown = results[name]
+                print(
+                    f"  {name:<20s} min {best:8.2f} s wall {best_cpu:8.2f} s CPU   "
+                    f"peak resident growth {grown / 1024:.2f} GiB"
+                )
+            if len(pair) == 2:
+                fused, dense = results[pair[0]], results[pair[1]]
+                print(
+                    f"  {job}: fused / dense  wall {fused[0] / dense[0]:.3f}  CPU "
+                    f"{fused[1] / dense[1]:.3f}  resident {fused[2] / dense[2]:.4f} "
+                    f"(1/{dense[2] / fused[2]:.1f})",
+                    flush=True,
+                )
+        del data, compiled
+        gc.collect()
+    print(f"\nload average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
 
@@ -258,8 +259,13 @@ def _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
         return _stream_step(state, logits, logits_dot), None
 
     state = _init_stream(hidden_r.shape[0], config, with_dot)
-    xs = (jnp.arange(config.num_vocab_chunks), weight_blocks, bias_blocks,
-          weight_dot_blocks, bias_dot_blocks)
+    xs = (
+        jnp.arange(config.num_vocab_chunks),
+        weight_blocks,
+        bias_blocks,
+        weight_dot_blocks,
+        bias_dot_blocks,
+    )
     state, _ = jax.lax.scan(step, state, xs)
     return _finish_stream(state)
 
@@ -376,9 +382,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         lse = dot = None
         if not single:
             tangent_blocks = (hidden_dot_r, weight_dot_blocks, bias_dot_blocks) if ggn else None
-            lse, dot = _row_statistics(
-                hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
-            )
+            lse, dot = _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config)
         out_hidden_r = jnp.zeros(hidden_r.shape, dtype) if want[0] else None
 
         def vocab_step(inner, index):
@@ -398,8 +402,9 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
             if want[0]:
                 out_hidden_r = out_hidden_r + _matmul_t(coefficients_op, xs_c[1], 1, config)
             if want[1]:
-                out_weight = _add_weight_update(out_weight, index, hidden_r, coefficients_op,
-                                                config)
+                out_weight = _add_weight_update(
+                    out_weight, index, hidden_r, coefficients_op, config
+                )
             if want[2]:
                 out_bias = out_bias.at[index].add(coefficients.sum(axis=0))
             return (out_hidden_r, out_weight, out_bias), lse_r
@@ -423,9 +428,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         _row_blocks(row_weight, config),
         hidden_dot_blocks,
     )
-    (out_weight, out_bias), (lse, out_hidden) = jax.lax.scan(
-        row_step, (out_weight, out_bias), xs
-    )
+    (out_weight, out_bias), (lse, out_hidden) = jax.lax.scan(row_step, (out_weight, out_bias), xs)
     lse = _unrow_blocks(lse, config)
     out_hidden = None if out_hidden is None else _unrow_blocks(out_hidden, config)
     out_weight = None if out_weight is None else _unweight_blocks(out_weight, config)
@@ -511,8 +514,13 @@ def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
             )
             return total + jnp.sum(grad * logits_dot, axis=-1), None
 
-        xs = (jnp.arange(config.num_vocab_chunks), weight_blocks, bias_blocks,
-              weight_dot_blocks, bias_dot_blocks)
+        xs = (
+            jnp.arange(config.num_vocab_chunks),
+            weight_blocks,
+            bias_blocks,
+            weight_dot_blocks,
+            bias_dot_blocks,
+        )
         total, _ = jax.lax.scan(step, jnp.zeros_like(lse_r), xs)
         return total
 
@@ -562,16 +570,45 @@ def _check_chunk(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
 
 
-def _check_not_explicitly_sharded(*arrays) -> None:
-    """Blocks are reshapes of the token axis, which explicit sharding cannot express."""
-    for x in arrays:
-        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-        if spec is not None and any(axis is not None for axis in spec):
-            raise ValueError(
-                "inputs sharded on a mesh with Explicit axes are not supported: build the mesh "
-                "with axis_types=(jax.sharding.AxisType.Auto, ...) (sharding is then propagated "
-                "through the blocks), or call this inside jax.shard_map on each shard's tokens."
-            )
+def _explicit_mesh(*values):
+    """The mesh of the first input sharded on a mesh with ``Explicit`` axes, else None."""
+    for leaf in jax.tree.leaves(values):
+        if not isinstance(leaf, jax.Array):
+            continue
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is not None and any(kind == AxisType.Explicit for kind in mesh.axis_types):
+            return mesh
+    return None
+
+
+def _spec(value, ndim: int) -> tuple:
+    """The partition of each of the first ``ndim`` axes of ``value`` (None: replicated)."""
+    spec = ()
+    if isinstance(value, jax.Array):
+        spec = tuple(getattr(getattr(jax.typeof(value), "sharding", None), "spec", None) or ())
+    return (spec + (None,) * ndim)[:ndim]
+
+
+def _on_auto_axes(function, mesh, out_specs):
+    """``function`` run with ``mesh``'s ``Explicit`` axes typed ``Auto``, outputs laid out so.
+
+    The blocks are reshapes of the token and vocabulary axes, which an ``Explicit`` axis would
+    ask every such reshape and contraction to state the sharding of; typed ``Auto``, the same
+    devices hold the same shards and XLA's partitioner propagates the layout through the blocks.
+    The outputs come back on the ``Explicit`` axes with the partitions ``out_specs`` (a pytree
+    of ``PartitionSpec`` matching the outputs, None for a None output).
+    """
+    axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Explicit
+    )
+    out_sharding = jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        out_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return jax.sharding.auto_axes(function, axes=axes, out_sharding=out_sharding)
 
 
 def _plan(num_rows: int, vocab_size: int, row_chunk_size, vocab_chunk_size) -> tuple[int, int]:
@@ -589,7 +626,14 @@ def _plan(num_rows: int, vocab_size: int, row_chunk_size, vocab_chunk_size) -> t
 
 
 def _prepare(
-    hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+    hidden,
+    weight,
+    labels,
+    bias,
+    where,
+    label_smoothing,
+    z_loss,
+    row_chunk_size,
     vocab_chunk_size,
 ):
     """Checked, flattened arrays and the static configuration."""
@@ -604,20 +648,22 @@ def _prepare(
         )
     dim, vocab_size = weight.shape
     batch_shape = hidden.shape[:-1]
-    _check_not_explicitly_sharded(hidden, weight)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
     if labels.shape != batch_shape:
-        raise ValueError(f"labels of shape {labels.shape} must have hidden's batch shape "
-                         f"{batch_shape}.")
+        raise ValueError(
+            f"labels of shape {labels.shape} must have hidden's batch shape {batch_shape}."
+        )
     if bias is None:
         bias = jnp.zeros((vocab_size,), weight.dtype)
     else:
         bias = jnp.asarray(bias)
         if bias.shape != (vocab_size,) or not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"bias must be a floating [V] = [{vocab_size}] array, got "
-                             f"{bias.dtype} {bias.shape}.")
+            raise ValueError(
+                f"bias must be a floating [V] = [{vocab_size}] array, got "
+                f"{bias.dtype} {bias.shape}."
+            )
     if where is None:
         mask = jnp.ones(batch_shape, bool)
     else:
@@ -627,8 +673,9 @@ def _prepare(
         try:
             mask = jnp.broadcast_to(mask, batch_shape)
         except ValueError as error:
-            raise ValueError(f"where of shape {mask.shape} does not broadcast to the batch "
-                             f"shape {batch_shape}.") from error
+            raise ValueError(
+                f"where of shape {mask.shape} does not broadcast to the batch shape {batch_shape}."
+            ) from error
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a Python float, got {type(value).__name__}.")
@@ -642,17 +689,24 @@ def _prepare(
         host_labels, host_mask = np.asarray(labels), np.asarray(mask)
         bad = host_mask & ((host_labels < 0) | (host_labels >= vocab_size))
         if bad.any():
-            raise ValueError(f"labels must lie in [0, V) = [0, {vocab_size}) on included "
-                             f"tokens; got {host_labels[bad][:5].tolist()}.")
+            raise ValueError(
+                f"labels must lie in [0, V) = [0, {vocab_size}) on included "
+                f"tokens; got {host_labels[bad][:5].tolist()}."
+            )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
     if num_rows == 0 or vocab_size == 0:
         raise ValueError("hidden needs at least one token and weight at least one class.")
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)
-    compute_dtype = np.dtype(
-        jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32)
+    compute_dtype = np.dtype(jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32))
+    config = _Config(
+        num_rows,
+        vocab_size,
+        row_chunk,
+        vocab_chunk,
+        float(label_smoothing),
+        float(z_loss),
+        compute_dtype,
     )
-    config = _Config(num_rows, vocab_size, row_chunk, vocab_chunk, float(label_smoothing),
-                     float(z_loss), compute_dtype)
     return hidden.reshape(num_rows, dim), weight, labels.reshape(-1), bias, mask, config
 
 
@@ -701,6 +755,14 @@ def linear_softmax_cross_entropy(
     loss is ``+inf``, as in the dense formula. bfloat16 or float16 inputs run their GEMMs in
     their own dtype, accumulated in float32, with every reduction in float32.
 
+    Inputs may be sharded over a mesh (``NamedSharding``): the token axes of ``hidden`` (and
+    ``labels``, ``where``), the vocabulary axis of ``weight`` and ``bias``, or both. On
+    ``Auto`` axes XLA's partitioner carries the layout through the blocks. Inputs on
+    ``Explicit`` axes (the default of ``jax.make_mesh``) are computed with those axes typed
+    ``Auto`` (``jax.sharding.auto_axes``: the same devices hold the same shards) and the result
+    comes back on the ``Explicit`` axes: per-token losses sharded as ``hidden``'s token axes, a
+    reduced loss replicated; gradients come back sharded as their arguments.
+
     Args:
         hidden: ``[..., D]`` features ``h`` of each token (floating point).
         weight: ``[D, V]`` head matrix ``W``.
@@ -744,9 +806,34 @@ def linear_softmax_cross_entropy(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    mesh = _explicit_mesh(hidden, weight, labels, bias, where)
+    if mesh is not None:
+        options = dict(
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            row_chunk_size=row_chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+
+        def on_auto_axes(hidden, weight, labels, bias, where):
+            return linear_softmax_cross_entropy(
+                hidden, weight, labels, bias=bias, where=where, **options
+            )
+
+        batch_axes = max(jnp.ndim(hidden) - 1, 0) if reduction == "none" else 0
+        out_spec = PartitionSpec(*_spec(hidden, batch_axes))
+        return _on_auto_axes(on_auto_axes, mesh, out_spec)(hidden, weight, labels, bias, where)
     batch_shape = jnp.shape(hidden)[:-1]
     hidden, weight, labels, bias, mask, config = _prepare(
-        hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+        hidden,
+        weight,
+        labels,
+        bias,
+        where,
+        label_smoothing,
+        z_loss,
+        row_chunk_size,
         vocab_chunk_size,
     )
     out_dtype = jnp.result_type(hidden, weight)
@@ -790,7 +877,9 @@ def linear_softmax_cross_entropy_ggn_vp(
     does not depend on the labels or on ``α``: they only enter the returned loss. For
     ``(W, b)`` alone the head is linear, so this is also the exact Hessian product. For a whole
     model ``h = f(θ)`` use ``ḣ`` from ``jax.jvp(f, …)`` and pull the hidden part back with
-    ``jax.vjp(f, …)`` (see ``docs/linear_head.md``).
+    ``jax.vjp(f, …)`` (see ``docs/linear_head.md``). Sharded inputs work as in
+    :func:`linear_softmax_cross_entropy`; on ``Explicit`` axes each product comes back sharded
+    as its argument (``h``, ``W``, ``b``) and the loss replicated.
 
     Args:
         hidden: ``[..., D]`` features ``h``.
@@ -837,11 +926,40 @@ def linear_softmax_cross_entropy_ggn_vp(
         raise ValueError("at least one of the tangents must be given (not None).")
     if tangents[2] is not None and bias is None:
         raise ValueError("a bias tangent needs a bias.")
+    mesh = _explicit_mesh(hidden, weight, labels, tuple(tangents), bias, where)
+    if mesh is not None:
+        options = dict(
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            row_chunk_size=row_chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+
+        def on_auto_axes(hidden, weight, labels, tangents, bias, where):
+            return linear_softmax_cross_entropy_ggn_vp(
+                hidden, weight, labels, tangents, bias=bias, where=where, **options
+            )
+
+        # Each product is laid out as its argument, whatever the layout of its tangent.
+        specs = [
+            None if tangent is None else PartitionSpec(*_spec(x, jnp.ndim(x)))
+            for tangent, x in zip(tangents, (hidden, weight, bias), strict=True)
+        ]
+        run = _on_auto_axes(on_auto_axes, mesh, (PartitionSpec(), tuple(specs)))
+        return run(hidden, weight, labels, tuple(tangents), bias, where)
     batch_shape = jnp.shape(hidden)[:-1]
     out_dtypes = [jnp.result_type(x) for x in (hidden, weight)]
     out_dtypes.append(None if bias is None else jnp.result_type(bias))
     hidden, weight, labels, bias, mask, config = _prepare(
-        hidden, weight, labels, bias, where, label_smoothing, z_loss, row_chunk_size,
+        hidden,
+        weight,
+        labels,
+        bias,
+        where,
+        label_smoothing,
+        z_loss,
+        row_chunk_size,
         vocab_chunk_size,
     )
     shapes = ((*batch_shape, hidden.shape[-1]), weight.shape, bias.shape)
@@ -850,8 +968,9 @@ def linear_softmax_cross_entropy_ggn_vp(
         if tangent is not None:
             tangent = jnp.asarray(tangent)
             if tangent.shape != tuple(shape):
-                raise ValueError(f"the {name} tangent must have shape {tuple(shape)}, got "
-                                 f"{tangent.shape}.")
+                raise ValueError(
+                    f"the {name} tangent must have shape {tuple(shape)}, got {tangent.shape}."
+                )
             if not jnp.issubdtype(tangent.dtype, jnp.floating):
                 raise TypeError(f"the {name} tangent must be floating point.")
         checked.append(tangent)
