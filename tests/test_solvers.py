@@ -242,15 +242,7 @@ def test_core_traces_once_per_shape():
     # chex counts traces of the uncompiled core: new data, l2, tol and max_iter reuse it.
     core = jax.jit(
         chex.assert_max_traces(fit_module._fit.__wrapped__, n=1),
-        static_argnames=(
-            "num_classes",
-            "fit_intercept",
-            "reference_class",
-            "penalised",
-            "checked",
-            "solver",
-            "verbose",
-        ),
+        static_argnames=fit_module.FIT_STATIC_ARGNAMES,
     )
     rng = np.random.default_rng(5)
     static = dict(

@@ -259,18 +259,19 @@ def _initial_theta(objective: LogisticObjective, init) -> jax.Array:
     return objective.restrict(weights, intercept)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "num_classes",
-        "fit_intercept",
-        "reference_class",
-        "penalised",
-        "checked",
-        "solver",
-        "verbose",
-    ),
+# The arguments of `_fit` that are compile-time constants: one program per combination.
+FIT_STATIC_ARGNAMES = (
+    "num_classes",
+    "fit_intercept",
+    "reference_class",
+    "penalised",
+    "checked",
+    "solver",
+    "verbose",
 )
+
+
+@functools.partial(jax.jit, static_argnames=FIT_STATIC_ARGNAMES)
 def _fit(
     X,
     labels,
