@@ -242,17 +242,61 @@ def test_core_traces_once_per_shape():
     # chex counts traces of the uncompiled core: new data, l2, tol and max_iter reuse it.
     core = jax.jit(
         chex.assert_max_traces(fit_module._fit.__wrapped__, n=1),
-        static_argnames=("num_classes", "fit_intercept", "reference_class", "solver", "verbose"),
+        static_argnames=fit_module.FIT_STATIC_ARGNAMES,
     )
     rng = np.random.default_rng(5)
     static = dict(
-        num_classes=3, fit_intercept=True, reference_class=False, solver=NewtonCG(), verbose=False
+        num_classes=3,
+        fit_intercept=True,
+        reference_class=False,
+        penalised=False,
+        checked=False,
+        solver=NewtonCG(),
+        verbose=False,
     )
     for seed, l2 in ((0, 0.1), (1, 0.01)):
         rng = np.random.default_rng(seed)
         features, labels = rng.normal(size=(50, 4)), rng.integers(0, 3, 50)
         result = core(features, labels, np.ones(50), l2, None, 1e-8, 100, **static)
         assert result.status == Status.CONVERGED
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_known_penalty_and_checked_input_leave_their_parts_out(multiclass, solver):
+    """A concrete l2 > 0 and concrete input build a smaller program with the same fit.
+
+    The unpenalised-only parts (separation certificate, minimum-norm `lax.cond`) and the
+    in-jit input status are left out; a traced l2 (here under `jit`) keeps them.
+    """
+    features, labels, sample_weight = multiclass
+    args = (features, labels, sample_weight, 0.05, None, 1e-10, 100)
+    lean = dict(
+        num_classes=3,
+        fit_intercept=True,
+        reference_class=False,
+        solver=fit_module._resolve_solver(solver),
+    )
+    lean_text = fit_module._fit.lower(
+        *args, **lean, penalised=True, checked=True, verbose=False
+    ).as_text()
+    general_text = fit_module._fit.lower(
+        *args, **lean, penalised=False, checked=False, verbose=False
+    ).as_text()
+    # The minimum-norm projection's `lax.cond` is gone (solvers keep their own conds).
+    assert lean_text.count("stablehlo.case") < general_text.count("stablehlo.case")
+    assert len(lean_text) < 0.9 * len(general_text)
+    direct = fit_logistic_regression(
+        features, labels, 3, sample_weight=sample_weight, l2=0.05, solver=solver, tol=1e-10
+    )
+    traced = jax.jit(
+        lambda l2: fit_logistic_regression(
+            features, labels, 3, sample_weight=sample_weight, l2=l2, solver=solver, tol=1e-10
+        )
+    )(0.05)
+    assert direct.status == traced.status == Status.CONVERGED
+    # Both stop at |g| <= 1e-10: the optimum is determined to about tol / l2 = 2e-9.
+    for ours, general in zip(direct.params, traced.params, strict=True):
+        np.testing.assert_allclose(ours, general, rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -406,7 +450,9 @@ def test_verbose_prints_one_timed_line_per_iteration(capsys, solver):
 
 def test_host_callbacks_only_when_verbose():
     features, labels = np.zeros((5, 2)), np.arange(5) % 3
-    static = dict(num_classes=3, fit_intercept=True, reference_class=False)
+    static = dict(
+        num_classes=3, fit_intercept=True, reference_class=False, penalised=False, checked=False
+    )
     for solver in (Newton(), NewtonCG(), TrustRegion()):
         for verbose in (False, True):
             lowered = fit_module._fit.lower(

@@ -153,9 +153,7 @@ def test_sparse_fit_compiles_once_per_shape():
     original = _fit._fit
     _fit._fit = jax.jit(
         traced,
-        static_argnames=(
-            "num_classes", "fit_intercept", "reference_class", "solver", "verbose"
-        ),
+        static_argnames=_fit.FIT_STATIC_ARGNAMES,
     )
     try:
         for X in (matrix, other):

@@ -55,6 +55,9 @@ class LogisticObjective:
         num_classes: K (static).
         fit_intercept: whether b is a free parameter (static).
         reference_class: whether class 0's column and intercept are fixed at zero (static).
+        penalised: whether l2 > 0 is known when the program is built (static). Then the parts
+            that only an unpenalised fit needs (the separation certificate, the minimum-norm
+            projection) are left out of the compiled program; False means l2 may be 0.
     """
 
     features: jax.Array | sparse.BCOO
@@ -64,6 +67,7 @@ class LogisticObjective:
     num_classes: int = dataclasses.field(metadata={"static": True})
     fit_intercept: bool = dataclasses.field(default=True, metadata={"static": True})
     reference_class: bool = dataclasses.field(default=False, metadata={"static": True})
+    penalised: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def num_features(self) -> int:
@@ -168,6 +172,8 @@ class LogisticObjective:
 
     def diverged(self, evaluation: Evaluation, predictor: jax.Array) -> jax.Array:
         """l2 = 0 and the logits separate the data (`separated`): no finite optimum exists."""
+        if self.penalised:
+            return jnp.zeros((), bool)
         return (self.l2 == 0) & separated(self, predictor)
 
     def hessian(self, evaluation: Evaluation) -> jax.Array:
@@ -423,6 +429,7 @@ def logistic_objective(
     l2: float | ArrayLike = 0.0,
     fit_intercept: bool = True,
     reference_class: bool = False,
+    penalised: bool = False,
 ) -> LogisticObjective:
     """Build the penalised multinomial logistic objective (no validation; see the solvers').
 
@@ -436,6 +443,7 @@ def logistic_objective(
         l2: L2 strength on W, `1 / (C·Σw)` in scikit-learn's terms; 0 for no penalty.
         fit_intercept: whether to fit the unpenalised intercept b.
         reference_class: fix class 0's column of W and intercept at zero.
+        penalised: l2 is known to be positive (a static promise, `LogisticObjective.penalised`).
 
     Returns:
         A `LogisticObjective` pytree.
@@ -461,6 +469,7 @@ def logistic_objective(
         num_classes=num_classes,
         fit_intercept=fit_intercept,
         reference_class=reference_class,
+        penalised=penalised,
     )
 
 

@@ -37,10 +37,11 @@ def minimum_norm(objective: LogisticObjective, theta: jax.Array) -> jax.Array:
     orthogonal projector onto null(X̃ᵀŴX̃): the same logits on every weighted row, so the same
     objective, and the least norm among all optima. With l2 > 0 the optimum is unique and θ is
     returned unchanged. Cost: one Gram (O(N·d̃²)) and two O(d̃³) factorisations, only when
-    l2 = 0 (a `lax.cond`) and d̃ <= MAX_PROJECTED_COLUMNS.
+    l2 = 0 (a `lax.cond`) and d̃ <= MAX_PROJECTED_COLUMNS; nothing at all, not even in the
+    compiled program, when the objective is statically `penalised`.
     """
     rows = objective.num_features + int(objective.fit_intercept)
-    if rows > MAX_PROJECTED_COLUMNS:
+    if objective.penalised or rows > MAX_PROJECTED_COLUMNS:
         return theta
 
     def project(theta):

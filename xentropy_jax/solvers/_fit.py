@@ -37,7 +37,14 @@ def _resolve_solver(solver: str | Solver) -> Solver:
     )
 
 
-def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init):
+def _validate(
+    X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
+) -> bool:
+    """Raise on bad input that is concrete here; whether labels, weights and l2 all were.
+
+    When they were (True), the in-`jit` input status (`_input_status`) can only say CONVERGED
+    and is left out of the compiled fit.
+    """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
@@ -120,6 +127,7 @@ def _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max
                 f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
                 "have no finite optimum; drop those classes or lower num_classes"
             )
+    return weights_here and _is_concrete(l2)
 
 
 def _addressable(*values) -> bool:
@@ -251,10 +259,19 @@ def _initial_theta(objective: LogisticObjective, init) -> jax.Array:
     return objective.restrict(weights, intercept)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("num_classes", "fit_intercept", "reference_class", "solver", "verbose"),
+# The arguments of `_fit` that are compile-time constants: one program per combination.
+FIT_STATIC_ARGNAMES = (
+    "num_classes",
+    "fit_intercept",
+    "reference_class",
+    "penalised",
+    "checked",
+    "solver",
+    "verbose",
 )
+
+
+@functools.partial(jax.jit, static_argnames=FIT_STATIC_ARGNAMES)
 def _fit(
     X,
     labels,
@@ -267,6 +284,8 @@ def _fit(
     num_classes,
     fit_intercept,
     reference_class,
+    penalised,
+    checked,
     solver,
     verbose,
 ) -> FitResult:
@@ -278,9 +297,15 @@ def _fit(
         l2=l2,
         fit_intercept=fit_intercept,
         reference_class=reference_class,
+        penalised=penalised,
     )
     theta = _initial_theta(objective, init)
-    invalid = _input_status(objective, sample_weight, l2)
+    # Input checked at the boundary (concrete there): its status can only be CONVERGED.
+    invalid = (
+        jnp.asarray(Status.CONVERGED, jnp.int32)
+        if checked
+        else _input_status(objective, sample_weight, l2)
+    )
 
     def minimize(objective, theta, tol, max_iter):
         return solver.minimize(objective, theta, tol=tol, max_iter=max_iter, verbose=verbose)
@@ -454,7 +479,9 @@ def fit_logistic_regression(
         True
     """
     config = _resolve_solver(solver)
-    _validate(X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init)
+    checked = _validate(
+        X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
+    )
     _check_explicit_hessian_fits(config, X, num_classes, fit_intercept, reference_class)
     features = with_auto_axes(as_features(X))
     result = _fit(
@@ -468,6 +495,10 @@ def fit_logistic_regression(
         num_classes=int(num_classes),
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
+        # l2 known positive: the program leaves out what only l2 = 0 needs (smaller, faster
+        # to compile); a traced l2 keeps it, as 0 is then possible.
+        penalised=_is_concrete(l2) and bool(np.all(np.asarray(l2) > 0)),
+        checked=checked,
         solver=config,
         verbose=bool(verbose),
     )
