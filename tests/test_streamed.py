@@ -182,3 +182,23 @@ def test_streamed_collinear_unpenalised_fit_is_the_minimum_norm_optimum(files, p
             collinear, y, K, sample_weight=weights, tol=1e-10, chunk_rows=700
         )
     np.testing.assert_allclose(sliced.params[0], whole.params[0], rtol=0, atol=1e-8)
+
+
+def test_sparse_rows_are_densified_chunk_by_chunk(files):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    (X, y, weights), _ = files
+    thinned = np.where(np.abs(X) > 1.0, X, 0.0)  # about half the entries zero
+    matrix = scipy_sparse.csr_matrix(thinned)
+    whole = xj.fit_logistic_regression(thinned, y, K, sample_weight=weights, l2=1e-3, tol=1e-10)
+    sliced = xj.fit_logistic_regression_streamed(
+        matrix, y, K, sample_weight=weights, l2=1e-3, tol=1e-10, chunk_rows=1100
+    )
+    iterated = xj.fit_logistic_regression_streamed(
+        [(matrix[:2000], y[:2000], weights[:2000]), (matrix[2000:], y[2000:], weights[2000:])],
+        num_classes=K,
+        l2=1e-3,
+        tol=1e-10,
+    )
+    for streamed in (sliced, iterated):
+        assert abs(float(streamed.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
+        np.testing.assert_allclose(streamed.params[0], whole.params[0], rtol=0, atol=1e-8)

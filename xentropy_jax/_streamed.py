@@ -51,6 +51,15 @@ _sources: dict[tuple, _ChunkSource] = {}
 _sources_lock = threading.Lock()
 
 
+def dense_rows(X) -> np.ndarray:
+    """A chunk of rows as a dense NumPy array (a SciPy sparse matrix or a BCOO is densified)."""
+    if hasattr(X, "toarray"):  # SciPy sparse
+        return np.asarray(X.toarray())
+    if hasattr(X, "todense") and hasattr(X, "indices"):  # jax.experimental.sparse.BCOO
+        return np.asarray(X.todense())
+    return np.asarray(X)
+
+
 class _ChunkSource:
     """What the compiled loop asks of a source: fixed chunk shapes, chunk `index` on the host.
 
@@ -90,7 +99,7 @@ class _ChunkSource:
         padded_X = np.zeros((self.chunk_rows, self.num_features), self.dtype)
         padded_labels = np.zeros(self.chunk_rows, np.int32)
         padded_weights = np.zeros(self.chunk_rows, self.dtype)
-        padded_X[:rows] = X
+        padded_X[:rows] = dense_rows(X)
         padded_labels[:rows] = labels
         padded_weights[:rows] = 1.0 if weights is None else weights
         return padded_X, padded_labels, padded_weights
@@ -131,7 +140,10 @@ class _ChunkSource:
 
 
 class RowChunks(_ChunkSource):
-    """Rows of (X, labels, weights) sliced `chunk_rows` at a time, the last chunk zero-padded."""
+    """Rows of (X, labels, weights) sliced `chunk_rows` at a time, the last chunk zero-padded.
+
+    X may be sparse (a SciPy CSR matrix): each chunk is densified when it is read.
+    """
 
     def __init__(self, X, labels, weights, chunk_rows: int, dtype) -> None:
         super().__init__()
@@ -162,7 +174,7 @@ class RowChunks(_ChunkSource):
         for index in range(self.num_chunks):
             start, rows = self._slice(index)
             weights = None if self.weights is None else np.asarray(self.weights[rows])
-            yield start, np.asarray(self.X[rows]), np.asarray(self.labels[rows]), weights
+            yield start, dense_rows(self.X[rows]), np.asarray(self.labels[rows]), weights
 
 
 # Iterators over the chunks of one source kept open at once (passes that overlap in time).
@@ -225,7 +237,7 @@ class IteratedChunks(_ChunkSource):
                 f"chunk {index} is {type(item).__name__}: each chunk must be a tuple "
                 "(X_chunk, labels_chunk) or (X_chunk, labels_chunk, weights_chunk)"
             )
-        X, labels = np.asarray(item[0]), np.asarray(item[1])
+        X, labels = dense_rows(item[0]), np.asarray(item[1])
         weights = None if len(item) == 2 or item[2] is None else np.asarray(item[2])
         if X.ndim != 2 or X.shape[0] < 1:
             raise ValueError(f"chunk {index}: X must be 2-D with rows, got shape {X.shape}")

@@ -153,8 +153,8 @@ def fit_logistic_regression_streamed(
     The rows come in one of two forms:
 
     * X (and labels, sample_weight) sliceable by rows, such as a memory-mapped array
-      (``np.load("X.npy", mmap_mode="r")``), an HDF5 or a zarr dataset, read `chunk_rows` rows at
-      a time;
+      (``np.load("X.npy", mmap_mode="r")``), an HDF5 or a zarr dataset, a SciPy CSR matrix, read
+      `chunk_rows` rows at a time;
     * X a source of chunks, each a tuple (X_c [m_c, d], labels_c [m_c]) or (X_c, labels_c,
       weights_c), with labels and sample_weight left out: a function that returns a fresh
       iterator over the chunks each time it is called (a generator function, or e.g.
@@ -162,7 +162,8 @@ def fit_logistic_regression_streamed(
       range(n))``), or an iterable that starts over when iterated again (a list). A one-shot
       generator is refused (`TypeError`): every pass needs the chunks again. Chunks may have
       different lengths; each is padded to the longest with zero-weight rows, so one program is
-      compiled (`chunk_rows` does not apply). Every pass must give the same chunks: their shapes
+      compiled (`chunk_rows` does not apply). Sparse chunks (SciPy, BCOO) are densified one by
+      one. Every pass must give the same chunks: their shapes
       are checked at each pass, their values only in the checking pass.
 
     The solver runs as one compiled program; each pass over the data reads the chunks one after
