@@ -150,10 +150,28 @@ def child_process(rank: int, processes: int, port: int, args) -> dict:
 
 
 def child_in_memory(args) -> dict:
+    """One fit of the rows in memory, X built on the device block by block (one copy of X)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
     import xentropy_jax as xj
 
     start = time.perf_counter()
-    X, y = _rows(0, -(-args.rows // _block_rows(args.rows)), args)
+    put = jax.jit(
+        lambda whole, block, at: lax.dynamic_update_slice(
+            whole, block, (at,) + (0,) * (block.ndim - 1)
+        ),
+        donate_argnums=0,
+    )
+    X = jnp.zeros((args.rows, args.features), jnp.float32)
+    y = jnp.zeros((args.rows,), jnp.int32)
+    block = _block_rows(args.rows)
+    for index in range(-(-args.rows // block)):
+        X_block, y_block = _block(index, args.rows, args.features, args.classes)
+        X = put(X, X_block, index * block)
+        y = put(y, y_block.astype(np.int32), index * block)
     made = time.perf_counter() - start
     start = time.perf_counter()
     result = xj.fit_logistic_regression(X, y, args.classes, l2=L2, tol=TOL)
