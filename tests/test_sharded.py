@@ -137,3 +137,14 @@ def test_estimator_splits_rows_over_devices(report):
     coef, n_iter, n_iter_one = report["estimator"]
     assert coef <= 1e-10 and n_iter == n_iter_one
     assert report["too_many"] is not None and "available" in report["too_many"]
+
+
+def test_estimator_refuses_to_split_sparse_rows_over_devices():
+    import scipy.sparse
+
+    from xentropy_jax.sklearn import LogisticRegression
+
+    X = scipy.sparse.random(40, 5, density=0.3, format="csr", random_state=0)
+    y = [0, 1, 2, 0] * 10
+    with pytest.raises(ValueError, match="devices= splits dense X only"):
+        LogisticRegression(devices=1).fit(X, y)

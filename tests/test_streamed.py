@@ -79,3 +79,126 @@ def test_streamed_input_errors_name_the_rows(files):
         xj.fit_logistic_regression_streamed(X, y + 1, K, chunk_rows=1024)
     with pytest.raises(ValueError, match="chunk_rows"):
         xj.fit_logistic_regression_streamed(X, y, K, chunk_rows=0)
+
+
+def _ragged_chunks(X, y, weights, sizes):
+    """A generator function: a fresh pass over chunks of the given lengths at each call."""
+    bounds = np.cumsum([0, *sizes])
+    assert bounds[-1] == len(y)
+
+    def chunks():
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            yield X[start:stop], y[start:stop], weights[start:stop]
+
+    return chunks
+
+
+RAGGED = [700, 1000, 300, 650, 350]  # the longest first, last one short: padded to 1000 rows
+
+
+@pytest.mark.parametrize("settings", CASES[:2], ids=["newton-cg", "newton-reference"])
+def test_fit_from_an_iterator_of_ragged_chunks_equals_the_in_memory_fit(files, settings, capsys):
+    (X, y, weights), mapped = files
+    whole = xj.fit_logistic_regression(X, y, K, sample_weight=weights, tol=1e-10, **settings)
+    # Chunks of memory-mapped rows, from a generator function (one iterator per pass).
+    chunks = _ragged_chunks(mapped["X"], mapped["y"], mapped["w"], RAGGED)
+    streamed = xj.fit_logistic_regression_streamed(
+        chunks, num_classes=K, tol=1e-10, verbose=True, **settings
+    )
+    assert bool(streamed.converged)
+    assert int(streamed.n_iter) == int(whole.n_iter)
+    assert abs(float(streamed.loss) - float(whole.loss)) <= 1e-8 * abs(float(whole.loss))
+    for ours, reference in zip(streamed.params, whole.params, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-8)
+    assert "passes over 5 chunks of 1000 rows" in capsys.readouterr().out
+
+
+def test_fit_from_a_list_of_chunks_and_a_one_shot_generator_is_refused(files):
+    (X, y, weights), _ = files
+    chunks = _ragged_chunks(X, y, weights, [1200, 1200, 600])
+    whole = xj.fit_logistic_regression(X, y, K, sample_weight=weights, l2=1e-2, tol=1e-10)
+    listed = xj.fit_logistic_regression_streamed(list(chunks()), num_classes=K, l2=1e-2, tol=1e-10)
+    assert abs(float(listed.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
+    with pytest.raises(TypeError, match="one-shot iterator.*function that returns a fresh"):
+        xj.fit_logistic_regression_streamed(chunks(), num_classes=K)
+    with pytest.raises(ValueError, match="labels and weights come in the chunks"):
+        xj.fit_logistic_regression_streamed(chunks, y, K)
+    with pytest.raises(ValueError, match="num_classes=K"):
+        xj.fit_logistic_regression_streamed(chunks, K)
+
+
+def test_chunk_errors_name_the_rows_and_changed_chunks_are_caught(files):
+    (X, y, weights), _ = files
+    bad = y.copy()
+    bad[1500] = K
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) \(rows 1200 to 2399\)"):
+        xj.fit_logistic_regression_streamed(
+            _ragged_chunks(X, bad, weights, [1200, 1200, 600]), num_classes=K
+        )
+    calls = []
+
+    def shrinking():  # the second pass gives a chunk of another length
+        calls.append(None)
+        size = 1200 if len(calls) == 1 else 1100
+        yield X[:size], y[:size]
+        yield X[size:], y[size:]
+
+    with pytest.raises(Exception, match="every pass must give the same chunks"):
+        xj.fit_logistic_regression_streamed(shrinking, num_classes=K, l2=1e-2)
+
+
+def _collinear(X):
+    groups = np.random.default_rng(1).integers(0, 3, len(X))
+    return {
+        # Column 8 is 3 × column 2: with l2 = 0 only W[2] + 3·W[8] is identified.
+        "scaled copy": (np.concatenate([X, 3 * X[:, 2:3]], axis=1), "2, 8"),
+        # Three dummies that sum to the intercept's column.
+        "dummies": (np.concatenate([X[:, :5], np.eye(3)[groups]], axis=1), "5, 6, 7, intercept"),
+    }
+
+
+@pytest.mark.parametrize("problem", ["scaled copy", "dummies"])
+def test_streamed_collinear_unpenalised_fit_is_the_minimum_norm_optimum(files, problem):
+    (X, y, weights), _ = files
+    collinear, named = _collinear(X)[problem]
+    with pytest.warns(xj.CollinearityWarning, match=rf"columns \[{named}\]") as whole_warning:
+        whole = xj.fit_logistic_regression(collinear, y, K, sample_weight=weights, tol=1e-10)
+    with pytest.warns(xj.CollinearityWarning) as streamed_warning:
+        streamed = xj.fit_logistic_regression_streamed(
+            _ragged_chunks(collinear, y, weights, [1000, 1200, 800]), num_classes=K, tol=1e-10
+        )
+    assert str(streamed_warning[0].message) == str(whole_warning[0].message)
+    assert int(streamed.n_iter) == int(whole.n_iter)
+    assert abs(float(streamed.loss) - float(whole.loss)) <= 1e-8 * abs(float(whole.loss))
+    for ours, reference in zip(streamed.params, whole.params, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-8)
+    if problem == "scaled copy":  # the least-norm split of W[2] + 3·W[8]: W[8] = 3·W[2]
+        np.testing.assert_allclose(
+            streamed.params[0][8], 3 * streamed.params[0][2], rtol=0, atol=1e-8
+        )
+    # The same from sliceable rows.
+    with pytest.warns(xj.CollinearityWarning, match=rf"columns \[{named}\]"):
+        sliced = xj.fit_logistic_regression_streamed(
+            collinear, y, K, sample_weight=weights, tol=1e-10, chunk_rows=700
+        )
+    np.testing.assert_allclose(sliced.params[0], whole.params[0], rtol=0, atol=1e-8)
+
+
+def test_sparse_rows_are_densified_chunk_by_chunk(files):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    (X, y, weights), _ = files
+    thinned = np.where(np.abs(X) > 1.0, X, 0.0)  # about half the entries zero
+    matrix = scipy_sparse.csr_matrix(thinned)
+    whole = xj.fit_logistic_regression(thinned, y, K, sample_weight=weights, l2=1e-3, tol=1e-10)
+    sliced = xj.fit_logistic_regression_streamed(
+        matrix, y, K, sample_weight=weights, l2=1e-3, tol=1e-10, chunk_rows=1100
+    )
+    iterated = xj.fit_logistic_regression_streamed(
+        [(matrix[:2000], y[:2000], weights[:2000]), (matrix[2000:], y[2000:], weights[2000:])],
+        num_classes=K,
+        l2=1e-3,
+        tol=1e-10,
+    )
+    for streamed in (sliced, iterated):
+        assert abs(float(streamed.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
+        np.testing.assert_allclose(streamed.params[0], whole.params[0], rtol=0, atol=1e-8)

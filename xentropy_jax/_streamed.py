@@ -1,9 +1,11 @@
 """The logistic objective over rows streamed in chunks: X never sits in memory at once.
 
 `StreamedLogisticObjective` implements the `Objective` protocol on top of `LogisticObjective`:
-every method is one pass over the chunks, each chunk read from the host (a memory-mapped
-``.npy`` file, an HDF5 or zarr dataset: anything sliceable by rows) through a
+every method is one pass over the chunks, each chunk read from the host through a
 `jax.pure_callback` inside the compiled loop, and handed to the in-memory objective's functions.
+The chunks come from a `RowChunks` (slices of arrays sliceable by rows: a memory-mapped ``.npy``
+file, an HDF5 or zarr dataset) or an `IteratedChunks` (a fresh iterator of row chunks per pass,
+padded to the longest chunk with zero-weight rows).
 The probabilities of the current iterate are recomputed per chunk instead of being stored, so
 memory is O(chunk_rows·(d + K) + P), whatever N is:
 
@@ -20,6 +22,7 @@ objective's sums exactly (up to the order of additions).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import threading
 from typing import Any, NamedTuple
@@ -44,65 +47,70 @@ from ._linear import (
 )
 
 _MAX_SOURCES = 8
-_sources: dict[tuple, RowChunks] = {}
+_sources: dict[tuple, _ChunkSource] = {}
 _sources_lock = threading.Lock()
 
 
-class RowChunks:
-    """Rows of (X, labels, weights) read `chunk_rows` at a time, the last chunk zero-padded.
+def dense_rows(X) -> np.ndarray:
+    """A chunk of rows as a dense NumPy array (a SciPy sparse matrix or a BCOO is densified)."""
+    if hasattr(X, "toarray"):  # SciPy sparse
+        return np.asarray(X.toarray())
+    if hasattr(X, "todense") and hasattr(X, "indices"):  # jax.experimental.sparse.BCOO
+        return np.asarray(X.todense())
+    return np.asarray(X)
 
-    Hashable by the identity of its arrays (a compiled fit is specialised to one source), and
-    counts the chunks it has read (`passes` = reads / chunks).
+
+class _ChunkSource:
+    """What the compiled loop asks of a source: fixed chunk shapes, chunk `index` on the host.
+
+    Subclasses set num_rows, num_features, chunk_rows, num_chunks and dtype, and implement
+    `rows` (chunk `index`, zero-padded to `chunk_rows`) and `checked` (one pass of the raw
+    chunks, for the input checks). Hashable by `_key` (a compiled fit is specialised to one
+    source), and counts the chunks it has read (`passes` = reads / chunks).
     """
 
-    def __init__(self, X, labels, weights, chunk_rows: int, dtype) -> None:
-        self.X, self.labels, self.weights = X, labels, weights
-        self.num_rows, self.num_features = X.shape
-        self.chunk_rows = int(min(chunk_rows, self.num_rows))
-        self.num_chunks = -(-self.num_rows // self.chunk_rows)
-        self.dtype = np.dtype(dtype)
+    num_rows: int
+    num_features: int
+    chunk_rows: int
+    num_chunks: int
+    dtype: np.dtype
+
+    def __init__(self) -> None:
         self.reads = 0
         self._lock = threading.Lock()
 
-    @classmethod
-    def of(cls, X, labels, weights, chunk_rows: int, dtype) -> RowChunks:
-        """The source of these arrays: the same object for the same arrays and settings.
-
-        A compiled fit keeps the source it was traced with; handing back that object keeps
-        its read count (`passes`) the one that the compiled program updates.
-        """
-        source = cls(X, labels, weights, chunk_rows, dtype)
-        with _sources_lock:
-            source = _sources.setdefault(source._key(), source)
-            while len(_sources) > _MAX_SOURCES:
-                _sources.pop(next(iter(_sources)))
-        return source
-
     def _key(self) -> tuple:
-        return (id(self.X), id(self.labels), id(self.weights), self.chunk_rows, self.dtype.str)
+        raise NotImplementedError
 
     def __hash__(self) -> int:
         return hash(self._key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RowChunks) and self._key() == other._key()
+        return type(other) is type(self) and self._key() == other._key()
 
     @property
     def passes(self) -> float:
         """Full passes over the rows read so far."""
         return self.reads / self.num_chunks
 
+    def _padded(self, X, labels, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One chunk of m <= chunk_rows rows, followed by chunk_rows − m rows of weight 0."""
+        rows = len(labels)
+        padded_X = np.zeros((self.chunk_rows, self.num_features), self.dtype)
+        padded_labels = np.zeros(self.chunk_rows, np.int32)
+        padded_weights = np.zeros(self.chunk_rows, self.dtype)
+        padded_X[:rows] = dense_rows(X)
+        padded_labels[:rows] = labels
+        padded_weights[:rows] = 1.0 if weights is None else weights
+        return padded_X, padded_labels, padded_weights
+
     def rows(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chunk `index` on the host: X [chunk_rows, d], labels, weights (zero-padded)."""
-        start = index * self.chunk_rows
-        stop = min(start + self.chunk_rows, self.num_rows)
-        X = np.zeros((self.chunk_rows, self.num_features), self.dtype)
-        labels = np.zeros(self.chunk_rows, np.int32)
-        weights = np.zeros(self.chunk_rows, self.dtype)
-        X[: stop - start] = self.X[start:stop]
-        labels[: stop - start] = self.labels[start:stop]
-        weights[: stop - start] = 1.0 if self.weights is None else self.weights[start:stop]
-        return X, labels, weights
+        raise NotImplementedError
+
+    def checked(self):
+        """One pass over the raw chunks: (first row, X, labels, weights or None) on the host."""
+        raise NotImplementedError
 
     def read(self, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`rows` for the host callback, counting the read."""
@@ -117,6 +125,185 @@ class RowChunks:
             jax.ShapeDtypeStruct((rows,), np.int32),
             jax.ShapeDtypeStruct((rows,), self.dtype),
         )
+
+    def interned(self) -> _ChunkSource:
+        """The source with this key already known, else this one.
+
+        A compiled fit keeps the source it was traced with; handing back that object keeps
+        its read count (`passes`) the one that the compiled program updates.
+        """
+        with _sources_lock:
+            source = _sources.setdefault(self._key(), self)
+            while len(_sources) > _MAX_SOURCES:
+                _sources.pop(next(iter(_sources)))
+        return source
+
+
+class RowChunks(_ChunkSource):
+    """Rows of (X, labels, weights) sliced `chunk_rows` at a time, the last chunk zero-padded.
+
+    X may be sparse (a SciPy CSR matrix): each chunk is densified when it is read.
+    """
+
+    def __init__(self, X, labels, weights, chunk_rows: int, dtype) -> None:
+        super().__init__()
+        self.X, self.labels, self.weights = X, labels, weights
+        self.num_rows, self.num_features = X.shape
+        self.chunk_rows = int(min(chunk_rows, self.num_rows))
+        self.num_chunks = -(-self.num_rows // self.chunk_rows)
+        self.dtype = np.dtype(dtype)
+
+    @classmethod
+    def of(cls, X, labels, weights, chunk_rows: int, dtype) -> RowChunks:
+        """The source of these arrays: the same object for the same arrays and settings."""
+        return cls(X, labels, weights, chunk_rows, dtype).interned()
+
+    def _key(self) -> tuple:
+        return (id(self.X), id(self.labels), id(self.weights), self.chunk_rows, self.dtype.str)
+
+    def _slice(self, index: int) -> tuple[int, slice]:
+        start = index * self.chunk_rows
+        return start, slice(start, min(start + self.chunk_rows, self.num_rows))
+
+    def rows(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, rows = self._slice(index)
+        weights = None if self.weights is None else self.weights[rows]
+        return self._padded(self.X[rows], self.labels[rows], weights)
+
+    def checked(self):
+        for index in range(self.num_chunks):
+            start, rows = self._slice(index)
+            weights = None if self.weights is None else np.asarray(self.weights[rows])
+            yield start, dense_rows(self.X[rows]), np.asarray(self.labels[rows]), weights
+
+
+# Iterators over the chunks of one source kept open at once (passes that overlap in time).
+_MAX_OPEN_PASSES = 4
+
+
+def is_chunk_iterable(X: Any) -> bool:
+    """Whether X is a source of chunks (a function returning an iterator, or an iterable).
+
+    Anything with a `shape` is an array sliceable by rows instead.
+    """
+    if hasattr(X, "shape"):
+        return False
+    return callable(X) or isinstance(X, collections.abc.Iterable)
+
+
+class IteratedChunks(_ChunkSource):
+    """Row chunks (X_c, labels_c) or (X_c, labels_c, weights_c) from a fresh iterator per pass.
+
+    `chunks` is a function returning a new iterator over the chunks (such as a generator
+    function), or an iterable that starts over each time it is iterated (a list, a tuple, an
+    object with `__iter__`). A one-shot iterator is refused: a Newton fit reads the data many
+    times. The layout (number of chunks, their lengths, d, dtype) is learnt by the checking pass
+    (`checked`); every later pass must give the same chunks. The compiled chunk is as long as
+    the longest chunk, and shorter chunks are padded with rows of weight 0.
+
+    Chunks are asked for in order within a pass; passes that overlap in time each get their own
+    iterator (a few are kept open), and a chunk asked for out of order is reached by skipping.
+    """
+
+    def __init__(self, chunks, x64: bool) -> None:
+        super().__init__()
+        if not callable(chunks) and iter(chunks) is chunks:
+            raise TypeError(
+                "the chunks are a one-shot iterator (a generator, or iter(...)), but a fit reads "
+                "the data once per gradient, per Hessian product and per line-search trial. Pass "
+                "a function that returns a fresh iterator each time it is called (the generator "
+                "function itself, or e.g. `lambda: read_chunks(paths)`), or a list of chunks."
+            )
+        self.chunks = chunks
+        self._x64 = x64
+        self.lengths: tuple[int, ...] = ()
+        self._open: list[list] = []
+
+    def _key(self) -> tuple:
+        return (id(self.chunks), self.lengths, self.num_features, self.dtype.str)
+
+    def _fresh(self):
+        iterator = self.chunks() if callable(self.chunks) else iter(self.chunks)
+        try:
+            return iter(iterator)
+        except TypeError:
+            raise TypeError(
+                f"the chunk function returned {type(iterator).__name__}, not an iterator"
+            ) from None
+
+    def _unpack(self, item, index: int):
+        if not (isinstance(item, tuple | list) and len(item) in (2, 3)):
+            raise TypeError(
+                f"chunk {index} is {type(item).__name__}: each chunk must be a tuple "
+                "(X_chunk, labels_chunk) or (X_chunk, labels_chunk, weights_chunk)"
+            )
+        X, labels = dense_rows(item[0]), np.asarray(item[1])
+        weights = None if len(item) == 2 or item[2] is None else np.asarray(item[2])
+        if X.ndim != 2 or X.shape[0] < 1:
+            raise ValueError(f"chunk {index}: X must be 2-D with rows, got shape {X.shape}")
+        if labels.shape != (X.shape[0],) or (weights is not None and weights.shape != labels.shape):
+            raise ValueError(
+                f"chunk {index}: labels (and weights) must have shape ({X.shape[0]},) to match "
+                f"its X, got {labels.shape}" + ("" if weights is None else f" and {weights.shape}")
+            )
+        return X, labels, weights
+
+    def checked(self):
+        lengths, start = [], 0
+        for index, item in enumerate(self._fresh()):
+            X, labels, weights = self._unpack(item, index)
+            if index == 0:
+                self.num_features = X.shape[1]
+                x64 = self._x64 and X.dtype == np.float64
+                self.dtype = np.dtype(np.float64 if x64 else np.float32)
+            elif X.shape[1] != self.num_features:
+                raise ValueError(
+                    f"chunk {index} has {X.shape[1]} columns, chunk 0 has {self.num_features}"
+                )
+            lengths.append(X.shape[0])
+            yield start, X, labels, weights
+            start += X.shape[0]
+        if not lengths:
+            raise ValueError("the chunks are empty: no rows to fit")
+        self.lengths = tuple(lengths)
+        self.num_rows, self.num_chunks, self.chunk_rows = start, len(lengths), max(lengths)
+
+    def _next(self, index: int):
+        """Chunk `index` from an open iterator standing at it, else from a new one."""
+        at = [entry for entry in self._open if entry[0] <= index]
+        if at:
+            entry = max(at, key=lambda entry: entry[0])
+        else:
+            entry = [0, self._fresh()]
+            self._open.append(entry)
+            del self._open[:-_MAX_OPEN_PASSES]
+        try:
+            while True:
+                item = next(entry[1])
+                entry[0] += 1
+                if entry[0] > index:
+                    break
+        except StopIteration:
+            self._open.remove(entry)
+            raise ValueError(
+                f"the chunks ran out before chunk {index} of {self.num_chunks}: every pass must "
+                "give the same chunks as the first (a function returning a fresh iterator, or a "
+                "re-iterable)"
+            ) from None
+        if entry[0] == self.num_chunks:
+            self._open.remove(entry)
+        return item
+
+    def rows(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._lock:
+            X, labels, weights = self._unpack(self._next(index), index)
+        if X.shape != (self.lengths[index], self.num_features):
+            raise ValueError(
+                f"chunk {index} has shape {X.shape} in this pass but had "
+                f"{(self.lengths[index], self.num_features)} in the first: every pass must give "
+                "the same chunks"
+            )
+        return self._padded(X, labels, weights)
 
 
 class StreamedEvaluation(NamedTuple):
@@ -139,7 +326,7 @@ class StreamedLogisticObjective:
     Attributes:
         l2: scalar L2 strength on W.
         total_weight: Σ w over every row (each chunk's weights are divided by it).
-        source: the `RowChunks` (static).
+        source: the `RowChunks` or `IteratedChunks` (static).
         num_classes, fit_intercept, reference_class: as `LogisticObjective` (static).
     """
 

@@ -41,25 +41,34 @@ def minimum_norm(objective: LogisticObjective, theta: jax.Array) -> jax.Array:
     compiled program, when the objective is statically `penalised`.
     """
     rows = objective.num_features + int(objective.fit_intercept)
-    if objective.penalised or rows > MAX_PROJECTED_COLUMNS:
+    if objective.penalised:
+        return theta
+    return project_minimum_norm(lambda: feature_gram(objective), rows, objective.l2, theta)
+
+
+def project_minimum_norm(gram, rows: int, l2: jax.Array, theta: jax.Array) -> jax.Array:
+    """`minimum_norm` with the Gram X̃ᵀŴX̃ [rows, rows] from `gram()` (called only when l2 = 0).
+
+    For objectives whose Gram is not one matrix product, such as a sum over streamed chunks.
+    """
+    if rows > MAX_PROJECTED_COLUMNS:
         return theta
 
     def project(theta):
-        scale, vectors, null = _scaled_null_space(feature_gram(objective))
+        scale, vectors, null = _scaled_null_space(gram())
         # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
         # of N zeroed and an identity in their place so that the Gram stays invertible.
         basis = scale[:, None] * vectors * null[None, :]
-        gram = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
+        normal = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
         block = theta.reshape(rows, -1)
-        coefficients = jnp.linalg.solve(gram, basis.T @ block)
+        coefficients = jnp.linalg.solve(normal, basis.T @ block)
         return (block - basis @ coefficients).reshape(-1)
 
-    return lax.cond(objective.l2 == 0, project, lambda theta: theta, theta)
+    return lax.cond(l2 == 0, project, lambda theta: theta, theta)
 
 
 @jax.jit
-def _null_vectors(features: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    gram = features.T @ (weights[:, None] * features)
+def _null_vectors(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     _, vectors, null = _scaled_null_space(gram)
     return vectors, null
 
@@ -81,7 +90,12 @@ def collinear_columns(
     weights = jnp.ones(features.shape[0], features.dtype)
     if sample_weight is not None:
         weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
-    vectors, null = (np.asarray(a) for a in _null_vectors(features, weights))
+    return collinear_columns_of_gram(features.T @ (weights[:, None] * features))
+
+
+def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
+    """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] (in X's precision)."""
+    vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram)))
     threshold = np.sqrt(np.finfo(vectors.dtype).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
-    return np.flatnonzero(involved).tolist(), int(features.shape[1] - np.count_nonzero(null))
+    return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

@@ -518,14 +518,22 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
     columns, rank = collinear_columns(dense_features(features), sample_weight, fit_intercept)
+    warn_collinear_columns(columns, rank, features.shape[1], fit_intercept, stacklevel=4)
+
+
+def warn_collinear_columns(
+    columns: list[int], rank: int, num_features: int, fit_intercept: bool, stacklevel: int
+) -> None:
+    """The `CollinearityWarning` naming `columns` (index d is the intercept), if any."""
     if not columns:
         return
-    names = ["intercept" if column == features.shape[1] else str(column) for column in columns]
+    num_columns = num_features + int(fit_intercept)
+    names = ["intercept" if column == num_features else str(column) for column in columns]
     warnings.warn(
         f"The columns [{', '.join(names)}] of X are exactly collinear (rank {rank} of "
         f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and l2 = 0: "
         "their coefficients are not identified, and the fit returns the minimum-norm optimum "
         "(as a pseudo-inverse). Drop redundant columns, or set l2 > 0.",
         CollinearityWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )

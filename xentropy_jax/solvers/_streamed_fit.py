@@ -4,52 +4,68 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from .._streamed import RowChunks, StreamedLogisticObjective
+from .._streamed import (
+    IteratedChunks,
+    RowChunks,
+    StreamedLogisticObjective,
+    _ChunkSource,
+    is_chunk_iterable,
+)
+from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
 from ._convergence import max_abs
-from ._fit import _FLOOR_FACTOR, _resolve_solver
+from ._fit import _FLOOR_FACTOR, _resolve_solver, warn_collinear_columns
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
 
 
-def _scan(source: RowChunks, num_classes: int, fit_intercept: bool) -> tuple[float, np.ndarray]:
+def _scan(
+    source: _ChunkSource, num_classes: int, fit_intercept: bool, gram: bool
+) -> tuple[float, np.ndarray, np.ndarray | None]:
     """One pass on the host: the input checks, the total weight and Σᵢ ŵᵢ·|x_ij| per column.
 
-    The column sums give the precision floor of the tolerance (`attainable_tolerance`).
+    The column sums give the precision floor of the tolerance (`attainable_tolerance`). With
+    `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns.
     """
-    dtype = source.dtype
-    limit = np.sqrt(np.finfo(dtype).max) / 1e3
-    total, scale = 0.0, np.zeros(source.num_features)
-    mass = np.zeros(num_classes)
-    for index in range(source.num_chunks):
-        X, labels, weights = source.rows(index)
-        start = index * source.chunk_rows
-        raw = np.asarray(source.X[start : start + source.chunk_rows])
-        if not np.all(np.isfinite(raw)):
-            raise ValueError(f"X contains NaN or infinity (in rows {start} onwards)")
-        if np.max(np.abs(raw), initial=0) > limit:
+    total, scale, mass, products = 0.0, None, np.zeros(num_classes), None
+    for start, X, labels, weights in source.checked():
+        dtype = source.dtype
+        limit = np.sqrt(np.finfo(dtype).max) / 1e3
+        rows = f"rows {start} to {start + len(labels) - 1}"
+        if not np.issubdtype(X.dtype, np.number):
+            raise TypeError(f"X must be numeric, got dtype {X.dtype} ({rows})")
+        if not np.all(np.isfinite(X)):
+            raise ValueError(f"X contains NaN or infinity (in {rows})")
+        if np.max(np.abs(X), initial=0) > limit:
             raise ValueError(
-                f"X has entries beyond {limit:.3g} (rows {start} onwards): their squares overflow "
+                f"X has entries beyond {limit:.3g} ({rows}): their squares overflow "
                 f"{dtype.name}. Scale the features, or fit in float64."
             )
-        raw_labels = np.asarray(source.labels[start : start + source.chunk_rows])
-        if not np.issubdtype(raw_labels.dtype, np.integer):
-            raise TypeError(f"labels must be integers, got dtype {raw_labels.dtype}")
-        if raw_labels.min() < 0 or raw_labels.max() >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}) (rows {start} onwards)")
-        if source.weights is not None:
-            raw_weights = np.asarray(source.weights[start : start + source.chunk_rows], float)
-            if not np.all(np.isfinite(raw_weights) & (raw_weights >= 0)):
-                raise ValueError("sample_weight must be finite and >= 0")
-        weights = weights.astype(np.float64)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels must be integers, got dtype {labels.dtype} ({rows})")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}) ({rows})")
+        if weights is None:
+            weights = np.ones(len(labels))
+        weights = np.asarray(weights, np.float64)
+        if not np.all(np.isfinite(weights) & (weights >= 0)):
+            raise ValueError(f"sample_weight must be finite and >= 0 ({rows})")
+        X = X.astype(dtype, copy=False)
         total += float(weights.sum())
-        scale += np.abs(X).T.astype(np.float64) @ weights
+        part = np.abs(X).T.astype(np.float64) @ weights
+        scale = part if scale is None else scale + part
         mass += np.bincount(labels, weights=weights, minlength=num_classes)
+        if gram and source.num_features + int(fit_intercept) <= MAX_PROJECTED_COLUMNS:
+            kept = X[weights > 0].astype(np.float64)
+            if fit_intercept:
+                kept = np.concatenate([kept, np.ones((len(kept), 1))], axis=1)
+            products = kept.T @ kept if products is None else products + kept.T @ kept
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
     if fit_intercept and np.any(mass <= 0):
@@ -57,7 +73,7 @@ def _scan(source: RowChunks, num_classes: int, fit_intercept: bool) -> tuple[flo
             f"classes {np.flatnonzero(mass <= 0).tolist()} have no samples: their intercepts "
             "have no finite optimum"
         )
-    return total, scale / total
+    return total, scale / total, products
 
 
 @functools.partial(
@@ -97,7 +113,10 @@ def _fit_streamed(
         tol=jnp.maximum(jnp.asarray(tol, source.dtype), floor),
         max_iter=max_iter,
     )
-    weights, intercept = layout.expand(output.theta)
+    # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
+    rows = source.num_features + int(fit_intercept)
+    theta = project_minimum_norm(objective.feature_gram, rows, objective.l2, output.theta)
+    weights, intercept = layout.expand(theta)
     if not reference_class:
         intercept = intercept - jnp.mean(intercept)
         centred = weights - jnp.mean(weights, axis=1, keepdims=True)
@@ -114,9 +133,9 @@ def _fit_streamed(
 
 
 def fit_logistic_regression_streamed(
-    X: ArrayLike,
-    labels: ArrayLike,
-    num_classes: int,
+    X: ArrayLike | Callable[[], Iterator[tuple]] | Iterable[tuple],
+    labels: ArrayLike | None = None,
+    num_classes: int | None = None,
     *,
     chunk_rows: int = 65_536,
     sample_weight: ArrayLike | None = None,
@@ -131,25 +150,43 @@ def fit_logistic_regression_streamed(
 ) -> FitResult:
     """`fit_logistic_regression` with the rows read in chunks: data larger than memory.
 
-    X (and labels, sample_weight) may be anything sliceable by rows, such as a memory-mapped
-    array (``np.load("X.npy", mmap_mode="r")``), an HDF5 or a zarr dataset. The solver runs as
-    one compiled program; each pass over the data reads the chunks one after another from the
-    host (a `jax.pure_callback`), so memory holds one chunk of rows and a few parameter vectors,
-    never X. The probabilities are recomputed chunk by chunk at every pass: one pass for the
-    loss and gradient, one per Hessian product (CG step), one per line-search trial, plus the
-    preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on the host
-    checks the data (NaN, labels, weights) and sums what the precision floor of `tol` needs.
+    The rows come in one of two forms:
+
+    * X (and labels, sample_weight) sliceable by rows, such as a memory-mapped array
+      (``np.load("X.npy", mmap_mode="r")``), an HDF5 or a zarr dataset, a SciPy CSR matrix, read
+      `chunk_rows` rows at a time;
+    * X a source of chunks, each a tuple (X_c [m_c, d], labels_c [m_c]) or (X_c, labels_c,
+      weights_c), with labels and sample_weight left out: a function that returns a fresh
+      iterator over the chunks each time it is called (a generator function, or e.g.
+      ``lambda: ((np.load(f"X{i}.npy", mmap_mode="r"), np.load(f"y{i}.npy")) for i in
+      range(n))``), or an iterable that starts over when iterated again (a list). A one-shot
+      generator is refused (`TypeError`): every pass needs the chunks again. Chunks may have
+      different lengths; each is padded to the longest with zero-weight rows, so one program is
+      compiled (`chunk_rows` does not apply). Sparse chunks (SciPy, BCOO) are densified one by
+      one. Every pass must give the same chunks: their shapes
+      are checked at each pass, their values only in the checking pass.
+
+    The solver runs as one compiled program; each pass over the data reads the chunks one after
+    another from the host (a `jax.pure_callback`), so memory holds one chunk of rows and a few
+    parameter vectors, never X. The probabilities are recomputed chunk by chunk at every pass:
+    one pass for the loss and gradient, one per Hessian product (CG step), one per line-search
+    trial, plus the preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on
+    the host checks every chunk (finite X, x² within range, integer labels in [0, K), finite
+    weights >= 0) and sums what the precision floor of `tol` needs.
 
     The objective, the solvers and the result are those of `fit_logistic_regression` (same
-    optimum, to rounding); collinear columns with l2 = 0 are not projected to the
-    minimum-norm optimum here.
+    optimum, to rounding). With l2 = 0 and exactly collinear columns of X̃ = [X, 1], the result
+    is the optimum of least norm, as in memory (one more pass for the Gram X̃ᵀŴX̃), and a
+    `CollinearityWarning` names the columns (the checking pass sums X̃ᵀX̃ on the host).
 
     Args:
-        X: [N, d] features, sliceable by rows (float64 stays float64 with x64 on).
-        labels: [N] integer labels in [0, num_classes), sliceable by rows.
+        X: [N, d] features sliceable by rows (float64 stays float64 with x64 on), or a source
+            of chunks as above.
+        labels: [N] integer labels in [0, num_classes), sliceable by rows; None with chunks.
         num_classes: K >= 2.
-        chunk_rows: rows per chunk (the last chunk is padded with zero-weight rows).
-        sample_weight: [N] weights >= 0 or None.
+        chunk_rows: rows per chunk of a sliceable X (the last chunk is padded with zero-weight
+            rows).
+        sample_weight: [N] weights >= 0 or None; None with chunks (they carry their weights).
         l2: L2 strength on W, as `fit_logistic_regression`.
         fit_intercept: fit the unpenalised intercept.
         reference_class: fix class 0's column and intercept at zero.
@@ -163,8 +200,12 @@ def fit_logistic_regression_streamed(
         A `FitResult`.
 
     Raises:
-        ValueError, TypeError: bad input, found by the checking pass.
+        ValueError, TypeError: bad input, found by the checking pass (the message names the
+            rows), a one-shot iterator, or chunks that change between passes.
         FitError: `throw=True` and the fit did not converge.
+
+    Warns:
+        CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear.
 
     Example:
         >>> import numpy as np
@@ -175,20 +216,49 @@ def fit_logistic_regression_streamed(
         >>> chunked = xj.fit_logistic_regression_streamed(X, y, 3, l2=0.01, chunk_rows=300)
         >>> bool(np.allclose(chunked.params[0], whole.params[0], atol=1e-5))
         True
+        >>> def chunks():  # a fresh iterator per pass; the last chunk is shorter
+        ...     for start in range(0, 1000, 300):
+        ...         yield X[start : start + 300], y[start : start + 300]
+        >>> iterated = xj.fit_logistic_regression_streamed(chunks, num_classes=3, l2=0.01)
+        >>> bool(np.allclose(iterated.params[0], whole.params[0], atol=1e-5))
+        True
     """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if np.ndim(X) != 2 or len(labels) != X.shape[0]:
-        raise ValueError("X must be 2-D [N, d] and labels [N]")
-    if sample_weight is not None and len(sample_weight) != X.shape[0]:
-        raise ValueError("sample_weight must have one value per row of X")
+        hint = ""
+        if labels is not None and isinstance(labels, numbers.Integral):
+            hint = " (with chunks, pass it by keyword: num_classes=K)"
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}{hint}")
     if not (isinstance(chunk_rows, numbers.Integral) and chunk_rows >= 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if not (np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
-    x64 = jax.config.jax_enable_x64 and np.dtype(X.dtype) == np.float64
-    source = RowChunks.of(X, labels, sample_weight, chunk_rows, np.float64 if x64 else np.float32)
-    total, column_scale = _scan(source, int(num_classes), bool(fit_intercept))
+    x64 = bool(jax.config.jax_enable_x64)
+    if is_chunk_iterable(X):
+        if labels is not None or sample_weight is not None:
+            raise ValueError(
+                "X is given as chunks: the labels and weights come in the chunks, "
+                "(X_c, labels_c) or (X_c, labels_c, weights_c); leave labels and sample_weight "
+                "out"
+            )
+        source = IteratedChunks(X, x64)
+    else:
+        if labels is None or np.ndim(X) != 2 or len(labels) != X.shape[0]:
+            raise ValueError(
+                "X must be 2-D [N, d] and labels [N], or X a source of chunks (a function "
+                "returning an iterator of (X_c, labels_c) tuples, or a list of them)"
+            )
+        if sample_weight is not None and len(sample_weight) != X.shape[0]:
+            raise ValueError("sample_weight must have one value per row of X")
+        dtype = np.float64 if x64 and np.dtype(X.dtype) == np.float64 else np.float32
+        source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
+    # The Gram for naming collinear columns is summed in the checking pass when it can matter.
+    total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), l2 == 0)
+    source = source.interned()
+    if gram is not None:
+        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
+        warn_collinear_columns(
+            columns, rank, source.num_features, bool(fit_intercept), stacklevel=3
+        )
     reads = source.reads
     result = _fit_streamed(
         l2,
