@@ -205,3 +205,23 @@ def test_float32_features_stay_float32():
     evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
     assert evaluation.loss.dtype == jnp.float32 and evaluation.grad.dtype == jnp.float32
     np.testing.assert_allclose(evaluation.loss, np.log(3), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_feature_gram_and_column_scales_against_numpy(fit_intercept):
+    """X̃ᵀ·diag(ŵ)·X̃ and Σᵢ ŵᵢ|x_ij| (the float32 floor's scales) against explicit arrays."""
+    from xentropy_jax.solvers._fit import _FLOOR_FACTOR, attainable_tolerance
+
+    rng = np.random.default_rng(3)
+    X, y, w = rng.normal(size=(40, 5)), rng.integers(0, 3, 40), rng.uniform(0.5, 2, 40)
+    objective = _linear.logistic_objective(
+        X, y, 3, sample_weight=w, l2=0.1, fit_intercept=fit_intercept
+    )
+    design = np.hstack([X, np.ones((40, 1))]) if fit_intercept else X
+    normalised = w / w.sum()
+    np.testing.assert_allclose(
+        _linear.feature_gram(objective), design.T @ (normalised[:, None] * design), rtol=1e-13
+    )
+    scales = np.abs(design).T @ normalised
+    floor = _FLOOR_FACTOR * np.finfo(np.float64).eps * np.repeat(scales, 3)
+    np.testing.assert_allclose(attainable_tolerance(objective, 0.0), floor, rtol=1e-13)
