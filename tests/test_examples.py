@@ -57,6 +57,7 @@ def test_examples_are_known():
     assert names <= set(EXPECTED), "add the new example's expected output to EXPECTED"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.stem)
 def test_example_runs(path: Path, tmp_path: Path):
     completed = run_example(path, tmp_path)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 WORKAROUND = "--xla_cpu_experimental_ynn_fusion_type="
 
 SCRIPT = """
@@ -51,6 +53,7 @@ def _relative_error(xla_flags: str | None) -> float:
     return float(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_float32_batched_ggn_products_are_right_or_the_workaround_fixes_them():
     error = _relative_error(None)
     if error <= 1e-4:

@@ -57,12 +57,16 @@ def naive_in_theta(objective, data):
 @pytest.mark.parametrize("fit_intercept, reference_class", SETTINGS)
 def test_value_gradient_hessian_match_autodiff(fit_intercept, reference_class):
     objective, theta, data = make_problem(fit_intercept, reference_class)
-    naive = naive_in_theta(objective, data)
+    # The references jitted: one compilation each, instead of one per primitive of eager
+    # autodiff (seconds per case on a 2-core machine); the maths is the same.
+    naive = jax.jit(naive_in_theta(objective, data))
     evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
     np.testing.assert_allclose(evaluation.loss, naive(theta), rtol=1e-13)
     np.testing.assert_allclose(objective.value(theta), naive(theta), rtol=1e-13)
-    np.testing.assert_allclose(evaluation.grad, jax.grad(naive)(theta), rtol=1e-11, atol=1e-14)
-    expected_hessian = jax.hessian(naive)(theta)
+    np.testing.assert_allclose(
+        evaluation.grad, jax.jit(jax.grad(naive))(theta), rtol=1e-11, atol=1e-14
+    )
+    expected_hessian = jax.jit(jax.hessian(naive))(theta)
     np.testing.assert_allclose(
         _linear.hessian(objective, evaluation), expected_hessian, rtol=1e-11, atol=1e-14
     )
@@ -85,9 +89,9 @@ def test_value_gradient_hessian_match_autodiff(fit_intercept, reference_class):
 def test_gradient_hessian_product_closure(fit_intercept, reference_class):
     objective, theta, data = make_problem(fit_intercept, reference_class)
     loss, grad, hvp = _linear.gradient_hessian_product(objective, theta)
-    naive = naive_in_theta(objective, data)
+    naive = jax.jit(naive_in_theta(objective, data))
     np.testing.assert_allclose(loss, naive(theta), rtol=1e-13)
-    np.testing.assert_allclose(grad, jax.grad(naive)(theta), rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(grad, jax.jit(jax.grad(naive))(theta), rtol=1e-11, atol=1e-14)
     tangents = np.random.default_rng(2).normal(size=(3, objective.num_params))
     products = jnp.stack([hvp(jnp.asarray(t)) for t in tangents])
     # A symmetric positive semidefinite operator: uᵀHv = vᵀHu and vᵀHv >= 0.

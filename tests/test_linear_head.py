@@ -770,6 +770,7 @@ def sharded_report():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_sharded_inputs_give_the_unsharded_numbers(sharded_report):
     assert sharded_report["devices"] == 4 and sharded_report["explicit"]
     for case in ("auto", "rows", "rows_vocab", "tokens_eager"):
@@ -777,6 +778,7 @@ def test_sharded_inputs_give_the_unsharded_numbers(sharded_report):
         assert sharded_report[case]["error"] <= 1e-12, (case, sharded_report[case])
 
 
+@pytest.mark.subprocess
 def test_explicitly_sharded_outputs_keep_the_layout_of_their_arguments(sharded_report):
     rows = sharded_report["rows"]["specs"]
     assert rows["per_token"] == ["data", None]

@@ -71,6 +71,7 @@ def test_notebook_is_stripped_and_colab_ready(path: Path):
     assert notebook.metadata["kernelspec"]["name"] == "python3"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs(path: Path, kernel_spec_dir: Path, monkeypatch, tmp_path: Path):
     # Full size, as a Colab user runs it, in a fresh kernel with JAX's defaults (float32 unless

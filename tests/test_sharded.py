@@ -113,6 +113,7 @@ def report():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_sharded_fits_equal_the_one_device_fit(report):
     assert report["devices"] == 8
     for name, (coef, intercept, n_iter, n_iter_one, converged) in report["fits"].items():
@@ -121,6 +122,7 @@ def test_sharded_fits_equal_the_one_device_fit(report):
         assert n_iter == n_iter_one, name
 
 
+@pytest.mark.subprocess
 def test_one_all_reduce_of_the_parameter_block_per_product_and_no_gather(report):
     names = [name for _, name in report["collectives"]]
     assert names == ["all-reduce"], report["collectives"]
@@ -129,10 +131,12 @@ def test_one_all_reduce_of_the_parameter_block_per_product_and_no_gather(report)
     assert "[12,4]" in shape and "[4]" in shape, shape
 
 
+@pytest.mark.subprocess
 def test_validation_finds_bad_values_in_any_shard(report):
     assert report["nan_error"] is not None and "NaN" in report["nan_error"]
 
 
+@pytest.mark.subprocess
 def test_estimator_splits_rows_over_devices(report):
     coef, n_iter, n_iter_one = report["estimator"]
     assert coef <= 1e-10 and n_iter == n_iter_one

@@ -701,6 +701,7 @@ def float32_process():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_float32_readme_fit_stops_at_the_precision_floor(float32_process):
     from sklearn.datasets import load_digits
 
@@ -714,6 +715,7 @@ def test_float32_readme_fit_stops_at_the_precision_floor(float32_process):
     assert np.max(np.abs(np.asarray(weights) - expected)) <= 1e-3 * np.max(np.abs(expected))
 
 
+@pytest.mark.subprocess
 def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_process):
     from xentropy_jax.sklearn import LogisticRegression as Estimator
 
@@ -732,10 +734,12 @@ def test_float32_badly_scaled_column_is_fitted_or_says_so(float32_process):
         assert "float64" in message and "standardise" in message
 
 
+@pytest.mark.subprocess
 def test_float32_features_of_1e30_raise(float32_process):
     assert "overflow" in float32_process["huge"]
 
 
+@pytest.mark.subprocess
 def test_verbose_prints_a_float64_loss_with_x64_off(float32_process):
     # The first line is the initial point, whose loss is log K: in float64, not float32.
     printed = float(float32_process["verbose"].split("loss")[1].split()[0])
