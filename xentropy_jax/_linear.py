@@ -501,17 +501,20 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
     probabilities): the Kronecker preconditioner of the CG solvers.
     """
     features = objective.features
-    # Xᵀ·(ŵ ⊙ X), and the intercept's row and column Xᵀŵ and corner Σŵ by blocks: one [N, d]
-    # temporary (ŵ ⊙ X), never a copy of X̃ = [X, 1]. A sparse X (few enough columns for a
-    # d × d Gram) multiplies the dense copy of one factor, O(N·d) memory.
-    weighted = objective.weights[:, None] * dense_features(features)
-    gram = features.T @ weighted
+    if isinstance(features, sparse.BCOO):
+        # Sparse X with few enough columns for a d × d Gram: Xᵀ·(ŵ ⊙ X) as a sparse-dense
+        # product against the dense copy of one factor, O(N·d) memory.
+        weighted = objective.weights[:, None] * features.todense()
+        gram = features.T @ weighted
+        if objective.fit_intercept:
+            column_sums = jnp.sum(weighted, axis=0)
+            gram = jnp.block(
+                [[gram, column_sums[:, None]], [column_sums[None, :], jnp.sum(objective.weights)]]
+            )
+        return gram
     if objective.fit_intercept:
-        column_sums = jnp.sum(weighted, axis=0)
-        gram = jnp.block(
-            [[gram, column_sums[:, None]], [column_sums[None, :], jnp.sum(objective.weights)]]
-        )
-    return gram
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    return features.T @ (objective.weights[:, None] * features)
 
 
 def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:

@@ -237,12 +237,7 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     tol could never be verified (in float32 every fit would stop at the iteration limit). The
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
-    features = objective.features
-    if isinstance(features, jax.Array):
-        # A reduction with |x|·ŵ fused in: no [N, d] copy of |X| (a GEMV would need one).
-        scale = jnp.sum(jnp.abs(features) * objective.weights[:, None], axis=0)
-    else:  # sparse: |X| is the stored values' absolute values
-        scale = map_features(jnp.abs, features).T @ objective.weights  # [d]
+    scale = map_features(jnp.abs, objective.features).T @ objective.weights  # [d]
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
