@@ -88,3 +88,29 @@ def test_bad_path_arguments(problem):
         xj.fit_regularization_path(X, y, NUM_CLASSES, [0.1, -1.0])
     with pytest.raises(xj.FitError):
         xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, max_iter=1)
+
+
+def test_extrapolations_are_lagrange_and_fall_back_to_the_last_point():
+    nodes = np.log(np.array([1.0, 0.3, 0.1]))
+    node = np.log(0.03)
+    # Points on a quadratic in log(l2): the quadratic extrapolation is exact, the linear one is
+    # exact for the points' linear part.
+    a, b, c = np.array([1.0, -2.0]), np.array([0.5, 3.0]), np.array([0.25, -1.0])
+    quadratic_points = a + np.outer(nodes, b) + np.outer(nodes**2, c)
+    linear, quadratic = _path.extrapolations(quadratic_points, nodes, node)
+    np.testing.assert_allclose(quadratic, a + b * node + c * node**2, rtol=1e-12)
+    linear_points = a + np.outer(nodes, b)
+    linear, _ = _path.extrapolations(linear_points, nodes, node)
+    np.testing.assert_allclose(linear, a + b * node, rtol=1e-12)
+    # Too few previous values, or a step further than `_MAX_REACH` times the last or backwards:
+    # the last point (the linear extrapolation needs only the last two values).
+    for bad_nodes, bad_node, linear_usable in [
+        (np.array([-np.inf, -np.inf, nodes[2]]), node, False),
+        (np.array([-np.inf, nodes[1], nodes[2]]), node, True),
+        (nodes, nodes[2] + 3 * (nodes[2] - nodes[1]), False),
+        (nodes, nodes[1], False),
+    ]:
+        linear, quadratic = _path.extrapolations(quadratic_points, bad_nodes, bad_node)
+        np.testing.assert_array_equal(quadratic, quadratic_points[2])
+        if not linear_usable:
+            np.testing.assert_array_equal(linear, quadratic_points[2])

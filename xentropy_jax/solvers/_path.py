@@ -66,26 +66,60 @@ def _path(
     max_iter = jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32)
 
     def step(carry, l2):
-        theta, previous_theta, previous_log_l2 = carry
+        optima, log_l2s = carry  # the last three optima and their log(l2), newest last
         problem = dataclasses.replace(objective, l2=l2.astype(objective.dtype))
-        # Predictor: the optimum moves smoothly with log(l2); extrapolate the last two optima
-        # linearly (the first point starts from `init`; l2 = 0 is never extrapolated to).
         log_l2 = jnp.log(jnp.maximum(problem.l2, jnp.finfo(problem.dtype).tiny))
-        gap = log_l2 - previous_log_l2[1]
-        span = previous_log_l2[1] - previous_log_l2[0]
-        usable = jnp.isfinite(previous_log_l2).all() & (span != 0) & (problem.l2 > 0)
-        factor = jnp.where(usable, gap / jnp.where(span != 0, span, 1), 0)
-        start = theta + jnp.clip(factor, 0, 2) * (theta - previous_theta)
-        start = jnp.where(jnp.all(jnp.isfinite(start)), start, theta)
+        # Predictor: the optimum moves smoothly with log(l2). Candidate starts are the last
+        # optimum and its linear and quadratic extrapolations (`extrapolations`); the fit
+        # starts from the one with the smallest objective at the new l2.
+        candidates = jnp.stack([optima[-1], *extrapolations(optima, log_l2s, log_l2)])
+        candidates = jnp.where(problem.l2 > 0, candidates, optima[-1])  # never towards l2 = 0
+        values = jax.lax.map(problem.value, candidates)  # one [N, K] of logits at a time
+        values = jnp.where(jnp.isfinite(values), values, jnp.inf)
+        start = candidates[jnp.argmin(values)]
         output = solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
         result = finalize(problem, output, invalid)
-        history = jnp.stack([previous_log_l2[1], log_l2])
-        return (output.theta, theta, history), result
+        optima = jnp.concatenate([optima[1:], output.theta[None]])
+        return (optima, jnp.concatenate([log_l2s[1:], log_l2[None]])), result
 
     theta = _initial_theta(objective, init)
-    history = jnp.full((2,), -jnp.inf, objective.dtype)
-    _, results = jax.lax.scan(step, (theta, theta, history), l2_values)
+    history = jnp.full((3,), -jnp.inf, objective.dtype)
+    _, results = jax.lax.scan(step, (jnp.stack([theta] * 3), history), l2_values)
     return results
+
+
+# Extrapolate no further than this many times the last step in log(l2).
+_MAX_REACH = 2.0
+
+
+def extrapolations(
+    points: jax.Array, nodes: jax.Array, node: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Linear and quadratic extrapolations to `node` of `points` [3, P] given at `nodes` [3].
+
+    Lagrange's formula through the last two points and through all three. An extrapolation
+    that lacks its points (a node still -inf or repeated) or would reach further than
+    `_MAX_REACH` times the last step returns the last point instead.
+    """
+    points, nodes, node = jnp.asarray(points), jnp.asarray(nodes), jnp.asarray(node)
+    t0, t1, t2 = nodes[0], nodes[1], nodes[2]
+
+    def ratio(numerator, denominator):
+        return numerator / jnp.where(denominator != 0, denominator, 1)
+
+    reach = ratio(node - t2, t2 - t1)
+    near = jnp.isfinite(nodes[1:]).all() & (t1 != t2) & (reach >= 0) & (reach <= _MAX_REACH)
+    linear = jnp.where(near, points[2] + reach * (points[2] - points[1]), points[2])
+    weights = jnp.stack(
+        [
+            ratio((node - t1) * (node - t2), (t0 - t1) * (t0 - t2)),
+            ratio((node - t0) * (node - t2), (t1 - t0) * (t1 - t2)),
+            ratio((node - t0) * (node - t1), (t2 - t0) * (t2 - t1)),
+        ]
+    )
+    near = near & jnp.isfinite(t0) & (t0 != t1) & (t0 != t2)
+    quadratic = jnp.where(near, weights @ points, points[2])
+    return linear, quadratic
 
 
 def fit_regularization_path(
@@ -107,8 +141,9 @@ def fit_regularization_path(
 
     For l2 in `l2_values`, in the order given, minimises the objective of
     `fit_logistic_regression`, f(W, b) = Σᵢ wᵢ·CE(xᵢW + b, yᵢ)/Σᵢ wᵢ + (l2/2)·‖W‖², starting
-    from the previous value's optimum (from `init` or zeros for the first), extrapolated
-    linearly in log(l2) from the two previous optima (a predictor step). Give the values
+    from the previous value's optimum (from `init` or zeros for the first) or, when that has a
+    larger objective, from its linear or quadratic extrapolation in log(l2) through the two or
+    three previous optima (a predictor step; three extra objective values per fit). Give the values
     from the strongest penalty to the weakest (decreasing l2, increasing scikit-learn C): the
     optimum then moves little from one to the next. The whole path is one compiled `lax.scan`
     (repeat calls with the same shapes and number of values do not recompile; it works under
