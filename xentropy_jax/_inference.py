@@ -116,20 +116,28 @@ def _table_frame(columns: dict[str, np.ndarray], index: list[tuple[str, str]]):
     return pd.DataFrame(columns, index=pd.MultiIndex.from_tuples(index, names=["class", "term"]))
 
 
-def _format_table(title_rows, blocks, alpha: float, first_column: str, value: str) -> str:
+def _format_table(
+    title_rows, terms, blocks, columns, alpha: float, first_column: str, value: str
+) -> str:
+    """A statsmodels-style table: the title rows, then one block per (name, column index).
+
+    `columns` holds the value, std err, z, P>|z| and interval arrays [terms, blocks], each
+    block one of their columns, each row one of the terms.
+    """
     low, high = f"[{alpha / 2:.3f}", f"{1 - alpha / 2:.3f}]"
     width = 84
     lines = ["=" * width]
     for left, right in title_rows:
         lines.append(f"{left:<42}{right:>42}" if right else left)
-    for name, rows in blocks:
+    for name, column in blocks:
         lines.append("=" * width)
         lines.append(
             f"{first_column + '=' + name:<20}{value:>10}{'std err':>11}{'z':>10}{'P>|z|':>9}"
             f"{low:>12}{high:>12}"
         )
         lines.append("-" * width)
-        for term, coef, se, z, p, lo, hi in rows:
+        for row, term in enumerate(terms):
+            coef, se, z, p, lo, hi = (array[row, column] for array in columns)
             if np.isnan(se):
                 lines.append(f"{term[:20]:<20}{coef:>10.4f}{'(not computed)':>25}")
             else:
@@ -181,23 +189,11 @@ class MarginalEffects:
 
     def summary(self) -> str:
         """Text table of dy/dx per class (effect, std err, z, P>|z|, interval)."""
-        blocks = []
-        for k, name in enumerate(self.class_names):
-            rows = [
-                (
-                    t,
-                    self.effects[j, k],
-                    self.bse[j, k],
-                    self.zvalues[j, k],
-                    self.pvalues[j, k],
-                    self.conf_int_lower[j, k],
-                    self.conf_int_upper[j, k],
-                )
-                for j, t in enumerate(self.term_names)
-            ]
-            blocks.append((name, rows))
         title = [("Average marginal effects dP(y=k)/dx (delta-method standard errors)", "")]
-        return _format_table(title, blocks, self.alpha, "P(y)", "dy/dx")
+        columns = (self.effects, self.bse, self.zvalues, self.pvalues)
+        columns += (self.conf_int_lower, self.conf_int_upper)
+        blocks = [(name, k) for k, name in enumerate(self.class_names)]
+        return _format_table(title, self.term_names, blocks, columns, self.alpha, "P(y)", "dy/dx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,22 +300,10 @@ class LogitInference:
                 f"AIC: {self.aic:.6g}   BIC: {self.bic:.6g}",
             ),
         ]
-        blocks = []
-        for col, name in enumerate(self.class_names[1:]):
-            rows = [
-                (
-                    t,
-                    self.params[m, col],
-                    self.bse[m, col],
-                    self.zvalues[m, col],
-                    self.pvalues[m, col],
-                    self.conf_int_lower[m, col],
-                    self.conf_int_upper[m, col],
-                )
-                for m, t in enumerate(self.term_names)
-            ]
-            blocks.append((str(name), rows))
-        return _format_table(title, blocks, self.alpha, "y", "coef")
+        columns = (self.params, self.bse, self.zvalues, self.pvalues)
+        columns += (self.conf_int_lower, self.conf_int_upper)
+        blocks = [(str(name), col) for col, name in enumerate(self.class_names[1:])]
+        return _format_table(title, self.term_names, blocks, columns, self.alpha, "y", "coef")
 
 
 def _check_alpha(alpha) -> None:
