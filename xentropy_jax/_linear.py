@@ -35,6 +35,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from ._losses import hessian_product_from_probs
+from ._sparse_products import matmul, transpose_matmul
 
 # "auto" preconditions CG with the Hessian diagonal beyond this many features (see
 # `LogisticObjective.default_preconditioner`).
@@ -128,7 +129,7 @@ class LogisticObjective:
     def free_logits(self, theta: jax.Array) -> jax.Array:
         """X·W + b for the free classes, [N, Kf]: one GEMM. Linear in θ."""
         weights, intercept = self.unpack(theta)
-        logits = self.features @ weights
+        logits = matmul(self.features, weights)
         return logits + intercept[None, :] if self.fit_intercept else logits
 
     def logits(self, theta: jax.Array) -> jax.Array:
@@ -292,7 +293,7 @@ def evaluate(objective: LogisticObjective, theta: jax.Array, free_logits: jax.Ar
     first = int(objective.reference_class)
     residual, probs = residual[:, first:], probs[:, first:]
     weights, _ = objective.unpack(theta)
-    grad_weights = objective.features.T @ residual + objective.l2 * weights
+    grad_weights = transpose_matmul(objective.features, residual) + objective.l2 * weights
     grad = objective.pack(grad_weights, jnp.sum(residual, axis=0))
     return Evaluation(loss, grad, log_probs, probs)
 
@@ -317,7 +318,7 @@ def hessian_vector_product(
         evaluation.probs, directional, complete=not objective.reference_class
     )
     weights, _ = objective.unpack(tangent)
-    product_weights = objective.features.T @ weighted + objective.l2 * weights
+    product_weights = transpose_matmul(objective.features, weighted) + objective.l2 * weights
     return objective.pack(product_weights, jnp.sum(weighted, axis=0))
 
 
@@ -338,7 +339,7 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     others = jnp.sum(jnp.where(dominant, 0.0, all_probs), axis=1, keepdims=True)
     complement = jnp.where(probs > 0.5, others, 1 - probs)
     variance = objective.weights[:, None] * probs * complement
-    diag_weights = squared_features(objective.features).T @ variance + objective.l2
+    diag_weights = transpose_matmul(squared_features(objective.features), variance) + objective.l2
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 
 
@@ -505,7 +506,7 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
         # Sparse X with few enough columns for a d × d Gram: Xᵀ·(ŵ ⊙ X) as a sparse-dense
         # product against the dense copy of one factor, O(N·d) memory.
         weighted = objective.weights[:, None] * features.todense()
-        gram = features.T @ weighted
+        gram = transpose_matmul(features, weighted)
         if objective.fit_intercept:
             column_sums = jnp.sum(weighted, axis=0)
             gram = jnp.block(

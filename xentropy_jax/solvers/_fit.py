@@ -13,6 +13,7 @@ from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
 from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
+from .._sparse_products import transpose_matmul
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
 from ._convergence import max_abs
@@ -237,7 +238,7 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     tol could never be verified (in float32 every fit would stop at the iteration limit). The
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
-    scale = map_features(jnp.abs, objective.features).T @ objective.weights  # [d]
+    scale = transpose_matmul(map_features(jnp.abs, objective.features), objective.weights)
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale

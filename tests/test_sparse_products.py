@@ -1,0 +1,237 @@
+"""Blocked sparse-dense products: equal to dense products, differentiable, no [nse, K] array."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse
+from jax.experimental import sparse
+
+import xentropy_jax as xj
+from xentropy_jax import _sparse_products
+from xentropy_jax._sparse_products import block_size, matmul, transpose_matmul
+from xentropy_jax.solvers import _fit as fit_module
+from xentropy_jax.solvers import _sparse_input
+
+
+def random_bcoo(num_rows, num_features, density, seed=0, dtype=np.float64, empty=True, padded=True):
+    """A canonical BCOO and the same matrix dense, in NumPy.
+
+    `padded`: as the fit builds it (`to_bcoo`, stored entries padded to a bucketed count);
+    else exactly the non-zeros, an odd number of them (never a multiple of a block).
+    """
+    matrix = scipy.sparse.random(
+        num_rows, num_features, density=density, format="csr", random_state=seed, dtype=dtype
+    )
+    matrix.data = 3 * matrix.data - 1
+    if empty:  # an empty row and an empty column besides the random ones
+        matrix = matrix.tolil()
+        matrix[num_rows // 2, :] = 0
+        matrix[:, num_features // 3] = 0
+        matrix = matrix.tocsr()
+        matrix.eliminate_zeros()
+    if padded:
+        return _sparse_input.to_bcoo(matrix, dtype), matrix.toarray()
+    if matrix.nnz % 2 == 0:
+        matrix.data[-1] = 0
+        matrix.eliminate_zeros()
+    return sparse.BCOO.from_scipy_sparse(matrix), matrix.toarray()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few entries, so that a small matrix spans many blocks and a ragged end."""
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 1024)
+
+
+def test_block_size_is_a_bounded_power_of_two_dividing_bucketed_sizes():
+    # 2 MiB / (20·8 B) = 13107 → 8192, and 2031616 = 31·65536 is a multiple of it.
+    assert block_size(2_031_616, 20, 8) == 8192
+    assert block_size(100, 20, 8) == 100  # small: one block
+    for entries in (100_001, 65_537 * 3, 3 * 2**20 + 5):
+        size = block_size(entries, 7, 4)
+        assert size & (size - 1) == 0 and size * 7 * 4 <= _sparse_products.BLOCK_BYTES
+        assert size * 7 * 4 > _sparse_products.BLOCK_BYTES // 2
+    # A power-of-two divisor near the target is used rather than padding; an odd count pads.
+    assert block_size(3 * 2**14, 20, 8) == 8192
+    assert block_size(3 * 2**12, 20, 8) == 4096
+    assert block_size(100_001, 20, 8) == 8192
+    for count in (70_000, 1_000_000, 2_000_000):
+        bucketed = _sparse_input.bucketed_size(count)
+        assert bucketed % block_size(bucketed, 20, 8) == 0
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("num_classes", [1, 3, 64])
+@pytest.mark.parametrize("shape", [(37, 23), (5, 300), (250, 4)])
+def test_products_equal_dense_products(monkeypatch, shape, num_classes, padded):
+    # Blocks of 16 entries: many blocks, and a ragged end for an odd number of entries.
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 16 * num_classes * 8)
+    features, dense = random_bcoo(*shape, density=0.2, seed=shape[0], padded=padded)
+    num_rows, num_features = shape
+    size = block_size(features.nse, num_classes, 8)
+    assert size <= 16 and features.nse > 4 * size
+    # Unpadded, the stored entries are not a multiple of the block (padded in the product).
+    assert padded or features.nse % size != 0
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(num_features, num_classes))
+    residual = rng.normal(size=(num_rows, num_classes))
+    np.testing.assert_allclose(matmul(features, weights), dense @ weights, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        transpose_matmul(features, residual), dense.T @ residual, rtol=1e-12, atol=1e-14
+    )
+    # Vectors, and the same under jit.
+    np.testing.assert_allclose(
+        jax.jit(matmul)(features, weights[:, 0]), dense @ weights[:, 0], rtol=1e-12, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        jax.jit(transpose_matmul)(features, residual[:, 0]),
+        dense.T @ residual[:, 0],
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    # The empty row and column give exact zeros.
+    assert np.all(np.asarray(matmul(features, weights))[num_rows // 2] == 0)
+    assert np.all(np.asarray(transpose_matmul(features, residual))[num_features // 3] == 0)
+
+
+def test_float32_products(small_blocks):
+    features, dense = random_bcoo(40, 30, density=0.3, dtype=np.float32)
+    weights = np.random.default_rng(1).normal(size=(30, 5)).astype(np.float32)
+    product = matmul(features, weights)
+    assert product.dtype == jnp.float32
+    np.testing.assert_allclose(product, dense.astype(np.float64) @ weights, rtol=1e-5, atol=1e-5)
+    transposed = transpose_matmul(features, product)
+    assert transposed.dtype == jnp.float32
+    np.testing.assert_allclose(
+        transposed, dense.T.astype(np.float64) @ np.asarray(product), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dense_and_batched_bcoo_fall_back_to_the_ordinary_product():
+    features, dense = random_bcoo(12, 9, density=0.4)
+    weights = np.random.default_rng(1).normal(size=(9, 2))
+    np.testing.assert_allclose(matmul(jnp.asarray(dense), weights), dense @ weights, rtol=1e-12)
+    np.testing.assert_allclose(
+        transpose_matmul(jnp.asarray(dense), dense @ weights), dense.T @ dense @ weights
+    )
+    batched = sparse.BCOO.fromdense(dense, n_batch=1)
+    np.testing.assert_allclose(matmul(batched, weights), dense @ weights, rtol=1e-12)
+
+
+def test_derivatives_in_values_and_dense_match_the_dense_formula(small_blocks):
+    """jvp and grad in the stored values and in B, against autodiff of the dense product."""
+    features, _ = random_bcoo(30, 20, density=0.25)
+    rows, columns = features.indices[:, 0], features.indices[:, 1]
+    rng = np.random.default_rng(3)
+    weights = jnp.asarray(rng.normal(size=(20, 4)))
+    residual = jnp.asarray(rng.normal(size=(30, 4)))
+
+    def blocked(values, weights):
+        matrix = sparse.BCOO((values, features.indices), shape=features.shape)
+        return transpose_matmul(matrix, matmul(matrix, weights) * residual)
+
+    def explicit(values, weights):
+        matrix = jnp.zeros(features.shape, values.dtype).at[rows, columns].add(values)
+        return matrix.T @ ((matrix @ weights) * residual)
+
+    tangents = (jnp.asarray(rng.normal(size=features.nse)), jnp.asarray(rng.normal(size=(20, 4))))
+    primals = (features.data, weights)
+    ours, our_tangent = jax.jvp(blocked, primals, tangents)
+    theirs, their_tangent = jax.jvp(explicit, primals, tangents)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(our_tangent, their_tangent, rtol=1e-12, atol=1e-13)
+    cotangent = jnp.asarray(rng.normal(size=(20, 4)))
+    our_grads = jax.grad(lambda *a: jnp.vdot(cotangent, blocked(*a)), argnums=(0, 1))(*primals)
+    their_grads = jax.grad(lambda *a: jnp.vdot(cotangent, explicit(*a)), argnums=(0, 1))(*primals)
+    for ours, theirs in zip(our_grads, their_grads, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-13)
+
+
+def test_vmap_over_dense_operands_and_stored_values(small_blocks):
+    features, dense = random_bcoo(25, 15, density=0.3)
+    rng = np.random.default_rng(4)
+    weights = rng.normal(size=(3, 15, 2))
+    batched = jax.vmap(matmul, in_axes=(None, 0))(features, weights)
+    np.testing.assert_allclose(batched, np.einsum("nd,bdk->bnk", dense, weights), rtol=1e-12)
+    scales = np.array([1.0, -2.0, 0.5])
+
+    def scaled_product(scale):
+        matrix = sparse.BCOO((scale * features.data, features.indices), shape=features.shape)
+        return transpose_matmul(matrix, jnp.ones((25, 2)))
+
+    np.testing.assert_allclose(
+        jax.vmap(scaled_product)(jnp.asarray(scales)),
+        scales[:, None, None] * (dense.T @ np.ones((25, 2)))[None],
+        rtol=1e-12,
+    )
+
+
+def _largest_array(text: str) -> int:
+    """The most elements of any array shape written in an HLO module's text."""
+    sizes = [
+        int(np.prod([int(n) for n in dims.split(",")]))
+        for dims in re.findall(r"(?:f32|f64|s32|pred)\[([0-9,]+)\]", text)
+    ]
+    return max(sizes)
+
+
+def test_compiled_sparse_fit_holds_no_entries_by_classes_array():
+    """The whole compiled fit program, walked shape by shape: nothing of nse × K elements.
+
+    Sizes are chosen so that nse·K exceeds every legitimate array (P = (d + 1)·K, N·K, nse),
+    and the default blocks are several times smaller than nse. The check can fail: the BCOO
+    operator's own product does hold such an array.
+    """
+    num_rows, num_features, num_classes = 1000, 5000, 20
+    features, _ = random_bcoo(num_rows, num_features, density=0.004, empty=False)
+    entries_by_classes = features.nse * num_classes
+    assert block_size(features.nse, num_classes, 8) * 4 <= features.nse
+    labels = jnp.asarray(np.arange(num_rows) % num_classes, jnp.int32)
+    weights = jnp.ones(num_rows)
+    solver = fit_module._resolve_solver("newton-cg")
+    compiled = fit_module._fit.lower(
+        features,
+        labels,
+        weights,
+        1e-3,
+        None,
+        1e-8,
+        50,
+        num_classes=num_classes,
+        fit_intercept=True,
+        reference_class=False,
+        penalised=True,
+        checked=True,
+        solver=solver,
+        verbose=False,
+    ).compile()
+    largest = _largest_array(compiled.as_text())
+    assert largest < entries_by_classes // 2
+    weights_matrix = jnp.ones((num_features, num_classes))
+    operator = jax.jit(lambda X, W: X @ W).lower(features, weights_matrix).compile()
+    assert _largest_array(operator.as_text()) >= entries_by_classes
+
+
+def test_compiled_gradient_of_a_sparse_fit_holds_no_entries_by_classes_array():
+    """The same walk for jax.grad and jax.jvp of a fit in the stored values.
+
+    Implicit differentiation multiplies by X and Xᵀ again, here with derivatives through the
+    blocked loops (rematerialised, so no block's gather is saved for the backward pass).
+    """
+    num_rows, num_features, num_classes = 1000, 5000, 20
+    features, _ = random_bcoo(num_rows, num_features, density=0.004, empty=False, seed=1)
+    labels = jnp.asarray(np.arange(num_rows) % num_classes, jnp.int32)
+
+    def scalar(values):
+        matrix = sparse.BCOO((values, features.indices), shape=features.shape)
+        result = xj.fit_logistic_regression(
+            matrix, labels, num_classes, l2=1e-3, tol=1e-8, max_iter=50
+        )
+        return jnp.sum(result.params[0]) + result.loss
+
+    for program in (jax.grad(scalar), lambda v: jax.jvp(scalar, (v,), (v,))[1]):
+        compiled = jax.jit(program).lower(features.data).compile()
+        assert _largest_array(compiled.as_text()) < features.nse * num_classes // 2

@@ -1,0 +1,121 @@
+"""Products of a sparse X with dense matrices, in blocks of stored entries.
+
+For a `jax.experimental.sparse.BCOO` X [N, d] with stored entries (vₑ, rₑ, cₑ), e = 1..nse,
+
+    (X·B)[r] = Σ_{e: rₑ = r} vₑ·B[cₑ],        (Xᵀ·U)[c] = Σ_{e: cₑ = c} vₑ·U[rₑ].
+
+The BCOO operators form these by gathering one row of B (or U) per stored entry, an [nse, K]
+array, and then summing the rows into the output: at text sizes (2·10⁶ entries, K = 20, float64)
+that intermediate is 320 MB, fourteen times the CSR itself. Here the stored entries are taken in
+blocks of `block_size` entries inside a `lax.scan`; each block gathers its rows, scales them by
+its values and scatter-adds them into the [N, K] (or [d, K]) accumulator that the loop carries,
+so the largest intermediate is one block's [block, K] (about `BLOCK_BYTES`). A block's gather
+stays in cache, which also makes the blocked product faster than the one-shot form on CPU.
+
+The loop body is rematerialised (`jax.checkpoint`), so differentiating a product (in the values
+of X or in B, forward or reverse) recomputes each block's gather instead of saving all of them:
+the derivatives never hold an [nse, K] array either. Under `vmap` the loop is batched as usual.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import sparse
+
+# A block's gathered rows take at most about this many bytes (the block size is a power of two).
+# Measured on CPU at 2·10⁶ entries, K = 20: blocks of 0.5–4 MiB are equally fast (and about 3x
+# faster than the one-shot BCOO product); much smaller blocks pay the loop overhead.
+BLOCK_BYTES = 1 << 21
+
+
+def block_size(num_entries: int, num_columns: int, itemsize: int) -> int:
+    """Stored entries per block: a power of two with block·K·itemsize ≤ `BLOCK_BYTES`.
+
+    At most `num_entries` (one block for small matrices), and a divisor of it when its largest
+    power-of-two divisor is within a factor 4 of the target (then no padding copy is needed;
+    `to_bcoo` pads the number of stored entries to such sizes).
+    """
+    num_entries = max(int(num_entries), 1)
+    target = max(BLOCK_BYTES // max(num_columns * itemsize, 1), 1)
+    target = 1 << (target.bit_length() - 1)
+    if num_entries <= target:
+        return num_entries
+    divisor = num_entries & -num_entries
+    return min(divisor, target) if divisor >= target // 4 else target
+
+
+def _is_plain(features) -> bool:
+    """A BCOO these products handle: 2-D, no batch or dense dimensions."""
+    return (
+        isinstance(features, sparse.BCOO)
+        and features.n_batch == 0
+        and features.n_dense == 0
+        and features.ndim == 2
+    )
+
+
+def _accumulate(
+    values: jax.Array,
+    indices: jax.Array,
+    dense: jax.Array,
+    num_out: int,
+    transpose: bool,
+) -> jax.Array:
+    """The [num_out, K] sums out[oₑ] += valuesₑ·dense[iₑ], in blocks of stored entries.
+
+    (oₑ, iₑ) is the entry's (row, column) in `indices` [nse, 2], or (column, row) when
+    `transpose`. The index pairs stay interleaved in the blocks (a reshape, no copy); each block
+    splits its own.
+    """
+    num_entries, num_columns = values.shape[0], dense.shape[1]
+    dtype = jnp.result_type(values.dtype, dense.dtype)
+    size = block_size(num_entries, num_columns, jnp.dtype(dtype).itemsize)
+    padding = -num_entries % size
+    if padding:  # zero values at (0, 0): the sums are unchanged.
+        values = jnp.concatenate([values, jnp.zeros((padding,), values.dtype)])
+        indices = jnp.concatenate([indices, jnp.zeros((padding, 2), indices.dtype)])
+    num_blocks = values.shape[0] // size
+    blocks = (values.reshape(num_blocks, size), indices.reshape(num_blocks, size, 2))
+    out_axis, in_axis = (1, 0) if transpose else (0, 1)
+
+    @jax.checkpoint
+    def add_block(total, block):
+        block_values, block_indices = block
+        gathered = dense[block_indices[:, in_axis]].astype(dtype)
+        rows = block_values[:, None].astype(dtype) * gathered
+        return total.at[block_indices[:, out_axis]].add(rows), None
+
+    total, _ = lax.scan(add_block, jnp.zeros((num_out, num_columns), dtype), blocks)
+    return total
+
+
+def _product(features: sparse.BCOO, dense: jax.Array, transpose: bool) -> jax.Array:
+    dense = jnp.asarray(dense)
+    vector = dense.ndim == 1
+    matrix = dense[:, None] if vector else dense
+    num_out = features.shape[1] if transpose else features.shape[0]
+    out = _accumulate(features.data, features.indices, matrix, num_out, transpose)
+    return out[:, 0] if vector else out
+
+
+def matmul(features: jax.Array | sparse.BCOO, dense: jax.Array) -> jax.Array:
+    """X·B for X [N, d] (dense or BCOO) and B [d, K] or [d]: [N, K] or [N].
+
+    A 2-D BCOO without batch or dense dimensions goes through the blocked product (no
+    [nse, K] intermediate); anything else uses the ordinary `@`.
+    """
+    if _is_plain(features):
+        return _product(features, dense, transpose=False)
+    return features @ dense
+
+
+def transpose_matmul(features: jax.Array | sparse.BCOO, dense: jax.Array) -> jax.Array:
+    """Xᵀ·U for X [N, d] (dense or BCOO) and U [N, K] or [N]: [d, K] or [d].
+
+    As `matmul`: blocked for a plain 2-D BCOO, the ordinary `X.T @ U` otherwise.
+    """
+    if _is_plain(features):
+        return _product(features, dense, transpose=True)
+    return features.T @ dense
