@@ -73,7 +73,7 @@ def _path(
         # optimum and its linear and quadratic extrapolations (`extrapolations`); the fit
         # starts from the one with the smallest objective at the new l2.
         candidates = jnp.stack([optima[-1], *extrapolations(optima, log_l2s, log_l2)])
-        candidates = jnp.where(problem.l2 > 0, candidates, optima[-1])  # never towards l2 = 0
+        candidates = jnp.where(problem.l2 > 0, candidates, optima[-1:])  # never towards l2 = 0
         values = jax.lax.map(problem.value, candidates)  # one [N, K] of logits at a time
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         start = candidates[jnp.argmin(values)]
