@@ -428,6 +428,38 @@ def test_label_on_minus_inf_class_is_inf_without_nan_elsewhere(rng):
     assert np.all(np.isfinite(values[1:]))
 
 
+def test_unlabelled_infinite_logits_under_jit_and_vmap(rng):
+    """Rows with an unlabelled −inf logit, or a ``where``-hidden +inf or NaN one, give the loss
+    over the remaining classes however the call is batched; the other rows are unaffected."""
+    logits, soft, _ = make_problem(rng, batch=(2, 4))
+    logits = logits.at[0, 1, 2].set(-jnp.inf).at[1, 3, 0].set(jnp.inf).at[1, 0, 4].set(jnp.nan)
+    where = jnp.ones(logits.shape, bool).at[1, 3, 0].set(False).at[1, 0, 4].set(False)
+    soft = soft.at[0, 1, 2].set(0.0)
+    # float64 numpy reference over the included, finite classes only.
+    z, y, keep = np.asarray(logits), np.asarray(soft) * np.asarray(where), np.asarray(where)
+    keep = keep & np.isfinite(z)
+    peak = np.max(np.where(keep, z, -np.inf), axis=-1, keepdims=True)
+    lse = peak[..., 0] + np.log(np.sum(np.where(keep, np.exp(np.where(keep, z, 0) - peak), 0), -1))
+    expected = y.sum(-1) * lse - np.sum(np.where(keep, y * np.where(keep, z, 0), 0), -1)
+
+    def loss(z, y, w):
+        return xj.softmax_cross_entropy(z, y, where=w)
+
+    calls = {
+        "eager": loss,
+        "jit": jax.jit(loss),
+        "vmap": jax.vmap(loss),
+        "jit of vmap of vmap": jax.jit(jax.vmap(jax.vmap(loss))),
+        "vmap of jit": jax.vmap(jax.jit(loss)),
+    }
+    for name, call in calls.items():
+        np.testing.assert_allclose(call(logits, soft, where), expected, rtol=1e-14, err_msg=name)
+    # Labels shared across a batch of logits (only one argument batched).
+    shared = jax.vmap(loss, in_axes=(0, None, 0))(logits[0], soft[0, 1], where[0])
+    assert np.all(np.isfinite(shared))
+    np.testing.assert_allclose(shared[1], expected[0, 1], rtol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_computed_in_float32(rng, dtype):
     logits, soft, integer = make_problem(rng, batch=(64,), num_classes=50)

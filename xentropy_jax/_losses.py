@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
@@ -193,6 +194,49 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.sum(a * b, axis=-1, where=where)
 
 
+def _label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
+    """Row-wise ``yᵀz = Σ_k y_k z_k``, ``[...]``, where a class without label counts 0.
+
+    ``0 · (±inf)`` is NaN, but a class that carries no label contributes nothing whatever its
+    logit (a ``-inf`` logit is a masked class). The select that says so (``_masked_label_logits``)
+    keeps XLA's CPU backend from fusing the multiply into the reduction: it writes the products
+    out as an ``[..., K]`` array and reads them back. On CPU the plain fused sum comes first, and
+    the select runs only when some row came out NaN (``_checked_label_logits``); elsewhere the
+    select stays, as fusions there take it into the reduction.
+    """
+    return jax.lax.platform_dependent(
+        labels, logits, cpu=_checked_label_logits, default=_masked_label_logits
+    )
+
+
+def _masked_label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
+    return jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
+
+
+@jax.custom_batching.custom_vmap
+def _checked_label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
+    """``Σ_k y_k z_k`` in one fused pass; the select form for the whole batch if a row is NaN.
+
+    A NaN row has an unlabelled infinite logit (or a NaN input); every other row equals the
+    select form's. Under ``vmap`` a ``cond`` on a batched predicate would evaluate both branches
+    for every call: the batching rule below keeps one ``cond`` over the whole batched array.
+    """
+    plain = (labels * logits).sum(axis=-1)
+    return jax.lax.cond(
+        jnp.any(jnp.isnan(plain)), lambda: _masked_label_logits(labels, logits), lambda: plain
+    )
+
+
+@_checked_label_logits.def_vmap
+def _checked_label_logits_vmap(axis_size, in_batched, labels, logits):
+    # Row-wise over the last axis: the batched call is the same function on a leading axis.
+    labels, logits = (
+        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        for x, batched in zip((labels, logits), in_batched, strict=True)
+    )
+    return _checked_label_logits(labels, logits), True
+
+
 @jax.custom_jvp
 def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``Σ_k y_k (c − z_k) + m · log1p(R)`` per row, for labels already zero on masked classes.
@@ -203,8 +247,7 @@ def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) ->
     """
     exps, peak = _exponentials(logits, where)
     mass = labels.sum(axis=-1)
-    # 0 · (−inf) is NaN: a class that carries no label contributes nothing, whatever its logit.
-    label_logits = jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
+    label_logits = _label_logits(labels, logits)
     # Σ y (c − z) ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
     shifted = jnp.maximum(mass * peak[..., 0] - label_logits, 0.0)
     return shifted + mass * jnp.log1p(_rest(exps)[..., 0])
@@ -274,10 +317,13 @@ def _label_split(
     safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
     label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
     peak = _peak(logits, where)
-    others = labels[..., None] != jnp.arange(num_classes)[(None,) * labels.ndim]
+    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
     if where is not None:
-        others = others & where
-    exps = jnp.where(others, jnp.exp(jnp.minimum(logits, peak) - peak), 0.0)
+        exps = jnp.where(where, exps, 0.0)
+    # The label's class cleared by a scatter of one entry per row, not by a comparison with
+    # the class index inside the pass over [..., K]: less work per class in that pass. A label
+    # outside [0, K) clears a clipped class; its row is NaN anyway (`_row_scale`).
+    exps = jnp.put_along_axis(exps, safe_labels, 0.0, axis=-1, inplace=False)
     label_exps = jnp.exp(jnp.minimum(label_logits, peak) - peak)
     if where is not None:
         label_exps = jnp.where(jnp.take_along_axis(where, safe_labels, axis=-1), label_exps, 0.0)
