@@ -101,7 +101,13 @@ def test_notebook_runs(path: Path, kernel_spec_dir: Path, monkeypatch, tmp_path:
         allow_errors=False,
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        # The client leaves a kernel manager it was given running: without this, every kernel
+        # (a process with JAX loaded) outlives its test, and the whole run.
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count is not None for cell in code_cells[1:])
     errors = [
@@ -115,4 +121,3 @@ def test_notebook_runs(path: Path, kernel_spec_dir: Path, monkeypatch, tmp_path:
     assert code_cells[0].outputs == []
     if path.name in USE_COMPILATION_CACHE:
         assert cache.is_dir() and any(cache.iterdir()), "no program in the compilation cache"
-
