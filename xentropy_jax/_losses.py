@@ -317,13 +317,10 @@ def _label_split(
     safe_labels = jnp.clip(labels, 0, num_classes - 1)[..., None]
     label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
     peak = _peak(logits, where)
-    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
+    others = labels[..., None] != jnp.arange(num_classes)[(None,) * labels.ndim]
     if where is not None:
-        exps = jnp.where(where, exps, 0.0)
-    # The label's class cleared by a scatter of one entry per row, not by a comparison with
-    # the class index inside the pass over [..., K]: less work per class in that pass. A label
-    # outside [0, K) clears a clipped class; its row is NaN anyway (`_row_scale`).
-    exps = jnp.put_along_axis(exps, safe_labels, 0.0, axis=-1, inplace=False)
+        others = others & where
+    exps = jnp.where(others, jnp.exp(jnp.minimum(logits, peak) - peak), 0.0)
     label_exps = jnp.exp(jnp.minimum(label_logits, peak) - peak)
     if where is not None:
         label_exps = jnp.where(jnp.take_along_axis(where, safe_labels, axis=-1), label_exps, 0.0)
