@@ -84,6 +84,17 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+def _outcome(result) -> dict:
+    """What every child reports of its last fit, and the process's peak resident set so far."""
+    return {
+        "n_iter": int(result.n_iter),
+        "n_hvp": int(result.n_hessian_products),
+        "converged": bool(result.converged),
+        "loss": float(result.loss),
+        "peak_mib": _peak_mib(),
+    }
+
+
 def _time_product_and_fit(X, y, args) -> dict:
     """Minimum times of one Hessian product and of one whole fit on the arrays X, y."""
     import jax
@@ -113,10 +124,7 @@ def _time_product_and_fit(X, y, args) -> dict:
         "hvp_s": min(hvp),
         "fit_s": min(fits[1:]) if len(fits) > 1 else fits[0],
         "first_fit_s": fits[0],
-        "n_iter": int(result.n_iter),
-        "n_hvp": int(result.n_hessian_products),
-        "loss": float(result.loss),
-        "peak_mib": _peak_mib(),
+        **_outcome(result),
     }
 
 
@@ -183,11 +191,8 @@ def child_in_memory(args) -> dict:
     return {
         "make_s": made,
         "fit_s": time.perf_counter() - start,  # compilation included (one fit)
-        "n_iter": int(result.n_iter),
-        "n_hvp": int(result.n_hessian_products),
-        "converged": bool(result.converged),
-        "peak_mib": _peak_mib(),
         "x_gib": X.nbytes / 2**30,
+        **_outcome(result),
     }
 
 
@@ -205,12 +210,8 @@ def child_in_memory_chunks(args) -> dict:
     return {
         "make_s": made,
         "fit_s": time.perf_counter() - start,  # checking pass and compilation included
-        "n_iter": int(result.n_iter),
-        "n_hvp": int(result.n_hessian_products),
-        "converged": bool(result.converged),
-        "loss": float(result.loss),
-        "peak_mib": _peak_mib(),
         "x_gib": X.nbytes / 2**30,
+        **_outcome(result),
     }
 
 
@@ -269,10 +270,7 @@ def child_streamed(path: str, args) -> dict:
     return {
         "fit_s": seconds,  # checking pass and compilation included
         "passes": counted["passes"],  # iterators asked for, the checking pass included
-        "n_iter": int(result.n_iter),
-        "n_hvp": int(result.n_hessian_products),
-        "converged": bool(result.converged),
-        "peak_mib": _peak_mib(),
+        **_outcome(result),
     }
 
 
