@@ -195,6 +195,31 @@ def test_preconditioners_are_spd_and_inverse_of_each_other(logistic_point, kind,
     assert float(jnp.min(jnp.linalg.eigvalsh(solve))) > 0
 
 
+@pytest.mark.parametrize("penalised", [False, True])
+def test_kronecker_penalty_is_exact_when_known_positive(penalised):
+    # l2 > 0 known statically (float64): the basis is A's own eigenbasis and M = A ⊗ B + l2·I
+    # exactly; otherwise the Jacobi-scaled basis approximates l2·I, badly for unequal columns.
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(150, 4)) * np.array([1.0, 30.0, 0.01, 1.0])
+    y = rng.integers(0, 3, 150)
+    objective = logistic_objective(X, y, 3, l2=0.05, fit_intercept=False, penalised=penalised)
+    theta = jnp.asarray(rng.normal(size=objective.num_params) / 3)
+    evaluation = evaluate(objective, theta, objective.free_logits(theta))
+    basis = _preconditioners.setup_basis("kronecker", objective)
+    metric = _preconditioners.build("kronecker", objective, evaluation, basis)
+    apply = np.asarray(jax.vmap(metric.apply)(jnp.eye(objective.num_params)).T)
+    # B with its eigenvalues floored as documented (B·1 = 0 without a reference class).
+    values, vectors = np.linalg.eigh(np.asarray(objective.class_curvature(evaluation)))
+    values = np.maximum(values, _preconditioners._EIGENVALUE_FLOOR * values.max())
+    curvature = (vectors * values) @ vectors.T
+    expected = np.kron(X.T @ X / len(y), curvature) + 0.05 * np.eye(objective.num_params)
+    error = np.max(np.abs(apply - expected)) / np.max(np.abs(expected))
+    if penalised:
+        assert error <= 1e-12
+    else:
+        assert error > 1e-6
+
+
 def test_backtracking_armijo():
     # f(t) = (t − 0.3)², from t = 0 along Δ = 1: slope −0.6.
     def change_at(t):

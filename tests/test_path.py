@@ -48,7 +48,7 @@ def test_path_compiles_once_and_vmaps_over_folds(problem, monkeypatch):
     chex.clear_trace_counter()
     traced = jax.jit(
         chex.assert_max_traces(_path._path.__wrapped__, n=1),
-        static_argnames=("num_classes", "fit_intercept", "reference_class", "solver"),
+        static_argnames=_path.PATH_STATIC_ARGNAMES,
     )
     monkeypatch.setattr(_path, "_path", traced)
     first = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES)

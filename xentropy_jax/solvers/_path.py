@@ -30,10 +30,11 @@ from ._fit import (
 )
 from ._result import FitError, FitResult, Status
 
+# The arguments of `_path` that are compile-time constants: one program per combination.
+PATH_STATIC_ARGNAMES = ("num_classes", "fit_intercept", "reference_class", "penalised", "solver")
 
-@functools.partial(
-    jax.jit, static_argnames=("num_classes", "fit_intercept", "reference_class", "solver")
-)
+
+@functools.partial(jax.jit, static_argnames=PATH_STATIC_ARGNAMES)
 def _path(
     X,
     labels,
@@ -46,6 +47,7 @@ def _path(
     num_classes,
     fit_intercept,
     reference_class,
+    penalised,
     solver,
 ) -> FitResult:
     objective = logistic_objective(
@@ -56,6 +58,7 @@ def _path(
         l2=l2_values[0],
         fit_intercept=fit_intercept,
         reference_class=reference_class,
+        penalised=penalised,
     )
     preconditioner = getattr(solver, "preconditioner", None)
     extra = {}
@@ -208,6 +211,7 @@ def fit_regularization_path(
         num_classes=int(num_classes),
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
+        penalised=_is_concrete(l2_values) and bool(np.all(np.asarray(l2_values) > 0)),
         solver=config,
     )
     if throw and _is_concrete(results.status):

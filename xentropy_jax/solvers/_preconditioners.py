@@ -53,12 +53,12 @@ def diagonal(objective: Objective, evaluation: Evaluation, mix: float = 1.0) -> 
 
 
 class FeatureBasis(NamedTuple):
-    """Eigendecomposition of the Jacobi-scaled feature Gram S = D·A·D, computed once per fit.
+    """Eigendecomposition of the feature Gram A = X̃ᵀŴX̃, computed once per fit.
 
-    A = X̃ᵀŴX̃ and D = diag(A)^(-1/2): the scaling keeps columns of very different sizes
-    resolved (an eigendecomposition of A itself loses the small ones, in float32 above all).
-    `scale` holds D's diagonal and `penalty` the diagonal of Uᵀ·D²·U (the L2 term in S's
-    eigenbasis).
+    Either of A itself (`scale` all ones, `penalty` all ones: the L2 term l2·I is then exact in
+    the eigenbasis) or of the Jacobi-scaled S = D·A·D with D = diag(A)^(-1/2) (`scale` holds
+    D's diagonal, `penalty` the diagonal of Uᵀ·D²·U, the L2 term's Rayleigh quotients in S's
+    eigenbasis, exact only when the columns have equal scales). See `feature_basis`.
     """
 
     eigenvalues: jax.Array
@@ -67,8 +67,22 @@ class FeatureBasis(NamedTuple):
     penalty: jax.Array
 
 
-def feature_basis(gram: jax.Array) -> FeatureBasis:
-    """Eigendecomposition of the feature Gram after Jacobi scaling (O(d³), once per fit)."""
+def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
+    """Eigendecomposition of the feature Gram, Jacobi-scaled or not (O(d³), once per fit).
+
+    Scaled, columns of very different sizes stay resolved (an eigendecomposition of A itself
+    loses the small ones, in float32 above all), which an unpenalised fit needs to tell
+    collinear columns from small ones; there the L2 term is zero and the scaled form exact.
+    With a penalty, the unscaled basis keeps l2·I exact, and its eigenvalue errors (about
+    eps·λ_max) matter only where they exceed l2. On raw, unstandardised columns the scaled
+    form's approximate L2 term made CG several times longer (float64, tol = 1e-6: raw digits
+    at l2 = 1e-3 took 1,278 Hessian products scaled and 444 unscaled; columns scaled by
+    10^±3, 327 and 25), and standardised data is unaffected (docs/solvers.md).
+    """
+    if not scaled:
+        eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+        ones = jnp.ones_like(eigenvalues)
+        return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, ones, ones)
     diagonal = jnp.diag(gram)
     scale = jnp.where(diagonal > 0, jax.lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram * scale[:, None] * scale[None, :])
@@ -85,7 +99,8 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     feature correlations that make H ill-conditioned (a diagonal cannot), and
     in the Jacobi-scaled variables (S = D·A·D = U·diag(λ)·Uᵀ, B = Q·diag(μ)·Qᵀ)
     M⁻¹ = (D ⊗ I)(U ⊗ Q)·diag(1/(λ·μ + l2·(UᵀD²U)ᵢᵢ))·(U ⊗ Q)ᵀ(D ⊗ I) costs O(d²K + dK²) per
-    use after an O(N·K² + K³) update per outer iteration. Far fewer CG iterations than the
+    use after an O(N·K² + K³) update per outer iteration. With `basis` unscaled (D = I, see
+    `feature_basis`) the L2 term is exact: M = A ⊗ B + l2·I. Far fewer CG iterations than the
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     """
     kf = objective.num_free_classes
@@ -201,12 +216,23 @@ def resolve(kind: str, objective: Objective) -> str:
     return kind
 
 
+def _exact_penalty_basis(objective: Objective) -> bool:
+    """Whether the Kronecker basis is A's own (see `feature_basis`): a float64 fit with l2 > 0.
+
+    l2 > 0 must be known when the program is built (`LogisticObjective.penalised`). float32
+    keeps the scaled basis: in the raw digits fit of the README the unscaled one left the
+    gradients of 13 rarely non-zero pixel columns just above their precision floor (8·eps·
+    mean|x_j|), and the fit crept on to the iteration limit.
+    """
+    return bool(getattr(objective, "penalised", False)) and objective.dtype == jnp.float64
+
+
 def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasis | None:
     """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis)."""
     kind = resolve(kind, objective)
     if kind in ("diagonal", "none"):
         return None
-    basis = feature_basis(objective.feature_gram())
+    basis = feature_basis(objective.feature_gram(), scaled=not _exact_penalty_basis(objective))
     if kind == "kronecker":
         return basis
     projected = objective.design_matrix() @ basis.eigenvectors
