@@ -745,3 +745,70 @@ def test_verbose_prints_a_float64_loss_with_x64_off(float32_process):
     printed = float(float32_process["verbose"].split("loss")[1].split()[0])
     assert printed == float(f"{np.log(3):.12e}")
     assert printed != float(f"{float(np.float32(np.log(3))):.12e}")
+
+
+def test_once_per_fit_sums_take_x_by_row_chunks():
+    # The Gram of the Kronecker preconditioner and the precision floor's column sums hold
+    # copies as large as X in one call ([X, 1], ŵ ⊙ X̃, |X|); by row chunks they do not. What
+    # stays is the solver's own [N, K] per-row state (small next to X at d = 512, K = 4) and
+    # a few chunk-sized buffers (small chunks here; 64 MiB ones by default, see below).
+    num_features, chunk = 512, 4096
+    num_rows = 30 * chunk + 5  # a ragged last chunk
+    X = jax.ShapeDtypeStruct((num_rows, num_features), jnp.float32)
+    labels = jax.ShapeDtypeStruct((num_rows,), jnp.int32)
+    solver = fit_module._resolve_solver("newton-cg")
+
+    def temporaries(row_chunk):
+        compiled = fit_module._fit.lower(
+            X,
+            labels,
+            None,
+            1e-3,
+            None,
+            1e-6,
+            50,
+            num_classes=4,
+            fit_intercept=True,
+            reference_class=False,
+            penalised=True,
+            checked=True,
+            solver=solver,
+            verbose=False,
+            row_chunk=row_chunk,
+        ).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / (num_rows * num_features * 4)
+
+    assert temporaries(None) > 1.5
+    assert temporaries(chunk) < 0.5
+    # The default: chunks of at most 64 MiB of [X, 1], only for X larger than one chunk.
+    big = fit_module._row_chunk(jnp.zeros((200_000, num_features), jnp.float32))
+    assert big * (num_features + 1) * 4 <= 2**26 and big >= 256
+    assert fit_module._row_chunk(jnp.zeros((big, num_features), jnp.float32)) is None
+
+
+def test_row_chunked_sums_equal_the_single_call():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(140_003, 3)) * np.array([1.0, 10.0, 0.1])
+    y = (X[:, 0] + X[:, 1] / 10 + rng.normal(size=len(X)) > 0).astype(int) + (X[:, 2] > 0)
+    weights = rng.uniform(0.5, 2.0, len(X))
+    whole = _linear.logistic_objective(X, y, 3, sample_weight=weights, l2=1e-3)
+    chunked = _linear.logistic_objective(X, y, 3, sample_weight=weights, l2=1e-3, row_chunk=65536)
+    gram = np.asarray(_linear.feature_gram(whole))
+    np.testing.assert_allclose(_linear.feature_gram(chunked), gram, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        fit_module.attainable_tolerance(chunked, 0.0),
+        fit_module.attainable_tolerance(whole, 0.0),
+        rtol=1e-12,
+        atol=0,
+    )
+    assert fit_module._row_chunk(jnp.asarray(X)) == 65536
+    # The fit that chunks (X on one device) and the reference Gram from numpy.
+    reference = (np.c_[X, np.ones(len(X))] * (weights / weights.sum())[:, None]).T @ np.c_[
+        X, np.ones(len(X))
+    ]
+    np.testing.assert_allclose(gram, reference, rtol=1e-12, atol=1e-15)
+    result = fit_logistic_regression(X, y, 3, sample_weight=weights, l2=1e-3, tol=1e-10)
+    expected = LogisticRegression(C=1 / (1e-3 * weights.sum()), tol=1e-12, max_iter=1000)
+    expected.fit(X, y, sample_weight=weights)
+    scale = np.max(np.abs(expected.coef_))
+    np.testing.assert_allclose(result.params[0].T, expected.coef_, rtol=0, atol=1e-6 * scale)

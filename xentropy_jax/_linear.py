@@ -59,6 +59,10 @@ class LogisticObjective:
         penalised: whether l2 > 0 is known when the program is built (static). Then the parts
             that only an unpenalised fit needs (the separation certificate, the minimum-norm
             projection) are left out of the compiled program; False means l2 may be 0.
+        row_chunk: rows per chunk of the once-per-fit sums over a dense X (the Gram, the
+            precision floor's column sums), so that their [N, d]-sized intermediates take one
+            chunk (static); None sums in one call, as a row-sharded X needs (slicing its rows
+            would gather them onto every device).
     """
 
     features: jax.Array | sparse.BCOO
@@ -69,6 +73,7 @@ class LogisticObjective:
     fit_intercept: bool = dataclasses.field(default=True, metadata={"static": True})
     reference_class: bool = dataclasses.field(default=False, metadata={"static": True})
     penalised: bool = dataclasses.field(default=False, metadata={"static": True})
+    row_chunk: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def num_features(self) -> int:
@@ -431,6 +436,7 @@ def logistic_objective(
     fit_intercept: bool = True,
     reference_class: bool = False,
     penalised: bool = False,
+    row_chunk: int | None = None,
 ) -> LogisticObjective:
     """Build the penalised multinomial logistic objective (no validation; see the solvers').
 
@@ -445,6 +451,7 @@ def logistic_objective(
         fit_intercept: whether to fit the unpenalised intercept b.
         reference_class: fix class 0's column of W and intercept at zero.
         penalised: l2 is known to be positive (a static promise, `LogisticObjective.penalised`).
+        row_chunk: `LogisticObjective.row_chunk` (None for a row-sharded X).
 
     Returns:
         A `LogisticObjective` pytree.
@@ -471,6 +478,7 @@ def logistic_objective(
         fit_intercept=fit_intercept,
         reference_class=reference_class,
         penalised=penalised,
+        row_chunk=row_chunk,
     )
 
 
@@ -513,9 +521,41 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
                 [[gram, column_sums[:, None]], [column_sums[None, :], jnp.sum(objective.weights)]]
             )
         return gram
-    if objective.fit_intercept:
-        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
-    return features.T @ (objective.weights[:, None] * features)
+
+    def gram(rows, weights):
+        if objective.fit_intercept:
+            rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
+        return rows.T @ (weights[:, None] * rows)
+
+    return column_sums_by_chunks(gram, features, objective.weights, objective.row_chunk)
+
+
+def column_sums_by_chunks(
+    fn: Callable, features: jax.Array, weights: jax.Array, chunk: int | None
+) -> jax.Array:
+    """fn(X, ŵ) for a dense X, summed over chunks of `chunk` rows when X has more rows.
+
+    `fn` maps rows and their weights to a sum over those rows (a Gram, column sums). One call
+    on all of X holds its [N, d]-sized intermediates (X̃ = [X, 1], ŵ ⊙ X̃, |X|): copies as
+    large as X. By chunks they take O(chunk·d). With `chunk` None, or up to one chunk of rows,
+    the result is the single call's, bit for bit.
+    """
+    num_rows = features.shape[0]
+    if chunk is None or num_rows <= chunk:
+        return fn(features, weights)
+
+    def part(start, size):
+        rows = jax.lax.dynamic_slice_in_dim(features, start, size)
+        return fn(rows, jax.lax.dynamic_slice_in_dim(weights, start, size))
+
+    # Slices of X itself (a leading slice reshaped into chunks would be a copy of X).
+    full = num_rows // chunk
+    total = jax.lax.fori_loop(
+        1, full, lambda i, total: total + part(i * chunk, chunk), part(0, chunk)
+    )
+    if num_rows % chunk:
+        total = total + part(full * chunk, num_rows % chunk)
+    return total
 
 
 def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:

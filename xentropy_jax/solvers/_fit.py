@@ -9,10 +9,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
-from .._linear import LogisticObjective, dense_features, logistic_objective, map_features
+from .._linear import (
+    LogisticObjective,
+    column_sums_by_chunks,
+    dense_features,
+    logistic_objective,
+    map_features,
+)
+from .._rowsums import chunk_rows
 from .._sparse_products import transpose_matmul
 from . import _sparse_input
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
@@ -238,7 +246,13 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     tol could never be verified (in float32 every fit would stop at the iteration limit). The
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
-    scale = transpose_matmul(map_features(jnp.abs, objective.features), objective.weights)
+    features, weights = objective.features, objective.weights
+    if isinstance(features, sparse.BCOO):
+        scale = transpose_matmul(map_features(jnp.abs, features), weights)
+    else:
+        scale = column_sums_by_chunks(
+            lambda rows, w: jnp.abs(rows).T @ w, features, weights, objective.row_chunk
+        )
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
@@ -266,6 +280,7 @@ FIT_STATIC_ARGNAMES = (
     "fit_intercept",
     "reference_class",
     "penalised",
+    "row_chunk",
     "checked",
     "solver",
     "verbose",
@@ -289,6 +304,7 @@ def _fit(
     checked,
     solver,
     verbose,
+    row_chunk=None,
 ) -> FitResult:
     objective = logistic_objective(
         X,
@@ -299,6 +315,7 @@ def _fit(
         fit_intercept=fit_intercept,
         reference_class=reference_class,
         penalised=penalised,
+        row_chunk=row_chunk,
     )
     theta = _initial_theta(objective, init)
     # Input checked at the boundary (concrete there): its status can only be CONVERGED.
@@ -499,6 +516,7 @@ def fit_logistic_regression(
         # l2 known positive: the program leaves out what only l2 = 0 needs (smaller, faster
         # to compile); a traced l2 keeps it, as 0 is then possible.
         penalised=_is_concrete(l2) and bool(np.all(np.asarray(l2) > 0)),
+        row_chunk=_row_chunk(features),
         checked=checked,
         solver=config,
         verbose=bool(verbose),
@@ -511,6 +529,21 @@ def fit_logistic_regression(
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
     return result
+
+
+def _row_chunk(features) -> int | None:
+    """`LogisticObjective.row_chunk` for these features: chunks for a dense X on one device.
+
+    None for sparse, traced or row-sharded X (dynamic slices of sharded rows gather them), and
+    when X fits in one chunk. Chunks hold at most 64 MiB of [X, 1].
+    """
+    if isinstance(features, sparse.BCOO | jax.core.Tracer):
+        return None
+    sharding = getattr(features, "sharding", None)
+    if sharding is None or len(sharding.device_set) != 1:
+        return None
+    rows = chunk_rows(features.shape[1] + 1, itemsize=features.dtype.itemsize)
+    return rows if features.shape[0] > rows else None
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
