@@ -14,7 +14,7 @@ of at most 1,000,000 rows so that the same rows come out whatever the split:
 * ``in-memory``: one whole fit of the rows in memory: time, iterations, peak resident set.
 * ``in-memory-chunks``: the rows in one numpy array in memory, fitted by
   `fit_logistic_regression_streamed` in chunks of ``--chunk-rows`` rows (its memory is the
-  array plus one chunk's work, where the one-program fit holds about twice X more):
+  array plus one chunk's work, where the one-program fit holds about X more):
   time, iterations, peak resident set.
 * ``streamed``: the rows written block by block to a ``.npy`` file (``--folder``), then one
   fit from a function that returns an iterator of chunks read with ``np.fromfile`` (read(2),
