@@ -781,7 +781,7 @@ def test_once_per_fit_sums_take_x_by_row_chunks():
     assert temporaries(None) > 1.5
     assert temporaries(chunk) < 0.5
     # The default: chunks of at most 64 MiB of [X, 1], only for X larger than one chunk.
-    big = fit_module._row_chunk(jnp.zeros((200_000, num_features), jnp.float32))
+    big = fit_module._row_chunk(jnp.zeros((70_000, num_features), jnp.float32))
     assert big * (num_features + 1) * 4 <= 2**26 and big >= 256
     assert fit_module._row_chunk(jnp.zeros((big, num_features), jnp.float32)) is None
 

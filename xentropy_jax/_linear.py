@@ -35,6 +35,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from ._losses import hessian_product_from_probs
+from ._rowsums import row_chunk_sum
 from ._sparse_products import matmul, transpose_matmul
 
 # "auto" preconditions CG with the Hessian diagonal beyond this many features (see
@@ -543,19 +544,7 @@ def column_sums_by_chunks(
     num_rows = features.shape[0]
     if chunk is None or num_rows <= chunk:
         return fn(features, weights)
-
-    def part(start, size):
-        rows = jax.lax.dynamic_slice_in_dim(features, start, size)
-        return fn(rows, jax.lax.dynamic_slice_in_dim(weights, start, size))
-
-    # Slices of X itself (a leading slice reshaped into chunks would be a copy of X).
-    full = num_rows // chunk
-    total = jax.lax.fori_loop(
-        1, full, lambda i, total: total + part(i * chunk, chunk), part(0, chunk)
-    )
-    if num_rows % chunk:
-        total = total + part(full * chunk, num_rows % chunk)
-    return total
+    return row_chunk_sum(fn, (features, weights), chunk)
 
 
 def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:

@@ -29,25 +29,29 @@ def row_chunk_sum(fn: Callable, arrays: tuple, chunk: int):
     Args:
         fn: maps arrays whose leading axis is a chunk of rows to a pytree of partial sums.
         arrays: arrays sharing the leading (row) axis N.
-        chunk: rows per chunk (static). The N − N mod chunk leading rows go through one
-            `lax.scan`; the remaining rows through one more call.
+        chunk: rows per chunk (static). The N − N mod chunk leading rows go through one loop
+            over dynamic slices of the arrays themselves (a leading slice reshaped into chunks
+            would copy nearly all of them when chunk does not divide N); the remaining rows
+            through one more call.
 
     Returns:
         The pytree sum of `fn` over all chunks.
     """
     num_rows = arrays[0].shape[0]
     full = num_rows // chunk
+
+    def part(start, size):
+        return fn(*(lax.dynamic_slice_in_dim(a, start, size) for a in arrays))
+
+    def add(total, start):
+        return jax.tree.map(jnp.add, total, part(start, chunk))
+
     total = None
     if full:
-        stacked = tuple(a[: full * chunk].reshape((full, chunk) + a.shape[1:]) for a in arrays)
-        shapes = jax.eval_shape(fn, *(a[0] for a in stacked))
-        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-        def body(carry, xs):
-            return jax.tree.map(jnp.add, carry, fn(*xs)), None
-
-        total, _ = lax.scan(body, init, stacked)
+        total = lax.fori_loop(
+            1, full, lambda index, total: add(total, index * chunk), part(0, chunk)
+        )
     if num_rows % chunk:
-        tail = fn(*(a[full * chunk :] for a in arrays))
+        tail = part(full * chunk, num_rows % chunk)
         total = tail if total is None else jax.tree.map(jnp.add, total, tail)
     return total
