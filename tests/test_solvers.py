@@ -747,16 +747,18 @@ def test_verbose_prints_a_float64_loss_with_x64_off(float32_process):
     assert printed != float(f"{float(np.float32(np.log(3))):.12e}")
 
 
-def test_once_per_fit_sums_take_x_by_row_chunks():
-    # The Gram of the Kronecker preconditioner and the precision floor's column sums hold
-    # copies as large as X in one call ([X, 1], ŵ ⊙ X̃, |X|); by row chunks they do not. What
+@pytest.mark.parametrize("preconditioner", ["kronecker", "diagonal"])
+def test_sums_over_x_take_it_by_row_chunks(preconditioner):
+    # The Gram of the Kronecker preconditioner, the precision floor's column sums and the
+    # Hessian diagonal hold copies as large as X in one call ([X, 1], ŵ ⊙ X̃, |X|, X ⊙ X kept
+    # for the whole fit); by row chunks they do not. What
     # stays is the solver's own [N, K] per-row state (small next to X at d = 512, K = 4) and
     # a few chunk-sized buffers (small chunks here; 64 MiB ones by default, see below).
     num_features, chunk = 512, 4096
     num_rows = 30 * chunk + 5  # a ragged last chunk
     X = jax.ShapeDtypeStruct((num_rows, num_features), jnp.float32)
     labels = jax.ShapeDtypeStruct((num_rows,), jnp.int32)
-    solver = fit_module._resolve_solver("newton-cg")
+    solver = fit_module._resolve_solver(NewtonCG(preconditioner=preconditioner))
 
     def temporaries(row_chunk):
         compiled = fit_module._fit.lower(
@@ -778,7 +780,7 @@ def test_once_per_fit_sums_take_x_by_row_chunks():
         ).compile()
         return compiled.memory_analysis().temp_size_in_bytes / (num_rows * num_features * 4)
 
-    assert temporaries(None) > 1.5
+    assert temporaries(None) > 0.9 + temporaries(chunk)
     assert temporaries(chunk) < 0.5
     # The default: chunks of at most 64 MiB of [X, 1], only for X larger than one chunk.
     big = fit_module._row_chunk(jnp.zeros((70_000, num_features), jnp.float32))
@@ -798,6 +800,14 @@ def test_row_chunked_sums_equal_the_single_call():
     np.testing.assert_allclose(
         fit_module.attainable_tolerance(chunked, 0.0),
         fit_module.attainable_tolerance(whole, 0.0),
+        rtol=1e-12,
+        atol=0,
+    )
+    theta = jnp.asarray(np.random.default_rng(6).normal(size=whole.num_params))
+    evaluation = _linear.evaluate(whole, theta, whole.free_logits(theta))
+    np.testing.assert_allclose(
+        _linear.hessian_diagonal(chunked, evaluation),
+        _linear.hessian_diagonal(whole, evaluation),
         rtol=1e-12,
         atol=0,
     )

@@ -60,10 +60,10 @@ class LogisticObjective:
         penalised: whether l2 > 0 is known when the program is built (static). Then the parts
             that only an unpenalised fit needs (the separation certificate, the minimum-norm
             projection) are left out of the compiled program; False means l2 may be 0.
-        row_chunk: rows per chunk of the once-per-fit sums over a dense X (the Gram, the
-            precision floor's column sums), so that their [N, d]-sized intermediates take one
-            chunk (static); None sums in one call, as a row-sharded X needs (slicing its rows
-            would gather them onto every device).
+        row_chunk: rows per chunk of the sums over a dense X whose [N, d]-sized intermediates
+            would be copies of X (the Gram, the precision floor's column sums, the Hessian
+            diagonal), so that they take one chunk (static); None sums in one call, as a
+            row-sharded X needs (slicing its rows would gather them onto every device).
     """
 
     features: jax.Array | sparse.BCOO
@@ -345,7 +345,17 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     others = jnp.sum(jnp.where(dominant, 0.0, all_probs), axis=1, keepdims=True)
     complement = jnp.where(probs > 0.5, others, 1 - probs)
     variance = objective.weights[:, None] * probs * complement
-    diag_weights = transpose_matmul(squared_features(objective.features), variance) + objective.l2
+    features = objective.features
+    if isinstance(features, sparse.BCOO):
+        diag_weights = transpose_matmul(squared_features(features), variance)
+    else:  # by row chunks: XLA would otherwise keep X ⊙ X, hoisted out of the solver's loop
+        diag_weights = column_sums_by_chunks(
+            lambda rows, values: jnp.square(rows).T @ values,
+            features,
+            variance,
+            objective.row_chunk,
+        )
+    diag_weights = diag_weights + objective.l2
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 
 
@@ -532,19 +542,19 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
 
 
 def column_sums_by_chunks(
-    fn: Callable, features: jax.Array, weights: jax.Array, chunk: int | None
+    fn: Callable, features: jax.Array, values: jax.Array, chunk: int | None
 ) -> jax.Array:
-    """fn(X, ŵ) for a dense X, summed over chunks of `chunk` rows when X has more rows.
+    """fn(X, V) for a dense X and per-row values V, summed over chunks of `chunk` rows.
 
-    `fn` maps rows and their weights to a sum over those rows (a Gram, column sums). One call
-    on all of X holds its [N, d]-sized intermediates (X̃ = [X, 1], ŵ ⊙ X̃, |X|): copies as
-    large as X. By chunks they take O(chunk·d). With `chunk` None, or up to one chunk of rows,
-    the result is the single call's, bit for bit.
+    `fn` maps rows and their values (weights [N], per-row curvatures [N, K]) to a sum over
+    those rows (a Gram, column sums, the Hessian diagonal's (X ⊙ X)ᵀ·V). One call on all of X
+    holds its [N, d]-sized intermediates (X̃ = [X, 1], ŵ ⊙ X̃, |X|, X ⊙ X): copies as large as
+    X. By chunks they take O(chunk·d). With `chunk` None, or up to one chunk of rows, the
+    result is the single call's, bit for bit.
     """
-    num_rows = features.shape[0]
-    if chunk is None or num_rows <= chunk:
-        return fn(features, weights)
-    return row_chunk_sum(fn, (features, weights), chunk)
+    if chunk is None or features.shape[0] <= chunk:
+        return fn(features, values)
+    return row_chunk_sum(fn, (features, values), chunk)
 
 
 def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
