@@ -751,9 +751,9 @@ def test_verbose_prints_a_float64_loss_with_x64_off(float32_process):
 def test_sums_over_x_take_it_by_row_chunks(preconditioner):
     # The Gram of the Kronecker preconditioner, the precision floor's column sums and the
     # Hessian diagonal hold copies as large as X in one call ([X, 1], ŵ ⊙ X̃, |X|, X ⊙ X kept
-    # for the whole fit); by row chunks they do not. What
-    # stays is the solver's own [N, K] per-row state (small next to X at d = 512, K = 4) and
-    # a few chunk-sized buffers (small chunks here; 64 MiB ones by default, see below).
+    # for the whole fit); by row chunks they do not. What stays is the solver's own [N, K]
+    # per-row state (small next to X at d = 512, K = 4) and a few chunk-sized buffers (small
+    # chunks here; 64 MiB ones by default, see below).
     num_features, chunk = 512, 4096
     num_rows = 30 * chunk + 5  # a ragged last chunk
     X = jax.ShapeDtypeStruct((num_rows, num_features), jnp.float32)
@@ -797,6 +797,9 @@ def test_row_chunked_sums_equal_the_single_call():
     chunked = _linear.logistic_objective(X, y, 3, sample_weight=weights, l2=1e-3, row_chunk=65536)
     gram = np.asarray(_linear.feature_gram(whole))
     np.testing.assert_allclose(_linear.feature_gram(chunked), gram, rtol=1e-12, atol=0)
+    design = np.c_[X, np.ones(len(X))]
+    reference = design.T @ ((weights / weights.sum())[:, None] * design)
+    np.testing.assert_allclose(gram, reference, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(
         fit_module.attainable_tolerance(chunked, 0.0),
         fit_module.attainable_tolerance(whole, 0.0),
@@ -811,12 +814,8 @@ def test_row_chunked_sums_equal_the_single_call():
         rtol=1e-12,
         atol=0,
     )
+    # A fit of this X (on one device, more rows than one chunk) takes the chunked sums.
     assert fit_module._row_chunk(jnp.asarray(X)) == 65536
-    # The fit that chunks (X on one device) and the reference Gram from numpy.
-    reference = (np.c_[X, np.ones(len(X))] * (weights / weights.sum())[:, None]).T @ np.c_[
-        X, np.ones(len(X))
-    ]
-    np.testing.assert_allclose(gram, reference, rtol=1e-12, atol=1e-15)
     result = fit_logistic_regression(X, y, 3, sample_weight=weights, l2=1e-3, tol=1e-10)
     expected = LogisticRegression(C=1 / (1e-3 * weights.sum()), tol=1e-12, max_iter=1000)
     expected.fit(X, y, sample_weight=weights)
