@@ -345,16 +345,13 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     others = jnp.sum(jnp.where(dominant, 0.0, all_probs), axis=1, keepdims=True)
     complement = jnp.where(probs > 0.5, others, 1 - probs)
     variance = objective.weights[:, None] * probs * complement
-    features = objective.features
-    if isinstance(features, sparse.BCOO):
-        diag_weights = transpose_matmul(squared_features(features), variance)
-    else:  # by row chunks: XLA would otherwise keep X ⊙ X, hoisted out of the solver's loop
-        diag_weights = column_sums_by_chunks(
-            lambda rows, values: jnp.square(rows).T @ values,
-            features,
-            variance,
-            objective.row_chunk,
-        )
+    # By row chunks: in one call XLA would keep X ⊙ X, hoisted out of the solver's loop.
+    diag_weights = column_sums_by_chunks(
+        lambda rows, values: transpose_matmul(squared_features(rows), values),
+        objective.features,
+        variance,
+        objective.row_chunk,
+    )
     diag_weights = diag_weights + objective.l2
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 
@@ -542,17 +539,17 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
 
 
 def column_sums_by_chunks(
-    fn: Callable, features: jax.Array, values: jax.Array, chunk: int | None
+    fn: Callable, features: jax.Array | sparse.BCOO, values: jax.Array, chunk: int | None
 ) -> jax.Array:
-    """fn(X, V) for a dense X and per-row values V, summed over chunks of `chunk` rows.
+    """fn(X, V) for X and per-row values V, summed over chunks of `chunk` rows of a dense X.
 
     `fn` maps rows and their values (weights [N], per-row curvatures [N, K]) to a sum over
     those rows (a Gram, column sums, the Hessian diagonal's (X ⊙ X)ᵀ·V). One call on all of X
     holds its [N, d]-sized intermediates (X̃ = [X, 1], ŵ ⊙ X̃, |X|, X ⊙ X): copies as large as
-    X. By chunks they take O(chunk·d). With `chunk` None, or up to one chunk of rows, the
-    result is the single call's, bit for bit.
+    X. By chunks they take O(chunk·d). With `chunk` None, a sparse X (whose products hold no
+    such copy), or up to one chunk of rows, the result is the single call's, bit for bit.
     """
-    if chunk is None or features.shape[0] <= chunk:
+    if chunk is None or isinstance(features, sparse.BCOO) or features.shape[0] <= chunk:
         return fn(features, values)
     return row_chunk_sum(fn, (features, values), chunk)
 

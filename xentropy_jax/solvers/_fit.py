@@ -246,13 +246,12 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     tol could never be verified (in float32 every fit would stop at the iteration limit). The
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
-    features, weights = objective.features, objective.weights
-    if isinstance(features, sparse.BCOO):
-        scale = transpose_matmul(map_features(jnp.abs, features), weights)
-    else:
-        scale = column_sums_by_chunks(
-            lambda rows, w: jnp.abs(rows).T @ w, features, weights, objective.row_chunk
-        )
+    scale = column_sums_by_chunks(
+        lambda rows, weights: transpose_matmul(map_features(jnp.abs, rows), weights),
+        objective.features,
+        objective.weights,
+        objective.row_chunk,
+    )
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
@@ -515,7 +514,7 @@ def fit_logistic_regression(
         reference_class=bool(reference_class),
         # l2 known positive: the program leaves out what only l2 = 0 needs (smaller, faster
         # to compile); a traced l2 keeps it, as 0 is then possible.
-        penalised=_is_concrete(l2) and bool(np.all(np.asarray(l2) > 0)),
+        penalised=known_positive(l2),
         row_chunk=_row_chunk(features),
         checked=checked,
         solver=config,
@@ -529,6 +528,11 @@ def fit_logistic_regression(
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
     return result
+
+
+def known_positive(l2) -> bool:
+    """Whether every l2 is known > 0 before tracing (`LogisticObjective.penalised`)."""
+    return _is_concrete(l2) and bool(np.all(np.asarray(l2) > 0))
 
 
 def _row_chunk(features) -> int | None:

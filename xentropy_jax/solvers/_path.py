@@ -27,6 +27,7 @@ from ._fit import (
     as_features,
     attainable_tolerance,
     finalize,
+    known_positive,
 )
 from ._result import FitError, FitResult, Status
 
@@ -211,7 +212,7 @@ def fit_regularization_path(
         num_classes=int(num_classes),
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
-        penalised=_is_concrete(l2_values) and bool(np.all(np.asarray(l2_values) > 0)),
+        penalised=known_positive(l2_values),
         solver=config,
     )
     if throw and _is_concrete(results.status):
