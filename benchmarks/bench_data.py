@@ -4,7 +4,8 @@ Side by side with scikit-learn in this one process (the sparse memory figure in 
 process), minima over interleaved single calls, ratios ours / theirs:
 
 1. Linear probe: Gaussian class means, 20,000 x 128, K = 200, float64, C = 1, tol = 1e-6:
-   our refit against scikit-learn's ``lbfgs`` and ``newton-cg`` (target <= 0.3x the fastest).
+   our refit against scikit-learn's ``lbfgs`` and ``newton-cg`` (target <= 0.3x the fastest),
+   and the functional fit with float32 Hessian products (``NewtonCG(product_dtype="float32")``).
 2. Hessian products at large K: one product against the two GEMMs X·V and Xᵀ·U it needs
    (target <= 1.3x).
 3. float32 features, many classes: ``--f32-shape`` (default 10,000 x 256 x 200, scaled down
@@ -90,9 +91,15 @@ def _fit_quietly(model, X, y):
     return model
 
 
-def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None):
+def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solvers=None):
+    """Our estimator's refit against scikit-learn's solvers; `solvers` adds functional fits.
+
+    `solvers` maps a label to a solver configuration (e.g. ``xj.NewtonCG(product_dtype=...)``)
+    fitted by ``xj.fit_logistic_regression`` on the same objective, timed alongside.
+    """
     print(f"\n== {title}: X {X.shape} {X.dtype}, K = {np.unique(y).size}, C = {C}, tol = {TOL}")
     models = {}
+    n_classes = int(np.max(y)) + 1
 
     def ours():
         models["ours"] = _fit_quietly(LogisticRegression(C=C, tol=TOL, max_iter=200), X, y)
@@ -109,6 +116,19 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None):
     ours()
     first = time.perf_counter() - start
     fns = {"xentropy_jax (repeat fit)": ours}
+
+    def functional(label, solver):
+        def fit():
+            models[label] = xj.fit_logistic_regression(
+                X, y, n_classes, l2=1.0 / (C * len(y)), tol=TOL, max_iter=200, solver=solver
+            )
+            return models[label].params
+
+        fit()  # compiled outside the timing
+        return fit
+
+    for label, solver in (solvers or {}).items():
+        fns[f"xentropy_jax {label}"] = functional(label, solver)
     fns.update({f"sklearn {name}": theirs(name) for name in sklearn_solvers})
     times = interleaved_min_times(fns, repeats=repeats, warmup=0)
     times = {"xentropy_jax (first fit, compile included)": first, **times}
@@ -130,8 +150,17 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None):
         key = f"sklearn {name}"
         if best is None or times[key] < times[best]:
             best = key
-    ratio = times["xentropy_jax (repeat fit)"] / times[best]
     goal = f" (target <= {target})" if target else ""
+    for label in solvers or {}:
+        result = models[label]
+        weights, intercept = (np.asarray(a) for a in result.params)
+        value = _objective(X, y, weights.T, intercept, C)
+        print(
+            f"  xentropy_jax {label}: objective - estimator's = {value - reference:+.3e}, "
+            f"{int(result.n_iter)} iterations, {int(result.n_hessian_products)} Hessian products, "
+            f"ratio / {best} = {times[f'xentropy_jax {label}'] / times[best]:.3f}{goal}"
+        )
+    ratio = times["xentropy_jax (repeat fit)"] / times[best]
     print(f"  ratio ours (repeat) / {best} = {ratio:.3f}{goal}")
     return model, reference
 
@@ -238,7 +267,10 @@ def main():
     if "probe" in cases:
         n, d, k = map(int, args.probe_shape.split(","))
         X, y = gaussian_means(n, d, k)
-        side_by_side("linear probe", X, y, ["lbfgs", "newton-cg"], args.repeats, target=0.3)
+        mixed = {"NewtonCG(product_dtype='float32')": xj.NewtonCG(product_dtype="float32")}
+        side_by_side(
+            "linear probe", X, y, ["lbfgs", "newton-cg"], args.repeats, target=0.3, solvers=mixed
+        )
     if "hvp" in cases:
         n, d, k = map(int, args.probe_shape.split(","))
         case_hvp(n, d, k, repeats=10)
