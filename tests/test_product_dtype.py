@@ -107,3 +107,33 @@ def test_an_objective_that_is_not_a_pytree_is_refused():
 
     with pytest.raises(TypeError, match="must be a pytree"):
         product_objective(Opaque(), "float32")
+
+
+def test_estimators_pass_it_to_newton_cg(problem):
+    from xentropy_jax.sklearn import LogisticRegression, LogisticRegressionCV
+
+    X, y, w = problem
+    kwargs = dict(C=10.0, solver="newton-cg", tol=1e-10)
+    reference = LogisticRegression(**kwargs).fit(X, y, sample_weight=w)
+    mixed = LogisticRegression(product_dtype="float32", **kwargs).fit(X, y, sample_weight=w)
+    assert mixed.coef_.dtype == np.float64
+    np.testing.assert_allclose(mixed.coef_, reference.coef_, atol=1e-6)
+    np.testing.assert_allclose(mixed.intercept_, reference.intercept_, atol=1e-6)
+    cv = dict(Cs=[0.1, 10.0], cv=3, solver="newton-cg", tol=1e-10)
+    reference = LogisticRegressionCV(**cv).fit(X, y)
+    mixed = LogisticRegressionCV(product_dtype="float32", **cv).fit(X, y)
+    np.testing.assert_allclose(mixed.scores_, reference.scores_)
+    np.testing.assert_allclose(mixed.coef_, reference.coef_, atol=1e-6)
+    with pytest.raises(ValueError, match="product_dtype"):
+        LogisticRegression(product_dtype="float16").fit(X, y)
+
+
+def test_the_estimator_builds_the_mixed_solver():
+    from xentropy_jax.sklearn import _core_solver
+
+    assert _core_solver("newton-cg", 10) == "newton-cg"
+    assert _core_solver("newton-cg", 10, "float32") == NewtonCG(product_dtype="float32")
+    wide = NewtonCG(preconditioner="diagonal", product_dtype="float32")
+    assert _core_solver("newton-cg", 5000, "float32") == wide
+    assert _core_solver("newton", 10, "float32") == "newton"
+    assert _core_solver("trust-region", 10, "float32") == "trust-region"

@@ -177,12 +177,21 @@ def _resolve_solver(solver: str, n_parameters: int) -> str:
 KRONECKER_MAX_FEATURES = 4000
 
 
-def _core_solver(solver: str, n_features: int) -> str | NewtonCG | TrustRegion:
-    """The functional core's configuration for the concrete ``solver`` on ``n_features``."""
-    if n_features <= KRONECKER_MAX_FEATURES or solver == "newton":
+def _core_solver(
+    solver: str, n_features: int, product_dtype: str | None = None
+) -> str | NewtonCG | TrustRegion:
+    """The functional core's configuration for the concrete ``solver`` on ``n_features``.
+
+    ``product_dtype`` reaches the Hessian products of ``"newton-cg"`` (the other solvers
+    ignore it: ``"newton"`` forms the Hessian, ``"trust-region"`` keeps float64 products).
+    """
+    wide = n_features > KRONECKER_MAX_FEATURES
+    if solver == "newton" or (not wide and (solver != "newton-cg" or product_dtype is None)):
         return solver
-    configuration = NewtonCG if solver == "newton-cg" else TrustRegion
-    return configuration(preconditioner="diagonal")
+    preconditioner = "diagonal" if wide else "auto"
+    if solver == "newton-cg":
+        return NewtonCG(preconditioner=preconditioner, product_dtype=product_dtype)
+    return TrustRegion(preconditioner=preconditioner)
 
 
 class LogisticRegression(ClassifierMixin, BaseEstimator):
@@ -247,6 +256,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             zero-weight rows to a multiple of their number) and the parameters replicated;
             each gradient and Hessian product ends in one all-reduce of a (d + 1) × K block.
             The fit is the same as on one device, to rounding. Dense X only.
+        product_dtype: None, or ``"float32"``: with the ``"newton-cg"`` solver (also when
+            ``"auto"`` picks it) and float64 input, CG's Hessian products run in float32
+            (mixed precision, ``NewtonCG(product_dtype="float32")``); the gradient, the line
+            search and the stopping test stay float64, so the fit reaches the same optimum.
+            About twice as fast per product; pays with many classes at moderate ``tol``, costs
+            products at tight ``tol`` on ill-conditioned data. Ignored by the other solvers and
+            for float32 input.
 
     Attributes:
         classes_: [n_classes] the class labels, sorted (any label type).
@@ -279,6 +295,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         "verbose": ["verbose"],
         "n_jobs": [Integral, None],
         "devices": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
+        "product_dtype": [StrOptions({"float32"}), None],
     }
 
     def __init__(
@@ -296,6 +313,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         l1_ratio: float | None = 0.0,
         n_jobs: int | None = None,
         devices: int | list | None = None,
+        product_dtype: str | None = None,
     ) -> None:
         self.C = C
         self.penalty = penalty
@@ -309,6 +327,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.l1_ratio = l1_ratio
         self.n_jobs = n_jobs
         self.devices = devices
+        self.product_dtype = product_dtype
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -366,7 +385,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         )
         init = self._warm_start_init(classes, X.shape[1], reference)
 
-        core_solver = _core_solver(solver, X.shape[1])
+        core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
         configuration = (X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
         configuration += (bool(self.fit_intercept), reference, core_solver)
         configuration += (bool(self.verbose), init is None, repr(self.devices))
@@ -647,7 +666,7 @@ class LogisticRegressionCV(LogisticRegression):
             ``"neg_log_loss"``, computed on the held-out rows with their sample weights.
         refit: Refit on all the data at the best ``C`` (otherwise the coefficients are the
             mean over the splits of the path's coefficients at the best ``C``).
-        fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs: as
+        fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs, product_dtype: as
             :class:`LogisticRegression` (``n_jobs`` is accepted and ignored: the splits are
             already fitted together in one program).
 
@@ -695,6 +714,7 @@ class LogisticRegressionCV(LogisticRegression):
         max_iter: int = 100,
         verbose: int = 0,
         n_jobs: int | None = None,
+        product_dtype: str | None = None,
     ) -> None:
         self.Cs = Cs
         self.cv = cv
@@ -707,6 +727,7 @@ class LogisticRegressionCV(LogisticRegression):
         self.max_iter = max_iter
         self.verbose = verbose
         self.n_jobs = n_jobs
+        self.product_dtype = product_dtype
 
     # Fixed settings of the parent estimator that this one does not expose.
     C = 1.0
@@ -758,7 +779,7 @@ class LogisticRegressionCV(LogisticRegression):
                     sample_weight=w,
                     fit_intercept=self.fit_intercept,
                     reference_class=reference,
-                    solver=_core_solver(solver, X.shape[1]),
+                    solver=_core_solver(solver, X.shape[1], self.product_dtype),
                     tol=self.tol,
                     max_iter=self.max_iter,
                     throw=False,
@@ -800,6 +821,7 @@ class LogisticRegressionCV(LogisticRegression):
                 tol=self.tol,
                 max_iter=self.max_iter,
                 verbose=self.verbose,
+                product_dtype=self.product_dtype,
             ).fit(X, y, sample_weight=sample_weight)
             for name in ("classes_", "coef_", "intercept_", "n_iter_", "solver_"):
                 setattr(self, name, getattr(model, name))
