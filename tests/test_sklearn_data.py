@@ -1,6 +1,7 @@
 """The estimators on the data people bring: sparse input, scikit-learn 1.8 parameters, CV."""
 
 import jax
+import jax.monitoring
 import numpy as np
 import pytest
 
@@ -78,6 +79,37 @@ def test_l1_ratio_zero_and_n_jobs_are_accepted(iris):
     other = LogisticRegression(l1_ratio=0.0, n_jobs=2).fit(X, y)
     np.testing.assert_array_equal(other.coef_, plain.coef_)
     assert LogisticRegression(l1_ratio=None).fit(X, y).coef_.shape == plain.coef_.shape
+
+
+_compiles: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **_: _compiles.append(event) if "backend_compile" in event else None
+)
+
+
+def _search_compiles(X, y, backend):
+    """cv_results_ of a GridSearchCV(n_jobs=2) run under `backend` and the programs compiled."""
+    import joblib
+    from sklearn.model_selection import GridSearchCV
+
+    jax.clear_caches()
+    _compiles.clear()
+    search = GridSearchCV(LogisticRegression(), {"C": [0.1, 1.0, 10.0]}, cv=3, n_jobs=2)
+    with joblib.parallel_backend(backend, n_jobs=2):
+        search.fit(X, y)
+    return search.cv_results_["mean_test_score"], len(_compiles)
+
+
+def test_grid_search_with_threads_compiles_what_a_serial_search_does(iris):
+    # Worker processes (joblib's default) compile every program again, and only the refit is
+    # compiled here; worker threads share this process's compiled programs (JAX releases the
+    # GIL while a program runs), compiling each once, as the serial search does. The
+    # documented recipe for GridSearchCV(n_jobs) is the threading backend.
+    X, y = iris
+    serial, serial_compiles = _search_compiles(X, y, "sequential")
+    threaded, threaded_compiles = _search_compiles(X, y, "threading")
+    np.testing.assert_array_equal(threaded, serial)
+    assert threaded_compiles == serial_compiles > 0
 
 
 @pytest.mark.parametrize(

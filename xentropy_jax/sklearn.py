@@ -250,7 +250,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             new problem (same classes and features).
         verbose: Print the solver's progress.
         n_jobs: Accepted for compatibility with scikit-learn and ignored: a fit is one
-            compiled XLA program, which uses every core it is given.
+            compiled XLA program, which uses every core it is given. For
+            ``GridSearchCV(n_jobs=...)``, run the search under
+            ``joblib.parallel_backend("threading")``: worker threads share the compiled
+            programs, worker processes compile them again (docs/estimator.md).
         devices: None (the default device), a number of devices (the first that many of
             ``jax.devices()``) or a list of devices: the rows are split over them (padded with
             zero-weight rows to a multiple of their number) and the parameters replicated;
