@@ -137,3 +137,15 @@ def test_the_estimator_builds_the_mixed_solver():
     assert _core_solver("newton-cg", 5000, "float32") == wide
     assert _core_solver("newton", 10, "float32") == "newton"
     assert _core_solver("trust-region", 10, "float32") == "trust-region"
+
+
+def test_the_streamed_fit_keeps_its_own_products(problem):
+    from xentropy_jax.solvers import fit_logistic_regression_streamed
+
+    X, y, _ = problem
+    reference = fit_logistic_regression_streamed(X, y, 5, l2=1e-3, tol=1e-10, chunk_rows=200)
+    result = fit_logistic_regression_streamed(
+        X, y, 5, l2=1e-3, tol=1e-10, chunk_rows=200, solver=MIXED
+    )
+    assert int(result.n_hessian_products) == int(reference.n_hessian_products)
+    np.testing.assert_array_equal(result.params[0], reference.params[0])

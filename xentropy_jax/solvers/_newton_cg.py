@@ -44,7 +44,8 @@ class NewtonCG:
             the value, the gradient, the line search, the stopping test and the CG vectors.
             The products only steer the Newton direction, whose CG solve is inexact by design
             (relative residual η_k ≥ 1e-4 or so against float32's 6e-8), so the fit reaches
-            the same float64 optimum; the step count may differ. No effect on float32 data.
+            the same float64 optimum; the step count may differ. No effect on float32 data,
+            nor in `fit_logistic_regression_streamed` (its chunks are read as they are stored).
 
     Raises:
         ValueError: on construction, for an unknown preconditioner, product dtype or a value
@@ -184,7 +185,8 @@ def product_objective(objective: Objective, product_dtype: str | None) -> Object
 
     Generic over pytree objectives: every floating leaf (for logistic regression X, or a
     BCOO's stored values, the row weights and l2) is cast; the Hessian product is the same
-    code in the narrower type.
+    code in the narrower type. None as well when the cast leaves the objective's dtype unchanged,
+    as for `fit_logistic_regression_streamed`, whose chunks are read in the source's dtype.
 
     Raises:
         TypeError: the objective is not a pytree, so its arrays cannot be found.
@@ -197,7 +199,10 @@ def product_objective(objective: Objective, product_dtype: str | None) -> Object
             f"must be a pytree (e.g. a jax.tree_util.register_dataclass); got a "
             f"{type(objective).__name__} that is not one"
         )
-    return _cast_floating(objective, jnp.dtype(product_dtype))
+    products = _cast_floating(objective, jnp.dtype(product_dtype))
+    # An objective whose data do not live in its leaves (the streamed fit's chunks arrive in
+    # their source's dtype) keeps its own products.
+    return products if jnp.dtype(products.dtype) == jnp.dtype(product_dtype) else None
 
 
 def _product_operator(objective: Objective, products: Objective | None, evaluation):
