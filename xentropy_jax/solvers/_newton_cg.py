@@ -43,8 +43,9 @@ class NewtonCG:
             two GEMMs at float32 speed, and everything that decides the answer stays float64:
             the value, the gradient, the line search, the stopping test and the CG vectors.
             The products only steer the Newton direction, whose CG solve is inexact by design
-            (relative residual η_k ≥ 1e-4 or so against float32's 6e-8), so the fit reaches
-            the same float64 optimum; the step count may differ. No effect on float32 data,
+            (relative residual η_k, usually 1e-1 to 1e-4, against float32's rounding of 6e-8),
+            so the fit reaches the same float64 optimum; the step and product counts may
+            differ (more at tight tolerances on ill-conditioned data, see docs/solvers.md). No effect on float32 data,
             nor in `fit_logistic_regression_streamed` (its chunks are read as they are stored).
 
     Raises:
