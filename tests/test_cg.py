@@ -217,6 +217,31 @@ def test_jit_vmap_and_traced_limits_do_not_recompile():
     assert batched.status.shape == (6,)
 
 
+def test_per_entry_tolerances_stop_cg_once_every_entry_is_within_its_own():
+    matrix = spd_matrix(30, 100.0, seed=4)
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix, seed=2)
+    # Entries of different scales: a loose tolerance on "w", a tight one on "b".
+    entry_tol = {"w": jnp.full((2, 3), 1e-2), "b": jnp.full(24, 1e-8)}
+    result = xj.cg(operator, rhs, rtol=0.0, entry_tol=entry_tol, max_steps=200)
+    exact = xj.cg(operator, rhs, rtol=1e-14, max_steps=200)
+    assert int(result.status) == CGStatus.CONVERGED
+    residual = rhs_flat - jnp.asarray(matrix) @ ravel_pytree(result.solution)[0]
+    residual = unravel(residual)
+    # The true residual meets each entry's tolerance (to the rounding of the recurrence) ...
+    assert float(jnp.max(jnp.abs(residual["w"]))) <= 1.01e-2
+    assert float(jnp.max(jnp.abs(residual["b"]))) <= 1e-8 * 1.01 + 1e-12
+    # ... and CG stopped as soon as the recurrence's did, before the 2-norm target.
+    assert bool(jnp.all(jnp.abs(result.residual["w"]) <= 1e-2))
+    assert bool(jnp.all(jnp.abs(result.residual["b"]) <= 1e-8))
+    assert int(result.num_steps) < int(exact.num_steps)
+    # A tolerance met by every entry but one keeps CG running.
+    tight = {"w": jnp.full((2, 3), 1e-2).at[0, 0].set(1e-13), "b": jnp.full(24, 1e-8)}
+    later = xj.cg(operator, rhs, rtol=0.0, entry_tol=tight, max_steps=200)
+    assert int(later.num_steps) > int(result.num_steps)
+    with pytest.raises(ValueError, match="entry_tol"):
+        xj.cg(operator, rhs, entry_tol={"w": -jnp.ones((2, 3)), "b": jnp.ones(24)})
+
+
 def test_bad_input_is_rejected_at_the_boundary():
     operator = lambda v: v  # noqa: E731
     with pytest.raises(TypeError, match="floating"):

@@ -220,6 +220,28 @@ def test_kronecker_penalty_is_exact_when_known_positive(penalised):
         assert error > 1e-6
 
 
+@pytest.mark.parametrize("spread, l2, exact", [(1.0, 1e-3, True), (1e4, 1e-3, False)])
+def test_float32_takes_the_exact_penalty_basis_when_l2_covers_its_rounding(spread, l2, exact):
+    # float32: A's own basis only when l2 >= eps·trace(A)/2; columns spread over 10^±4 make
+    # trace(A) ~ 1e8 and keep the Jacobi-scaled basis. Decided at run time (l2 may be traced).
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 5)) * spread ** np.linspace(-1, 1, 5)
+    y = rng.integers(0, 3, 200)
+    single = logistic_objective(jnp.asarray(X, jnp.float32), y, 3, l2=l2, penalised=True)
+    assert single.dtype == jnp.float32
+
+    def unit_scales(objective):
+        basis = _preconditioners.setup_basis("kronecker", objective)
+        return jnp.all(basis.scale == 1) & jnp.all(basis.penalty == 1)
+
+    assert bool(unit_scales(single)) == exact
+    assert bool(jax.jit(unit_scales)(single)) == exact
+    # float64 with a known penalty: always A's own basis; without one, never.
+    assert bool(unit_scales(logistic_objective(X, y, 3, l2=l2, penalised=True)))
+    unpenalised = logistic_objective(jnp.asarray(X, jnp.float32), y, 3, l2=l2, penalised=False)
+    assert not bool(unit_scales(unpenalised))
+
+
 def test_backtracking_armijo():
     # f(t) = (t − 0.3)², from t = 0 along Δ = 1: slope −0.6.
     def change_at(t):

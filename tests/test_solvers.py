@@ -706,9 +706,10 @@ def test_float32_readme_fit_stops_at_the_precision_floor(float32_process):
     from sklearn.datasets import load_digits
 
     n_iter, dtype, weights = float32_process["digits"]
-    # It ran into MAX_ITER (100) before the per-parameter floor; the last few iterations sit at
-    # the float32 floor, where rounding decides whether 19 or 21 are needed.
-    assert dtype == "float32" and n_iter <= 25
+    # It ran into MAX_ITER (100) before the per-parameter floor, then took 17 to 21 iterations
+    # on the scaled Kronecker basis with CG at its cap; A's own basis (l2 covers its float32
+    # rounding here) with CG's per-entry stop takes 11.
+    assert dtype == "float32" and n_iter <= 13
     features, labels = load_digits(return_X_y=True)
     reference = fit_logistic_regression(features, labels, 10, l2=1e-3, tol=1e-10)
     expected = np.asarray(reference.params[0])

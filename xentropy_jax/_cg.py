@@ -134,8 +134,22 @@ def _solve(
     rtol: Any,
     atol: Any,
     max_steps: Any,
+    entry_tol: PyTree | None = None,
 ) -> CGResult:
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps)
+    if entry_tol is not None:
+        for leaf in jax.tree.leaves(entry_tol):
+            if not isinstance(leaf, jax.core.Tracer) and not np.all(np.asarray(leaf) >= 0):
+                raise ValueError("entry_tol must be non-negative.")
+
+    def small(residual: PyTree, residual_norm2: jax.Array) -> jax.Array:
+        """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``)."""
+        done = residual_norm2 <= tolerance**2
+        if entry_tol is not None:
+            within = jax.tree.map(lambda r, t: jnp.all(jnp.abs(r) <= t), residual, entry_tol)
+            done = done | jnp.all(jnp.stack(jax.tree.leaves(within)))
+        return done
+
     precondition = preconditioner if preconditioner is not None else (lambda r: r)
     if x0 is None:
         solution = jax.tree.map(jnp.zeros_like, rhs)
@@ -154,7 +168,7 @@ def _solve(
         ~jnp.isfinite(residual_norm2) | ~jnp.isfinite(rho),
         CGStatus.NON_FINITE,
         jnp.where(
-            residual_norm2 <= tolerance**2,
+            small(residual, residual_norm2),
             CGStatus.CONVERGED,
             jnp.where(max_steps <= 0, CGStatus.MAX_STEPS, _RUNNING),
         ),
@@ -218,7 +232,7 @@ def _solve(
                     crosses,
                     CGStatus.BOUNDARY,
                     jnp.where(
-                        residual_norm2 <= tolerance**2,
+                        small(residual, residual_norm2),
                         CGStatus.CONVERGED,
                         jnp.where(num_steps >= max_steps, CGStatus.MAX_STEPS, _RUNNING),
                     ),
@@ -255,6 +269,7 @@ def cg(
     rtol: jax.typing.ArrayLike = 1e-5,
     atol: jax.typing.ArrayLike = 0.0,
     max_steps: jax.typing.ArrayLike | None = None,
+    entry_tol: PyTree | None = None,
 ) -> CGResult:
     """Preconditioned conjugate gradients for A x = b on pytrees, with an outcome code.
 
@@ -264,7 +279,8 @@ def cg(
 
         α = rᵀz / pᵀAp,  x ← x + αp,  r ← r − αAp,  z = M⁻¹r,  β = r'ᵀz' / rᵀz,  p ← z' + βp.
 
-    It stops when ‖r‖₂ ≤ max(rtol·‖b‖₂, atol) (``CONVERGED``), after ``max_steps`` iterations
+    It stops when ‖r‖₂ ≤ max(rtol·‖b‖₂, atol) or, given ``entry_tol``, when every entry has
+    |rᵢ| ≤ entry_tolᵢ (``CONVERGED``), after ``max_steps`` iterations
     (``MAX_STEPS``), at a direction with pᵀAp ≤ 0, returning the iterate before it
     (``NEGATIVE_CURVATURE``; with x₀ = 0 at the first step that is 0), or when a number turns
     non-finite, returning the last finite iterate (``NON_FINITE``). Cost per iteration: one
@@ -279,13 +295,18 @@ def cg(
         rtol: relative tolerance on ‖r‖₂ / ‖b‖₂ (may be traced).
         atol: absolute tolerance on ‖r‖₂ (may be traced).
         max_steps: iteration limit (may be traced); by default the number of unknowns.
+        entry_tol: optional per-entry tolerances, a pytree like ``rhs`` (leaves broadcast
+          against its leaves): also stop once every |rᵢ| ≤ entry_tolᵢ. Useful when the
+          entries of b live on different scales, as a gradient whose parameters each have
+          their own attainable accuracy: a 2-norm target set by the smallest can sit below
+          the rounding of the largest.
 
     Returns:
         A :class:`CGResult` (solution, residual, status, num_steps, residual_norm).
 
     Raises:
         ValueError: if ``rhs`` is empty, ``x0`` does not match it, or a tolerance / the step
-          limit is negative (checked when concrete).
+          limit is negative (checked when concrete, ``entry_tol`` included).
         TypeError: if a leaf of ``rhs`` is not floating.
 
     Example:
@@ -306,7 +327,7 @@ def cg(
         ...                   exact, atol=1e-5))
         True
     """
-    return _solve(operator, rhs, x0, None, preconditioner, rtol, atol, max_steps)
+    return _solve(operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol)
 
 
 def steihaug_cg(

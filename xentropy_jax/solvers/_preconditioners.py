@@ -216,23 +216,44 @@ def resolve(kind: str, objective: Objective) -> str:
     return kind
 
 
-def _exact_penalty_basis(objective: Objective) -> bool:
-    """Whether the Kronecker basis is A's own (see `feature_basis`): a float64 fit with l2 > 0.
+def _exact_penalty_basis(objective: Objective, gram: jax.Array) -> bool | jax.Array:
+    """Whether the Kronecker basis is A's own (see `feature_basis`) rather than the scaled one.
 
-    l2 > 0 must be known when the program is built (`LogisticObjective.penalised`). float32
-    keeps the scaled basis: in the raw digits fit of the README the unscaled one left the
-    gradients of 13 rarely non-zero pixel columns just above their precision floor (8·eps·
-    mean|x_j|), and the fit crept on to the iteration limit.
+    Only with l2 > 0 known when the program is built (`LogisticObjective.penalised`). In float64
+    always. In float32, when l2 covers the rounding of A's eigenvalues, about eps·λ_max(A), times
+    B's largest eigenvalue (at most 1/2): l2 >= eps·trace(A)/2 (trace(A) >= λ_max), decided at
+    run time. Then l2·I is exact in the basis and the rounding errors sit below it; otherwise
+    (columns of very different scales) the unscaled eigendecomposition loses the small columns
+    and the scaled one is kept. Raw digits at l2 = 1e-3: eps·trace(A)/2 = 2.3e-4, unscaled;
+    columns spread over 10^±3: about 0.06, scaled.
     """
-    return bool(getattr(objective, "penalised", False)) and objective.dtype == jnp.float64
+    if not getattr(objective, "penalised", False):
+        return False
+    if objective.dtype == jnp.float64:
+        return True
+    eps = jnp.finfo(objective.dtype).eps
+    return objective.l2 >= 0.5 * eps * jnp.trace(gram)
 
 
 def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasis | None:
-    """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis)."""
+    """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis).
+
+    A regularisation path passes its objective at its weakest l2, which decides the basis.
+    """
     kind = resolve(kind, objective)
     if kind in ("diagonal", "none"):
         return None
-    basis = feature_basis(objective.feature_gram(), scaled=not _exact_penalty_basis(objective))
+    gram = objective.feature_gram()
+    exact = _exact_penalty_basis(objective, gram)
+    if isinstance(exact, bool):
+        basis = feature_basis(gram, scaled=not exact)
+    else:
+        basis = jax.lax.cond(
+            exact,
+            lambda matrix: feature_basis(matrix, scaled=False),
+            lambda matrix: feature_basis(matrix, scaled=True),
+            gram,
+        )
     if kind == "kronecker":
         return basis
     projected = objective.design_matrix() @ basis.eigenvectors
