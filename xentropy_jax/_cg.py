@@ -83,7 +83,14 @@ def _where(condition: jax.Array, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), x, y)
 
 
-def _check_inputs(rhs: PyTree, x0: PyTree | None, rtol: Any, atol: Any, max_steps: Any) -> int:
+def _check_inputs(
+    rhs: PyTree,
+    x0: PyTree | None,
+    rtol: Any,
+    atol: Any,
+    max_steps: Any,
+    entry_tol: PyTree | None = None,
+) -> int:
     leaves = jax.tree.leaves(rhs)
     if not leaves:
         raise ValueError("rhs must have at least one array leaf.")
@@ -96,7 +103,8 @@ def _check_inputs(rhs: PyTree, x0: PyTree | None, rtol: Any, atol: Any, max_step
         except AssertionError as error:
             detail = str(error).split("failed:", 1)[-1].strip()
             raise ValueError(f"x0 must match rhs leaf by leaf: {detail}") from None
-    for name, value in [("rtol", rtol), ("atol", atol)]:
+    entry_tols = [("entry_tol", leaf) for leaf in jax.tree.leaves(entry_tol)]
+    for name, value in [("rtol", rtol), ("atol", atol), *entry_tols]:
         if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
     size = sum(int(np.prod(jnp.shape(leaf))) for leaf in leaves)
@@ -136,11 +144,7 @@ def _solve(
     max_steps: Any,
     entry_tol: PyTree | None = None,
 ) -> CGResult:
-    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps)
-    if entry_tol is not None:
-        for leaf in jax.tree.leaves(entry_tol):
-            if not isinstance(leaf, jax.core.Tracer) and not np.all(np.asarray(leaf) >= 0):
-                raise ValueError("entry_tol must be non-negative.")
+    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
 
     def small(residual: PyTree, residual_norm2: jax.Array) -> jax.Array:
         """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``)."""
