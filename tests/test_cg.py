@@ -240,6 +240,15 @@ def test_per_entry_tolerances_stop_cg_once_every_entry_is_within_its_own():
     assert int(later.num_steps) > int(result.num_steps)
     with pytest.raises(ValueError, match="entry_tol"):
         xj.cg(operator, rhs, entry_tol={"w": -jnp.ones((2, 3)), "b": jnp.ones(24)})
+    # Steihaug-CG stops by the same rule; inside a large region it is the same iteration.
+    inside = xj.steihaug_cg(operator, rhs, 1e6, rtol=0.0, entry_tol=entry_tol, max_steps=200)
+    assert int(inside.status) == CGStatus.CONVERGED
+    assert int(inside.num_steps) == int(result.num_steps)
+    np.testing.assert_allclose(
+        ravel_pytree(inside.solution)[0], ravel_pytree(result.solution)[0], rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="entry_tol"):
+        xj.steihaug_cg(operator, rhs, 1.0, entry_tol={"w": -jnp.ones((2, 3)), "b": jnp.ones(24)})
 
 
 def test_bad_input_is_rejected_at_the_boundary():

@@ -1,4 +1,5 @@
-"""`NewtonCG(product_dtype="float32")`: float32 Hessian products steering a float64 fit."""
+"""`product_dtype="float32"` (`NewtonCG`, `TrustRegion`): float32 Hessian products steering a
+float64 fit."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,13 @@ import scipy.sparse
 from sklearn.datasets import make_classification
 
 from xentropy_jax._linear import logistic_objective
-from xentropy_jax.solvers import NewtonCG, fit_logistic_regression, fit_regularization_path
-from xentropy_jax.solvers._newton_cg import product_objective
+from xentropy_jax.solvers import (
+    NewtonCG,
+    TrustRegion,
+    fit_logistic_regression,
+    fit_regularization_path,
+)
+from xentropy_jax.solvers._inner import product_objective
 
 MIXED = NewtonCG(product_dtype="float32")
 
@@ -31,11 +37,14 @@ def _dots(fn, *args) -> list[str]:
     return [line.split("=")[0].split(":")[-1].strip() for line in lines]
 
 
-@pytest.mark.parametrize("preconditioner", ["kronecker", "diagonal"])
-def test_same_float64_optimum_as_float64_products(problem, preconditioner):
+@pytest.mark.parametrize(
+    "config, preconditioner",
+    [(NewtonCG, "kronecker"), (NewtonCG, "diagonal"), (TrustRegion, "kronecker")],
+)
+def test_same_float64_optimum_as_float64_products(problem, config, preconditioner):
     X, y, w = problem
-    exact = NewtonCG(preconditioner=preconditioner)
-    mixed = NewtonCG(preconditioner=preconditioner, product_dtype="float32")
+    exact = config(preconditioner=preconditioner)
+    mixed = config(preconditioner=preconditioner, product_dtype="float32")
     kwargs = dict(sample_weight=w, l2=1e-3, tol=1e-12)
     reference = fit_logistic_regression(X, y, 5, solver=exact, **kwargs)
     result = fit_logistic_regression(X, y, 5, solver=mixed, **kwargs)
@@ -46,17 +55,20 @@ def test_same_float64_optimum_as_float64_products(problem, preconditioner):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-8 * np.abs(theirs).max())
 
 
-def test_products_run_in_float32_and_nothing_else_does(problem):
+@pytest.mark.parametrize("config", [NewtonCG, TrustRegion])
+def test_products_run_in_float32_and_nothing_else_does(problem, config):
     X, y, _ = problem
     X = jnp.asarray(X)
 
     def fit(solver):
         return lambda X: fit_logistic_regression(X, y, 5, l2=1e-3, solver=solver).params
 
-    exact, mixed = _dots(fit(NewtonCG()), X), _dots(fit(MIXED), X)
+    exact = _dots(fit(config()), X)
+    mixed = _dots(fit(config(product_dtype="float32")), X)
     assert exact and all(dtype.startswith("f64") for dtype in exact)
     # The same program but for the Hessian product's two GEMMs, X·V [N, K] and Xᵀ·U [d, K]:
-    # the logits, the gradient, the line search and the preconditioner stay float64.
+    # the logits, the gradient, the line search (or the ratio test) and the preconditioner
+    # stay float64.
     assert [dtype.replace("f32", "f64") for dtype in mixed] == exact
     low = sorted(dtype for dtype in mixed if dtype.startswith("f32"))
     assert low == ["f32[12,5]", "f32[600,5]"]
@@ -96,9 +108,10 @@ def test_path_and_vmap(problem):
         np.testing.assert_allclose(batched[index], single, atol=1e-7)
 
 
-def test_unknown_product_dtype_is_refused():
+@pytest.mark.parametrize("config", [NewtonCG, TrustRegion])
+def test_unknown_product_dtype_is_refused(config):
     with pytest.raises(ValueError, match="product_dtype must be None or 'float32'"):
-        NewtonCG(product_dtype="float16")
+        config(product_dtype="float16")
 
 
 def test_an_objective_that_is_not_a_pytree_is_refused():
@@ -136,7 +149,10 @@ def test_the_estimator_builds_the_mixed_solver():
     wide = NewtonCG(preconditioner="diagonal", product_dtype="float32")
     assert _core_solver("newton-cg", 5000, "float32") == wide
     assert _core_solver("newton", 10, "float32") == "newton"
-    assert _core_solver("trust-region", 10, "float32") == "trust-region"
+    assert _core_solver("trust-region", 10) == "trust-region"
+    assert _core_solver("trust-region", 10, "float32") == TrustRegion(product_dtype="float32")
+    wide = TrustRegion(preconditioner="diagonal", product_dtype="float32")
+    assert _core_solver("trust-region", 5000, "float32") == wide
 
 
 def test_the_streamed_fit_keeps_its_own_products(problem):

@@ -653,6 +653,9 @@ X, y = load_digits(return_X_y=True)
 result = xj.fit_logistic_regression(X, y, 10, l2=1e-3, solver="newton-cg")  # the README's call
 weights = np.asarray(result.params[0])
 out["digits"] = [int(result.n_iter), str(weights.dtype), weights.tolist()]
+region = xj.fit_logistic_regression(X, y, 10, l2=1e-3, solver="trust-region")
+out["digits_trust_region"] = [int(region.n_iter), int(region.n_hessian_products)]
+out["digits_products"] = int(result.n_hessian_products)
 
 rng = np.random.default_rng(0)
 Xb = rng.normal(size=(600, 8))
@@ -710,6 +713,10 @@ def test_float32_readme_fit_stops_at_the_precision_floor(float32_process):
     # on the scaled Kronecker basis with CG at its cap; A's own basis (l2 covers its float32
     # rounding here) with CG's per-entry stop takes 11.
     assert dtype == "float32" and n_iter <= 13
+    # The trust region's Steihaug-CG has the same per-entry stop: 15 iterations and 1,461
+    # products without it, 11 and 411 (newton-cg's own path) with it.
+    region_iter, region_products = float32_process["digits_trust_region"]
+    assert region_iter <= 13 and region_products <= 1.2 * float32_process["digits_products"]
     features, labels = load_digits(return_X_y=True)
     reference = fit_logistic_regression(features, labels, 10, l2=1e-3, tol=1e-10)
     expected = np.asarray(reference.params[0])

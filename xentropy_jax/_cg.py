@@ -343,6 +343,7 @@ def steihaug_cg(
     rtol: jax.typing.ArrayLike = 1e-5,
     atol: jax.typing.ArrayLike = 0.0,
     max_steps: jax.typing.ArrayLike | None = None,
+    entry_tol: PyTree | None = None,
 ) -> CGResult:
     """Steihaug-Toint truncated CG for the trust-region problem min ½xᵀAx − bᵀx, ‖x‖_M ≤ radius.
 
@@ -364,6 +365,8 @@ def steihaug_cg(
         rtol: relative tolerance on ‖r‖₂ / ‖b‖₂.
         atol: absolute tolerance on ‖r‖₂.
         max_steps: iteration limit; by default the number of unknowns.
+        entry_tol: optional per-entry tolerances, as :func:`cg`: also stop (``CONVERGED``) once
+          every |rᵢ| ≤ entry_tolᵢ.
 
     Returns:
         A :class:`CGResult`; ``status`` is ``BOUNDARY`` or ``NEGATIVE_CURVATURE`` when the
@@ -387,4 +390,4 @@ def steihaug_cg(
     """
     if not isinstance(radius, jax.core.Tracer) and not np.all(np.asarray(radius) > 0):
         raise ValueError(f"radius must be a positive number, got {radius!r}.")
-    return _solve(operator, rhs, None, radius, preconditioner, rtol, atol, max_steps)
+    return _solve(operator, rhs, None, radius, preconditioner, rtol, atol, max_steps, entry_tol)

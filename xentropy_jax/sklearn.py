@@ -182,16 +182,15 @@ def _core_solver(
 ) -> str | NewtonCG | TrustRegion:
     """The functional core's configuration for the concrete ``solver`` on ``n_features``.
 
-    ``product_dtype`` reaches the Hessian products of ``"newton-cg"`` (the other solvers
-    ignore it: ``"newton"`` forms the Hessian, ``"trust-region"`` keeps float64 products).
+    ``product_dtype`` reaches the Hessian products of the CG solvers (``"newton"`` forms the
+    Hessian and ignores it).
     """
     wide = n_features > KRONECKER_MAX_FEATURES
-    if solver == "newton" or (not wide and (solver != "newton-cg" or product_dtype is None)):
+    if solver == "newton" or (not wide and product_dtype is None):
         return solver
     preconditioner = "diagonal" if wide else "auto"
-    if solver == "newton-cg":
-        return NewtonCG(preconditioner=preconditioner, product_dtype=product_dtype)
-    return TrustRegion(preconditioner=preconditioner)
+    config = NewtonCG if solver == "newton-cg" else TrustRegion
+    return config(preconditioner=preconditioner, product_dtype=product_dtype)
 
 
 class LogisticRegression(ClassifierMixin, BaseEstimator):
@@ -260,12 +259,12 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             each gradient and Hessian product ends in one all-reduce of a (d + 1) × K block.
             The fit is the same as on one device, to rounding. Dense X only.
         product_dtype: None, or ``"float32"``: with the ``"newton-cg"`` solver (also when
-            ``"auto"`` picks it) and float64 input, CG's Hessian products run in float32
-            (mixed precision, ``NewtonCG(product_dtype="float32")``); the gradient, the line
-            search and the stopping test stay float64, so the fit reaches the same optimum.
-            About twice as fast per product; pays with many classes at moderate ``tol``, costs
-            products at tight ``tol`` on ill-conditioned data. Ignored by the other solvers and
-            for float32 input.
+            ``"auto"`` picks it) or ``"trust-region"`` and float64 input, CG's Hessian products
+            run in float32 (mixed precision, ``NewtonCG(product_dtype="float32")``); the
+            gradient, the line search or ratio test and the stopping test stay float64, so the
+            fit reaches the same optimum. About twice as fast per product; pays with many
+            classes at moderate ``tol``, costs products at tight ``tol`` on ill-conditioned
+            data. Ignored by ``"newton"`` and for float32 input.
 
     Attributes:
         classes_: [n_classes] the class labels, sorted (any label type).

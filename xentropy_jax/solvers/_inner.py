@@ -1,10 +1,11 @@
-"""The inner CG solve shared by `NewtonCG` and `TrustRegion`: options and forcing term."""
+"""The inner CG solve shared by `NewtonCG` and `TrustRegion`: options, stopping rules, products."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from .._objective import Objective
 from . import _preconditioners
 
 # The inner solve never aims below this fraction of tol on the residual: the next gradient is
@@ -22,6 +23,18 @@ def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -
     norm = jnp.linalg.norm(grad)
     enough = _TOL_FRACTION * jnp.min(tol) / jnp.where(norm > 0, norm, 1)
     return jnp.minimum(cap, jnp.maximum(norm**exponent, enough))
+
+
+# CG also stops once every entry of the linear model's next gradient, g + HΔ, is within this
+# fraction of its parameter's tolerance: the step then meets the convergence test in the model.
+# With per-parameter tolerances (the precision floor) a 2-norm target set by the smallest can sit
+# below the rounding of the products in the largest entries; in float32 CG then ran to its cap.
+_ENTRY_FRACTION = 0.1
+
+
+def entry_tolerance(grad: jax.Array, tol: jax.Array) -> jax.Array:
+    """CG's per-entry residual tolerances [P]: `_ENTRY_FRACTION` of each parameter's `tol`."""
+    return _ENTRY_FRACTION * jnp.broadcast_to(tol, grad.shape).astype(grad.dtype)
 
 
 def check_cg_options(
@@ -43,3 +56,54 @@ def check_cg_options(
 def max_cg_steps(max_cg_iter: int, num_params: int) -> int:
     """At most `max_cg_iter` products, and never more than the P that exact CG needs."""
     return min(max_cg_iter, max(num_params, 1))
+
+
+def check_product_dtype(product_dtype: str | None) -> None:
+    """Raise ValueError unless `product_dtype` is None or "float32"."""
+    if product_dtype not in (None, "float32"):
+        raise ValueError(f"product_dtype must be None or 'float32', got {product_dtype!r}")
+
+
+def _cast_floating(tree, dtype):
+    """`tree` with every floating leaf cast to `dtype` (integer leaves, as labels, unchanged)."""
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def product_objective(objective: Objective, product_dtype: str | None) -> Objective | None:
+    """The objective with its floating data in `product_dtype`, or None when that is its own.
+
+    Generic over pytree objectives: every floating leaf (for logistic regression X, or a
+    BCOO's stored values, the row weights and l2) is cast; the Hessian product is the same
+    code in the narrower type. None as well when the cast leaves the objective's dtype unchanged,
+    as for `fit_logistic_regression_streamed`, whose chunks are read in the source's dtype.
+
+    Raises:
+        TypeError: the objective is not a pytree, so its arrays cannot be found.
+    """
+    if product_dtype is None or jnp.dtype(product_dtype) == jnp.dtype(objective.dtype):
+        return None
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(objective)):
+        raise TypeError(
+            f"product_dtype={product_dtype!r} casts the objective's arrays, so the objective "
+            f"must be a pytree (e.g. a jax.tree_util.register_dataclass); got a "
+            f"{type(objective).__name__} that is not one"
+        )
+    products = _cast_floating(objective, jnp.dtype(product_dtype))
+    # An objective whose data do not live in its leaves (the streamed fit's chunks arrive in
+    # their source's dtype) keeps its own products.
+    return products if jnp.dtype(products.dtype) == jnp.dtype(product_dtype) else None
+
+
+def product_operator(objective: Objective, products: Objective | None, evaluation):
+    """The operator v ↦ H·v at `evaluation`, computed by `products` (in its dtype) if given."""
+    if products is None:
+        return lambda tangent: objective.hessian_product(evaluation, tangent)
+    low = _cast_floating(evaluation, products.dtype)  # XLA drops the fields never read
+    return lambda tangent: products.hessian_product(low, tangent.astype(products.dtype)).astype(
+        objective.dtype
+    )

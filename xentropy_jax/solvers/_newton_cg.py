@@ -10,16 +10,18 @@ import jax.numpy as jnp
 from .._cg import cg
 from .._objective import Objective
 from . import _preconditioners
-from ._inner import check_cg_options, forcing_term, max_cg_steps
+from ._inner import (
+    check_cg_options,
+    check_product_dtype,
+    entry_tolerance,
+    forcing_term,
+    max_cg_steps,
+    product_objective,
+    product_operator,
+)
 from ._linesearch import check_line_search_options, line_search_step
 from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
-
-# CG also stops once every entry of the linear model's next gradient, g + HΔ, is within this
-# fraction of its parameter's tolerance: the step then meets the convergence test in the model.
-# With per-parameter tolerances (the precision floor) a 2-norm target set by the smallest can sit
-# below the rounding of the products in the largest entries; in float32 CG then ran to its cap.
-_ENTRY_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,7 @@ class NewtonCG:
             self.preconditioner, self.max_cg_iter, self.forcing_cap, self.forcing_exponent
         )
         check_line_search_options(self.sufficient_decrease, self.max_line_search)
-        if self.product_dtype not in (None, "float32"):
-            raise ValueError(f"product_dtype must be None or 'float32', got {self.product_dtype!r}")
+        check_product_dtype(self.product_dtype)
 
     def step(
         self,
@@ -108,7 +109,7 @@ class NewtonCG:
         """One iteration: preconditioned CG on H·Δ = −g, then a line search.
 
         CG stops at ‖HΔ + g‖ <= η‖g‖ or once every |(HΔ + g)_j| <= tol_j / 10
-        (`_ENTRY_FRACTION`), whichever comes first.
+        (`entry_tolerance`), whichever comes first.
 
         `basis` is the preconditioner's once-per-fit setup (`_preconditioners.setup_basis`);
         `products` the objective whose Hessian products CG uses (`product_objective`; None: the
@@ -118,12 +119,12 @@ class NewtonCG:
         grad = evaluation.grad
         metric = _preconditioners.build(self.preconditioner, objective, evaluation, basis)
         solve = cg(
-            _product_operator(objective, products, evaluation),
+            product_operator(objective, products, evaluation),
             -grad,
             preconditioner=metric.solve,
             rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
             max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
-            entry_tol=_ENTRY_FRACTION * jnp.broadcast_to(tol, grad.shape).astype(grad.dtype),
+            entry_tol=entry_tolerance(grad, tol),
         )
         # HΔ = −g − r, so ΔᵀHΔ = −Δᵀ(g + r) with no extra product. A first CG direction of
         # zero curvature (rounding only, H is PSD) leaves Δ = 0: no decrease, a failed step.
@@ -180,51 +181,6 @@ class NewtonCG:
             max_iter=max_iter,
             progress=progress,
         )
-
-
-def _cast_floating(tree, dtype):
-    """`tree` with every floating leaf cast to `dtype` (integer leaves, as labels, unchanged)."""
-
-    def cast(leaf):
-        leaf = jnp.asarray(leaf)
-        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-
-    return jax.tree.map(cast, tree)
-
-
-def product_objective(objective: Objective, product_dtype: str | None) -> Objective | None:
-    """The objective with its floating data in `product_dtype`, or None when that is its own.
-
-    Generic over pytree objectives: every floating leaf (for logistic regression X, or a
-    BCOO's stored values, the row weights and l2) is cast; the Hessian product is the same
-    code in the narrower type. None as well when the cast leaves the objective's dtype unchanged,
-    as for `fit_logistic_regression_streamed`, whose chunks are read in the source's dtype.
-
-    Raises:
-        TypeError: the objective is not a pytree, so its arrays cannot be found.
-    """
-    if product_dtype is None or jnp.dtype(product_dtype) == jnp.dtype(objective.dtype):
-        return None
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(objective)):
-        raise TypeError(
-            f"product_dtype={product_dtype!r} casts the objective's arrays, so the objective "
-            f"must be a pytree (e.g. a jax.tree_util.register_dataclass); got a "
-            f"{type(objective).__name__} that is not one"
-        )
-    products = _cast_floating(objective, jnp.dtype(product_dtype))
-    # An objective whose data do not live in its leaves (the streamed fit's chunks arrive in
-    # their source's dtype) keeps its own products.
-    return products if jnp.dtype(products.dtype) == jnp.dtype(product_dtype) else None
-
-
-def _product_operator(objective: Objective, products: Objective | None, evaluation):
-    """The operator v ↦ H·v at `evaluation`, computed by `products` (in its dtype) if given."""
-    if products is None:
-        return lambda tangent: objective.hessian_product(evaluation, tangent)
-    low = _cast_floating(evaluation, products.dtype)  # XLA drops the fields never read
-    return lambda tangent: products.hessian_product(low, tangent.astype(products.dtype)).astype(
-        objective.dtype
-    )
 
 
 jax.tree_util.register_dataclass(

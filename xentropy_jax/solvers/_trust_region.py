@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from .._cg import CGStatus, steihaug_cg
 from .._objective import Objective
 from . import _preconditioners
-from ._inner import check_cg_options, forcing_term, max_cg_steps
+from ._inner import (
+    check_cg_options,
+    check_product_dtype,
+    entry_tolerance,
+    forcing_term,
+    max_cg_steps,
+    product_objective,
+    product_operator,
+)
 from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
 
@@ -107,9 +115,14 @@ class TrustRegion:
         forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
         preconditioner_mix: with the diagonal, M = (1 − mix)·mean(diag H) + mix·diag(H); 1 is
             the plain Hessian diagonal, TRON uses 0.01 in its own scaling.
+        product_dtype: None (default) or "float32": CG's Hessian products in float32 for
+            float64 data, as `NewtonCG`'s. The model's predicted decrease then uses those
+            products, the actual decrease, the gradient and the stopping test stay float64, so
+            the ratio test keeps the fit on the float64 objective.
 
     Raises:
-        ValueError: on construction, for an unknown preconditioner or a value out of range.
+        ValueError: on construction, for an unknown preconditioner, product dtype or a value
+            out of range.
 
     Example:
         The same optimum as the line-search solvers:
@@ -131,6 +144,7 @@ class TrustRegion:
     forcing_cap: float = 0.5
     forcing_exponent: float = 0.5
     preconditioner_mix: float = 1.0
+    product_dtype: str | None = None
 
     def __post_init__(self):
         check_cg_options(
@@ -138,11 +152,22 @@ class TrustRegion:
         )
         if not 0 < self.preconditioner_mix <= 1:
             raise ValueError(f"preconditioner_mix must be in (0, 1], got {self.preconditioner_mix}")
+        check_product_dtype(self.product_dtype)
 
     def step(
-        self, objective: Objective, point: Iterate, basis, tol: jax.Array, carry: _Carry
+        self,
+        objective: Objective,
+        point: Iterate,
+        basis,
+        tol: jax.Array,
+        carry: _Carry,
+        products: Objective | None = None,
     ) -> StepResult:
-        """One iteration: Steihaug-CG in ‖s‖_M <= Δ, the ratio test, the radius update."""
+        """One iteration: Steihaug-CG in ‖s‖_M <= Δ, the ratio test, the radius update.
+
+        CG stops as `NewtonCG`'s does (relative residual η or every entry within a tenth of its
+        tolerance), or on the boundary; `products` as in `NewtonCG.step`.
+        """
         evaluation = point.evaluation
         grad = evaluation.grad
         dtype = grad.dtype
@@ -150,12 +175,13 @@ class TrustRegion:
             self.preconditioner, objective, evaluation, basis, self.preconditioner_mix
         )
         solve = steihaug_cg(
-            lambda tangent: objective.hessian_product(evaluation, tangent),
+            product_operator(objective, products, evaluation),
             -grad,
             carry.radius,
             preconditioner=metric.solve,
             rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
             max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
+            entry_tol=entry_tolerance(grad, tol),
         )
         step = solve.solution
         step_predictor = objective.predictor(step)
@@ -209,6 +235,7 @@ class TrustRegion:
         """Minimise `objective` from θ [P]; arguments and result as `NewtonCG.minimize`."""
         if basis is None:
             basis = _preconditioners.setup_basis(self.preconditioner, objective)
+        products = product_objective(objective, self.product_dtype)  # once, before the loop
         progress = None
         if verbose:
             progress = Progress(
@@ -219,7 +246,7 @@ class TrustRegion:
         return run(
             objective,
             theta,
-            lambda point, carry: self.step(objective, point, basis, tol, carry),
+            lambda point, carry: self.step(objective, point, basis, tol, carry, products),
             carry,
             tol=tol,
             max_iter=max_iter,
@@ -236,5 +263,6 @@ jax.tree_util.register_dataclass(
         "forcing_cap",
         "forcing_exponent",
         "preconditioner_mix",
+        "product_dtype",
     ],
 )
