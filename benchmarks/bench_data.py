@@ -11,7 +11,9 @@ process), minima over interleaved single calls, ratios ours / theirs:
 3. float32 features, many classes: ``--f32-shape`` (default 10,000 x 256 x 200, scaled down
    from the 50,000 x 512 x 1,000 target, too heavy for a small shared machine), against
    ``lbfgs`` (target <= 0.2x) with the objective compared to a float64 fit (1e-6 relative).
-   Float32 data is fitted with float32 products and float32 accumulation (what exists today).
+   Float32 data is fitted twice: in float32 throughout (the estimator), and with float64
+   accumulation of the gradient and the iterate and float32 Hessian products (X cast to float64,
+   ``NewtonCG(product_dtype="float32")``).
 4. A 10-value path over C (warm-started, one compiled scan) against one fit (target <= 3x).
 5. TF-IDF-like CSR, 20,000 x 100,000 at 0.1% density, K = 20 (labels from a planted sparse
    model): our fit on the CSR against scikit-learn's ``lbfgs`` and ``newton-cg`` (target
@@ -73,14 +75,15 @@ def tfidf_like(n_samples=20_000, n_features=100_000, density=1e-3, n_classes=20,
 
 
 def _objective(X, y, coef, intercept, C):
-    """scikit-learn's objective, per sample: mean CE + ||W||^2 / (2 C N)."""
-    logits = np.asarray(X @ coef.T) + intercept
+    """scikit-learn's objective, per sample: mean CE + ||W||^2 / (2 C N), in float64."""
+    coef, intercept = coef.astype(np.float64), intercept.astype(np.float64)
+    logits = np.asarray(X.astype(np.float64, copy=False) @ coef.T) + intercept
     if logits.shape[1] == 1:
         logits = np.hstack([np.zeros_like(logits), logits])
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = -log_probs[np.arange(len(y)), y].mean()
-    return loss + np.sum(coef.astype(np.float64) ** 2) / (2 * C * len(y))
+    return loss + np.sum(coef**2) / (2 * C * len(y))
 
 
 def _fit_quietly(model, X, y):
@@ -95,7 +98,8 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solv
     """Our estimator's refit against scikit-learn's solvers; `solvers` adds functional fits.
 
     `solvers` maps a label to a solver configuration (e.g. ``xj.NewtonCG(product_dtype=...)``)
-    fitted by ``xj.fit_logistic_regression`` on the same objective, timed alongside.
+    fitted by ``xj.fit_logistic_regression`` on the same objective, timed alongside, or to a
+    pair (solver, dtype): X is cast to that dtype inside the timed call, as a user would.
     """
     print(f"\n== {title}: X {X.shape} {X.dtype}, K = {np.unique(y).size}, C = {C}, tol = {TOL}")
     models = {}
@@ -118,9 +122,17 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solv
     fns = {"xentropy_jax (repeat fit)": ours}
 
     def functional(label, solver):
+        solver, dtype = solver if isinstance(solver, tuple) else (solver, X.dtype)
+
         def fit():
             models[label] = xj.fit_logistic_regression(
-                X, y, n_classes, l2=1.0 / (C * len(y)), tol=TOL, max_iter=200, solver=solver
+                X.astype(dtype, copy=False),
+                y,
+                n_classes,
+                l2=1.0 / (C * len(y)),
+                tol=TOL,
+                max_iter=200,
+                solver=solver,
             )
             return models[label].params
 
@@ -278,7 +290,17 @@ def main():
     if "f32" in cases:
         n, d, k = map(int, args.f32_shape.split(","))
         X, y = gaussian_means(n, d, k, dtype=np.float32)
-        model, value = side_by_side("float32 probe", X, y, ["lbfgs"], args.repeats, target=0.2)
+        # float32 data fitted with float64 accumulation (the gradient, the iterate) and float32
+        # Hessian products: X cast to float64 in the timed call, products in float32.
+        mixed = {
+            "float64 accumulation, float32 products": (
+                xj.NewtonCG(product_dtype="float32"),
+                np.float64,
+            )
+        }
+        model, value = side_by_side(
+            "float32 probe", X, y, ["lbfgs"], args.repeats, target=0.2, solvers=mixed
+        )
         reference = LogisticRegression(C=1.0, tol=1e-10).fit(X.astype(np.float64), y)
         exact = _objective(X.astype(np.float64), y, reference.coef_, reference.intercept_, 1.0)
         ours = _objective(
