@@ -117,7 +117,7 @@ class TrustRegion:
             the plain Hessian diagonal, TRON uses 0.01 in its own scaling.
         product_dtype: None (default) or "float32": CG's Hessian products in float32 for
             float64 data, as `NewtonCG`'s. The model's predicted decrease then uses those
-            products, the actual decrease, the gradient and the stopping test stay float64, so
+            products; the actual decrease, the gradient and the stopping test stay float64, so
             the ratio test keeps the fit on the float64 objective.
 
     Raises:
