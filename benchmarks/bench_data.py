@@ -226,6 +226,9 @@ def case_path(n_samples, n_features, n_classes, repeats):
     )
     print(format_times(times))
     print(f"  n_iter along the path: {np.asarray(results.n_iter).tolist()}")
+    products = np.asarray(results.n_hessian_products)
+    print(f"  Hessian products along the path: {products.tolist()}, total {int(products.sum())}")
+    print(f"  Hessian products of the one fit: {int(single().n_hessian_products)}")
     one = np.max(np.abs(np.asarray(results.params[0][5]) - np.asarray(single().params[0])))
     print(f"  path point 5 vs the independent fit: max|W diff| = {one:.2e}")
     ratio = times["path of 10 (warm-started)"] / times["one fit (C = Cs[5])"]
