@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from .._linear import LogisticObjective, feature_gram
+from ._linalg import eigh, solve
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
 # the fit: the unpenalised collinear case keeps the solver's own point (still an optimum).
@@ -25,7 +26,7 @@ def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
     diagonal = jnp.diag(gram)
     scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
-    values, vectors = jnp.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    values, vectors = eigh(gram * scale[:, None] * scale[None, :])
     cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
     return scale, vectors, values <= cutoff
 
@@ -61,7 +62,7 @@ def project_minimum_norm(gram, rows: int, l2: jax.Array, theta: jax.Array) -> ja
         basis = scale[:, None] * vectors * null[None, :]
         normal = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
         block = theta.reshape(rows, -1)
-        coefficients = jnp.linalg.solve(normal, basis.T @ block)
+        coefficients = solve(normal, basis.T @ block)
         return (block - basis @ coefficients).reshape(-1)
 
     return lax.cond(l2 == 0, project, lambda theta: theta, theta)

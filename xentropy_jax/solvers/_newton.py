@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._objective import Evaluation, Objective
+from ._linalg import cholesky, cholesky_solve, eigh
 from ._linesearch import check_line_search_options, line_search_step
 from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
@@ -33,13 +34,13 @@ def newton_direction(objective: Objective, evaluation: Evaluation) -> jax.Array:
     diagonal = jnp.diag(matrix)
     scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
     matrix = matrix * scale[:, None] * scale[None, :]
-    factor = jnp.linalg.cholesky(matrix)
-    direction = -scale * jax.scipy.linalg.cho_solve((factor, True), scale * grad)
+    factor = cholesky(matrix)
+    direction = -scale * cholesky_solve(factor, scale * grad)
 
     def pseudo_inverse_step(_):
         # H singular beyond the known direction (collinear features with l2 = 0): the
         # minimum-norm Newton step (in the scaled variables) from the eigendecomposition.
-        eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
+        eigenvalues, eigenvectors = eigh(matrix)
         cutoff = jnp.max(eigenvalues) * matrix.shape[0] * jnp.finfo(matrix.dtype).eps
         inverse = jnp.where(
             eigenvalues > cutoff, 1 / jnp.where(eigenvalues > cutoff, eigenvalues, 1), 0

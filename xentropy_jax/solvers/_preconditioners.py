@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .._objective import Evaluation, Objective
+from ._linalg import eigh
 
 # Eigenvalues of B below this fraction of the largest are raised to it: B·1 = 0 without a
 # reference class, and the preconditioner must stay positive definite.
@@ -80,12 +81,12 @@ def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
     10^±3, 327 and 25), and standardised data is unaffected (docs/solvers.md).
     """
     if not scaled:
-        eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+        eigenvalues, eigenvectors = eigh(gram)
         ones = jnp.ones_like(eigenvalues)
         return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, ones, ones)
     diagonal = jnp.diag(gram)
     scale = jnp.where(diagonal > 0, jax.lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
-    eigenvalues, eigenvectors = jnp.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    eigenvalues, eigenvectors = eigh(gram * scale[:, None] * scale[None, :])
     # In the scaled variables θ = D·θ' the L2 term l2·I becomes l2·D²; its Rayleigh quotient
     # on each eigenvector keeps M ⊗-structured (exact when the columns have equal scales).
     penalty = jnp.square(eigenvectors).T @ jnp.square(scale)
@@ -104,7 +105,7 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     """
     kf = objective.num_free_classes
-    curvature_values, curvature_vectors = jnp.linalg.eigh(objective.class_curvature(evaluation))
+    curvature_values, curvature_vectors = eigh(objective.class_curvature(evaluation))
     curvature_values = jnp.maximum(
         curvature_values, _EIGENVALUE_FLOOR * jnp.max(curvature_values, initial=0)
     )
@@ -161,7 +162,7 @@ def ekfac(objective: Objective, evaluation: Evaluation, basis: ProjectedBasis) -
     O(d²K + dK²) per use; X̃·Qa is formed once per fit.
     """
     kf = objective.num_free_classes
-    _, curvature_vectors = jnp.linalg.eigh(objective.class_curvature(evaluation))
+    _, curvature_vectors = eigh(objective.class_curvature(evaluation))
     probs = evaluation.probs
     rotated_probs = probs @ curvature_vectors
     row_curvature = probs @ jnp.square(curvature_vectors) - jnp.square(rotated_probs)
