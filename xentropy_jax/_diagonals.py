@@ -115,6 +115,8 @@ def ggn_diagonal(
     if n == 0:
         # The empty mean is the zero objective (as in `example_coefficients`): G = 0.
         return jax.tree.map(jnp.zeros_like, params)
+    # NumPy leaves cannot be indexed by the traced row numbers of the chunk loop below.
+    inputs = jax.tree.map(jnp.asarray, inputs)
     num_params = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_BUDGET // max(1, k * num_params))
