@@ -1,9 +1,9 @@
 """Dense factorisations (eigh, Cholesky, LU solves) that never run batched on the CPU.
 
 Under `jax.vmap` a LAPACK call gets a batch of matrices, and jaxlib's CPU kernels split a
-batch worth more than about 2·10⁵ flops (eigh of one 60 × 60 matrix) into tasks on XLA's
-intra-op thread pool, then block the calling thread, itself a worker of that pool, until the
-tasks are done. When two such calls run at once (a fit vmapped over cross-validation folds
+batch estimated at more than 2·10⁵ flops (about one eigh of a 60 × 60 matrix) into tasks on
+XLA's intra-op thread pool, then block the calling thread, itself a worker of that pool, until
+the tasks are done. When two such calls run at once (a fit vmapped over cross-validation folds
 computes independent factorisations, and `lax.cond` under `vmap` runs both branches), every
 worker of a 2-core machine's pool can end up waiting for tasks that no worker is left to run:
 the program hangs, with the CPU idle. Seen on a 2-core machine with jax 0.10.2: `jax.vmap` of
