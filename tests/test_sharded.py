@@ -17,7 +17,7 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, re
+    import contextlib, io, json, os, re
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -92,6 +92,12 @@ SCRIPT = textwrap.dedent(
         int(many.n_iter_[0]),
         int(one.n_iter_[0]),
     ]
+    # Verbose progress from a fit over 3 devices: lines 0, 1, ... in order (the printer of
+    # line 0 returns the loop's start, where an ordered callback is refused on several devices).
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        LogisticRegression(C=1.0, tol=1e-12, devices=3, verbose=1).fit(X, y)
+    out["verbose"] = [int(line.split()[1]) for line in printed.getvalue().splitlines()]
     try:
         LogisticRegression(devices=9).fit(X, y)
         out["too_many"] = None
@@ -140,6 +146,7 @@ def test_validation_finds_bad_values_in_any_shard(report):
 def test_estimator_splits_rows_over_devices(report):
     coef, n_iter, n_iter_one = report["estimator"]
     assert coef <= 1e-10 and n_iter == n_iter_one
+    assert report["verbose"] == list(range(n_iter + 1))
     assert report["too_many"] is not None and "available" in report["too_many"]
 
 

@@ -118,8 +118,7 @@ def run(
         tol=jnp.zeros((), theta.dtype),
         step_failed=jnp.zeros((), bool),
     )
-    if progress is not None:
-        progress.start(first.evaluation)
+    n_iter = zero if progress is None else progress.start(first.evaluation)
 
     def cond(state: _State) -> jax.Array:
         return state.status == RUNNING
@@ -148,7 +147,7 @@ def run(
             result.carry,
         )
 
-    state = lax.while_loop(cond, body, _State(first, decrement, zero, zero, status, carry))
+    state = lax.while_loop(cond, body, _State(first, decrement, n_iter, zero, status, carry))
     return SolverOutput(
         state.iterate.theta,
         state.iterate.evaluation,

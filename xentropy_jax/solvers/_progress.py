@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import io_callback
 
 from .._objective import Evaluation
 from ._convergence import max_abs
@@ -69,13 +70,24 @@ class Progress:
         template = self._first_line if iteration == 0 else self._line
         print(template.format(iteration=iteration, time=now - self._start, **values), flush=True)
 
-    def start(self, evaluation: Evaluation) -> None:
-        """Print the line of iteration 0 (loss and max|g| at the initial point)."""
-        jax.debug.callback(
-            self._print,
-            jnp.zeros((), jnp.int32),
-            loss=_encode(evaluation.loss),
-            grad_norm=_encode(max_abs(evaluation.grad)),
+    def start(self, evaluation: Evaluation) -> jax.Array:
+        """Print the line of iteration 0 (loss and max|g| at the initial point).
+
+        Returns:
+            The iteration count 0 (int32) as the printer's output: the loop must start from it,
+            so that this line comes first. A callback without outputs may be scheduled after
+            the loop (XLA did), and an ordered one is refused on more than one device.
+        """
+
+        def first_line(loss, grad_norm):
+            self._print(0, loss=loss, grad_norm=grad_norm)
+            return np.zeros((), np.int32)
+
+        return io_callback(
+            first_line,
+            jax.ShapeDtypeStruct((), jnp.int32),
+            _encode(lax.stop_gradient(evaluation.loss)),
+            _encode(lax.stop_gradient(max_abs(evaluation.grad))),
         )
 
     def iteration(self, n_iter: jax.Array, evaluation: Evaluation, **fields: jax.Array) -> None:
