@@ -191,6 +191,20 @@ class LogisticObjective:
         """diag(H) [P] (`hessian_diagonal`)."""
         return hessian_diagonal(self, evaluation)
 
+    def remove_class_shift(self, vector: jax.Array) -> jax.Array:
+        """The vector v [P] with each row of its [d̃, Kf] view centred over the classes.
+
+        Adding c·1ᵀ to a row of [W; b] shifts every class's logit by the same amount and
+        changes no probability, so the loss is flat along it; the penalty is smallest, and
+        the gradient and every H·v lie, in the centred subspace, where the solvers keep θ
+        (the preconditioners project onto it, see `_preconditioners.build`). The identity
+        with a reference class, whose parametrisation has no such direction.
+        """
+        if self.reference_class:
+            return vector
+        block = vector.reshape(-1, self.num_free_classes)
+        return (block - jnp.mean(block, axis=1, keepdims=True)).reshape(-1)
+
     def hessian_null_space(self, matrix: jax.Array) -> jax.Array | None:
         """Without a reference class: the class shifts P = I ⊗ 11ᵀ/K, scaled like `matrix`.
 

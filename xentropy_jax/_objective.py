@@ -23,6 +23,10 @@ Optional capabilities, used when a solver or preconditioner asks for them:
   ``hessian_null_space()``: a [P, P] projector onto directions along which f is exactly flat
   (or None), which `Newton` adds to H before factorising;
 * ``hessian_diagonal(evaluation)``: diag(H) [P] (the "diagonal" preconditioner);
+* ``remove_class_shift(vector)``: the orthogonal projection onto a subspace that holds the
+  gradient, every H·v and a minimiser (for logistic regression: W and b centred over the
+  classes, as a common shift of every class changes no probability). The preconditioners
+  follow M⁻¹ by it, so that CG does not wander along directions where f is (nearly) flat;
 * the Kronecker factors of `LogisticObjective` (``feature_gram``, ``class_curvature``) for the
   "kronecker" and "ekfac" preconditioners.
 

