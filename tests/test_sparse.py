@@ -99,9 +99,7 @@ def test_duplicates_and_explicit_zeros_are_summed():
         ),
         shape=matrix.shape,
     )
-    reference = xj.fit_logistic_regression(
-        matrix.toarray(), labels, NUM_CLASSES, l2=0.1, tol=1e-12
-    )
+    reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, l2=0.1, tol=1e-12)
     result = xj.fit_logistic_regression(doubled, labels, NUM_CLASSES, l2=0.1, tol=1e-12)
     np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
 
@@ -111,6 +109,28 @@ def test_stored_entries_are_bucketed_so_nearby_sizes_compile_once():
     assert len(set(sizes)) <= 2 and all(size >= 1000 for size in sizes)
     assert max(size / count for count, size in zip(range(1000, 1030), sizes, strict=True)) < 1.07
     assert _sparse_input.bucketed_size(0) == 1
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_entries_run_along_the_longer_dimension(shape):
+    # By column for wide X (text), by row for tall X: the products then walk their larger
+    # dense operand in order. Every input format gives the same matrix in that order, with
+    # duplicates summed, whatever order it came in.
+    matrix = scipy.sparse.random(*shape, density=0.1, format="coo", random_state=3)
+    rng = np.random.default_rng(0)
+    shuffled = rng.permutation(matrix.nnz)
+    duplicated = np.concatenate([shuffled, shuffled[:7]])
+    data = np.concatenate([matrix.data[shuffled], np.zeros(7)])
+    messy = scipy.sparse.coo_matrix(
+        (data, (matrix.row[duplicated], matrix.col[duplicated])), shape=shape
+    )
+    axis = 1 if shape[1] > shape[0] else 0
+    inputs = [messy, messy.tocsr(), messy.tocsc(), sparse.BCOO.from_scipy_sparse(messy)]
+    for given in inputs:
+        bcoo = _sparse_input.to_bcoo(given, np.float64)
+        key = np.asarray(bcoo.indices)[: matrix.nnz, axis]
+        assert np.all(np.diff(key) >= 0), type(given).__name__
+        np.testing.assert_array_equal(np.asarray(bcoo.todense()), matrix.toarray())
 
 
 def test_sparse_nan_is_refused_and_auto_preconditioner_is_diagonal():
@@ -134,8 +154,12 @@ def test_float32_sparse_fit_matches_float64():
     )
     with jax.enable_x64(False):
         result = xj.fit_logistic_regression(
-            matrix.astype(np.float32), labels, NUM_CLASSES, sample_weight=sample_weight,
-            l2=0.02, tol=1e-5,
+            matrix.astype(np.float32),
+            labels,
+            NUM_CLASSES,
+            sample_weight=sample_weight,
+            l2=0.02,
+            tol=1e-5,
         )
         assert result.params[0].dtype == jnp.float32
     np.testing.assert_allclose(result.params[0], reference.params[0], atol=2e-4)
