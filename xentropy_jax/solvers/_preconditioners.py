@@ -298,8 +298,8 @@ def build(
     identity, which commute with Π; see `diagonal` for Jacobi). Without the projection the
     diagonal, which scales the classes of a row differently, moves θ along the shift, which
     only the penalty's weak pull (l2 per unit) brings back: on a 12-feature, 5-class problem
-    with columns of unequal scale, Jacobi-preconditioned Newton-CG took 14 iterations and
-    513 products without it, 9 and 87 with it.
+    with columns of unequal scale, Jacobi-preconditioned Newton-CG took 26 iterations and
+    1,343 products without it, 9 and 178 with it.
     """
     kind = resolve(kind, objective)
     project = getattr(objective, "remove_class_shift", None)
