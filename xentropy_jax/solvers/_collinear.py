@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from .._linear import LogisticObjective, feature_gram
-from ._linalg import eigh, solve
+from ._linalg import eigh, jacobi_scaled, solve
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
 # the fit: the unpenalised collinear case keeps the solver's own point (still an optimum).
@@ -24,9 +24,8 @@ MAX_PROJECTED_COLUMNS = 4096
 
 def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
-    diagonal = jnp.diag(gram)
-    scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
-    values, vectors = eigh(gram * scale[:, None] * scale[None, :])
+    scaled, scale = jacobi_scaled(gram)
+    values, vectors = eigh(scaled)
     cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
     return scale, vectors, values <= cutoff
 

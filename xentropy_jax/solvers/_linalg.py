@@ -58,3 +58,16 @@ solve = _unbatched_on_cpu(jnp.linalg.solve)
 def cholesky_solve(factor: jax.Array, rhs: jax.Array) -> jax.Array:
     """A⁻¹·b from the lower Cholesky factor L of A = L·Lᵀ (two triangular solves)."""
     return jax.scipy.linalg.cho_solve((factor, True), rhs)
+
+
+def jacobi_scaled(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(D·A·D, D) for a symmetric A [n, n], with D = diag(A)^(-1/2) (1 where diag(A) <= 0).
+
+    D·A·D has a unit diagonal, so that rows and columns of very different scales (a feature
+    1e8 times another) keep their digits through a factorisation, in float32 above all. The
+    solvers factorise it wherever they factorise a Gram or a Hessian, and map back with D.
+    """
+    diagonal = jnp.diag(matrix)
+    positive = diagonal > 0
+    scale = jnp.where(positive, lax.rsqrt(jnp.where(positive, diagonal, 1)), 1)
+    return matrix * scale[:, None] * scale[None, :], scale

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._objective import Evaluation, Objective
-from ._linalg import cholesky, cholesky_solve, eigh
+from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 from ._linesearch import check_line_search_options, line_search_step
 from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
@@ -31,9 +31,7 @@ def newton_direction(objective: Objective, evaluation: Evaluation) -> jax.Array:
     # Jacobi scaling D·H·D (unit diagonal) before factorising: columns of very different
     # scales (1e8 next to 1) would otherwise lose the small ones to rounding, in float32 above
     # all. The step is D·(DHD)⁻¹·D·g, the same Newton step.
-    diagonal = jnp.diag(matrix)
-    scale = jnp.where(diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
-    matrix = matrix * scale[:, None] * scale[None, :]
+    matrix, scale = jacobi_scaled(matrix)
     factor = cholesky(matrix)
     direction = -scale * cholesky_solve(factor, scale * grad)
 

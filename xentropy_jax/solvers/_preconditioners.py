@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .._objective import Evaluation, Objective
-from ._linalg import eigh
+from ._linalg import eigh, jacobi_scaled
 
 # Eigenvalues of B below this fraction of the largest are raised to it: B·1 = 0 without a
 # reference class, and the preconditioner must stay positive definite.
@@ -105,9 +105,8 @@ def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
         eigenvalues, eigenvectors = eigh(gram)
         ones = jnp.ones_like(eigenvalues)
         return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, ones, ones)
-    diagonal = jnp.diag(gram)
-    scale = jnp.where(diagonal > 0, jax.lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 1)
-    eigenvalues, eigenvectors = eigh(gram * scale[:, None] * scale[None, :])
+    scaled_gram, scale = jacobi_scaled(gram)
+    eigenvalues, eigenvectors = eigh(scaled_gram)
     # In the scaled variables θ = D·θ' the L2 term l2·I becomes l2·D²; its Rayleigh quotient
     # on each eigenvector keeps M ⊗-structured (exact when the columns have equal scales).
     penalty = jnp.square(eigenvectors).T @ jnp.square(scale)
