@@ -133,11 +133,7 @@ def _projected_hessian(
     alpha = jnp.mean(diagonal)
     alpha = jnp.where(alpha > 0, alpha, 1.0).astype(dtype)
 
-    def centre(vector):
-        if objective.reference_class:
-            return vector
-        block = vector.reshape(-1, kf)
-        return (block - jnp.mean(block, axis=1, keepdims=True)).reshape(-1)
+    centre = objective.remove_class_shift
 
     def matvec(vector):
         centred = centre(vector)
