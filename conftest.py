@@ -6,13 +6,37 @@ Tests marked ``subprocess`` (a notebook, an example or a script in a fresh Pytho
 tens of seconds) run first: under pytest-xdist, a worker that picks one up last would otherwise
 keep the whole run waiting after the other worker has finished.
 
+Each test process keeps a persistent compilation cache in a temporary folder of its own, new
+and empty for every run and removed at its end: many tests build the same programs (the same
+solver on the same shapes), and loading them from the cache rather than compiling them again
+took a quarter off the time of the solver tests. Programs still trace and lower as before, and
+JAX records its compilation event for a program loaded from the cache too, so the tests that
+count tracings or compilations are unaffected. Processes that the tests start (notebooks,
+examples) do not use it.
+
 It sits at the root so that the package's doctests run under the same settings.
 """
+
+import shutil
+import tempfile
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    """Give this process a fresh persistent compilation cache (see the module docstring)."""
+    config.compilation_cache = tempfile.mkdtemp(prefix="xentropy-jax-test-compilation-cache-")
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    """Remove the cache with the run."""
+    shutil.rmtree(config.compilation_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
