@@ -1,4 +1,4 @@
-"""The inner CG solve shared by `NewtonCG` and `TrustRegion`: options, stopping rules, products."""
+"""The inner CG solve shared by `NewtonCG` and `TrustRegion`: options, stops, products, M."""
 
 from __future__ import annotations
 
@@ -107,3 +107,26 @@ def product_operator(objective: Objective, products: Objective | None, evaluatio
     return lambda tangent: products.hessian_product(low, tangent.astype(products.dtype)).astype(
         objective.dtype
     )
+
+
+def preconditioner_at(
+    kind: str,
+    objective: Objective,
+    products: Objective | None,
+    evaluation,
+    basis,
+    mix: float = 1.0,
+) -> _preconditioners.Preconditioner:
+    """The preconditioner at `evaluation`, its per-iteration factors from `products` if given.
+
+    Like the products, the preconditioner only steers CG, so with `product_dtype="float32"` its
+    per-iteration work runs in float32 too: the class curvature B (an N·K² GEMM, the largest
+    part at many classes: 0.91 s in float64 against 0.23 s in float32 at N = 50,000, K = 1,000,
+    about 2.5 float32 Hessian products) and its eigendecomposition, or the Hessian diagonal.
+    The once-per-fit basis stays as computed; CG's vectors stay in the objective's dtype (the
+    maps promote them).
+    """
+    if products is None:
+        return _preconditioners.build(kind, objective, evaluation, basis, mix)
+    low = _cast_floating(evaluation, products.dtype)
+    return _preconditioners.build(kind, products, low, basis, mix)

@@ -16,6 +16,7 @@ from ._inner import (
     entry_tolerance,
     forcing_term,
     max_cg_steps,
+    preconditioner_at,
     product_objective,
     product_operator,
 )
@@ -48,8 +49,10 @@ class NewtonCG:
         product_dtype: None (default) computes CG's Hessian products in the objective's dtype;
             "float32" computes them in float32 for float64 data (mixed precision): the data
             are cast once per fit (an extra [N, d] float32 copy of X), each product runs its
-            two GEMMs at float32 speed, and everything that decides the answer stays float64:
-            the value, the gradient, the line search, the stopping test and the CG vectors.
+            two GEMMs at float32 speed (and the preconditioner's per-iteration factors, such as
+            the class curvature, are computed in float32), and everything that decides the
+            answer stays float64: the value, the gradient, the line search, the stopping test
+            and the CG vectors.
             The products only steer the Newton direction, whose CG solve is inexact by design
             (relative residual η_k, usually 1e-1 to 1e-4, against float32's rounding of 6e-8),
             so the fit reaches the same float64 optimum; the step and product counts may
@@ -117,7 +120,7 @@ class NewtonCG:
         """
         evaluation = point.evaluation
         grad = evaluation.grad
-        metric = _preconditioners.build(self.preconditioner, objective, evaluation, basis)
+        metric = preconditioner_at(self.preconditioner, objective, products, evaluation, basis)
         solve = cg(
             product_operator(objective, products, evaluation),
             -grad,

@@ -17,6 +17,7 @@ from ._inner import (
     entry_tolerance,
     forcing_term,
     max_cg_steps,
+    preconditioner_at,
     product_objective,
     product_operator,
 )
@@ -171,8 +172,8 @@ class TrustRegion:
         evaluation = point.evaluation
         grad = evaluation.grad
         dtype = grad.dtype
-        metric = _preconditioners.build(
-            self.preconditioner, objective, evaluation, basis, self.preconditioner_mix
+        metric = preconditioner_at(
+            self.preconditioner, objective, products, evaluation, basis, self.preconditioner_mix
         )
         solve = steihaug_cg(
             product_operator(objective, products, evaluation),
