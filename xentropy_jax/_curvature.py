@@ -63,8 +63,7 @@ def _check_tangents(params: PyTree, tangents: PyTree, name: str = "tangents") ->
     except AssertionError as error:
         detail = str(error).split("failed:", 1)[-1].strip()
         raise ValueError(
-            f"{name} must match params leaf by leaf (tree structure, shapes and dtypes): "
-            f"{detail}"
+            f"{name} must match params leaf by leaf (tree structure, shapes and dtypes): {detail}"
         ) from None
 
 
