@@ -17,6 +17,9 @@ process), minima over interleaved single calls, ratios ours / theirs:
    accumulation of the gradient and the iterate and float32 Hessian products (X cast to float64,
    ``NewtonCG(product_dtype="float32")``).
 4. A 10-value path over C (warm-started, one compiled scan) against one fit (target <= 3x).
+4b. CG steps per Newton iteration as K grows (``--cases classes``): the probe's N and d, K from
+   ``--classes`` (default 25, 100, 200, 800), each preconditioner; the requirement is a count
+   that does not grow with K.
 5. TF-IDF-like CSR, 20,000 x 100,000 at 0.1% density, K = 20 (labels from a planted sparse
    model): our fit on the CSR against scikit-learn's ``lbfgs`` and ``newton-cg`` (target
    <= 1x), coefficients compared (1e-5), and the peak extra memory against the CSR's size
@@ -25,7 +28,7 @@ process), minima over interleaved single calls, ratios ours / theirs:
    ``newton-cg`` and ``lbfgs``, with freed heap returned to the system before each.
 
 Run ``python benchmarks/bench_data.py`` (about 10 minutes on two cores) or pick cases with
-``--cases probe,hvp,f32,path,sparse``.
+``--cases probe,hvp,f32,path,classes,sparse``.
 """
 
 from __future__ import annotations
@@ -239,6 +242,34 @@ def case_path(n_samples, n_features, n_classes, repeats):
     print(f"  ratio path / one fit = {ratio:.3f} (target <= 3)")
 
 
+def case_classes(n_samples, n_features, class_counts):
+    print(
+        f"\n== CG steps per Newton iteration as K grows, N = {n_samples}, d = {n_features}, "
+        f"float64, C = 1, tol = {TOL:g}; time of a repeat fit"
+    )
+    for n_classes in class_counts:
+        X, y = gaussian_means(n_samples, n_features, n_classes)
+        for kind in ["kronecker", "diagonal", "none"]:
+            solver = xj.NewtonCG(preconditioner=kind)
+            label = f"{kind} (auto)" if kind == "kronecker" else kind
+
+            def fit(solver=solver, X=X, y=y, n_classes=n_classes):
+                return xj.fit_logistic_regression(
+                    X, y, n_classes, l2=1.0 / n_samples, tol=TOL, solver=solver
+                )
+
+            fit()
+            start = time.perf_counter()
+            result = fit()
+            seconds = time.perf_counter() - start
+            iterations, products = int(result.n_iter), int(result.n_hessian_products)
+            print(
+                f"  K = {n_classes:4d}  {label:16s} {iterations:3d} iterations "
+                f"{products:4d} products  {products / iterations:5.1f} per iteration  "
+                f"{seconds:6.2f} s"
+            )
+
+
 def case_sparse(repeats):
     X, y = tfidf_like()
     csr_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
@@ -296,11 +327,12 @@ def child_sparse_memory():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="probe,hvp,f32,path,sparse")
+    parser.add_argument("--cases", default="probe,hvp,f32,path,classes,sparse")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--probe-shape", default="20000,128,200")
     parser.add_argument("--f32-shape", default="10000,256,200")
     parser.add_argument("--path-shape", default="5000,64,50")
+    parser.add_argument("--classes", default="25,100,200,800")
     parser.add_argument(
         "--no-f32-reference",
         action="store_true",
@@ -352,6 +384,9 @@ def main():
     if "path" in cases:
         n, d, k = map(int, args.path_shape.split(","))
         case_path(n, d, k, args.repeats)
+    if "classes" in cases:
+        n, d, _ = map(int, args.probe_shape.split(","))
+        case_classes(n, d, [int(k) for k in args.classes.split(",")])
     if "sparse" in cases:
         case_sparse(args.repeats)
 
