@@ -338,6 +338,21 @@ def _fit(
     return finalize(objective, output, invalid, solution=(optimum, loss))
 
 
+def symmetric_params(
+    weights: jax.Array, intercept: jax.Array, l2: jax.Array, reference_class: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(W, b) with the free common shift of every class taken out, as scikit-learn reports them.
+
+    Without a reference class, adding one vector to every class's column changes no
+    probability: the intercepts are centred over the classes, and so are the weights when
+    l2 = 0 (with l2 > 0 the optimum is centred already, and left untouched).
+    """
+    if reference_class:
+        return weights, intercept
+    centred = weights - jnp.mean(weights, axis=1, keepdims=True)
+    return jnp.where(l2 == 0, centred, weights), intercept - jnp.mean(intercept)
+
+
 def finalize(
     objective: LogisticObjective,
     output,
@@ -356,11 +371,9 @@ def finalize(
     if solution is None:
         solution = (minimum_norm(objective, output.theta), output.evaluation.loss)
     theta, loss = solution
-    weights, intercept = objective.expand(theta)
-    if not objective.reference_class:
-        intercept = intercept - jnp.mean(intercept)
-        centred = weights - jnp.mean(weights, axis=1, keepdims=True)
-        weights = jnp.where(objective.l2 == 0, centred, weights)
+    weights, intercept = symmetric_params(
+        *objective.expand(theta), objective.l2, objective.reference_class
+    )
     evaluation = output.evaluation
     return FitResult(
         params=(weights, intercept),

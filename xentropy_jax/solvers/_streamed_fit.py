@@ -20,7 +20,7 @@ from .._streamed import (
 )
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
 from ._convergence import max_abs
-from ._fit import _FLOOR_FACTOR, _resolve_solver, warn_collinear_columns
+from ._fit import _FLOOR_FACTOR, _resolve_solver, symmetric_params, warn_collinear_columns
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
 
@@ -116,11 +116,7 @@ def _fit_streamed(
     # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
     rows = source.num_features + int(fit_intercept)
     theta = project_minimum_norm(objective.feature_gram, rows, objective.l2, output.theta)
-    weights, intercept = layout.expand(theta)
-    if not reference_class:
-        intercept = intercept - jnp.mean(intercept)
-        centred = weights - jnp.mean(weights, axis=1, keepdims=True)
-        weights = jnp.where(objective.l2 == 0, centred, weights)
+    weights, intercept = symmetric_params(*layout.expand(theta), objective.l2, reference_class)
     return FitResult(
         params=(weights, intercept),
         loss=output.evaluation.loss,
