@@ -57,12 +57,14 @@ def _compile_without_backend_optimisation():
             os.environ["XLA_FLAGS"] = flags
 
 
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 _compile_without_backend_optimisation()
 
 
 def pytest_configure(config):
     """Give this process a fresh persistent compilation cache (see the module docstring)."""
     config.compilation_cache = tempfile.mkdtemp(prefix="xentropy-jax-test-compilation-cache-")
+    config.user_xla_flags = _USER_XLA_FLAGS  # what child processes must see
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -51,6 +51,19 @@ def run_example(path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_child_processes_get_the_users_xla_flags(request):
+    """conftest.py compiles the test processes at XLA's optimisation level 0; the examples,
+    notebooks and other child processes must run with the flags the user gave, as users do."""
+    assert os.environ.get("XLA_FLAGS") == request.config.user_xla_flags
+    flags = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ.get('XLA_FLAGS'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert flags == str(request.config.user_xla_flags)
+
+
 def test_examples_are_known():
     names = {path.name for path in EXAMPLES}
     assert {"fit_digits.py", "train_mlp_gauss_newton.py"} <= names
