@@ -34,6 +34,7 @@ from jax import lax
 
 from ._linear import (
     AUTO_MAX_GRAM_FEATURES,
+    DIAGONAL_CLASS_CURVATURE_CLASSES,
     Evaluation,
     LogisticObjective,
     class_curvature,
@@ -488,4 +489,6 @@ class StreamedLogisticObjective:
             return class_curvature(chunk, self._probabilities(chunk, evaluation.theta))
 
         size = self._layout.num_free_classes
-        return self._sum_over_chunks(part, jnp.zeros((size, size), self.dtype))
+        diagonal = not self.reference_class and self.num_classes >= DIAGONAL_CLASS_CURVATURE_CLASSES
+        shape = (size,) if diagonal else (size, size)
+        return self._sum_over_chunks(part, jnp.zeros(shape, self.dtype))

@@ -32,9 +32,10 @@ class NewtonCG:
     H is never formed: each CG iteration is one closed-form Hessian product (two GEMMs with
     X, O(N·K) in between) reusing the probabilities of the outer iteration. CG is preconditioned
     by the Kronecker factorisation A ⊗ B + l2·I of H (A the weighted feature Gram, formed once
-    per fit, B the mean class curvature) or by the exact Hessian diagonal (one GEMM with X² per
-    outer iteration). The forcing sequence η_k = min(forcing_cap, ‖g‖^forcing_exponent) makes
-    the convergence superlinear (Eisenstat and Walker; Nocedal and Wright, section 7.1).
+    per fit, B the mean class curvature, or its diagonal from 100 classes on without a
+    reference class) or by the exact Hessian diagonal (one GEMM with X² per outer iteration).
+    The forcing sequence η_k = min(forcing_cap, ‖g‖^forcing_exponent) makes the convergence
+    superlinear (Eisenstat and Walker; Nocedal and Wright, section 7.1).
 
     Attributes:
         preconditioner: "auto" (default: what the objective prefers; for logistic

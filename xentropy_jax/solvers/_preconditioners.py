@@ -113,6 +113,23 @@ def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
     return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, scale, penalty)
 
 
+def class_eigenbasis(curvature: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(eigenvalues, eigenvectors) of the class curvature B; (b, None) for a diagonal b [Kf].
+
+    `class_curvature` gives the diagonal from many classes on; its eigenbasis is the identity.
+    """
+    if curvature.ndim == 1:
+        return curvature, None
+    return eigh(curvature)
+
+
+def rotate_classes(block: jax.Array, vectors: jax.Array | None, inverse: bool = False):
+    """block·Q (or block·Qᵀ), the class axis in B's eigenbasis; the identity when Q is None."""
+    if vectors is None:
+        return block
+    return block @ (vectors.T if inverse else vectors)
+
+
 def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis) -> Preconditioner:
     """M ≈ A ⊗ B + l2·I with A = X̃ᵀŴX̃ (fixed) and B = Σᵢ ŵᵢ(diag sᵢ − sᵢsᵢᵀ) (per iteration).
 
@@ -123,9 +140,11 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     use after an O(N·K² + K³) update per outer iteration. With `basis` unscaled (D = I, see
     `feature_basis`) the L2 term is exact: M = A ⊗ B + l2·I. Far fewer CG iterations than the
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
+    Where `class_curvature` gives B's diagonal b (many classes, no reference class), Q = I:
+    M = A ⊗ diag(b) + l2·I, O(N·K) per outer iteration and O(d²K) per use.
     """
     kf = objective.num_free_classes
-    curvature_values, curvature_vectors = eigh(objective.class_curvature(evaluation))
+    curvature_values, curvature_vectors = class_eigenbasis(objective.class_curvature(evaluation))
     curvature_values = jnp.maximum(
         curvature_values, _EIGENVALUE_FLOOR * jnp.max(curvature_values, initial=0)
     )
@@ -146,8 +165,9 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
 
     def transform(vector, values, outer):
         block = vector.reshape(-1, kf) * outer
-        rotated = feature_vectors.T @ block @ curvature_vectors
-        return (outer * (feature_vectors @ (rotated * values) @ curvature_vectors.T)).reshape(-1)
+        rotated = rotate_classes(feature_vectors.T @ block, curvature_vectors)
+        back = rotate_classes(feature_vectors @ (rotated * values), curvature_vectors, inverse=True)
+        return (outer * back).reshape(-1)
 
     # M = (D⁻¹ ⊗ I)(U ⊗ Q)·diag(spectrum)·(U ⊗ Q)ᵀ(D⁻¹ ⊗ I), and M⁻¹ with D and 1/spectrum.
     return Preconditioner(
@@ -168,7 +188,8 @@ def ekfac(objective: Objective, evaluation: Evaluation, basis: ProjectedBasis) -
     """Kronecker eigenbasis, per-pair eigenvalues: M = (Qa ⊗ Qb)·diag(D)·(Qa ⊗ Qb)ᵀ + l2·I.
 
     Qa are the eigenvectors of A = X̃ᵀŴX̃ (fixed), Qb those of the mean class curvature B (per
-    iteration); D is the exact diagonal of H in that basis,
+    iteration; the class axes where `class_curvature` gives B's diagonal); D is the exact
+    diagonal of H in that basis,
 
         D[j, m] = Σᵢ ŵᵢ·(x̃ᵢ·qa_j)²·(qb_mᵀ(diag sᵢ − sᵢsᵢᵀ)qb_m),
 
@@ -182,7 +203,8 @@ def ekfac(objective: Objective, evaluation: Evaluation, basis: ProjectedBasis) -
     O(d²K + dK²) per use; X̃·Qa is formed once per fit.
     """
     kf = objective.num_free_classes
-    _, curvature_vectors = eigh(objective.class_curvature(evaluation))
+    curvature = objective.class_curvature(evaluation)
+    _, curvature_vectors = eigh(curvature if curvature.ndim == 2 else jnp.diag(curvature))
     probs = evaluation.probs
     rotated_probs = probs @ curvature_vectors
     row_curvature = probs @ jnp.square(curvature_vectors) - jnp.square(rotated_probs)
