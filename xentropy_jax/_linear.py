@@ -578,10 +578,10 @@ def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax
     The full B costs O(N·K²) per outer iteration (a [K, N] × [N, K] GEMM) and the Kronecker
     preconditioner then an O(K³) eigendecomposition and O(d·K²) rotations per CG step. Its
     off-diagonal part, the coupling −Σᵢ ŵᵢsᵢsᵢᵀ between classes, matters where a reference class
-    ties the free classes together (dropping it took 1.6 to 2.9 times the Hessian products at
-    K = 3 to 150) but not without one, where B's null direction, a common shift of all classes,
+    ties the free classes together (dropping it took 1.4 to 3.1 times the Hessian products at
+    K = 30 to 150) but not without one, where B's null direction, a common shift of all classes,
     is one the solvers never move along: at 50 to 800 classes the diagonal
-    b = Σᵢ ŵᵢ·sᵢ ⊙ (1 − sᵢ), O(N·K), took the same products to within 10% (Gaussian class
+    b = Σᵢ ŵᵢ·sᵢ ⊙ (1 − sᵢ), O(N·K), took the same products to within 13% (Gaussian class
     means, isotropic and anisotropic features, l2 = 1/N and 1e-6) and made fits at N = 20,000,
     d = 128 18% faster at K = 200 and 33% at K = 800. So from
     `DIAGONAL_CLASS_CURVATURE_CLASSES` classes on, without a reference class, this returns b.
