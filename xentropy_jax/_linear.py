@@ -572,6 +572,11 @@ def column_sums_by_chunks(
 DIAGONAL_CLASS_CURVATURE_CLASSES = 100
 
 
+def diagonal_class_curvature(num_classes: int, reference_class: bool) -> bool:
+    """Whether `class_curvature` gives B's diagonal [Kf] rather than B [Kf, Kf] (static)."""
+    return not reference_class and num_classes >= DIAGONAL_CLASS_CURVATURE_CLASSES
+
+
 def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
     """B = Σᵢ ŵᵢ·(diag(sᵢ) − sᵢsᵢᵀ) over the free classes [Kf, Kf], or its diagonal [Kf].
 
@@ -588,7 +593,7 @@ def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax
     """
     probs = evaluation.probs
     weighted = objective.weights[:, None] * probs
-    if not objective.reference_class and objective.num_classes >= DIAGONAL_CLASS_CURVATURE_CLASSES:
+    if diagonal_class_curvature(objective.num_classes, objective.reference_class):
         return jnp.sum(weighted * (1 - probs), axis=0)
     return jnp.diag(jnp.sum(weighted, axis=0)) - weighted.T @ probs
 

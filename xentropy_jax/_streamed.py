@@ -34,10 +34,10 @@ from jax import lax
 
 from ._linear import (
     AUTO_MAX_GRAM_FEATURES,
-    DIAGONAL_CLASS_CURVATURE_CLASSES,
     Evaluation,
     LogisticObjective,
     class_curvature,
+    diagonal_class_curvature,
     evaluate,
     feature_gram,
     hessian,
@@ -489,6 +489,6 @@ class StreamedLogisticObjective:
             return class_curvature(chunk, self._probabilities(chunk, evaluation.theta))
 
         size = self._layout.num_free_classes
-        diagonal = not self.reference_class and self.num_classes >= DIAGONAL_CLASS_CURVATURE_CLASSES
+        diagonal = diagonal_class_curvature(self.num_classes, self.reference_class)
         shape = (size,) if diagonal else (size, size)
         return self._sum_over_chunks(part, jnp.zeros(shape, self.dtype))

@@ -204,7 +204,10 @@ def ekfac(objective: Objective, evaluation: Evaluation, basis: ProjectedBasis) -
     """
     kf = objective.num_free_classes
     curvature = objective.class_curvature(evaluation)
-    _, curvature_vectors = eigh(curvature if curvature.ndim == 2 else jnp.diag(curvature))
+    if curvature.ndim == 1:  # B's diagonal: the class axes are its eigenbasis
+        curvature_vectors = jnp.eye(kf, dtype=curvature.dtype)
+    else:
+        _, curvature_vectors = eigh(curvature)
     probs = evaluation.probs
     rotated_probs = probs @ curvature_vectors
     row_curvature = probs @ jnp.square(curvature_vectors) - jnp.square(rotated_probs)
