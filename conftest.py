@@ -42,9 +42,8 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def _compile_without_backend_optimisation():
-    """Start the backend with optimisation level 0, then give child processes the old flags."""
-    flags = os.environ.get("XLA_FLAGS")
+def _compile_without_backend_optimisation(flags: str | None):
+    """Start the backend with optimisation level 0, then give child processes `flags` back."""
     if flags is not None and "xla_backend_optimization_level" in flags:
         return
     os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_backend_optimization_level=0".strip()
@@ -58,7 +57,7 @@ def _compile_without_backend_optimisation():
 
 
 _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-_compile_without_backend_optimisation()
+_compile_without_backend_optimisation(_USER_XLA_FLAGS)
 
 
 def pytest_configure(config):
