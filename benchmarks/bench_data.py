@@ -5,7 +5,9 @@ process), minima over interleaved single calls, ratios ours / theirs:
 
 1. Linear probe: Gaussian class means, 20,000 x 128, K = 200, float64, C = 1, tol = 1e-6:
    our refit against scikit-learn's ``lbfgs`` and ``newton-cg`` (target <= 0.3x the fastest),
-   and the functional fit with float32 Hessian products (``NewtonCG(product_dtype="float32")``).
+   and the functional fit with float32 Hessian products (``NewtonCG(product_dtype="float32")``);
+   then the work of both Newton-CG fits (scikit-learn's counted by wrapping its callables) and
+   the floor our product count puts under our time: products x the two GEMMs of each.
 2. Hessian products at large K: one product against the two GEMMs X·V and Xᵀ·U it needs
    (target <= 1.3x).
 3. float32 features, many classes: ``--f32-shape`` (default 10,000 x 256 x 200, scaled down
@@ -181,7 +183,73 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solv
         )
     ratio = times["xentropy_jax (repeat fit)"] / times[best]
     print(f"  ratio ours (repeat) / {best} = {ratio:.3f}{goal}")
-    return model, reference
+    return model, reference, times
+
+
+def newton_cg_work(X, y, C=1.0):
+    """Hessian products and gradient evaluations of one scikit-learn ``newton-cg`` fit.
+
+    Counted by wrapping the callables that scikit-learn's logistic regression hands to its
+    private ``_newton_cg`` (the same fit as the timed one, run once more).
+    """
+    from sklearn.linear_model import _logistic
+
+    counts = {"products": 0, "gradients": 0, "losses": 0}
+    original = _logistic._newton_cg
+
+    def counted(function, key):
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    def newton_cg(grad_hess, func, grad, *args, **kwargs):
+        def counted_grad_hess(*arguments):
+            gradient, hessp = grad_hess(*arguments)
+            counts["gradients"] += 1
+            return gradient, counted(hessp, "products")
+
+        return original(
+            counted_grad_hess, counted(func, "losses"), counted(grad, "gradients"), *args, **kwargs
+        )
+
+    _logistic._newton_cg = newton_cg
+    try:
+        _fit_quietly(SklearnLogisticRegression(C=C, tol=TOL, solver="newton-cg"), X, y)
+    finally:
+        _logistic._newton_cg = original
+    return counts
+
+
+def two_gemm_seconds(X, n_classes, repeats=10):
+    """Minimum time of the two GEMMs X·V and Xᵀ·U of one Hessian product, in X's dtype."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    features = jnp.asarray(X)
+    V = jnp.asarray(rng.normal(size=(X.shape[1], n_classes)), X.dtype)
+    U = jnp.asarray(rng.normal(size=(X.shape[0], n_classes)), X.dtype)
+    gemms = jax.jit(lambda V, U: (features @ V, features.T @ U))
+    return interleaved_min_times({"gemms": lambda: gemms(V, U)}, repeats=repeats)["gemms"]
+
+
+def case_probe_work(X, y, n_classes, products, ours_seconds, theirs_seconds):
+    """What the probe's fits do, and the floor the two GEMMs of our products put under ours."""
+    work = newton_cg_work(X, y)
+    print(
+        f"  scikit-learn newton-cg: {work['products']} Hessian products, "
+        f"{work['gradients']} gradients, {work['losses']} loss evaluations"
+    )
+    for dtype in (np.float64, np.float32):
+        gemms = two_gemm_seconds(X.astype(dtype), n_classes)
+        floor = products * gemms
+        print(
+            f"  two {np.dtype(dtype).name} GEMMs per product: {1e3 * gemms:.1f} ms; our "
+            f"{products} products need at least {floor:.2f} s = "
+            f"{floor / theirs_seconds:.2f}x scikit-learn's newton-cg (ours took "
+            f"{ours_seconds / theirs_seconds:.2f}x)"
+        )
 
 
 def case_hvp(n_samples, n_features, n_classes, repeats):
@@ -350,8 +418,18 @@ def main():
         n, d, k = map(int, args.probe_shape.split(","))
         X, y = gaussian_means(n, d, k)
         mixed = {"NewtonCG(product_dtype='float32')": xj.NewtonCG(product_dtype="float32")}
-        side_by_side(
+        _, _, times = side_by_side(
             "linear probe", X, y, ["lbfgs", "newton-cg"], args.repeats, target=0.3, solvers=mixed
+        )
+        # The estimator's fit, run functionally to read its product count.
+        products = int(xj.fit_logistic_regression(X, y, k, l2=1.0 / n, tol=TOL).n_hessian_products)
+        case_probe_work(
+            X,
+            y,
+            k,
+            products,
+            times["xentropy_jax (repeat fit)"],
+            times["sklearn newton-cg"],
         )
     if "hvp" in cases:
         n, d, k = map(int, args.probe_shape.split(","))
@@ -368,7 +446,7 @@ def main():
                 np.float64,
             )
         }
-        model, value = side_by_side(
+        model, value, _ = side_by_side(
             "float32 probe", X, y, ["lbfgs"], args.repeats, target=0.2, solvers=mixed
         )
         if not args.no_f32_reference:
