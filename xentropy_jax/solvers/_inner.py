@@ -16,7 +16,7 @@ _TOL_FRACTION = 0.1
 def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -> jax.Array:
     """Inexact-Newton forcing term η = min(cap, max(‖g‖₂^exponent, 0.1·tol/‖g‖₂)).
 
-    ‖g‖^exponent (exponent 1/2) gives superlinear convergence; the second term stops the last
+    ‖g‖^exponent (any exponent > 0) gives superlinear convergence; the second term stops the last
     solves from going far beyond what `tol` asks of the next gradient (per-parameter
     tolerances [P] count by their smallest).
     """

@@ -113,7 +113,8 @@ class TrustRegion:
             `NewtonCG`.
         max_cg_iter: most Hessian products per iteration.
         forcing_cap: upper bound of the CG relative tolerance.
-        forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum.
+        forcing_exponent: CG relative tolerance ‖g‖^forcing_exponent near the optimum (0.25,
+            as `NewtonCG`).
         preconditioner_mix: with the diagonal, M = (1 − mix)·mean(diag H) + mix·diag(H); 1 is
             the plain Hessian diagonal, TRON uses 0.01 in its own scaling.
         product_dtype: None (default) or "float32": CG's Hessian products in float32 for
@@ -143,7 +144,7 @@ class TrustRegion:
     preconditioner: str = "auto"
     max_cg_iter: int = 250
     forcing_cap: float = 0.5
-    forcing_exponent: float = 0.5
+    forcing_exponent: float = 0.25
     preconditioner_mix: float = 1.0
     product_dtype: str | None = None
 
