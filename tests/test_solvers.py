@@ -1,5 +1,6 @@
 """The three solvers against scikit-learn and statsmodels, and their statuses, jit and vmap."""
 
+import functools
 import warnings
 
 import chex
@@ -829,3 +830,23 @@ def test_row_chunked_sums_equal_the_single_call():
     expected.fit(X, y, sample_weight=weights)
     scale = np.max(np.abs(expected.coef_))
     np.testing.assert_allclose(result.params[0].T, expected.coef_, rtol=0, atol=1e-6 * scale)
+
+
+def test_default_forcing_reaches_the_same_optimum_with_fewer_products_on_many_classes():
+    # CG's forcing η = min(0.5, ‖g‖^¼) (the default) against the classical ‖g‖^½ on Gaussian
+    # class means with 100 classes: the same optimum, fewer Hessian products (65 against 82
+    # when measured), for both solvers that share the rule.
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(100, 64)) * (2.0 / 8.0) ** 0.5
+    y = rng.integers(0, 100, 4000)
+    X = means[y] + rng.normal(size=(4000, 64))
+    fit = functools.partial(fit_logistic_regression, X, y, 100, l2=1 / 4000, tol=1e-6)
+    assert NewtonCG().forcing_exponent == TrustRegion().forcing_exponent == 0.25
+    optimum = fit(tol=1e-10)
+    for solver in (NewtonCG, TrustRegion):
+        loose, classical = fit(solver=solver()), fit(solver=solver(forcing_exponent=0.5))
+        for result in (loose, classical):
+            assert result.converged
+            # tol = 1e-6 bounds the objective's gap by about ½·ΔᵀHΔ <= tol.
+            assert float(result.loss - optimum.loss) <= 1e-6
+        assert loose.n_hessian_products < classical.n_hessian_products
