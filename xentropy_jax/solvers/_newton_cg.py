@@ -46,8 +46,8 @@ class NewtonCG:
         forcing_cap: upper bound of the forcing term (loose solves far from the optimum).
         forcing_exponent: η_k = ‖g‖^forcing_exponent near the optimum (superlinear, of
             order 1 + forcing_exponent). The default 0.25 asks for looser solves than the
-            classical 0.5, which measured about half the Hessian products on many-class
-            problems and one to three more outer iterations on easy ones (docs/solvers.md).
+            classical 0.5: it measured about half the Hessian products on many-class
+            problems, and one to three more outer iterations on easy ones (docs/solvers.md).
         sufficient_decrease: Armijo constant of the line search.
         max_line_search: trial step lengths before the line search gives up.
         product_dtype: None (default) computes CG's Hessian products in the objective's dtype;
