@@ -183,7 +183,7 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solv
         )
     ratio = times["xentropy_jax (repeat fit)"] / times[best]
     print(f"  ratio ours (repeat) / {best} = {ratio:.3f}{goal}")
-    return model, reference, times
+    return models, reference, times
 
 
 def newton_cg_work(X, y, C=1.0):
@@ -222,8 +222,8 @@ def newton_cg_work(X, y, C=1.0):
     return counts
 
 
-def two_gemm_seconds(X, n_classes, repeats=10):
-    """Minimum time of the two GEMMs X·V and Xᵀ·U of one Hessian product, in X's dtype."""
+def two_gemms(X, n_classes):
+    """A zero-argument call of the two GEMMs X·V and Xᵀ·U of one Hessian product, in X's dtype."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(1)
@@ -231,7 +231,7 @@ def two_gemm_seconds(X, n_classes, repeats=10):
     V = jnp.asarray(rng.normal(size=(X.shape[1], n_classes)), X.dtype)
     U = jnp.asarray(rng.normal(size=(X.shape[0], n_classes)), X.dtype)
     gemms = jax.jit(lambda V, U: (features @ V, features.T @ U))
-    return interleaved_min_times({"gemms": lambda: gemms(V, U)}, repeats=repeats)["gemms"]
+    return lambda: gemms(V, U)
 
 
 def case_probe_work(X, y, n_classes, ours, theirs_seconds):
@@ -245,7 +245,8 @@ def case_probe_work(X, y, n_classes, ours, theirs_seconds):
         f"{work['gradients']} gradients, {work['losses']} loss evaluations"
     )
     for dtype, (products, seconds) in ours.items():
-        gemms = two_gemm_seconds(X.astype(dtype), n_classes)
+        gemms = two_gemms(X.astype(dtype), n_classes)
+        gemms = interleaved_min_times({"gemms": gemms}, repeats=10)["gemms"]
         floor = products * gemms
         print(
             f"  {np.dtype(dtype).name} products: two GEMMs {1e3 * gemms:.1f} ms; our "
@@ -266,14 +267,10 @@ def case_hvp(n_samples, n_features, n_classes, repeats):
     tangent = jnp.asarray(rng.normal(size=objective.num_params))
     evaluation = jax.jit(lambda t: _linear.evaluate(objective, t, objective.free_logits(t)))(theta)
     product = jax.jit(lambda v: _linear.hessian_vector_product(objective, evaluation, v))
-    features = jnp.asarray(X)
-    V = jnp.asarray(rng.normal(size=(n_features, n_classes)))
-    U = jnp.asarray(rng.normal(size=(n_samples, n_classes)))
-    gemms = jax.jit(lambda V, U: (features @ V, features.T @ U))
     times = interleaved_min_times(
         {
             "hessian_vector_product": lambda: product(tangent),
-            "X @ V and X.T @ U": lambda: gemms(V, U),
+            "X @ V and X.T @ U": two_gemms(X, n_classes),
         },
         repeats=repeats,
     )
@@ -421,21 +418,18 @@ def main():
         n, d, k = map(int, args.probe_shape.split(","))
         X, y = gaussian_means(n, d, k)
         mixed = {"NewtonCG(product_dtype='float32')": xj.NewtonCG(product_dtype="float32")}
-        _, _, times = side_by_side(
+        models, _, times = side_by_side(
             "linear probe", X, y, ["lbfgs", "newton-cg"], args.repeats, target=0.3, solvers=mixed
         )
 
-        # The fits run again functionally, to read their product counts.
-        def products(solver):
-            result = xj.fit_logistic_regression(X, y, k, l2=1.0 / n, tol=TOL, solver=solver)
-            return int(result.n_hessian_products)
-
+        # The estimator does not report its products: its fit runs once more, functionally.
+        estimator = xj.fit_logistic_regression(
+            X, y, k, l2=1.0 / n, tol=TOL, solver=models["ours"].solver_
+        )
+        label = "NewtonCG(product_dtype='float32')"
         ours = {
-            np.float64: (products("newton-cg"), times["xentropy_jax (repeat fit)"]),
-            np.float32: (
-                products(mixed["NewtonCG(product_dtype='float32')"]),
-                times["xentropy_jax NewtonCG(product_dtype='float32')"],
-            ),
+            np.float64: (int(estimator.n_hessian_products), times["xentropy_jax (repeat fit)"]),
+            np.float32: (int(models[label].n_hessian_products), times[f"xentropy_jax {label}"]),
         }
         case_probe_work(X, y, k, ours, times["sklearn newton-cg"])
     if "hvp" in cases:
@@ -453,12 +447,13 @@ def main():
                 np.float64,
             )
         }
-        model, value, _ = side_by_side(
+        models, value, _ = side_by_side(
             "float32 probe", X, y, ["lbfgs"], args.repeats, target=0.2, solvers=mixed
         )
         if not args.no_f32_reference:
             reference = LogisticRegression(C=1.0, tol=1e-10).fit(X.astype(np.float64), y)
             exact = _objective(X.astype(np.float64), y, reference.coef_, reference.intercept_, 1.0)
+            model = models["ours"]
             ours = _objective(
                 X.astype(np.float64), y, model.coef_.astype(np.float64), model.intercept_, 1.0
             )
