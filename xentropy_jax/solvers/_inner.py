@@ -12,6 +12,12 @@ from . import _preconditioners
 # ≈ the residual, so solving further cannot make the fit converge sooner.
 _TOL_FRACTION = 0.1
 
+# The forcing term's defaults, shared by NewtonCG and TrustRegion: η = min(0.5, ‖g‖^¼). The
+# exponent ¼ replaced ½, which asked for tighter solves than the outer iterations needed
+# (docs/solvers.md has the measurements).
+FORCING_CAP = 0.5
+FORCING_EXPONENT = 0.25
+
 
 def forcing_term(grad: jax.Array, tol: jax.Array, cap: float, exponent: float) -> jax.Array:
     """Inexact-Newton forcing term η = min(cap, max(‖g‖₂^exponent, 0.1·tol/‖g‖₂)).

@@ -11,6 +11,8 @@ from .._cg import cg
 from .._objective import Objective
 from . import _preconditioners
 from ._inner import (
+    FORCING_CAP,
+    FORCING_EXPONENT,
     check_cg_options,
     check_product_dtype,
     entry_tolerance,
@@ -91,8 +93,8 @@ class NewtonCG:
 
     preconditioner: str = "auto"
     max_cg_iter: int = 250
-    forcing_cap: float = 0.5
-    forcing_exponent: float = 0.25
+    forcing_cap: float = FORCING_CAP
+    forcing_exponent: float = FORCING_EXPONENT
     sufficient_decrease: float = 1e-4
     max_line_search: int = 30
     product_dtype: str | None = None

@@ -12,6 +12,8 @@ from .._cg import CGStatus, steihaug_cg
 from .._objective import Objective
 from . import _preconditioners
 from ._inner import (
+    FORCING_CAP,
+    FORCING_EXPONENT,
     check_cg_options,
     check_product_dtype,
     entry_tolerance,
@@ -143,8 +145,8 @@ class TrustRegion:
 
     preconditioner: str = "auto"
     max_cg_iter: int = 250
-    forcing_cap: float = 0.5
-    forcing_exponent: float = 0.25
+    forcing_cap: float = FORCING_CAP
+    forcing_exponent: float = FORCING_EXPONENT
     preconditioner_mix: float = 1.0
     product_dtype: str | None = None
 
