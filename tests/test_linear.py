@@ -201,6 +201,72 @@ def test_large_logit_steps_stay_finite():
     )
 
 
+# Logit moves per regime of `loss_change`, for rows whose logits are [label, 0, −1, −3] (the
+# label in column 0, the reference class's column, when there is one): moves of a few units
+# (the sum from the stored probabilities), every other class down by 9 (rows whose Σ nears −1,
+# summed directly), a class 760 below the rest (a probability of 0) rising by 740, and moves of
+# 750 (a sum that overflows: both recomputed from the log-probabilities).
+LOSS_CHANGE_REGIMES = {
+    "moderate": ([0.0, 0.0, -1.0, -3.0], [0.0, 1.5, -2.0, 0.7]),
+    "sum_near_minus_one": ([-4.0, 0.0, -1.0, -3.0], [0.0, -9.0, -9.0, -9.0]),
+    "probability_lost": ([0.0, 0.0, -1.0, -760.0], [0.0, 0.5, -0.25, 740.0]),
+    "overflow": ([0.0, 0.0, -1.0, -3.0], [0.0, 750.0, -0.5, 0.25]),
+}
+
+
+@pytest.mark.parametrize("regime", list(LOSS_CHANGE_REGIMES))
+@pytest.mark.parametrize("reference_class", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_loss_change_against_mpmath(regime, reference_class, dtype):
+    """f(θ + tΔ) − f(θ) in each regime of its sums, against 160-bit arithmetic.
+
+    X is the identity, so the logits are W itself and the reference sees exactly the logits the
+    code sees (no rounding of a product with X).
+    """
+    import mpmath
+
+    mpmath.mp.prec = 160
+    logits, moves = (np.array(v) for v in LOSS_CHANGE_REGIMES[regime])
+    rows = np.array([1.0, 0.5, -0.25, 2.0])[:, None]
+    logits = logits[None, :] + (rows if regime == "probability_lost" else rows * logits[None, :])
+    moves = np.tile(moves, (4, 1)) * np.array([1.0, 1.0, 0.75, 0.5])[:, None]
+    if reference_class:  # class 0's logit and move are fixed at zero
+        logits, moves = logits - logits[:, :1], moves - moves[:, :1]
+    first = int(reference_class)
+    num_rows, num_classes = logits.shape
+    labels = np.array([0, 1, 2, 0])
+    objective = _linear.logistic_objective(
+        np.eye(num_rows, dtype=dtype),
+        labels,
+        num_classes,
+        l2=0.25,
+        fit_intercept=False,
+        reference_class=reference_class,
+    )
+    theta = objective.pack(jnp.asarray(logits[:, first:], dtype), jnp.zeros(0, dtype))
+    step = objective.pack(jnp.asarray(moves[:, first:], dtype), jnp.zeros(0, dtype))
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    change = _linear.loss_change(
+        objective, theta, evaluation, step, objective.free_logits(step), jnp.asarray(1.0, dtype)
+    )
+
+    def logsumexp(values):
+        peak = max(values)
+        return peak + mpmath.log(mpmath.fsum(mpmath.exp(v - peak) for v in values))
+
+    exact = mpmath.mpf(0)
+    for row, label in zip(range(num_rows), labels, strict=True):
+        z = [mpmath.mpf(float(v)) for v in np.asarray(logits[row], dtype)]
+        u = [mpmath.mpf(float(v)) for v in np.asarray(moves[row], dtype)]
+        moved = [a + b for a, b in zip(z, u, strict=True)]
+        exact += (logsumexp(moved) - logsumexp(z) - u[label]) / num_rows
+    w = [mpmath.mpf(float(v)) for v in np.asarray(theta, dtype)]
+    v = [mpmath.mpf(float(x)) for x in np.asarray(step, dtype)]
+    exact += mpmath.mpf(0.25) * mpmath.fsum(a * b + b * b / 2 for a, b in zip(w, v, strict=True))
+    # Measured: exact in float64, within 0.75 eps in float32.
+    np.testing.assert_allclose(float(change), float(exact), rtol=4 * float(jnp.finfo(dtype).eps))
+
+
 def test_float32_features_stay_float32():
     rng = np.random.default_rng(6)
     features = rng.normal(size=(10, 3)).astype(np.float32)
