@@ -117,7 +117,7 @@ class NewtonCG:
     ) -> StepResult:
         """One iteration: preconditioned CG on H·Δ = −g, then a line search.
 
-        CG stops at ‖HΔ + g‖ <= η‖g‖ or once every |(HΔ + g)_j| <= tol_j / 2
+        CG stops at ‖HΔ + g‖ <= η‖g‖ or once every |(HΔ + g)_j| <= tol_j / 10
         (`entry_tolerance`), whichever comes first.
 
         `basis` is the preconditioner's once-per-fit setup (`_preconditioners.setup_basis`);

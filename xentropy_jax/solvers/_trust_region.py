@@ -169,7 +169,7 @@ class TrustRegion:
     ) -> StepResult:
         """One iteration: Steihaug-CG in ‖s‖_M <= Δ, the ratio test, the radius update.
 
-        CG stops as `NewtonCG`'s does (relative residual η or every entry within half its
+        CG stops as `NewtonCG`'s does (relative residual η or every entry within a tenth of its
         tolerance), or on the boundary; `products` as in `NewtonCG.step`.
         """
         evaluation = point.evaluation
