@@ -267,6 +267,18 @@ def test_loss_change_against_mpmath(regime, reference_class, dtype):
     np.testing.assert_allclose(float(change), float(exact), rtol=4 * float(jnp.finfo(dtype).eps))
 
 
+def test_loss_change_without_rows_is_the_penalty_change():
+    # No rows (an empty chunk of a streamed or sharded objective): only the penalty changes.
+    objective = _linear.logistic_objective(np.zeros((0, 2)), np.zeros(0, int), 3, l2=0.5)
+    theta = jnp.arange(objective.num_params, dtype=objective.dtype) / 10
+    step = jnp.ones(objective.num_params, objective.dtype)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    change = _linear.loss_change(
+        objective, theta, evaluation, step, objective.free_logits(step), 2.0
+    )
+    np.testing.assert_allclose(change, objective.value(theta + 2 * step) - objective.value(theta))
+
+
 def test_float32_features_stay_float32():
     rng = np.random.default_rng(6)
     features = rng.normal(size=(10, 3)).astype(np.float32)

@@ -434,8 +434,8 @@ def loss_change(
     counted = objective.weights > 0
     small = ~counted | (jnp.isfinite(total) & (total > -0.5))
     # Two scalars, not a test per entry (which would keep XLA from fusing the sum's pass).
-    lost = (jnp.min(probs) < jnp.finfo(probs.dtype).tiny) & (
-        scale * jnp.max(step_logits) > _LARGE_MOVE
+    lost = (jnp.min(probs, initial=1) < jnp.finfo(probs.dtype).tiny) & (
+        scale * jnp.max(step_logits, initial=-jnp.inf) > _LARGE_MOVE
     )
 
     def summed(_):
