@@ -411,10 +411,11 @@ def loss_change(
 
     The sum is taken from the stored probabilities and ζ alone, in one fused pass over
     [N, Kf] (a reference class has ζ = 0 and adds nothing). That is exact unless a move is
-    large: a row's sum that overflows or nears −1 (where 1 + Σ cancels), or a probability
-    below the normal range (its digits lost, or 0) on a class whose logit rises by more than
-    `_LARGE_MOVE`. Then, and only then (`lax.cond`), `_row_changes` recomputes every row from
-    the log-probabilities.
+    large. Where a row's sum nears −1 (its logsumexp falls by more than log 2, and 1 + Σ
+    would cancel), 1 + Σ = Σₖ sₖ·exp(t·ζₖ) is summed directly, from positive terms, in a
+    second pass. Where a sum overflows, or a probability below the normal range (its digits
+    lost, or 0) meets a logit rising by more than `_LARGE_MOVE`, `_row_changes` recomputes
+    every row from the log-probabilities. Each of these runs only when needed (`lax.cond`).
 
     Args:
         objective: the problem.
