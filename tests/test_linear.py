@@ -279,6 +279,40 @@ def test_loss_change_without_rows_is_the_penalty_change():
     np.testing.assert_allclose(change, objective.value(theta + 2 * step) - objective.value(theta))
 
 
+def test_transposed_copy_changes_no_value():
+    # The copy of Xᵀ only changes the layout the GEMMs Xᵀ·U read: same value, gradient and
+    # products (to rounding); a sparse X keeps none; float32 products drop it, float64 keep it.
+    from jax.experimental import sparse
+
+    from xentropy_jax.solvers import _inner
+
+    _, theta, (features, labels, sample_weight, l2) = make_problem(True, False)
+    settings = dict(sample_weight=sample_weight, l2=l2)
+    plain = _linear.logistic_objective(features, labels, NUM_CLASSES, **settings)
+    copied = _linear.logistic_objective(
+        features, labels, NUM_CLASSES, transposed_copy=True, **settings
+    )
+    np.testing.assert_array_equal(copied.transposed_features, features.T)
+    tangent = jnp.asarray(np.random.default_rng(7).normal(size=plain.num_params))
+    for objective in (plain, copied):
+        evaluation = jax.jit(objective.evaluate)(theta, objective.free_logits(theta))
+        product = jax.jit(objective.hessian_product)(evaluation, tangent)
+        if objective is plain:
+            expected = evaluation, product
+            continue
+        np.testing.assert_allclose(evaluation.loss, expected[0].loss, rtol=1e-14)
+        np.testing.assert_allclose(evaluation.grad, expected[0].grad, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(product, expected[1], rtol=1e-12, atol=1e-15)
+    bcoo = sparse.BCOO.fromdense(jnp.asarray(features))
+    assert (
+        _linear.logistic_objective(bcoo, labels, NUM_CLASSES, transposed_copy=True)
+    ).transposed_features is None
+    low = _inner.product_objective(copied, "float32")
+    assert low.transposed_features is None and low.features.dtype == jnp.float32
+    assert low.weights.dtype == jnp.float32 and low.l2.dtype == jnp.float32
+    assert copied.astype(jnp.float64).transposed_features is not None
+
+
 def test_float32_features_stay_float32():
     rng = np.random.default_rng(6)
     features = rng.normal(size=(10, 3)).astype(np.float32)

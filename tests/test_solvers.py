@@ -797,6 +797,30 @@ def test_sums_over_x_take_it_by_row_chunks(preconditioner):
     assert fit_module._row_chunk(jnp.zeros((big, num_features), jnp.float32)) is None
 
 
+def test_fits_hold_a_transposed_copy_of_a_dense_float64_x_only(monkeypatch):
+    # Xᵀ is copied for the GEMMs over the rows only where it measured faster and costs at most
+    # TRANSPOSED_COPY_MAX_BYTES: a dense float64 X on one CPU device.
+    from jax.experimental import sparse
+
+    dense = jnp.zeros((100, 3), jnp.float64)
+    assert fit_module.wants_transposed_copy(dense)
+    assert not fit_module.wants_transposed_copy(dense.astype(jnp.float32))
+    assert not fit_module.wants_transposed_copy(sparse.BCOO.fromdense(dense))
+    traced = []
+    jax.jit(lambda x: traced.append(fit_module.wants_transposed_copy(x)) or x)(dense)
+    assert traced == [False]
+    monkeypatch.setattr(fit_module, "TRANSPOSED_COPY_MAX_BYTES", 100 * 3 * 8 - 1)
+    assert not fit_module.wants_transposed_copy(dense)
+    # The fit with the copy is the fit without it (the copy above the cap).
+    X, y = make_classification(300, 6, n_informative=4, n_classes=3, random_state=0)
+    without = fit_logistic_regression(X, y, 3, l2=1e-2, tol=1e-10)
+    monkeypatch.undo()
+    assert fit_module.wants_transposed_copy(jnp.asarray(X))
+    copied = fit_logistic_regression(X, y, 3, l2=1e-2, tol=1e-10)
+    for ours, expected in zip(copied.params, without.params, strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_row_chunked_sums_equal_the_single_call():
     rng = np.random.default_rng(5)
     X = rng.normal(size=(140_003, 3)) * np.array([1.0, 10.0, 0.1])

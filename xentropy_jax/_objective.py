@@ -28,7 +28,9 @@ Optional capabilities, used when a solver or preconditioner asks for them:
   classes, as a common shift of every class changes no probability). The preconditioners
   follow M⁻¹ by it, so that CG does not wander along directions where f is (nearly) flat;
 * the Kronecker factors of `LogisticObjective` (``feature_gram``, ``class_curvature``) for the
-  "kronecker" and "ekfac" preconditioners.
+  "kronecker" and "ekfac" preconditioners;
+* ``astype(dtype)``: the objective with its data in another floating dtype, for
+  ``product_dtype``; without it every floating leaf of the pytree is cast.
 
 `LogisticObjective` (in-memory rows, dense or sparse X) is one implementation; an objective
 whose rows are sharded over devices, streamed from disk, or that has nothing to do with

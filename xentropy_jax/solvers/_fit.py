@@ -280,6 +280,7 @@ FIT_STATIC_ARGNAMES = (
     "reference_class",
     "penalised",
     "row_chunk",
+    "transposed_copy",
     "checked",
     "solver",
     "verbose",
@@ -304,6 +305,7 @@ def _fit(
     solver,
     verbose,
     row_chunk=None,
+    transposed_copy=False,
 ) -> FitResult:
     objective = logistic_objective(
         X,
@@ -315,6 +317,7 @@ def _fit(
         reference_class=reference_class,
         penalised=penalised,
         row_chunk=row_chunk,
+        transposed_copy=transposed_copy,
     )
     theta = _initial_theta(objective, init)
     # Input checked at the boundary (concrete there): its status can only be CONVERGED.
@@ -529,6 +532,7 @@ def fit_logistic_regression(
         # to compile); a traced l2 keeps it, as 0 is then possible.
         penalised=known_positive(l2),
         row_chunk=_row_chunk(features),
+        transposed_copy=wants_transposed_copy(features),
         checked=checked,
         solver=config,
         verbose=bool(verbose),
@@ -561,6 +565,26 @@ def _row_chunk(features) -> int | None:
         return None
     rows = chunk_rows(features.shape[1] + 1, itemsize=features.dtype.itemsize)
     return rows if features.shape[0] > rows else None
+
+
+# A fit holds a transposed copy of X (`wants_transposed_copy`) up to this size.
+TRANSPOSED_COPY_MAX_BYTES = 2**30
+
+
+def wants_transposed_copy(features) -> bool:
+    """Whether a fit also holds Xᵀ (`logistic_objective`'s ``transposed_copy``).
+
+    For a dense float64 X on one CPU device, of at most `TRANSPOSED_COPY_MAX_BYTES`: there the
+    GEMMs Xᵀ·U over the rows (the gradient's and one per Hessian product) ran 1.4 times faster
+    from the copy, and the 20,000 × 128, K = 200 probe's fit 17% faster. Not for float32 (no
+    faster), sparse, traced or sharded X, nor on accelerators, whose GEMMs read either layout.
+    """
+    if isinstance(features, sparse.BCOO | jax.core.Tracer) or features.dtype != jnp.float64:
+        return False
+    devices = getattr(getattr(features, "sharding", None), "device_set", ())
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return False
+    return features.size * features.dtype.itemsize <= TRANSPOSED_COPY_MAX_BYTES
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:

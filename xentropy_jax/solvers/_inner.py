@@ -84,9 +84,10 @@ def product_objective(objective: Objective, product_dtype: str | None) -> Object
     """The objective with its floating data in `product_dtype`, or None when that is its own.
 
     Generic over pytree objectives: every floating leaf (for logistic regression X, or a
-    BCOO's stored values, the row weights and l2) is cast; the Hessian product is the same
-    code in the narrower type. None as well when the cast leaves the objective's dtype unchanged,
-    as for `fit_logistic_regression_streamed`, whose chunks are read in the source's dtype.
+    BCOO's stored values, the row weights and l2) is cast, or the objective's own
+    ``astype(dtype)`` says how; the Hessian product is the same code in the narrower type.
+    None as well when the cast leaves the objective's dtype unchanged, as for
+    `fit_logistic_regression_streamed`, whose chunks are read in the source's dtype.
 
     Raises:
         TypeError: the objective is not a pytree, so its arrays cannot be found.
@@ -99,7 +100,13 @@ def product_objective(objective: Objective, product_dtype: str | None) -> Object
             f"must be a pytree (e.g. a jax.tree_util.register_dataclass); got a "
             f"{type(objective).__name__} that is not one"
         )
-    products = _cast_floating(objective, jnp.dtype(product_dtype))
+    # An objective may say how it is cast (`LogisticObjective.astype` drops what only its own
+    # dtype uses); otherwise every floating leaf is.
+    astype = getattr(objective, "astype", None)
+    if callable(astype):
+        products = astype(jnp.dtype(product_dtype))
+    else:
+        products = _cast_floating(objective, jnp.dtype(product_dtype))
     # An objective whose data do not live in its leaves (the streamed fit's chunks arrive in
     # their source's dtype) keeps its own products.
     return products if jnp.dtype(products.dtype) == jnp.dtype(product_dtype) else None

@@ -28,11 +28,19 @@ from ._fit import (
     attainable_tolerance,
     finalize,
     known_positive,
+    wants_transposed_copy,
 )
 from ._result import FitError, FitResult, Status
 
 # The arguments of `_path` that are compile-time constants: one program per combination.
-PATH_STATIC_ARGNAMES = ("num_classes", "fit_intercept", "reference_class", "penalised", "solver")
+PATH_STATIC_ARGNAMES = (
+    "num_classes",
+    "fit_intercept",
+    "reference_class",
+    "penalised",
+    "transposed_copy",
+    "solver",
+)
 
 
 @functools.partial(jax.jit, static_argnames=PATH_STATIC_ARGNAMES)
@@ -50,6 +58,7 @@ def _path(
     reference_class,
     penalised,
     solver,
+    transposed_copy=False,
 ) -> FitResult:
     objective = logistic_objective(
         X,
@@ -60,6 +69,7 @@ def _path(
         fit_intercept=fit_intercept,
         reference_class=reference_class,
         penalised=penalised,
+        transposed_copy=transposed_copy,
     )
     preconditioner = getattr(solver, "preconditioner", None)
     extra = {}
@@ -215,6 +225,7 @@ def fit_regularization_path(
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
         penalised=known_positive(l2_values),
+        transposed_copy=wants_transposed_copy(features),
         solver=config,
     )
     if throw and _is_concrete(results.status):
