@@ -52,6 +52,7 @@ jax.config.update("jax_enable_x64", True)
 import xentropy_jax as xj  # noqa: E402
 from xentropy_jax import _linear  # noqa: E402
 from xentropy_jax.sklearn import LogisticRegression  # noqa: E402
+from xentropy_jax.solvers._fit import wants_transposed_copy  # noqa: E402
 
 TOL = 1e-6
 
@@ -223,15 +224,24 @@ def newton_cg_work(X, y, C=1.0):
 
 
 def two_gemms(X, n_classes):
-    """A zero-argument call of the two GEMMs X·V and Xᵀ·U of one Hessian product, in X's dtype."""
+    """A zero-argument call of the two GEMMs X·V and Xᵀ·U of one Hessian product, in X's dtype.
+
+    X is an argument of the compiled call, as in a fit (a constant X would let XLA store its
+    transpose at compile time), and Xᵀ·U reads the layout a fit holds: the transposed copy
+    where the fit makes one (`wants_transposed_copy`), else X itself.
+    """
     import jax.numpy as jnp
 
     rng = np.random.default_rng(1)
     features = jnp.asarray(X)
+    transposed = jnp.asarray(X.T.copy()) if wants_transposed_copy(features) else None
     V = jnp.asarray(rng.normal(size=(X.shape[1], n_classes)), X.dtype)
     U = jnp.asarray(rng.normal(size=(X.shape[0], n_classes)), X.dtype)
-    gemms = jax.jit(lambda V, U: (features @ V, features.T @ U))
-    return lambda: gemms(V, U)
+    if transposed is None:
+        gemms = jax.jit(lambda X, V, U: (X @ V, X.T @ U))
+        return lambda: gemms(features, V, U)
+    gemms = jax.jit(lambda X, XT, V, U: (X @ V, XT @ U))
+    return lambda: gemms(features, transposed, V, U)
 
 
 def case_probe_work(X, y, n_classes, ours, theirs_seconds):
@@ -261,15 +271,20 @@ def case_hvp(n_samples, n_features, n_classes, repeats):
 
     print(f"\n== Hessian product at N = {n_samples}, d = {n_features}, K = {n_classes}, float64")
     X, y = gaussian_means(n_samples, n_features, n_classes)
-    objective = _linear.logistic_objective(X, y, n_classes, l2=1.0 / n_samples)
+    # Built as a fit builds it (with its transposed copy of X where a fit makes one), and
+    # passed to the compiled product as an argument, as in a fit.
+    copy = wants_transposed_copy(jnp.asarray(X))
+    objective = _linear.logistic_objective(
+        X, y, n_classes, l2=1.0 / n_samples, transposed_copy=copy
+    )
     rng = np.random.default_rng(1)
     theta = jnp.asarray(rng.normal(size=objective.num_params) * 0.01)
     tangent = jnp.asarray(rng.normal(size=objective.num_params))
-    evaluation = jax.jit(lambda t: _linear.evaluate(objective, t, objective.free_logits(t)))(theta)
-    product = jax.jit(lambda v: _linear.hessian_vector_product(objective, evaluation, v))
+    evaluation = jax.jit(_linear.evaluate)(objective, theta, objective.free_logits(theta))
+    product = jax.jit(_linear.hessian_vector_product)
     times = interleaved_min_times(
         {
-            "hessian_vector_product": lambda: product(tangent),
+            "hessian_vector_product": lambda: product(objective, evaluation, tangent),
             "X @ V and X.T @ U": two_gemms(X, n_classes),
         },
         repeats=repeats,

@@ -292,7 +292,7 @@ def test_transposed_copy_changes_no_value():
     copied = _linear.logistic_objective(
         features, labels, NUM_CLASSES, transposed_copy=True, **settings
     )
-    np.testing.assert_array_equal(copied.transposed_features, features.T)
+    np.testing.assert_array_equal(copied.transposed_features, np.c_[features, np.ones(NUM_ROWS)].T)
     tangent = jnp.asarray(np.random.default_rng(7).normal(size=plain.num_params))
     for objective in (plain, copied):
         evaluation = jax.jit(objective.evaluate)(theta, objective.free_logits(theta))
@@ -303,6 +303,10 @@ def test_transposed_copy_changes_no_value():
         np.testing.assert_allclose(evaluation.loss, expected[0].loss, rtol=1e-14)
         np.testing.assert_allclose(evaluation.grad, expected[0].grad, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(product, expected[1], rtol=1e-12, atol=1e-15)
+    no_intercept = _linear.logistic_objective(
+        features, labels, NUM_CLASSES, fit_intercept=False, transposed_copy=True, **settings
+    )
+    np.testing.assert_array_equal(no_intercept.transposed_features, features.T)
     bcoo = sparse.BCOO.fromdense(jnp.asarray(features))
     assert (
         _linear.logistic_objective(bcoo, labels, NUM_CLASSES, transposed_copy=True)

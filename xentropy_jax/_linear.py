@@ -65,9 +65,10 @@ class LogisticObjective:
             would be copies of X (the Gram, the precision floor's column sums, the Hessian
             diagonal), so that they take one chunk (static); None sums in one call, as a
             row-sharded X needs (slicing its rows would gather them onto every device).
-        transposed_features: Xᵀ [d, N] stored row-major, a copy of a dense X for the GEMMs
-            Xᵀ·U over the rows that the gradient and every Hessian product take, or None to
-            read X itself (`logistic_objective`'s ``transposed_copy``).
+        transposed_features: X̃ᵀ [d̃, N] stored row-major (X̃ = [X, 1] with an intercept, X
+            without), a copy of a dense X for the GEMMs X̃ᵀ·U over the rows that the gradient
+            and every Hessian product take, or None to read X itself (`logistic_objective`'s
+            ``transposed_copy``).
     """
 
     features: jax.Array | sparse.BCOO
@@ -336,16 +337,26 @@ def evaluate(objective: LogisticObjective, theta: jax.Array, free_logits: jax.Ar
     first = int(objective.reference_class)
     residual, probs = residual[:, first:], probs[:, first:]
     weights, _ = objective.unpack(theta)
-    grad_weights = _transpose_product(objective, residual) + objective.l2 * weights
-    grad = objective.pack(grad_weights, jnp.sum(residual, axis=0))
+    grad_weights, grad_intercept = _transpose_products(objective, residual)
+    grad = objective.pack(grad_weights + objective.l2 * weights, grad_intercept)
     return Evaluation(loss, grad, log_probs, probs)
 
 
-def _transpose_product(objective: LogisticObjective, values: jax.Array) -> jax.Array:
-    """Xᵀ·values [d, ...], from the transposed copy of X when the objective holds one."""
-    if objective.transposed_features is not None:
-        return objective.transposed_features @ values
-    return transpose_matmul(objective.features, values)
+def _transpose_products(
+    objective: LogisticObjective, values: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(Xᵀ·values [d, K], Σᵢ valuesᵢ [K]), the gradient's and each Hessian product's.
+
+    One GEMM with X̃ᵀ = [X, 1]ᵀ where the objective holds that copy, else Xᵀ·values from X and
+    a sum over the rows.
+    """
+    transposed = objective.transposed_features
+    if transposed is None:
+        return transpose_matmul(objective.features, values), jnp.sum(values, axis=0)
+    product = transposed @ values
+    if transposed.shape[0] > objective.num_features:  # the row of ones
+        return product[:-1], product[-1]
+    return product, jnp.sum(values, axis=0)
 
 
 def hessian_vector_product(
@@ -368,8 +379,8 @@ def hessian_vector_product(
         evaluation.probs, directional, complete=not objective.reference_class
     )
     weights, _ = objective.unpack(tangent)
-    product_weights = _transpose_product(objective, weighted) + objective.l2 * weights
-    return objective.pack(product_weights, jnp.sum(weighted, axis=0))
+    product_weights, product_intercept = _transpose_products(objective, weighted)
+    return objective.pack(product_weights + objective.l2 * weights, product_intercept)
 
 
 def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
@@ -554,11 +565,12 @@ def logistic_objective(
         reference_class: fix class 0's column of W and intercept at zero.
         penalised: l2 is known to be positive (a static promise, `LogisticObjective.penalised`).
         row_chunk: `LogisticObjective.row_chunk` (None for a row-sharded X).
-        transposed_copy: also hold Xᵀ [d, N] row-major (dense X only; an [N, d] copy more in
-            memory) for the GEMMs Xᵀ·U. On the CPU a float64 GEMM contracting X's rows ran
-            at half the speed of X·V, contracting its columns (14.5 ms against 7.2 ms at
-            20,000 × 128 × 200), and at 10.1 ms from the copy; float32 GEMMs run at one speed
-            either way. The fits ask for it where `solvers._fit.wants_transposed_copy` says.
+        transposed_copy: also hold X̃ᵀ [d̃, N] row-major (dense X only; an [N, d̃] copy more
+            in memory) for the GEMMs X̃ᵀ·U, whose row of ones gives the sums over the rows.
+            On the CPU a float64 GEMM contracting the rows of a row-major X ran at about half
+            the speed of X·V (12.8 to 14.5 ms against 7.2 ms at 20,000 × 128 × 200) and at
+            7.8 to 10.1 ms from the copy; float32 GEMMs run at one speed either way. The fits
+            ask for it where `solvers._fit.wants_transposed_copy` says.
 
     Returns:
         A `LogisticObjective` pytree.
@@ -578,9 +590,12 @@ def logistic_objective(
         weights = weights / jnp.where(total > 0, total, 1)
     transposed = None
     if transposed_copy and not isinstance(features, sparse.BCOO):
+        transposed = features.T
+        if fit_intercept:  # X̃ᵀ = [X, 1]ᵀ: the sums over the rows in the same GEMM
+            transposed = jnp.concatenate([transposed, jnp.ones_like(transposed[:1])])
         # Materialised as its own row-major array (XLA would otherwise be free to read X
         # through a transposed layout, the slow GEMM again).
-        transposed = lax.optimization_barrier(features.T)
+        transposed = lax.optimization_barrier(transposed)
     return LogisticObjective(
         features=features,
         transposed_features=transposed,
