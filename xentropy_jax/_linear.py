@@ -354,7 +354,7 @@ def _transpose_products(
     if transposed is None:
         return transpose_matmul(objective.features, values), jnp.sum(values, axis=0)
     product = transposed @ values
-    if transposed.shape[0] > objective.num_features:  # the row of ones
+    if objective.fit_intercept:  # the copy's last row is the ones
         return product[:-1], product[-1]
     return product, jnp.sum(values, axis=0)
 
@@ -479,8 +479,7 @@ def loss_change(
         scale * jnp.max(step_logits, initial=-jnp.inf) > _LARGE_MOVE
     )
 
-    def summed(_):
-        return jnp.log1p(jnp.where(small, total, 0))
+    summed = jnp.log1p(jnp.where(small, total, 0))  # [N]: no pass over [N, Kf]
 
     def large(_):
         # Where the sum nears −1, 1 + Σ = Σₖ sₖ·exp(uₖ) summed directly: positive terms.
@@ -490,7 +489,7 @@ def loss_change(
         normal = small | (jnp.isfinite(direct) & (direct >= jnp.finfo(probs.dtype).tiny))
 
         def logged(_):
-            return jnp.where(small, jnp.log1p(jnp.where(small, total, 0)), jnp.log(direct))
+            return jnp.where(small, summed, jnp.log(direct))
 
         def recomputed(_):
             log_probs = evaluation.log_probs
@@ -498,7 +497,7 @@ def loss_change(
 
         return lax.cond(jnp.all(normal) & ~lost, logged, recomputed, None)
 
-    row_change = lax.cond(jnp.all(small) & ~lost, summed, large, None)
+    row_change = lax.cond(jnp.all(small) & ~lost, lambda _: summed, large, None)
     label_step = jnp.take_along_axis(
         _with_reference(objective, step_logits), objective.labels[:, None], axis=-1
     )[:, 0]

@@ -558,10 +558,7 @@ def _row_chunk(features) -> int | None:
     None for sparse, traced or row-sharded X (dynamic slices of sharded rows gather them), and
     when X fits in one chunk. Chunks hold at most 64 MiB of [X, 1].
     """
-    if isinstance(features, sparse.BCOO | jax.core.Tracer):
-        return None
-    sharding = getattr(features, "sharding", None)
-    if sharding is None or len(sharding.device_set) != 1:
+    if _one_device(features) is None:
         return None
     rows = chunk_rows(features.shape[1] + 1, itemsize=features.dtype.itemsize)
     return rows if features.shape[0] > rows else None
@@ -580,12 +577,20 @@ def wants_transposed_copy(features) -> bool:
     digits) of their time. Not for float32 (no faster), sparse, traced or sharded X, nor on
     accelerators, whose GEMMs read either layout.
     """
-    if isinstance(features, sparse.BCOO | jax.core.Tracer) or features.dtype != jnp.float64:
-        return False
-    devices = getattr(getattr(features, "sharding", None), "device_set", ())
-    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+    device = _one_device(features)
+    if device is None or device.platform != "cpu" or features.dtype != jnp.float64:
         return False
     return features.size * features.dtype.itemsize <= TRANSPOSED_COPY_MAX_BYTES
+
+
+def _one_device(features):
+    """The one device a dense, concrete X lives on; None for sparse, traced or sharded X."""
+    if isinstance(features, sparse.BCOO | jax.core.Tracer):
+        return None
+    sharding = getattr(features, "sharding", None)
+    if sharding is None or len(sharding.device_set) != 1:
+        return None
+    return next(iter(sharding.device_set))
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
