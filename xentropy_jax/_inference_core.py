@@ -21,6 +21,7 @@ from ._linear import (
     feature_gram,
     hessian_vector_product,
 )
+from ._precision import full_precision
 from ._rowsums import row_chunk_sum
 from .solvers._preconditioners import diagonal, feature_basis, kronecker
 
@@ -107,6 +108,7 @@ def _scores(objective: LogisticObjective, probs_all: jax.Array) -> jax.Array:
 @functools.partial(
     jax.jit, static_argnames=("num_classes", "fit_intercept", "cov_type", "num_groups", "chunk")
 )
+@full_precision
 def dense_sums(
     features,
     labels,
@@ -163,6 +165,7 @@ def dense_sums(
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
+@full_precision
 def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_intercept, chunk):
     """(−ℓ(θ), gradient [P], class masses Σᵢ wᵢ[yᵢ = k] [K], saturated rows): O(N·d·K)."""
 
@@ -176,6 +179,7 @@ def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_interc
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
+@full_precision
 def margin_sums(
     features, labels, weights, theta, selected=None, *, num_classes, fit_intercept, chunk
 ):
@@ -277,6 +281,7 @@ def margin_sums(
         "batch",
     ),
 )
+@full_precision
 def cg_variances(
     features,
     labels,

@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from .._linear import LogisticObjective, feature_gram
+from .._precision import full_precision
 from ._linalg import eigh, jacobi_scaled, solve
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
@@ -73,6 +74,7 @@ def _null_vectors(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     return vectors, null
 
 
+@full_precision
 def collinear_columns(
     X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
 ) -> tuple[list[int], int]:

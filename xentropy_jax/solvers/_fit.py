@@ -20,6 +20,7 @@ from .._linear import (
     logistic_objective,
     map_features,
 )
+from .._precision import full_precision
 from .._rowsums import chunk_rows
 from .._sparse_products import transpose_matmul
 from . import _sparse_input
@@ -288,6 +289,7 @@ FIT_STATIC_ARGNAMES = (
 
 
 @functools.partial(jax.jit, static_argnames=FIT_STATIC_ARGNAMES)
+@full_precision
 def _fit(
     X,
     labels,

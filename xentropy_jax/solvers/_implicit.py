@@ -41,6 +41,7 @@ from jax import lax
 from .._cg import cg
 from .._linear import Evaluation, LogisticObjective, evaluate, hessian_diagonal
 from .._linear import hessian_vector_product as _hessian_vector_product
+from .._precision import full_precision
 from ._collinear import minimum_norm
 
 Minimize = Callable[[LogisticObjective, jax.Array, jax.Array, jax.Array], Any]
@@ -77,6 +78,7 @@ def minimize_implicit(
         return minimum_norm(objective, output.theta), output.evaluation.loss, output
 
     @solve.defjvp
+    @full_precision  # the rule is traced when differentiated, outside the fit's trace
     def solve_jvp(primals, tangents):
         objective = primals[0]
         optimum, loss, output = solve(*primals)

@@ -16,6 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._linear import logistic_objective
+from .._precision import full_precision
 from . import _preconditioners
 from ._fit import (
     Solver,
@@ -44,6 +45,7 @@ PATH_STATIC_ARGNAMES = (
 
 
 @functools.partial(jax.jit, static_argnames=PATH_STATIC_ARGNAMES)
+@full_precision
 def _path(
     X,
     labels,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
     RowChunks,
@@ -80,6 +81,7 @@ def _scan(
     jax.jit,
     static_argnames=("source", "num_classes", "fit_intercept", "reference_class", "solver"),
 )
+@full_precision
 def _fit_streamed(
     l2,
     total_weight,
