@@ -214,6 +214,35 @@ LOSS_CHANGE_REGIMES = {
 }
 
 
+def _regime_problem(regime, reference_class, dtype):
+    """One `LOSS_CHANGE_REGIMES` problem: X the identity, so the logits are W itself."""
+    logits, moves = (np.array(v) for v in LOSS_CHANGE_REGIMES[regime])
+    rows = np.array([1.0, 0.5, -0.25, 2.0])[:, None]
+    logits = logits[None, :] + (rows if regime == "probability_lost" else rows * logits[None, :])
+    moves = np.tile(moves, (4, 1)) * np.array([1.0, 1.0, 0.75, 0.5])[:, None]
+    if reference_class:  # class 0's logit and move are fixed at zero
+        logits, moves = logits - logits[:, :1], moves - moves[:, :1]
+    first = int(reference_class)
+    num_rows, num_classes = logits.shape
+    objective = _linear.logistic_objective(
+        np.eye(num_rows, dtype=dtype),
+        np.array([0, 1, 2, 0]),
+        num_classes,
+        l2=0.25,
+        fit_intercept=False,
+        reference_class=reference_class,
+    )
+    theta = objective.pack(jnp.asarray(logits[:, first:], dtype), jnp.zeros(0, dtype))
+    step = objective.pack(jnp.asarray(moves[:, first:], dtype), jnp.zeros(0, dtype))
+    return logits, moves, (objective, theta, step)
+
+
+def _loss_change(objective, theta, step):
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    step_logits = objective.free_logits(step)
+    return _linear.loss_change(objective, theta, evaluation, step, step_logits, 1.0)
+
+
 @pytest.mark.parametrize("regime", list(LOSS_CHANGE_REGIMES))
 @pytest.mark.parametrize("reference_class", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -226,29 +255,10 @@ def test_loss_change_against_mpmath(regime, reference_class, dtype):
     import mpmath
 
     mpmath.mp.prec = 160
-    logits, moves = (np.array(v) for v in LOSS_CHANGE_REGIMES[regime])
-    rows = np.array([1.0, 0.5, -0.25, 2.0])[:, None]
-    logits = logits[None, :] + (rows if regime == "probability_lost" else rows * logits[None, :])
-    moves = np.tile(moves, (4, 1)) * np.array([1.0, 1.0, 0.75, 0.5])[:, None]
-    if reference_class:  # class 0's logit and move are fixed at zero
-        logits, moves = logits - logits[:, :1], moves - moves[:, :1]
-    first = int(reference_class)
-    num_rows, num_classes = logits.shape
-    labels = np.array([0, 1, 2, 0])
-    objective = _linear.logistic_objective(
-        np.eye(num_rows, dtype=dtype),
-        labels,
-        num_classes,
-        l2=0.25,
-        fit_intercept=False,
-        reference_class=reference_class,
-    )
-    theta = objective.pack(jnp.asarray(logits[:, first:], dtype), jnp.zeros(0, dtype))
-    step = objective.pack(jnp.asarray(moves[:, first:], dtype), jnp.zeros(0, dtype))
-    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
-    change = _linear.loss_change(
-        objective, theta, evaluation, step, objective.free_logits(step), jnp.asarray(1.0, dtype)
-    )
+    logits, moves, (objective, theta, step) = _regime_problem(regime, reference_class, dtype)
+    labels = np.asarray(objective.labels)
+    num_rows = logits.shape[0]
+    change = _loss_change(objective, theta, step)
 
     def logsumexp(values):
         peak = max(values)
@@ -265,6 +275,46 @@ def test_loss_change_against_mpmath(regime, reference_class, dtype):
     exact += mpmath.mpf(0.25) * mpmath.fsum(a * b + b * b / 2 for a, b in zip(w, v, strict=True))
     # Measured: exact in float64, within 0.75 eps in float32.
     np.testing.assert_allclose(float(change), float(exact), rtol=4 * float(jnp.finfo(dtype).eps))
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
+    from jax.extend import core
+
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, core.ClosedJaxpr):
+                    names |= _primitives(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    names |= _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize(
+    "regimes",
+    [
+        ("moderate", "moderate"),
+        ("sum_near_minus_one", "sum_near_minus_one"),
+        ("probability_lost", "overflow"),
+        tuple(LOSS_CHANGE_REGIMES),
+    ],
+)
+@pytest.mark.parametrize("reference_class", [False, True])
+def test_loss_change_under_vmap_takes_each_problems_branch(regimes, reference_class):
+    # A batch of problems (vmap over l2 values, over cross-validation folds) runs the costly
+    # branches only when some problem needs them, and each problem gets its own regime's value.
+    problems = [_regime_problem(r, reference_class, jnp.float64)[2] for r in regimes]
+    batched = jax.vmap(_loss_change)(*jax.tree.map(lambda *a: jnp.stack(a), *problems))
+    alone = [_loss_change(*problem) for problem in problems]
+    np.testing.assert_allclose(batched, alone, rtol=2 * float(jnp.finfo(jnp.float64).eps))
+    # Still a branch once batched: a `cond` on a batched predicate would become a select.
+    jaxpr = jax.make_jaxpr(jax.vmap(_loss_change))(
+        *jax.tree.map(lambda *a: jnp.stack(a), *problems)
+    )
+    assert "cond" in _primitives(jaxpr.jaxpr)
 
 
 def test_loss_change_without_rows_is_the_penalty_change():

@@ -26,6 +26,7 @@ or classes 1..K−1 with a reference class; `LogisticObjective.expand` returns (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from jax import lax
 from jax.experimental import sparse
 from jax.typing import ArrayLike
 
+from ._batch_cond import batch_cond
 from ._losses import hessian_product_from_probs
 from ._rowsums import row_chunk_sum
 from ._sparse_products import matmul, transpose_matmul
@@ -293,7 +295,12 @@ class Evaluation(NamedTuple):
 
 
 def _with_reference(objective: LogisticObjective, free_logits: jax.Array) -> jax.Array:
-    if objective.reference_class:
+    return _padded(objective.reference_class, free_logits)
+
+
+def _padded(reference_class: bool, free_logits: jax.Array) -> jax.Array:
+    """[N, K] logits from the free classes' [N, Kf]: a zero column for the reference class."""
+    if reference_class:
         return jnp.pad(free_logits, ((0, 0), (1, 0)))
     return free_logits
 
@@ -455,7 +462,8 @@ def loss_change(
     would cancel), 1 + Σ = Σₖ sₖ·exp(t·ζₖ) is summed directly, from positive terms, in a
     second pass. Where a sum overflows, or a probability below the normal range (its digits
     lost, or 0) meets a logit rising by more than `_LARGE_MOVE`, `_row_changes` recomputes
-    every row from the log-probabilities. Each of these runs only when needed (`lax.cond`).
+    every row from the log-probabilities. Each of these runs only when needed (`batch_cond`:
+    under `vmap`, only when some problem of the batch needs it).
 
     Args:
         objective: the problem.
@@ -480,24 +488,17 @@ def loss_change(
     )
 
     summed = jnp.log1p(jnp.where(small, total, 0))  # [N]: no pass over [N, Kf]
-
-    def large(_):
-        # Where the sum nears −1, 1 + Σ = Σₖ sₖ·exp(uₖ) summed directly: positive terms.
-        direct = jnp.sum(probs * jnp.exp(scale * step_logits), axis=-1)
-        if objective.reference_class:
-            direct = direct + jnp.exp(evaluation.log_probs[:, 0])
-        normal = small | (jnp.isfinite(direct) & (direct >= jnp.finfo(probs.dtype).tiny))
-
-        def logged(_):
-            return jnp.where(small, summed, jnp.log(direct))
-
-        def recomputed(_):
-            log_probs = evaluation.log_probs
-            return _row_changes(log_probs, scale * _with_reference(objective, step_logits))
-
-        return lax.cond(jnp.all(normal) & ~lost, logged, recomputed, None)
-
-    row_change = lax.cond(jnp.all(small) & ~lost, lambda _: summed, large, None)
+    row_change = batch_cond(
+        jnp.all(small) & ~lost,
+        lambda summed, *_: summed,
+        functools.partial(_large_moves, objective.reference_class),
+        summed,
+        small,
+        lost,
+        evaluation,
+        step_logits,
+        scale,
+    )
     label_step = jnp.take_along_axis(
         _with_reference(objective, step_logits), objective.labels[:, None], axis=-1
     )[:, 0]
@@ -509,6 +510,40 @@ def loss_change(
         + 0.5 * scale**2 * jnp.vdot(step_weights, step_weights)
     )
     return jnp.vdot(objective.weights, row_change) + penalty_change
+
+
+def _large_moves(
+    reference_class: bool,
+    summed: jax.Array,
+    small: jax.Array,
+    lost: jax.Array,
+    evaluation: Evaluation,
+    step_logits: jax.Array,
+    scale: jax.Array,
+) -> jax.Array:
+    """`loss_change`'s row changes [N] where some row's sum nears −1 or a move is large."""
+    probs = evaluation.probs
+    # Where the sum nears −1, 1 + Σ = Σₖ sₖ·exp(uₖ) summed directly: positive terms.
+    direct = jnp.sum(probs * jnp.exp(scale * step_logits), axis=-1)
+    if reference_class:
+        direct = direct + jnp.exp(evaluation.log_probs[:, 0])
+    normal = small | (jnp.isfinite(direct) & (direct >= jnp.finfo(probs.dtype).tiny))
+
+    def recomputed(summed, small, direct, evaluation, step_logits, scale):
+        moved = scale * _padded(reference_class, step_logits)
+        return _row_changes(evaluation.log_probs, moved)
+
+    return batch_cond(
+        jnp.all(normal) & ~lost,
+        lambda summed, small, direct, *_: jnp.where(small, summed, jnp.log(direct)),
+        recomputed,
+        summed,
+        small,
+        direct,
+        evaluation,
+        step_logits,
+        scale,
+    )
 
 
 # `loss_change` sums from the stored probabilities unless one below the normal range meets a
