@@ -4,10 +4,10 @@ import functools
 
 import chex
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jaxprs import nested_jaxprs
 from jax.flatten_util import ravel_pytree
 
 import xentropy_jax as xj
@@ -263,17 +263,12 @@ def test_masked_class_with_minus_inf_logit_has_no_curvature():
 
 def all_avals(jaxpr):
     """Every variable type in a jaxpr and in all the jaxprs nested in its equations."""
-    for var in list(jaxpr.invars) + list(jaxpr.constvars):
-        yield var.aval
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
+    for inner in nested_jaxprs(jaxpr):
+        for var in list(inner.invars) + list(inner.constvars):
             yield var.aval
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from all_avals(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from all_avals(sub)
+        for eqn in inner.eqns:
+            for var in eqn.outvars:
+                yield var.aval
 
 
 def test_no_k_by_k_or_p_by_p_array_in_the_products():

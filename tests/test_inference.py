@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr
+from _jaxprs import nested_jaxprs
 
 import xentropy_jax as xj
 from xentropy_jax import _inference_core as core
@@ -188,16 +188,12 @@ def test_bad_margins_subset():
 
 def _output_sizes(jaxpr) -> list[int]:
     """Element counts of every value a jaxpr computes, nested jaxprs (scan bodies) included."""
-    sizes = []
-    for eqn in jaxpr.eqns:
-        sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, ClosedJaxpr):
-                    sizes.extend(_output_sizes(sub.jaxpr))
-                elif isinstance(sub, Jaxpr):
-                    sizes.extend(_output_sizes(sub))
-    return sizes
+    return [
+        int(np.prod(v.aval.shape))
+        for inner in nested_jaxprs(jaxpr)
+        for eqn in inner.eqns
+        for v in eqn.outvars
+    ]
 
 
 def test_margin_sums_array_sizes():

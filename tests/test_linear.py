@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jaxprs import nested_jaxprs
 
 import xentropy_jax
 from xentropy_jax import _linear
@@ -277,22 +278,6 @@ def test_loss_change_against_mpmath(regime, reference_class, dtype):
     np.testing.assert_allclose(float(change), float(exact), rtol=4 * float(jnp.finfo(dtype).eps))
 
 
-def _primitives(jaxpr) -> set[str]:
-    """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
-    from jax.extend import core
-
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, core.ClosedJaxpr):
-                    names |= _primitives(sub.jaxpr)
-                elif isinstance(sub, core.Jaxpr):
-                    names |= _primitives(sub)
-    return names
-
-
 @pytest.mark.parametrize(
     "regimes",
     [
@@ -314,7 +299,8 @@ def test_loss_change_under_vmap_takes_each_problems_branch(regimes, reference_cl
     jaxpr = jax.make_jaxpr(jax.vmap(_loss_change))(
         *jax.tree.map(lambda *a: jnp.stack(a), *problems)
     )
-    assert "cond" in _primitives(jaxpr.jaxpr)
+    primitives = {eqn.primitive.name for inner in nested_jaxprs(jaxpr.jaxpr) for eqn in inner.eqns}
+    assert "cond" in primitives
 
 
 def test_loss_change_without_rows_is_the_penalty_change():
