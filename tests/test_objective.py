@@ -228,9 +228,10 @@ def test_diagonal_preconditioner_keeps_the_class_shift_out():
 
 
 @pytest.mark.parametrize("penalised", [False, True])
-def test_kronecker_penalty_is_exact_when_known_positive(penalised):
-    # l2 > 0 known statically (float64): the basis is A's own eigenbasis and M = A ⊗ B + l2·I
-    # exactly; otherwise the Jacobi-scaled basis approximates l2·I, badly for unequal columns.
+def test_kronecker_penalty_is_exact_when_positive(penalised):
+    # l2 > 0 (float64), known statically or only at run time (a traced l2 may be 0): the basis
+    # is A's own eigenbasis and M = A ⊗ B + l2·I exactly. The Jacobi-scaled basis, kept for
+    # l2 = 0, would approximate l2·I, badly for these unequal columns.
     rng = np.random.default_rng(2)
     X = rng.normal(size=(150, 4)) * np.array([1.0, 30.0, 0.01, 1.0])
     y = rng.integers(0, 3, 150)
@@ -246,10 +247,14 @@ def test_kronecker_penalty_is_exact_when_known_positive(penalised):
     curvature = (vectors * values) @ vectors.T
     expected = np.kron(X.T @ X / len(y), curvature) + 0.05 * np.eye(objective.num_params)
     error = np.max(np.abs(apply - expected)) / np.max(np.abs(expected))
-    if penalised:
-        assert error <= 1e-12
-    else:
-        assert error > 1e-6
+    assert error <= 1e-12
+    scaled = _preconditioners.feature_basis(objective.feature_gram(), scaled=True)
+    approximate = np.asarray(
+        jax.vmap(_preconditioners.kronecker(objective, evaluation, scaled).apply)(
+            jnp.eye(objective.num_params)
+        ).T
+    )
+    assert np.max(np.abs(approximate - expected)) / np.max(np.abs(expected)) > 1e-6
 
 
 @pytest.mark.parametrize("reference_class", [False, True])
@@ -332,10 +337,15 @@ def test_float32_takes_the_exact_penalty_basis_when_l2_covers_its_rounding(sprea
 
     assert bool(unit_scales(single)) == exact
     assert bool(jax.jit(unit_scales)(single)) == exact
-    # float64 with a known penalty: always A's own basis; without one, never.
-    assert bool(unit_scales(logistic_objective(X, y, 3, l2=l2, penalised=True)))
-    unpenalised = logistic_objective(jnp.asarray(X, jnp.float32), y, 3, l2=l2, penalised=False)
-    assert not bool(unit_scales(unpenalised))
+    # The same when l2 > 0 is only known at run time (penalised=False: l2 may be 0).
+    traced = logistic_objective(jnp.asarray(X, jnp.float32), y, 3, l2=l2, penalised=False)
+    assert bool(jax.jit(unit_scales)(traced)) == exact
+    # float64 with l2 > 0: always A's own basis; with l2 = 0, never.
+    for penalised in (True, False):
+        assert bool(unit_scales(logistic_objective(X, y, 3, l2=l2, penalised=penalised)))
+    for dtype in (jnp.float32, jnp.float64):
+        unpenalised = logistic_objective(jnp.asarray(X, dtype), y, 3, l2=0.0)
+        assert not bool(unit_scales(unpenalised))
 
 
 def test_backtracking_armijo():

@@ -325,6 +325,55 @@ def test_vmap_over_a_grid_of_penalties(multiclass, solver):
         np.testing.assert_allclose(batched.loss[index], single.loss, rtol=1e-12)
 
 
+def test_float32_traced_penalty_fits_as_a_concrete_one():
+    # A traced l2 (a vmapped grid, or a jit argument) might be 0, so it gets the program that
+    # allows l2 = 0; the preconditioner's basis must still follow l2 > 0 at run time. With
+    # the scaled basis kept, these float32 fits on digits / 16 stopped with LINE_SEARCH_FAILED
+    # at l2 = 1e-2 and 1e-1 after 19-27 iterations, where a concrete l2 takes 5-8.
+    from sklearn.datasets import load_digits
+
+    features, labels = load_digits(return_X_y=True)
+    features = jnp.asarray(features / 16.0, jnp.float32)
+    labels = jnp.asarray(labels)
+    grid = [1e-3, 1e-2, 1e-1]
+
+    def fit(l2):
+        return fit_logistic_regression(features, labels, 10, l2=l2, throw=False)
+
+    batched = jax.vmap(fit)(jnp.asarray(grid, jnp.float32))
+    compiled = jax.jit(fit)
+    for index, l2 in enumerate(grid):
+        single = fit(l2)
+        traced = compiled(jnp.float32(l2))
+        assert single.status == Status.CONVERGED
+        for result in (traced, jax.tree.map(lambda leaf, i=index: leaf[i], batched)):
+            assert result.status == Status.CONVERGED
+            assert int(result.n_iter) <= int(single.n_iter) + 1
+            np.testing.assert_allclose(result.loss, single.loss, rtol=1e-6)
+
+
+def test_fit_inside_jit_that_closes_over_device_arrays(multiclass):
+    # X as a concrete jax array captured by the caller's jit: the boundary checks still run
+    # on it (they must not turn into tracers there), and the collinearity warning still comes.
+    features, labels, _ = multiclass
+    features, labels = jnp.asarray(features), jnp.asarray(labels)
+    direct = fit_logistic_regression(features, labels, 3, l2=0.05, tol=1e-10)
+    traced = jax.jit(
+        lambda l2: fit_logistic_regression(features, labels, 3, l2=l2, tol=1e-10).loss
+    )(0.05)
+    np.testing.assert_allclose(traced, direct.loss, rtol=1e-12)
+    # make_classification's two redundant columns make X collinear: with l2 = 0 it warns.
+    with pytest.warns(CollinearityWarning) as eager:
+        unpenalised = fit_logistic_regression(features, labels, 3, tol=1e-10)
+    with pytest.warns(CollinearityWarning) as inside:
+        loss = jax.jit(lambda: fit_logistic_regression(features, labels, 3, tol=1e-10).loss)()
+    assert str(inside[0].message) == str(eager[0].message)
+    np.testing.assert_allclose(loss, unpenalised.loss, rtol=1e-10)
+    bad = features.at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        jax.jit(lambda: fit_logistic_regression(bad, labels, 3).loss)()
+
+
 def test_float32_fit_is_float32_and_accurate(multiclass):
     features, labels, sample_weight = multiclass
     C = 0.7

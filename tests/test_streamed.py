@@ -69,6 +69,28 @@ def test_streamed_float32_reaches_the_float64_objective(files):
     assert abs(float(streamed.loss) - float(reference.loss)) <= 1e-6 * float(reference.loss)
 
 
+def test_streamed_fit_inside_jit_with_a_traced_penalty(files):
+    # The chunks are read on the host through callbacks, so the fit runs inside a caller's jit;
+    # its status is then traced, and l2 may be a jit argument.
+    (X, y, weights), mapped = files
+    whole = xj.fit_logistic_regression(X, y, K, sample_weight=weights, l2=1e-3, tol=1e-10)
+
+    def fit(l2):
+        return xj.fit_logistic_regression_streamed(
+            mapped["X"],
+            mapped["y"],
+            K,
+            sample_weight=mapped["w"],
+            l2=l2,
+            tol=1e-10,
+            chunk_rows=1024,
+        )
+
+    for result in (jax.jit(fit)(1e-3), jax.jit(lambda: fit(1e-3))()):
+        assert int(result.status) == xj.Status.CONVERGED
+        np.testing.assert_allclose(result.params[0], whole.params[0], rtol=0, atol=1e-8)
+
+
 def test_streamed_input_errors_name_the_rows(files):
     (X, y, _), _ = files
     bad = X.copy()

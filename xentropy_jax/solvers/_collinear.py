@@ -86,7 +86,11 @@ def collinear_columns(
         (columns, rank): the sorted column indices (d for the intercept) with a non-negligible
         entry in some null vector of the scaled Gram; rank is d̃ minus the number of null vectors.
     """
-    features = jnp.asarray(X)
+    with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
+        return _collinear_columns(jnp.asarray(X), sample_weight, fit_intercept)
+
+
+def _collinear_columns(features, sample_weight, fit_intercept):
     if fit_intercept:
         features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
     weights = jnp.ones(features.shape[0], features.dtype)
@@ -97,7 +101,8 @@ def collinear_columns(
 
 def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
     """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] (in X's precision)."""
-    vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram)))
+    with jax.ensure_compile_time_eval():
+        vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram)))
     threshold = np.sqrt(np.finfo(vectors.dtype).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

@@ -159,7 +159,10 @@ def _finite_and_largest(values) -> tuple[bool, float]:
     over a mesh) and only the two scalars come back: X is never gathered to the host.
     """
     if isinstance(values, jax.Array):
-        finite, largest = _device_finite_and_largest(values)
+        # Evaluated now even inside a caller's `jit` that closes over X (a concrete array
+        # there), where the jitted reduction would otherwise return tracers.
+        with jax.ensure_compile_time_eval():
+            finite, largest = _device_finite_and_largest(values)
         return bool(finite), float(largest)
     values = np.asarray(values)
     return bool(np.all(np.isfinite(values))), float(np.max(np.abs(values), initial=0))

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._batch_cond import batch_cond
 from .._objective import Evaluation, Objective
 from ._linalg import eigh, jacobi_scaled
 
@@ -265,20 +266,27 @@ def resolve(kind: str, objective: Objective) -> str:
 def _exact_penalty_basis(objective: Objective, gram: jax.Array) -> bool | jax.Array:
     """Whether the Kronecker basis is A's own (see `feature_basis`) rather than the scaled one.
 
-    Only with l2 > 0 known when the program is built (`LogisticObjective.penalised`). In float64
-    always. In float32, when l2 covers the rounding of A's eigenvalues, about eps·λ_max(A), times
-    B's largest eigenvalue (at most 1/2): l2 >= eps·trace(A)/2 (trace(A) >= λ_max), decided at
-    run time. Then l2·I is exact in the basis and the rounding errors sit below it; otherwise
-    (columns of very different scales) the unscaled eigendecomposition loses the small columns
-    and the scaled one is kept. Raw digits at l2 = 1e-3: eps·trace(A)/2 = 2.3e-4, unscaled;
+    Only with l2 > 0: known when the program is built (`LogisticObjective.penalised`), or
+    decided at run time for an l2 that may be 0 (traced: `vmap` over a grid of l2, or l2 a
+    `jit` argument). Without that run-time test such fits kept the scaled basis, and in
+    float32 on digits / 16 at l2 = 1e-2 and 1e-1 stopped with LINE_SEARCH_FAILED after 19–27
+    iterations where a concrete l2 converged in 5–8.
+
+    Then in float64 always. In float32, when l2 covers the rounding of A's eigenvalues, about
+    eps·λ_max(A), times B's largest eigenvalue (at most 1/2): l2 >= eps·trace(A)/2
+    (trace(A) >= λ_max), decided at run time. Then l2·I is exact in the basis and the rounding
+    errors sit below it; otherwise (columns of very different scales) the unscaled
+    eigendecomposition loses the small columns and the scaled one is kept. Raw digits at
+    l2 = 1e-3: eps·trace(A)/2 = 2.3e-4, unscaled;
     columns spread over 10^±3: about 0.06, scaled.
     """
-    if not getattr(objective, "penalised", False):
-        return False
     if objective.dtype == jnp.float64:
-        return True
-    eps = jnp.finfo(objective.dtype).eps
-    return objective.l2 >= 0.5 * eps * jnp.trace(gram)
+        covered = True
+    else:
+        covered = objective.l2 >= 0.5 * jnp.finfo(objective.dtype).eps * jnp.trace(gram)
+    if getattr(objective, "penalised", False):
+        return covered
+    return (objective.l2 > 0) & covered
 
 
 def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasis | None:
@@ -294,7 +302,7 @@ def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasi
     if isinstance(exact, bool):
         basis = feature_basis(gram, scaled=not exact)
     else:
-        basis = jax.lax.cond(
+        basis = batch_cond(
             exact,
             lambda matrix: feature_basis(matrix, scaled=False),
             lambda matrix: feature_basis(matrix, scaled=True),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from .._checks import is_concrete as _is_concrete
 from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
@@ -192,7 +193,9 @@ def fit_logistic_regression_streamed(
         tol: as `fit_logistic_regression` (raised per parameter to its rounding level).
         max_iter: most outer iterations.
         verbose: print the number of passes over the data at the end.
-        throw: raise `FitError` when the fit does not converge.
+        throw: raise `FitError` when the fit does not converge. Inside a caller's `jit` (the
+            chunks are still read on the host) the status is traced: check it there, as
+            neither `throw` nor `verbose` can.
 
     Returns:
         A `FitResult`.
@@ -228,8 +231,8 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}{hint}")
     if not (isinstance(chunk_rows, numbers.Integral) and chunk_rows >= 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    if not (np.isfinite(l2) and l2 >= 0):
-        raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
+    if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:
@@ -250,7 +253,9 @@ def fit_logistic_regression_streamed(
         dtype = np.float64 if x64 and np.dtype(X.dtype) == np.float64 else np.float32
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
-    total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), l2 == 0)
+    # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
+    unpenalised = _is_concrete(l2) and l2 == 0
+    total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     source = source.interned()
     if gram is not None:
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
@@ -270,6 +275,8 @@ def fit_logistic_regression_streamed(
         reference_class=bool(reference_class),
         solver=_resolve_solver(solver),
     )
+    if not _is_concrete(result.status):  # inside a caller's `jit`: status is traced
+        return result
     status = int(result.status)
     if verbose:
         passes = (source.reads - reads) / source.num_chunks
