@@ -348,6 +348,58 @@ def test_float32_takes_the_exact_penalty_basis_when_l2_covers_its_rounding(sprea
         assert not bool(unit_scales(unpenalised))
 
 
+@pytest.mark.parametrize("classes", [3, 120])
+def test_float32_kronecker_factorises_class_blocks_for_spread_columns(classes):
+    # float32, columns spread over 10^±4, l2 > 0 below eps·trace(A)/2: the basis is the scaled
+    # one, whose diagonal stand-in for l2·D² is far from M; the factorised class blocks give
+    # M = A ⊗ B + l2·I and its inverse to float32 accuracy (against float64 matrices). From
+    # 100 classes on, B is its diagonal (Q = I).
+    rng = np.random.default_rng(4)
+    n, d, l2 = 400, 6, 1e-3
+    X = rng.normal(size=(n, d)) * 10.0 ** np.linspace(-4, 4, d)
+    X[:, 1] += 1e-4 * X[:, 0]  # correlated columns of different scales
+    y = rng.integers(0, classes, n)
+    objective = logistic_objective(
+        jnp.asarray(X, jnp.float32), y, classes, l2=l2, fit_intercept=False
+    )
+    theta = jnp.asarray(rng.normal(size=objective.num_params) * 1e-3, jnp.float32)
+    evaluation = evaluate(objective, theta, objective.free_logits(theta))
+    basis = _preconditioners.setup_basis("kronecker", objective)
+    assert bool(jnp.any(basis.scale != 1))  # l2 does not cover A's rounding: scaled basis
+    metric = _preconditioners.build("kronecker", objective, evaluation, basis)
+    identity = jnp.eye(objective.num_params, dtype=jnp.float32)
+    apply = np.asarray(jax.vmap(metric.apply)(identity).T, np.float64)
+    solve = np.asarray(jax.vmap(metric.solve)(identity).T, np.float64)
+    # B from the objective, its eigenvalues floored as documented, then M in float64.
+    curvature = np.asarray(objective.class_curvature(evaluation), np.float64)
+    if curvature.ndim == 1:
+        values, vectors = curvature, np.eye(curvature.size)
+    else:
+        values, vectors = np.linalg.eigh(curvature)
+    values = np.maximum(values, _preconditioners._EIGENVALUE_FLOOR * values.max())
+    gram = X.T @ X / n
+    expected = np.kron(gram, (vectors * values) @ vectors.T) + l2 * np.eye(d * classes)
+
+    # Entry by entry, relative to the geometric mean of the diagonal entries (the scale at
+    # which the columns' sizes cancel), the float32 products agree to about 1e-6.
+    def error(matrix, reference):
+        scale = np.sqrt(np.outer(np.diag(reference), np.diag(reference)))
+        return np.max(np.abs(matrix - reference) / scale)
+
+    assert error(apply, expected) <= 1e-5
+    # The inverse on the centred subspace (without a reference class the shift is flat).
+    center = np.kron(np.eye(d), np.eye(classes) - 1.0 / classes)
+    inverse = center @ np.linalg.inv(expected) @ center
+    assert error(solve, inverse) <= 1e-5
+    # S's eigenbasis with l2·D² replaced by its diagonal there (the previous behaviour) is
+    # orders of magnitude off for these columns.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_preconditioners, "_factors_class_blocks", lambda *_: False)
+        rayleigh = _preconditioners.kronecker(objective, evaluation, basis)
+    approximate = np.asarray(jax.vmap(rayleigh.apply)(identity).T, np.float64)
+    assert error(approximate, expected) > 1.0
+
+
 def test_backtracking_armijo():
     # f(t) = (t − 0.3)², from t = 0 along Δ = 1: slope −0.6.
     def change_at(t):

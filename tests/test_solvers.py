@@ -352,6 +352,35 @@ def test_float32_traced_penalty_fits_as_a_concrete_one():
             np.testing.assert_allclose(result.loss, single.loss, rtol=1e-6)
 
 
+@pytest.mark.parametrize("solver", ["newton-cg", "trust-region"])
+def test_float32_fits_on_raw_columns_of_very_different_scales(solver):
+    # scikit-learn's breast cancer data as it comes (columns from 1e-3 to 4e3), float32: with
+    # l2 below eps·trace(A)/2 the Kronecker preconditioner's basis is the scaled one, and its
+    # diagonal stand-in for the penalty stopped these fits with LINE_SEARCH_FAILED or
+    # MAX_ITER after 1,300 to 5,800 Hessian products; Newton converges in 8 iterations.
+    from sklearn.datasets import load_breast_cancer
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    grid = [1e-3, 1e-2, 1e-1]
+    single = [
+        fit_logistic_regression(
+            features.astype(np.float32), labels, 2, l2=l2, solver=solver, throw=False
+        )
+        for l2 in grid
+    ]
+    batched = jax.vmap(
+        lambda l2: fit_logistic_regression(
+            jnp.asarray(features, jnp.float32), labels, 2, l2=l2, solver=solver, throw=False
+        )
+    )(jnp.asarray(grid, jnp.float32))
+    for index, l2 in enumerate(grid):
+        reference = fit_logistic_regression(features, labels, 2, l2=l2, tol=1e-10)
+        for result in (single[index], jax.tree.map(lambda leaf, i=index: leaf[i], batched)):
+            assert result.status == Status.CONVERGED
+            assert int(result.n_hessian_products) <= 200
+            np.testing.assert_allclose(result.loss, reference.loss, rtol=1e-6)
+
+
 def test_fit_inside_jit_that_closes_over_device_arrays(multiclass):
     # X as a concrete jax array captured by the caller's jit: the boundary checks still run
     # on it (they must not turn into tracers there), and the collinearity warning still comes.
