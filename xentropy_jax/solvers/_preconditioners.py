@@ -144,6 +144,10 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     Where `class_curvature` gives B's diagonal b (many classes, no reference class), Q = I:
     M = A ⊗ diag(b) + l2·I, O(N·K) per outer iteration and O(d²K) per use.
+
+    With the scaled basis and l2 > 0 (float32 only, see `_exact_penalty_basis`) the L2 term's
+    stand-in is replaced, while Kf·d̃² <= `CLASS_BLOCK_MAX_ENTRIES`, by M's exact class blocks
+    (`class_block_inverses`): O(Kf·d̃³) per outer iteration, O(Kf·d̃²) per use.
     """
     kf = objective.num_free_classes
     curvature_values, curvature_vectors = class_eigenbasis(objective.class_curvature(evaluation))
@@ -360,9 +364,9 @@ def _exact_penalty_basis(objective: Objective, gram: jax.Array) -> bool | jax.Ar
     eps·λ_max(A), times B's largest eigenvalue (at most 1/2): l2 >= eps·trace(A)/2
     (trace(A) >= λ_max), decided at run time. Then l2·I is exact in the basis and the rounding
     errors sit below it; otherwise (columns of very different scales) the unscaled
-    eigendecomposition loses the small columns and the scaled one is kept. Raw digits at
-    l2 = 1e-3: eps·trace(A)/2 = 2.3e-4, unscaled;
-    columns spread over 10^±3: about 0.06, scaled.
+    eigendecomposition loses the small columns and the scaled one is kept, with the class
+    blocks factorised where affordable (`class_block_inverses`). Raw digits at l2 = 1e-3:
+    eps·trace(A)/2 = 2.3e-4, unscaled; columns spread over 10^±3: about 0.06, scaled.
     """
     if objective.dtype == jnp.float64:
         covered = True
