@@ -85,6 +85,17 @@ def test_sparse_fit_equals_dense_fit(solver, kind):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["csr", "bcoo"])
+def test_sparse_fit_inside_jit_that_closes_over_x(kind):
+    # A concrete sparse X captured by the caller's jit (l2 its argument) is converted on the
+    # host as outside jit; a BCOO's duplicate summing must not turn into tracers there.
+    matrix, labels, _ = sparse_problem()
+    X = matrix if kind == "csr" else sparse.BCOO.from_scipy_sparse(matrix)
+    reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, l2=0.02)
+    traced = jax.jit(lambda l2: xj.fit_logistic_regression(X, labels, NUM_CLASSES, l2=l2).loss)
+    np.testing.assert_allclose(traced(0.02), reference.loss, rtol=1e-10)
+
+
 def test_duplicates_and_explicit_zeros_are_summed():
     matrix, labels, _ = sparse_problem()
     coo = matrix.tocoo()

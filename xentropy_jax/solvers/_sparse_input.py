@@ -56,8 +56,9 @@ def to_bcoo(X, dtype) -> sparse.BCOO:
     """
     by_column = X.shape[1] > X.shape[0]
     if isinstance(X, sparse.BCOO):
-        matrix = X.sum_duplicates(nse=X.nse, remove_zeros=False)
-        data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
+        with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
+            matrix = X.sum_duplicates(nse=X.nse, remove_zeros=False)
+            data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
         # sum_duplicates pads with out-of-range indices; drop them (zero data anyway).
         keep = np.all(indices < np.asarray(X.shape), axis=1)
         data, indices = data[keep], indices[keep]
