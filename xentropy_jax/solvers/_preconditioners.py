@@ -146,8 +146,9 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     M = A ⊗ diag(b) + l2·I, O(N·K) per outer iteration and O(d²K) per use.
 
     With the scaled basis and l2 > 0 (float32 only, see `_exact_penalty_basis`) the L2 term's
-    stand-in is replaced, while Kf·d̃² <= `CLASS_BLOCK_MAX_ENTRIES`, by M's exact class blocks
-    (`class_block_inverses`): O(Kf·d̃³) per outer iteration, O(Kf·d̃²) per use.
+    stand-in is replaced, within `CLASS_BLOCK_MAX_ENTRIES` and `CLASS_BLOCK_MAX_FLOPS`, by M's
+    exact class blocks (`class_block_inverses`): O(Kf·d̃³) per outer iteration, O(Kf·d̃²) per
+    use.
     """
     kf = objective.num_free_classes
     curvature_values, curvature_vectors = class_eigenbasis(objective.class_curvature(evaluation))
@@ -217,8 +218,11 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
 
 
 # In float32 the Kronecker form factorises the class blocks (`class_block_inverses`) when its
-# basis is the scaled one and l2 > 0, while Kf·d̃² stays at most this many entries.
-CLASS_BLOCK_MAX_ENTRIES = 2**22
+# basis is the scaled one and l2 > 0, while they hold at most this many entries (Kf·d̃²: 128 MiB
+# in float32) and cost at most this many flops (Kf·d̃³, about a second on 2 cores) per outer
+# iteration.
+CLASS_BLOCK_MAX_ENTRIES = 2**25
+CLASS_BLOCK_MAX_FLOPS = 2**33
 
 
 def _factors_class_blocks(objective: Objective, basis: FeatureBasis) -> bool:
@@ -228,7 +232,11 @@ def _factors_class_blocks(objective: Objective, basis: FeatureBasis) -> bool:
     own whenever l2 > 0, and with l2 = 0 the scaled basis is exact.
     """
     size, kf = basis.eigenvalues.size, objective.num_free_classes
-    return basis.eigenvalues.dtype != jnp.float64 and kf * size * size <= CLASS_BLOCK_MAX_ENTRIES
+    return (
+        basis.eigenvalues.dtype != jnp.float64
+        and kf * size**2 <= CLASS_BLOCK_MAX_ENTRIES
+        and kf * size**3 <= CLASS_BLOCK_MAX_FLOPS
+    )
 
 
 def class_block_inverses(
