@@ -90,7 +90,10 @@ def collinear_columns(
         return _collinear_columns(jnp.asarray(X), sample_weight, fit_intercept)
 
 
-def _collinear_columns(features, sample_weight, fit_intercept):
+def _collinear_columns(
+    features: jax.Array, sample_weight: np.ndarray | None, fit_intercept: bool
+) -> tuple[list[int], int]:
+    """`collinear_columns` of a jax array X (evaluated, not traced)."""
     if fit_intercept:
         features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
     weights = jnp.ones(features.shape[0], features.dtype)

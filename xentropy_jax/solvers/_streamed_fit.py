@@ -254,7 +254,7 @@ def fit_logistic_regression_streamed(
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
-    unpenalised = _is_concrete(l2) and l2 == 0
+    unpenalised = _is_concrete(l2) and bool(l2 == 0)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     source = source.interned()
     if gram is not None:
