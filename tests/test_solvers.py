@@ -20,6 +20,7 @@ from xentropy_jax.solvers import (
     Status,
     TrustRegion,
     fit_logistic_regression,
+    fit_regularization_path,
 )
 from xentropy_jax.solvers import _fit as fit_module
 
@@ -373,9 +374,15 @@ def test_float32_fits_on_raw_columns_of_very_different_scales(solver):
             jnp.asarray(features, jnp.float32), labels, 2, l2=l2, solver=solver, throw=False
         )
     )(jnp.asarray(grid, jnp.float32))
+    # The path (strongest penalty first, as it fits them) takes the same blocks at each value.
+    path = fit_regularization_path(
+        features.astype(np.float32), labels, 2, grid[::-1], solver=solver, throw=False
+    )
     for index, l2 in enumerate(grid):
         reference = fit_logistic_regression(features, labels, 2, l2=l2, tol=1e-10)
-        for result in (single[index], jax.tree.map(lambda leaf, i=index: leaf[i], batched)):
+        position = len(grid) - 1 - index
+        along = jax.tree.map(lambda leaf, i=position: leaf[i], path)
+        for result in (single[index], jax.tree.map(lambda leaf, i=index: leaf[i], batched), along):
             assert result.status == Status.CONVERGED
             assert int(result.n_hessian_products) <= 200
             np.testing.assert_allclose(result.loss, reference.loss, rtol=1e-6)
