@@ -87,19 +87,13 @@ def collinear_columns(
         entry in some null vector of the scaled Gram; rank is d̃ minus the number of null vectors.
     """
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
-        return _collinear_columns(jnp.asarray(X), sample_weight, fit_intercept)
-
-
-def _collinear_columns(
-    features: jax.Array, sample_weight: np.ndarray | None, fit_intercept: bool
-) -> tuple[list[int], int]:
-    """`collinear_columns` of a jax array X (evaluated, not traced)."""
-    if fit_intercept:
-        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
-    weights = jnp.ones(features.shape[0], features.dtype)
-    if sample_weight is not None:
-        weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
-    return collinear_columns_of_gram(features.T @ (weights[:, None] * features))
+        features = jnp.asarray(X)
+        if fit_intercept:
+            features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+        weights = jnp.ones(features.shape[0], features.dtype)
+        if sample_weight is not None:
+            weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
+        return collinear_columns_of_gram(features.T @ (weights[:, None] * features))
 
 
 def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
