@@ -352,6 +352,42 @@ def test_float32_products_match_float64():
         np.testing.assert_allclose(flat(got), flat(expected), rtol=2e-4, atol=2e-5)
 
 
+def test_float32_batched_products_compile_right():
+    """``jit(vmap)`` of Gauss-Newton and Hessian products over tangents, float32, against float64.
+
+    The batch shares the probabilities, which then broadcast against batched tangents: jax 0.10's
+    CPU backend compiled the loss-Hessian step of that form into a wrong XNNPACK fusion (Gauss-
+    Newton products 65% off, Hessian products 42%, Hutchinson's 64-probe diagonal 30%) until the
+    step took its row sums as a contraction. Sizes as small as the other tests' do not trigger it.
+    """
+    rows, features, hidden, classes = 128, 64, 6, 10
+    keys = jax.random.split(jax.random.key(0), 5)
+    inputs = jax.random.normal(keys[0], (rows, features))
+    params = {
+        "w1": 0.2 * jax.random.normal(keys[1], (features, hidden)),
+        "b1": jnp.zeros(hidden),
+        "w2": 0.5 * jax.random.normal(keys[2], (hidden, classes)),
+        "b2": jnp.zeros(classes),
+    }
+    labels = jax.random.randint(keys[3], (rows,), 0, classes)
+    batch = jax.tree.map(lambda x: jax.random.normal(keys[4], (64, *x.shape)), params)
+    cast = functools.partial(jax.tree.map, lambda x: x.astype(jnp.float32))
+    for product in (
+        lambda p, x, v: xj.ggn_vp(mlp, p, x, v),
+        lambda p, x, v: xj.hessian_vp(mlp, p, x, labels, v),
+    ):
+        batched = jax.vmap(product, in_axes=(None, None, 0))
+        got = jax.jit(batched)(cast(params), cast(inputs), cast(batch))
+        expected = batched(params, inputs, batch)
+        scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(expected))
+        np.testing.assert_allclose(flat(got), flat(expected), rtol=0, atol=2e-6 * scale)
+    estimate = functools.partial(
+        xj.ggn_diagonal_hutchinson, mlp, inputs=cast(inputs), key=keys[4], num_samples=64
+    )
+    eager = estimate(cast(params))  # op by op: nothing fused
+    np.testing.assert_allclose(flat(jax.jit(estimate)(cast(params))), flat(eager), rtol=1e-5)
+
+
 def test_bad_input_raises_clear_errors():
     params, inputs, labels = make_problem(mlp)
     tangents = random_tangents(params)

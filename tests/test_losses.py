@@ -493,6 +493,48 @@ def test_float32_matches_float64(rng):
     )
 
 
+@pytest.mark.parametrize("form", ["jax.hessian", "vmapped hvp", "vmapped jvp of grad"])
+@pytest.mark.parametrize("kind", ["integer", "soft"])
+def test_float32_curvature_at_fixed_logits_compiles_right(rng, form, kind):
+    """``jit`` of curvature batched over tangents at fixed logits, float32, against float64 maths.
+
+    Here ``s`` broadcasts against a batch of tangents. jax 0.10's CPU backend compiles
+    ``s ⊙ Σ_k(s ⊙ v)`` of that form into an XNNPACK fusion with wrong numbers: these came out 100%
+    to 130% off (eager and float64 were right) until the product took its row sums as a
+    contraction.
+    """
+    rows, classes = 64, 10
+    logits, soft, integer = make_problem(rng, batch=(rows,), num_classes=classes)
+    labels = integer if kind == "integer" else soft
+    loss_fn = {"integer": xj.softmax_cross_entropy_with_integer_labels}.get(
+        kind, xj.softmax_cross_entropy
+    )
+    mass = 1.0 if kind == "integer" else np.asarray(soft).sum(axis=-1)
+    logits32 = logits.astype(jnp.float32)
+    probs = np.asarray(jax.nn.softmax(logits), np.float64)
+    unit = np.einsum("nk,kl->nkl", probs, np.eye(classes)) - np.einsum("nk,nl->nkl", probs, probs)
+    blocks = np.asarray(mass).reshape(-1, 1, 1) * unit  # the Hessian of row n's loss, float64
+    if form == "jax.hessian":
+        got = jax.jit(jax.hessian(lambda z: loss_fn(z, labels).sum()))(logits32)
+        expected = np.zeros((rows, classes, rows, classes))
+        expected[np.arange(rows), :, np.arange(rows), :] = blocks
+    else:
+        tangents = rng.normal(size=(128, rows, classes))  # 81,920 entries: the fusion needs many
+        gradient = jax.grad(lambda z: loss_fn(z, labels).sum())
+
+        def one(v):
+            if form == "vmapped hvp":
+                return xj.softmax_cross_entropy_hvp(logits32, v)
+            return jax.jvp(gradient, (logits32,), (v,))[1]
+
+        if form == "vmapped hvp":
+            blocks = unit
+        got = jax.jit(jax.vmap(one))(jnp.asarray(tangents, jnp.float32))
+        expected = np.einsum("nkl,bnl->bnk", blocks, tangents)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
 def test_out_of_range_labels_give_nan_rows_only(rng):
     logits, _, _ = make_problem(rng, batch=(4,))
     labels = jnp.array([5, -1, 2, 0])

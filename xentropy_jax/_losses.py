@@ -159,19 +159,35 @@ def hessian_product_from_probs(
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be
     wrong, and the plain formula is used.
     """
+    if where is not None:
+        # s and the marker below are 0 on masked classes; the tangents there must not count.
+        tangents = jnp.where(where, tangents, 0)
     if not complete:
-        mean = jnp.sum(probs * tangents, axis=-1, keepdims=True, where=where)
-        return probs * (tangents - mean)
+        return probs * (tangents - _row_sums_of_products(probs, tangents))
     # The class with s ≥ 1/2 if there is one (two at exactly 1/2, whose sum then serves):
     # floor(2s) − floor(s) is 1 there and 0 elsewhere, s = 1 included. Where no class reaches
     # 1/2 none dominates, the shift is 0 and the plain formula loses nothing. No maximum, no
     # count and no scalar constant over [..., K]: XLA's CPU backend keeps the softmax, the
     # marker and both sums in one fused kernel, one reduction more than the plain formula.
     dominant = jnp.floor(probs + probs) - jnp.floor(probs)
-    reference = jnp.sum(dominant * tangents, axis=-1, keepdims=True, where=where)
-    centered = tangents - reference
-    mean = jnp.sum(probs * centered, axis=-1, keepdims=True, where=where)
-    return probs * (centered - mean)
+    centered = tangents - _row_sums_of_products(dominant, tangents)
+    return probs * (centered - _row_sums_of_products(probs, centered))
+
+
+def _row_sums_of_products(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``Σ_k a_k b_k`` per row, ``[..., 1]``, written as a contraction rather than a sum.
+
+    Both are the same numbers: XLA rewrites a contraction with no free axis into the same fused
+    multiply and sum. The contraction is there for ``vmap`` over tangents at fixed
+    probabilities (a Hessian, a batch of Gauss-Newton products): ``a`` then broadcasts against
+    a batched ``b``, and jax 0.10's CPU backend compiles ``s ⊙ Σ_k(s ⊙ v)`` of that form in
+    float32 into an XNNPACK ("ynn") fusion that returns wrong numbers (``jax.jit`` of
+    ``jax.hessian`` of the loss came out 100% off). The contraction stays out of that fusion.
+    ``HIGHEST`` keeps backends whose default float32 contraction rounds its inputs (TPU, GPU
+    tensor cores) at full precision.
+    """
+    total = jnp.einsum("...k,...k->...", a, b, precision=jax.lax.Precision.HIGHEST)
+    return total[..., None]
 
 
 @jax.custom_jvp
