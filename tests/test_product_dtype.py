@@ -66,13 +66,14 @@ def test_products_run_in_float32_and_nothing_else_does(problem, config):
     exact = _dots(fit(config()), X)
     mixed = _dots(fit(config(product_dtype="float32")), X)
     assert exact and all(dtype.startswith("f64") for dtype in exact)
-    # The same program but for the Hessian product's two GEMMs, X·V [N, K] and Xᵀ·U [d, K],
-    # and the preconditioner's class curvature B = Σ ŵ(diag s − ssᵀ) [K, K], which only steer
-    # CG: the logits, the gradient, the line search (or the ratio test), CG's vectors and the
-    # preconditioner's once-per-fit feature basis stay float64.
+    # The same program but for the Hessian product's two GEMMs, X·V [N, K] and Xᵀ·U [d, K], the
+    # two row sums of its loss-Hessian step [N] between them, and the preconditioner's class
+    # curvature B = Σ ŵ(diag s − ssᵀ) [K, K], which only steer CG: the logits, the gradient, the
+    # line search (or the ratio test), CG's vectors and the preconditioner's once-per-fit
+    # feature basis stay float64.
     assert [dtype.replace("f32", "f64") for dtype in mixed] == exact
     low = sorted(dtype for dtype in mixed if dtype.startswith("f32"))
-    assert low == ["f32[12,5]", "f32[5,5]", "f32[600,5]"]
+    assert low == ["f32[12,5]", "f32[5,5]", "f32[600,5]", "f32[600]", "f32[600]"]
 
 
 def test_no_effect_on_float32_data(problem):
