@@ -637,6 +637,17 @@ def test_collinearity_is_not_warned_with_a_penalty_or_independent_columns():
         fit_logistic_regression(features[:, :8], labels, 4)
 
 
+def test_collinearity_warning_names_the_precision_of_its_decision():
+    # Below float64 the rank is decided in the data's precision, where nearly collinear columns
+    # count: the message must not call them exactly collinear.
+    features, labels, _, _ = _collinear_problems()["repeated column"]
+    with pytest.warns(CollinearityWarning, match="are exactly collinear"):
+        fit_logistic_regression(features, labels, 4, throw=False)
+    with pytest.warns(CollinearityWarning, match="collinear to float32 precision") as record:
+        fit_logistic_regression(features.astype(np.float32), labels, 4, throw=False)
+    assert "fit float64 data" in str(record[0].message)
+
+
 def test_collinear_issue_reproduction_with_the_estimator():
     from xentropy_jax.sklearn import LogisticRegression as Estimator
 

@@ -603,23 +603,41 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     num_columns = features.shape[1] + int(fit_intercept)
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
-    columns, rank = collinear_columns(dense_features(features), sample_weight, fit_intercept)
-    warn_collinear_columns(columns, rank, features.shape[1], fit_intercept, stacklevel=4)
+    dense = dense_features(features)
+    columns, rank = collinear_columns(dense, sample_weight, fit_intercept)
+    warn_collinear_columns(columns, rank, dense.shape[1], fit_intercept, dense.dtype, stacklevel=4)
 
 
 def warn_collinear_columns(
-    columns: list[int], rank: int, num_features: int, fit_intercept: bool, stacklevel: int
+    columns: list[int],
+    rank: int,
+    num_features: int,
+    fit_intercept: bool,
+    dtype: np.dtype,
+    stacklevel: int,
 ) -> None:
-    """The `CollinearityWarning` naming `columns` (index d is the intercept), if any."""
+    """The `CollinearityWarning` naming `columns` (index d is the intercept), if any.
+
+    Rank is decided in the fit's precision, `dtype`: below float64, columns that are only
+    nearly collinear count as collinear, and the message says so.
+    """
     if not columns:
         return
     num_columns = num_features + int(fit_intercept)
     names = ["intercept" if column == num_features else str(column) for column in columns]
+    how = "exactly collinear"
+    remedy = "Drop redundant columns, or set l2 > 0."
+    if np.finfo(dtype).bits < 64:
+        how = f"collinear to {np.dtype(dtype).name} precision"
+        remedy = (
+            "Drop redundant columns, set l2 > 0, or fit float64 data (with jax_enable_x64), "
+            "in whose precision they may be independent."
+        )
     warnings.warn(
-        f"The columns [{', '.join(names)}] of X are exactly collinear (rank {rank} of "
+        f"The columns [{', '.join(names)}] of X are {how} (rank {rank} of "
         f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and l2 = 0: "
         "their coefficients are not identified, and the fit returns the minimum-norm optimum "
-        "(as a pseudo-inverse). Drop redundant columns, or set l2 > 0.",
+        f"(as a pseudo-inverse). {remedy}",
         CollinearityWarning,
         stacklevel=stacklevel,
     )

@@ -260,7 +260,7 @@ def fit_logistic_regression_streamed(
     if gram is not None:
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
-            columns, rank, source.num_features, bool(fit_intercept), stacklevel=3
+            columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
         )
     reads = source.reads
     result = _fit_streamed(
