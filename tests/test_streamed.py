@@ -224,3 +224,39 @@ def test_sparse_rows_are_densified_chunk_by_chunk(files):
     for streamed in (sliced, iterated):
         assert abs(float(streamed.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
         np.testing.assert_allclose(streamed.params[0], whole.params[0], rtol=0, atol=1e-8)
+
+
+class _GrowingRows:
+    """Rows that grow in place, as an HDF5 dataset's `resize` or a zarr array's `append`."""
+
+    def __init__(self, rows):
+        self.rows = np.asarray(rows)
+
+    shape = property(lambda self: self.rows.shape)
+    dtype = property(lambda self: self.rows.dtype)
+    ndim = property(lambda self: self.rows.ndim)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def append(self, rows):
+        self.rows = np.concatenate([self.rows, rows])
+
+
+def test_a_dataset_grown_in_place_is_fitted_on_all_its_rows(files):
+    # The same objects, longer: a source of the old shape read only the old 2,000 rows against
+    # the new total weight, and reported CONVERGED at the wrong optimum.
+    (X, y, _), _ = files
+    features, labels = _GrowingRows(X[:2000]), _GrowingRows(y[:2000])
+    xj.fit_logistic_regression_streamed(features, labels, K, l2=1e-3, chunk_rows=700)
+    features.append(X[2000:])
+    labels.append(y[2000:])
+    grown = xj.fit_logistic_regression_streamed(
+        features, labels, K, l2=1e-3, tol=1e-10, chunk_rows=700
+    )
+    whole = xj.fit_logistic_regression(X, y, K, l2=1e-3, tol=1e-10)
+    assert abs(float(grown.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
+    np.testing.assert_allclose(grown.params[0], whole.params[0], rtol=0, atol=1e-8)

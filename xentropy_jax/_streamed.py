@@ -160,7 +160,18 @@ class RowChunks(_ChunkSource):
         return cls(X, labels, weights, chunk_rows, dtype).interned()
 
     def _key(self) -> tuple:
-        return (id(self.X), id(self.labels), id(self.weights), self.chunk_rows, self.dtype.str)
+        # The shape when the source was made, too: a dataset that grows in place (an HDF5 or
+        # zarr `resize`) stays the same object, and a source made at its old shape reads only
+        # the old rows.
+        shape = (self.num_rows, self.num_features)
+        return (
+            id(self.X),
+            shape,
+            id(self.labels),
+            id(self.weights),
+            self.chunk_rows,
+            self.dtype.str,
+        )
 
     def _slice(self, index: int) -> tuple[int, slice]:
         start = index * self.chunk_rows
