@@ -232,6 +232,22 @@ def test_scale_by_ggn_diagonal_divides_by_the_damped_diagonal():
     chex.assert_trees_all_close(updates, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_a_negative_hutchinson_estimate_does_not_turn_the_step_uphill(power):
+    # Hutchinson's estimate of diag(G) >= 0 is unbiased but can be negative; the scale uses
+    # max(D, 0) + λ, so each update keeps the gradient's sign and stays finite (before: 833 of
+    # 2,410 entries uphill with p = 1, NaN with p = ½, on a digits MLP).
+    params, inputs, labels = mlp_problem(n=48, d=6, hidden=8, k=4)
+    grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+    transform = xj.scale_by_ggn_diagonal(damping=1e-6, power=power, estimator="hutchinson")
+    updates, state = transform.update(
+        grad, transform.init(params), params, logits_fn=mlp, inputs=inputs
+    )
+    assert min(float(jnp.min(d)) for d in jax.tree.leaves(state.diagonal)) < 0
+    for g, u in zip(jax.tree.leaves(grad), jax.tree.leaves(updates), strict=True):
+        assert bool(jnp.all(jnp.isfinite(u))) and bool(jnp.all(g * u >= 0))
+
+
 # factory, its hyperparameters, and the one changed between steps.
 FACTORIES = {
     "gauss_newton": (xj.gauss_newton, {"initial_damping": 0.5, "max_cg_steps": 5}, "max_cg_steps"),
@@ -347,3 +363,19 @@ def test_missing_extra_arguments_and_bad_hyperparameters_raise():
         xj.scale_by_sophia_g(gamma=0.0)
     with pytest.raises(ValueError, match="update_interval"):
         xj.scale_by_ggn_diagonal(update_interval=0)
+    # Values that the docstrings exclude and that made every update NaN, a zero step, or a
+    # failure at the first update instead of here.
+    for factory, bad in [
+        (xj.scale_by_ggn_diagonal, {"decay": 1.0}),
+        (xj.scale_by_sophia_g, {"b1": 1.0, "bias_correction": True}),
+        (xj.scale_by_sophia_g, {"b2": 1.0, "bias_correction": True}),
+        (xj.sophia_g, {"learning_rate": 0.1, "b1": 1.0}),
+        (xj.gauss_newton, {"initial_damping": np.inf}),
+        (xj.gauss_newton, {"max_cg_steps": 2.5}),
+        (xj.scale_by_ggn_diagonal, {"update_interval": 2.5}),
+        (xj.gauss_newton, {"min_damping": 10.0, "max_damping": 1.0}),
+        (xj.gauss_newton, {"lower_ratio": 0.9, "upper_ratio": 0.1}),
+    ]:
+        with pytest.raises(ValueError, match="|".join(k for k in bad if k != "bias_correction")):
+            factory(**bad)
+    xj.scale_by_sophia_g(clip_threshold=np.inf)  # no clipping: a valid bound

@@ -35,15 +35,41 @@ from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchi
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
 
 
-def _check(name: str, value: Any, low: float, high: float = np.inf, closed: bool = True) -> None:
-    """Range check of a hyperparameter, when it is concrete (``inject_hyperparams`` traces)."""
+def _check(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = np.inf,
+    closed: bool = True,
+    *,
+    below_high: bool = False,
+    finite: bool = False,
+    integer: bool = False,
+) -> None:
+    """Range check of a hyperparameter, when it is concrete (``inject_hyperparams`` traces).
+
+    The value must be a number in [low, high] (``closed=False``: low excluded; ``below_high``:
+    high excluded), finite when ``finite`` (inf is a valid bound elsewhere, such as no clipping),
+    and a whole finite number when ``integer``.
+    """
     if not _is_concrete(value) or callable(value):
         return
     array = np.asarray(value, dtype=np.float64)
-    ok = (array >= low if closed else array > low) & (array <= high)
+    ok = (array >= low if closed else array > low) & (array < high if below_high else array <= high)
+    if finite or integer:
+        ok &= np.isfinite(array)
+    if integer:
+        ok &= array == np.round(array)
     if array.ndim != 0 or not bool(ok):
-        bound = "[" if closed else "("
-        raise ValueError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}.")
+        kind = "an integer" if integer else "a finite number" if finite else "a number"
+        interval = f"{'[' if closed else '('}{low}, {high}{')' if below_high else ']'}"
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}.")
+
+
+def _check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+    """``low <= high`` for two hyperparameters, when both are concrete."""
+    if all(_is_concrete(v) and not callable(v) for v in (low, high)) and not low <= high:
+        raise ValueError(f"{low_name} must not exceed {high_name}, got {low!r} > {high!r}.")
 
 
 def _check_estimator(estimator: str) -> None:
@@ -159,16 +185,18 @@ def gauss_newton(
     (e.g. ``xj.mean_cross_entropy`` with the labels), ``value`` its value at ``params``.
 
     Args:
-        initial_damping: λ₀ ≥ 0 (the state then carries λ; injecting it later changes nothing).
-        max_cg_steps: CG iteration limit per step (may be injected: it is a loop bound).
+        initial_damping: finite λ₀ ≥ 0 (the state then carries λ; injecting it later changes
+          nothing).
+        max_cg_steps: CG iteration limit per step, an integer ≥ 1 (may be injected: it is a loop
+          bound).
         cg_rtol: CG relative residual tolerance.
         warm_start_decay: factor in [0, 1] on the previous direction as CG's start; 0 starts
           from 0, so that d is a descent direction whenever CG stops.
         damping_increase: factor > 1 applied to λ after a poor or rejected step.
         damping_decrease: factor in (0, 1] applied to λ after a good step.
-        lower_ratio: ρ below which the step counts as poor.
+        lower_ratio: ρ below which the step counts as poor (at most ``upper_ratio``).
         upper_ratio: ρ above which the step counts as good.
-        min_damping: lower bound of λ.
+        min_damping: lower bound of λ (at most ``max_damping``).
         max_damping: upper bound of λ.
 
     Returns:
@@ -206,8 +234,8 @@ def gauss_newton(
         >>> bool(state.accepted), xj.CGStatus(int(state.cg_status)).name
         (True, 'CONVERGED')
     """
-    _check("initial_damping", initial_damping, 0.0)
-    _check("max_cg_steps", max_cg_steps, 1.0)
+    _check("initial_damping", initial_damping, 0.0, finite=True)
+    _check("max_cg_steps", max_cg_steps, 1.0, integer=True)
     _check("cg_rtol", cg_rtol, 0.0)
     _check("warm_start_decay", warm_start_decay, 0.0, 1.0)
     _check("damping_increase", damping_increase, 1.0)
@@ -216,6 +244,8 @@ def gauss_newton(
     _check("upper_ratio", upper_ratio, -np.inf)
     _check("min_damping", min_damping, 0.0)
     _check("max_damping", max_damping, 0.0)
+    _check_order("lower_ratio", lower_ratio, "upper_ratio", upper_ratio)
+    _check_order("min_damping", min_damping, "max_damping", max_damping)
 
     def init_fn(params: PyTree) -> GaussNewtonState:
         dtype = _float_dtype(params)
@@ -392,7 +422,7 @@ def scale_by_sophia_g(
         b2: decay of the curvature average, in [0, 1).
         gamma: γ > 0, the scale of the curvature in the denominator (Sophia's ρ).
         eps: ε > 0, the floor of the denominator.
-        update_interval: k ≥ 1, steps between curvature refreshes.
+        update_interval: integer k ≥ 1, steps between curvature refreshes.
         clip_threshold: c > 0, the per-coordinate bound of the update.
         estimator: ``"bartlett"`` (Sophia-G), ``"exact"`` or ``"hutchinson"``.
         seed: seed of the label samples / probes.
@@ -422,11 +452,11 @@ def scale_by_sophia_g(
         >>> bool(jnp.all(jnp.abs(updates) <= 1.0)), bool(jnp.all(state.hessian >= 0))
         (True, True)
     """
-    _check("b1", b1, 0.0, 1.0)
-    _check("b2", b2, 0.0, 1.0)
-    _check("gamma", gamma, 0.0, closed=False)
+    _check("b1", b1, 0.0, 1.0, below_high=True)
+    _check("b2", b2, 0.0, 1.0, below_high=True)
+    _check("gamma", gamma, 0.0, closed=False, finite=True)
     _check("eps", eps, 0.0, closed=False)
-    _check("update_interval", update_interval, 1.0)
+    _check("update_interval", update_interval, 1.0, integer=True)
     _check("clip_threshold", clip_threshold, 0.0, closed=False)
     _check_estimator(estimator)
 
@@ -597,7 +627,8 @@ def scale_by_ggn_diagonal(
     diag(G) of the batch is computed (``estimator="exact"``, :func:`~xentropy_jax.ggn_diagonal`)
     or estimated (``"bartlett"``: sampled labels; ``"hutchinson"``: Rademacher probes) every
     ``update_interval`` steps, averaged as D ← decay·D + (1 − decay)·D̂ and bias-corrected by
-    1 − decay^n after n refreshes (as Adam's second moment). p = 1 is a diagonal Newton step
+    1 − decay^n after n refreshes (as Adam's second moment), and used as max(D, 0) (Hutchinson's
+    estimate can be negative, which would turn a step uphill). p = 1 is a diagonal Newton step
     (then chain ``optax.sgd(lr)`` with lr ≈ 1 or a line search); p = ½ gives Adam-like scale
     invariance with curvature in place of squared gradients. λ > 0 bounds the step where
     the curvature vanishes (every class-shift direction of the last layer has zero curvature).
@@ -608,7 +639,7 @@ def scale_by_ggn_diagonal(
         damping: λ > 0 added to the diagonal.
         power: p > 0.
         decay: average factor in [0, 1); 0 keeps only the latest estimate.
-        update_interval: k ≥ 1, steps between refreshes.
+        update_interval: integer k ≥ 1, steps between refreshes.
         estimator: ``"exact"``, ``"bartlett"`` or ``"hutchinson"``.
         seed: seed of the estimator's samples.
 
@@ -642,10 +673,10 @@ def scale_by_ggn_diagonal(
         >>> bool(loss_fn(W) < 0.5 * loss_fn(jnp.zeros((3, 3))))
         True
     """
-    _check("damping", damping, 0.0, closed=False)
-    _check("power", power, 0.0, closed=False)
-    _check("decay", decay, 0.0, 1.0)
-    _check("update_interval", update_interval, 1.0)
+    _check("damping", damping, 0.0, closed=False, finite=True)
+    _check("power", power, 0.0, closed=False, finite=True)
+    _check("decay", decay, 0.0, 1.0, below_high=True)
+    _check("update_interval", update_interval, 1.0, integer=True)
     _check_estimator(estimator)
 
     def init_fn(params: PyTree) -> ScaleByGGNDiagonalState:
@@ -687,7 +718,9 @@ def scale_by_ggn_diagonal(
 
         def scale(g: jax.Array, d: jax.Array) -> jax.Array:
             correction = 1 - jnp.asarray(decay, d.dtype) ** num_refreshes
-            curvature = d / correction + jnp.asarray(damping, d.dtype)
+            # diag(G) >= 0; Hutchinson's unbiased estimate is not, and a negative entry would
+            # turn the step uphill (p = 1) or NaN (p = ½). The average stays unclipped.
+            curvature = jnp.maximum(d / correction, 0) + jnp.asarray(damping, d.dtype)
             return (g / curvature ** jnp.asarray(power, d.dtype)).astype(g.dtype)
 
         new_state = ScaleByGGNDiagonalState(
