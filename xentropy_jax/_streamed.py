@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import itertools
 import threading
 from typing import Any, NamedTuple
 
@@ -47,9 +48,56 @@ from ._linear import (
     separated,
 )
 
-_MAX_SOURCES = 8
-_sources: dict[tuple, _ChunkSource] = {}
-_sources_lock = threading.Lock()
+# The sources of the fits running now, by token. A compiled fit depends only on its source's
+# `ChunkLayout` and receives the token as an argument, so that a new data object of the same
+# layout reuses the program, and nothing compiled keeps the data alive.
+_live_sources: dict[int, _ChunkSource] = {}
+_tokens = itertools.count()
+_live_lock = threading.Lock()
+
+
+def hold(source: _ChunkSource) -> int:
+    """Register `source` for the compiled loop's reads; returns its token."""
+    with _live_lock:
+        token = next(_tokens)
+        _live_sources[token] = source
+    return token
+
+
+def release(token: int) -> None:
+    """Drop the source of `token` (after its fit has run)."""
+    with _live_lock:
+        _live_sources.pop(token, None)
+
+
+def _read(token, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host callback: chunk `index` of the source registered as `token`."""
+    with _live_lock:
+        source = _live_sources.get(int(token))
+    if source is None:
+        raise RuntimeError(
+            "the data of this streamed fit are no longer held: a compiled program ran after "
+            "fit_logistic_regression_streamed returned. Call the fit itself again."
+        )
+    return source.read(int(index))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """What the compiled loop knows of a source: the padded chunk shapes, how many, the dtype."""
+
+    num_features: int
+    chunk_rows: int
+    num_chunks: int
+    dtype: np.dtype
+
+    def shapes(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        rows, d = self.chunk_rows, self.num_features
+        return (
+            jax.ShapeDtypeStruct((rows, d), self.dtype),
+            jax.ShapeDtypeStruct((rows,), np.int32),
+            jax.ShapeDtypeStruct((rows,), self.dtype),
+        )
 
 
 def dense_rows(X) -> np.ndarray:
@@ -66,8 +114,8 @@ class _ChunkSource:
 
     Subclasses set num_rows, num_features, chunk_rows, num_chunks and dtype, and implement
     `rows` (chunk `index`, zero-padded to `chunk_rows`) and `checked` (one pass of the raw
-    chunks, for the input checks). Hashable by `_key` (a compiled fit is specialised to one
-    source), and counts the chunks it has read (`passes` = reads / chunks).
+    chunks, for the input checks). A compiled fit sees only its `layout` (and reads through
+    `hold`'s token); the source counts the chunks it has read (`passes` = reads / chunks).
     """
 
     num_rows: int
@@ -79,15 +127,6 @@ class _ChunkSource:
     def __init__(self) -> None:
         self.reads = 0
         self._lock = threading.Lock()
-
-    def _key(self) -> tuple:
-        raise NotImplementedError
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()
 
     @property
     def passes(self) -> float:
@@ -119,25 +158,9 @@ class _ChunkSource:
             self.reads += 1
         return self.rows(int(index))
 
-    def shapes(self) -> tuple[jax.ShapeDtypeStruct, ...]:
-        rows, d = self.chunk_rows, self.num_features
-        return (
-            jax.ShapeDtypeStruct((rows, d), self.dtype),
-            jax.ShapeDtypeStruct((rows,), np.int32),
-            jax.ShapeDtypeStruct((rows,), self.dtype),
-        )
-
-    def interned(self) -> _ChunkSource:
-        """The source with this key already known, else this one.
-
-        A compiled fit keeps the source it was traced with; handing back that object keeps
-        its read count (`passes`) the one that the compiled program updates.
-        """
-        with _sources_lock:
-            source = _sources.setdefault(self._key(), self)
-            while len(_sources) > _MAX_SOURCES:
-                _sources.pop(next(iter(_sources)))
-        return source
+    @property
+    def layout(self) -> ChunkLayout:
+        return ChunkLayout(self.num_features, self.chunk_rows, self.num_chunks, self.dtype)
 
 
 class RowChunks(_ChunkSource):
@@ -153,25 +176,6 @@ class RowChunks(_ChunkSource):
         self.chunk_rows = int(min(chunk_rows, self.num_rows))
         self.num_chunks = -(-self.num_rows // self.chunk_rows)
         self.dtype = np.dtype(dtype)
-
-    @classmethod
-    def of(cls, X, labels, weights, chunk_rows: int, dtype) -> RowChunks:
-        """The source of these arrays: the same object for the same arrays and settings."""
-        return cls(X, labels, weights, chunk_rows, dtype).interned()
-
-    def _key(self) -> tuple:
-        # The shape when the source was made, too: a dataset that grows in place (an HDF5 or
-        # zarr `resize`) stays the same object, and a source made at its old shape reads only
-        # the old rows.
-        shape = (self.num_rows, self.num_features)
-        return (
-            id(self.X),
-            shape,
-            id(self.labels),
-            id(self.weights),
-            self.chunk_rows,
-            self.dtype.str,
-        )
 
     def _slice(self, index: int) -> tuple[int, slice]:
         start = index * self.chunk_rows
@@ -230,9 +234,6 @@ class IteratedChunks(_ChunkSource):
         self._x64 = x64
         self.lengths: tuple[int, ...] = ()
         self._open: list[list] = []
-
-    def _key(self) -> tuple:
-        return (id(self.chunks), self.lengths, self.num_features, self.dtype.str)
 
     def _fresh(self):
         iterator = self.chunks() if callable(self.chunks) else iter(self.chunks)
@@ -338,13 +339,15 @@ class StreamedLogisticObjective:
     Attributes:
         l2: scalar L2 strength on W.
         total_weight: Σ w over every row (each chunk's weights are divided by it).
-        source: the `RowChunks` or `IteratedChunks` (static).
+        token: int32 scalar, the `hold` token of the `RowChunks` or `IteratedChunks` to read.
+        chunks: that source's `ChunkLayout` (static).
         num_classes, fit_intercept, reference_class: as `LogisticObjective` (static).
     """
 
     l2: jax.Array
     total_weight: jax.Array
-    source: RowChunks = dataclasses.field(metadata={"static": True})
+    token: jax.Array
+    chunks: ChunkLayout = dataclasses.field(metadata={"static": True})
     num_classes: int = dataclasses.field(metadata={"static": True})
     fit_intercept: bool = dataclasses.field(default=True, metadata={"static": True})
     reference_class: bool = dataclasses.field(default=False, metadata={"static": True})
@@ -353,7 +356,7 @@ class StreamedLogisticObjective:
 
     def _chunk(self, index: jax.Array) -> LogisticObjective:
         X, labels, weights = jax.pure_callback(
-            self.source.read, self.source.shapes(), index, vmap_method="sequential"
+            _read, self.chunks.shapes(), self.token, index, vmap_method="sequential"
         )
         return LogisticObjective(
             features=X,
@@ -368,9 +371,9 @@ class StreamedLogisticObjective:
     @property
     def _layout(self) -> LogisticObjective:
         """An objective of no rows with this one's parameter layout (pack, unpack, expand)."""
-        dtype = self.source.dtype
+        dtype = self.chunks.dtype
         return LogisticObjective(
-            features=jnp.zeros((0, self.source.num_features), dtype),
+            features=jnp.zeros((0, self.chunks.num_features), dtype),
             labels=jnp.zeros((0,), jnp.int32),
             weights=jnp.zeros((0,), dtype),
             l2=self.l2,
@@ -386,7 +389,7 @@ class StreamedLogisticObjective:
             part = function(self._chunk(index))
             return jax.tree.map(jnp.add, total, part)
 
-        return lax.fori_loop(0, self.source.num_chunks, body, init)
+        return lax.fori_loop(0, self.chunks.num_chunks, body, init)
 
     @staticmethod
     def _probabilities(chunk: LogisticObjective, theta: jax.Array) -> Evaluation:
@@ -409,7 +412,7 @@ class StreamedLogisticObjective:
 
     @property
     def dtype(self):
-        return self.source.dtype
+        return self.chunks.dtype
 
     @property
     def num_free_classes(self) -> int:
@@ -430,7 +433,7 @@ class StreamedLogisticObjective:
             loss, grad, all_separated = part(self._chunk(index))
             return total[0] + loss, total[1] + grad, total[2] & all_separated
 
-        loss, grad, all_separated = lax.fori_loop(0, self.source.num_chunks, body, init)
+        loss, grad, all_separated = lax.fori_loop(0, self.chunks.num_chunks, body, init)
         loss = loss + self._layout.penalty(theta)
         return StreamedEvaluation(loss, grad + self._penalty_gradient(theta), theta, all_separated)
 
@@ -489,10 +492,10 @@ class StreamedLogisticObjective:
 
     @property
     def default_preconditioner(self) -> str:
-        return "diagonal" if self.source.num_features > AUTO_MAX_GRAM_FEATURES else "kronecker"
+        return "diagonal" if self.chunks.num_features > AUTO_MAX_GRAM_FEATURES else "kronecker"
 
     def feature_gram(self) -> jax.Array:
-        size = self.source.num_features + int(self.fit_intercept)
+        size = self.chunks.num_features + int(self.fit_intercept)
         return self._sum_over_chunks(feature_gram, jnp.zeros((size, size), self.dtype))
 
     def class_curvature(self, evaluation: StreamedEvaluation) -> jax.Array:

@@ -18,7 +18,9 @@ from .._streamed import (
     RowChunks,
     StreamedLogisticObjective,
     _ChunkSource,
+    hold,
     is_chunk_iterable,
+    release,
 )
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
 from ._convergence import max_abs
@@ -80,7 +82,7 @@ def _scan(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("source", "num_classes", "fit_intercept", "reference_class", "solver"),
+    static_argnames=("chunks", "num_classes", "fit_intercept", "reference_class", "solver"),
 )
 @full_precision
 def _fit_streamed(
@@ -89,35 +91,38 @@ def _fit_streamed(
     column_scale,
     tol,
     max_iter,
+    token,
     *,
-    source,
+    chunks,
     num_classes,
     fit_intercept,
     reference_class,
     solver,
 ) -> FitResult:
+    # One program per `ChunkLayout`: the data object itself comes in through `token`.
     objective = StreamedLogisticObjective(
-        l2=jnp.asarray(l2, source.dtype),
-        total_weight=jnp.asarray(total_weight, source.dtype),
-        source=source,
+        l2=jnp.asarray(l2, chunks.dtype),
+        total_weight=jnp.asarray(total_weight, chunks.dtype),
+        token=jnp.asarray(token, jnp.int32),
+        chunks=chunks,
         num_classes=num_classes,
         fit_intercept=fit_intercept,
         reference_class=reference_class,
     )
     layout = objective._layout
     # The per-parameter floor of `attainable_tolerance`, from the scan's column sums.
-    scale = column_scale.astype(source.dtype)
+    scale = column_scale.astype(chunks.dtype)
     if fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
-    floor = jnp.repeat(_FLOOR_FACTOR * jnp.finfo(source.dtype).eps * scale, layout.num_free_classes)
+    floor = jnp.repeat(_FLOOR_FACTOR * jnp.finfo(chunks.dtype).eps * scale, layout.num_free_classes)
     output = solver.minimize(
         objective,
-        jnp.zeros((objective.num_params,), source.dtype),
-        tol=jnp.maximum(jnp.asarray(tol, source.dtype), floor),
+        jnp.zeros((objective.num_params,), chunks.dtype),
+        tol=jnp.maximum(jnp.asarray(tol, chunks.dtype), floor),
         max_iter=max_iter,
     )
     # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
-    rows = source.num_features + int(fit_intercept)
+    rows = chunks.num_features + int(fit_intercept)
     theta = project_minimum_norm(objective.feature_gram, rows, objective.l2, output.theta)
     weights, intercept = symmetric_params(*layout.expand(theta), objective.l2, reference_class)
     return FitResult(
@@ -165,11 +170,13 @@ def fit_logistic_regression_streamed(
       one. Every pass must give the same chunks: their shapes
       are checked at each pass, their values only in the checking pass.
 
-    The solver runs as one compiled program; each pass over the data reads the chunks one after
-    another from the host (a `jax.pure_callback`), so memory holds one chunk of rows and a few
-    parameter vectors, never X. The probabilities are recomputed chunk by chunk at every pass:
-    one pass for the loss and gradient, one per Hessian product (CG step), one per line-search
-    trial, plus the preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on
+    The solver runs as one compiled program, compiled once per chunk layout (not per data
+    object); each pass over the data reads the chunks one after another from the host (a
+    `jax.pure_callback`), so memory holds one chunk of rows and a few parameter vectors, never
+    X. Inside a caller's `jit` the data stay referenced for later runs of the caller's program.
+    The probabilities are recomputed chunk by chunk at every pass: one pass for the loss and
+    gradient, one per Hessian product (CG step), one per line-search trial, plus the
+    preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on
     the host checks every chunk (finite X, x² within range, integer labels in [0, K), finite
     weights >= 0) and sums what the precision floor of `tol` needs.
 
@@ -256,30 +263,38 @@ def fit_logistic_regression_streamed(
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
     unpenalised = _is_concrete(l2) and bool(l2 == 0)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
-    source = source.interned()
     if gram is not None:
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
             columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
         )
-    reads = source.reads
-    result = _fit_streamed(
-        l2,
-        total,
-        column_scale,
-        tol,
-        max_iter,
-        source=source,
-        num_classes=int(num_classes),
-        fit_intercept=bool(fit_intercept),
-        reference_class=bool(reference_class),
-        solver=_resolve_solver(solver),
-    )
-    if not _is_concrete(result.status):  # inside a caller's `jit`: status is traced
-        return result
+    token = hold(source)
+    try:
+        result = _fit_streamed(
+            l2,
+            total,
+            column_scale,
+            tol,
+            max_iter,
+            token,
+            chunks=source.layout,
+            num_classes=int(num_classes),
+            fit_intercept=bool(fit_intercept),
+            reference_class=bool(reference_class),
+            solver=_resolve_solver(solver),
+        )
+        if not _is_concrete(result.status):
+            # Inside a caller's `jit`: status is traced, and the caller's program may run any
+            # number of times later, so its source stays held.
+            return result
+        jax.block_until_ready(result)  # the reads are over
+    except BaseException:
+        release(token)
+        raise
+    release(token)
     status = int(result.status)
     if verbose:
-        passes = (source.reads - reads) / source.num_chunks
+        passes = source.reads / source.num_chunks
         print(
             f"{int(result.n_iter)} iterations, {int(result.n_hessian_products)} Hessian products, "
             f"{passes:g} passes over {source.num_chunks} chunks of {source.chunk_rows} rows "
