@@ -30,6 +30,7 @@ vanishes at an exact optimum (the envelope theorem).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._cg import cg
+from .._cg import CGStatus, cg
 from .._linear import Evaluation, LogisticObjective, evaluate, hessian_diagonal
 from .._linear import hessian_vector_product as _hessian_vector_product
 from .._precision import full_precision
@@ -125,15 +126,18 @@ def _projected_hessian(
 ) -> tuple[Callable[[jax.Array], jax.Array], Callable]:
     """(A, solve): A = P·H·P + α·(I − P), and solve(A, b) = the projected CG solution of A·x = b.
 
-    P centres each row of Θ over the classes (identity with a reference class); α is the mean of
-    diag(H), so that the added eigenvalue sits inside H's spectrum.
+    P centres each row of Θ over the classes (identity with a reference class). α holds one
+    value per row of Θ [d̃, Kf], the mean of that row's diag(H): the added eigenvalue then sits
+    inside that row's part of H's spectrum, and α·(I − P) commutes with P (P acts within rows),
+    so A stays symmetric. One α for all rows, the mean of the whole diagonal, was set by the
+    largest columns: on raw wine (columns from 0.1 to 1,000) the Jacobi-preconditioned solve
+    hit its step limit and the derivative came out 6% off in float64 and 59% in float32.
     """
     dtype = objective.dtype
     kf = objective.num_free_classes
     diagonal = hessian_diagonal(objective, evaluation)
     diagonal = jnp.where(diagonal > 0, diagonal, jnp.max(diagonal, initial=1.0))
-    alpha = jnp.mean(diagonal)
-    alpha = jnp.where(alpha > 0, alpha, 1.0).astype(dtype)
+    alpha = jnp.repeat(jnp.mean(diagonal.reshape(-1, kf), axis=1), kf).astype(dtype)
 
     centre = objective.remove_class_shift
 
@@ -155,13 +159,33 @@ def _projected_hessian(
     eps = jnp.finfo(dtype).eps
 
     def solve(operator, rhs):
+        rhs = project(rhs)
         result = cg(
             operator,
-            project(rhs),
+            rhs,
             preconditioner=lambda residual: residual / preconditioner_diagonal,
             rtol=eps**0.75,
             max_steps=2 * num_params + 10,
         )
+        # Not silently: inside `jit` too, a solve that stopped short says so at run time.
+        relative = result.residual_norm / jnp.linalg.norm(rhs)
+        jax.debug.callback(_warn_if_unconverged, result.status, result.num_steps, relative)
         return project(result.solution)
 
     return matvec, solve
+
+
+def _warn_if_unconverged(status, num_steps, relative_residual) -> None:
+    """The host side of the solve's check: a `RuntimeWarning` if any solve stopped short."""
+    status, num_steps, relative = map(np.asarray, (status, num_steps, relative_residual))
+    short = status != CGStatus.CONVERGED
+    if not np.any(short):
+        return
+    warnings.warn(
+        "implicit differentiation: the Hessian solve behind this derivative of the fit stopped "
+        f"as {CGStatus(int(status[short].flat[0])).name} after {int(num_steps[short].max())} "
+        f"steps at relative residual {float(relative[short].max()):.1e}, so the derivative is "
+        "approximate. Standardise the columns of X, add a penalty, or use float64.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
