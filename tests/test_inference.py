@@ -186,6 +186,17 @@ def test_bad_margins_subset():
         xj.logit_inference(FIT4, X4, Y4, method="cg", subset="all", margins_subset="all")
 
 
+def test_sparse_features_get_a_clear_error():
+    # The fit accepts them; the inference used to fail deep in its checks ("ufunc 'isfinite'
+    # not supported").
+    import scipy.sparse
+    from jax.experimental import sparse
+
+    for matrix in (scipy.sparse.csr_matrix(X4), sparse.BCOO.fromdense(jnp.asarray(X4))):
+        with pytest.raises(TypeError, match="logit_inference needs dense X"):
+            xj.logit_inference(FIT4, matrix, Y4)
+
+
 def _output_sizes(jaxpr) -> list[int]:
     """Element counts of every value a jaxpr computes, nested jaxprs (scan bodies) included."""
     return [

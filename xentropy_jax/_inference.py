@@ -333,6 +333,11 @@ def _validate(weights, intercept, X, labels, sample_weight, groups):
         raise ValueError(f"b must have shape ({k},), got {intercept.shape}")
     if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(intercept))):
         raise InferenceError("the estimates are not finite: there is nothing to infer from")
+    if hasattr(X, "tocsr") or (hasattr(X, "todense") and hasattr(X, "indices")):
+        raise TypeError(
+            f"logit_inference needs dense X, got {type(X).__name__}: pass X.toarray() (SciPy "
+            "sparse) or X.todense() (BCOO). The fit accepts sparse X; the inference does not."
+        )
     if np.ndim(X) != 2 or np.shape(X)[1] != d:
         raise ValueError(f"X must be [n_samples, {d}] to match W, got shape {np.shape(X)}")
     n = np.shape(X)[0]
@@ -428,8 +433,8 @@ def logit_inference(
     Args:
         fit: a `FitResult` of `fit_logistic_regression` with `l2=0` (any `reference_class`),
             or its parameters (W [d, K], b [K]).
-        X: [N, d] the features the model was fitted on (float64 with x64 enabled computes in
-            float64, anything else in float32).
+        X: [N, d] dense features the model was fitted on (float64 with x64 enabled computes
+            in float64, anything else in float32). Sparse X raises a `TypeError`.
         labels: [N] integer labels in [0, K).
         sample_weight: [N] frequency weights (nobs = Σw) or None.
         fit_intercept: whether the fit had an intercept (b is then a free parameter).
