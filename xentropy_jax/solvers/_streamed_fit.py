@@ -174,6 +174,8 @@ def fit_logistic_regression_streamed(
     object); each pass over the data reads the chunks one after another from the host (a
     `jax.pure_callback`), so memory holds one chunk of rows and a few parameter vectors, never
     X. Inside a caller's `jit` the data stay referenced for later runs of the caller's program.
+    It is not differentiable (the reads are callbacks; `jax.grad` through it fails): derivatives
+    through a fit need `fit_logistic_regression`.
     The probabilities are recomputed chunk by chunk at every pass: one pass for the loss and
     gradient, one per Hessian product (CG step), one per line-search trial, plus the
     preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on
