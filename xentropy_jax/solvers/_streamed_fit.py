@@ -173,7 +173,8 @@ def fit_logistic_regression_streamed(
     The solver runs as one compiled program, compiled once per chunk layout (not per data
     object); each pass over the data reads the chunks one after another from the host (a
     `jax.pure_callback`), so memory holds one chunk of rows and a few parameter vectors, never
-    X. Inside a caller's `jit` the data stay referenced for later runs of the caller's program.
+    X. Called under a caller's `jit` or `vmap` (traced), it keeps the data referenced for the
+    life of the process, since the caller's program may run again later.
     It is not differentiable (the reads are callbacks; `jax.grad` through it fails): derivatives
     through a fit need `fit_logistic_regression`.
     The probabilities are recomputed chunk by chunk at every pass: one pass for the loss and
@@ -286,8 +287,8 @@ def fit_logistic_regression_streamed(
             solver=_resolve_solver(solver),
         )
         if not _is_concrete(result.status):
-            # Inside a caller's `jit`: status is traced, and the caller's program may run any
-            # number of times later, so its source stays held.
+            # Under a caller's `jit` or `vmap`: status is traced, and the caller's program may
+            # run any number of times later, so its source stays held.
             return result
         jax.block_until_ready(result)  # the reads are over
     except BaseException:
