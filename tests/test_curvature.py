@@ -410,3 +410,24 @@ def test_bad_input_raises_clear_errors():
         xj.hessian_vp(mlp, params, inputs, labels[:3], tangents)
     with pytest.raises(TypeError, match="floating"):
         xj.ggn_vp(mlp, {**params, "b2": jnp.ones(K, int)}, inputs, tangents)
+
+
+def test_float16_model_with_a_large_total_weight():
+    # The coefficients wᵢmᵢ/Σw were computed in the logits' dtype: in float16, Σw = 70,000 is
+    # inf, and the loss, its gradient and every product came out 0.
+    params, inputs, _ = make_problem(linear)
+    weights = np.full(N, 10_000.0)
+    labels = jnp.arange(N) % K
+    tangents = random_tangents(params)
+    results = {}
+    for dtype in (jnp.float16, jnp.float32):
+
+        def model(params, inputs, dtype=dtype):
+            return linear(params, inputs).astype(dtype)
+
+        loss = xj.mean_cross_entropy(model, params, inputs, labels, sample_weight=weights)
+        product = xj.ggn_vp(model, params, inputs, tangents, sample_weight=weights)
+        results[dtype] = float(loss), flat(product)
+    (half_loss, half_product), (loss, product) = results[jnp.float16], results[jnp.float32]
+    np.testing.assert_allclose(half_loss, loss, rtol=2e-3)
+    np.testing.assert_allclose(half_product, product, rtol=0, atol=5e-3 * np.abs(product).max())

@@ -604,3 +604,18 @@ def test_label_smoothing_out_of_range_is_refused_for_array_scalars(smoothing):
         xj.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 3), label_smoothing=smoothing)
     # In range, the same types are accepted.
     xj.softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=np.float32(0.2))
+
+
+def test_narrow_integer_label_dtypes():
+    # `labels < K` cast K to int8 (200 wraps to -56): every label read as out of range, NaN.
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 300)))
+    labels = np.array([0, 5, 120])
+    expected = xj.softmax_cross_entropy_with_integer_labels(logits[:, :200], labels)
+    for dtype in (np.int8, np.uint8, np.int16):
+        got = xj.softmax_cross_entropy_with_integer_labels(logits[:, :200], labels.astype(dtype))
+        np.testing.assert_array_equal(got, expected)
+    wide = np.array([0, 255, 7])
+    np.testing.assert_array_equal(
+        xj.softmax_cross_entropy_with_integer_labels(logits, wide.astype(np.uint8)),
+        xj.softmax_cross_entropy_with_integer_labels(logits, wide),
+    )

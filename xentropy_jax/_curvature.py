@@ -95,7 +95,11 @@ def example_coefficients(
     sample_weight: jax.typing.ArrayLike | None = None,
     label_mass: jax.typing.ArrayLike = 1.0,
 ) -> jax.Array:
-    """cᵢ = wᵢ mᵢ / Σⱼ wⱼ (mᵢ / N without weights), all zero when Σ w = 0. Shape [N]."""
+    """cᵢ = wᵢ mᵢ / Σⱼ wⱼ (mᵢ / N without weights), all zero when Σ w = 0. Shape [N].
+
+    In at least float32: in float16, N or Σ w above 65,504 is inf and every cᵢ came out 0.
+    """
+    dtype = jnp.promote_types(dtype, jnp.float32)
     mass = _per_example(label_mass, n, "label_mass").astype(dtype)
     if sample_weight is None:
         return mass / n

@@ -40,6 +40,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
+from ._losses import wide_labels
 
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
 # enough rows for every GEMM to run at full speed on CPU.
@@ -648,7 +649,7 @@ def _prepare(
         )
     dim, vocab_size = weight.shape
     batch_shape = hidden.shape[:-1]
-    labels = jnp.asarray(labels)
+    labels = wide_labels(jnp.asarray(labels))
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
     if labels.shape != batch_shape:

@@ -297,6 +297,17 @@ def _soft_loss_jvp(primals, tangents):
 _soft_loss.defjvp(_soft_loss_jvp, symbolic_zeros=True)
 
 
+def wide_labels(labels: jax.Array) -> jax.Array:
+    """Integer labels narrower than int32, as int32.
+
+    `labels < K` would cast K to the labels' dtype, where it wraps: int8 labels against K = 200
+    read every label as out of range (NaN losses), as uint8 label 255 against K = 300 did.
+    """
+    if jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype.itemsize < 4:
+        return labels.astype(jnp.int32)
+    return labels
+
+
 def _label_is_valid(labels: jax.Array, num_classes: int) -> jax.Array:
     return (labels >= 0) & (labels < num_classes)
 
@@ -651,7 +662,7 @@ def softmax_cross_entropy_with_integer_labels(
         [0.2761 2.9518]
     """
     logits = _check_floating(logits)
-    labels = jnp.asarray(labels)
+    labels = wide_labels(jnp.asarray(labels))
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"labels must be integer class indices, got dtype {labels.dtype}; for one-hot or "
