@@ -9,6 +9,7 @@ pytest.importorskip("sklearn")
 
 import scipy.sparse  # noqa: E402
 from sklearn.datasets import load_iris  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
@@ -138,6 +139,21 @@ def test_cross_validation_picks_the_best_c_and_refits(iris):
     refit = LogisticRegression(C=model.C_).fit(X, y)
     np.testing.assert_allclose(model.coef_, refit.coef_)
     assert model.score(X, y) == refit.score(X, y)
+
+
+def test_cross_validation_scores_ignore_class_weight_and_report_unconverged_fits(iris):
+    # class_weight shapes the fits, not the measure of their held-out predictions (as in
+    # scikit-learn): it used to weight the scores too, and to move C_.
+    X, y = iris
+    weights = {0: 5.0, 1: 1.0, 2: 0.2}
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    model = LogisticRegressionCV(Cs=[1.0], cv=cv, class_weight=weights).fit(X, y)
+    for fold, (train, test) in enumerate(cv.split(X, y)):
+        alone = LogisticRegression(C=1.0, class_weight=weights).fit(X[train], y[train])
+        np.testing.assert_allclose(model.scores_[fold, 0], alone.score(X[test], y[test]))
+    # Fits cut short were scored without a word.
+    with pytest.warns(ConvergenceWarning, match=r"[1-6] of 6 cross-validation fits stopped"):
+        LogisticRegressionCV(Cs=[1e-3, 1e3], cv=cv, max_iter=2, refit=False).fit(X, y)
 
 
 def test_cross_validation_on_sparse_binary(text):

@@ -761,6 +761,9 @@ class LogisticRegressionCV(LogisticRegression):
         if grid.size < 1 or not np.all(np.isfinite(grid) & (grid > 0)):
             raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
+        # The held-out scores weigh rows by their sample weights only, as a scorer would: the
+        # class weights shape the fits, not the measure of their predictions.
+        score_weights = _check_sample_weight(sample_weight, X, dtype=X.dtype)
         splits = list(check_cv(self.cv, labels, classifier=True).split(X, labels))
         n_classes = classes.size
         reference = n_classes == 2
@@ -798,11 +801,22 @@ class LogisticRegressionCV(LogisticRegression):
                 paths = fit_path(fold_weights, l2)
             coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
             intercepts = np.asarray(paths.params[1], dtype=X.dtype)  # [splits, Cs, K]
+        statuses = np.asarray(paths.status)  # [splits, Cs]
+        if np.any(statuses != Status.CONVERGED):
+            failed = statuses != Status.CONVERGED
+            first = statuses[failed].flat[0]
+            warnings.warn(
+                f"LogisticRegressionCV ({solver}): {np.count_nonzero(failed)} of "
+                f"{statuses.size} cross-validation fits stopped without converging (the first: "
+                f"{Status.message(int(first))}); scores_ and C_ rest on them.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         scores = np.empty((len(splits), grid.size))
         for index, (_, test) in enumerate(splits):
             logits = np.asarray(X[test] @ coefs[index].transpose(1, 0, 2).reshape(X.shape[1], -1))
             logits = logits.reshape(len(test), grid.size, n_classes) + intercepts[index]
-            test_weights = weights[test]
+            test_weights = score_weights[test]
             if self.scoring == "accuracy":
                 hits = np.argmax(logits, axis=2) == labels[test][:, None]
                 scores[index] = test_weights @ hits / test_weights.sum()
