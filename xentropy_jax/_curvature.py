@@ -327,7 +327,8 @@ def mean_cross_entropy(
         )
     coefficients = example_coefficients(n, shape.dtype, sample_weight)
     losses = loss_fn(logits_fn(params, inputs), labels)
-    return jnp.sum(coefficients * losses)
+    # Summed in at least float32, returned in the logits' dtype as before.
+    return jnp.sum(coefficients * losses).astype(jnp.result_type(losses))
 
 
 def hessian_vp(
