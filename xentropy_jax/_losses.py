@@ -430,14 +430,19 @@ def _compute_dtype(*dtypes) -> np.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _is_integer(axis) -> bool:
+    """A Python or NumPy integer (``np.int64(1)`` from array code), never a bool."""
+    return isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_))
+
+
 def _normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     if axis is None:
         # As optax: every axis is a class axis, and each example is the whole array.
         axes = tuple(range(ndim))
-    elif isinstance(axis, int):
-        axes = (axis,)
-    elif isinstance(axis, Sequence) and all(isinstance(a, int) for a in axis):
-        axes = tuple(axis)
+    elif _is_integer(axis):
+        axes = (int(axis),)
+    elif isinstance(axis, Sequence) and all(_is_integer(a) for a in axis):
+        axes = tuple(int(a) for a in axis)
     else:
         raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}.")
     if not axes:
@@ -480,9 +485,9 @@ def _prepare_where(
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean array, got dtype {where.dtype}.")
-    if where.ndim != logits.ndim:
-        where = jnp.expand_dims(where, axes)
     try:
+        if where.ndim != logits.ndim:
+            where = jnp.expand_dims(where, axes)
         where = jnp.broadcast_to(where, logits.shape)
     except ValueError as error:
         raise ValueError(
