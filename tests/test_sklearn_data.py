@@ -11,6 +11,7 @@ import scipy.sparse  # noqa: E402
 from sklearn.datasets import load_iris  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
+from sklearn.metrics import log_loss  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
@@ -132,13 +133,30 @@ def test_cross_validation_picks_the_best_c_and_refits(iris):
     for fold, (train, test) in enumerate(cv.split(X, y)):
         for index, C in enumerate(Cs):
             alone = LogisticRegression(C=C).fit(X[train], y[train])
-            log_probs = alone.predict_log_proba(X[test])
-            expected = np.mean(log_probs[np.arange(test.size), y[test]])
+            expected = -log_loss(y[test], alone.predict_proba(X[test]), labels=[0, 1, 2])
             np.testing.assert_allclose(model.scores_[fold, index], expected, rtol=1e-6)
     assert model.C_ == Cs[int(np.argmax(model.scores_.mean(axis=0)))]
     refit = LogisticRegression(C=model.C_).fit(X, y)
     np.testing.assert_allclose(model.coef_, refit.coef_)
     assert model.score(X, y) == refit.score(X, y)
+
+
+def test_log_loss_scores_clip_probabilities_as_scikit_learn():
+    # At C = 1e4 a float32 fold of raw iris holds a confidently wrong row whose probability is
+    # below eps: unclipped, its log moved the fold's score by 9% from scikit-learn's.
+    X, y = load_iris(return_X_y=True)
+    X = X.astype(np.float32)
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    model = LogisticRegressionCV(Cs=[1e4], cv=cv, scoring="neg_log_loss").fit(X, y)
+    clipped_somewhere = False
+    for fold, (train, test) in enumerate(cv.split(X, y)):
+        alone = LogisticRegression(C=1e4).fit(X[train], y[train])
+        probs = alone.predict_proba(X[test])
+        expected = -log_loss(y[test], probs, labels=[0, 1, 2])
+        np.testing.assert_allclose(model.scores_[fold, 0], expected, rtol=1e-3)
+        picked = probs[np.arange(test.size), y[test]]
+        clipped_somewhere |= bool(np.any(picked < np.finfo(np.float32).eps))
+    assert clipped_somewhere
 
 
 def test_cross_validation_scores_ignore_class_weight_and_report_unconverged_fits(iris):

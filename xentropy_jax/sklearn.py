@@ -665,7 +665,8 @@ class LogisticRegressionCV(LogisticRegression):
             (each > 0 and finite).
         cv: Splitter, number of folds (stratified), or None for 5 stratified folds.
         scoring: ``"accuracy"`` (scikit-learn's default for classifiers) or
-            ``"neg_log_loss"``, computed on the held-out rows with their sample weights.
+            ``"neg_log_loss"``, computed on the held-out rows with their sample weights (as
+            scikit-learn's ``log_loss``, probabilities are clipped to ``[eps, 1 − eps]``).
         refit: Refit on all the data at the best ``C`` (otherwise the coefficients are the
             mean over the splits of the path's coefficients at the best ``C``).
         fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs, product_dtype: as
@@ -821,9 +822,12 @@ class LogisticRegressionCV(LogisticRegression):
                 hits = np.argmax(logits, axis=2) == labels[test][:, None]
                 scores[index] = test_weights @ hits / test_weights.sum()
             else:
-                log_probs = log_softmax(logits, axis=2)
-                picked = np.take_along_axis(log_probs, labels[test][:, None, None], axis=2)[..., 0]
-                scores[index] = test_weights @ picked / test_weights.sum()
+                # As scikit-learn's log_loss: probabilities clipped to [eps, 1 − eps] of their
+                # dtype, so that one confidently wrong row cannot dominate a fold's score.
+                eps = np.finfo(logits.dtype).eps
+                probs = np.clip(softmax(logits, axis=2), eps, 1 - eps)
+                picked = np.take_along_axis(probs, labels[test][:, None, None], axis=2)[..., 0]
+                scores[index] = test_weights @ np.log(picked) / test_weights.sum()
         best = int(np.argmax(scores.mean(axis=0)))
         self.Cs_ = grid
         self.scores_ = scores
