@@ -231,6 +231,32 @@ def test_masked_examples_are_dropped_and_weights_are_scale_free():
     np.testing.assert_allclose(flat(once), flat(thrice), rtol=1e-12)
 
 
+@pytest.mark.parametrize("pad", [-1, -100, K])
+def test_rows_of_weight_zero_may_carry_padding_labels(pad):
+    # Padding rows masked by weight 0 with a padding label made the objective, its gradient and
+    # the Hessian products NaN (0 · NaN); they now count for nothing, as the rows left out do.
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    mask = np.array([True, False, True, True, False, True, True])
+    padded = jnp.where(jnp.asarray(mask), labels, pad)
+    soft = jnp.where(jnp.asarray(mask)[:, None], jax.nn.one_hot(labels, K), jnp.nan)
+
+    def objective(p, targets, subset=False):
+        if subset:
+            return xj.mean_cross_entropy(mlp, p, inputs[mask], targets[mask])
+        return xj.mean_cross_entropy(mlp, p, inputs, targets, sample_weight=mask)
+
+    expected = objective(params, labels, subset=True)
+    expected_grad = flat(jax.grad(objective)(params, labels, True))
+    expected_product = flat(xj.hessian_vp(mlp, params, inputs[mask], labels[mask], tangents))
+    for targets in (padded, soft):
+        np.testing.assert_allclose(objective(params, targets), expected, rtol=1e-13)
+        grad = jax.jit(jax.grad(objective))(params, targets)
+        np.testing.assert_allclose(flat(grad), expected_grad, rtol=1e-12, atol=1e-14)
+        product = xj.hessian_vp(mlp, params, inputs, targets, tangents, sample_weight=mask)
+        np.testing.assert_allclose(flat(product), expected_product, rtol=1e-12, atol=1e-14)
+
+
 def test_zero_total_weight_gives_zero_not_nan():
     params, inputs, labels = make_problem(mlp)
     tangents = random_tangents(params)

@@ -280,7 +280,8 @@ def mean_cross_entropy(
         params: pytree of floating arrays θ.
         inputs: second argument of ``logits_fn``.
         labels: integer class indices [N], or label distributions / one-hot rows [N, K].
-        sample_weight: optional non-negative [N] example weights.
+        sample_weight: optional non-negative [N] example weights. A row of weight 0 counts for
+            nothing whatever its label, so padding rows may carry any label (−1, −100, ...).
 
     Returns:
         The scalar objective, in the dtype of the logits.
@@ -326,6 +327,12 @@ def mean_cross_entropy(
             f"got {labels.dtype} {labels.shape}."
         )
     coefficients = example_coefficients(n, shape.dtype, sample_weight)
+    if sample_weight is not None:
+        # A row of weight 0 is left out whatever its label: padding labels (−1, −100, K) would
+        # give a NaN loss and gradient there, and 0 · NaN is NaN. Its integer label becomes
+        # class 0 and its label row zeros, at no measured cost in the fused loss.
+        kept = coefficients != 0
+        labels = jnp.where(kept if labels.ndim == 1 else kept[:, None], labels, 0)
     losses = loss_fn(logits_fn(params, inputs), labels)
     # Summed in at least float32, returned in the logits' dtype as before.
     return jnp.sum(coefficients * losses).astype(jnp.result_type(losses))
@@ -356,7 +363,8 @@ def hessian_vp(
         inputs: second argument of ``logits_fn``.
         labels: integer class indices [N], or label distributions / one-hot rows [N, K].
         tangents: pytree v with the structure, shapes and dtypes of ``params``.
-        sample_weight: optional non-negative [N] example weights.
+        sample_weight: optional non-negative [N] example weights (rows of weight 0 may carry
+            any label, as in :func:`mean_cross_entropy`).
 
     Returns:
         ∇²F(θ) v, a pytree like ``params``.
