@@ -152,7 +152,8 @@ def ggn_operator(
     loss-Hessian product sᵢ ⊙ (uᵢ − sᵢᵀuᵢ) in O(N·K) with no exponential, and one transposed
     pass Jᵀ u: about the cost of one gradient, with O(N·K + P) memory beyond the stored
     linearisation. The operator is a ``jax.tree_util.Partial``, so it can be passed into
-    ``jit``-compiled solvers (conjugate gradients) as an argument.
+    ``jit``-compiled solvers (conjugate gradients) as an argument. It is differentiable in
+    ``params``, ``inputs`` and the weights (the probabilities move with θ).
 
     Args:
         logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits. Classes can be masked with
@@ -198,7 +199,9 @@ def ggn_operator(
         raise ValueError(f"damping must be a non-negative number, got {damping}.")
     logits, model_jvp = jax.linearize(lambda p: logits_fn(p, inputs), params)
     model_vjp = jax.linear_transpose(model_jvp, params)
-    probs = loss_probabilities(jax.lax.stop_gradient(logits))
+    # No stop_gradient: the operator is then differentiable in params, inputs and weights
+    # (d/dθ of vᵀ G(θ) v includes how s moves), and nothing costs more when it is not.
+    probs = loss_probabilities(logits)
     coefficients = coefficients.astype(probs.dtype)
     return Partial(_apply_ggn, model_jvp, model_vjp, probs, coefficients, jnp.asarray(damping))
 

@@ -39,18 +39,20 @@ def _check_num_samples(num_samples: int) -> None:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
 
 
-def _sqrt_factor_rows(logits: jax.Array) -> jax.Array:
-    """Rows k of Bᵀ for one example: √sₖ (eₖ − s), so that Σₖ rowₖ rowₖᵀ = diag(s) − ssᵀ. [K, K].
+def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
+    """Rows k of Bᵀ for one example, ``scale · √sₖ (eₖ − s)``, in the logits' dtype. [K, K].
 
+    Σₖ rowₖ rowₖᵀ = scale² (diag(s) − ssᵀ); the dtype is that of the model's VJP cotangents.
     The diagonal √sₖ (1 − sₖ) takes 1 − sₖ from the other classes' exponentials (as the losses
-    do), so the winner of a confident example keeps its curvature at any margin.
+    do), so the winner of a confident example keeps its curvature at any margin. Half precision
+    logits get their rows in float32, scaled, then rounded once.
     """
     probs, complement = softmax_parts(
         logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None
     )
     eye = jnp.eye(logits.shape[-1], dtype=bool)
     rows = jnp.sqrt(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
-    return rows.astype(logits.dtype)
+    return (scale * rows).astype(logits.dtype)
 
 
 def ggn_diagonal(
@@ -130,7 +132,7 @@ def ggn_diagonal(
             return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
 
         logits, model_vjp = jax.vjp(row_logits, params)
-        rows = jnp.sqrt(coefficient) * _sqrt_factor_rows(jax.lax.stop_gradient(logits))
+        rows = _sqrt_factor_rows(logits, jnp.sqrt(coefficient))
         (columns,) = jax.vmap(model_vjp)(rows)
         return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
 
