@@ -364,6 +364,17 @@ def test_jit_vmap_and_operator_as_argument():
         np.testing.assert_allclose(
             flat(apply(operator, unravel(v))), expected + 0.5 * v, rtol=1e-13
         )
+    # Operators built anew (one per outer step of a training loop) have the same structure:
+    # each eager build used to carry a new jaxpr, and a jitted solver compiled again each step.
+    for step in range(1, 4):
+        moved = jax.tree.map(lambda p, step=step: p * (1 + 0.1 * step), params)
+        fresh = xj.ggn_operator(mlp, moved, inputs, damping=0.5)
+        assert jax.tree.structure(fresh) == jax.tree.structure(operator)
+        np.testing.assert_allclose(
+            flat(apply(fresh, batch_first(batch))),
+            flat(xj.ggn_vp(mlp, moved, inputs, batch_first(batch), damping=0.5)),
+            rtol=1e-13,
+        )
 
     # vmap over weight vectors and over the Hessian product's tangents.
     weight_sets = jnp.stack([jnp.ones(N), jnp.asarray(WEIGHTS)])

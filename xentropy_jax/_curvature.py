@@ -197,13 +197,41 @@ def ggn_operator(
     coefficients = example_coefficients(shape.shape[0], shape.dtype, sample_weight, label_mass)
     if _is_concrete(damping) and not np.all(np.asarray(damping) >= 0):
         raise ValueError(f"damping must be a non-negative number, got {damping}.")
+    linearize = _compiled_linearization if _compiles(logits_fn, params, inputs) else _linearization
+    model_jvp, model_vjp, probs = linearize(logits_fn, params, inputs)
+    coefficients = coefficients.astype(probs.dtype)
+    return Partial(_apply_ggn, model_jvp, model_vjp, probs, coefficients, jnp.asarray(damping))
+
+
+def _linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> tuple:
+    """``(v ↦ J v, u ↦ Jᵀ u, s)`` at ``params``: one forward pass of the model."""
     logits, model_jvp = jax.linearize(lambda p: logits_fn(p, inputs), params)
     model_vjp = jax.linear_transpose(model_jvp, params)
     # No stop_gradient: the operator is then differentiable in params, inputs and weights
     # (d/dθ of vᵀ G(θ) v includes how s moves), and nothing costs more when it is not.
-    probs = loss_probabilities(logits)
-    coefficients = coefficients.astype(probs.dtype)
-    return Partial(_apply_ggn, model_jvp, model_vjp, probs, coefficients, jnp.asarray(damping))
+    return model_jvp, model_vjp, loss_probabilities(logits)
+
+
+# Built eagerly, each linearisation carries a new jaxpr in its pytree structure, and a jitted
+# solver taking the operator as an argument compiled again for every outer step (0.5-1 s each,
+# its cache growing by one entry per step). Built by one compiled program, the structure is
+# that program's, the same at every call with the same model, shapes and dtypes.
+_compiled_linearization = jax.jit(_linearization, static_argnums=0)
+
+
+def _compiles(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> bool:
+    """Whether to linearise through the compiled program: eagerly, for a hashable model.
+
+    The model is a static argument. ``logits_shape`` already traces it on abstract inputs, so
+    the program asks nothing more of them; inside a trace it would be inlined anyway.
+    """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
+        return False
+    try:
+        hash(logits_fn)
+    except TypeError:
+        return False
+    return True
 
 
 def ggn_vp(
