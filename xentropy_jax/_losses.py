@@ -210,62 +210,73 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.sum(a * b, axis=-1, where=where)
 
 
-def _label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
-    """Row-wise ``yᵀz = Σ_k y_k z_k``, ``[...]``, where a class without label counts 0.
+def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
+    """Row-wise ``Σ_k y_k (c − z_k)``, ``[...]``, term by term; a class without label counts 0.
 
-    ``0 · (±inf)`` is NaN, but a class that carries no label contributes nothing whatever its
-    logit (a ``-inf`` logit is a masked class). The select that says so (``_masked_label_logits``)
-    keeps XLA's CPU backend from fusing the multiply into the reduction: it writes the products
-    out as an ``[..., K]`` array and reads them back. On CPU the plain fused sum comes first, and
-    the select runs only when some row came out NaN (``_checked_label_logits``); elsewhere the
-    select stays, as fusions there take it into the reduction.
+    Every term ``y_k · max(c − z_k, 0)`` is exact to rounding and of the sign of its label, so
+    nothing cancels: ``m·c − yᵀz`` would lose the sum to a large common offset of the logits
+    (float32 logits near 10⁴ lost 4 digits), and a clamp of it at 0 would be wrong for negative
+    soft labels. The ``max`` changes nothing for logits held in memory and keeps every term of
+    a non-negative label non-negative under the fused rounding described in ``_exponentials``.
+
+    ``0 · inf`` is NaN, but a class that carries no label contributes nothing whatever its logit
+    (a ``-inf`` logit is a masked class). The select that says so (``_masked_label_gaps``) keeps
+    XLA's CPU backend from fusing the multiply into the reduction: it writes the products out
+    as an ``[..., K]`` array and reads them back. On CPU the plain fused sum comes first, and the
+    select runs only when some row came out NaN (``_checked_label_gaps``); elsewhere the select
+    stays, as fusions there take it into the reduction.
     """
     return jax.lax.platform_dependent(
-        labels, logits, cpu=_checked_label_logits, default=_masked_label_logits
+        labels, logits, peak, cpu=_checked_label_gaps, default=_masked_label_gaps
     )
 
 
-def _masked_label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
-    return jnp.where(labels != 0, labels * logits, 0.0).sum(axis=-1)
+def _gaps(logits: jax.Array, peak: jax.Array) -> jax.Array:
+    return jnp.maximum(peak - logits, 0.0)
+
+
+def _masked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
+    return jnp.where(labels != 0, labels * _gaps(logits, peak), 0.0).sum(axis=-1)
 
 
 @jax.custom_batching.custom_vmap
-def _checked_label_logits(labels: jax.Array, logits: jax.Array) -> jax.Array:
-    """``Σ_k y_k z_k`` in one fused pass; the select form for the whole batch if a row is NaN.
+def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
+    """``Σ_k y_k (c − z_k)`` in one fused pass; the select form for the whole batch if a row is NaN.
 
     A NaN row has an unlabelled infinite logit (or a NaN input); every other row equals the
     select form's. Under ``vmap`` a ``cond`` on a batched predicate would evaluate both branches
     for every call: the batching rule below keeps one ``cond`` over the whole batched array.
     """
-    plain = (labels * logits).sum(axis=-1)
+    plain = (labels * _gaps(logits, peak)).sum(axis=-1)
     return jax.lax.cond(
-        jnp.any(jnp.isnan(plain)), lambda: _masked_label_logits(labels, logits), lambda: plain
+        jnp.any(jnp.isnan(plain)), lambda: _masked_label_gaps(labels, logits, peak), lambda: plain
     )
 
 
-@_checked_label_logits.def_vmap
-def _checked_label_logits_vmap(axis_size, in_batched, labels, logits):
+@_checked_label_gaps.def_vmap
+def _checked_label_gaps_vmap(axis_size, in_batched, labels, logits, peak):
     # Row-wise over the last axis: the batched call is the same function on a leading axis.
-    labels, logits = (
+    labels, logits, peak = (
         x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        for x, batched in zip((labels, logits), in_batched, strict=True)
+        for x, batched in zip((labels, logits, peak), in_batched, strict=True)
     )
-    return _checked_label_logits(labels, logits), True
+    return _checked_label_gaps(labels, logits, peak), True
 
 
 @jax.custom_jvp
 def _soft_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """``Σ_k y_k (c − z_k) + m · log1p(R)`` per row, for labels already zero on masked classes.
 
-    This is ``m · logsumexp(z) − yᵀz`` with the shift ``c`` taken out first: the first sum
-    (non-negative) cancels exactly for a one-hot label on the winner, so the small remainder
-    ``m · log1p(R)`` survives.
+    This is ``m · logsumexp(z) − yᵀz`` with the shift ``c`` taken out first and summed term by
+    term (``_label_gaps``): no term cancels another, whatever the logits' common offset, the
+    sum is exactly 0 for a one-hot label on the winner, so the small remainder ``m · log1p(R)``
+    survives, and negative soft labels count with their sign.
     """
     exps, peak = _exponentials(logits, where)
     mass = labels.sum(axis=-1)
-    label_logits = _label_logits(labels, logits)
-    # Σ y (c − z) ≥ 0; the `maximum` only matters under the fused rounding of `_exponentials`.
-    shifted = jnp.maximum(mass * peak[..., 0] - label_logits, 0.0)
+    # The barrier keeps XLA's CPU backend from fusing the row maximum with its broadcast: the
+    # shift has two users here, and the fusion would write it out as an [..., K] array.
+    shifted = _label_gaps(labels, logits, jax.lax.optimization_barrier(peak))
     return shifted + mass * jnp.log1p(_rest(exps)[..., 0])
 
 
