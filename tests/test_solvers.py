@@ -426,6 +426,39 @@ def test_float32_fit_is_float32_and_accurate(multiclass):
     np.testing.assert_allclose(result.params[0].T, reference.coef_, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("solver", ["newton", "newton-cg", "trust-region"])
+def test_float32_strong_penalty_with_an_intercept_converges(solver):
+    # θ + tΔ rounds entry by entry, and the rounding drifted W off its centred subspace (a
+    # common shift of the classes), where no direction corrects it; the penalty turned the
+    # drift into a gradient of 3.2e-7 above the tolerance of 7e-8, and the CG solvers stopped
+    # LINE_SEARCH_FAILED (a FitError by default) on a right answer. θ is now kept centred.
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 3))
+    labels = np.argmax(features @ rng.normal(size=(3, 3)) + rng.gumbel(size=(120, 3)), axis=1)
+    features = 0.1 * features
+    expected = fit_logistic_regression(features, labels, 3, l2=100.0, tol=1e-12)
+    result = fit_logistic_regression(
+        features.astype(np.float32), labels, 3, l2=100.0, solver=solver
+    )
+    assert int(result.status) == Status.CONVERGED
+    np.testing.assert_allclose(result.params[0], expected.params[0], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(result.params[1], expected.params[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_trust_region_warm_started_at_the_optimum_converges(multiclass, dtype):
+    # Its first step from an optimum is rejected (the decrease is rounding), and the decrement
+    # of the last accepted step (inf at first) was kept: LINE_SEARCH_FAILED, a FitError.
+    features, labels, sample_weight = multiclass
+    features = features.astype(dtype)
+    first = fit_logistic_regression(features, labels, 3, l2=0.1, solver="trust-region")
+    again = fit_logistic_regression(
+        features, labels, 3, l2=0.1, solver="trust-region", init=first.params
+    )
+    assert int(again.status) == Status.CONVERGED and int(again.n_iter) == 1
+    np.testing.assert_allclose(again.loss, first.loss, rtol=4 * np.finfo(dtype).eps)
+
+
 def test_no_intercept(multiclass):
     features, labels, sample_weight = multiclass
     C = 0.7

@@ -26,7 +26,10 @@ Optional capabilities, used when a solver or preconditioner asks for them:
 * ``remove_class_shift(vector)``: the orthogonal projection onto a subspace that holds the
   gradient, every H·v and a minimiser (for logistic regression: W and b centred over the
   classes, as a common shift of every class changes no probability). The preconditioners
-  follow M⁻¹ by it, so that CG does not wander along directions where f is (nearly) flat;
+  follow M⁻¹ by it, so that CG does not wander along directions where f is (nearly) flat, and
+  the solvers project each new θ by it, so that rounding does not drift θ out of it. It must
+  not increase f, and the predictor of θ must serve for the projected θ (for logistic
+  regression they differ by a common shift of each row's logits);
 * the Kronecker factors of `LogisticObjective` (``feature_gram``, ``class_curvature``) for the
   "kronecker" and "ekfac" preconditioners;
 * ``astype(dtype)``: the objective with its data in another floating dtype, for

@@ -23,6 +23,7 @@ from ._inner import (
     product_objective,
     product_operator,
 )
+from ._linesearch import keep_in_subspace
 from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
 
@@ -203,11 +204,15 @@ class TrustRegion:
         on_boundary = solve.status == CGStatus.BOUNDARY
         radius = radius_update(radius, step_norm, actual, predicted, slope, on_boundary)
         taken = accepted(actual, predicted)
-        theta = jnp.where(taken, point.theta + step, point.theta)
+        theta = jnp.where(taken, keep_in_subspace(objective, point.theta + step), point.theta)
         predictor = jax.tree.map(
             lambda a, b: jnp.where(taken, a + b, a), point.predictor, step_predictor
         )
-        decrement = jnp.where(taken, predicted, carry.decrement)
+        # A step inside the region is the (inexact) Newton step from θ, so its model decrease
+        # measures θ itself whether or not it was taken: at an optimum (a warm start from a
+        # converged fit) the step is rejected, its decrease being rounding, and keeping the
+        # last accepted decrement (inf at first) reported LINE_SEARCH_FAILED there.
+        decrement = jnp.where(taken | ~on_boundary, predicted, carry.decrement)
         # The region has collapsed below the resolution of θ: no decrease can be found.
         collapsed = radius <= 10 * jnp.finfo(dtype).eps * (
             1 + jnp.sqrt(jnp.vdot(theta, metric.apply(theta)))
