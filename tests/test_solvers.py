@@ -662,6 +662,26 @@ def test_collinear_unpenalised_fit_is_the_minimum_norm_optimum(problem, name, re
     assert f"[{', '.join(map(str, named))}]" in message and "minimum-norm" in message
 
 
+def test_nearly_collinear_columns_keep_the_optimum_the_fit_found():
+    # The Gram resolves singular values only down to √(d̃·eps): in float32 columns x and
+    # x + 1e-3·noise read as collinear, and the minimum-norm projection removed the component
+    # along them, moving the returned params to an objective 0.9% above the CONVERGED loss.
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=400), rng.normal(size=400)
+    features = np.c_[x, x + 1e-3 * rng.normal(size=400), z].astype(np.float32)
+    logits = np.c_[0 * x, 2 * x + 300 * (features[:, 1] - features[:, 0]), z]
+    labels = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
+    expected = fit_logistic_regression(features.astype(np.float64), labels, 3, l2=0.0, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollinearityWarning)
+        result = fit_logistic_regression(features, labels, 3, l2=0.0, solver="newton")
+    objective = _linear.logistic_objective(features.astype(np.float64), labels, 3)
+    theta = objective.restrict(*(jnp.asarray(p, jnp.float64) for p in result.params))
+    attained = float(objective.value(theta))
+    np.testing.assert_allclose(attained, float(expected.loss), rtol=1e-6)
+    np.testing.assert_allclose(float(result.loss), attained, rtol=1e-6)
+
+
 def test_collinearity_is_not_warned_with_a_penalty_or_independent_columns():
     features, labels, _, _ = _collinear_problems()["repeated column"]
     with warnings.catch_warnings():
