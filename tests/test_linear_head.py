@@ -447,6 +447,76 @@ def test_ggn_is_symmetric_positive_semidefinite():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_confident_tokens_are_exact_in_the_tails(vocab_chunk, dtype):
+    # Labels on the winner at margins 10-60: the head formed lse − z_c, s_c − 1 and ż − sᵀż by
+    # subtraction, so the loss, the label's gradient and the GGN product rounded to 0 or lost
+    # every digit from a margin of about 17 in float32 (37 in float64), and the float32 GGN had
+    # a negative eigenvalue as large as its smallest true one. The dense losses are exact there.
+    rng = np.random.default_rng(0)
+    eps = float(jnp.finfo(dtype).eps)
+    hidden = jnp.asarray(rng.normal(size=(6, 3)), dtype)
+    weight = jnp.asarray(0.3 * rng.normal(size=(3, 5)), dtype)
+    tangents = (
+        None,
+        jnp.asarray(rng.normal(size=(3, 5)), dtype),
+        jnp.asarray(rng.normal(size=5), dtype),
+    )
+    labels = jnp.zeros(6, jnp.int32)
+    chunks = {"vocab_chunk_size": vocab_chunk}
+
+    def dense(params, x):
+        return x @ params["w"] + params["b"][None, :]
+
+    for margin in [10.0, 20.0, 30.0, 40.0, 60.0]:
+        bias = jnp.asarray(np.r_[margin, np.zeros(4)], dtype)
+        params = {"w": weight, "b": bias}
+        logits = dense(params, hidden)
+        losses = xj.linear_softmax_cross_entropy(hidden, weight, labels, bias=bias, **chunks)
+        expected = xj.softmax_cross_entropy_with_integer_labels(logits, labels)
+        np.testing.assert_allclose(losses, expected, rtol=64 * eps)
+
+        def head_mean(b, params=params):
+            return xj.linear_softmax_cross_entropy(
+                hidden, params["w"], labels, bias=b, reduction="mean", **chunks
+            )
+
+        grad = jax.grad(head_mean)(bias)
+        expected = jax.grad(
+            lambda b, params=params: xj.mean_cross_entropy(
+                dense, {**params, "b": b}, hidden, labels
+            )
+        )(bias)
+        np.testing.assert_allclose(grad, expected, rtol=64 * eps)
+
+        _, (_, product_w, product_b) = xj.linear_softmax_cross_entropy_ggn_vp(
+            hidden, weight, labels, tangents, bias=bias, **chunks
+        )
+        expected = xj.ggn_vp(dense, params, hidden, {"w": tangents[1], "b": tangents[2]})
+        for got, want in [(product_w, expected["w"]), (product_b, expected["b"])]:
+            error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            assert error <= 64 * eps, (margin, error)
+
+    # The bias block of the GGN, 3 classes at margin 18: no eigenvalue below the rounding of
+    # the smallest true one (it was −1.1e-8 against 7.5e-9 in float32).
+    bias = jnp.asarray([18.0, 0.0, -1.0], dtype)
+    one = jnp.zeros((1, 1), dtype)
+    columns = [
+        xj.linear_softmax_cross_entropy_ggn_vp(
+            one,
+            jnp.zeros((1, 3), dtype),
+            jnp.zeros(1, jnp.int32),
+            (None, None, unit),
+            bias=bias,
+            **chunks,
+        )[1][2]
+        for unit in jnp.eye(3, dtype=dtype)
+    ]
+    eigenvalues = np.linalg.eigvalsh(np.asarray(jnp.stack(columns), np.float64))
+    assert eigenvalues[0] >= -4 * eps * eigenvalues[-1], eigenvalues
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_float32_equals_dense_float32(reduction):
     hidden, weight, bias, labels = make_head(jnp.float32, seed=10, n=40, d=16, v=300)

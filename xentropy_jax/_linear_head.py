@@ -11,7 +11,10 @@ softmax cross-entropy against integer labels ``c``. With ``s = softmax(z)``, lab
 Everything runs over chunks: rows in blocks of ``row_chunk_size`` and, inside each, the
 vocabulary in blocks of ``vocab_chunk_size``. A block's logits ``h_r W_c + b_c`` are recomputed
 wherever they are needed and never stored; with a single vocabulary block (the default up to
-V = 262,144) each row block needs one pass, else two (a streaming logsumexp, then the outputs).
+V = 262,144) each row block needs one pass, else two (streaming row statistics, then the
+outputs). ``−log s_c``, ``1 − s_c`` and ``ż − sᵀż`` are never formed by subtraction: they come
+from the other classes' share and a shift of ``ż`` at the largest logit (`_RowStats`,
+`_block_ggn`), exact in the tails as the losses are.
 Every product is a GEMM of a row block against a vocabulary block:
 
 * loss only: ``h_r W_c``;
@@ -150,67 +153,152 @@ def _block_probs(logits, lse) -> jax.Array:
 
 
 def _block_gradient(
-    logits, lse, labels_r, row_weight, index, config: _Config, probs=None
+    logits, stats, labels_r, row_weight, index, config: _Config, probs=None
 ) -> jax.Array:
-    """``c ⊙ (a s − t)`` for one block: the gradient of the weighted loss w.r.t. the logits."""
+    """``c ⊙ (a s − t)`` for one block: the gradient of the weighted loss w.r.t. the logits.
+
+    The label's entry ``a s_c − (1 − α) = 2ζ·lse·s_c − (1 − s_c) + α`` takes ``1 − s_c`` from
+    the other classes' share (``stats.complement``), never by subtraction from 1: a confident
+    token keeps its label's gradient where ``s_c`` rounds to 1.
+    """
     valid, columns = _column_valid(index, config)
+    lse = stats.lse
     if probs is None:
         probs = _block_probs(logits, lse)
     scale = 1.0 + 2.0 * config.z_loss * lse if config.z_loss else None
     grad = probs if scale is None else scale[:, None] * probs
-    onehot = (labels_r[:, None] == columns[None, :]).astype(grad.dtype)
-    grad = grad - (1.0 - config.label_smoothing) * onehot
+    label_entry = config.label_smoothing - stats.complement[:, None]
+    if scale is not None:
+        label_entry = label_entry + (scale - 1.0)[:, None] * probs
+    grad = jnp.where(labels_r[:, None] == columns[None, :], label_entry, grad)
     if config.label_smoothing:
         smoothing = config.label_smoothing / config.vocab_size
         grad = grad - valid.astype(grad.dtype)[None, :] * smoothing
     return grad * row_weight[:, None]
 
 
-def _block_ggn(
-    logits, logits_dot, lse, dot, row_weight, index, config: _Config, probs=None
-) -> jax.Array:
-    """``c ⊙ s ⊙ (a ż − (a − 2ζ) sᵀż)`` for one block, given ``lse`` and ``sᵀż`` per row."""
-    del index
-    if probs is None:
+def _block_ggn(logits, logits_dot, stats, row_weight, config: _Config, probs=None) -> jax.Array:
+    """``c ⊙ s ⊙ (a (ż − sᵀż) + 2ζ sᵀż)`` for one block, i.e. ``c ⊙ s ⊙ (a ż − (a − 2ζ) sᵀż)``.
+
+    ``ż`` is shifted by ``r``, its value at the largest logit (found here with a single
+    vocabulary block, ``probs`` given; ``stats.shift`` across blocks, with ``stats.dot =
+    sᵀ(ż − r)``): that class then adds nothing to ``sᵀ(ż − r)``, so the other classes' terms are
+    not rounded away against it, and the product of a confident token stays accurate and
+    positive semi-definite (as ``hessian_product_from_probs`` does in the losses).
+    """
+    lse = stats.lse
+    if probs is not None:
+        shift = _shift(logits, stats.peak, logits_dot)
+        centred = logits_dot - shift[:, None]
+        dot = jnp.sum(probs * centred, axis=-1)
+        curvature = probs * (centred - dot[:, None])
+        dot = dot + shift
+    else:
         probs = _block_probs(logits, lse)
+        curvature = probs * ((logits_dot - stats.shift[:, None]) - stats.dot[:, None])
+        dot = stats.dot + stats.shift
     if config.z_loss:
         scale = 1.0 + 2.0 * config.z_loss * lse
-        inner = scale[:, None] * logits_dot - (scale - 2.0 * config.z_loss)[:, None] * dot[:, None]
-    else:
-        inner = logits_dot - dot[:, None]
+        curvature = scale[:, None] * curvature + 2.0 * config.z_loss * probs * dot[:, None]
     # A −inf logit (masked or padded class) gives s = 0 and a finite ż: the product is 0 there.
-    return probs * inner * row_weight[:, None]
+    return curvature * row_weight[:, None]
 
 
-def _softmax_and_logsumexp(logits):
-    """``(logsumexp, softmax)`` of whole rows from one ``exp(z − max)``.
+class _RowStats(NamedTuple):
+    """Per row, what the closed forms need from the whole vocabulary, each exact in the tails.
 
-    An all ``-inf`` row gives ``(-inf, 0)``.
+    ``lse`` = logsumexp(z); ``label_nll`` = −log s_c = (m − z_c) + log1p(S + (e_c − 1)) and
+    ``complement`` = 1 − s_c = S / T, with m the largest logit, S = Σ_{k≠c} exp(z_k − m) the other
+    classes' share, e_c = exp(z_c − m) and T = S + e_c (as the integer loss's ``_label_split``):
+    a label on the winner keeps its loss log1p(S) and its gradient −S/T where s_c rounds to 1.
+    ``dot`` = sᵀ(ż − r) and ``shift`` = r, the tangent at the largest logit (GGN products across
+    vocabulary blocks only), and ``peak`` = m (a single vocabulary block only); None otherwise.
+    """
+
+    lse: jax.Array
+    label_nll: jax.Array
+    complement: jax.Array
+    dot: jax.Array | None = None
+    shift: jax.Array | None = None
+    peak: jax.Array | None = None
+
+
+def _finish_label(peak, others, label_logit) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(lse, −log s_c, 1 − s_c, T)`` from the row's maximum, others' share and label logit.
+
+    The total is ``T = S + e_c``: one sum over the classes serves both the normaliser and the
+    complement, as in the integer loss.
+    """
+    label_exp = jnp.exp(jnp.minimum(label_logit - peak, 0.0))
+    total = others + label_exp
+    # S + (e_c − 1) ≥ 0 (S holds the winner's 1 unless the label is the winner, whose e_c = 1).
+    rest = jnp.maximum(others + (label_exp - 1.0), 0.0)
+    label_nll = jnp.maximum(peak - label_logit, 0.0) + jnp.log1p(rest)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    return jnp.log(total) + peak, label_nll, others / safe_total, safe_total
+
+
+def _label_columns(labels_r, columns) -> jax.Array:
+    return labels_r[:, None] == columns[None, :]
+
+
+def _label_logit(logits, labels_r) -> jax.Array:
+    """``z_c`` per row of a block holding every class: a gather, the same number as the block's."""
+    safe = jnp.clip(labels_r, 0, logits.shape[-1] - 1)[:, None]
+    return jnp.take_along_axis(logits, safe, axis=-1)[:, 0]
+
+
+def _shift(logits, peak, logits_dot) -> jax.Array:
+    """``r``: the tangent at the largest logit (their sum at a tie, also a valid shift)."""
+    return jnp.sum(jnp.where(logits == peak[:, None], logits_dot, 0.0), axis=-1)
+
+
+def _block_statistics(logits, labels_r, columns):
+    """``(_RowStats, softmax)`` of whole rows (a single vocabulary block) from one exponential.
+
+    An all ``-inf`` row gives ``lse = -inf`` and probabilities 0.
     """
     peak = jnp.maximum(jnp.max(logits, axis=-1), jnp.finfo(logits.dtype).min)
     unnormalized = jnp.exp(logits - peak[:, None])
-    total = unnormalized.sum(axis=-1)
-    probs = unnormalized * (1.0 / jnp.where(total > 0, total, 1.0))[:, None]
-    return jnp.log(total) + peak, probs
+    others = jnp.sum(jnp.where(_label_columns(labels_r, columns), 0.0, unnormalized), axis=-1)
+    lse, label_nll, complement, total = _finish_label(peak, others, _label_logit(logits, labels_r))
+    probs = unnormalized * (1.0 / total)[:, None]
+    return _RowStats(lse, label_nll, complement, peak=peak), probs
 
 
-def _stream_step(state, logits, logits_dot):
-    """Online logsumexp (and Σ exp(z − m) ż) with a running maximum ``m``: one block."""
-    peak, total, weighted = state
-    new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+def _stream_step(state, logits, logits_dot, labels_r, first_column):
+    """Online statistics with a running maximum ``m``: one vocabulary block.
+
+    The state is (m, S, z_c, T, W, r): the others' share rescaled to m, the label's logit, and
+    with tangents the total T, W = Σ exp(z − m)(ż − r) and r the tangent at the largest logit so
+    far (W is re-based when r moves, by (r_old − r_new)·T_old).
+    """
+    peak, others, label_logit, total, weighted, shift = state
+    block_peak = jnp.max(logits, axis=-1)
+    new_peak = jnp.maximum(peak, block_peak)
     rescale = jnp.exp(peak - new_peak)
     terms = jnp.exp(logits - new_peak[:, None])
-    total = total * rescale + terms.sum(axis=-1)
+    local = labels_r - first_column
+    label = local[:, None] == jnp.arange(logits.shape[-1])[None, :]
+    others = others * rescale + jnp.sum(jnp.where(label, 0.0, terms), axis=-1)
+    inside = (local >= 0) & (local < logits.shape[-1])
+    label_logit = jnp.where(inside, _label_logit(logits, local), label_logit)
     if logits_dot is not None:
-        weighted = weighted * rescale + jnp.sum(terms * logits_dot, axis=-1)
-    return new_peak, total, weighted
+        new_shift = jnp.where(block_peak > peak, _shift(logits, block_peak, logits_dot), shift)
+        weighted = (weighted + (shift - new_shift) * total) * rescale + jnp.sum(
+            terms * (logits_dot - new_shift[:, None]), axis=-1
+        )
+        total = total * rescale + terms.sum(axis=-1)
+        shift = new_shift
+    return new_peak, others, label_logit, total, weighted, shift
 
 
-def _finish_stream(state):
-    peak, total, weighted = state
-    lse = jnp.log(total) + peak
-    dot = weighted / jnp.where(total > 0, total, 1.0) if weighted is not None else None
-    return lse, dot
+def _finish_stream(state) -> _RowStats:
+    peak, others, label_logit, _, weighted, shift = state
+    lse, label_nll, complement, total = _finish_label(peak, others, label_logit)
+    if weighted is None:
+        return _RowStats(lse, label_nll, complement)
+    return _RowStats(lse, label_nll, complement, weighted / total, shift)
 
 
 def _init_stream(num_rows: int, config: _Config, with_dot: bool):
@@ -219,7 +307,8 @@ def _init_stream(num_rows: int, config: _Config, with_dot: bool):
     dtype = config.compute_dtype
     peak = jnp.full((num_rows,), jnp.finfo(dtype).min, dtype)
     zeros = jnp.zeros((num_rows,), dtype)
-    return peak, zeros, (zeros if with_dot else None)
+    tangent = zeros if with_dot else None
+    return peak, zeros, zeros, tangent, tangent, tangent
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,15 +330,18 @@ def _tangent_logits(hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, 
     return functools.reduce(jnp.add, terms)
 
 
-def _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config):
-    """``lse`` (and ``sᵀż`` when ``tangent_blocks`` is given) per row of one row block."""
+def _row_statistics(hidden_r, labels_r, weight_blocks, bias_blocks, tangent_blocks, config):
+    """`_RowStats` of one row block, streamed over the vocabulary blocks.
+
+    With ``tangent_blocks``, also the tangent's ``sᵀ(ż − r)`` and ``r``.
+    """
     hidden_dot_r, weight_dot_blocks, bias_dot_blocks = tangent_blocks or (None, None, None)
     with_dot = tangent_blocks is not None
 
     def step(state, xs):
         index, weight_c, bias_c, weight_dot_c, bias_dot_c = xs
-        del index
         logits = _block_logits(hidden_r, weight_c, bias_c, config)
+        first_column = index * config.vocab_chunk
         logits_dot = None
         if with_dot:
             logits_dot = _tangent_logits(
@@ -257,7 +349,7 @@ def _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
             )
             if logits_dot is None:
                 logits_dot = jnp.zeros_like(logits)
-        return _stream_step(state, logits, logits_dot), None
+        return _stream_step(state, logits, logits_dot, labels_r, first_column), None
 
     state = _init_stream(hidden_r.shape[0], config, with_dot)
     xs = (
@@ -271,42 +363,39 @@ def _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config
     return _finish_stream(state)
 
 
-def _label_logits(hidden, weight, bias, labels, config: _Config) -> jax.Array:
-    """``z_c = h · W[:, c] + b_c`` per row, from a gather of N columns (no N×V product)."""
-    safe = jnp.clip(labels, 0, config.vocab_size - 1)
-    columns = jnp.take(weight, safe, axis=1).T
-    dot = jnp.sum(hidden.astype(config.compute_dtype) * columns.astype(config.compute_dtype), -1)
-    return dot + bias[safe].astype(config.compute_dtype)
+def _token_losses(stats: _RowStats, hidden, weight, bias, labels, config: _Config) -> jax.Array:
+    """``(1 − α)(−log s_c) + α (lse − Σ_k z_k / V) + ζ lse²`` per row (NaN for a bad label).
 
-
-def _token_losses(lse, hidden, weight, bias, labels, config: _Config) -> jax.Array:
-    """``lse − (1 − α) z_c − (α/V) Σ_k z_k + ζ lse²`` per row (NaN for a label outside [0, V))."""
-    loss = lse - (1.0 - config.label_smoothing) * _label_logits(
-        hidden, weight, bias, labels, config
-    )
+    That is ``lse − (1 − α) z_c − (α/V) Σ_k z_k + ζ lse²``, with a label outside [0, V) NaN.
+    ``−log s_c`` comes from the statistics (`_RowStats`), not as ``lse − z_c``, which rounds to
+    0 for a confident token (float32 from a margin of about 17).
+    """
+    loss = (1.0 - config.label_smoothing) * stats.label_nll
     if config.label_smoothing:
         # Σ_k z_k = h · (W 1) + Σ b: the uniform part of the target needs no vocabulary pass.
         column_sum = weight.astype(config.compute_dtype).sum(axis=1)
         total = hidden.astype(config.compute_dtype) @ column_sum
         total = total + bias.astype(config.compute_dtype).sum()
-        loss = loss - config.label_smoothing / config.vocab_size * total
+        loss = loss + config.label_smoothing * (stats.lse - total / config.vocab_size)
     if config.z_loss:
-        loss = loss + config.z_loss * lse**2
+        loss = loss + config.z_loss * stats.lse**2
     valid = (labels >= 0) & (labels < config.vocab_size)
     return jnp.where(valid, loss, jnp.nan)
 
 
-def _logsumexp(hidden, weight, bias, config: _Config) -> jax.Array:
-    """Streaming ``logsumexp(h W + b)`` per row: ``[N]``."""
+def _statistics(hidden, weight, bias, labels, config: _Config) -> _RowStats:
+    """`_RowStats` of every row ``[N]``, streamed by row blocks and vocabulary blocks."""
     weight_blocks = _weight_blocks(weight, config)
     bias_blocks = _bias_blocks(bias, config, -jnp.inf)
 
-    def row_step(_, hidden_r):
-        lse, _ = _row_statistics(hidden_r, weight_blocks, bias_blocks, None, config)
-        return None, lse
+    def row_step(_, xs):
+        hidden_r, labels_r = xs
+        return None, _row_statistics(hidden_r, labels_r, weight_blocks, bias_blocks, None, config)
 
-    _, lse = jax.lax.scan(row_step, None, _row_blocks(hidden, config))
-    return _unrow_blocks(lse, config)
+    _, stats = jax.lax.scan(
+        row_step, None, (_row_blocks(hidden, config), _row_blocks(labels, config))
+    )
+    return jax.tree.map(lambda x: _unrow_blocks(x, config), stats)
 
 
 def _row_weight(row_weight: jax.Array, labels: jax.Array, config: _Config) -> jax.Array:
@@ -342,7 +431,8 @@ def _add_weight_update(out_weight, index, hidden_r, coefficients, config: _Confi
 def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Config):
     """Products ``Jᵀ B`` with ``B`` the per-block gradient (no tangents) or GGN product.
 
-    Returns ``(lse, out_hidden, out_weight, out_bias)``; ``out_hidden`` and ``out_weight`` are
+    Returns ``(stats, out_hidden, out_weight, out_bias)`` (`_RowStats` per row, ``[N]`` each);
+    ``out_hidden`` and ``out_weight`` are
     None when the GGN product leaves that argument out (its tangent is None).
     """
     dtype = config.compute_dtype
@@ -360,30 +450,32 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         want = (True, True, True)
     single = config.num_vocab_chunks == 1
 
-    def block_coefficients(hidden_r, labels_r, weight_r, hidden_dot_r, lse, dot, xs):
+    def block_coefficients(hidden_r, labels_r, weight_r, hidden_dot_r, stats, xs):
         index, weight_c, bias_c, weight_dot_c, bias_dot_c = xs
         logits = _block_logits(hidden_r, weight_c, bias_c, config)
         probs = None
         if single:
             # The whole row is in this block: its statistics come from the logits at hand, with
             # one exponential per logit (on CPU the exponential, not the memory, costs most).
-            lse, probs = _softmax_and_logsumexp(logits)
+            stats, probs = _block_statistics(logits, labels_r, _column_valid(index, config)[1])
         if not ggn:
-            return lse, _block_gradient(logits, lse, labels_r, weight_r, index, config, probs)
+            return stats, _block_gradient(logits, stats, labels_r, weight_r, index, config, probs)
         logits_dot = _tangent_logits(
             hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, config
         )
-        if single:
-            dot = jnp.sum(probs * logits_dot, axis=-1)
-        return lse, _block_ggn(logits, logits_dot, lse, dot, weight_r, index, config, probs)
+        if logits_dot is None:
+            logits_dot = jnp.zeros_like(logits)
+        return stats, _block_ggn(logits, logits_dot, stats, weight_r, config, probs)
 
     def row_step(carry, xs):
         out_weight, out_bias = carry
         hidden_r, labels_r, weight_r, hidden_dot_r = xs
-        lse = dot = None
+        stats = None
         if not single:
             tangent_blocks = (hidden_dot_r, weight_dot_blocks, bias_dot_blocks) if ggn else None
-            lse, dot = _row_statistics(hidden_r, weight_blocks, bias_blocks, tangent_blocks, config)
+            stats = _row_statistics(
+                hidden_r, labels_r, weight_blocks, bias_blocks, tangent_blocks, config
+            )
         out_hidden_r = jnp.zeros(hidden_r.shape, dtype) if want[0] else None
 
         def vocab_step(inner, index):
@@ -395,8 +487,8 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
                 None if weight_dot_blocks is None else weight_dot_blocks[index],
                 None if bias_dot_blocks is None else bias_dot_blocks[index],
             )
-            lse_r, coefficients = block_coefficients(
-                hidden_r, labels_r, weight_r, hidden_dot_r, lse, dot, xs_c
+            stats_r, coefficients = block_coefficients(
+                hidden_r, labels_r, weight_r, hidden_dot_r, stats, xs_c
             )
             # Half precision operands keep the GEMMs in their dtype, accumulated in float32.
             coefficients_op = coefficients.astype(jnp.result_type(hidden_r, xs_c[1]))
@@ -408,18 +500,22 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
                 )
             if want[2]:
                 out_bias = out_bias.at[index].add(coefficients.sum(axis=0))
-            return (out_hidden_r, out_weight, out_bias), lse_r
+            return (out_hidden_r, out_weight, out_bias), stats_r
 
         inner = (out_hidden_r, out_weight, out_bias)
         if single:
-            inner, lse_r = vocab_step(inner, 0)
+            inner, stats_r = vocab_step(inner, 0)
         else:
             inner = jax.lax.fori_loop(
                 0, config.num_vocab_chunks, lambda i, c: vocab_step(c, i)[0], inner
             )
-            lse_r = lse
+            stats_r = stats
         out_hidden_r, out_weight, out_bias = inner
-        return (out_weight, out_bias), (lse_r, out_hidden_r)
+        # Only what the losses need leaves the loop (the tangent's sums stay inside).
+        return (out_weight, out_bias), (
+            stats_r._replace(dot=None, shift=None, peak=None),
+            out_hidden_r,
+        )
 
     out_weight = jnp.zeros(weight_blocks.shape, dtype) if want[1] else None
     out_bias = jnp.zeros(bias_blocks.shape, dtype) if want[2] else None
@@ -429,12 +525,12 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         _row_blocks(row_weight, config),
         hidden_dot_blocks,
     )
-    (out_weight, out_bias), (lse, out_hidden) = jax.lax.scan(row_step, (out_weight, out_bias), xs)
-    lse = _unrow_blocks(lse, config)
+    (out_weight, out_bias), (stats, out_hidden) = jax.lax.scan(row_step, (out_weight, out_bias), xs)
+    stats = jax.tree.map(lambda x: _unrow_blocks(x, config), stats)
     out_hidden = None if out_hidden is None else _unrow_blocks(out_hidden, config)
     out_weight = None if out_weight is None else _unweight_blocks(out_weight, config)
     out_bias = None if out_bias is None else _unbias_blocks(out_bias, config)
-    return lse, out_hidden, out_weight, out_bias
+    return stats, out_hidden, out_weight, out_bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,17 +541,17 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _reduced_loss(config, hidden, weight, bias, labels, row_weight):
     """``Σ_i c_i ℓ_i`` (c: token weights, not differentiated)."""
-    lse = _logsumexp(hidden, weight, bias, config)
-    losses = _token_losses(lse, hidden, weight, bias, labels, config)
+    stats = _statistics(hidden, weight, bias, labels, config)
+    losses = _token_losses(stats, hidden, weight, bias, labels, config)
     return jnp.sum(jnp.where(row_weight != 0, row_weight * losses, 0.0))
 
 
 def _fused_value_and_grad(config, hidden, weight, bias, labels, row_weight):
     row_weight = _row_weight(row_weight, labels, config)
-    lse, grad_hidden, grad_weight, grad_bias = _output_pass(
+    stats, grad_hidden, grad_weight, grad_bias = _output_pass(
         hidden, weight, bias, labels, row_weight, None, config
     )
-    losses = _token_losses(lse, hidden, weight, bias, labels, config)
+    losses = _token_losses(stats, hidden, weight, bias, labels, config)
     value = jnp.sum(jnp.where(row_weight != 0, row_weight * losses, 0.0))
     return value, grad_hidden, grad_weight, grad_bias
 
@@ -491,11 +587,11 @@ _reduced_loss.defjvp(_reduced_loss_jvp, symbolic_zeros=True)
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _token_loss(config, hidden, weight, bias, labels):
     """``ℓ_i`` per token, ``[N]``."""
-    lse = _logsumexp(hidden, weight, bias, config)
-    return _token_losses(lse, hidden, weight, bias, labels, config)
+    stats = _statistics(hidden, weight, bias, labels, config)
+    return _token_losses(stats, hidden, weight, bias, labels, config)
 
 
-def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
+def _token_tangent(config, hidden, weight, bias, labels, stats, tangents):
     """``Σ_k (∂ℓ_i/∂z_ik) ż_ik`` per token, by blocks; row blocks are rematerialised."""
     hidden_dot, weight_dot, bias_dot = tangents
     weight_blocks = _weight_blocks(weight, config)
@@ -505,11 +601,11 @@ def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
     ones = jnp.ones((config.row_chunk,), config.compute_dtype)
 
     @jax.checkpoint
-    def row_tangent(hidden_r, labels_r, lse_r, hidden_dot_r):
+    def row_tangent(hidden_r, labels_r, stats_r, hidden_dot_r):
         def step(total, xs):
             index, weight_c, bias_c, weight_dot_c, bias_dot_c = xs
             logits = _block_logits(hidden_r, weight_c, bias_c, config)
-            grad = _block_gradient(logits, lse_r, labels_r, ones, index, config)
+            grad = _block_gradient(logits, stats_r, labels_r, ones, index, config)
             logits_dot = _tangent_logits(
                 hidden_r, weight_c, hidden_dot_r, weight_dot_c, bias_dot_c, config
             )
@@ -522,7 +618,7 @@ def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
             weight_dot_blocks,
             bias_dot_blocks,
         )
-        total, _ = jax.lax.scan(step, jnp.zeros_like(lse_r), xs)
+        total, _ = jax.lax.scan(step, jnp.zeros_like(stats_r.lse), xs)
         return total
 
     def row_step(_, xs):
@@ -532,7 +628,7 @@ def _token_tangent(config, hidden, weight, bias, labels, lse, tangents):
     xs = (
         _row_blocks(hidden, config),
         _row_blocks(labels, config),
-        _row_blocks(lse, config),
+        jax.tree.map(lambda x: _row_blocks(x, config), stats),
         hidden_dot_blocks,
     )
     _, tangent = jax.lax.scan(row_step, None, xs)
@@ -547,12 +643,12 @@ def _none_if_zero(tangent):
 def _token_loss_jvp(config, primals, tangents):
     hidden, weight, bias, labels = primals
     hidden_dot, weight_dot, bias_dot, _ = (_none_if_zero(t) for t in tangents)
-    lse = _logsumexp(hidden, weight, bias, config)
-    losses = _token_losses(lse, hidden, weight, bias, labels, config)
+    stats = _statistics(hidden, weight, bias, labels, config)
+    losses = _token_losses(stats, hidden, weight, bias, labels, config)
     if hidden_dot is None and weight_dot is None and bias_dot is None:
         return losses, jnp.zeros_like(losses)
     tangent = _token_tangent(
-        config, hidden, weight, bias, labels, lse, (hidden_dot, weight_dot, bias_dot)
+        config, hidden, weight, bias, labels, stats, (hidden_dot, weight_dot, bias_dot)
     )
     valid = (labels >= 0) & (labels < config.vocab_size)
     return losses, jnp.where(valid, tangent, jnp.nan).astype(losses.dtype)
@@ -978,10 +1074,10 @@ def linear_softmax_cross_entropy_ggn_vp(
     if checked[0] is not None:
         checked[0] = checked[0].reshape(hidden.shape)
     weights = _row_weight(_token_weights(mask, reduction, config.compute_dtype), labels, config)
-    lse, out_hidden, out_weight, out_bias = _output_pass(
+    stats, out_hidden, out_weight, out_bias = _output_pass(
         hidden, weight, bias, labels, weights, tuple(checked), config
     )
-    losses = _token_losses(lse, hidden, weight, bias, labels, config)
+    losses = _token_losses(stats, hidden, weight, bias, labels, config)
     loss = jnp.sum(jnp.where(weights != 0, weights * losses, 0.0))
     if out_hidden is not None:
         out_hidden = out_hidden.reshape(shapes[0]).astype(out_dtypes[0])
