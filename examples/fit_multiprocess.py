@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.processes < 1 or N_ROWS % args.processes:
+        # Each process holds an equal share of the row-sharded arrays.
+        parser.error(f"--processes must be a positive divisor of the {N_ROWS} rows.")
     if args.worker is not None:
         worker(args.worker, args.processes, args.port)
         return

@@ -31,7 +31,9 @@ from ._curvature import (
 from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
-_PER_EXAMPLE_BUDGET = 2**25
+# 2^20 (4 MiB in float32) keeps a chunk in cache: at 2^25 a 64-32-10 MLP on the 1,797 digits took
+# 2.46 s per diagonal on a 2-core CPU, against 22 ms here (9,610 parameters: 0.88 s against 38 ms).
+_PER_EXAMPLE_BUDGET = 2**20
 
 
 def _check_num_samples(num_samples: int) -> None:
@@ -82,8 +84,8 @@ def ggn_diagonal(
         inputs: pytree of arrays whose leaves all have leading axis N.
         sample_weight: optional non-negative [N] example weights (plain mean without them).
         label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
-        chunk_size: examples processed together; by default as many as keep about 2²⁵ numbers of
-          per-example gradients in memory.
+        chunk_size: examples processed together; by default as many as keep about 2²⁰ numbers of
+          per-example gradients in memory (at least one).
 
     Returns:
         diag(G), a pytree like ``params`` (non-negative).
