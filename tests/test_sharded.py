@@ -159,3 +159,24 @@ def test_estimator_refuses_to_split_sparse_rows_over_devices():
     y = [0, 1, 2, 0] * 10
     with pytest.raises(ValueError, match="devices= splits dense X only"):
         LogisticRegression(devices=1).fit(X, y)
+
+
+def test_explicit_mesh_arrays_inside_jit_get_a_clear_error():
+    # Eagerly, arrays on Explicit mesh axes are moved to Auto axes; traced inside a caller's jit
+    # their sharding is part of the trace, and the fit failed deep inside JAX with a
+    # ShardingTypeError. It now says what to do.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    import xentropy_jax as xj
+
+    mesh = jax.make_mesh((1,), ("rows",), axis_types=(AxisType.Explicit,))
+    rows = NamedSharding(mesh, PartitionSpec("rows"))
+    X = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(40, 3))), rows)
+    y = jax.device_put(jnp.arange(40) % 3, rows)
+    eager = xj.fit_logistic_regression(X, y, 3, l2=1e-2)
+    assert int(eager.status) == xj.Status.CONVERGED
+    with pytest.raises(ValueError, match="Explicit mesh axes"):
+        jax.jit(lambda X, y: xj.fit_logistic_regression(X, y, 3, l2=1e-2).loss)(X, y)

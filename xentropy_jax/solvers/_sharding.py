@@ -18,9 +18,26 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def with_auto_axes(array):
-    """`array` on the same devices and layout, its mesh's axes typed `Auto`."""
+    """`array` on the same devices and layout, its mesh's axes typed `Auto`.
+
+    Raises:
+        ValueError: for a traced array sharded over `Explicit` axes (inside a caller's `jit`,
+            `vmap` or `grad`), whose sharding is part of the trace and cannot be retyped here:
+            the solver's products then failed deep inside JAX with a `ShardingTypeError`.
+    """
+    if isinstance(array, jax.core.Tracer):
+        sharding = getattr(jax.typeof(array), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ())):
+            raise ValueError(
+                "inside jit, vmap or grad, a fit cannot take arrays sharded over Explicit mesh "
+                "axes (jax.make_mesh's default): build the mesh with "
+                "axis_types=(jax.sharding.AxisType.Auto,) * ndim, or call the fit outside the "
+                "transformation, where Explicit arrays are moved to Auto axes."
+            )
+        return array
     sharding = getattr(array, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or isinstance(array, jax.core.Tracer):
+    if not isinstance(sharding, NamedSharding):
         return array
     mesh = sharding.mesh
     if all(kind == AxisType.Auto for kind in mesh.axis_types):
