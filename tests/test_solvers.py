@@ -492,6 +492,7 @@ def test_no_intercept(multiclass):
         (dict(solver="lbfgs"), ValueError, "solver"),
         (dict(num_classes=1), ValueError, "num_classes"),
         (dict(init=(np.zeros((3, 3)), np.zeros(3))), ValueError, "init"),
+        (dict(X=np.zeros((4, 0))), ValueError, "no feature columns"),
     ],
 )
 def test_bad_input_is_rejected_before_compiling(kwargs, error, match):

@@ -66,6 +66,9 @@ def _validate(
     num_rows, num_features = np.shape(X)
     if num_rows < 1:
         raise ValueError("X has no rows")
+    if num_features < 1:
+        # An intercept-only model failed with a shape error deep inside the solvers.
+        raise ValueError("X has no feature columns (an intercept-only model is not supported)")
     if np.shape(labels) != (num_rows,):
         raise ValueError(f"labels must have shape ({num_rows},) to match X, got {np.shape(labels)}")
     if sample_weight is not None and np.shape(sample_weight) != (num_rows,):
