@@ -779,7 +779,8 @@ def softmax_cross_entropy_hvp(
         where: boolean mask of the batch shape or of the logits' shape.
 
     Returns:
-        ``[..., K]``: ``H v`` in the layout and dtype of ``tangents``.
+        ``[..., K]``: ``H v`` in the layout of ``tangents``, in the dtype the logits and the
+        tangents promote to (computed in at least float32).
 
     Raises:
         ValueError: if ``tangents`` and ``logits`` differ in shape.
