@@ -493,6 +493,7 @@ def test_no_intercept(multiclass):
         (dict(num_classes=1), ValueError, "num_classes"),
         (dict(init=(np.zeros((3, 3)), np.zeros(3))), ValueError, "init"),
         (dict(X=np.zeros((4, 0))), ValueError, "no feature columns"),
+        (dict(l2=np.array([0.1, 0.2])), ValueError, "l2 must be a scalar"),
     ],
 )
 def test_bad_input_is_rejected_before_compiling(kwargs, error, match):

@@ -520,6 +520,12 @@ def fit_logistic_regression(
         True
     """
     config = _resolve_solver(solver)
+    if np.ndim(l2) != 0:
+        # It failed inside the compiled fit ("Pred must be a scalar").
+        raise ValueError(
+            f"l2 must be a scalar, got shape {np.shape(l2)}; for a grid of values use "
+            "fit_regularization_path or jax.vmap"
+        )
     checked = _validate(
         X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
     )
