@@ -13,6 +13,7 @@ array is formed: the loss Hessian is applied in O(N·K) through its closed form.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -218,20 +219,34 @@ def _linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> tuple
 # that program's, the same at every call with the same model, shapes and dtypes.
 _compiled_linearization = jax.jit(_linearization, static_argnums=0)
 
+# Models already linearised eagerly (most recent last). A model goes through the compiled
+# program from its second build on: a new function at every step (a lambda written in the loop)
+# is then never compiled, nor kept alive by the program's cache, and is linearised in place as
+# before.
+_SEEN_MODELS: collections.OrderedDict = collections.OrderedDict()
+_MAX_SEEN_MODELS = 32
+
 
 def _compiles(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> bool:
-    """Whether to linearise through the compiled program: eagerly, for a hashable model.
+    """Whether to linearise through the compiled program: eagerly, for a model seen before.
 
-    The model is a static argument. ``logits_shape`` already traces it on abstract inputs, so
-    the program asks nothing more of them; inside a trace it would be inlined anyway.
+    The model, a static argument, must be hashable. ``logits_shape`` already traces it on
+    abstract inputs, so the program asks nothing more of them; inside a trace it would be
+    inlined anyway.
     """
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
         return False
     try:
-        hash(logits_fn)
-    except TypeError:
+        seen = logits_fn in _SEEN_MODELS
+    except TypeError:  # not hashable
         return False
-    return True
+    if seen:
+        _SEEN_MODELS.move_to_end(logits_fn)
+        return True
+    _SEEN_MODELS[logits_fn] = None
+    if len(_SEEN_MODELS) > _MAX_SEEN_MODELS:
+        _SEEN_MODELS.popitem(last=False)
+    return False
 
 
 def ggn_vp(
