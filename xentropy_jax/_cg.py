@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._seen import SeenBefore
+
 PyTree = Any
 Operator = Callable[[PyTree], PyTree]
 
@@ -154,7 +156,8 @@ def _run(
     one ``jax.jit`` program, cached by the operator's kind: an operator that is a pytree of
     arrays (a ``jax.tree_util.Partial`` such as ``ggn_operator``'s) travels as an argument, so
     a new operator of the same structure reuses the program; any other callable is a static
-    argument, reused while it is the same object. Inside a trace (``jit``, ``vmap``, ``grad``)
+    argument, compiled from its second call on (a new lambda at every call is solved in place,
+    as before). Inside a trace (``jit``, ``vmap``, ``grad``)
     the loop is traced in place as before.
     """
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
@@ -173,18 +176,21 @@ def _split_callable(function: Operator | None) -> tuple[list, Any] | None:
     """``(array leaves, static part)`` of an operator; None when it cannot be a jit argument.
 
     A pytree whose leaves are all arrays splits into its leaves and its (hashable) structure;
-    any other callable is its own static part, if hashable.
+    any other callable is its own static part, once it comes back (`SeenBefore`).
     """
     if function is None:
         return [], None
     leaves, treedef = jax.tree.flatten(function)
     if all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves):
         return leaves, treedef
-    try:
-        hash(function)
-    except TypeError:
+    if not _SEEN_OPERATORS(function):
         return None
     return [], function
+
+
+# Other callables are compiled from their second call on, so that a new function at every call
+# (a lambda written in a loop) is neither compiled each time nor kept in the program cache.
+_SEEN_OPERATORS = SeenBefore()
 
 
 def _join_callable(leaves: list, static: Any) -> Operator | None:

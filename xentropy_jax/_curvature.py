@@ -13,7 +13,6 @@ array is formed: the loss Hessian is applied in O(N·K) through its closed form.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from ._losses import (
     softmax_cross_entropy_with_integer_labels,
     softmax_rule,
 )
+from ._seen import SeenBefore
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], jax.Array]
@@ -219,34 +219,20 @@ def _linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> tuple
 # that program's, the same at every call with the same model, shapes and dtypes.
 _compiled_linearization = jax.jit(_linearization, static_argnums=0)
 
-# Models already linearised eagerly (most recent last). A model goes through the compiled
-# program from its second build on: a new function at every step (a lambda written in the loop)
-# is then never compiled, nor kept alive by the program's cache, and is linearised in place as
-# before.
-_SEEN_MODELS: collections.OrderedDict = collections.OrderedDict()
-_MAX_SEEN_MODELS = 32
+_SEEN_MODELS = SeenBefore()
 
 
 def _compiles(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> bool:
     """Whether to linearise through the compiled program: eagerly, for a model seen before.
 
-    The model, a static argument, must be hashable. ``logits_shape`` already traces it on
-    abstract inputs, so the program asks nothing more of them; inside a trace it would be
-    inlined anyway.
+    The model is a static argument: a new function at every step (a lambda written in the
+    loop) is linearised in place, as before, neither compiled nor kept in the program's cache.
+    ``logits_shape`` already traces the model on abstract inputs, so the program asks nothing
+    more of them; inside a trace it would be inlined anyway.
     """
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
         return False
-    try:
-        seen = logits_fn in _SEEN_MODELS
-    except TypeError:  # not hashable
-        return False
-    if seen:
-        _SEEN_MODELS.move_to_end(logits_fn)
-        return True
-    _SEEN_MODELS[logits_fn] = None
-    if len(_SEEN_MODELS) > _MAX_SEEN_MODELS:
-        _SEEN_MODELS.popitem(last=False)
-    return False
+    return _SEEN_MODELS(logits_fn)
 
 
 def ggn_vp(
