@@ -468,6 +468,26 @@ def test_bad_input_raises_clear_errors():
         xj.hessian_vp(mlp, params, inputs, labels[:3], tangents)
     with pytest.raises(TypeError, match="floating"):
         xj.ggn_vp(mlp, {**params, "b2": jnp.ones(K, int)}, inputs, tangents)
+    # These failed inside broadcasting, or gave NaN with no error (K = 0).
+    with pytest.raises(ValueError, match="damping must be a scalar"):
+        xj.ggn_operator(mlp, params, inputs, damping=np.ones(2))
+    with pytest.raises(ValueError, match="no classes"):
+        xj.mean_cross_entropy(lambda p, x: mlp(p, x)[:, :0], params, inputs, labels)
+
+
+def test_python_number_leaves_in_params_and_tangents():
+    # A Python float leaf (a scalar temperature, say) made chex fail with AttributeError.
+    params, inputs, _ = make_problem(linear)
+
+    def scaled(p, x):
+        return linear(p, x) * p["scale"]
+
+    with_float = {**params, "scale": 0.5}
+    with_array = {**params, "scale": jnp.asarray(0.5)}
+    tangents = {**random_tangents(params), "scale": 1.0}
+    got = xj.ggn_vp(scaled, with_float, inputs, tangents)
+    expected = xj.ggn_vp(scaled, with_array, inputs, {**tangents, "scale": jnp.asarray(1.0)})
+    np.testing.assert_allclose(flat(got), flat(expected), rtol=1e-13)
 
 
 def test_float16_model_with_a_large_total_weight():

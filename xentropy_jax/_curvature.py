@@ -42,6 +42,8 @@ def logits_shape(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> jax.Sha
         raise ValueError(f"logits_fn(params, inputs) must return one [N, K] array, got {shape}.")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"logits_fn must return floating logits, got dtype {out.dtype}.")
+    if out.shape[1] == 0:
+        raise ValueError("logits_fn returned logits with no classes (K = 0).")
     return out
 
 
@@ -60,7 +62,10 @@ def _check_tangents(params: PyTree, tangents: PyTree, name: str = "tangents") ->
     chex names the first leaf that differs by its path in the tree ('layer1/w': (3,) != (4,)).
     """
     try:
-        chex.assert_trees_all_equal_shapes_and_dtypes(params, tangents)
+        # Python numbers as leaves have no shape for chex: compare them as arrays.
+        chex.assert_trees_all_equal_shapes_and_dtypes(
+            *(jax.tree.map(jnp.asarray, tree) for tree in (params, tangents))
+        )
     except AssertionError as error:
         detail = str(error).split("failed:", 1)[-1].strip()
         raise ValueError(
@@ -125,7 +130,7 @@ def _apply_ggn(
     loss_curvature = hessian_product_from_probs(probs, vectors)
     cotangents = (coefficients[:, None] * loss_curvature).astype(logit_tangents.dtype)
     (product,) = model_vjp(cotangents)
-    return jax.tree.map(lambda g, v: g + damping.astype(v.dtype) * v, product, tangents)
+    return jax.tree.map(lambda g, v: g + damping.astype(jnp.result_type(v)) * v, product, tangents)
 
 
 def ggn_operator(
@@ -196,6 +201,8 @@ def ggn_operator(
     check_params(params)
     shape = logits_shape(logits_fn, params, inputs)
     coefficients = example_coefficients(shape.shape[0], shape.dtype, sample_weight, label_mass)
+    if np.ndim(damping) != 0:
+        raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}.")
     if _is_concrete(damping) and not np.all(np.asarray(damping) >= 0):
         raise ValueError(f"damping must be a non-negative number, got {damping}.")
     linearize = _compiled_linearization if _compiles(logits_fn, params, inputs) else _linearization
