@@ -699,8 +699,15 @@ def test_collinearity_warning_names_the_precision_of_its_decision():
     features, labels, _, _ = _collinear_problems()["repeated column"]
     with pytest.warns(CollinearityWarning, match="are exactly collinear"):
         fit_logistic_regression(features, labels, 4, throw=False)
-    with pytest.warns(CollinearityWarning, match="collinear to float32 precision") as record:
+    # A repeated column is collinear in float64 too, and float32 data say so (they said "to
+    # float32 precision", as for raw digits' all-zero columns).
+    with pytest.warns(CollinearityWarning, match="are exactly collinear"):
         fit_logistic_regression(features.astype(np.float32), labels, 4, throw=False)
+    # Nearly repeated: dependent in float32 only.
+    nearly = features.copy()
+    nearly[:, -1] += 1e-6 * np.random.default_rng(0).normal(size=len(nearly))
+    with pytest.warns(CollinearityWarning, match="collinear to float32 precision") as record:
+        fit_logistic_regression(nearly.astype(np.float32), labels, 4, throw=False)
     assert "fit float64 data" in str(record[0].message)
 
 

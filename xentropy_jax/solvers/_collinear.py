@@ -132,3 +132,31 @@ def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
     threshold = np.sqrt(np.finfo(vectors.dtype).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))
+
+
+# Above this many columns the float64 recheck of a lower-precision decision is skipped: it is an
+# O(N·d̃²) product and an O(d̃³) eigendecomposition on the host.
+MAX_RECHECKED_COLUMNS = 1024
+
+
+def float64_collinear_columns(
+    X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
+) -> tuple[list[int], int]:
+    """`collinear_columns` in float64 with NumPy, whatever the fit's precision.
+
+    A float32 fit decides rank in float32, where nearly dependent columns count; this says
+    whether they are dependent in float64 too (an all-zero or a duplicated column is).
+    """
+    features = np.asarray(X, np.float64)
+    if fit_intercept:
+        features = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
+    if sample_weight is not None:
+        features = features[np.asarray(sample_weight) > 0]
+    gram = features.T @ features
+    diagonal = np.diag(gram)
+    scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
+    values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    null = values <= gram.shape[0] * np.finfo(np.float64).eps * max(values.max(initial=0), 0)
+    threshold = np.sqrt(np.finfo(np.float64).eps)
+    involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
+    return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

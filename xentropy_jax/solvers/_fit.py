@@ -24,7 +24,13 @@ from .._precision import full_precision
 from .._rowsums import chunk_rows
 from .._sparse_products import transpose_matmul
 from . import _sparse_input
-from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns, minimum_norm
+from ._collinear import (
+    MAX_PROJECTED_COLUMNS,
+    MAX_RECHECKED_COLUMNS,
+    collinear_columns,
+    float64_collinear_columns,
+    minimum_norm,
+)
 from ._convergence import max_abs
 from ._implicit import minimize_implicit
 from ._loop import Solver
@@ -617,7 +623,21 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
         return
     dense = dense_features(features)
     columns, rank = collinear_columns(dense, sample_weight, fit_intercept)
-    warn_collinear_columns(columns, rank, dense.shape[1], fit_intercept, dense.dtype, stacklevel=4)
+    exact = None
+    if columns and np.finfo(dense.dtype).bits < 64 and num_columns <= MAX_RECHECKED_COLUMNS:
+        # Decided in float32: say "exactly" when float64 finds the same dependence (all-zero
+        # or duplicated columns), and then name its columns.
+        columns64, rank64 = float64_collinear_columns(
+            np.asarray(dense),
+            None if sample_weight is None else np.asarray(sample_weight),
+            fit_intercept,
+        )
+        exact = rank64 == rank
+        if exact:
+            columns = columns64
+    warn_collinear_columns(
+        columns, rank, dense.shape[1], fit_intercept, dense.dtype, stacklevel=4, exact=exact
+    )
 
 
 def warn_collinear_columns(
@@ -627,11 +647,13 @@ def warn_collinear_columns(
     fit_intercept: bool,
     dtype: np.dtype,
     stacklevel: int,
+    exact: bool | None = None,
 ) -> None:
     """The `CollinearityWarning` naming `columns` (index d is the intercept), if any.
 
     Rank is decided in the fit's precision, `dtype`: below float64, columns that are only
-    nearly collinear count as collinear, and the message says so.
+    nearly collinear count as collinear, and the message says so, unless `exact` says that
+    float64 finds the same dependence.
     """
     if not columns:
         return
@@ -639,7 +661,7 @@ def warn_collinear_columns(
     names = ["intercept" if column == num_features else str(column) for column in columns]
     how = "exactly collinear"
     remedy = "Drop redundant columns, or set l2 > 0."
-    if np.finfo(dtype).bits < 64:
+    if np.finfo(dtype).bits < 64 and not exact:
         how = f"collinear to {np.dtype(dtype).name} precision"
         remedy = (
             "Drop redundant columns, set l2 > 0, or fit float64 data (with jax_enable_x64), "
