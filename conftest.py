@@ -6,8 +6,10 @@ Tests marked ``subprocess`` (a notebook, an example or a script in a fresh Pytho
 tens of seconds) run first: under pytest-xdist, a worker that picks one up last would otherwise
 keep the whole run waiting after the other worker has finished.
 
-The test processes share a persistent compilation cache in a temporary folder, new and empty
-for every run and removed at its end: many tests build the same programs (the same solver on
+The test processes used to share a persistent compilation cache in a temporary folder (the
+folder is still made and removed with the run). It is no longer enabled: writing to it crashed a
+test worker inside XLA's executable serialisation in four of five full runs. What it saved: many
+tests build the same programs (the same solver on
 the same shapes, the same small operations), and loading them from the cache rather than
 compiling them again took a quarter off the time of the solver tests (and tests/test_losses.py
 from 89 s to 68 s). Sharing it between pytest-xdist's two workers took five files of loss and
