@@ -219,6 +219,37 @@ def test_jit_vmap_and_traced_limits_do_not_recompile():
     assert batched.status.shape == (6,)
 
 
+@pytest.mark.parametrize(
+    ("condition", "dtype", "rtol", "expected"),
+    [
+        (1e6, np.float64, 1e-10, CGStatus.CONVERGED),
+        (1e10, np.float64, 1e-10, CGStatus.MAX_STEPS),
+        (1e3, np.float32, 1e-9, CGStatus.MAX_STEPS),
+    ],
+)
+def test_converged_holds_for_the_true_residual(condition, dtype, rtol, expected):
+    # The recurrence's residual drifts from b − A x: cg said CONVERGED with residual_norm
+    # 5.9e-11 where ‖b − A x‖ was 1.6e-5 (condition 1e10), and 1e-9 against 1e-4 in float32.
+    matrix = spd_matrix(30, condition, seed=0, dtype=dtype)
+    rhs = np.random.default_rng(1).normal(size=30).astype(dtype)
+    target = rtol * np.linalg.norm(rhs.astype(np.float64))
+    steps = 1000 if dtype == np.float64 else 500
+    result = xj.cg(lambda v: jnp.asarray(matrix) @ v, jnp.asarray(rhs), rtol=rtol, max_steps=steps)
+    assert int(result.status) == expected
+    true = np.linalg.norm(rhs - matrix.astype(np.float64) @ np.asarray(result.solution, np.float64))
+    if expected == CGStatus.CONVERGED:
+        assert true <= 2 * target
+    # Trusting the recurrence (the solvers' inner solves) stops early and says CONVERGED.
+    trusted = xj.cg(
+        lambda v: jnp.asarray(matrix) @ v,
+        jnp.asarray(rhs),
+        rtol=rtol,
+        max_steps=steps,
+        verify=False,
+    )
+    assert int(trusted.status) == CGStatus.CONVERGED
+
+
 def test_eager_calls_compile_once():
     # Eagerly, the while loop traced and compiled its body at every call (0.4-0.5 s each for a
     # small network's Gauss-Newton operator). Same operator, or a new pytree operator of the

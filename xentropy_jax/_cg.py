@@ -56,7 +56,8 @@ class CGResult(NamedTuple):
 
     Attributes:
         solution: the approximate solution x, a pytree like ``rhs``.
-        residual: b − A x, kept up to date by the recurrence (no extra product).
+        residual: b − A x: computed afresh after a verified ``CONVERGED`` (:func:`cg`),
+            otherwise kept up to date by the recurrence (no extra product).
         status: int32 scalar, a :class:`CGStatus` value.
         num_steps: int32 scalar, the iterations taken (one product with A each; a non-zero
             ``x0`` costs one more product before the loop).
@@ -148,6 +149,7 @@ def _run(
     atol: Any,
     max_steps: Any,
     entry_tol: PyTree | None,
+    verify: bool = False,
 ) -> CGResult:
     """Check the arguments, then solve; an eager call runs a compiled program.
 
@@ -165,10 +167,15 @@ def _run(
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
     parts = [_split_callable(operator), _split_callable(preconditioner)]
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves) or None in parts:
-        return _solve(operator, preconditioner, *arguments)
+        return _solve(operator, preconditioner, *arguments, verify=verify)
     (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = parts
     return _compiled_solve(
-        operator_leaves, preconditioner_leaves, operator_static, preconditioner_static, *arguments
+        operator_leaves,
+        preconditioner_leaves,
+        operator_static,
+        preconditioner_static,
+        verify,
+        *arguments,
     )
 
 
@@ -199,13 +206,13 @@ def _join_callable(leaves: list, static: Any) -> Operator | None:
     return static
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _compiled_solve(
-    operator_leaves, preconditioner_leaves, operator_static, preconditioner_static, *arguments
+    operator_leaves, preconditioner_leaves, operator_static, preconditioner_static, verify, *args
 ) -> CGResult:
     operator = _join_callable(operator_leaves, operator_static)
     preconditioner = _join_callable(preconditioner_leaves, preconditioner_static)
-    return _solve(operator, preconditioner, *arguments)
+    return _solve(operator, preconditioner, *args, verify=verify)
 
 
 def _solve(
@@ -218,6 +225,7 @@ def _solve(
     atol: Any,
     max_steps: Any,
     entry_tol: PyTree | None,
+    verify: bool = False,
 ) -> CGResult:
     def small(residual: PyTree, residual_norm2: jax.Array) -> jax.Array:
         """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``)."""
@@ -328,13 +336,41 @@ def _solve(
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
 
     final = lax.while_loop(cond, body, state)
-    return CGResult(
+    result = CGResult(
         solution=final.solution,
         residual=final.residual,
         status=final.status,
         num_steps=final.num_steps,
         residual_norm=jnp.sqrt(tree_vdot(final.residual, final.residual)),
     )
+    if not verify:
+        return result
+
+    # Until b − A x, computed afresh at x (one product), is within tolerance: CG restarts from x
+    # while its recurrence reports CONVERGED and steps remain, and a fresh residual that passes
+    # at once (no step taken) is the verified end.
+    def unverified(carry: tuple[CGResult, jax.Array]) -> jax.Array:
+        result, verified = carry
+        return (result.status == CGStatus.CONVERGED) & ~verified
+
+    def restart(carry: tuple[CGResult, jax.Array]) -> tuple[CGResult, jax.Array]:
+        result, _ = carry
+        again = _solve(
+            operator,
+            preconditioner,
+            rhs,
+            result.solution,
+            None,
+            rtol,
+            atol,
+            max_steps - result.num_steps,
+            entry_tol,
+        )
+        combined = again._replace(num_steps=result.num_steps + again.num_steps)
+        return combined, again.num_steps == 0
+
+    result, _ = lax.while_loop(unverified, restart, (result, jnp.zeros((), bool)))
+    return result
 
 
 def cg(
@@ -347,6 +383,7 @@ def cg(
     atol: jax.typing.ArrayLike = 0.0,
     max_steps: jax.typing.ArrayLike | None = None,
     entry_tol: PyTree | None = None,
+    verify: bool = True,
 ) -> CGResult:
     """Preconditioned conjugate gradients for A x = b on pytrees, with an outcome code.
 
@@ -377,6 +414,12 @@ def cg(
           entries of b live on different scales, as a gradient whose parameters each have
           their own attainable accuracy: a 2-norm target set by the smallest can sit below
           the rounding of the largest.
+        verify: when the recurrence's residual meets the tolerance, compute b − A x afresh (one
+          more product) and, if it does not, go on with CG from x within the remaining steps,
+          so that ``CONVERGED`` and ``residual`` hold for the true residual. The recurrence
+          drifts from it on ill-conditioned systems: at condition 1e10 in float64 it reported
+          5.9e-11 where ‖b − A x‖ was 1.6e-5. ``False`` trusts the recurrence (the package's
+          inner Newton solves, which check their own progress).
 
     Returns:
         A :class:`CGResult` (solution, residual, status, num_steps, residual_norm).
@@ -404,7 +447,7 @@ def cg(
         ...                   exact, atol=1e-5))
         True
     """
-    return _run(operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol)
+    return _run(operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
 
 
 def steihaug_cg(

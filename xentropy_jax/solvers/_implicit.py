@@ -175,6 +175,7 @@ def _projected_hessian(
             rtol=eps**0.75,
             atol=eps**0.75 * scale,
             max_steps=2 * num_params + 10,
+            verify=False,
         )
         # Not silently: inside `jit` too, a solve that stopped short says so at run time. In
         # float32 the residual of an ill-conditioned H stalls near 1e-4 while the tangent is

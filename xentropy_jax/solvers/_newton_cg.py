@@ -134,6 +134,7 @@ class NewtonCG:
             rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
             max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
             entry_tol=entry_tolerance(grad, tol),
+            verify=False,
         )
         # HΔ = −g − r, so ΔᵀHΔ = −Δᵀ(g + r) with no extra product. A first CG direction of
         # zero curvature (rounding only, H is PSD) leaves Δ = 0: no decrease, a failed step.
