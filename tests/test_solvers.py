@@ -224,7 +224,8 @@ def test_repeat_calls_do_not_recompile(multiclass):
     fit_logistic_regression(features, labels, 3, l2=1e-2, **kwargs)
     size = fit_module._fit._cache_size()
     rng = np.random.default_rng(4)
-    for l2 in (1e-3, 0.1):
+    # NumPy scalars and 0-d arrays as well as floats (np.float32 and jnp arrays compiled again).
+    for l2 in (1e-3, 0.1, np.float32(0.05), np.float64(0.2), jnp.asarray(0.3)):
         fit_logistic_regression(
             features + rng.normal(size=features.shape), labels, 3, l2=l2, **kwargs
         )
