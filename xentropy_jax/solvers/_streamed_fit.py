@@ -243,6 +243,8 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
+    # As in fit_logistic_regression: any concrete scalar type reuses the compiled fit.
+    l2, tol = (float(v) if _is_concrete(v) and np.ndim(v) == 0 else v for v in (l2, tol))
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:
