@@ -6,10 +6,8 @@ Tests marked ``subprocess`` (a notebook, an example or a script in a fresh Pytho
 tens of seconds) run first: under pytest-xdist, a worker that picks one up last would otherwise
 keep the whole run waiting after the other worker has finished.
 
-The test processes used to share a persistent compilation cache in a temporary folder (the
-folder is still made and removed with the run). It is no longer enabled: writing to it crashed a
-test worker inside XLA's executable serialisation in four of five full runs. What it saved: many
-tests build the same programs (the same solver on
+The test processes share a persistent compilation cache in a temporary folder, new and empty
+for every run and removed at its end: many tests build the same programs (the same solver on
 the same shapes, the same small operations), and loading them from the cache rather than
 compiling them again took a quarter off the time of the solver tests (and tests/test_losses.py
 from 89 s to 68 s). Sharing it between pytest-xdist's two workers took five files of loss and
@@ -17,6 +15,14 @@ estimator tests from 118 s to 113 s (3:12 to 2:56 of CPU time). Programs still t
 as before, and JAX records its compilation event for a program loaded from the cache too, so the
 tests that count tracings or compilations are unaffected. Processes that the tests start
 (notebooks, examples) do not use it.
+
+Each test process drops its compiled programs at the end of every test module
+(``jax.clear_caches()``). XLA's CPU backend maps about three memory regions per compiled program
+and keeps them while JAX caches the program; a worker that runs several test modules compiles
+over twenty thousand programs, and past Linux's default limit of 65,530 mappings per process
+(``vm.max_map_count``) the next mapping fails and the worker dies with a segmentation fault
+inside XLA (in compilation, or in serialisation for the cache), in whichever test comes next.
+Programs that a later module needs again load from the shared cache.
 
 The test processes compile with XLA's backend (LLVM) optimisation off,
 ``--xla_backend_optimization_level=0``, unless ``XLA_FLAGS`` already sets that level: the suite
@@ -41,6 +47,7 @@ import shutil
 import tempfile
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -78,9 +85,9 @@ def pytest_configure(config):
         os.environ[_SHARED_CACHE] = tempfile.mkdtemp(prefix="xentropy-jax-test-compilation-cache-")
     config.compilation_cache = os.environ[_SHARED_CACHE]
     config.user_xla_flags = _USER_XLA_FLAGS  # what child processes must see
-    # The shared persistent cache is not enabled: writing programs to it crashed a test worker
-    # (a segmentation fault in XLA's executable serialisation) in four of five full runs, late
-    # in the run and in a different test each time; the crashed worker hung the run.
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):
@@ -88,6 +95,13 @@ def pytest_unconfigure(config):
     if config.owns_compilation_cache:
         shutil.rmtree(config.compilation_cache, ignore_errors=True)
         del os.environ[_SHARED_CACHE]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the module's compiled programs after its last test (see the module docstring)."""
+    yield
+    jax.clear_caches()
 
 
 def pytest_collection_modifyitems(items):
