@@ -104,6 +104,12 @@ def test_bad_path_arguments(problem):
         xj.fit_regularization_path(X, y, NUM_CLASSES, [0.1, -1.0])
     with pytest.raises(xj.FitError):
         xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, max_iter=1)
+    # Under jit a NaN tol is reported for every value, with no iteration taken.
+    traced = jax.jit(
+        lambda tol: xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, tol=tol, throw=False)
+    )(np.nan)
+    assert np.all(np.asarray(traced.status) == xj.Status.INVALID_TOL)
+    assert np.all(np.asarray(traced.n_iter) == 0)
 
 
 def test_extrapolations_are_lagrange_and_fall_back_to_the_last_point():

@@ -741,6 +741,8 @@ def test_collinear_issue_reproduction_with_the_estimator():
         (dict(labels=np.where(np.arange(40) == 5, 3, np.arange(40) % 3)), Status.INVALID_LABELS),
         (dict(sample_weight=np.zeros(40)), Status.ZERO_WEIGHT),
         (dict(sample_weight=np.full(40, 1e-320)), Status.ZERO_WEIGHT),
+        (dict(tol=-1.0), Status.INVALID_TOL),
+        (dict(tol=np.nan), Status.INVALID_TOL),
     ],
 )
 def test_bad_input_under_jit_reports_its_cause(change, status):
@@ -750,13 +752,14 @@ def test_bad_input_under_jit_reports_its_cause(change, status):
         labels=np.arange(40) % 3,
         sample_weight=np.ones(40),
         l2=0.1,
+        tol=1e-8,
     )
     arguments.update(change)
 
     @jax.jit
-    def fit(features, labels, sample_weight, l2):
+    def fit(features, labels, sample_weight, l2, tol):
         return fit_logistic_regression(
-            features, labels, 3, sample_weight=sample_weight, l2=l2, throw=False
+            features, labels, 3, sample_weight=sample_weight, l2=l2, tol=tol, throw=False
         )
 
     result = fit(**arguments)

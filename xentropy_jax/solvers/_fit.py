@@ -56,7 +56,7 @@ def _resolve_solver(solver: str | Solver) -> Solver:
 def _validate(
     X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
 ) -> bool:
-    """Raise on bad input that is concrete here; whether labels, weights and l2 all were.
+    """Raise on bad input that is concrete here; whether labels, weights, l2 and tol all were.
 
     When they were (True), the in-`jit` input status (`_input_status`) can only say CONVERGED
     and is left out of the compiled fit.
@@ -146,7 +146,7 @@ def _validate(
                 f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
                 "have no finite optimum; drop those classes or lower num_classes"
             )
-    return weights_here and _is_concrete(l2)
+    return weights_here and _is_concrete(l2) and _is_concrete(tol)
 
 
 def _addressable(*values) -> bool:
@@ -223,7 +223,7 @@ def _device_memory_bytes() -> float:
         return float("inf")
 
 
-def _input_status(objective: LogisticObjective, sample_weight, l2) -> jax.Array:
+def _input_status(objective: LogisticObjective, sample_weight, l2, tol) -> jax.Array:
     """Inside `jit`: the Status that names bad input, or CONVERGED (0) when the input is fine.
 
     The same checks as `_validate`, for values that were tracers there.
@@ -240,7 +240,9 @@ def _input_status(objective: LogisticObjective, sample_weight, l2) -> jax.Array:
         zero_weight = ~(jnp.sum(raw) >= jnp.finfo(dtype).tiny)
     l2 = jnp.asarray(l2, dtype)
     bad_l2 = ~jnp.all(jnp.isfinite(l2) & (l2 >= 0))
-    code = jnp.where(bad_l2, Status.INVALID_L2, Status.CONVERGED)
+    bad_tol = ~(jnp.asarray(tol, dtype) >= 0)  # NaN too; an infinite tol stops at once
+    code = jnp.where(bad_tol, Status.INVALID_TOL, Status.CONVERGED)
+    code = jnp.where(bad_l2, Status.INVALID_L2, code)
     code = jnp.where(zero_weight, Status.ZERO_WEIGHT, code)
     code = jnp.where(bad_weights, Status.INVALID_WEIGHTS, code)
     code = jnp.where(bad_labels, Status.INVALID_LABELS, code)
@@ -338,7 +340,7 @@ def _fit(
     invalid = (
         jnp.asarray(Status.CONVERGED, jnp.int32)
         if checked
-        else _input_status(objective, sample_weight, l2)
+        else _input_status(objective, sample_weight, l2, tol)
     )
 
     def minimize(objective, theta, tol, max_iter):
@@ -489,7 +491,8 @@ def fit_logistic_regression(
             a class with no samples while fitting an intercept, negative l2, an unknown solver,
             `solver="newton"` whose explicit Hessian exceeds the device's memory (checked before
             any compilation, where the inputs are concrete). Under `jit` the same problems are
-            reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2).
+            reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2,
+            INVALID_TOL).
 
     Warns:
         CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;

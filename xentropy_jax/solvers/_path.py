@@ -79,7 +79,7 @@ def _path(
         # The basis serves every value of the path: the weakest penalty decides it.
         weakest = dataclasses.replace(objective, l2=jnp.min(l2_values).astype(objective.dtype))
         extra["basis"] = _preconditioners.setup_basis(preconditioner, weakest)
-    invalid = _input_status(objective, sample_weight, l2_values)
+    invalid = _input_status(objective, sample_weight, l2_values, tol)
     tol = attainable_tolerance(objective, tol)  # does not depend on l2
     max_iter = jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32)
 

@@ -14,7 +14,7 @@ class Status(enum.IntEnum):
     Codes: CONVERGED (0), MAX_ITER (1), LINE_SEARCH_FAILED (2), NON_FINITE (3), DIVERGED (4),
     and, for input that only `jit` let through unchecked (outside `jit` the same input raises a
     `ValueError` before compiling): INVALID_LABELS (5), INVALID_WEIGHTS (6), ZERO_WEIGHT (7),
-    INVALID_L2 (8). With one of these the solver takes no iteration.
+    INVALID_L2 (8), INVALID_TOL (9). With one of these the solver takes no iteration.
     `FitResult.status` holds the code as an int array; `Status(int(code))` names it.
 
     Example:
@@ -38,6 +38,7 @@ class Status(enum.IntEnum):
     INVALID_WEIGHTS = 6
     ZERO_WEIGHT = 7
     INVALID_L2 = 8
+    INVALID_TOL = 9
 
     @staticmethod
     def message(code: int) -> str:
@@ -86,6 +87,10 @@ _MESSAGES = {
     ),
     Status.INVALID_L2: (
         "l2 is negative or not finite: the penalty (l2/2)·‖W‖² needs 0 <= l2 < inf. No "
+        "iteration was taken."
+    ),
+    Status.INVALID_TOL: (
+        "tol is negative or NaN: the stopping test max|gradient| <= tol needs tol >= 0. No "
         "iteration was taken."
     ),
 }
