@@ -161,6 +161,18 @@ def test_estimator_refuses_to_split_sparse_rows_over_devices():
         LogisticRegression(devices=1).fit(X, y)
 
 
+def test_estimator_refuses_a_boolean_device_count():
+    # True is an int to Python (and to the parameter check): it was taken as one device.
+    import numpy as np
+
+    from xentropy_jax.sklearn import LogisticRegression
+
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    y = [0, 1, 2, 0] * 10
+    with pytest.raises(ValueError, match="not a number of devices"):
+        LogisticRegression(devices=True).fit(X, y)
+
+
 def test_explicit_mesh_arrays_inside_jit_get_a_clear_error():
     # Eagerly, arrays on Explicit mesh axes are moved to Auto axes; traced inside a caller's jit
     # their sharding is part of the trace, and the fit failed deep inside JAX with a

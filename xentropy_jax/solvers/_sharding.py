@@ -48,6 +48,11 @@ def with_auto_axes(array):
 
 def row_mesh(devices) -> Mesh:
     """A one-axis mesh named "rows" over `devices` (an int: the first that many devices)."""
+    if isinstance(devices, bool | np.bool_):  # an int to Python, but never a device count
+        raise ValueError(
+            f"devices={devices} is not a number of devices: give an integer count or a list of "
+            "devices (devices=None uses the default device)."
+        )
     if isinstance(devices, int | np.integer):
         available = jax.devices()
         if not 1 <= devices <= len(available):
