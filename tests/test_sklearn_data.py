@@ -153,7 +153,10 @@ def test_log_loss_scores_clip_probabilities_as_scikit_learn():
         alone = LogisticRegression(C=1e4).fit(X[train], y[train])
         probs = alone.predict_proba(X[test])
         expected = -log_loss(y[test], probs, labels=[0, 1, 2])
-        np.testing.assert_allclose(model.scores_[fold, 0], expected, rtol=1e-3)
+        # The fold's fit (warm-started along the path) and this one are two float32 fits of a
+        # nearly separable problem: their held-out scores differ by up to 0.3%, well inside the
+        # 9% that the clip makes.
+        np.testing.assert_allclose(model.scores_[fold, 0], expected, rtol=1e-2)
         picked = probs[np.arange(test.size), y[test]]
         clipped_somewhere |= bool(np.any(picked < np.finfo(np.float32).eps))
     assert clipped_somewhere
