@@ -335,6 +335,14 @@ def test_bad_input_is_rejected_at_the_boundary():
         xj.cg(operator, {"a": jnp.ones(3)}, x0=jnp.ones(3))
     with pytest.raises(ValueError, match="radius"):
         xj.steihaug_cg(operator, jnp.ones(3), radius=0.0)
+    # Traced, a radius that is not positive is reported: -1 acted as 1, NaN as no region.
+    traced = jax.jit(lambda radius: xj.steihaug_cg(operator, jnp.ones(3), radius))
+    for radius in (-1.0, 0.0, np.nan):
+        result = traced(radius)
+        assert int(result.status) == CGStatus.INVALID_RADIUS
+        assert int(result.num_steps) == 0
+        assert not np.any(np.asarray(result.solution))
+    assert int(traced(np.inf).status) == CGStatus.CONVERGED
 
 
 class CGVariantsTest(chex.TestCase):

@@ -42,6 +42,9 @@ class CGStatus(enum.IntEnum):
             returned. Check the operator and the scale of the right-hand side.
         BOUNDARY: (:func:`steihaug_cg` only) the iterate reached the trust-region boundary
             ‖x‖_M = radius along a direction of positive curvature.
+        INVALID_RADIUS: (:func:`steihaug_cg` only) a traced radius that is not positive (zero,
+            negative or NaN; a concrete one raises a ``ValueError``): no step was taken and the
+            solution is 0.
     """
 
     CONVERGED = 0
@@ -49,6 +52,7 @@ class CGStatus(enum.IntEnum):
     NEGATIVE_CURVATURE = 2
     NON_FINITE = 3
     BOUNDARY = 4
+    INVALID_RADIUS = 5
 
 
 class CGResult(NamedTuple):
@@ -273,6 +277,11 @@ def _solve(
     steihaug = radius is not None
     if steihaug:
         radius = jnp.asarray(radius, scalar)
+        # A negative radius would act as its absolute value (only radius² enters) and a NaN one
+        # as no region at all.
+        state = state._replace(
+            status=jnp.where(radius > 0, state.status, CGStatus.INVALID_RADIUS).astype(jnp.int32)
+        )
 
     def to_boundary(s: _State) -> jax.Array:
         """τ ≥ 0 with ‖x + τp‖_M = radius (the root of a quadratic, without cancellation)."""
