@@ -778,6 +778,12 @@ def test_subnormal_weights_raise_outside_jit():
         fit_logistic_regression(
             features.astype(np.float32), labels, 3, sample_weight=np.full(40, 1e-40)
         )
+    # Each weight subnormal, their sum normal: the fit flushes every one to zero (under jit it
+    # reports ZERO_WEIGHT); it stopped DIVERGED with W = 0 and a rank-0 collinearity warning.
+    with pytest.raises(ValueError, match="Rescale"):
+        fit_logistic_regression(
+            features.astype(np.float32), labels, 3, sample_weight=np.full(40, 1e-39)
+        )
 
 
 def test_newton_refuses_a_hessian_that_cannot_fit_before_compiling(monkeypatch):

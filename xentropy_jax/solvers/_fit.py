@@ -130,11 +130,16 @@ def _validate(
             raise ValueError("sample_weight sums to zero")
         working = np.asarray(sample_weight, dtype=_working_dtype(X))
         tiny = np.finfo(working.dtype).tiny
-        if not working.sum(dtype=working.dtype) >= tiny:
+        # XLA's CPU backend flushes subnormal numbers to zero: weights below `tiny` count as 0
+        # inside the fit, however many of them sum to a normal number here.
+        normal = np.where(working >= tiny, working, 0)
+        if not normal.sum(dtype=working.dtype) >= tiny:
             raise ValueError(
-                f"sample_weight sums to {weight_values.sum():.3g}, below the smallest normal "
-                f"{working.dtype} number ({tiny:.3g}): the objective divides by this sum. "
-                "Rescale the weights (e.g. divide them by their maximum)."
+                f"sample_weight sums to {weight_values.sum():.3g}, and its weights of at least "
+                f"the smallest normal {working.dtype} number ({tiny:.3g}) to "
+                f"{normal.sum(dtype=float):.3g}: the objective divides by this sum, and smaller "
+                "(subnormal) weights count as zero. Rescale the weights (e.g. divide them by "
+                "their maximum)."
             )
     weights_here = _is_concrete(labels, sample_weight) and _addressable(labels, sample_weight)
     if fit_intercept and weights_here:
