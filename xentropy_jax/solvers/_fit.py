@@ -13,6 +13,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
+from .._checks import python_float
 from .._linear import (
     LogisticObjective,
     column_sums_by_chunks,
@@ -540,9 +541,7 @@ def fit_logistic_regression(
             f"l2 must be a scalar, got shape {np.shape(l2)}; for a grid of values use "
             "fit_regularization_path or jax.vmap"
         )
-    # A concrete number enters the compiled fit as a Python float, whatever its type: an l2 of
-    # np.float32 or a 0-d jax array compiled the fit again next to the same float.
-    l2, tol = (float(v) if _is_concrete(v) and np.ndim(v) == 0 else v for v in (l2, tol))
+    l2, tol = python_float(l2), python_float(tol)
     checked = _validate(
         X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
     )

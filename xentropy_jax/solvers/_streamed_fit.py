@@ -12,6 +12,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
+from .._checks import python_float
 from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
@@ -243,8 +244,7 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
-    # As in fit_logistic_regression: any concrete scalar type reuses the compiled fit.
-    l2, tol = (float(v) if _is_concrete(v) and np.ndim(v) == 0 else v for v in (l2, tol))
+    l2, tol = python_float(l2), python_float(tol)
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:
