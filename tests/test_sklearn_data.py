@@ -11,6 +11,7 @@ import scipy.sparse  # noqa: E402
 from sklearn.datasets import load_iris  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
+from sklearn.linear_model import LogisticRegressionCV as SklearnLogisticRegressionCV  # noqa: E402
 from sklearn.metrics import log_loss  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
@@ -75,12 +76,31 @@ def test_infinite_c_is_the_unpenalised_fit():
     np.testing.assert_allclose(inf.coef_, theirs.coef_, atol=1e-4)
 
 
-def test_l1_ratio_zero_and_n_jobs_are_accepted(iris):
+def test_scikit_learns_other_parameters_are_accepted_and_change_nothing(iris):
+    # scikit-learn 1.9's parameters for the L2 and unpenalised cases, and those only its
+    # stochastic or liblinear solvers read: code written for it runs unchanged.
     X, y = iris
     plain = LogisticRegression().fit(X, y)
-    other = LogisticRegression(l1_ratio=0.0, n_jobs=2).fit(X, y)
+    options = dict(
+        l1_ratio=0.0,
+        n_jobs=2,
+        penalty="deprecated",
+        dual=False,
+        intercept_scaling=5.0,
+        random_state=0,
+    )
+    other = LogisticRegression(**options).fit(X, y)
     np.testing.assert_array_equal(other.coef_, plain.coef_)
+    np.testing.assert_array_equal(other.intercept_, plain.intercept_)
     assert LogisticRegression(l1_ratio=None).fit(X, y).coef_.shape == plain.coef_.shape
+    unpenalised = LogisticRegression(penalty="deprecated", C=np.inf).fit(X[50:], y[50:])
+    none = LogisticRegression(penalty=None).fit(X[50:], y[50:])
+    np.testing.assert_allclose(unpenalised.coef_, none.coef_, atol=1e-9)
+    names = set(SklearnLogisticRegression().get_params())
+    assert names <= set(LogisticRegression().get_params())
+    assert set(SklearnLogisticRegressionCV().get_params()) <= set(
+        LogisticRegressionCV().get_params()
+    )
 
 
 _compiles: list[str] = []
@@ -115,12 +135,26 @@ def test_grid_search_with_threads_compiles_what_a_serial_search_does(iris):
 
 
 @pytest.mark.parametrize(
-    "params", [dict(penalty="l1"), dict(penalty="elasticnet"), dict(l1_ratio=0.5)]
+    "estimator, params",
+    [
+        (LogisticRegression, dict(penalty="l1")),
+        (LogisticRegression, dict(penalty="elasticnet")),
+        (LogisticRegression, dict(l1_ratio=0.5)),
+        (LogisticRegressionCV, dict(penalty="l1")),
+        (LogisticRegressionCV, dict(l1_ratios=[0.0, 0.5])),
+    ],
 )
-def test_l1_and_elastic_net_name_the_supported_options(iris, params):
+def test_l1_and_elastic_net_name_the_supported_options(iris, estimator, params):
     X, y = iris
     with pytest.raises(ValueError, match=r"Supported: the L2 penalty.*C=np.inf"):
-        LogisticRegression(**params).fit(X, y)
+        estimator(**params).fit(X, y)
+
+
+@pytest.mark.parametrize("estimator", [LogisticRegression, LogisticRegressionCV])
+def test_the_dual_formulation_is_refused(iris, estimator):
+    X, y = iris
+    with pytest.raises(ValueError, match="dual=True asks for the dual formulation"):
+        estimator(dual=True).fit(X, y)
 
 
 def test_cross_validation_picks_the_best_c_and_refits(iris):
@@ -128,17 +162,25 @@ def test_cross_validation_picks_the_best_c_and_refits(iris):
     Cs = [0.01, 1.0, 100.0]
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
     model = LogisticRegressionCV(Cs=Cs, cv=cv, scoring="neg_log_loss").fit(X, y)
-    assert model.scores_.shape == (3, 3)
+    assert model.scores_.shape == (3, 1, 3)
+    scores = model.scores_[:, 0]
     # Each score is that of an independent fit on the training rows.
     for fold, (train, test) in enumerate(cv.split(X, y)):
         for index, C in enumerate(Cs):
             alone = LogisticRegression(C=C).fit(X[train], y[train])
             expected = -log_loss(y[test], alone.predict_proba(X[test]), labels=[0, 1, 2])
-            np.testing.assert_allclose(model.scores_[fold, index], expected, rtol=1e-6)
-    assert model.C_ == Cs[int(np.argmax(model.scores_.mean(axis=0)))]
+            np.testing.assert_allclose(scores[fold, index], expected, rtol=1e-6)
+    assert model.C_ == Cs[int(np.argmax(scores.mean(axis=0)))]
     refit = LogisticRegression(C=model.C_).fit(X, y)
     np.testing.assert_allclose(model.coef_, refit.coef_)
-    assert model.score(X, y) == refit.score(X, y)
+    # score() measures what the cross-validation did, as scikit-learn's does.
+    expected = -log_loss(y, refit.predict_proba(X))
+    np.testing.assert_allclose(model.score(X, y), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        model.score(X, y, sample_weight=np.arange(150.0)),
+        -log_loss(y, refit.predict_proba(X), sample_weight=np.arange(150.0)),
+        rtol=1e-12,
+    )
 
 
 def test_log_loss_scores_clip_probabilities_as_scikit_learn():
@@ -156,7 +198,7 @@ def test_log_loss_scores_clip_probabilities_as_scikit_learn():
         # The fold's fit (warm-started along the path) and this one are two float32 fits of a
         # nearly separable problem: their held-out scores differ by up to 0.3%, well inside the
         # 9% that the clip makes.
-        np.testing.assert_allclose(model.scores_[fold, 0], expected, rtol=1e-2)
+        np.testing.assert_allclose(model.scores_[fold, 0, 0], expected, rtol=1e-2)
         picked = probs[np.arange(test.size), y[test]]
         clipped_somewhere |= bool(np.any(picked < np.finfo(np.float32).eps))
     assert clipped_somewhere
@@ -171,7 +213,7 @@ def test_cross_validation_scores_ignore_class_weight_and_report_unconverged_fits
     model = LogisticRegressionCV(Cs=[1.0], cv=cv, class_weight=weights).fit(X, y)
     for fold, (train, test) in enumerate(cv.split(X, y)):
         alone = LogisticRegression(C=1.0, class_weight=weights).fit(X[train], y[train])
-        np.testing.assert_allclose(model.scores_[fold, 0], alone.score(X[test], y[test]))
+        np.testing.assert_allclose(model.scores_[fold, 0, 0], alone.score(X[test], y[test]))
     # Fits cut short were scored without a word.
     with pytest.warns(ConvergenceWarning, match=r"[1-6] of 6 cross-validation fits stopped"):
         LogisticRegressionCV(Cs=[1e-3, 1e3], cv=cv, max_iter=2, refit=False).fit(X, y)
@@ -181,7 +223,7 @@ def test_cross_validation_on_sparse_binary(text):
     X, y = text
     binary = y > 0
     model = LogisticRegressionCV(Cs=3, cv=2).fit(X[binary], y[binary])
-    assert model.coef_.shape == (1, X.shape[1]) and model.scores_.shape == (2, 3)
+    assert model.coef_.shape == (1, X.shape[1]) and model.scores_.shape == (2, 1, 3)
     assert jax.config.jax_enable_x64  # the global flag is left as it was
 
 
@@ -190,3 +232,86 @@ def test_both_estimators_refuse_a_nan_class_weight(estimator):
     X, y = load_iris(return_X_y=True)
     with pytest.raises(ValueError, match="class_weight must be finite and >= 0"):
         estimator(class_weight={0: 1.0, 1: np.nan, 2: 1.0}).fit(X, y)
+
+
+def _layout(value):
+    """The type, shape and dtype kind of an attribute (and the keys of a dict)."""
+    if isinstance(value, dict):
+        return "dict", [str(key) for key in value], [np.shape(v) for v in value.values()]
+    return type(value).__name__, np.shape(value), np.asarray(value).dtype.kind
+
+
+_CV_ATTRIBUTES = ("C_", "l1_ratio_", "l1_ratios_", "scores_", "coefs_paths_", "n_iter_", "Cs_")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("l1_ratios", [None, (0.0, 0.0)])
+@pytest.mark.parametrize("refit", [True, False])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_cross_validation_attributes_are_scikit_learns(iris, legacy, l1_ratios, refit, n_classes):
+    # The same attributes in the same layouts as scikit-learn 1.9 (whose use_legacy_attributes
+    # picks between dictionaries keyed by class and arrays), with the same values: scikit-learn's
+    # newton-cg at a tight tol is the reference (ours stop at tol = 1e-8: the log-losses agree
+    # to 2e-7 at C = 100). refit=False keeps each split's own best C.
+    X, y = iris
+    keep = y >= 3 - n_classes  # two classes: versicolor and virginica, which overlap
+    X, y = X[keep], np.array(["setosa", "versicolor", "virginica"])[y[keep]]
+    options = dict(
+        Cs=[0.01, 0.3, 100.0],
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+        scoring="neg_log_loss",
+        use_legacy_attributes=legacy,
+        l1_ratios=l1_ratios,
+        refit=refit,
+    )
+    theirs = SklearnLogisticRegressionCV(solver="newton-cg", tol=1e-10, **options).fit(X, y)
+    ours = LogisticRegressionCV(**options).fit(X, y)
+    for name in _CV_ATTRIBUTES:
+        assert _layout(getattr(ours, name)) == _layout(getattr(theirs, name)), name
+    if legacy:
+        assert list(ours.scores_) == list(theirs.scores_)
+        for key in ours.scores_:
+            np.testing.assert_allclose(ours.scores_[key], theirs.scores_[key], rtol=1e-6)
+            np.testing.assert_allclose(
+                ours.coefs_paths_[key], theirs.coefs_paths_[key], rtol=1e-5, atol=1e-6
+            )
+        np.testing.assert_array_equal(ours.l1_ratio_, theirs.l1_ratio_)
+    else:
+        np.testing.assert_allclose(ours.scores_, theirs.scores_, rtol=1e-6)
+        np.testing.assert_allclose(ours.coefs_paths_, theirs.coefs_paths_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.C_, theirs.C_)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.intercept_, theirs.intercept_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.score(X, y), theirs.score(X, y), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scoring", ["roc_auc_ovr", "f1_macro", "neg_brier_score", "balanced", "accuracy", None]
+)
+def test_cross_validation_with_any_scorer_scores_as_scikit_learn(iris, scoring):
+    # Names other than accuracy and neg_log_loss, and callables, go through scikit-learn's
+    # scorers; those whose metric takes `labels` are given the classes, as scikit-learn does.
+    from sklearn.metrics import balanced_accuracy_score, make_scorer
+
+    if scoring == "balanced":
+        scoring = make_scorer(balanced_accuracy_score)
+    X, y = iris
+    options = dict(
+        Cs=[0.01, 0.3, 100.0],
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+        scoring=scoring,
+        use_legacy_attributes=False,
+    )
+    theirs = SklearnLogisticRegressionCV(solver="newton-cg", tol=1e-10, **options).fit(X, y)
+    ours = LogisticRegressionCV(**options).fit(X, y)
+    np.testing.assert_allclose(ours.scores_, theirs.scores_, rtol=1e-6)
+    assert ours.C_ == theirs.C_
+    np.testing.assert_allclose(ours.score(X, y), theirs.score(X, y), rtol=1e-6)
+
+
+def test_cross_validation_refuses_an_unknown_scorer_and_empty_l1_ratios(iris):
+    X, y = iris
+    with pytest.raises(ValueError, match="'nonsense' is not a valid scoring value"):
+        LogisticRegressionCV(scoring="nonsense").fit(X, y)
+    with pytest.raises(ValueError, match="l1_ratios must hold at least one value"):
+        LogisticRegressionCV(l1_ratios=[]).fit(X, y)

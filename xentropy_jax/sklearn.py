@@ -8,6 +8,7 @@ into the sample weights, maps ``C`` to the L2 strength of the functional core an
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from numbers import Integral, Real
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import get_scorer, make_scorer
     from sklearn.model_selection import check_cv
     from sklearn.utils._param_validation import Interval, StrOptions
     from sklearn.utils.class_weight import compute_class_weight
@@ -148,14 +150,27 @@ def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
 SUPPORTED_PENALTIES = 'the L2 penalty (penalty="l2", l1_ratio=0, C > 0) or none (C=np.inf)'
 
 
-def check_penalty(penalty: str | None, l1_ratio: float | None) -> None:
-    """Raise a ValueError naming the supported options for an L1 or elastic-net penalty."""
-    if penalty in ("l1", "elasticnet") or (l1_ratio is not None and l1_ratio > 0):
+def check_penalty(penalty: str | None, l1_ratio, dual: bool = False) -> None:
+    """Raise a ValueError naming the supported options for what the Newton solvers cannot fit.
+
+    ``penalty="deprecated"`` is scikit-learn 1.8's default: the penalty then follows
+    ``l1_ratio`` (a number, or the values of ``LogisticRegressionCV``'s ``l1_ratios``) and
+    ``C``, as there. Any positive ``l1_ratio`` asks for an L1 or elastic-net penalty, and
+    ``dual=True`` for liblinear's dual formulation.
+    """
+    ratios = np.asarray([] if l1_ratio is None else l1_ratio, dtype=float).ravel()
+    if penalty in ("l1", "elasticnet") or np.any(ratios > 0):
         raise ValueError(
             f"penalty={penalty!r} with l1_ratio={l1_ratio!r} asks for an L1 or elastic-net "
             f"penalty, which the Newton solvers cannot fit (the objective must be twice "
             f"differentiable). Supported: {SUPPORTED_PENALTIES}. For L1 or elastic-net use "
             "sklearn.linear_model.LogisticRegression(solver='saga')."
+        )
+    if dual:
+        raise ValueError(
+            "dual=True asks for the dual formulation, which only scikit-learn's liblinear "
+            "solver has; the Newton solvers fit the primal objective (the same optimum). "
+            "Leave dual=False."
         )
 
 
@@ -193,6 +208,24 @@ def _core_solver(
     return config(preconditioner=preconditioner, product_dtype=product_dtype)
 
 
+def _sklearn_parameters(weights, intercept, binary: bool, fit_intercept: bool, centre=False):
+    """scikit-learn's ``(coef_, intercept_)`` from the core's W [..., d, K] and b [..., K].
+
+    Binary problems keep class 1's parameters relative to class 0's (``coef_`` [..., 1, d]);
+    otherwise ``coef_`` is [..., K, d] and the intercept is centred over the classes, as is
+    ``coef_`` with ``centre`` (the penalised optimum has centred coefficients already).
+    """
+    coef = np.swapaxes(weights, -1, -2)
+    if binary:
+        coef = coef[..., 1:, :] - coef[..., :1, :]
+        intercept = intercept[..., 1:] - intercept[..., :1]
+    else:
+        if centre:
+            coef = coef - coef.mean(axis=-2, keepdims=True)
+        intercept = intercept - intercept.mean(axis=-1, keepdims=True)
+    return coef, intercept if fit_intercept else np.zeros_like(intercept)
+
+
 class LogisticRegression(ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic regression fitted to the optimum with Newton-type steps.
 
@@ -223,11 +256,21 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
     Args:
         C: Inverse of the L2 regularisation strength, > 0; ``np.inf`` means no penalty
             (scikit-learn 1.8's replacement for ``penalty=None``).
-        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored). ``"l1"`` and
-            ``"elasticnet"`` are refused with an error naming the supported options.
+        penalty: ``"l2"`` or ``None`` (no penalty; ``C`` is then ignored), or
+            ``"deprecated"`` (scikit-learn 1.8's default: the penalty follows ``l1_ratio``
+            and ``C``). ``"l1"`` and ``"elasticnet"`` are refused with an error naming the
+            supported options.
         l1_ratio: ``0`` (or ``None``): the L2 penalty, as scikit-learn 1.8's default. Any
             positive value (L1 or elastic-net) is refused with an error naming the supported
             options: the Newton solvers need a twice-differentiable objective.
+        dual: ``False``, the primal objective. ``True`` (liblinear's dual formulation) is
+            refused with an error.
+        intercept_scaling: Accepted for compatibility with scikit-learn and ignored: only
+            liblinear, which penalises its intercept, uses it there. The intercept here is
+            never penalised.
+        random_state: Accepted for compatibility with scikit-learn and ignored: the solvers
+            are deterministic (scikit-learn uses it only for its stochastic and liblinear
+            solvers).
         fit_intercept: Whether to fit the (unpenalised) intercept ``b``.
         class_weight: ``None``, ``"balanced"`` (``n_samples / (n_classes * counts)``, counts
             weighted by ``sample_weight``) or a dict ``{label: weight}``; multiplies the
@@ -286,8 +329,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "C": [Interval(Real, 0, None, closed="right")],
-        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None],
+        "penalty": [StrOptions({"l2", "l1", "elasticnet", "deprecated"}), None],
         "l1_ratio": [Interval(Real, 0, 1, closed="both"), None],
+        "dual": ["boolean"],
+        "intercept_scaling": [Interval(Real, 0, None, closed="neither")],
+        "random_state": ["random_state"],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "solver": [StrOptions({"auto", "newton", "newton-cg", "trust-region"})],
@@ -316,9 +362,15 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         n_jobs: int | None = None,
         devices: int | list | None = None,
         product_dtype: str | None = None,
+        dual: bool = False,
+        intercept_scaling: float = 1.0,
+        random_state=None,
     ) -> None:
         self.C = C
         self.penalty = penalty
+        self.dual = dual
+        self.intercept_scaling = intercept_scaling
+        self.random_state = random_state
         self.fit_intercept = fit_intercept
         self.class_weight = class_weight
         self.solver = solver
@@ -351,13 +403,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
         Raises:
             ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
-                in {"l1", "elasticnet"} or ``l1_ratio > 0``), NaN/inf or complex features,
-                features whose squares overflow the precision, mismatched lengths, continuous
-                targets, fewer than two classes (after weighting), negative, all-zero or
-                subnormal sample weights, NaN or negative ``class_weight``; or a fit that
-                produced non-finite values.
+                in {"l1", "elasticnet"} or ``l1_ratio > 0``; ``dual=True``), NaN/inf or
+                complex features, features whose squares overflow the precision, mismatched
+                lengths, continuous targets, fewer than two classes (after weighting),
+                negative, all-zero or subnormal sample weights, NaN or negative
+                ``class_weight``; or a fit that produced non-finite values.
         """
-        check_penalty(self.penalty, self.l1_ratio)
+        check_penalty(self.penalty, self.l1_ratio, self.dual)
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
         class_mass = np.bincount(labels, weights=weights, minlength=classes.size)
         if np.count_nonzero(class_mass > 0) < 2:
@@ -423,26 +475,21 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 verbose=bool(self.verbose),
                 throw=False,
             )
-            coef = np.asarray(result.params[0], dtype=X.dtype).T  # [K, d]
+            fitted_weights = np.asarray(result.params[0], dtype=X.dtype)  # [d, K]
             intercept = np.asarray(result.params[1], dtype=X.dtype)  # [K]
             status = int(result.status)
             n_iter = int(result.n_iter)
             converged = bool(result.converged)
 
-        finite = np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))
+        finite = np.all(np.isfinite(fitted_weights)) and np.all(np.isfinite(intercept))
         if status == Status.NON_FINITE or not finite:
             raise ValueError(f"The {solver} fit met non-finite values: {Status.message(status)}")
-        if binary:
-            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
-        else:
-            # scikit-learn's symmetric convention: centring over classes leaves every
-            # prediction unchanged. The penalised optimum already has centred coefficients.
-            if unpenalised:
-                coef = coef - coef.mean(axis=0)
-            intercept = intercept - intercept.mean()
+        # scikit-learn's symmetric convention: centring over classes leaves every prediction
+        # unchanged. The penalised optimum already has centred coefficients.
+        self.coef_, self.intercept_ = _sklearn_parameters(
+            fitted_weights, intercept, binary, self.fit_intercept, centre=unpenalised
+        )
         self.classes_ = classes
-        self.coef_ = coef
-        self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
         self.n_iter_ = np.asarray([n_iter], dtype=np.int32)
         self.solver_ = solver
         if not converged:
@@ -649,6 +696,36 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         return self.inference(X, y, sample_weight, **options).summary()
 
 
+def _cv_scorer(scoring, classes: np.ndarray):
+    """How `LogisticRegressionCV` scores held-out rows: "accuracy", "neg_log_loss" or a scorer.
+
+    The two names are computed in NumPy for every value of ``C`` at once; any other name or
+    callable goes through scikit-learn's scorer, given the class labels (as scikit-learn's
+    cross-validation gives them) where its metric takes ``labels``, because a held-out split
+    may lack a class.
+
+    Raises:
+        ValueError: an unknown scorer name.
+    """
+    if scoring is None or scoring == "accuracy":
+        return "accuracy"
+    if scoring == "neg_log_loss":
+        return "neg_log_loss"
+    scorer = get_scorer(scoring)
+    score_func = getattr(scorer, "_score_func", None)
+    if score_func is None or "labels" not in inspect.signature(score_func).parameters:
+        return scorer
+    options = {"labels": classes}
+    if classes.size == 2 and "pos_label" in inspect.signature(score_func).parameters:
+        options["pos_label"] = classes[-1]
+    return make_scorer(
+        score_func,
+        greater_is_better=scorer._sign > 0,
+        response_method=scorer._response_method,
+        **{**scorer._kwargs, **options},
+    )
+
+
 class LogisticRegressionCV(LogisticRegression):
     r"""Cross-validated choice of ``C`` along a warm-started regularisation path.
 
@@ -660,25 +737,53 @@ class LogisticRegressionCV(LogisticRegression):
     (one compilation, no worker processes). The ``C`` with the best mean held-out score is
     kept, and the model is refitted on all the data at that ``C``.
 
+    The parameters are scikit-learn 1.9's, and so are the fitted attributes, in the layout
+    that ``use_legacy_attributes`` chooses there.
+
     Args:
         Cs: Number of values on the grid ``np.logspace(-4, 4, Cs)``, or the values of ``C``
             (each > 0 and finite).
+        l1_ratios: None, or values that are all 0 (the L2 penalty; each gets its own entry of
+            the ``l1_ratios`` axis of the attributes, as in scikit-learn). Positive values
+            (L1 or elastic-net) are refused with an error naming the supported options.
         cv: Splitter, number of folds (stratified), or None for 5 stratified folds.
-        scoring: ``"accuracy"`` (scikit-learn's default for classifiers) or
-            ``"neg_log_loss"``, computed on the held-out rows with their sample weights (as
-            scikit-learn's ``log_loss``, probabilities are clipped to ``[eps, 1 − eps]``).
-        refit: Refit on all the data at the best ``C`` (otherwise the coefficients are the
-            mean over the splits of the path's coefficients at the best ``C``).
-        fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs, product_dtype: as
-            :class:`LogisticRegression` (``n_jobs`` is accepted and ignored: the splits are
-            already fitted together in one program).
+        penalty: ``"l2"``, or ``"deprecated"`` (scikit-learn 1.8's default: the penalty
+            follows ``l1_ratios``). ``"l1"`` and ``"elasticnet"`` are refused.
+        scoring: None or ``"accuracy"`` (the default measure of classifiers), or
+            ``"neg_log_loss"``: both computed here for every ``C`` at once (as scikit-learn's
+            ``log_loss``, probabilities are clipped to ``[eps, 1 − eps]``); or any other
+            scorer name or callable ``scorer(estimator, X, y)``, called once per split and
+            ``C`` (a metric that takes ``labels`` is given the classes, as in scikit-learn).
+            Held-out rows are weighted by their sample weights, when given. :meth:`score` uses
+            the same scorer.
+        refit: Refit on all the data at the ``C`` of the best mean score. Otherwise, as in
+            scikit-learn, each split keeps its own best ``C``: ``C_`` is their mean, and the
+            coefficients are the mean over the splits of each one's at its best ``C``.
+        use_legacy_attributes: ``False`` (scikit-learn's default from 1.10): ``C_`` and
+            ``l1_ratio_`` are numbers, ``scores_`` [n_splits, n_l1_ratios, n_Cs]. ``True``:
+            scikit-learn's earlier layout, dictionaries keyed by class (below).
+        fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs, product_dtype,
+            dual, intercept_scaling, random_state: as :class:`LogisticRegression`
+            (``n_jobs`` is accepted and ignored: the splits are already fitted together in
+            one program).
 
     Attributes:
         Cs_: [n_Cs] the grid of ``C``, increasing.
-        scores_: [n_splits, n_Cs] held-out scores.
-        C_: The best ``C``.
-        coef_, intercept_, classes_, n_iter_, solver_, n_features_in_: as
-            :class:`LogisticRegression` (for the refit).
+        l1_ratios_: [n_l1_ratios] the values of ``l1_ratios``, or ``[None]``.
+        C_: The chosen ``C`` (a float; legacy: [n_classes], or [1] for binary problems, the
+            same value repeated).
+        l1_ratio_: 0.0 (legacy: [n_classes] or [1], None for a refit without
+            ``l1_ratios``).
+        scores_: [n_splits, n_l1_ratios, n_Cs] held-out scores (legacy: a dict from each
+            class, ``classes_[1]`` alone for binary problems, to the same [n_splits, n_Cs]
+            array, [n_splits, n_Cs, n_l1_ratios] with ``l1_ratios``).
+        coefs_paths_: [n_splits, n_l1_ratios, n_Cs, n_classes (1 if binary), n_features
+            (+ 1 with the intercept last)] the coefficients along each split's path (legacy:
+            a dict from class to [n_splits, n_Cs, (n_l1_ratios,) n_features (+ 1)]).
+        n_iter_: [n_splits, n_l1_ratios, n_Cs] Newton iterations of each fit of the paths
+            (legacy: [1, n_splits, n_Cs], [1, n_splits, n_Cs, n_l1_ratios] with
+            ``l1_ratios``).
+        coef_, intercept_, classes_, solver_, n_features_in_: as :class:`LogisticRegression`.
 
     Example:
         >>> from sklearn.datasets import load_iris
@@ -686,7 +791,7 @@ class LogisticRegressionCV(LogisticRegression):
         >>> X, y = load_iris(return_X_y=True)
         >>> clf = LogisticRegressionCV(Cs=4, cv=3).fit(X, y)
         >>> clf.scores_.shape, clf.C_ in clf.Cs_
-        ((3, 4), True)
+        ((3, 1, 4), True)
     """
 
     _parameter_constraints: dict = {
@@ -697,9 +802,12 @@ class LogisticRegressionCV(LogisticRegression):
     _parameter_constraints.update(
         {
             "Cs": [Interval(Integral, 1, None, closed="left"), "array-like"],
+            "l1_ratios": ["array-like", None],
             "cv": ["cv_object"],
-            "scoring": [StrOptions({"accuracy", "neg_log_loss"})],
+            "penalty": [StrOptions({"l2", "l1", "elasticnet", "deprecated"})],
+            "scoring": [str, callable, None],
             "refit": ["boolean"],
+            "use_legacy_attributes": ["boolean"],
         }
     )
 
@@ -707,34 +815,45 @@ class LogisticRegressionCV(LogisticRegression):
         self,
         *,
         Cs: int | np.ndarray = 10,
-        cv=None,
-        scoring: str = "accuracy",
-        refit: bool = True,
+        l1_ratios=None,
         fit_intercept: bool = True,
-        class_weight: dict | str | None = None,
+        cv=None,
+        dual: bool = False,
+        penalty: str = "l2",
+        scoring=None,
         solver: str = "auto",
         tol: float = 1e-8,
         max_iter: int = 100,
-        verbose: int = 0,
+        class_weight: dict | str | None = None,
         n_jobs: int | None = None,
+        verbose: int = 0,
+        refit: bool = True,
+        intercept_scaling: float = 1.0,
+        random_state=None,
+        use_legacy_attributes: bool = False,
         product_dtype: str | None = None,
     ) -> None:
         self.Cs = Cs
-        self.cv = cv
-        self.scoring = scoring
-        self.refit = refit
+        self.l1_ratios = l1_ratios
         self.fit_intercept = fit_intercept
-        self.class_weight = class_weight
+        self.cv = cv
+        self.dual = dual
+        self.penalty = penalty
+        self.scoring = scoring
         self.solver = solver
         self.tol = tol
         self.max_iter = max_iter
-        self.verbose = verbose
+        self.class_weight = class_weight
         self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.refit = refit
+        self.intercept_scaling = intercept_scaling
+        self.random_state = random_state
+        self.use_legacy_attributes = use_legacy_attributes
         self.product_dtype = product_dtype
 
     # Fixed settings of the parent estimator that this one does not expose.
     C = 1.0
-    penalty = "l2"
     l1_ratio = 0.0
     warm_start = False
     devices = None
@@ -752,9 +871,13 @@ class LogisticRegressionCV(LogisticRegression):
             The fitted estimator.
 
         Raises:
-            ValueError: as :meth:`LogisticRegression.fit`, and for values of ``Cs`` that
-                are not finite and positive.
+            ValueError: as :meth:`LogisticRegression.fit`, for values of ``Cs`` that are not
+                finite and positive, for an empty ``l1_ratios`` or one with a positive value,
+                and for an unknown ``scoring`` name.
         """
+        check_penalty(self.penalty, self.l1_ratios, self.dual)
+        if self.l1_ratios is not None and np.size(self.l1_ratios) == 0:
+            raise ValueError("l1_ratios must hold at least one value (0 for the L2 penalty)")
         if isinstance(self.Cs, Integral):
             grid = np.logspace(-4, 4, int(self.Cs))
         else:
@@ -762,6 +885,7 @@ class LogisticRegressionCV(LogisticRegression):
         if grid.size < 1 or not np.all(np.isfinite(grid) & (grid > 0)):
             raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
+        scorer = _cv_scorer(self.scoring, classes)
         # The held-out scores weigh rows by their sample weights only, as a scorer would: the
         # class weights shape the fits, not the measure of their predictions.
         score_weights = _check_sample_weight(sample_weight, X, dtype=X.dtype)
@@ -813,12 +937,26 @@ class LogisticRegressionCV(LogisticRegression):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        # scikit-learn's parameters of every fit: [splits, Cs, rows, d] and [splits, Cs, rows].
+        path_coefs, path_intercepts = _sklearn_parameters(
+            coefs, intercepts, reference, self.fit_intercept
+        )
         scores = np.empty((len(splits), grid.size))
         for index, (_, test) in enumerate(splits):
+            test_weights = score_weights[test]
+            if not isinstance(scorer, str):
+                options = {} if sample_weight is None else {"sample_weight": test_weights}
+                for position in range(grid.size):
+                    fitted = self._fitted_copy(
+                        classes, path_coefs[index, position], path_intercepts[index, position]
+                    )
+                    scores[index, position] = scorer(
+                        fitted, X[test], classes[labels[test]], **options
+                    )
+                continue
             logits = np.asarray(X[test] @ coefs[index].transpose(1, 0, 2).reshape(X.shape[1], -1))
             logits = logits.reshape(len(test), grid.size, n_classes) + intercepts[index]
-            test_weights = score_weights[test]
-            if self.scoring == "accuracy":
+            if scorer == "accuracy":
                 hits = np.argmax(logits, axis=2) == labels[test][:, None]
                 scores[index] = test_weights @ hits / test_weights.sum()
             else:
@@ -828,13 +966,12 @@ class LogisticRegressionCV(LogisticRegression):
                 probs = np.clip(softmax(logits, axis=2), eps, 1 - eps)
                 picked = np.take_along_axis(probs, labels[test][:, None, None], axis=2)[..., 0]
                 scores[index] = test_weights @ np.log(picked) / test_weights.sum()
-        best = int(np.argmax(scores.mean(axis=0)))
+        self.classes_ = classes
         self.Cs_ = grid
-        self.scores_ = scores
-        self.C_ = float(grid[best])
         if self.refit:
+            chosen = float(grid[int(np.argmax(scores.mean(axis=0)))])
             model = LogisticRegression(
-                C=self.C_,
+                C=chosen,
                 fit_intercept=self.fit_intercept,
                 class_weight=self.class_weight,
                 solver=self.solver,
@@ -843,18 +980,69 @@ class LogisticRegressionCV(LogisticRegression):
                 verbose=self.verbose,
                 product_dtype=self.product_dtype,
             ).fit(X, y, sample_weight=sample_weight)
-            for name in ("classes_", "coef_", "intercept_", "n_iter_", "solver_"):
-                setattr(self, name, getattr(model, name))
-            return self
-        coef = coefs[:, best].mean(axis=0).T
-        intercept = intercepts[:, best].mean(axis=0)
-        if reference:
-            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+            self.coef_, self.intercept_ = model.coef_, model.intercept_
         else:
-            intercept = intercept - intercept.mean()
-        self.classes_ = classes
-        self.coef_ = coef
-        self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
-        self.n_iter_ = np.asarray([int(np.max(paths.n_iter))], dtype=np.int32)
+            # As scikit-learn: every split at its own best C.
+            best = np.argmax(scores, axis=1)
+            chosen = float(np.mean(grid[best]))
+            folds = np.arange(len(splits))
+            self.coef_ = path_coefs[folds, best].mean(axis=0)
+            self.intercept_ = path_intercepts[folds, best].mean(axis=0)
         self.solver_ = solver
+        self._set_path_attributes(
+            chosen, scores, path_coefs, path_intercepts, np.asarray(paths.n_iter)
+        )
         return self
+
+    def _fitted_copy(self, classes, coef, intercept) -> LogisticRegression:
+        """A fitted :class:`LogisticRegression` with these parameters, for a scorer."""
+        model = LogisticRegression()
+        model.classes_, model.coef_, model.intercept_ = classes, coef, intercept
+        model.n_features_in_ = coef.shape[1]
+        return model
+
+    def _set_path_attributes(self, chosen, scores, coefs, intercepts, n_iter) -> None:
+        """``C_``, ``l1_ratio_``, ``l1_ratios_``, ``scores_``, ``coefs_paths_`` and ``n_iter_``.
+
+        In scikit-learn's layout for ``use_legacy_attributes``, from ``scores`` and ``n_iter``
+        [splits, Cs] and the paths' parameters [splits, Cs, rows, d] and [splits, Cs, rows].
+        """
+        ratios = None if self.l1_ratios is None else np.asarray(self.l1_ratios, float).ravel()
+        self.l1_ratios_ = np.asarray([None]) if ratios is None else ratios
+        n_ratios = self.l1_ratios_.size
+        if self.fit_intercept:
+            coefs = np.concatenate([coefs, intercepts[..., None]], axis=-1)
+        n_iter = n_iter.astype(np.int32)
+        if not self.use_legacy_attributes:
+            self.C_ = chosen
+            self.l1_ratio_ = 0.0
+            self.scores_ = np.repeat(scores[:, None], n_ratios, axis=1)
+            self.coefs_paths_ = np.repeat(coefs[:, None], n_ratios, axis=1)
+            self.n_iter_ = np.repeat(n_iter[:, None], n_ratios, axis=1)
+            return
+        keys = self.classes_[1:] if self.classes_.size == 2 else self.classes_
+        self.C_ = np.full(keys.size, chosen)
+        # scikit-learn's quirk, kept: None from a refit without l1_ratios, else 0.0.
+        self.l1_ratio_ = np.full(keys.size, None if ratios is None and self.refit else 0.0)
+        if ratios is not None:  # the l1_ratios axis comes last in this layout
+            scores = np.repeat(scores[..., None], n_ratios, axis=-1)
+            coefs = np.repeat(coefs[:, :, None], n_ratios, axis=2)
+            n_iter = np.repeat(n_iter[..., None], n_ratios, axis=-1)
+        self.scores_ = {key: scores.copy() for key in keys}
+        self.coefs_paths_ = {key: coefs[..., row, :] for row, key in enumerate(keys)}
+        self.n_iter_ = n_iter[None]
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """The held-out measure of ``scoring`` on ``(X, y)`` (accuracy by default).
+
+        Args:
+            X: [n_samples, n_features] features.
+            y: [n_samples] true labels.
+            sample_weight: [n_samples] weights of the rows, or None.
+
+        Returns:
+            The score, larger is better (``"neg_log_loss"`` is the negated log-loss).
+        """
+        scorer = get_scorer(self.scoring if self.scoring is not None else "accuracy")
+        options = {} if sample_weight is None else {"sample_weight": sample_weight}
+        return scorer(self, X, y, **options)
