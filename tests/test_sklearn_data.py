@@ -315,3 +315,25 @@ def test_cross_validation_refuses_an_unknown_scorer_and_empty_l1_ratios(iris):
         LogisticRegressionCV(scoring="nonsense").fit(X, y)
     with pytest.raises(ValueError, match="l1_ratios must hold at least one value"):
         LogisticRegressionCV(l1_ratios=[]).fit(X, y)
+
+
+def test_cross_validation_calls_a_plain_callable_scorer_without_weights(iris):
+    # A scorer(estimator, X, y) that is not a scikit-learn scorer may not take sample_weight.
+    X, y = iris
+    calls = []
+
+    def agreement(estimator, X_test, y_test):
+        calls.append(len(y_test))
+        return float(np.mean(estimator.predict(X_test) == y_test))
+
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    weights = np.linspace(0.5, 1.5, y.size)
+    model = LogisticRegressionCV(Cs=[0.1, 10.0], cv=cv, scoring=agreement)
+    model.fit(X, y, sample_weight=weights)
+    assert len(calls) == 3 * 2 and model.scores_.shape == (3, 1, 2)
+    # Each score is the unweighted agreement of that split's fit, recomputed from its path.
+    for fold, (_, test) in enumerate(cv.split(X, y)):
+        for index in range(2):
+            path = model.coefs_paths_[fold, 0, index]  # [K, d + 1], the intercept last
+            predicted = np.argmax(X[test] @ path[:, :-1].T + path[:, -1], axis=1)
+            assert model.scores_[fold, 0, index] == np.mean(predicted == y[test])

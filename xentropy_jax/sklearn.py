@@ -754,8 +754,9 @@ class LogisticRegressionCV(LogisticRegression):
             ``log_loss``, probabilities are clipped to ``[eps, 1 − eps]``); or any other
             scorer name or callable ``scorer(estimator, X, y)``, called once per split and
             ``C`` (a metric that takes ``labels`` is given the classes, as in scikit-learn).
-            Held-out rows are weighted by their sample weights, when given. :meth:`score` uses
-            the same scorer.
+            Held-out rows are weighted by their sample weights, when given (a callable that
+            is not a scikit-learn scorer is called without them). :meth:`score` uses the same
+            scorer.
         refit: Refit on all the data at the ``C`` of the best mean score. Otherwise, as in
             scikit-learn, each split keeps its own best ``C``: ``C_`` is their mean, and the
             coefficients are the mean over the splits of each one's at its best ``C``.
@@ -945,7 +946,9 @@ class LogisticRegressionCV(LogisticRegression):
         for index, (_, test) in enumerate(splits):
             test_weights = score_weights[test]
             if not isinstance(scorer, str):
-                options = {} if sample_weight is None else {"sample_weight": test_weights}
+                # scikit-learn's scorers take the weights; a plain callable may not.
+                weighted = sample_weight is not None and hasattr(scorer, "_score_func")
+                options = {"sample_weight": test_weights} if weighted else {}
                 for position in range(grid.size):
                     fitted = self._fitted_copy(
                         classes, path_coefs[index, position], path_intercepts[index, position]
