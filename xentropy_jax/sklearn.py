@@ -713,10 +713,11 @@ def _cv_scorer(scoring, classes: np.ndarray):
         return "neg_log_loss"
     scorer = get_scorer(scoring)
     score_func = getattr(scorer, "_score_func", None)
-    if score_func is None or "labels" not in inspect.signature(score_func).parameters:
+    takes = inspect.signature(score_func).parameters if score_func is not None else {}
+    if "labels" not in takes:
         return scorer
     options = {"labels": classes}
-    if classes.size == 2 and "pos_label" in inspect.signature(score_func).parameters:
+    if classes.size == 2 and "pos_label" in takes:
         options["pos_label"] = classes[-1]
     return make_scorer(
         score_func,
