@@ -19,6 +19,11 @@ process), minima over interleaved single calls, ratios ours / theirs:
    accumulation of the gradient and the iterate and float32 Hessian products (X cast to float64,
    ``NewtonCG(product_dtype="float32")``).
 4. A 10-value path over C (warm-started, one compiled scan) against one fit (target <= 3x).
+4a. ``LogisticRegressionCV`` (``--cases cv``, not in the default run: about 25 minutes at the
+   default ``--cv-shape 20000,64,50``): ``Cs=10``, ``cv=5``, against scikit-learn's
+   ``LogisticRegressionCV`` with ``newton-cg`` and ``lbfgs``, each at every ``tol`` of
+   ``--cv-tols`` (default 1e-4, 1e-6, 1e-8; scikit-learn's ``lbfgs`` only up to 1e-6, and at
+   its default ``max_iter=100`` for 1e-4), one fit each (ours compiles in the first).
 4b. CG steps per Newton iteration as K grows (``--cases classes``): the probe's N and d, K from
    ``--classes`` (default 25, 100, 200, 800), each preconditioner; the requirement is a count
    that does not grow with K.
@@ -30,7 +35,7 @@ process), minima over interleaved single calls, ratios ours / theirs:
    ``newton-cg`` and ``lbfgs``, with freed heap returned to the system before each.
 
 Run ``python benchmarks/bench_data.py`` (about 10 minutes on two cores) or pick cases with
-``--cases probe,hvp,f32,path,classes,sparse``.
+``--cases probe,hvp,f32,path,classes,sparse`` (and ``cv``).
 """
 
 from __future__ import annotations
@@ -325,6 +330,41 @@ def case_path(n_samples, n_features, n_classes, repeats):
     print(f"  ratio path / one fit = {ratio:.3f} (target <= 3)")
 
 
+def case_cv(n_samples, n_features, n_classes, tols):
+    from sklearn.linear_model import LogisticRegressionCV as SklearnLogisticRegressionCV
+
+    from xentropy_jax.sklearn import LogisticRegressionCV
+
+    print(
+        f"\n== LogisticRegressionCV(Cs=10, cv=5), N = {n_samples}, d = {n_features}, "
+        f"K = {n_classes}, float64, one fit each"
+    )
+    X, y = gaussian_means(n_samples, n_features, n_classes)
+    for tol in tols:
+        fits = {"xentropy_jax": LogisticRegressionCV(Cs=10, cv=5, tol=tol)}
+        for solver in ("newton-cg", "lbfgs"):
+            if solver == "lbfgs" and tol < 1e-6:
+                continue
+            fits[f"sklearn {solver}"] = SklearnLogisticRegressionCV(
+                Cs=10,
+                cv=5,
+                solver=solver,
+                tol=tol,
+                max_iter=100 if tol >= 1e-4 else 10_000,
+                l1_ratios=(0,),
+                scoring="accuracy",
+                use_legacy_attributes=False,
+            )
+        for label, model in fits.items():
+            start = time.perf_counter()
+            _fit_quietly(model, X, y)
+            seconds = time.perf_counter() - start
+            print(
+                f"  tol {tol:g}  {label:20s} {seconds:8.1f} s  C_ = {model.C_:.4g}  mean scores "
+                f"{np.round(model.scores_.mean(axis=(0, 1)), 4).tolist()}"
+            )
+
+
 def case_classes(n_samples, n_features, class_counts):
     print(
         f"\n== CG steps per Newton iteration as K grows, N = {n_samples}, d = {n_features}, "
@@ -416,6 +456,8 @@ def main():
     parser.add_argument("--f32-shape", default="10000,256,200")
     parser.add_argument("--path-shape", default="5000,64,50")
     parser.add_argument("--classes", default="25,100,200,800")
+    parser.add_argument("--cv-shape", default="20000,64,50")
+    parser.add_argument("--cv-tols", default="1e-4,1e-6,1e-8")
     parser.add_argument(
         "--no-f32-reference",
         action="store_true",
@@ -479,6 +521,9 @@ def main():
     if "path" in cases:
         n, d, k = map(int, args.path_shape.split(","))
         case_path(n, d, k, args.repeats)
+    if "cv" in cases:
+        n, d, k = map(int, args.cv_shape.split(","))
+        case_cv(n, d, k, [float(tol) for tol in args.cv_tols.split(",")])
     if "classes" in cases:
         n, d, _ = map(int, args.probe_shape.split(","))
         case_classes(n, d, [int(k) for k in args.classes.split(",")])
