@@ -753,7 +753,8 @@ def test_errors():
 SHARDED_SCRIPT = textwrap.dedent(
     """
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
@@ -825,9 +826,10 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def sharded_report():
-    # Four CPU devices exist only when XLA_FLAGS is set before jax starts: a child process.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def sharded_report(request):
+    # Four CPU devices exist only when XLA_FLAGS is set before jax starts: a child process,
+    # which compiles as fast as the test processes (conftest.py).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=request.config.test_xla_flags)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     completed = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT],

@@ -18,7 +18,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import contextlib, io, json, os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
@@ -109,8 +110,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = dict(os.environ)
+def report(request):
+    # The test processes' fast compilation (conftest.py): this child checks sharding, not
+    # what a user's fresh process compiles.
+    env = dict(os.environ, XLA_FLAGS=request.config.test_xla_flags)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     completed = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
