@@ -36,11 +36,10 @@ masks, the vocabulary head, float64 to float16, fused producers included, where 
 loss is NaN at both levels), except where level 3 contracts a multiply and an add into one fused
 multiply-add: 83 of 38,400 soft-label float32 gradient components m·s_k − y_k that nearly cancel
 differed, each by one ulp of its larger term, both levels within the bound that docs/losses.md
-gives for soft labels (at most 4.5 and 5.5 ulps of that term). The second flag groups fewer
-operations per loop (101 fusions in a fit against 137) and emits each with the same arithmetic:
-of 145,224 loss, gradient and Hessian components (integer and soft labels, float64 to float16,
-logits of scale 1 to 10⁴), it changed 5 against level 0 alone, each by at most 2.4e-16 of
-itself. Fits agree to the rounding of their last iterations. The flags apply to these processes
+gives for soft labels (at most 4.5 and 5.5 ulps of that term). The second flag changes the
+programs' grouping (101 fusions in a fit against 137), not their operations: of 145,224 loss,
+gradient and Hessian components (integer and soft labels, float64 to float16, logits of scale 1
+to 10⁴), it changed 5 against level 0 alone, each by at most 2.4e-16 of itself. Fits agree to the rounding of their last iterations. The flags apply to these processes
 only: processes that the tests start (notebooks, examples, the fresh float32 processes, the
 known-issue check) get the environment as it was, and so run what users run; only the children
 that exist to have several CPU devices (the sharded checks) compile fast too. To run the suite
