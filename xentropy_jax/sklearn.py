@@ -727,6 +727,27 @@ def _cv_scorer(scoring, classes: np.ndarray):
     )
 
 
+def _held_out_scores(
+    scorer: str, X, labels: np.ndarray, weights: np.ndarray, coefs, intercepts
+) -> np.ndarray:
+    """The weighted accuracy or mean log-likelihood of held-out rows, for every C at once.
+
+    `coefs` [Cs, d, K] and `intercepts` [Cs, K] are one split's path (the core's parameters).
+    """
+    n_Cs, n_features, n_classes = coefs.shape
+    logits = np.asarray(X @ coefs.transpose(1, 0, 2).reshape(n_features, -1))
+    logits = logits.reshape(len(labels), n_Cs, n_classes) + intercepts
+    if scorer == "accuracy":
+        hits = np.argmax(logits, axis=2) == labels[:, None]
+        return weights @ hits / weights.sum()
+    # As scikit-learn's log_loss: probabilities clipped to [eps, 1 − eps] of their dtype, so
+    # that one confidently wrong row cannot dominate a fold's score.
+    eps = np.finfo(logits.dtype).eps
+    probs = np.clip(softmax(logits, axis=2), eps, 1 - eps)
+    picked = np.take_along_axis(probs, labels[:, None, None], axis=2)[..., 0]
+    return weights @ np.log(picked) / weights.sum()
+
+
 class LogisticRegressionCV(LogisticRegression):
     r"""Cross-validated choice of ``C`` along a warm-started regularisation path.
 
@@ -901,33 +922,9 @@ class LogisticRegressionCV(LogisticRegression):
         for index, (train, _) in enumerate(splits):
             fold_weights[index, train] = weights[train]
         l2 = 1.0 / (grid[None, :] * fold_weights.sum(axis=1, keepdims=True))
-        with jax.enable_x64(X.dtype == np.float64):
-            fit_path = jax.vmap(
-                lambda w, l2_values: fit_regularization_path(
-                    X,
-                    labels.astype(np.int32),
-                    n_classes,
-                    l2_values,
-                    sample_weight=w,
-                    fit_intercept=self.fit_intercept,
-                    reference_class=reference,
-                    solver=_core_solver(solver, X.shape[1], self.product_dtype),
-                    tol=self.tol,
-                    max_iter=self.max_iter,
-                    throw=False,
-                )
-            )
-            if scipy.sparse.issparse(X):
-                # A vmapped sparse X would be traced: fit the splits one after the other.
-                paths = [
-                    fit_path(w[None], strength[None])
-                    for w, strength in zip(fold_weights, l2, strict=True)
-                ]
-                paths = jax.tree.map(lambda *leaves: np.concatenate(leaves), *paths)
-            else:
-                paths = fit_path(fold_weights, l2)
-            coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
-            intercepts = np.asarray(paths.params[1], dtype=X.dtype)  # [splits, Cs, K]
+        paths = self._fit_paths(X, labels, n_classes, reference, fold_weights, l2, solver)
+        coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
+        intercepts = np.asarray(paths.params[1], dtype=X.dtype)  # [splits, Cs, K]
         statuses = np.asarray(paths.status)  # [splits, Cs]
         if np.any(statuses != Status.CONVERGED):
             failed = statuses != Status.CONVERGED
@@ -937,7 +934,7 @@ class LogisticRegressionCV(LogisticRegression):
                 f"{statuses.size} cross-validation fits stopped without converging (the first: "
                 f"{Status.message(int(first))}); scores_ and C_ rest on them.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=3,  # the caller of fit, past scikit-learn's fit wrapper
             )
         # scikit-learn's parameters of every fit: [splits, Cs, rows, d] and [splits, Cs, rows].
         path_coefs, path_intercepts = _sklearn_parameters(
@@ -945,31 +942,24 @@ class LogisticRegressionCV(LogisticRegression):
         )
         scores = np.empty((len(splits), grid.size))
         for index, (_, test) in enumerate(splits):
-            test_weights = score_weights[test]
-            if not isinstance(scorer, str):
-                # scikit-learn's scorers take the weights; a plain callable may not.
-                weighted = sample_weight is not None and hasattr(scorer, "_score_func")
-                options = {"sample_weight": test_weights} if weighted else {}
-                for position in range(grid.size):
-                    fitted = self._fitted_copy(
-                        classes, path_coefs[index, position], path_intercepts[index, position]
-                    )
-                    scores[index, position] = scorer(
-                        fitted, X[test], classes[labels[test]], **options
-                    )
+            if isinstance(scorer, str):
+                scores[index] = _held_out_scores(
+                    scorer,
+                    X[test],
+                    labels[test],
+                    score_weights[test],
+                    coefs[index],
+                    intercepts[index],
+                )
                 continue
-            logits = np.asarray(X[test] @ coefs[index].transpose(1, 0, 2).reshape(X.shape[1], -1))
-            logits = logits.reshape(len(test), grid.size, n_classes) + intercepts[index]
-            if scorer == "accuracy":
-                hits = np.argmax(logits, axis=2) == labels[test][:, None]
-                scores[index] = test_weights @ hits / test_weights.sum()
-            else:
-                # As scikit-learn's log_loss: probabilities clipped to [eps, 1 − eps] of their
-                # dtype, so that one confidently wrong row cannot dominate a fold's score.
-                eps = np.finfo(logits.dtype).eps
-                probs = np.clip(softmax(logits, axis=2), eps, 1 - eps)
-                picked = np.take_along_axis(probs, labels[test][:, None, None], axis=2)[..., 0]
-                scores[index] = test_weights @ np.log(picked) / test_weights.sum()
+            # scikit-learn's scorers take the weights; a plain callable may not.
+            weighted = sample_weight is not None and hasattr(scorer, "_score_func")
+            options = {"sample_weight": score_weights[test]} if weighted else {}
+            for position in range(grid.size):
+                fitted = self._fitted_copy(
+                    classes, path_coefs[index, position], path_intercepts[index, position]
+                )
+                scores[index, position] = scorer(fitted, X[test], classes[labels[test]], **options)
         self.classes_ = classes
         self.Cs_ = grid
         if self.refit:
@@ -997,6 +987,37 @@ class LogisticRegressionCV(LogisticRegression):
             chosen, scores, path_coefs, path_intercepts, np.asarray(paths.n_iter)
         )
         return self
+
+    def _fit_paths(self, X, labels, n_classes: int, reference: bool, fold_weights, l2, solver: str):
+        """The regularisation path of every split: one vectorised program for dense X.
+
+        A split is the whole X with its held-out rows at weight 0 (`fold_weights`
+        [splits, n_samples]); `l2` [splits, Cs] is each split's penalty per value of C.
+        """
+        with jax.enable_x64(X.dtype == np.float64):
+            fit_path = jax.vmap(
+                lambda w, l2_values: fit_regularization_path(
+                    X,
+                    labels.astype(np.int32),
+                    n_classes,
+                    l2_values,
+                    sample_weight=w,
+                    fit_intercept=self.fit_intercept,
+                    reference_class=reference,
+                    solver=_core_solver(solver, X.shape[1], self.product_dtype),
+                    tol=self.tol,
+                    max_iter=self.max_iter,
+                    throw=False,
+                )
+            )
+            if not scipy.sparse.issparse(X):
+                return fit_path(fold_weights, l2)
+            # A vmapped sparse X would be traced: fit the splits one after the other.
+            paths = [
+                fit_path(w[None], strength[None])
+                for w, strength in zip(fold_weights, l2, strict=True)
+            ]
+            return jax.tree.map(lambda *leaves: np.concatenate(leaves), *paths)
 
     def _fitted_copy(self, classes, coef, intercept) -> LogisticRegression:
         """A fitted :class:`LogisticRegression` with these parameters, for a scorer."""
