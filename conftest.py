@@ -29,18 +29,20 @@ The test processes compile fast: with XLA's backend (LLVM) optimisation off,
 in place of its fusion emitters, ``--xla_cpu_use_fusion_emitters=false``, unless ``XLA_FLAGS``
 already sets that flag (`TEST_XLA_FLAGS`). The suite is bound by compilation: the first flag
 halved its time, and the second took compiling a fit from 0.85 s to 0.29 s and the whole run
-from 10:59 to 6:56 on two workers. The first flag changes the machine code, not the programs: the
-HLO (fusions, casts, the order of operations) is the same. Losses, gradients and Hessian
+from 10:59 to 6:56 on two workers. The first flag changes the machine code, not the programs:
+the HLO (fusions, casts, the order of operations) is the same. Losses, gradients and Hessian
 products come out bit for bit the same as at the default level 3 (integer and one-hot labels,
 masks, the vocabulary head, float64 to float16, fused producers included, where optax's float32
 loss is NaN at both levels), except where level 3 contracts a multiply and an add into one fused
 multiply-add: 83 of 38,400 soft-label float32 gradient components m·s_k − y_k that nearly cancel
 differed, each by one ulp of its larger term, both levels within the bound that docs/losses.md
-gives for soft labels (at most 4.5 and 5.5 ulps of that term). The second flag changes the
-programs' grouping (101 fusions in a fit against 137), not their operations: of 145,224 loss,
+gives for soft labels (at most 4.5 and 5.5 ulps of that term). The second flag changes how the
+operations are grouped into kernels (101 fusions in a fit against 137): of 145,224 loss,
 gradient and Hessian components (integer and soft labels, float64 to float16, logits of scale 1
-to 10⁴), it changed 5 against level 0 alone, each by at most 2.4e-16 of itself. Fits agree to the rounding of their last iterations. The flags apply to these processes
-only: processes that the tests start (notebooks, examples, the fresh float32 processes, the
+to 10⁴), it changed 5 against level 0 alone, each by at most 2.4e-16 of itself. Fits agree to
+within their tolerance (on digits at tol = 1e-10, coefficients within 1e-8 of the largest). The
+whole suite also passes compiled as users compile. The flags apply to these processes only:
+processes that the tests start (notebooks, examples, the fresh float32 processes, the
 known-issue check) get the environment as it was, and so run what users run; only the children
 that exist to have several CPU devices (the sharded checks) compile fast too. To run the suite
 as users compile, set

@@ -16,6 +16,7 @@ from sklearn.metrics import log_loss  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+import xentropy_jax.sklearn as sklearn_module  # noqa: E402
 from xentropy_jax.sklearn import LogisticRegression, LogisticRegressionCV  # noqa: E402
 
 # The comparisons with scikit-learn's LogisticRegressionCV attributes need its 1.9 parameters.
@@ -191,6 +192,23 @@ def test_cross_validation_picks_the_best_c_and_refits(iris):
         -log_loss(y, refit.predict_proba(X), sample_weight=np.arange(150.0)),
         rtol=1e-12,
     )
+
+
+def test_splits_one_after_the_other_equal_the_vectorised_splits(iris, monkeypatch):
+    # On CPU the splits run one after the other; on accelerators, vectorised in one call.
+    X, y = iris
+    assert sklearn_module._splits_in_lockstep(X) == (jax.default_backend() != "cpu")
+    Cs = [0.01, 1.0, 100.0]
+    alone = LogisticRegressionCV(Cs=Cs, cv=3).fit(X, y)
+    _compiles.clear()
+    LogisticRegressionCV(Cs=Cs, cv=3).fit(X, y)
+    assert not _compiles  # the splits share one program, compiled by the first search
+    monkeypatch.setattr(sklearn_module, "_splits_in_lockstep", lambda X: True)
+    together = LogisticRegressionCV(Cs=Cs, cv=3).fit(X, y)
+    np.testing.assert_allclose(together.coefs_paths_, alone.coefs_paths_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(together.scores_, alone.scores_, rtol=1e-9)
+    np.testing.assert_array_equal(together.n_iter_, alone.n_iter_)
+    assert together.C_ == alone.C_
 
 
 def test_log_loss_scores_clip_probabilities_as_scikit_learn():
