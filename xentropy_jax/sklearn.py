@@ -1011,17 +1011,20 @@ class LogisticRegressionCV(LogisticRegression):
         split has the same shapes, so the splits share one program (vectorised over a batch of
         one split). They run one after the other unless `_splits_in_lockstep` says otherwise.
         """
+        # Built once, not in each split's trace of the lambda below.
+        labels = labels.astype(np.int32)
+        core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
         with jax.enable_x64(X.dtype == np.float64):
             fit_path = jax.vmap(
                 lambda w, l2_values: fit_regularization_path(
                     X,
-                    labels.astype(np.int32),
+                    labels,
                     n_classes,
                     l2_values,
                     sample_weight=w,
                     fit_intercept=self.fit_intercept,
                     reference_class=reference,
-                    solver=_core_solver(solver, X.shape[1], self.product_dtype),
+                    solver=core_solver,
                     tol=self.tol,
                     max_iter=self.max_iter,
                     throw=False,
