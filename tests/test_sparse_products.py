@@ -47,17 +47,18 @@ def small_blocks(monkeypatch):
 
 
 def test_block_size_is_a_bounded_power_of_two_dividing_bucketed_sizes():
-    # 2 MiB / (20·8 B) = 13107 → 8192, and 2031616 = 31·65536 is a multiple of it.
-    assert block_size(2_031_616, 20, 8) == 8192
+    # 8 MiB / (20·8 B) = 52428 → 32768, and 2031616 = 31·65536 is a multiple of it.
+    assert block_size(2_031_616, 20, 8) == 32768
     assert block_size(100, 20, 8) == 100  # small: one block
-    for entries in (100_001, 65_537 * 3, 3 * 2**20 + 5):
+    for entries in (1_000_001, 65_537 * 15, 3 * 2**22 + 5):
         size = block_size(entries, 7, 4)
         assert size & (size - 1) == 0 and size * 7 * 4 <= _sparse_products.BLOCK_BYTES
         assert size * 7 * 4 > _sparse_products.BLOCK_BYTES // 2
     # A power-of-two divisor near the target is used rather than padding; an odd count pads.
-    assert block_size(3 * 2**14, 20, 8) == 8192
-    assert block_size(3 * 2**12, 20, 8) == 4096
-    assert block_size(100_001, 20, 8) == 8192
+    assert block_size(3 * 2**16, 20, 8) == 32768
+    assert block_size(3 * 2**14, 20, 8) == 16384
+    assert block_size(3 * 2**12, 20, 8) == 3 * 2**12  # within the target: one block
+    assert block_size(100_001, 20, 8) == 32768
     for count in (70_000, 1_000_000, 2_000_000):
         bucketed = _sparse_input.bucketed_size(count)
         assert bucketed % block_size(bucketed, 20, 8) == 0
@@ -178,12 +179,18 @@ def _largest_array(text: str) -> int:
     return max(sizes)
 
 
-def test_compiled_sparse_fit_holds_no_entries_by_classes_array():
+@pytest.fixture
+def quarter_mebibyte_blocks(monkeypatch):
+    """Blocks of 256 KiB: at the sizes below, nse is several times a block, as at text sizes."""
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 1 << 18)
+
+
+def test_compiled_sparse_fit_holds_no_entries_by_classes_array(quarter_mebibyte_blocks):
     """The whole compiled fit program, walked shape by shape: nothing of nse × K elements.
 
     Sizes are chosen so that nse·K exceeds every legitimate array (P = (d + 1)·K, N·K, nse),
-    and the default blocks are several times smaller than nse. The check can fail: the BCOO
-    operator's own product does hold such an array.
+    and the blocks are several times smaller than nse. The check can fail: the BCOO operator's
+    own product does hold such an array.
     """
     num_rows, num_features, num_classes = 1000, 5000, 20
     features, _ = random_bcoo(num_rows, num_features, density=0.004, empty=False)
@@ -215,7 +222,9 @@ def test_compiled_sparse_fit_holds_no_entries_by_classes_array():
     assert _largest_array(operator.as_text()) >= entries_by_classes
 
 
-def test_compiled_gradient_of_a_sparse_fit_holds_no_entries_by_classes_array():
+def test_compiled_gradient_of_a_sparse_fit_holds_no_entries_by_classes_array(
+    quarter_mebibyte_blocks,
+):
     """The same walk for jax.grad and jax.jvp of a fit in the stored values.
 
     Implicit differentiation multiplies by X and Xᵀ again, here with derivatives through the
@@ -223,6 +232,7 @@ def test_compiled_gradient_of_a_sparse_fit_holds_no_entries_by_classes_array():
     """
     num_rows, num_features, num_classes = 1000, 5000, 20
     features, _ = random_bcoo(num_rows, num_features, density=0.004, empty=False, seed=1)
+    assert block_size(features.nse, num_classes, 8) * 4 <= features.nse
     labels = jnp.asarray(np.arange(num_rows) % num_classes, jnp.int32)
 
     def scalar(values):
