@@ -46,22 +46,36 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 1024)
 
 
-def test_block_size_is_a_bounded_power_of_two_dividing_bucketed_sizes():
-    # 8 MiB / (20·8 B) = 52428 → 32768, and 2031616 = 31·65536 is a multiple of it.
+def test_block_size_is_the_largest_power_of_two_within_the_budget():
+    # 8 MiB / (20·8 B) = 52428 → 32768.
     assert block_size(2_031_616, 20, 8) == 32768
-    assert block_size(100, 20, 8) == 100  # small: one block
+    assert block_size(100_001, 20, 8) == 32768  # not a divisor: the last block starts early
+    assert block_size(3 * 2**12, 20, 8) == 3 * 2**12  # within the budget: one block
+    assert block_size(0, 20, 8) == 1
     for entries in (1_000_001, 65_537 * 15, 3 * 2**22 + 5):
         size = block_size(entries, 7, 4)
         assert size & (size - 1) == 0 and size * 7 * 4 <= _sparse_products.BLOCK_BYTES
         assert size * 7 * 4 > _sparse_products.BLOCK_BYTES // 2
-    # A power-of-two divisor near the target is used rather than padding; an odd count pads.
-    assert block_size(3 * 2**16, 20, 8) == 32768
-    assert block_size(3 * 2**14, 20, 8) == 16384
-    assert block_size(3 * 2**12, 20, 8) == 3 * 2**12  # within the target: one block
-    assert block_size(100_001, 20, 8) == 32768
-    for count in (70_000, 1_000_000, 2_000_000):
-        bucketed = _sparse_input.bucketed_size(count)
-        assert bucketed % block_size(bucketed, 20, 8) == 0
+
+
+@pytest.mark.parametrize("num_classes", [1, 2])
+def test_a_ragged_product_copies_no_stored_entries(monkeypatch, num_classes):
+    """nse not a multiple of the block: the temporaries stay a few blocks, not a copy of X.
+
+    A product that padded the stored entries to a multiple of the block held copies of the
+    values and the indices (at few classes, several times a block); the last block now starts
+    early instead.
+    """
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 4096 * num_classes * 8)
+    features, dense = random_bcoo(400, 300, density=0.3, padded=False)
+    size = block_size(features.nse, num_classes, 8)
+    assert features.nse % size != 0 and features.nse > 4 * size
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(300, num_classes))
+    product = jax.jit(matmul).lower(features, weights).compile()
+    temporaries = product.memory_analysis().temp_size_in_bytes
+    assert temporaries < features.data.nbytes
+    np.testing.assert_allclose(product(features, weights), dense @ weights, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("padded", [True, False])
@@ -74,7 +88,7 @@ def test_products_equal_dense_products(monkeypatch, shape, num_classes, padded):
     num_rows, num_features = shape
     size = block_size(features.nse, num_classes, 8)
     assert size <= 16 and features.nse > 4 * size
-    # Unpadded, the stored entries are not a multiple of the block (padded in the product).
+    # Unpadded, the stored entries are not a multiple of the block (the last starts early).
     assert padded or features.nse % size != 0
     rng = np.random.default_rng(1)
     weights = rng.normal(size=(num_features, num_classes))

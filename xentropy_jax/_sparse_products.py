@@ -35,19 +35,15 @@ BLOCK_BYTES = 1 << 23
 
 
 def block_size(num_entries: int, num_columns: int, itemsize: int) -> int:
-    """Stored entries per block: a power of two with block·K·itemsize ≤ `BLOCK_BYTES`.
+    """Stored entries per block: all, or the largest power of two within `BLOCK_BYTES`.
 
-    At most `num_entries` (one block for small matrices), and a divisor of it when its largest
-    power-of-two divisor is within a factor 4 of the target (then no padding copy is needed;
-    `to_bcoo` pads the number of stored entries to such sizes).
+    A block's gathered rows take block·K·itemsize bytes. The number of stored entries need not
+    be a multiple of it: the last block then ends at the last entry and skips what the block
+    before it took (`_accumulate`), with no padded copy.
     """
     num_entries = max(int(num_entries), 1)
     target = max(BLOCK_BYTES // max(num_columns * itemsize, 1), 1)
-    target = 1 << (target.bit_length() - 1)
-    if num_entries <= target:
-        return num_entries
-    divisor = num_entries & -num_entries
-    return min(divisor, target) if divisor >= target // 4 else target
+    return min(num_entries, 1 << (target.bit_length() - 1))
 
 
 def _is_plain(features) -> bool:
@@ -70,27 +66,29 @@ def _accumulate(
     """The [num_out, K] sums out[oₑ] += valuesₑ·dense[iₑ], in blocks of stored entries.
 
     (oₑ, iₑ) is the entry's (row, column) in `indices` [nse, 2], or (column, row) when
-    `transpose`. The index pairs stay interleaved in the blocks (a reshape, no copy); each block
-    splits its own.
+    `transpose`. Each block is a slice of `values` and `indices` taken inside the loop, so
+    nothing of size nse is copied. When nse is not a multiple of the block size, the last block
+    starts early, at nse − block, and zeroes the values of the entries the block before it took.
     """
     num_entries, num_columns = values.shape[0], dense.shape[1]
     dtype = jnp.result_type(values.dtype, dense.dtype)
     size = block_size(num_entries, num_columns, jnp.dtype(dtype).itemsize)
-    padding = -num_entries % size
-    if padding:  # zero values at (0, 0): the sums are unchanged.
-        values = jnp.concatenate([values, jnp.zeros((padding,), values.dtype)])
-        indices = jnp.concatenate([indices, jnp.zeros((padding, 2), indices.dtype)])
-    num_blocks = values.shape[0] // size
-    blocks = (values.reshape(num_blocks, size), indices.reshape(num_blocks, size, 2))
+    num_blocks = -(-num_entries // size)
+    ragged = num_entries % size != 0
     out_axis, in_axis = (1, 0) if transpose else (0, 1)
 
     @jax.checkpoint
     def add_block(total, block):
-        block_values, block_indices = block
+        first = block * size
+        start = jnp.minimum(first, num_entries - size)
+        block_values = lax.dynamic_slice_in_dim(values, start, size).astype(dtype)
+        block_indices = lax.dynamic_slice_in_dim(indices, start, size)
+        if ragged:  # only the last block starts before `first`
+            block_values = jnp.where(start + jnp.arange(size) >= first, block_values, 0)
         gathered = dense[block_indices[:, in_axis]].astype(dtype)
-        rows = block_values[:, None].astype(dtype) * gathered
-        return total.at[block_indices[:, out_axis]].add(rows), None
+        return total.at[block_indices[:, out_axis]].add(block_values[:, None] * gathered), None
 
+    blocks = jnp.arange(num_blocks)
     total, _ = lax.scan(add_block, jnp.zeros((num_out, num_columns), dtype), blocks)
     return total
 
