@@ -10,7 +10,7 @@ import scipy.sparse
 from jax.experimental import sparse
 
 import xentropy_jax as xj
-from xentropy_jax import _sparse_products
+from xentropy_jax import _linear, _sparse_products
 from xentropy_jax._sparse_products import block_size, matmul, transpose_matmul
 from xentropy_jax.solvers import _fit as fit_module
 from xentropy_jax.solvers import _sparse_input
@@ -76,6 +76,37 @@ def test_a_ragged_product_copies_no_stored_entries(monkeypatch, num_classes):
     temporaries = product.memory_analysis().temp_size_in_bytes
     assert temporaries < features.data.nbytes
     np.testing.assert_allclose(product(features, weights), dense @ weights, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("value_map", [jnp.square, jnp.abs])
+def test_mapped_transpose_products_equal_the_mapped_matrix_s(monkeypatch, value_map):
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 16 * 3 * 8)
+    features, dense = random_bcoo(37, 23, density=0.3, padded=False)
+    residual = np.random.default_rng(3).normal(size=(37, 3))
+    expected = np.asarray(value_map(dense)).T @ residual
+    as_coo = sparse.BCOO((features.data, features.indices), shape=features.shape)
+    batched = sparse.BCOO.fromdense(jnp.asarray(dense)[None], n_batch=1)  # not plain: operator
+    for matrix in (features, as_coo, jnp.asarray(dense)):
+        np.testing.assert_allclose(
+            transpose_matmul(matrix, residual, value_map=value_map), expected, rtol=1e-12
+        )
+    np.testing.assert_allclose(
+        transpose_matmul(batched[0], residual, value_map=value_map), expected, rtol=1e-12
+    )
+
+
+def test_the_sparse_hessian_diagonal_stores_no_squared_copy_of_x(monkeypatch):
+    """(X ⊙ X)ᵀ·V squares each block's values as it takes them: no [nse] array is formed."""
+    monkeypatch.setattr(_sparse_products, "BLOCK_BYTES", 512 * 4 * 8)
+    features, _ = random_bcoo(300, 2000, density=0.02, padded=False)
+    labels = np.arange(300) % 4
+    objective = _linear.logistic_objective(features, labels, 4, l2=1e-3)
+    theta = jnp.zeros(objective.num_params)
+    evaluation = _linear.evaluate(objective, theta, objective.free_logits(theta))
+    compiled = jax.jit(_linear.hessian_diagonal).lower(objective, evaluation).compile()
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    output = objective.num_params * 8
+    assert temporaries - output < features.data.nbytes // 2
 
 
 @pytest.mark.parametrize("padded", [True, False])

@@ -397,7 +397,8 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     row), never 1 − s_ik by subtraction: a confident row keeps its winner's curvature
     s(1 − s) ≈ Σ_{j≠k} s_ij at any margin, where the subtraction would round it to 0.
 
-    Cost: one GEMM with X² (X² is formed on the fly, O(N·d)); O(N·K) for the complement.
+    Cost: one GEMM with X² (X² is formed on the fly: by row chunks of a dense X, block by block
+    of a sparse X's stored values); O(N·K) for the complement.
     """
     probs = evaluation.probs
     all_probs = probs
@@ -409,7 +410,7 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     variance = objective.weights[:, None] * probs * complement
     # By row chunks: in one call XLA would keep X ⊙ X, hoisted out of the solver's loop.
     diag_weights = column_sums_by_chunks(
-        lambda rows, values: transpose_matmul(squared_features(rows), values),
+        lambda rows, values: transpose_matmul(rows, values, value_map=jnp.square),
         objective.features,
         variance,
         objective.row_chunk,
@@ -743,11 +744,6 @@ def map_features(function, features: jax.Array | sparse.BCOO) -> jax.Array | spa
     if isinstance(features, sparse.BCOO):
         return sparse.BCOO((function(features.data), features.indices), shape=features.shape)
     return function(features)
-
-
-def squared_features(features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
-    """X ⊙ X, elementwise, keeping a sparse X sparse (its stored values squared)."""
-    return map_features(jnp.square, features)
 
 
 def dense_features(features: jax.Array | sparse.BCOO) -> jax.Array:

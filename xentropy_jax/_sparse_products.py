@@ -20,6 +20,8 @@ the derivatives never hold an [nse, K] array either. Under `vmap` the loop is ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -62,6 +64,7 @@ def _accumulate(
     dense: jax.Array,
     num_out: int,
     transpose: bool,
+    value_map: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """The [num_out, K] sums out[oₑ] += valuesₑ·dense[iₑ], in blocks of stored entries.
 
@@ -81,7 +84,10 @@ def _accumulate(
     def add_block(total, block):
         first = block * size
         start = jnp.minimum(first, num_entries - size)
-        block_values = lax.dynamic_slice_in_dim(values, start, size).astype(dtype)
+        block_values = lax.dynamic_slice_in_dim(values, start, size)
+        if value_map is not None:
+            block_values = value_map(block_values)
+        block_values = block_values.astype(dtype)
         block_indices = lax.dynamic_slice_in_dim(indices, start, size)
         if ragged:  # only the last block starts before `first`
             block_values = jnp.where(start + jnp.arange(size) >= first, block_values, 0)
@@ -93,12 +99,12 @@ def _accumulate(
     return total
 
 
-def _product(features: sparse.BCOO, dense: jax.Array, transpose: bool) -> jax.Array:
+def _product(features: sparse.BCOO, dense: jax.Array, transpose: bool, value_map=None) -> jax.Array:
     dense = jnp.asarray(dense)
     vector = dense.ndim == 1
     matrix = dense[:, None] if vector else dense
     num_out = features.shape[1] if transpose else features.shape[0]
-    out = _accumulate(features.data, features.indices, matrix, num_out, transpose)
+    out = _accumulate(features.data, features.indices, matrix, num_out, transpose, value_map)
     return out[:, 0] if vector else out
 
 
@@ -113,11 +119,23 @@ def matmul(features: jax.Array | sparse.BCOO, dense: jax.Array) -> jax.Array:
     return features @ dense
 
 
-def transpose_matmul(features: jax.Array | sparse.BCOO, dense: jax.Array) -> jax.Array:
+def transpose_matmul(
+    features: jax.Array | sparse.BCOO,
+    dense: jax.Array,
+    value_map: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     """Xᵀ·U for X [N, d] (dense or BCOO) and U [N, K] or [N]: [d, K] or [d].
 
-    As `matmul`: blocked for a plain 2-D BCOO, the ordinary `X.T @ U` otherwise.
+    As `matmul`: blocked for a plain 2-D BCOO, the ordinary `X.T @ U` otherwise. With
+    `value_map` f (elementwise, f(0) = 0), f(X)ᵀ·U: the blocked product maps each block's
+    stored values as it takes them, so that f(X) is never stored whole.
     """
     if _is_plain(features):
-        return _product(features, dense, transpose=True)
+        return _product(features, dense, transpose=True, value_map=value_map)
+    if value_map is not None:
+        if isinstance(features, sparse.BCOO):
+            mapped = value_map(features.data)
+            features = sparse.BCOO((mapped, features.indices), shape=features.shape)
+        else:
+            features = value_map(features)
     return features.T @ dense

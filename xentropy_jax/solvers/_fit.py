@@ -19,7 +19,6 @@ from .._linear import (
     column_sums_by_chunks,
     dense_features,
     logistic_objective,
-    map_features,
 )
 from .._precision import full_precision
 from .._rowsums import chunk_rows
@@ -268,7 +267,7 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
     floor is per column: one badly scaled column raises only its own parameters' tolerance.
     """
     scale = column_sums_by_chunks(
-        lambda rows, weights: transpose_matmul(map_features(jnp.abs, rows), weights),
+        lambda rows, weights: transpose_matmul(rows, weights, value_map=jnp.abs),
         objective.features,
         objective.weights,
         objective.row_chunk,
