@@ -52,6 +52,9 @@ def test_block_size_is_the_largest_power_of_two_within_the_budget():
     assert block_size(100_001, 20, 8) == 32768  # not a divisor: the last block starts early
     assert block_size(3 * 2**12, 20, 8) == 3 * 2**12  # within the budget: one block
     assert block_size(0, 20, 8) == 1
+    empty = sparse.BCOO((jnp.zeros((0,)), jnp.zeros((0, 2), jnp.int32)), shape=(4, 3))
+    assert np.all(np.asarray(matmul(empty, jnp.ones((3, 2)))) == 0)
+    assert np.all(np.asarray(transpose_matmul(empty, jnp.ones((4, 2)))) == 0)
     for entries in (1_000_001, 65_537 * 15, 3 * 2**22 + 5):
         size = block_size(entries, 7, 4)
         assert size & (size - 1) == 0 and size * 7 * 4 <= _sparse_products.BLOCK_BYTES

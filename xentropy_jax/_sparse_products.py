@@ -75,6 +75,8 @@ def _accumulate(
     """
     num_entries, num_columns = values.shape[0], dense.shape[1]
     dtype = jnp.result_type(values.dtype, dense.dtype)
+    if num_entries == 0:  # no block to slice
+        return jnp.zeros((num_out, num_columns), dtype)
     size = block_size(num_entries, num_columns, jnp.dtype(dtype).itemsize)
     num_blocks = -(-num_entries // size)
     ragged = num_entries % size != 0
@@ -99,7 +101,12 @@ def _accumulate(
     return total
 
 
-def _product(features: sparse.BCOO, dense: jax.Array, transpose: bool, value_map=None) -> jax.Array:
+def _product(
+    features: sparse.BCOO,
+    dense: jax.Array,
+    transpose: bool,
+    value_map: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     dense = jnp.asarray(dense)
     vector = dense.ndim == 1
     matrix = dense[:, None] if vector else dense
