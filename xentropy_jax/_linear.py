@@ -39,7 +39,7 @@ from jax.typing import ArrayLike
 from ._batch_cond import batch_cond
 from ._losses import hessian_product_from_probs
 from ._rowsums import row_chunk_sum
-from ._sparse_products import matmul, transpose_matmul
+from ._sparse_products import map_features, matmul, transpose_matmul
 
 # "auto" preconditions CG with the Hessian diagonal beyond this many features (see
 # `LogisticObjective.default_preconditioner`).
@@ -737,13 +737,6 @@ def class_curvature(objective: LogisticObjective, evaluation: Evaluation) -> jax
     if diagonal_class_curvature(objective.num_classes, objective.reference_class):
         return jnp.sum(weighted * (1 - probs), axis=0)
     return jnp.diag(jnp.sum(weighted, axis=0)) - weighted.T @ probs
-
-
-def map_features(function, features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
-    """function(X) elementwise, for a `function` with f(0) = 0: a sparse X stays sparse."""
-    if isinstance(features, sparse.BCOO):
-        return sparse.BCOO((function(features.data), features.indices), shape=features.shape)
-    return function(features)
 
 
 def dense_features(features: jax.Array | sparse.BCOO) -> jax.Array:

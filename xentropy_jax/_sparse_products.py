@@ -140,9 +140,12 @@ def transpose_matmul(
     if _is_plain(features):
         return _product(features, dense, transpose=True, value_map=value_map)
     if value_map is not None:
-        if isinstance(features, sparse.BCOO):
-            mapped = value_map(features.data)
-            features = sparse.BCOO((mapped, features.indices), shape=features.shape)
-        else:
-            features = value_map(features)
+        features = map_features(value_map, features)
     return features.T @ dense
+
+
+def map_features(function, features: jax.Array | sparse.BCOO) -> jax.Array | sparse.BCOO:
+    """function(X) elementwise, for a `function` with f(0) = 0: a sparse X stays sparse."""
+    if isinstance(features, sparse.BCOO):
+        return sparse.BCOO((function(features.data), features.indices), shape=features.shape)
+    return function(features)
