@@ -107,6 +107,53 @@ def test_axis_equals_moveaxis(rng):
     )
 
 
+@pytest.mark.parametrize(
+    "logits_shape, labels_shape, axis",
+    [((5,), (4, 5), -1), ((1, 5), (4, 5), -1), ((3, 1, 5), (1, 4, 5), -1), ((5, 1), (5, 4), 0)],
+)
+def test_logits_broadcast_against_soft_labels_as_in_optax(rng, logits_shape, labels_shape, axis):
+    logits = jnp.asarray(rng.normal(size=logits_shape))
+    labels = jnp.asarray(rng.random(size=labels_shape))
+    # Ours broadcasts explicitly; optax relies on NumPy's rank promotion, which the suite refuses.
+    with jax.numpy_rank_promotion("allow"):
+        expected = optax.softmax_cross_entropy(logits, labels, axis=axis)
+        expected_grad = jax.grad(lambda z: optax.softmax_cross_entropy(z, labels, axis=axis).sum())(
+            logits
+        )
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, labels, axis=axis), expected, rtol=1e-14
+    )
+    # The gradient of a broadcast row sums over the rows that share it.
+    np.testing.assert_allclose(
+        jax.grad(lambda z: xj.softmax_cross_entropy(z, labels, axis=axis).sum())(logits),
+        expected_grad,
+        rtol=1e-13,
+    )
+
+
+@pytest.mark.parametrize(
+    "logits_shape, labels_shape", [((1, 5), (4,)), ((4, 5), (1,)), ((3, 1, 5), (1, 4))]
+)
+def test_integer_labels_broadcast_against_the_batch_as_in_optax(rng, logits_shape, labels_shape):
+    logits = jnp.asarray(rng.normal(size=logits_shape))
+    labels = jnp.asarray(rng.integers(0, 5, size=labels_shape))
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, labels),
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        rtol=1e-14,
+    )
+    np.testing.assert_allclose(
+        jax.grad(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, labels).sum())(logits),
+        jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).sum())(
+            logits
+        ),
+        rtol=1e-13,
+    )
+    # Labels with extra dimensions are refused by both.
+    with pytest.raises(ValueError, match="batch shape"):
+        xj.softmax_cross_entropy_with_integer_labels(logits, labels[..., None])
+
+
 @pytest.mark.parametrize("mask_shape", ["rows", "classes"])
 def test_where_matches_optax(rng, mask_shape):
     logits, soft, integer = make_problem(rng, batch=(8,))
@@ -410,10 +457,14 @@ def test_minus_inf_logits_are_masked_classes(rng):
         np.testing.assert_allclose(values, loss(logits[:, keep], kept_labels), rtol=1e-14)
         hessian = jax.hessian(lambda z, loss=loss, labels=labels: loss(z, labels[0]))(logits[0])
         assert np.all(hessian[2] == 0.0) and np.all(hessian[:, 2] == 0.0)
+    for ours in (xj.softmax_cross_entropy, xj.safe_softmax_cross_entropy):
+        np.testing.assert_allclose(
+            ours(logits, soft), optax.safe_softmax_cross_entropy(logits, soft), rtol=1e-14
+        )
     np.testing.assert_allclose(
-        xj.softmax_cross_entropy(logits, soft),
-        optax.safe_softmax_cross_entropy(logits, soft),
-        rtol=1e-14,
+        jax.grad(lambda z: xj.safe_softmax_cross_entropy(z, soft).sum())(logits),
+        jax.grad(lambda z: optax.safe_softmax_cross_entropy(z, soft).sum())(logits),
+        rtol=1e-13,
     )
 
 

@@ -20,6 +20,7 @@ from ._linear_head import linear_softmax_cross_entropy as linear_softmax_cross_e
 from ._linear_head import (
     linear_softmax_cross_entropy_ggn_vp as linear_softmax_cross_entropy_ggn_vp,
 )
+from ._losses import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from ._losses import softmax_cross_entropy as softmax_cross_entropy
 from ._losses import softmax_cross_entropy_hessian as softmax_cross_entropy_hessian
 from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
@@ -85,6 +86,7 @@ __all__ = [
     "logit_inference",
     "mean_cross_entropy",
     "scale_by_ggn_diagonal",
+    "safe_softmax_cross_entropy",
     "scale_by_sophia_g",
     "softmax_cross_entropy",
     "softmax_cross_entropy_hessian",

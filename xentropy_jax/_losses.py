@@ -588,7 +588,9 @@ def softmax_cross_entropy(
 
     Args:
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
-        labels: ``[..., K]`` (or broadcastable) target weights: one-hot, soft, or unnormalised.
+        labels: ``[..., K]`` target weights: one-hot, soft, or unnormalised. Logits and labels
+            broadcast against each other, as in optax (one row of logits against many rows
+            of labels, say); the class axes count from the logits' last dimension.
         axis: the class axis, a tuple of axes whose elements together form the classes, or
             ``None`` for all axes (one example).
         where: boolean mask of the batch shape (a ``False`` row gives exactly 0) or of the
@@ -615,17 +617,22 @@ def softmax_cross_entropy(
     logits = _check_floating(logits)
     labels = jnp.asarray(labels)
     _check_label_smoothing(label_smoothing)
+    axes = _normalize_axes(axis, logits.ndim)
     try:
-        labels = jnp.broadcast_to(labels, logits.shape)
+        shape = jnp.broadcast_shapes(logits.shape, labels.shape)
     except ValueError as error:
         raise ValueError(
-            f"labels of shape {labels.shape} do not broadcast to the logits' shape {logits.shape}."
+            f"labels of shape {labels.shape} do not broadcast against the logits' shape "
+            f"{logits.shape}."
         ) from error
+    # Logits broadcast against labels with more dimensions (one row of logits for many label
+    # rows, as optax allows); the class axes keep their place counted from the logits' end.
+    axes = tuple(a + len(shape) - logits.ndim for a in axes)
+    logits, labels = jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape)
     out_dtype = jnp.result_type(logits, labels)
     if not jnp.issubdtype(out_dtype, jnp.floating):
         out_dtype = logits.dtype
     dtype = _compute_dtype(logits.dtype, labels.dtype)
-    axes = _normalize_axes(axis, logits.ndim)
     where = _prepare_where(where, logits, axes)
     logits = _classes_last(logits, axes).astype(dtype)
     labels = _classes_last(labels, axes).astype(dtype)
@@ -634,6 +641,33 @@ def softmax_cross_entropy(
     if not _no_smoothing(label_smoothing):
         labels = _smooth(labels, where, label_smoothing)
     return _soft_loss(logits, labels, where).astype(out_dtype)
+
+
+def safe_softmax_cross_entropy(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> jax.Array:
+    """``optax.safe_softmax_cross_entropy``: a ``-inf`` logit without label mass counts 0.
+
+    Optax's plain loss returns NaN for such a class (``0 · −inf``) and its safe variant follows
+    the convention ``0 · log 0 = 0``. :func:`softmax_cross_entropy` already does (a ``-inf``
+    logit is a masked class), so this is that function over the last axis, with the same
+    closed-form derivatives.
+
+    Args:
+        logits: ``[..., K]`` unnormalised log-probabilities (floating point).
+        labels: ``[..., K]`` target weights, broadcasting against the logits.
+
+    Returns:
+        ``[...]``: the loss of each example.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import xentropy_jax as xj
+        >>> logits = jnp.array([[0.0, -jnp.inf, 1.0]])
+        >>> print(xj.safe_softmax_cross_entropy(logits, jnp.array([[0.5, 0.0, 0.5]])).round(4))
+        [0.8133]
+    """
+    return softmax_cross_entropy(logits, labels)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -670,7 +704,8 @@ def softmax_cross_entropy_with_integer_labels(
     Args:
         logits: ``[..., K]`` unnormalised log-probabilities (floating point).
         labels: ``[...]`` integer class indices (a flat index into the class axes when ``axis``
-            is a tuple).
+            is a tuple), of the logits' batch shape; a dimension of size 1 on either side
+            broadcasts, as in optax.
         axis: the class axis, a tuple of axes whose elements together form the classes, or
             ``None`` for all axes (then ``labels`` is a scalar flat index).
         where: boolean mask of the batch shape or of the logits' shape (see
@@ -700,12 +735,7 @@ def softmax_cross_entropy_with_integer_labels(
         )
     _check_label_smoothing(label_smoothing)
     axes = _normalize_axes(axis, logits.ndim)
-    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
-    if labels.shape != batch_shape:
-        raise ValueError(
-            f"labels of shape {labels.shape} do not match the logits' batch shape {batch_shape} "
-            f"(logits {logits.shape}, class axis {axis})."
-        )
+    logits, labels = _broadcast_batch(logits, labels, axes, axis)
     out_dtype = logits.dtype
     where = _prepare_where(where, logits, axes)
     logits = _classes_last(logits, axes).astype(_compute_dtype(logits.dtype))
@@ -723,6 +753,29 @@ def softmax_cross_entropy_with_integer_labels(
         onehot = jnp.where(where, onehot, 0.0)
     smoothed = _smooth(onehot, where, label_smoothing)
     return _soft_loss(logits, smoothed, where).astype(out_dtype)
+
+
+def _broadcast_batch(
+    logits: jax.Array, labels: jax.Array, axes: tuple[int, ...], axis: Axis
+) -> tuple[jax.Array, jax.Array]:
+    """Logits and integer labels broadcast to one batch shape, as optax's gather allows.
+
+    The labels must have as many dimensions as the logits' batch shape; each batch dimension
+    of either may be 1 (one row of logits for many labels, or one label for many rows).
+    """
+    batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+    try:
+        if labels.ndim != len(batch_shape):
+            raise ValueError("different numbers of dimensions")
+        shape = jnp.broadcast_shapes(batch_shape, labels.shape)
+    except ValueError as error:
+        raise ValueError(
+            f"labels of shape {labels.shape} do not match the logits' batch shape {batch_shape} "
+            f"(logits {logits.shape}, class axis {axis})."
+        ) from error
+    batch = iter(shape)
+    full = tuple(n if a in axes else next(batch) for a, n in enumerate(logits.shape))
+    return jnp.broadcast_to(logits, full), jnp.broadcast_to(labels, shape)
 
 
 def softmax_cross_entropy_hessian(
