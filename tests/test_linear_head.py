@@ -139,6 +139,37 @@ def test_all_masked_mean_is_zero_with_zero_gradient():
     assert jnp.all(grad == 0.0)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_no_tokens_give_an_empty_loss_or_zero(reduction):
+    # As the dense loss: an empty batch is an empty result (a sum of nothing is 0; the mean over
+    # no included token is 0, as with every token masked), with zero gradients.
+    _, weight, bias, _ = make_head()
+    hidden, labels = jnp.zeros((0, 3, weight.shape[0])), jnp.zeros((0, 3), int)
+
+    def loss(h, w, b):
+        return xj.linear_softmax_cross_entropy(h, w, labels, bias=b, reduction=reduction)
+
+    value = jax.jit(loss)(hidden, weight, bias)
+    assert value.shape == ((0, 3) if reduction == "none" else ())
+    assert jnp.all(value == 0.0)
+    grads = jax.grad(lambda *args: loss(*args).sum(), argnums=(0, 1, 2))(hidden, weight, bias)
+    dense = jax.grad(
+        lambda h, w, b: xj.softmax_cross_entropy_with_integer_labels(
+            h @ w + b[None, None], labels
+        ).sum(),
+        argnums=(0, 1, 2),
+    )(hidden, weight, bias)
+    for got, expected in zip(grads, dense, strict=True):
+        assert got.shape == expected.shape and jnp.all(got == 0.0) and jnp.all(expected == 0.0)
+    if reduction != "none":
+        tangents = (jnp.ones_like(hidden), jnp.ones_like(weight), None)
+        value, products = xj.linear_softmax_cross_entropy_ggn_vp(
+            hidden, weight, labels, tangents, bias=bias, reduction=reduction
+        )
+        assert value == 0.0 and products[2] is None
+        assert products[0].shape == hidden.shape and jnp.all(products[1] == 0.0)
+
+
 def test_minus_inf_bias_masks_classes():
     hidden, weight, bias, labels = make_head()
     masked = jnp.arange(V) % 4 == 0

@@ -791,8 +791,8 @@ def _prepare(
                 f"tokens; got {host_labels[bad][:5].tolist()}."
             )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
-    if num_rows == 0 or vocab_size == 0:
-        raise ValueError("hidden needs at least one token and weight at least one class.")
+    if vocab_size == 0:
+        raise ValueError(f"weight needs at least one class, got shape {weight.shape}.")
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)
     compute_dtype = np.dtype(jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32))
     config = _Config(
@@ -934,6 +934,10 @@ def linear_softmax_cross_entropy(
         vocab_chunk_size,
     )
     out_dtype = jnp.result_type(hidden, weight)
+    if config.num_rows == 0:
+        # No token: an empty loss, or a sum (and mean) of 0, with zero gradients, as the dense
+        # loss gives.
+        return jnp.zeros(batch_shape if reduction == "none" else (), out_dtype)
     if reduction == "none":
         losses = _token_loss(config, hidden, weight, bias, labels)
         losses = jnp.where(mask.reshape(-1), losses, 0.0)
@@ -1071,6 +1075,12 @@ def linear_softmax_cross_entropy_ggn_vp(
             if not jnp.issubdtype(tangent.dtype, jnp.floating):
                 raise TypeError(f"the {name} tangent must be floating point.")
         checked.append(tangent)
+    if config.num_rows == 0:
+        products = tuple(
+            None if tangent is None else jnp.zeros(shape, dtype)
+            for tangent, shape, dtype in zip(checked, shapes, out_dtypes, strict=True)
+        )
+        return jnp.zeros((), jnp.result_type(*out_dtypes[:2])), products
     if checked[0] is not None:
         checked[0] = checked[0].reshape(hidden.shape)
     weights = _row_weight(_token_weights(mask, reduction, config.compute_dtype), labels, config)
