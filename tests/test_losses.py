@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import xentropy_jax as xj
+from xentropy_jax import _losses
 
 
 def naive_loss(logits, labels):
@@ -481,9 +482,15 @@ def test_label_on_minus_inf_class_is_inf_without_nan_elsewhere(rng):
     assert np.all(np.isfinite(values[1:]))
 
 
-def test_unlabelled_infinite_logits_under_jit_and_vmap(rng):
+@pytest.mark.parametrize("checked", [False, True])
+def test_unlabelled_infinite_logits_under_jit_and_vmap(rng, monkeypatch, checked):
     """Rows with an unlabelled −inf logit, or a ``where``-hidden +inf or NaN one, give the loss
-    over the remaining classes however the call is batched; the other rows are unaffected."""
+    over the remaining classes however the call is batched; the other rows are unaffected.
+
+    ``checked``: the fused sum with its NaN check, which CPU uses above ``_SMALL_GAPS`` entries,
+    rather than the select form it uses at this test's size."""
+    if checked:
+        monkeypatch.setattr(_losses, "_SMALL_GAPS", -1)
     logits, soft, _ = make_problem(rng, batch=(2, 4))
     logits = logits.at[0, 1, 2].set(-jnp.inf).at[1, 3, 0].set(jnp.inf).at[1, 0, 4].set(jnp.nan)
     where = jnp.ones(logits.shape, bool).at[1, 3, 0].set(False).at[1, 0, 4].set(False)

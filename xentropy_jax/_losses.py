@@ -223,8 +223,9 @@ def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Ar
     (a ``-inf`` logit is a masked class). The select that says so (``_masked_label_gaps``) keeps
     XLA's CPU backend from fusing the multiply into the reduction: it writes the products out
     as an ``[..., K]`` array and reads them back. On CPU the plain fused sum comes first, and the
-    select runs only when some row came out NaN (``_checked_label_gaps``); elsewhere the select
-    stays, as fusions there take it into the reduction.
+    select runs only when some row came out NaN (``_checked_label_gaps``; up to ``_SMALL_GAPS``
+    entries the select runs directly); elsewhere the select stays, as fusions there take it into
+    the reduction.
     """
     return jax.lax.platform_dependent(
         labels, logits, peak, cpu=_checked_label_gaps, default=_masked_label_gaps
@@ -239,6 +240,12 @@ def _masked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) ->
     return jnp.where(labels != 0, labels * _gaps(logits, peak), 0.0).sum(axis=-1)
 
 
+# Up to this many entries the select form runs directly: there the check's own kernels (the NaN
+# test, its reduction and the conditional) cost more than the written products save (value_and_grad
+# of the one-hot loss 4-10% faster from 512 x 10 to 64 x 1,000 float32, 7% slower at 1,024 x 100).
+_SMALL_GAPS = 1 << 16
+
+
 @jax.custom_batching.custom_vmap
 def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     """``Σ_k y_k (c − z_k)`` in one fused pass; the select form for the whole batch if a row is NaN.
@@ -247,6 +254,8 @@ def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -
     select form's. Under ``vmap`` a ``cond`` on a batched predicate would evaluate both branches
     for every call: the batching rule below keeps one ``cond`` over the whole batched array.
     """
+    if labels.size <= _SMALL_GAPS:
+        return _masked_label_gaps(labels, logits, peak)
     plain = (labels * _gaps(logits, peak)).sum(axis=-1)
     return jax.lax.cond(
         jnp.any(jnp.isnan(plain)), lambda: _masked_label_gaps(labels, logits, peak), lambda: plain
