@@ -773,15 +773,17 @@ def _broadcast_batch(
     of either may be 1 (one row of logits for many labels, or one label for many rows).
     """
     batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
-    try:
-        if labels.ndim != len(batch_shape):
-            raise ValueError("different numbers of dimensions")
-        shape = jnp.broadcast_shapes(batch_shape, labels.shape)
-    except ValueError as error:
+    shape = None
+    if labels.ndim == len(batch_shape):
+        try:
+            shape = jnp.broadcast_shapes(batch_shape, labels.shape)
+        except ValueError:
+            pass
+    if shape is None:
         raise ValueError(
             f"labels of shape {labels.shape} do not match the logits' batch shape {batch_shape} "
             f"(logits {logits.shape}, class axis {axis})."
-        ) from error
+        )
     batch = iter(shape)
     full = tuple(n if a in axes else next(batch) for a, n in enumerate(logits.shape))
     return jnp.broadcast_to(logits, full), jnp.broadcast_to(labels, shape)
