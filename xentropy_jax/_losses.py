@@ -241,8 +241,9 @@ def _masked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) ->
 
 
 # Up to this many entries the select form runs directly: there the check's own kernels (the NaN
-# test, its reduction and the conditional) cost more than the written products save (value_and_grad
-# of the one-hot loss 4-10% faster from 512 x 10 to 64 x 1,000 float32, 7% slower at 1,024 x 100).
+# test, its reduction and the conditional) cost more than the written products save (one-hot
+# value_and_grad about 5% faster from 512 x 10 to 64 x 1,000 float32; at 1,024 x 100 the check
+# was 7% faster; docs/losses.md).
 _SMALL_GAPS = 1 << 16
 
 
