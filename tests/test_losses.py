@@ -611,6 +611,34 @@ def test_out_of_range_labels_give_nan_rows_only(rng):
         assert loss(logits, labels, where=where)[0] == 0.0
 
 
+@pytest.mark.parametrize("num_classes", [3, 40])
+def test_integer_label_entry_by_comparison_or_scatter_gives_the_same_numbers(
+    rng, monkeypatch, num_classes
+):
+    # `_at_labels` compares class indices for few classes and scatters for many: both forms must
+    # give the same numbers (to the order of XLA's sums), with masks, an out-of-range label and
+    # a confident row.
+    logits = jnp.asarray(rng.normal(size=(6, num_classes)) * 4).at[2, 1].set(60.0)
+    labels = jnp.asarray(rng.integers(0, num_classes, 6)).at[2].set(1).at[4].set(num_classes)
+    where = jnp.ones(logits.shape, bool).at[0, 2].set(False).at[1].set(False)
+    tangents = jnp.asarray(rng.normal(size=logits.shape))
+
+    def derivatives():
+        def loss(z):
+            return xj.softmax_cross_entropy_with_integer_labels(z, labels, where=where).sum()
+
+        value, grad = jax.jit(jax.value_and_grad(loss))(logits)
+        return value, grad, jax.jvp(jax.grad(loss), (logits,), (tangents,))[1]
+
+    results = {}
+    for bound in (0, 1 << 20):  # the scatter, then the comparison, at any number of classes
+        monkeypatch.setattr(_losses, "_COMPARE_CLASSES", bound)
+        results[bound] = derivatives()
+    for scattered, compared in zip(results[0], results[1 << 20], strict=True):
+        np.testing.assert_allclose(scattered, compared, rtol=4e-16, atol=0)
+    assert np.isnan(results[0][1][4]).all() and np.isfinite(results[0][1][:4]).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Label smoothing and argument checking.
 # --------------------------------------------------------------------------------------------
