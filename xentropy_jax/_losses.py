@@ -164,6 +164,13 @@ def hessian_product_from_probs(
         tangents = jnp.where(where, tangents, 0)
     if not complete:
         return probs * (tangents - _row_sums_of_products(probs, tangents))
+    if probs.shape[-1] == 2:
+        # Two classes: diag(s) − s sᵀ = s₀s₁·[[1, −1], [−1, 1]], so Hv = s₀s₁(v₀ − v₁)·[1, −1]
+        # with no sum over the classes (which costs as much as the rest in rows this short):
+        # each component keeps a few ulps at any margin, and the operator is exactly PSD.
+        first = probs[..., :1] * probs[..., 1:] * (tangents[..., :1] - tangents[..., 1:])
+        signs = 1 - 2 * jax.lax.broadcasted_iota(first.dtype, tangents.shape, tangents.ndim - 1)
+        return first * signs
     # The class with s ≥ 1/2 if there is one (two at exactly 1/2, whose sum then serves):
     # floor(2s) − floor(s) is 1 there and 0 elsewhere, s = 1 included. Where no class reaches
     # 1/2 none dominates, the shift is 0 and the plain formula loses nothing. No maximum, no
