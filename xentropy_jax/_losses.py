@@ -154,6 +154,7 @@ def hessian_product_from_probs(
     relative to its own terms at any margin, the constant vector maps to 0 wherever a class
     has ``s > 1/2``, and the operator stays positive semi-definite up to the rounding of its
     smallest nonzero eigenvalue, in float32 too. The shift costs one reduction over the classes.
+    Two classes need neither: ``Hv = s₀s₁(v₀ − v₁)·[1, −1]``.
 
     ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be
