@@ -12,6 +12,8 @@ from scipy.special import expit
 
 pytest.importorskip("sklearn")
 
+import scipy.sparse  # noqa: E402
+import sklearn  # noqa: E402
 from sklearn.datasets import load_iris, load_wine, make_classification  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression  # noqa: E402
@@ -303,6 +305,39 @@ def test_warm_start_resumes_from_previous_fit(iris):
     assert warm.n_iter_[0] < cold.n_iter_[0]
     again = warm.fit(X, y)  # already at the optimum
     assert again.n_iter_[0] <= 1
+
+
+def test_sparsify_and_densify_as_scikit_learn(iris, binary):
+    with pytest.raises(NotFittedError, match="before sparsifying"):
+        LogisticRegression().sparsify()
+    with pytest.raises(NotFittedError, match="before densifying"):
+        LogisticRegression().densify()
+    for X, y in (iris, binary):
+        clf = LogisticRegression(warm_start=True).fit(X, y)
+        dense = clf.coef_.copy()
+        scores, proba = clf.decision_function(X), clf.predict_proba(X)
+        assert clf.sparsify() is clf and isinstance(clf.coef_, scipy.sparse.csr_matrix)
+        np.testing.assert_array_equal(clf.coef_.toarray(), dense)
+        for features in (X, scipy.sparse.csr_matrix(X)):  # dense and sparse rows
+            sparse_scores = clf.decision_function(features)
+            assert type(sparse_scores) is np.ndarray and sparse_scores.shape == scores.shape
+            np.testing.assert_allclose(sparse_scores, scores, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(clf.predict_proba(X), proba, rtol=1e-12, atol=1e-15)
+        clf.fit(X, y)  # a warm start reads the sparse coefficients
+        assert type(clf.coef_) is np.ndarray and clf.n_iter_[0] <= 1
+        np.testing.assert_allclose(clf.coef_, dense, rtol=1e-7)
+        dense = clf.coef_.copy()
+        clf.sparsify()
+        assert clf.densify() is clf and type(clf.coef_) is np.ndarray
+        np.testing.assert_array_equal(clf.coef_, dense)
+        assert clf.densify().coef_ is clf.coef_  # a no-op on dense coefficients
+    if "sparse_interface" in sklearn.get_config():  # scikit-learn 1.9 on
+        with sklearn.config_context(sparse_interface="sparray"):
+            assert isinstance(clf.sparsify().coef_, scipy.sparse.csr_array)
+    unpenalised = LogisticRegression(penalty=None).fit(iris[0][:, :1], iris[1])
+    expected = unpenalised.inference(iris[0][:, :1], iris[1]).bse
+    sparse_bse = unpenalised.sparsify().inference(iris[0][:, :1], iris[1]).bse
+    np.testing.assert_allclose(sparse_bse, expected, rtol=1e-12)
 
 
 def test_float32_in_float32_out_and_global_flag_untouched(iris):

@@ -1,5 +1,7 @@
 """The estimators on the data people bring: sparse input, scikit-learn 1.8 parameters, CV."""
 
+import inspect
+
 import jax
 import jax.monitoring
 import numpy as np
@@ -112,6 +114,19 @@ def test_every_parameter_of_scikit_learns_estimators_is_accepted():
     assert set(SklearnLogisticRegressionCV().get_params()) <= set(
         LogisticRegressionCV().get_params()
     )
+    # The parameters scikit-learn takes by position are taken by position here too.
+    for ours, theirs in (
+        (LogisticRegression, SklearnLogisticRegression),
+        (LogisticRegressionCV, SklearnLogisticRegressionCV),
+    ):
+        assert _positional(ours) == _positional(theirs)
+    assert LogisticRegression(None).penalty is None
+
+
+def _positional(estimator: type) -> list[str]:
+    """The names of the constructor's parameters that may be passed by position."""
+    parameters = inspect.signature(estimator.__init__).parameters.values()
+    return [p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD and p.name != "self"]
 
 
 _compiles: list[str] = []

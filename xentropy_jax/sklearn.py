@@ -15,6 +15,7 @@ from collections import OrderedDict
 from numbers import Integral, Real
 
 try:
+    import sklearn
     from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import get_scorer, make_scorer
@@ -133,6 +134,11 @@ def _shard_rows(devices, X, labels: np.ndarray, weights: np.ndarray) -> tuple:
         weights = np.concatenate([weights, np.zeros(extra, weights.dtype)])
     with jax.enable_x64(X.dtype == np.float64):
         return shard_rows(mesh, X, labels, weights)
+
+
+def _dense(array) -> np.ndarray:
+    """``array`` as a dense ndarray: a scipy.sparse matrix or array is expanded."""
+    return array.toarray() if scipy.sparse.issparse(array) else np.asarray(array)
 
 
 def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
@@ -348,9 +354,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
+        penalty: str | None = "l2",
         *,
         C: float = 1.0,
-        penalty: str | None = "l2",
         fit_intercept: bool = True,
         class_weight: dict | str | None = None,
         solver: str = "auto",
@@ -540,7 +546,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             return None
         if np.any(previous != classes):
             return None
-        coef, intercept = self.coef_, self.intercept_
+        coef, intercept = _dense(self.coef_), self.intercept_
         if coef.shape[0] == 1:  # binomial: class 0 is the reference
             coef = np.concatenate([np.zeros_like(coef), coef])
             intercept = np.concatenate([np.zeros_like(intercept), intercept])
@@ -562,8 +568,35 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         X = validate_data(
             self, X, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], reset=False
         )
-        scores = np.asarray(X @ self.coef_.T) + self.intercept_
+        scores = _dense(X @ self.coef_.T) + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def sparsify(self) -> LogisticRegression:
+        """Store ``coef_`` as a scipy.sparse CSR matrix, as scikit-learn's ``sparsify`` does.
+
+        Predictions are unchanged. An L2 or unpenalised fit has no zero coefficients, so this
+        saves memory only where many coefficients are exactly zero. The intercept stays dense.
+        A warm-started fit and :meth:`inference` read a sparse ``coef_`` as its dense values.
+
+        Returns:
+            The estimator, ``coef_`` a ``csr_matrix`` (a ``csr_array`` under scikit-learn's
+            ``sparse_interface="sparray"`` configuration).
+        """
+        check_is_fitted(self, msg="Estimator, %(name)s, must be fitted before sparsifying.")
+        sparray = sklearn.get_config().get("sparse_interface") == "sparray"
+        csr = scipy.sparse.csr_array if sparray else scipy.sparse.csr_matrix
+        self.coef_ = csr(self.coef_)
+        return self
+
+    def densify(self) -> LogisticRegression:
+        """Store ``coef_`` as a dense ``numpy.ndarray`` again (a no-op when it is one).
+
+        Returns:
+            The estimator.
+        """
+        check_is_fitted(self, msg="Estimator, %(name)s, must be fitted before densifying.")
+        self.coef_ = _dense(self.coef_)
+        return self
 
     def _logits(self, X) -> np.ndarray:
         """[n_samples, n_classes] logits, with the binomial reference logit 0 prepended."""
@@ -657,7 +690,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             weights *= per_class[position].astype(X.dtype)
         unpenalised = self.penalty is None or np.isinf(self.C)
         l2 = 0.0 if unpenalised else 1.0 / (float(self.C) * float(weights.sum()))
-        coef, intercept = self.coef_, self.intercept_
+        coef, intercept = _dense(self.coef_), self.intercept_
         if coef.shape[0] == 1:  # binomial: class 0 is the reference
             coef = np.concatenate([np.zeros_like(coef), coef])
             intercept = np.concatenate([np.zeros_like(intercept), intercept])
