@@ -393,3 +393,42 @@ def test_cross_validation_calls_a_plain_callable_scorer_without_weights(iris):
             path = model.coefs_paths_[fold, 0, index]  # [K, d + 1], the intercept last
             predicted = np.argmax(X[test] @ path[:, :-1].T + path[:, -1], axis=1)
             assert model.scores_[fold, 0, index] == np.mean(predicted == y[test])
+
+
+@requires_scikit_learn_1_9
+def test_cross_validation_routes_metadata_as_scikit_learn(iris):
+    # With metadata routing, fit(..., groups=...) reaches the splitter and a scorer's
+    # requested sample_weight reaches the scorer; without it, extra parameters raise.
+    import sklearn
+    from sklearn.exceptions import UnsetMetadataPassedError
+    from sklearn.metrics import accuracy_score, make_scorer
+    from sklearn.model_selection import GroupKFold
+
+    X, y = iris
+    groups = np.arange(y.size) % 5
+    weights = np.random.default_rng(0).uniform(0.1, 3.0, y.size)
+    options = dict(Cs=[0.01, 0.3, 100.0], cv=GroupKFold(3), use_legacy_attributes=False)
+    with pytest.raises(ValueError, match="enable_metadata_routing=True"):
+        LogisticRegressionCV(**options).fit(X, y, groups=groups)
+    with sklearn.config_context(enable_metadata_routing=True):
+        fits = []
+        for scoring in (None, make_scorer(accuracy_score).set_score_request(sample_weight=True)):
+            weighted = {} if scoring is None else {"sample_weight": weights}
+            theirs = SklearnLogisticRegressionCV(
+                solver="newton-cg", tol=1e-10, scoring=scoring, **options
+            ).fit(X, y, groups=groups, **weighted)
+            ours = LogisticRegressionCV(scoring=scoring, **options)
+            ours.fit(X, y, groups=groups, **weighted)
+            np.testing.assert_allclose(ours.scores_, theirs.scores_, rtol=1e-12)
+            assert ours.C_ == theirs.C_
+            score = ours.score(X, y, **weighted)
+            np.testing.assert_allclose(score, theirs.score(X, y, **weighted), rtol=1e-6)
+            fits.append(ours)
+        # The splits are GroupKFold's, and the second scorer weighed the held-out rows.
+        assert not np.array_equal(fits[0].scores_, fits[1].scores_)
+        with pytest.raises(ValueError, match="groups"):  # GroupKFold without its groups
+            LogisticRegressionCV(**options).fit(X, y)
+        with pytest.raises(UnsetMetadataPassedError):  # accuracy does not request weights
+            LogisticRegressionCV(**options).fit(X, y, sample_weight=weights, groups=groups)
+        with pytest.raises(TypeError, match="not routed to any object"):
+            LogisticRegressionCV(**options).fit(X, y, unknown=groups, groups=groups)

@@ -22,8 +22,20 @@ try:
     from sklearn.model_selection import check_cv
     from sklearn.utils._param_validation import Interval, StrOptions
     from sklearn.utils.class_weight import compute_class_weight
+    from sklearn.utils.metadata_routing import (
+        MetadataRouter,
+        MethodMapping,
+        _raise_for_params,
+        _routing_enabled,
+        process_routing,
+    )
     from sklearn.utils.multiclass import check_classification_targets
-    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+    from sklearn.utils.validation import (
+        _check_method_params,
+        _check_sample_weight,
+        check_is_fitted,
+        validate_data,
+    )
 except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
         "xentropy_jax.sklearn needs scikit-learn, an optional dependency: install it with "
@@ -930,13 +942,20 @@ class LogisticRegressionCV(LogisticRegression):
     devices = None
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None) -> LogisticRegressionCV:
+    def fit(self, X, y, sample_weight=None, **params) -> LogisticRegressionCV:
         """Score every ``C`` by cross-validation, then refit at the best.
 
         Args:
             X: [n_samples, n_features] features, dense or scipy.sparse CSR/CSC.
             y: [n_samples] class labels, at least two classes.
             sample_weight: [n_samples] non-negative weights, or None for ones.
+            **params: Metadata for the splitter (``groups`` for ``GroupKFold``) and the
+                scorer, routed as in scikit-learn: only with
+                ``sklearn.set_config(enable_metadata_routing=True)``. The held-out rows are
+                then weighted only where the scorer requests ``sample_weight``
+                (``make_scorer(...).set_score_request(sample_weight=True)``); a named
+                ``scoring`` cannot request it, so ``sample_weight`` raises scikit-learn's
+                ``UnsetMetadataPassedError`` there, as in scikit-learn.
 
         Returns:
             The fitted estimator.
@@ -944,8 +963,10 @@ class LogisticRegressionCV(LogisticRegression):
         Raises:
             ValueError: as :meth:`LogisticRegression.fit`, for values of ``Cs`` that are not
                 finite and positive, for an empty ``l1_ratios`` or one with a positive value,
-                and for an unknown ``scoring`` name.
+                for an unknown ``scoring`` name, and for ``**params`` without metadata
+                routing.
         """
+        _raise_for_params(params, self, "fit")
         check_penalty(self.penalty, self.l1_ratios, self.dual)
         if self.l1_ratios is not None and np.size(self.l1_ratios) == 0:
             raise ValueError("l1_ratios must hold at least one value (0 for the L2 penalty)")
@@ -957,10 +978,16 @@ class LogisticRegressionCV(LogisticRegression):
             raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
         scorer = _cv_scorer(self.scoring, classes)
+        if _routing_enabled():
+            routed = process_routing(self, "fit", sample_weight=sample_weight, **params)
+            split_params, score_params = routed.splitter.split, dict(routed.scorer.score)
+        else:
+            split_params = {}
+            score_params = {} if sample_weight is None else {"sample_weight": sample_weight}
         # The held-out scores weigh rows by their sample weights only, as a scorer would: the
         # class weights shape the fits, not the measure of their predictions.
-        score_weights = _check_sample_weight(sample_weight, X, dtype=X.dtype)
-        splits = list(check_cv(self.cv, labels, classifier=True).split(X, labels))
+        score_weights = _check_sample_weight(score_params.get("sample_weight"), X, dtype=X.dtype)
+        splits = list(check_cv(self.cv, labels, classifier=True).split(X, labels, **split_params))
         n_classes = classes.size
         reference = n_classes == 2
         solver = _resolve_solver(
@@ -1000,9 +1027,9 @@ class LogisticRegressionCV(LogisticRegression):
                     intercepts[index],
                 )
                 continue
-            # scikit-learn's scorers take the weights; a plain callable may not.
-            weighted = sample_weight is not None and hasattr(scorer, "_score_func")
-            options = {"sample_weight": score_weights[test]} if weighted else {}
+            options = _check_method_params(X, score_params, indices=test)
+            if not _routing_enabled() and not hasattr(scorer, "_score_func"):
+                options = {}  # a plain callable may not take the weights
             for position in range(grid.size):
                 fitted = self._fitted_copy(
                     classes, path_coefs[index, position], path_intercepts[index, position]
@@ -1109,17 +1136,54 @@ class LogisticRegressionCV(LogisticRegression):
         self.coefs_paths_ = {key: coefs[..., row, :] for row, key in enumerate(keys)}
         self.n_iter_ = n_iter[None]
 
-    def score(self, X, y, sample_weight=None) -> float:
+    def score(self, X, y, sample_weight=None, **score_params) -> float:
         """The held-out measure of ``scoring`` on ``(X, y)`` (accuracy by default).
 
         Args:
             X: [n_samples, n_features] features.
             y: [n_samples] true labels.
             sample_weight: [n_samples] weights of the rows, or None.
+            **score_params: Metadata for the scorer, routed as in :meth:`fit` (only with
+                metadata routing enabled).
 
         Returns:
             The score, larger is better (``"neg_log_loss"`` is the negated log-loss).
+
+        Raises:
+            ValueError: ``**score_params`` without metadata routing.
         """
-        scorer = get_scorer(self.scoring if self.scoring is not None else "accuracy")
-        options = {} if sample_weight is None else {"sample_weight": sample_weight}
-        return scorer(self, X, y, **options)
+        _raise_for_params(score_params, self, "score")
+        if _routing_enabled():
+            routed = process_routing(self, "score", sample_weight=sample_weight, **score_params)
+            options = routed.scorer.score
+        else:
+            options = {} if sample_weight is None else {"sample_weight": sample_weight}
+        return self._get_scorer()(self, X, y, **options)
+
+    def _get_scorer(self):
+        """scikit-learn's scorer for ``scoring`` (accuracy when None)."""
+        return get_scorer(self.scoring if self.scoring is not None else "accuracy")
+
+    def get_metadata_routing(self) -> MetadataRouter:
+        """How :meth:`fit` and :meth:`score` route metadata, as in scikit-learn.
+
+        ``fit`` sends its parameters to the splitter's ``split`` and to the scorer; ``score``
+        sends them to the scorer. Only used with ``enable_metadata_routing=True``.
+
+        Returns:
+            A ``sklearn.utils.metadata_routing.MetadataRouter``.
+        """
+        return (
+            MetadataRouter(owner=self)
+            .add_self_request(self)
+            .add(
+                splitter=self.cv,
+                method_mapping=MethodMapping().add(caller="fit", callee="split"),
+            )
+            .add(
+                scorer=self._get_scorer(),
+                method_mapping=MethodMapping()
+                .add(caller="score", callee="score")
+                .add(caller="fit", callee="score"),
+            )
+        )
