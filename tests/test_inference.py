@@ -1,5 +1,6 @@
 """Inference of unpenalised logit fits against statsmodels' MNLogit / Logit and direct formulas."""
 
+import dataclasses
 import sys
 import warnings
 
@@ -304,19 +305,41 @@ def test_estimator_on_iris_matches_functional_and_statsmodels():
         LogisticRegression(C=1.0).fit(X, y).inference(X, y)
 
 
-def test_symmetric_fit_and_frequency_weights():
+def test_symmetric_fit():
     symmetric = xj.fit_logistic_regression(X4, Y4, 4, solver="newton", tol=1e-12)
     reference = xj.logit_inference(FIT4, X4, Y4)
     _close(xj.logit_inference(symmetric, X4, Y4).bse, reference.bse, rtol=1e-8)
+
+
+@pytest.mark.parametrize("cov_type", ["nonrobust", "HC0", "cluster"])
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_frequency_weights_equal_repeated_rows(cov_type, method):
+    # A row of weight w counts as w observations, for every covariance: the sandwich's meat
+    # weighs each row's score by w (not w², which made HC0 errors 1.5× too large here), and
+    # rows of weight 0, and groups made only of them, change nothing.
     rng = np.random.default_rng(2)
-    counts = rng.integers(1, 4, size=len(Y4))
+    counts = rng.integers(0, 4, size=len(Y4))
+    counts[:4] = 1  # every class keeps some weight
+    groups = rng.integers(0, 25, size=len(Y4))
+    groups[counts == 0] = 99  # a cluster without weight
     weighted_fit = _fit(X4, Y4, 4, sample_weight=counts.astype(float))
-    weighted = xj.logit_inference(weighted_fit, X4, Y4, sample_weight=counts)
+    options = dict(cov_type=cov_type, method=method, marginal_effects=True)
+    if method == "cg":
+        options["subset"] = "all"
+    weighted = xj.logit_inference(
+        weighted_fit, X4, Y4, sample_weight=counts, groups=groups, **options
+    )
     repeated = np.repeat(np.arange(len(Y4)), counts)
-    expanded = xj.logit_inference(weighted_fit, X4[repeated], Y4[repeated])
-    _close(weighted.bse, expanded.bse, rtol=1e-10)
+    expanded = xj.logit_inference(
+        weighted_fit, X4[repeated], Y4[repeated], groups=groups[repeated], **options
+    )
+    _close(weighted.bse, expanded.bse, rtol=1e-9)
+    _close(weighted.margins.bse, expanded.margins.bse, rtol=1e-9)
     _close(weighted.llf, expanded.llf, rtol=1e-12)
     assert weighted.nobs == counts.sum()
+    if cov_type == "HC0" and method == "dense":  # and statsmodels on the repeated rows
+        theirs = _statsmodels(X4[repeated], Y4[repeated], cov_type="HC0")
+        _close(weighted.bse.T.ravel(), np.asarray(theirs.bse).T.ravel(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("d, k", [(3, 4), (5, 3)])
@@ -431,6 +454,44 @@ def test_refusals_and_warnings():
         xj.logit_inference(FIT4, X4, Y4, alpha=1.5)
     with pytest.raises(ValueError, match="X must be"):
         xj.logit_inference(FIT4, X4[:, :2], Y4)
+    with pytest.raises(ValueError, match="X has no rows"):
+        xj.logit_inference(FIT4, X4[:0], Y4[:0])
+    # Collinear columns on the CG path too (it used to give finite errors and a warning).
+    with pytest.raises(xj.InferenceError, match=r"x1.*x3.*collinear"):
+        xj.logit_inference((coef, FIT4.params[1]), collinear, Y4, method="cg", subset=[0])
+    batch = jax.tree.map(lambda a: jnp.stack([a, a]), FIT4)
+    with pytest.raises(ValueError, match="not a batch of fits: index one"):
+        xj.logit_inference(batch, X4, Y4)
+
+
+def test_cluster_labels_and_their_count():
+    codes = np.arange(len(Y4)) % 7
+    reference = xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=codes).bse
+    # Any hashable labels: None among strings, tuples, a list of mixed types.
+    names = np.array(["a", None, "b", "c", "d", "e", "f"], dtype=object)[codes]
+    pairs = [(int(c), "x") for c in codes]
+    mixed = [int(c) if c % 2 else str(c) for c in codes]
+    for groups in (names, pairs, mixed):
+        _close(
+            xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=groups).bse,
+            reference,
+            rtol=1e-12,
+        )
+    with pytest.raises(ValueError, match=r"groups must have shape \(300,\)"):
+        xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=codes[:-1])
+    with pytest.raises(ValueError, match="hashable"):
+        xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=[[c] for c in codes])
+    # Two groups, one of them without weight: one cluster, refused.
+    weights = (codes < 3).astype(float)
+    with pytest.raises(ValueError, match="at least 2 groups with positive weight"):
+        xj.logit_inference(
+            FIT4, X4, Y4, sample_weight=weights, cov_type="cluster", groups=codes >= 3
+        )
+    # Weights normalised to sum to 1: nobs = 1 < P, where the correction is undefined (it
+    # gave zero or NaN standard errors).
+    normalised = np.full(len(Y4), 1 / len(Y4))
+    with pytest.raises(xj.InferenceError, match=r"nobs = Σw = 1 > P = 12"):
+        xj.logit_inference(FIT4, X4, Y4, sample_weight=normalised, cov_type="cluster", groups=codes)
 
 
 def test_structured_output_and_intervals(monkeypatch):
@@ -444,3 +505,7 @@ def test_structured_output_and_intervals(monkeypatch):
     plain = result.to_frame()
     assert isinstance(plain, dict) and plain["coef"].shape == (12,)
     _close(plain["p_value"], result.pvalues.T.ravel(), rtol=0)
+    # Whole numbers of observations in full, also where the weights' sum rounds off them.
+    assert "Observations: 300 " in result.summary()
+    for nobs, shown in ((1234566.9999999995, "1234567"), (2.5, "2.5"), (1234567.5, "1.23457e+06")):
+        assert f"Observations: {shown} " in dataclasses.replace(result, nobs=nobs).summary()

@@ -292,7 +292,7 @@ class LogitInference:
         """A statsmodels-style text table: fit statistics, then one block per class 1..K−1."""
         title = [
             (f"Multinomial logit, reference class: {self.class_names[0]}", ""),
-            (f"Observations: {self.nobs:g}", f"Log-likelihood: {self.llf:.6g}"),
+            (f"Observations: {_count(self.nobs)}", f"Log-likelihood: {self.llf:.6g}"),
             (f"Parameters: {self.num_params}", f"Null log-likelihood: {self.llnull:.6g}"),
             (f"Converged: {self.converged}", f"Pseudo R-squ. (McFadden): {self.prsquared:.4f}"),
             (
@@ -306,6 +306,15 @@ class LogitInference:
         return _format_table(title, self.term_names, blocks, columns, self.alpha, "y", "coef")
 
 
+def _count(value: float) -> str:
+    """A whole number of observations in full (1234567), any other to 6 significant digits.
+
+    Whole to rounding: a sum of weights such as 1234566.9999999995 prints as 1234567.
+    """
+    whole = round(value)
+    return str(whole) if abs(value - whole) <= 1e-9 * max(abs(value), 1.0) else f"{value:.6g}"
+
+
 def _check_alpha(alpha) -> None:
     if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
         raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
@@ -316,7 +325,10 @@ def _params_from(fit, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, bool
     if isinstance(fit, FitResult):
         weights, intercept = fit.params
         if np.ndim(weights) != 2:
-            raise ValueError("inference needs one fit, not a batch of fits (vmap over them)")
+            raise ValueError(
+                "inference needs one fit, not a batch of fits: index one out of the batch "
+                "(jax.tree.map(lambda a: a[i], fit)) and call it once per fit"
+            )
         return np.asarray(weights), np.asarray(intercept), bool(fit.converged), int(fit.status)
     try:
         weights, intercept = fit
@@ -325,7 +337,7 @@ def _params_from(fit, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, bool
     return np.asarray(weights), np.asarray(intercept), True, None
 
 
-def _validate(weights, intercept, X, labels, sample_weight, groups):
+def _validate(weights, intercept, X, labels, sample_weight):
     if weights.ndim != 2 or weights.shape[1] < 2:
         raise ValueError(f"W must be [d, K] with K >= 2, got shape {weights.shape}")
     d, k = weights.shape
@@ -341,6 +353,8 @@ def _validate(weights, intercept, X, labels, sample_weight, groups):
     if np.ndim(X) != 2 or np.shape(X)[1] != d:
         raise ValueError(f"X must be [n_samples, {d}] to match W, got shape {np.shape(X)}")
     n = np.shape(X)[0]
+    if n == 0:
+        raise ValueError("X has no rows: there is nothing to infer from")
     if not np.all(np.isfinite(np.asarray(X))):
         raise ValueError("X contains NaN or infinity")
     label_values = np.asarray(labels)
@@ -348,14 +362,39 @@ def _validate(weights, intercept, X, labels, sample_weight, groups):
         raise ValueError(f"labels must have shape ({n},), got {label_values.shape}")
     if not np.issubdtype(label_values.dtype, np.integer):
         raise TypeError(f"labels must be integers, got dtype {label_values.dtype}")
-    if n and (label_values.min() < 0 or label_values.max() >= k):
+    if label_values.min() < 0 or label_values.max() >= k:
         raise ValueError(f"labels must lie in [0, {k})")
     if sample_weight is not None:
         w = np.asarray(sample_weight, dtype=float)
         if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
             raise ValueError(f"sample_weight must be [{n}] finite, >= 0, not all zero")
-    if groups is not None and np.shape(groups) != (n,):
-        raise ValueError(f"groups must have shape ({n},), got {np.shape(groups)}")
+
+
+def _group_codes(groups, n: int) -> np.ndarray:
+    """[n] int codes 0..G−1 of cluster labels: any hashable values, None and tuples included.
+
+    Raises:
+        ValueError: ``groups`` that are not n labels.
+    """
+    try:
+        values = np.asarray(groups)
+    except ValueError:  # ragged labels, such as tuples of different lengths
+        values = None
+    if values is not None and values.ndim == 1 and values.dtype != object:
+        if values.shape != (n,):
+            raise ValueError(f"groups must have shape ({n},), got {values.shape}")
+        return np.unique(values, return_inverse=True)[1].reshape(-1)
+    try:
+        items = list(groups)
+    except TypeError as error:
+        raise ValueError(f"groups must be {n} cluster labels, got {groups!r}") from error
+    if len(items) != n:
+        raise ValueError(f"groups must have {n} labels, got {len(items)}")
+    codes: dict = {}
+    try:
+        return np.asarray([codes.setdefault(item, len(codes)) for item in items], np.int64)
+    except TypeError as error:  # an unhashable label (a list, an array)
+        raise ValueError(f"groups must be hashable cluster labels: {error}") from error
 
 
 def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]") -> np.ndarray:
@@ -383,6 +422,13 @@ def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]")
     return mask.reshape(shape)
 
 
+def _null_eigenvalues(values: np.ndarray, eps: float) -> np.ndarray:
+    """Which eigenvalues of a Jacobi-scaled (unit-diagonal) Gram matrix are zero to rounding."""
+    if values.size == 0:
+        return np.zeros(0, bool)
+    return values < 100 * eps * len(values) * max(values.max(), 1.0)
+
+
 def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str:
     """Name collinear columns when the weighted Gram is singular; otherwise blame separation."""
     extended = features
@@ -391,7 +437,7 @@ def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str
     gram = np.asarray(extended.T @ (weights[:, None] * extended), dtype=float)
     scale = 1 / np.sqrt(np.maximum(np.diag(gram), np.finfo(float).tiny))
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
-    null = values < 100 * eps * len(values) * max(values.max(), 1.0)
+    null = _null_eigenvalues(values, eps)
     if null.any():
         involved = np.flatnonzero(np.abs(vectors[:, null]).max(axis=1) > 1e-3)
         names = [term_names[i] for i in involved]
@@ -436,13 +482,15 @@ def logit_inference(
         X: [N, d] dense features the model was fitted on (float64 with x64 enabled computes
             in float64, anything else in float32). Sparse X raises a `TypeError`.
         labels: [N] integer labels in [0, K).
-        sample_weight: [N] frequency weights (nobs = Σw) or None.
+        sample_weight: [N] frequency weights (nobs = Σw; a row of weight w counts as w rows
+            for every `cov_type`) or None.
         fit_intercept: whether the fit had an intercept (b is then a free parameter).
         l2: the fit's L2 strength. Anything but 0 raises: the inverse of a penalised Hessian is
             not the sampling covariance of the estimates (they are biased towards 0), and this
             function does not print numbers that look like standard errors when they are not.
         cov_type: "nonrobust" (H⁻¹), "HC0" (sandwich H⁻¹MH⁻¹) or "cluster" (needs `groups`).
-        groups: [N] cluster labels (any hashable values) for `cov_type="cluster"`.
+        groups: [N] cluster labels (any hashable values) for `cov_type="cluster"`; groups
+            whose rows all have weight 0 do not count.
         alpha: the intervals have level 1 − alpha.
         marginal_effects: also compute average marginal effects with delta-method errors.
             The effects themselves cost one O(N·d·K) pass; their errors need the Jacobian
@@ -476,8 +524,10 @@ def logit_inference(
     Raises:
         InferenceError: a penalised fit (`l2 > 0`), a fit stopped by separation (status
             DIVERGED), estimates not at the maximum (`check_optimum`), a singular Hessian
-            (collinear columns or separation; the message says which).
-        ValueError, TypeError: bad shapes, values or options.
+            (collinear columns or separation; the message says which), a cluster covariance
+            with nobs <= P.
+        ValueError, TypeError: bad shapes, values or options, no rows, fewer than 2 groups
+            with positive weight.
 
     Warns:
         InferenceWarning: the fit did not converge, or the Hessian is ill-conditioned.
@@ -511,7 +561,7 @@ def logit_inference(
     if cov_type == "cluster" and groups is None:
         raise ValueError("cov_type='cluster' needs groups")
     weights, intercept, converged, status = _params_from(fit, fit_intercept)
-    _validate(weights, intercept, X, labels, sample_weight, groups)
+    _validate(weights, intercept, X, labels, sample_weight)
     if status == Status.DIVERGED:
         raise InferenceError(
             "the fit stopped because the data are separable: the maximum-likelihood estimates "
@@ -562,11 +612,9 @@ def logit_inference(
     row_weights = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
     weights_j = jnp.asarray(row_weights, dtype)
     if groups is not None:
-        _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+        group_index = _group_codes(groups, n)
         num_groups = int(group_index.max()) + 1
-        if cov_type == "cluster" and num_groups < 2:
-            raise ValueError("cov_type='cluster' needs at least 2 groups")
-        groups_j = jnp.asarray(group_index.reshape(-1), jnp.int32)
+        groups_j = jnp.asarray(group_index, jnp.int32)
     else:
         num_groups, groups_j = 1, jnp.zeros((n,), jnp.int32)
     # The reference-class θ: every unpenalised fit maps to it without changing a probability.
@@ -575,6 +623,20 @@ def logit_inference(
     parts = [free_weights.reshape(-1)] + ([free_intercept] if fit_intercept else [])
     theta = jnp.asarray(np.concatenate(parts), dtype)
     nobs = float(row_weights.sum())
+    if cov_type == "cluster":
+        # Groups whose rows all have weight 0 are no clusters (as if those rows were dropped).
+        group_mass = np.bincount(group_index, weights=row_weights, minlength=num_groups)
+        clusters = int(np.count_nonzero(group_mass > 0))
+        if clusters < 2:
+            raise ValueError("cov_type='cluster' needs at least 2 groups with positive weight")
+        if not nobs > num_params:
+            raise InferenceError(
+                f"the cluster correction G/(G−1)·(nobs−1)/(nobs−P) needs nobs = Σw = {nobs:g} "
+                f"> P = {num_params} parameters. sample_weight are frequency weights (a row of "
+                "weight w counts as w observations): weights normalised to sum to 1 understate "
+                "nobs"
+            )
+        correction = clusters / (clusters - 1) * (nobs - 1) / (nobs - num_params)
 
     static = dict(num_classes=num_classes, fit_intercept=bool(fit_intercept))
     width = max(num_params, core.pair_width(d, num_classes, bool(fit_intercept)))
@@ -632,9 +694,8 @@ def logit_inference(
         else:
             cov = solve(solve(sums["meat"]).T)
         cov = 0.5 * (cov + cov.T)
-        if cov_type != "nonrobust":
-            if cov_type == "cluster":
-                cov *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
+        if cov_type == "cluster":
+            cov *= correction
         variances = np.diag(cov)
         cov_params, steps, relative = cov, None, None
     else:
@@ -691,16 +752,26 @@ def logit_inference(
             batch=8,
             **static,
         )
+        *results, gram_eigenvalues = results
         model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
+        if _null_eigenvalues(np.asarray(gram_eigenvalues, float), eps).any():
+            raise InferenceError(
+                "the Hessian of the log-likelihood is singular, so the estimates have no "
+                "standard errors: "
+                + _diagnose_singular(
+                    np.asarray(features), row_weights, fit_intercept, term_names, eps
+                )
+            )
         if cov_type == "cluster":
-            values *= num_groups / (num_groups - 1) * (nobs - 1) / (nobs - num_params)
+            values *= correction
         # The distance to the optimum is the model-based quadratic form gᵀH⁻¹g.
         decrement = float(model[-1])
         if np.any(achieved[:-1] > max(rtol, 1e3 * eps)):
             warnings.warn(
                 f"CG reached a relative residual of only {achieved[:-1].max():.2e} for some "
                 f"coefficients or marginal effects within {max_steps} steps (asked "
-                f"{rtol:.0e}); raise cg_max_steps",
+                f"{rtol:.0e}); raise cg_max_steps, unless columns are collinear (beyond 4000 "
+                "features this path does not check; method='dense' does)",
                 InferenceWarning,
                 stacklevel=2,
             )

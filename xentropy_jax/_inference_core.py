@@ -95,10 +95,10 @@ def _hessian_from_blocks(blocks, num_free):
     return jnp.transpose(full, (2, 0, 3, 1)).reshape(num_terms * num_free, -1)
 
 
-def _scores(objective: LogisticObjective, probs_all: jax.Array) -> jax.Array:
-    """Per-row scores gᵢ = wᵢ·x̃ᵢ ⊗ (sᵢ − yᵢ)[1:] as [n, P] (sign irrelevant for gᵢgᵢᵀ)."""
+def _scores(objective: LogisticObjective, probs_all: jax.Array, scale: jax.Array) -> jax.Array:
+    """Per-row scores scaleᵢ·x̃ᵢ ⊗ (sᵢ − yᵢ)[1:] as [n, P] (sign irrelevant for gᵢgᵢᵀ)."""
     onehot = jax.nn.one_hot(objective.labels, objective.num_classes, dtype=probs_all.dtype)
-    residual = (objective.weights[:, None] * (probs_all - onehot))[:, 1:]
+    residual = (scale[:, None] * (probs_all - onehot))[:, 1:]
     features = objective.features
     if objective.fit_intercept:
         features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
@@ -126,8 +126,10 @@ def dense_sums(
 
     The Hessian's class blocks (k, l) are X̃ᵀ·diag(wᵢ(δₖₗsᵢₖ − sᵢₖsᵢₗ))·X̃; only the upper
     triangle k <= l is summed (one GEMM per chunk), half the flops of the full P × P product.
-    The meat is Σᵢ gᵢgᵢᵀ for "HC0" and Σ_g (Σ_{i∈g} gᵢ)(Σ_{i∈g} gᵢ)ᵀ for "cluster" (zeros
-    for "nonrobust"). Cost: O(N·P²) flops in GEMMs over row chunks, O(chunk·P + P²) memory.
+    With uᵢ = x̃ᵢ ⊗ (sᵢ − yᵢ)[1:] the score of one unweighted row, the meat is Σᵢ wᵢuᵢuᵢᵀ for
+    "HC0" (frequency weights: a row of weight w counts as w copies, each its own cluster) and
+    Σ_g (Σ_{i∈g} wᵢuᵢ)(Σ_{i∈g} wᵢuᵢ)ᵀ for "cluster" (zeros for "nonrobust"). Cost: O(N·P²)
+    flops in GEMMs over row chunks, O(chunk·P + P²) memory.
     """
     kf = num_classes - 1
     rows, cols = pair_indices(kf)
@@ -149,10 +151,10 @@ def dense_sums(
             "saturated": _saturated(evaluation.log_probs, y, w),
         }
         if cov_type == "HC0":
-            scores = _scores(objective, jnp.exp(evaluation.log_probs))
+            scores = _scores(objective, jnp.exp(evaluation.log_probs), jnp.sqrt(w))
             out["meat"] = scores.T @ scores
         elif cov_type == "cluster":
-            scores = _scores(objective, jnp.exp(evaluation.log_probs))
+            scores = _scores(objective, jnp.exp(evaluation.log_probs), w)
             out["cluster_scores"] = jax.ops.segment_sum(scores, g, num_segments=num_groups)
         return out
 
@@ -307,21 +309,26 @@ def cg_variances(
     [R₂, P] (marginal-effect Jacobian rows, the gradient).
 
     Solves H·a = v (H the Hessian of −ℓ, a Σw multiple of the mean objective's) to
-    ‖v − H·a‖ <= rtol·‖v‖, then returns vᵀa (model-based) or Σ_g (Σ_{i∈g} gᵢᵀa)² (HC0:
-    each row its own group; cluster) without any P × P matrix. Cost per direction: (CG steps
-    + 1) × two GEMMs over X. Returns (vᵀH⁻¹v, the chosen form, CG steps, achieved relative
-    residuals), each [R₁ + R₂].
+    ‖v − H·a‖ <= rtol·‖v‖, then returns vᵀa (model-based), or with uᵢ as in `dense_sums`
+    Σᵢ wᵢ(uᵢᵀa)² (HC0) or Σ_g (Σ_{i∈g} wᵢuᵢᵀa)² (cluster), without any P × P matrix. Cost per
+    direction: (CG steps + 1) × two GEMMs over X. Returns (vᵀH⁻¹v, the chosen form, CG steps,
+    achieved relative residuals), each [R₁ + R₂], and the eigenvalues of the Jacobi-scaled
+    weighted feature Gram (a correlation matrix: a zero eigenvalue means collinear columns)
+    with the Kronecker preconditioner, which computes them; an empty array otherwise.
     """
     total = jnp.sum(weights)
     objective = _objective(features, labels, weights / total, num_classes, fit_intercept)
     evaluation = evaluate(objective, theta, objective.free_logits(theta))
     if preconditioner == "kronecker":
-        precond = kronecker(objective, evaluation, feature_basis(feature_gram(objective)))
+        basis = feature_basis(feature_gram(objective))
+        precond = kronecker(objective, evaluation, basis)
+        gram_eigenvalues = basis.eigenvalues
     else:
         precond = diagonal(objective, evaluation)
+        gram_eigenvalues = jnp.zeros((0,), theta.dtype)
     probs_all = jnp.exp(evaluation.log_probs)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=probs_all.dtype)
-    residual = (weights[:, None] * (probs_all - onehot))[:, 1:]
+    residual = (probs_all - onehot)[:, 1:]  # uᵢ's class part, unweighted
 
     def matvec(v):
         return hessian_vector_product(objective, evaluation, v)
@@ -334,11 +341,13 @@ def cg_variances(
         if cov_type == "nonrobust":
             variance = model
         else:
-            # gᵢᵀa = wᵢ (sᵢ − yᵢ)[1:] · (x̃ᵢ A), A = a as [d̃, K−1]: one GEMM.
+            # uᵢᵀa = (sᵢ − yᵢ)[1:] · (x̃ᵢ A), A = a as [d̃, K−1]: one GEMM.
             per_row = jnp.sum(residual * objective.free_logits(solution), axis=1)
             if cov_type == "cluster":
-                per_row = jax.ops.segment_sum(per_row, groups, num_segments=num_groups)
-            variance = jnp.vdot(per_row, per_row)
+                per_group = jax.ops.segment_sum(weights * per_row, groups, num_segments=num_groups)
+                variance = jnp.vdot(per_group, per_group)
+            else:
+                variance = jnp.vdot(weights * per_row, per_row)
         return model, variance, result.num_steps, achieved
 
     def unit(coordinate):
@@ -346,4 +355,5 @@ def cg_variances(
 
     first = lax.map(unit, coordinates, batch_size=batch)
     second = lax.map(one, directions, batch_size=batch)
-    return tuple(jnp.concatenate(pair) for pair in zip(first, second, strict=True))
+    results = tuple(jnp.concatenate(pair) for pair in zip(first, second, strict=True))
+    return results + (gram_eigenvalues,)
