@@ -290,6 +290,33 @@ def test_zero_total_weight_gives_zero_not_nan():
     assert xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=zeros) == 0.0
 
 
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_invalid_weight_under_jit_gives_nan_not_zero(bad):
+    # Eagerly such weights raise; under jit a NaN counted as a zero total (a loss, gradient
+    # and products of exactly 0, which looked converged) and a negative weight gave plausible
+    # numbers. Now every one comes out NaN.
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    weights = jnp.ones(N).at[3].set(bad)
+    with pytest.raises(ValueError, match="sample_weight"):
+        xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=weights)
+
+    def loss(p, w):
+        return xj.mean_cross_entropy(mlp, p, inputs, labels, sample_weight=w)
+
+    results = jax.jit(
+        lambda w: (
+            loss(params, w),
+            jax.grad(loss)(params, w),
+            xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=w),
+            xj.hessian_vp(mlp, params, inputs, labels, tangents, sample_weight=w),
+            xj.ggn_diagonal(mlp, params, inputs, sample_weight=w),
+        )
+    )(weights)
+    for leaf in jax.tree.leaves(results):
+        assert np.all(np.isnan(leaf))
+
+
 def test_masked_class_with_minus_inf_logit_has_no_curvature():
     params, inputs, _ = make_problem(linear)
     tangents = random_tangents(params)

@@ -411,10 +411,15 @@ def cg(
 
     Args:
         operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (e.g.
-          :func:`xentropy_jax.ggn_operator`).
+          :func:`xentropy_jax.ggn_operator`). An operator that is not a pytree of arrays is
+          taken to be pure, as ``jax.jit`` takes the function it compiles: from its second
+          eager call on it runs compiled, so what it reads besides its argument (an
+          attribute that changes, a global) is frozen at that call. Pass arrays that change
+          inside the operator, as ``jax.tree_util.Partial(matvec, arrays)``.
         rhs: b, a pytree of floating arrays.
         x0: optional starting point (a warm start), a pytree like ``rhs``; costs one product.
-        preconditioner: optional ``r ↦ M⁻¹ r``, M symmetric positive definite.
+        preconditioner: optional ``r ↦ M⁻¹ r``, M symmetric positive definite (pure, as
+          ``operator``).
         rtol: relative tolerance on ‖r‖₂ / ‖b‖₂ (may be traced).
         atol: absolute tolerance on ‖r‖₂ (may be traced).
         max_steps: iteration limit (may be traced); by default the number of unknowns.
@@ -482,7 +487,8 @@ def steihaug_cg(
     only M⁻¹ is ever applied. Cost per iteration as :func:`cg`.
 
     Args:
-        operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (may be indefinite).
+        operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (may be indefinite);
+          pure, as :func:`cg`'s (from its second eager call on it runs compiled).
         rhs: b, a pytree of floating arrays (−gradient for a Newton step).
         radius: trust-region radius Δ > 0 (may be traced).
         preconditioner: optional ``r ↦ M⁻¹ r``, M symmetric positive definite; it also sets

@@ -104,6 +104,9 @@ def example_coefficients(
     """cᵢ = wᵢ mᵢ / Σⱼ wⱼ (mᵢ / N without weights), all zero when Σ w = 0. Shape [N].
 
     In at least float32: in float16, N or Σ w above 65,504 is inf and every cᵢ came out 0.
+    Weights checked nowhere else (inside ``jit``) with a NaN or a negative entry give NaN for
+    every cᵢ, so that the loss and its curvature come out NaN. A NaN weight used to count as
+    Σ w = 0 and gave a loss, gradient and products of exactly 0.
     """
     dtype = jnp.promote_types(dtype, jnp.float32)
     mass = _per_example(label_mass, n, "label_mass").astype(dtype)
@@ -112,7 +115,9 @@ def example_coefficients(
     weight = _per_example(sample_weight, n, "sample_weight").astype(dtype)
     total = jnp.sum(weight)
     # An all-zero weight vector is the empty mean, taken as the zero objective: no 0/0.
-    return jnp.where(total > 0, weight * mass / jnp.where(total > 0, total, 1), 0)
+    coefficients = jnp.where(total == 0, 0, weight * mass / jnp.where(total == 0, 1, total))
+    invalid = jnp.isnan(total) | jnp.any(weight < 0)
+    return jnp.where(invalid, jnp.nan, coefficients)
 
 
 def _apply_ggn(
@@ -163,7 +168,10 @@ def ggn_operator(
 
     Args:
         logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits. Classes can be masked with
-          ``-inf`` logits.
+          ``-inf`` logits. It is taken to be pure, as ``jax.jit`` takes the function it
+          compiles: from the second eager call with the same function on, the linearisation
+          runs compiled, so what it reads besides ``params`` and ``inputs`` (a global such as
+          a temperature) is frozen at that call. Pass what changes through ``inputs``.
         params: pytree of floating arrays θ (P numbers in all).
         inputs: anything ``logits_fn`` takes as its second argument (passed through unchanged).
         sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
