@@ -327,10 +327,22 @@ def test_bad_input_is_rejected_at_the_boundary():
     operator = lambda v: v  # noqa: E731
     with pytest.raises(TypeError, match="floating"):
         xj.cg(operator, jnp.arange(3))
-    with pytest.raises(ValueError, match="max_steps"):
-        xj.cg(operator, jnp.ones(3), max_steps=-1)
+    for max_steps in (-1, np.inf, np.nan, 2.5):  # inf and NaN failed converting to int
+        with pytest.raises(ValueError, match="max_steps must be a non-negative integer"):
+            xj.cg(operator, jnp.ones(3), max_steps=max_steps)
     with pytest.raises(ValueError, match="rtol"):
         xj.cg(operator, jnp.ones(3), rtol=-1.0)
+    # Shapes, which failed deep inside the loop.
+    with pytest.raises(ValueError, match=r"rtol must be a scalar, got shape \(2,\)"):
+        xj.cg(operator, jnp.ones(3), rtol=jnp.full(2, 1e-5))
+    with pytest.raises(ValueError, match=r"atol must be a scalar"):
+        xj.cg(operator, jnp.ones(3), atol=np.zeros(3))
+    with pytest.raises(ValueError, match="entry_tol must broadcast against rhs"):
+        xj.cg(operator, jnp.ones(3), entry_tol=jnp.ones(4))
+    with pytest.raises(ValueError, match="entry_tol must broadcast against rhs"):
+        xj.cg(operator, {"a": jnp.ones(3)}, entry_tol={"b": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"radius must be a scalar"):
+        xj.steihaug_cg(operator, jnp.ones(3), radius=jnp.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="x0"):
         xj.cg(operator, {"a": jnp.ones(3)}, x0=jnp.ones(3))
     with pytest.raises(ValueError, match="radius"):

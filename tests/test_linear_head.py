@@ -766,8 +766,9 @@ def test_errors():
         fn(hidden, weight, labels, reduction="max")
     with pytest.raises(ValueError, match="label_smoothing"):
         fn(hidden, weight, labels, label_smoothing=1.5)
-    with pytest.raises(ValueError, match="z_loss"):
-        fn(hidden, weight, labels, z_loss=-1.0)
+    for z_loss in (-1.0, float("nan"), float("inf")):  # NaN passed and gave NaN losses
+        with pytest.raises(ValueError, match="z_loss must be finite and non-negative"):
+            fn(hidden, weight, labels, z_loss=z_loss)
     with pytest.raises(ValueError, match="vocab_chunk_size"):
         fn(hidden, weight, labels, vocab_chunk_size=0)
     with pytest.raises(ValueError, match="bias"):

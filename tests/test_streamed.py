@@ -101,6 +101,14 @@ def test_streamed_input_errors_name_the_rows(files):
         xj.fit_logistic_regression_streamed(X, y + 1, K, chunk_rows=1024)
     with pytest.raises(ValueError, match="chunk_rows"):
         xj.fit_logistic_regression_streamed(X, y, K, chunk_rows=0)
+    # As the in-memory fit: these were accepted (tol < 0 converged, NaN ran to a failure).
+    for tol in (-1.0, np.nan):
+        with pytest.raises(ValueError, match="tol must be a non-negative scalar"):
+            xj.fit_logistic_regression_streamed(X, y, K, tol=tol)
+    with pytest.raises(ValueError, match="max_iter must be a non-negative integer"):
+        xj.fit_logistic_regression_streamed(X, y, K, max_iter=-1)
+    with pytest.raises(ValueError, match="X has no rows"):  # was a ZeroDivisionError
+        xj.fit_logistic_regression_streamed(X[:0], y[:0], K)
 
 
 def _ragged_chunks(X, y, weights, sizes):
@@ -165,7 +173,8 @@ def test_chunk_errors_name_the_rows_and_changed_chunks_are_caught(files):
         yield X[:size], y[:size]
         yield X[size:], y[size:]
 
-    with pytest.raises(Exception, match="every pass must give the same chunks"):
+    # The ValueError itself, not XLA's JaxRuntimeError around the callback that raised it.
+    with pytest.raises(ValueError, match="every pass must give the same chunks"):
         xj.fit_logistic_regression_streamed(shrinking, num_classes=K, l2=1e-2)
 
 

@@ -113,6 +113,18 @@ def _check_inputs(
         except AssertionError as error:
             detail = str(error).split("failed:", 1)[-1].strip()
             raise ValueError(f"x0 must match rhs leaf by leaf: {detail}") from None
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+    if entry_tol is not None:
+        try:  # leaf by leaf, each broadcasting against rhs's
+            jax.tree.map(
+                lambda b, t: jnp.broadcast_shapes(jnp.shape(b), jnp.shape(t)), rhs, entry_tol
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"entry_tol must broadcast against rhs leaf by leaf: {error}"
+            ) from None
     entry_tols = [("entry_tol", leaf) for leaf in jax.tree.leaves(entry_tol)]
     for name, value in [("rtol", rtol), ("atol", atol), *entry_tols]:
         if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) >= 0):
@@ -121,7 +133,10 @@ def _check_inputs(
     if max_steps is None:
         return size
     if not isinstance(max_steps, jax.core.Tracer) and not (
-        np.ndim(max_steps) == 0 and int(max_steps) == max_steps and max_steps >= 0
+        np.ndim(max_steps) == 0
+        and np.isfinite(max_steps)
+        and int(max_steps) == max_steps
+        and max_steps >= 0
     ):
         raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}.")
     return max_steps
@@ -519,6 +534,8 @@ def steihaug_cg(
         >>> round(float(jnp.linalg.norm(result.solution)), 4)
         3.0
     """
+    if np.ndim(radius) != 0:
+        raise ValueError(f"radius must be a scalar, got shape {np.shape(radius)}.")
     if not isinstance(radius, jax.core.Tracer) and not np.all(np.asarray(radius) > 0):
         raise ValueError(f"radius must be a positive number, got {radius!r}.")
     return _run(operator, rhs, None, radius, preconditioner, rtol, atol, max_steps, entry_tol)

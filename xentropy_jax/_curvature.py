@@ -177,7 +177,7 @@ def ggn_operator(
         sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
           them the objective is the plain mean. If Σ w = 0 the objective is 0 and so is G.
         label_mass: mᵢ = Σₖ yᵢₖ, a scalar or [N]; 1 for one-hot or integer labels.
-        damping: λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping).
+        damping: finite λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping).
 
     Returns:
         A function ``tangents -> (G + λI) tangents`` mapping a pytree shaped as ``params`` to one of
@@ -211,8 +211,8 @@ def ggn_operator(
     coefficients = example_coefficients(shape.shape[0], shape.dtype, sample_weight, label_mass)
     if np.ndim(damping) != 0:
         raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}.")
-    if _is_concrete(damping) and not np.all(np.asarray(damping) >= 0):
-        raise ValueError(f"damping must be a non-negative number, got {damping}.")
+    if _is_concrete(damping) and not 0 <= float(damping) < float("inf"):
+        raise ValueError(f"damping must be a finite non-negative number, got {damping}.")
     linearize = _compiled_linearization if _compiles(logits_fn, params, inputs) else _linearization
     model_jvp, model_vjp, probs = linearize(logits_fn, params, inputs)
     coefficients = coefficients.astype(probs.dtype)
@@ -274,7 +274,7 @@ def ggn_vp(
         tangents: pytree v with the structure, shapes and dtypes of ``params``.
         sample_weight: optional non-negative [N] example weights (plain mean without them).
         label_mass: mᵢ, a scalar or [N]; 1 for one-hot or integer labels.
-        damping: λ ≥ 0 added as λ·v.
+        damping: finite λ ≥ 0 added as λ·v.
 
     Returns:
         (G + λI) v, a pytree like ``params``.

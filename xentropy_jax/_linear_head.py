@@ -778,8 +778,8 @@ def _prepare(
             raise TypeError(f"{name} must be a Python float, got {type(value).__name__}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
+    if not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be finite and non-negative, got {z_loss}.")
     _check_chunk(row_chunk_size, "row_chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
     if _is_concrete(labels) and _is_concrete(mask):
@@ -868,7 +868,7 @@ def linear_softmax_cross_entropy(
         where: optional boolean mask of the batch shape: a ``False`` token contributes exactly
             0 (its label is not checked).
         label_smoothing: ``α`` in ``[0, 1]`` (a Python float).
-        z_loss: ``ζ ≥ 0``, weight of the ``lse²`` regulariser (a Python float).
+        z_loss: finite ``ζ ≥ 0``, weight of the ``lse²`` regulariser (a Python float).
         reduction: ``"none"`` (per-token ``[...]``), ``"sum"``, or ``"mean"`` (over the tokens
             that ``where`` includes; 0 when there are none).
         row_chunk_size: rows per block; default fills ``2^25`` logits per block.
@@ -884,7 +884,7 @@ def linear_softmax_cross_entropy(
             non-boolean ``where``, or non-float ``label_smoothing``/``z_loss``.
         ValueError: for mismatched shapes, labels outside ``[0, V)`` on included tokens (when
             concrete; under ``jit`` such a token's loss is NaN), ``α`` outside ``[0, 1]``,
-            ``ζ < 0``, a bad ``reduction`` or chunk size.
+            ``ζ`` negative, NaN or infinite, a bad ``reduction`` or chunk size.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -992,7 +992,7 @@ def linear_softmax_cross_entropy_ggn_vp(
         bias: optional ``[V]`` bias; ``-inf`` entries mask classes.
         where: optional boolean token mask of the batch shape.
         label_smoothing: ``α`` (enters the loss value only).
-        z_loss: ``ζ ≥ 0``.
+        z_loss: finite ``ζ ≥ 0``.
         reduction: ``"sum"`` or ``"mean"``.
         row_chunk_size: rows per block (see :func:`linear_softmax_cross_entropy`).
         vocab_chunk_size: classes per block.

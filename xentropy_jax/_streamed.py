@@ -126,6 +126,7 @@ class _ChunkSource:
 
     def __init__(self) -> None:
         self.reads = 0
+        self.failure: Exception | None = None  # what a read raised, for the fit to re-raise
         self._lock = threading.Lock()
 
     @property
@@ -153,10 +154,18 @@ class _ChunkSource:
         raise NotImplementedError
 
     def read(self, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`rows` for the host callback, counting the read."""
+        """`rows` for the host callback, counting the read.
+
+        An error is kept in `failure`: in the callback XLA wraps it in a `JaxRuntimeError`, and
+        the fit raises the original (a `ValueError` for chunks that changed) instead.
+        """
         with self._lock:
             self.reads += 1
-        return self.rows(int(index))
+        try:
+            return self.rows(int(index))
+        except Exception as error:
+            self.failure = error
+            raise
 
     @property
     def layout(self) -> ChunkLayout:

@@ -53,6 +53,17 @@ def _resolve_solver(solver: str | Solver) -> Solver:
     )
 
 
+def check_tol_and_max_iter(tol, max_iter) -> None:
+    """Raise ValueError for a bad ``tol`` or ``max_iter``.
+
+    A concrete ``tol`` must be a scalar >= 0 (NaN is not), ``max_iter`` an integer >= 0.
+    """
+    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
+        raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
+
+
 def _validate(
     X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
 ) -> bool:
@@ -63,10 +74,7 @@ def _validate(
     """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
-    if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
-        raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
+    check_tol_and_max_iter(tol, max_iter)
     if np.ndim(X) != 2:
         raise ValueError(f"X must be 2-D [n_samples, n_features], got shape {np.shape(X)}")
     num_rows, num_features = np.shape(X)

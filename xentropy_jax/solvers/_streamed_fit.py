@@ -25,7 +25,13 @@ from .._streamed import (
 )
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
 from ._convergence import max_abs
-from ._fit import _FLOOR_FACTOR, _resolve_solver, symmetric_params, warn_collinear_columns
+from ._fit import (
+    _FLOOR_FACTOR,
+    _resolve_solver,
+    check_tol_and_max_iter,
+    symmetric_params,
+    warn_collinear_columns,
+)
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
 
@@ -244,6 +250,7 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
+    check_tol_and_max_iter(tol, max_iter)
     l2, tol = python_float(l2), python_float(tol)
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
@@ -260,6 +267,8 @@ def fit_logistic_regression_streamed(
                 "X must be 2-D [N, d] and labels [N], or X a source of chunks (a function "
                 "returning an iterator of (X_c, labels_c) tuples, or a list of them)"
             )
+        if X.shape[0] == 0:
+            raise ValueError("X has no rows")
         if sample_weight is not None and len(sample_weight) != X.shape[0]:
             raise ValueError("sample_weight must have one value per row of X")
         dtype = np.float64 if x64 and np.dtype(X.dtype) == np.float64 else np.float32
@@ -293,8 +302,10 @@ def fit_logistic_regression_streamed(
             # run any number of times later, so its source stays held.
             return result
         jax.block_until_ready(result)  # the reads are over
-    except BaseException:
+    except BaseException as error:
         release(token)
+        if source.failure is not None and source.failure is not error:
+            raise source.failure from error  # a chunk's own error, not XLA's wrapper of it
         raise
     release(token)
     status = int(result.status)
