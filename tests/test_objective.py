@@ -162,6 +162,9 @@ def test_preconditioner_auto_and_missing_capabilities(poisson):
         pass
 
     assert _preconditioners.resolve("auto", Bare()) == "none"
+    # Newton needs the explicit Hessian: named, not an AttributeError from inside the loop.
+    with pytest.raises(ValueError, match=r"Newton needs the objective's explicit Hessian"):
+        xj.Newton().minimize(Bare(), jnp.zeros(6), tol=1e-8, max_iter=5)
 
 
 @pytest.fixture(scope="module")

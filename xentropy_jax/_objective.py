@@ -20,8 +20,9 @@ unpenalised logistic regression, logits that separate the data), or ``False``.
 Optional capabilities, used when a solver or preconditioner asks for them:
 
 * ``hessian(evaluation)``: the explicit [P, P] Hessian (the `Newton` solver), and
-  ``hessian_null_space()``: a [P, P] projector onto directions along which f is exactly flat
-  (or None), which `Newton` adds to H before factorising;
+  ``hessian_null_space(matrix)``: a [P, P] positive semi-definite matrix on the directions
+  along which f is exactly flat, scaled like the Hessian ``matrix`` (or None), which `Newton`
+  adds to H before factorising;
 * ``hessian_diagonal(evaluation)``: diag(H) [P] (the "diagonal" preconditioner);
 * ``remove_class_shift(vector)``: the orthogonal projection onto a subspace that holds the
   gradient, every H·v and a minimiser (for logistic regression: W and b centred over the

@@ -117,7 +117,17 @@ class Newton:
 
         Returns:
             A `SolverOutput` (theta, evaluation, n_iter, status, n_hessian_products).
+
+        Raises:
+            ValueError: an objective without `hessian` (use `NewtonCG` or `TrustRegion`,
+                which need only Hessian products).
         """
+        if not hasattr(objective, "hessian"):
+            raise ValueError(
+                f"Newton needs the objective's explicit Hessian, hessian(evaluation) -> [P, P]; "
+                f"{type(objective).__name__} has none: add it, or use NewtonCG or TrustRegion, "
+                "which need only hessian_product."
+            )
         progress = Progress("step {step:.3g}  decrement {decrement:.3e}") if verbose else None
         return run(
             objective,
