@@ -159,6 +159,33 @@ def test_check_grads_forward_and_reverse(data):
     )
 
 
+@pytest.mark.parametrize("solver", ["newton", "newton-cg", "trust-region"])
+def test_second_derivatives_in_l2(data, solver):
+    # jax.hessian (forward over reverse, the tangents batched by jacfwd's vmap) recursed
+    # without end in the factorisations' vmap rule; jvp of grad did not.
+    features, labels, sample_weight = data
+
+    def loss(l2):
+        fit = fit_logistic_regression(
+            features,
+            labels,
+            NUM_CLASSES,
+            sample_weight=sample_weight,
+            l2=l2,
+            tol=TOL,
+            solver=solver,
+        )
+        return fit.loss
+
+    gradient = jax.grad(loss)
+    l2, step = 0.1, 1e-4
+    differences = (gradient(l2 + step) - gradient(l2 - step)) / (2 * step)
+    forward = jax.jvp(gradient, (l2,), (1.0,))[1]
+    np.testing.assert_allclose(jax.hessian(loss)(l2), differences, rtol=1e-6)
+    np.testing.assert_allclose(jax.hessian(loss)(l2), forward, rtol=1e-12)
+    np.testing.assert_allclose(jax.jacfwd(jax.jacfwd(loss))(l2), forward, rtol=1e-12)
+
+
 def test_repeat_derivatives_do_not_retrace(data):
     function = functools.partial(outputs, features=data[0], labels=data[1], sample_weight=data[2])
     gradient = jax.grad(lambda u: jnp.sum(function(u)))

@@ -35,6 +35,11 @@ def _unbatched_on_cpu(function: Callable) -> Callable:
 
     @call.def_vmap
     def rule(axis_size, in_batched, *args):
+        if not any(in_batched):
+            # Forward mode batches the tangents alone (jax.jacfwd, jax.hessian): the rule is
+            # asked for the unbatched primal. Calling `call` again here recursed without end.
+            out = function(*args)
+            return out, jax.tree.map(lambda _: False, out)
         args = tuple(
             arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
             for arg, batched in zip(args, in_batched, strict=True)
