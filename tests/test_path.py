@@ -112,6 +112,25 @@ def test_bad_path_arguments(problem):
     assert np.all(np.asarray(traced.n_iter) == 0)
 
 
+def test_the_path_refuses_to_be_differentiated(problem):
+    # Forward mode through the warm-started fits crashed inside JAX or, in float32, gave NaN
+    # tangents; reverse mode failed inside JAX. Every mode now gets one clear error.
+    X, y = problem
+
+    def first_weights(scale, l2_values=L2_VALUES):
+        path = xj.fit_regularization_path(X * scale, y, NUM_CLASSES, l2_values, throw=False)
+        return path.params[0][0, 0, 0]
+
+    for derivative in (
+        jax.grad(first_weights),
+        jax.jacfwd(first_weights),
+        lambda s: jax.jvp(first_weights, (s,), (1.0,)),
+        lambda s: jax.grad(lambda l2: first_weights(s, l2 * L2_VALUES))(1.0),
+    ):
+        with pytest.raises(TypeError, match="fit_regularization_path is not differentiable"):
+            derivative(1.0)
+
+
 def test_extrapolations_are_lagrange_and_fall_back_to_the_last_point():
     nodes = np.log(np.array([1.0, 0.3, 0.1]))
     node = np.log(0.03)

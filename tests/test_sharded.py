@@ -64,6 +64,16 @@ SCRIPT = textwrap.dedent(
                 bool(many.converged),
             ]
     out["fits"] = fits
+    # The path on an Explicit mesh: its arrays too are moved to Auto axes (it raised a
+    # ShardingTypeError from inside JAX).
+    Xs, ys, ws = sharded(8, AxisType.Explicit)
+    grid = [1e-2, 1e-3]
+    path_one = xj.fit_regularization_path(X, y, K, grid, sample_weight=w, tol=1e-12)
+    path_many = xj.fit_regularization_path(Xs, ys, K, grid, sample_weight=ws, tol=1e-12)
+    out["path"] = [
+        relative(path_many.params[0], path_one.params[0]),
+        bool(path_many.converged.all()),
+    ]
 
     # One Hessian product on 8 devices: the collectives XLA compiled into it.
     Xs, ys, ws = sharded(8)
@@ -129,6 +139,12 @@ def test_sharded_fits_equal_the_one_device_fit(report):
         assert converged, name
         assert coef <= 1e-10 and intercept <= 1e-10, (name, coef, intercept)
         assert n_iter == n_iter_one, name
+
+
+@pytest.mark.subprocess
+def test_sharded_path_on_an_explicit_mesh_equals_the_one_device_path(report):
+    relative, converged = report["path"]
+    assert converged and relative <= 1e-10, report["path"]
 
 
 @pytest.mark.subprocess

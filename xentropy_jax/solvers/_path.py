@@ -32,6 +32,7 @@ from ._fit import (
     wants_transposed_copy,
 )
 from ._result import FitError, FitResult, Status
+from ._sharding import with_auto_axes
 
 # The arguments of `_path` that are compile-time constants: one program per combination.
 PATH_STATIC_ARGNAMES = (
@@ -140,6 +141,25 @@ def extrapolations(
     return linear, quadratic
 
 
+@jax.custom_jvp
+def _not_differentiable(arrays):
+    """The identity, whose derivative raises: the path's warm-started fits have no rule.
+
+    Differentiating the scan of solver iterations crashed in forward mode (a recursion, or a
+    shape error inside JAX) or gave NaN tangents in float32; reverse mode failed inside JAX.
+    """
+    return arrays
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(primals, tangents):
+    raise TypeError(
+        "fit_regularization_path is not differentiable (its warm-started fits are not): "
+        "differentiate fit_logistic_regression, jax.vmap-ped over the l2 values, whose "
+        "implicit derivatives hold at every value."
+    )
+
+
 def fit_regularization_path(
     X: ArrayLike,
     labels: ArrayLike,
@@ -191,7 +211,9 @@ def fit_regularization_path(
     Raises:
         ValueError: as `fit_logistic_regression`, and for `l2_values` that are not a non-empty
             1-D array of finite values >= 0.
-        TypeError: non-integer labels.
+        TypeError: non-integer labels; differentiation (`jax.grad`, `jax.jvp`, ...) with
+            respect to X, the weights, `l2_values` or `init`: the path has no derivatives, the
+            vmapped `fit_logistic_regression` has.
         FitError: `throw=True` and a fit of the path stopped without converging.
 
     Example:
@@ -214,12 +236,16 @@ def fit_regularization_path(
             f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
         )
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
-    features = as_features(X)
+    features = with_auto_axes(as_features(X))
+    weights = None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight))
+    features, weights, l2_values, init = _not_differentiable(
+        (features, weights, jnp.asarray(l2_values), init)
+    )
     results = _path(
         features,
-        jnp.asarray(labels),
-        None if sample_weight is None else jnp.asarray(sample_weight),
-        jnp.asarray(l2_values),
+        with_auto_axes(jnp.asarray(labels)),
+        weights,
+        l2_values,
         init,
         tol,
         max_iter,
