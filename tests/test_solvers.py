@@ -730,6 +730,8 @@ def test_collinear_issue_reproduction_with_the_estimator():
 
 # --- Bad input under jit: a status that names the cause --------------------------------------
 
+INVALID = Status.INVALID_LABELS
+
 
 @pytest.mark.parametrize(
     "change, status",
@@ -739,6 +741,9 @@ def test_collinear_issue_reproduction_with_the_estimator():
         (dict(l2=-0.1), Status.INVALID_L2),
         (dict(labels=np.where(np.arange(40) == 5, -1, np.arange(40) % 3)), Status.INVALID_LABELS),
         (dict(labels=np.where(np.arange(40) == 5, 3, np.arange(40) % 3)), Status.INVALID_LABELS),
+        # int64 labels beyond int32 wrapped into range when cast (2**32 + 1 became class 1).
+        (dict(labels=np.where(np.arange(40) == 5, 2**32 + 1, np.arange(40) % 3)), INVALID),
+        (dict(labels=np.where(np.arange(40) == 5, 1 - 2**32, np.arange(40) % 3)), INVALID),
         (dict(sample_weight=np.zeros(40)), Status.ZERO_WEIGHT),
         (dict(sample_weight=np.full(40, 1e-320)), Status.ZERO_WEIGHT),
         (dict(tol=-1.0), Status.INVALID_TOL),
@@ -766,6 +771,16 @@ def test_bad_input_under_jit_reports_its_cause(change, status):
     assert Status(int(result.status)) == status
     assert int(result.n_iter) == 0 and not bool(result.converged)
     assert Status.message(status) != Status.message(Status.LINE_SEARCH_FAILED)
+
+
+def test_float_labels_raise_under_jit_too():
+    # Inside jit float labels were cast to int32: NaN and −0.5 became class 0, 2.5 class 2.
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(40, 3)), (np.arange(40) % 3).astype(np.float32)
+    labels[5] = np.nan
+    fit = jax.jit(lambda y: fit_logistic_regression(features, y, 3, l2=0.1, throw=False))
+    with pytest.raises(TypeError, match="labels must be integers, got dtype float32"):
+        fit(labels)
 
 
 def test_subnormal_weights_raise_outside_jit():

@@ -616,7 +616,13 @@ def logistic_objective(
     elif jnp.finfo(features.dtype).bits < 32:
         features = features.astype(jnp.float32)
     dtype = features.dtype
-    labels = jnp.asarray(labels).astype(jnp.int32)
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer) and jnp.iinfo(labels.dtype).bits > 32:
+        # Beyond int32 a label would wrap into range (2**32 + 1 to 1) and escape the check of
+        # `_input_status` inside `jit`: make it −1, which the check reports.
+        limit = jnp.iinfo(jnp.int32).max
+        labels = jnp.where((labels < 0) | (labels > limit), -1, labels)
+    labels = labels.astype(jnp.int32)
     if sample_weight is None:
         weights = jnp.full(labels.shape, 1.0 / max(labels.shape[0], 1), dtype)
     else:

@@ -117,12 +117,14 @@ def _validate(
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
             raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
+    # The dtype is known even inside `jit`: float labels were cast there, a NaN label to class 0.
+    label_dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    if not np.issubdtype(label_dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {label_dtype}")
     # Labels and weights spread over several processes are not fetched: the same checks run
     # inside the compiled fit and report through `status` (`_input_status`).
     if _is_concrete(labels) and _addressable(labels):
         label_values = np.asarray(labels)
-        if not np.issubdtype(label_values.dtype, np.integer):
-            raise TypeError(f"labels must be integers, got dtype {label_values.dtype}")
         if label_values.min() < 0 or label_values.max() >= num_classes:
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got values in "
