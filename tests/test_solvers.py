@@ -1,6 +1,8 @@
 """The three solvers against scikit-learn and statsmodels, and their statuses, jit and vmap."""
 
+import copy
 import functools
+import pickle
 import warnings
 
 import chex
@@ -169,6 +171,11 @@ def test_separable_data_without_penalty_reports_divergence(solver):
             features, labels, 2, sample_weight=np.ones(60), reference_class=True, solver=solver
         )
     assert info.value.result.status == Status.DIVERGED
+    # It survives pickling (a worker process sends it to its parent) and copying, whole: it
+    # was rebuilt from its message, which failed.
+    for again in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value)):
+        assert type(again) is FitError and str(again) == str(info.value)
+        assert int(again.result.status) == Status.DIVERGED
     # The same data with a penalty have a unique optimum.
     penalised = fit_logistic_regression(
         features,
@@ -495,6 +502,9 @@ def test_no_intercept(multiclass):
         (dict(init=(np.zeros((3, 3)), np.zeros(3))), ValueError, "init"),
         (dict(X=np.zeros((4, 0))), ValueError, "no feature columns"),
         (dict(l2=np.array([0.1, 0.2])), ValueError, "l2 must be a scalar"),
+        (dict(max_iter=-1), ValueError, "max_iter must be an integer in"),
+        (dict(max_iter=2**31), ValueError, "max_iter must be an integer in"),
+        (dict(tol=np.nan), ValueError, "tol must be a non-negative scalar"),
     ],
 )
 def test_bad_input_is_rejected_before_compiling(kwargs, error, match):
@@ -511,6 +521,11 @@ def test_bad_input_is_rejected_before_compiling(kwargs, error, match):
 def test_solver_configurations_are_validated_and_hashable():
     with pytest.raises(ValueError, match="max_cg_iter"):
         NewtonCG(max_cg_iter=0)
+    # On construction, as the docstring says (2.5 failed only inside the fit; NaN passed).
+    with pytest.raises(ValueError, match="max_cg_iter must be an integer"):
+        NewtonCG(max_cg_iter=2.5)
+    with pytest.raises(ValueError, match="forcing_exponent must be finite"):
+        TrustRegion(forcing_exponent=float("nan"))
     with pytest.raises(ValueError, match="preconditioner_mix"):
         TrustRegion(preconditioner_mix=0.0)
     with pytest.raises(ValueError, match="sufficient_decrease"):

@@ -56,10 +56,11 @@ def _resolve_solver(solver: str | Solver) -> Solver:
 def check_tol_and_max_iter(tol, max_iter) -> None:
     """Raise ValueError for a bad ``tol`` or ``max_iter``.
 
-    A concrete ``tol`` must be a scalar >= 0 (NaN is not), ``max_iter`` an integer >= 0.
+    A concrete ``tol`` must be a scalar >= 0 (NaN is not), ``max_iter`` an int32 >= 0.
     """
-    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if not isinstance(max_iter, numbers.Integral) or not 0 <= max_iter <= 2**31 - 1:
+        # Beyond int32, JAX's own OverflowError named an argument path.
+        raise ValueError(f"max_iter must be an integer in [0, 2**31 - 1], got {max_iter!r}")
     if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
         raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
 

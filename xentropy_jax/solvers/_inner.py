@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -51,12 +54,12 @@ def check_cg_options(
         raise ValueError(
             f"preconditioner must be one of {_preconditioners.KINDS}, got {preconditioner!r}"
         )
-    if max_cg_iter < 1:
-        raise ValueError(f"max_cg_iter must be >= 1, got {max_cg_iter}")
+    if not (isinstance(max_cg_iter, numbers.Integral) and max_cg_iter >= 1):
+        raise ValueError(f"max_cg_iter must be an integer >= 1, got {max_cg_iter!r}")
     if not 0 < forcing_cap < 1:
         raise ValueError(f"forcing_cap must be in (0, 1), got {forcing_cap}")
-    if forcing_exponent < 0:
-        raise ValueError(f"forcing_exponent must be >= 0, got {forcing_exponent}")
+    if not 0 <= forcing_exponent < math.inf:  # NaN too
+        raise ValueError(f"forcing_exponent must be finite and >= 0, got {forcing_exponent}")
 
 
 def max_cg_steps(max_cg_iter: int, num_params: int) -> int:

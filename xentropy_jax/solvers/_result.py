@@ -184,3 +184,8 @@ class FitError(RuntimeError):
             f"{code.name} after {int(result.n_iter)} iterations "
             f"(max|gradient| = {float(result.grad_norm):.3e}). {Status.message(code)}"
         )
+
+    def __reduce__(self):
+        # Rebuilt from the result, not from the message (BaseException's default), so that it
+        # crosses process boundaries (joblib, multiprocessing) and `copy` keeps it whole.
+        return type(self), (self.result,)
