@@ -788,6 +788,27 @@ def test_bad_input_under_jit_reports_its_cause(change, status):
     assert Status.message(status) != Status.message(Status.LINE_SEARCH_FAILED)
 
 
+def test_a_class_without_samples_under_jit_is_fitted_towards_probability_zero():
+    # Eagerly refused; under jit (cross-validation folds that miss a rare class) the fit runs
+    # and converges at its tolerance, the empty class's intercept falling as tol falls.
+    rng = np.random.default_rng(7)
+    features, labels = rng.normal(size=(100, 3)), rng.integers(0, 3, 100)
+    with pytest.raises(ValueError, match="no samples"):
+        fit_logistic_regression(features, labels, 4, l2=1e-2)
+    fit = jax.jit(lambda y, tol: fit_logistic_regression(features, y, 4, l2=1e-2, tol=tol))
+    loose, tight = fit(labels, 1e-6), fit(labels, 1e-12)
+    assert int(loose.status) == int(tight.status) == Status.CONVERGED
+    assert float(tight.params[1][3]) < float(loose.params[1][3]) < -5
+    three = fit_logistic_regression(features, labels, 3, l2=1e-2, tol=1e-12)
+
+    def probabilities(result):
+        weights, intercept = result.params
+        return jax.nn.softmax(features @ weights + intercept[None, :])
+
+    np.testing.assert_allclose(probabilities(tight)[:, :3], probabilities(three), atol=1e-7)
+    assert float(jnp.max(probabilities(tight)[:, 3])) < 1e-7
+
+
 def test_float_labels_raise_under_jit_too():
     # Inside jit float labels were cast to int32: NaN and −0.5 became class 0, 2.5 class 2.
     rng = np.random.default_rng(5)

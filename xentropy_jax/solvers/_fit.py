@@ -508,13 +508,18 @@ def fit_logistic_regression(
             `solver="newton"` whose explicit Hessian exceeds the device's memory (checked before
             any compilation, where the inputs are concrete). Under `jit` the same problems are
             reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2,
-            INVALID_TOL).
+            INVALID_TOL), except a class with no samples: there the fit runs, that class's
+            intercept falls until its gradient entry (the class's fitted probability mass) is
+            below `tol`, and the status is CONVERGED with a finite intercept that depends on
+            `tol` (about −10 at 1e-6, −20 at 1e-12), the class predicted with probability ~0.
+            This is what cross-validation folds that miss a rare class need, as in
+            scikit-learn.
+        TypeError: non-integer labels (also under `jit`: the dtype is known).
+        FitError: `throw=True` and the fit stopped without converging.
 
     Warns:
         CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
             the fit returns the minimum-norm optimum.
-        TypeError: non-integer labels.
-        FitError: `throw=True` and the fit stopped without converging.
 
     Example:
         At the optimum the gradient of f vanishes: the residuals softmax(XW + b) − onehot(y)
