@@ -355,6 +355,11 @@ def test_bad_input_is_rejected_at_the_boundary():
         assert int(result.num_steps) == 0
         assert not np.any(np.asarray(result.solution))
     assert int(traced(np.inf).status) == CGStatus.CONVERGED
+    # An exact solve is CONVERGED whatever the (traced, unchecked) tolerance: with a NaN one the
+    # zero residual's direction was 0, and pᵀAp = 0 ended it as NEGATIVE_CURVATURE.
+    exact = jax.jit(lambda rtol: xj.cg(lambda v: 2.0 * v, jnp.ones(3), rtol=rtol))(np.nan)
+    assert int(exact.status) == CGStatus.CONVERGED and int(exact.num_steps) == 1
+    np.testing.assert_array_equal(exact.solution, 0.5)
 
 
 class CGVariantsTest(chex.TestCase):

@@ -247,8 +247,12 @@ def _solve(
     verify: bool = False,
 ) -> CGResult:
     def small(residual: PyTree, residual_norm2: jax.Array) -> jax.Array:
-        """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``)."""
-        done = residual_norm2 <= tolerance**2
+        """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``).
+
+        An exact zero residual is solved whatever the tolerance: with a NaN one (traced, so not
+        checked), the next direction was 0 and pᵀAp = 0 ended the solve as NEGATIVE_CURVATURE.
+        """
+        done = (residual_norm2 <= tolerance**2) | (residual_norm2 == 0)
         if entry_tol is not None:
             within = jax.tree.map(lambda r, t: jnp.all(jnp.abs(r) <= t), residual, entry_tol)
             done = done | jnp.all(jnp.stack(jax.tree.leaves(within)))
