@@ -173,7 +173,8 @@ def ggn_operator(
           runs compiled, so what it reads besides ``params`` and ``inputs`` (a global such as
           a temperature) is frozen at that call. Pass what changes through ``inputs``.
         params: pytree of floating arrays θ (P numbers in all).
-        inputs: anything ``logits_fn`` takes as its second argument (passed through unchanged).
+        inputs: ``logits_fn``'s second argument, a pytree of arrays (passed through unchanged;
+          close over anything else, such as a string or a Python flag).
         sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
           them the objective is the plain mean. If Σ w = 0 the objective is 0 and so is G.
         label_mass: mᵢ = Σₖ yᵢₖ, a scalar or [N]; 1 for one-hot or integer labels.
