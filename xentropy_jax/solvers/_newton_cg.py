@@ -88,7 +88,7 @@ class NewtonCG:
         >>> xj.NewtonCG(max_cg_iter=0)
         Traceback (most recent call last):
         ...
-        ValueError: max_cg_iter must be >= 1, got 0
+        ValueError: max_cg_iter must be an integer >= 1, got 0
     """
 
     preconditioner: str = "auto"
