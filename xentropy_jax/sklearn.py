@@ -54,6 +54,7 @@ from .solvers import (
     fit_logistic_regression,
     fit_regularization_path,
 )
+from .solvers._fit import EMPTY_CLASSES
 from .solvers._sharding import row_mesh, shard_rows
 
 __all__ = ["LogisticRegression", "LogisticRegressionCV"]
@@ -436,13 +437,6 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 f"class {classes[np.argmax(class_mass)]!r} has any weight after applying "
                 "sample_weight and class_weight."
             )
-        if np.any(class_mass <= 0):
-            empty = classes[class_mass <= 0].tolist()
-            raise ValueError(
-                f"The classes {empty} have zero total weight after applying sample_weight and "
-                "class_weight: their logits would diverge. Drop those samples or give the "
-                "classes a positive weight."
-            )
 
         n_classes = classes.size
         binary = n_classes == 2
@@ -477,7 +471,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             X, labels, weights = _shard_rows(self.devices, X, labels, weights)
         _use_program((X.shape[0], *configuration))
         # Float64 input is fitted in float64, float32 in float32, whatever the global flag.
-        with jax.enable_x64(X.dtype == np.float64):
+        # A class that the weights empty (a bootstrap sample of BaggingClassifier, a zero
+        # class_weight) is fitted towards probability 0, silently, as scikit-learn does.
+        with jax.enable_x64(X.dtype == np.float64), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=EMPTY_CLASSES, category=UserWarning)
             result = fit_logistic_regression(
                 X,
                 labels,

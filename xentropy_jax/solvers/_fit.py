@@ -156,13 +156,30 @@ def _validate(
     if fit_intercept and weights_here:
         weight_values = np.ones(num_rows) if sample_weight is None else np.asarray(sample_weight)
         mass = np.bincount(np.asarray(labels), weights=weight_values, minlength=num_classes)
-        empty = np.flatnonzero(mass <= 0)
-        if empty.size:
-            raise ValueError(
-                f"classes {empty.tolist()} have no samples (zero total weight): their intercepts "
-                "have no finite optimum; drop those classes or lower num_classes"
-            )
+        warn_empty_classes(np.flatnonzero(mass <= 0), stacklevel=4)
     return weights_here and _is_concrete(l2) and _is_concrete(tol)
+
+
+# The start of the warning for classes without samples (the estimator filters it by this).
+EMPTY_CLASSES = "classes without samples"
+
+
+def warn_empty_classes(empty: np.ndarray, stacklevel: int) -> None:
+    """Warn that classes `empty` have no samples, when there are any (fitting an intercept).
+
+    Their intercepts have no finite optimum. The fit goes on, as it does under `jit` (and as a
+    cross-validation fold or a bootstrap sample that misses a rare class needs): each such
+    intercept falls until its gradient entry, the class's fitted probability mass, is within
+    `tol`, and the class is predicted with probability ~tol.
+    """
+    if empty.size:
+        warnings.warn(
+            f"{EMPTY_CLASSES} (zero total weight): {empty.tolist()}. Their intercepts have no "
+            "finite optimum: the fit lowers them until their probability is within tol. Drop "
+            "those classes or lower num_classes to leave them out.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _addressable(*values) -> bool:
@@ -504,22 +521,23 @@ def fit_logistic_regression(
     Raises:
         ValueError: bad shapes, NaN/inf in X or the weights, features whose squares overflow
             the working precision, labels out of range, negative, all-zero or subnormal weights,
-            a class with no samples while fitting an intercept, negative l2, an unknown solver,
-            `solver="newton"` whose explicit Hessian exceeds the device's memory (checked before
-            any compilation, where the inputs are concrete). Under `jit` the same problems are
-            reported by `status` (INVALID_LABELS, INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2,
-            INVALID_TOL), except a class with no samples: there the fit runs, that class's
-            intercept falls until its gradient entry (the class's fitted probability mass) is
-            below `tol`, and the status is CONVERGED with a finite intercept that depends on
-            `tol` (about −10 at 1e-6, −20 at 1e-12), the class predicted with probability ~0.
-            This is what cross-validation folds that miss a rare class need, as in
-            scikit-learn.
+            negative l2, an unknown solver, `solver="newton"` whose explicit Hessian exceeds
+            the device's memory (checked before any compilation, where the inputs are
+            concrete). Under `jit` the same problems are reported by `status` (INVALID_LABELS,
+            INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2, INVALID_TOL).
         TypeError: non-integer labels (also under `jit`: the dtype is known).
         FitError: `throw=True` and the fit stopped without converging.
 
     Warns:
         CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
             the fit returns the minimum-norm optimum.
+        UserWarning: classes without samples (zero total weight) while fitting an intercept.
+            Their intercepts have no finite optimum; the fit goes on (as it does silently
+            under `jit`): each falls until its gradient entry, the class's fitted probability
+            mass, is within `tol` (about −10 at 1e-6, −20 at 1e-12), and the status is
+            CONVERGED, the class predicted with probability ~tol. This is what a
+            cross-validation fold or a bootstrap sample that misses a rare class needs, as
+            in scikit-learn; it raised `ValueError` until it did.
 
     Example:
         At the optimum the gradient of f vanishes: the residuals softmax(XW + b) − onehot(y)

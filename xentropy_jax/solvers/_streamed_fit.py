@@ -31,6 +31,7 @@ from ._fit import (
     check_tol_and_max_iter,
     symmetric_params,
     warn_collinear_columns,
+    warn_empty_classes,
 )
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
@@ -79,11 +80,8 @@ def _scan(
             products = kept.T @ kept if products is None else products + kept.T @ kept
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
-    if fit_intercept and np.any(mass <= 0):
-        raise ValueError(
-            f"classes {np.flatnonzero(mass <= 0).tolist()} have no samples: their intercepts "
-            "have no finite optimum"
-        )
+    if fit_intercept:
+        warn_empty_classes(np.flatnonzero(mass <= 0), stacklevel=4)
     return total, scale / total, products
 
 
