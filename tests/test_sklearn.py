@@ -114,9 +114,9 @@ def test_class_weight_must_be_finite_and_non_negative(core_calls, bad):
         (dict(penalty="l3"), "penalty"),
         (dict(l1_ratio=2.0), "l1_ratio"),
         (dict(n_jobs="2"), "n_jobs"),
-        (dict(solver="lbfgs"), "solver"),
+        (dict(solver="liblinear"), "solver"),
         (dict(tol=-1e-3), "tol"),
-        (dict(max_iter=0), "max_iter"),
+        (dict(max_iter=-1), "max_iter"),
         (dict(class_weight="even"), "class_weight"),
         (dict(fit_intercept="yes"), "fit_intercept"),
         (dict(warm_start=None), "warm_start"),
@@ -275,6 +275,26 @@ def test_dataframe_feature_names(iris):
     np.testing.assert_array_equal(clf.feature_names_in_, ["a", "b", "c", "d"])
     with pytest.warns(UserWarning, match="feature names"):
         clf.predict(X)
+
+
+def test_scikit_learns_solver_names_and_max_iter_0(iris):
+    # Code and grids written for scikit-learn (solver="lbfgs", the default there) raised.
+    X, y = iris
+    auto = LogisticRegression().fit(X, y)
+    for name, ran in (("lbfgs", "newton"), ("sag", "newton"), ("saga", "newton")):
+        model = LogisticRegression(solver=name).fit(X, y)
+        assert model.solver_ == ran and model.get_params()["solver"] == name
+        np.testing.assert_array_equal(model.coef_, auto.coef_)
+    cholesky = LogisticRegression(solver="newton-cholesky").fit(X, y)
+    assert cholesky.solver_ == "newton"
+    np.testing.assert_array_equal(cholesky.coef_, auto.coef_)
+    wide = np.repeat(X, 20, axis=1)  # 80 features: "auto" resolves to newton-cg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # three iterations suffice here
+        assert LogisticRegression(solver="lbfgs", max_iter=3).fit(wide, y).solver_ == "newton-cg"
+    with pytest.warns(ConvergenceWarning):  # as scikit-learn: the starting point
+        start = LogisticRegression(max_iter=0).fit(X, y)
+    assert start.n_iter_[0] == 0 and not np.any(start.coef_)
 
 
 def test_a_class_that_the_weights_empty_is_fitted_as_scikit_learn_does(iris):

@@ -432,3 +432,33 @@ def test_cross_validation_routes_metadata_as_scikit_learn(iris):
             LogisticRegressionCV(**options).fit(X, y, sample_weight=weights, groups=groups)
         with pytest.raises(TypeError, match="not routed to any object"):
             LogisticRegressionCV(**options).fit(X, y, unknown=groups, groups=groups)
+
+
+@requires_scikit_learn_1_9
+def test_cross_validation_keeps_the_order_of_cs_and_takes_an_infinite_c():
+    # scikit-learn keeps Cs in the order given (ours sorted them) and takes np.inf, its
+    # replacement for penalty=None (ours refused it).
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(
+        300, 4, n_informative=3, n_redundant=0, n_classes=3, flip_y=0.2, random_state=0
+    )
+    Cs = [10.0, np.inf, 0.01, 1.0]
+    options = dict(
+        Cs=Cs,
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+        scoring="neg_log_loss",
+        use_legacy_attributes=False,
+    )
+    theirs = SklearnLogisticRegressionCV(solver="newton-cg", tol=1e-10, **options).fit(X, y)
+    ours = LogisticRegressionCV(**options).fit(X, y)
+    np.testing.assert_array_equal(ours.Cs_, Cs)
+    np.testing.assert_allclose(ours.scores_, theirs.scores_, rtol=1e-6)
+    assert ours.C_ == theirs.C_
+    finite = np.isfinite(Cs)  # without a penalty the multinomial coefficients are unique only
+    np.testing.assert_allclose(  # up to a shift over the classes
+        ours.coefs_paths_[:, :, finite], theirs.coefs_paths_[:, :, finite], rtol=1e-5, atol=1e-8
+    )
+    assert ours.n_iter_.shape == theirs.n_iter_.shape == (3, 1, 4)
+    with pytest.raises(ValueError, match="Cs must be > 0"):
+        LogisticRegressionCV(Cs=[1.0, np.nan]).fit(X, y)

@@ -198,8 +198,14 @@ def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, refer
     return (n_features + int(fit_intercept)) * (n_classes - int(reference))
 
 
+# scikit-learn's solvers of the L2 or unpenalised objective, and the solver here that reaches
+# the same optimum: code and grids written for scikit-learn keep working.
+_SCIKIT_LEARN = {"newton-cholesky": "newton", "lbfgs": "auto", "sag": "auto", "saga": "auto"}
+
+
 def _resolve_solver(solver: str, n_parameters: int) -> str:
     """The concrete solver behind ``solver`` ("auto" picks by the number of parameters)."""
+    solver = _SCIKIT_LEARN.get(solver, solver)
     if solver != "auto":
         return solver
     return "newton" if n_parameters <= AUTO_NEWTON_MAX_PARAMETERS else "newton-cg"
@@ -299,14 +305,19 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             ``"auto"``: ``"newton"`` when ``(n_features + fit_intercept) * free_classes <=
             AUTO_NEWTON_MAX_PARAMETERS`` (128), otherwise ``"newton-cg"``; free_classes is
             ``n_classes`` for the penalised multinomial model and ``n_classes - 1`` for
-            binary problems and ``penalty=None``.
+            binary problems and ``penalty=None``. scikit-learn's names for solvers of the same
+            objective run this package's: ``"newton-cholesky"`` is ``"newton"``, and
+            ``"lbfgs"``, ``"sag"`` and ``"saga"`` are ``"auto"`` (the same optimum, to the
+            tolerance); ``solver_`` says what ran. ``"liblinear"``, which penalises the
+            intercept, is refused.
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
             sample by an integer equals repeating it to ~1e-9. ``tol`` is raised, per
             parameter, to its gradient entry's rounding level, ``8 * eps * mean|x_j|`` for
             column j (~1e-6 for standardised float32 features), below which convergence
             cannot be verified.
-        max_iter: Maximum number of outer (Newton) iterations, >= 1.
+        max_iter: Maximum number of outer (Newton) iterations, >= 0 (0 returns the starting
+            point, zeros or the warm start, with a ``ConvergenceWarning``, as scikit-learn).
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
             new problem (same classes and features).
         verbose: Print the solver's progress.
@@ -355,9 +366,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
-        "solver": [StrOptions({"auto", "newton", "newton-cg", "trust-region"})],
+        "solver": [StrOptions({"auto", "newton", "newton-cg", "trust-region", *_SCIKIT_LEARN})],
         "tol": [Interval(Real, 0, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
         "n_jobs": [Integral, None],
@@ -821,7 +832,9 @@ class LogisticRegressionCV(LogisticRegression):
 
     Args:
         Cs: Number of values on the grid ``np.logspace(-4, 4, Cs)``, or the values of ``C``
-            (each > 0 and finite).
+            (each > 0; ``np.inf`` is the unpenalised fit, scikit-learn 1.8's replacement for
+            ``penalty=None``), in any order: the paths are fitted from the smallest ``C``
+            up, and the attributes keep the order given, as scikit-learn's.
         l1_ratios: None, or values that are all 0 (the L2 penalty; each gets its own entry of
             the ``l1_ratios`` axis of the attributes, as in scikit-learn). Positive values
             (L1 or elastic-net) are refused with an error naming the supported options.
@@ -848,7 +861,8 @@ class LogisticRegressionCV(LogisticRegression):
             splits share one compiled program).
 
     Attributes:
-        Cs_: [n_Cs] the grid of ``C``, increasing.
+        Cs_: [n_Cs] the values of ``C``, in the order given (``np.logspace`` order, increasing,
+            for an integer ``Cs``).
         l1_ratios_: [n_l1_ratios] the values of ``l1_ratios``, or ``[None]``.
         C_: The chosen ``C`` (a float; legacy: [n_classes], or [1] for binary problems, the
             same value repeated).
@@ -959,7 +973,7 @@ class LogisticRegressionCV(LogisticRegression):
 
         Raises:
             ValueError: as :meth:`LogisticRegression.fit`, for values of ``Cs`` that are not
-                finite and positive, for an empty ``l1_ratios`` or one with a positive value,
+                positive (or NaN), for an empty ``l1_ratios`` or one with a positive value,
                 for an unknown ``scoring`` name, and for ``**params`` without metadata
                 routing.
         """
@@ -968,11 +982,15 @@ class LogisticRegressionCV(LogisticRegression):
         if self.l1_ratios is not None and np.size(self.l1_ratios) == 0:
             raise ValueError("l1_ratios must hold at least one value (0 for the L2 penalty)")
         if isinstance(self.Cs, Integral):
-            grid = np.logspace(-4, 4, int(self.Cs))
+            given = np.logspace(-4, 4, int(self.Cs))
         else:
-            grid = np.sort(np.asarray(self.Cs, dtype=float).ravel())
-        if grid.size < 1 or not np.all(np.isfinite(grid) & (grid > 0)):
-            raise ValueError(f"Cs must be finite and > 0, got {self.Cs!r}")
+            given = np.asarray(self.Cs, dtype=float).ravel()
+        if given.size < 1 or not np.all(given > 0):  # NaN too
+            raise ValueError(f"Cs must be > 0 (np.inf: no penalty), got {self.Cs!r}")
+        # The paths run from the strongest penalty to the weakest (warm starts); the
+        # attributes keep the order given, as scikit-learn's.
+        order = np.argsort(given, kind="stable")
+        grid, given_order = given[order], np.argsort(order)
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
         scorer = _cv_scorer(self.scoring, classes)
         if _routing_enabled():
@@ -1032,10 +1050,14 @@ class LogisticRegressionCV(LogisticRegression):
                     classes, path_coefs[index, position], path_intercepts[index, position]
                 )
                 scores[index, position] = scorer(fitted, X[test], classes[labels[test]], **options)
+        scores, path_coefs, path_intercepts, n_iter = (
+            part[:, given_order]
+            for part in (scores, path_coefs, path_intercepts, np.asarray(paths.n_iter))
+        )
         self.classes_ = classes
-        self.Cs_ = grid
+        self.Cs_ = given
         if self.refit:
-            chosen = float(grid[int(np.argmax(scores.mean(axis=0)))])
+            chosen = float(given[int(np.argmax(scores.mean(axis=0)))])
             model = LogisticRegression(
                 C=chosen,
                 fit_intercept=self.fit_intercept,
@@ -1050,14 +1072,12 @@ class LogisticRegressionCV(LogisticRegression):
         else:
             # As scikit-learn: every split at its own best C.
             best = np.argmax(scores, axis=1)
-            chosen = float(np.mean(grid[best]))
+            chosen = float(np.mean(given[best]))
             folds = np.arange(len(splits))
             self.coef_ = path_coefs[folds, best].mean(axis=0)
             self.intercept_ = path_intercepts[folds, best].mean(axis=0)
         self.solver_ = solver
-        self._set_path_attributes(
-            chosen, scores, path_coefs, path_intercepts, np.asarray(paths.n_iter)
-        )
+        self._set_path_attributes(chosen, scores, path_coefs, path_intercepts, n_iter)
         return self
 
     def _fit_paths(self, X, labels, n_classes: int, reference: bool, fold_weights, l2, solver: str):
