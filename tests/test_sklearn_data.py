@@ -462,3 +462,12 @@ def test_cross_validation_keeps_the_order_of_cs_and_takes_an_infinite_c():
     assert ours.n_iter_.shape == theirs.n_iter_.shape == (3, 1, 4)
     with pytest.raises(ValueError, match="Cs must be > 0"):
         LogisticRegressionCV(Cs=[1.0, np.nan]).fit(X, y)
+
+
+def test_cross_validation_warnings_point_at_the_callers_line(iris):
+    # The refit's ConvergenceWarning was attributed to a line of xentropy_jax/sklearn.py.
+    X, y = iris
+    with pytest.warns(ConvergenceWarning) as record:
+        LogisticRegressionCV(Cs=[1.0], cv=3, max_iter=1).fit(X, y)
+    refits = [w for w in record if "LogisticRegression (" in str(w.message)]
+    assert refits and all(w.filename == __file__ for w in record)

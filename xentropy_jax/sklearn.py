@@ -1058,7 +1058,7 @@ class LogisticRegressionCV(LogisticRegression):
         self.Cs_ = given
         if self.refit:
             chosen = float(given[int(np.argmax(scores.mean(axis=0)))])
-            model = LogisticRegression(
+            refit = LogisticRegression(
                 C=chosen,
                 fit_intercept=self.fit_intercept,
                 class_weight=self.class_weight,
@@ -1067,7 +1067,12 @@ class LogisticRegressionCV(LogisticRegression):
                 max_iter=self.max_iter,
                 verbose=self.verbose,
                 product_dtype=self.product_dtype,
-            ).fit(X, y, sample_weight=sample_weight)
+            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = refit.fit(X, y, sample_weight=sample_weight)
+            for caught_warning in caught:  # attributed to the caller's line, not to this one
+                warnings.warn(caught_warning.message, caught_warning.category, stacklevel=3)
             self.coef_, self.intercept_ = model.coef_, model.intercept_
         else:
             # As scikit-learn: every split at its own best C.
