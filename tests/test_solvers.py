@@ -810,6 +810,17 @@ def test_a_class_without_samples_is_fitted_towards_probability_zero():
     assert float(jnp.max(probabilities(tight)[:, 3])) < 1e-7
 
 
+def test_unpenalised_fit_under_jit_of_closed_over_features():
+    # X closed over (concrete) inside a caller's jit, l2 = 0 (the default): the collinearity
+    # check read a traced Gram on the host and raised TracerArrayConversionError.
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(40, 3)), np.arange(40) % 3
+    traced = jax.jit(lambda y: fit_logistic_regression(features, y, 3, throw=False))(labels)
+    eager = fit_logistic_regression(features, labels, 3)
+    assert int(traced.status) == Status.CONVERGED
+    np.testing.assert_allclose(traced.params[0], eager.params[0], rtol=1e-6, atol=1e-9)
+
+
 def test_float_labels_raise_under_jit_too():
     # Inside jit float labels were cast to int32: NaN and −0.5 became class 0, 2.5 class 2.
     rng = np.random.default_rng(5)

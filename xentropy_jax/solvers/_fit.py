@@ -119,7 +119,7 @@ def _validate(
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
             raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
     # The dtype is known even inside `jit`: float labels were cast there, a NaN label to class 0.
-    label_dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    label_dtype = labels.dtype if isinstance(labels, jax.Array) else np.asarray(labels).dtype
     if not np.issubdtype(label_dtype, np.integer):
         raise TypeError(f"labels must be integers, got dtype {label_dtype}")
     # Labels and weights spread over several processes are not fetched: the same checks run
@@ -603,7 +603,10 @@ def fit_logistic_regression(
     if verbose and _is_concrete(result.status):
         # The lines come from host callbacks: let them all print before returning.
         jax.effects_barrier()
-    if _is_concrete(X, l2, sample_weight) and np.all(np.asarray(l2) == 0):
+    # Not inside a caller's `jit` (the result is then traced), even when X was closed over:
+    # the check reads its Gram on the host, and raised TracerArrayConversionError there.
+    concrete = _is_concrete(X, l2, sample_weight, result.status)
+    if concrete and np.all(np.asarray(l2) == 0):
         _warn_collinear(features, sample_weight, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
