@@ -162,6 +162,13 @@ def test_preconditioner_auto_and_missing_capabilities(poisson):
         pass
 
     assert _preconditioners.resolve("auto", Bare()) == "none"
+    # A solver called directly checks its tolerance and iteration limit (they ran: MAX_ITER).
+    for options in (dict(tol=-1.0, max_iter=5), dict(tol=np.nan, max_iter=5)):
+        with pytest.raises(ValueError, match="tol must be >= 0"):
+            xj.NewtonCG().minimize(objective, jnp.zeros(6), **options)
+    for max_iter in (-1, 2.5, np.inf):
+        with pytest.raises(ValueError, match="max_iter must be an integer >= 0"):
+            xj.TrustRegion().minimize(objective, jnp.zeros(6), tol=1e-8, max_iter=max_iter)
     # Newton needs the explicit Hessian: named, not an AttributeError from inside the loop.
     with pytest.raises(ValueError, match=r"Newton needs the objective's explicit Hessian"):
         xj.Newton().minimize(Bare(), jnp.zeros(6), tol=1e-8, max_iter=5)

@@ -15,8 +15,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from .._checks import is_concrete
 from .._objective import Evaluation, Objective
 from ._convergence import status_code
 from ._progress import Progress
@@ -105,7 +107,21 @@ def run(
     Returns:
         A `SolverOutput`. The status after iteration 0 is NON_FINITE, DIVERGED or MAX_ITER
         (max_iter = 0) when that already holds at θ; the loop runs while it is RUNNING.
+
+    Raises:
+        ValueError: a concrete `tol` with an entry that is negative or NaN, or a concrete
+            `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
+            the fits check theirs before).
     """
+    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
+        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
+    if is_concrete(max_iter) and not (
+        np.ndim(max_iter) == 0
+        and np.isfinite(max_iter)
+        and float(max_iter) == int(max_iter)
+        and int(max_iter) >= 0
+    ):
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     first = start(objective, theta)
     zero = jnp.zeros((), jnp.int32)
     decrement = jnp.asarray(jnp.inf, theta.dtype)
