@@ -114,6 +114,24 @@ SCRIPT = textwrap.dedent(
         out["too_many"] = None
     except ValueError as error:
         out["too_many"] = str(error)
+    # Device ids: clonable and picklable (a list of Device objects is neither), so searches,
+    # cross-validation and pickling work.
+    import pickle
+
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    by_ids = LogisticRegression(C=1.0, tol=1e-12, devices=[0, 2, 5])
+    fitted = pickle.loads(pickle.dumps(clone(by_ids).fit(X, y)))
+    out["ids"] = [
+        relative(jnp.asarray(fitted.coef_), jnp.asarray(one.coef_)),
+        float(cross_val_score(by_ids, X, y, cv=2).mean()),
+    ]
+    try:
+        LogisticRegression(devices=[1, 1]).fit(X, y)
+        out["twice"] = None
+    except ValueError as error:
+        out["twice"] = str(error)
     print(json.dumps(out))
     """
 )
@@ -167,6 +185,9 @@ def test_estimator_splits_rows_over_devices(report):
     assert coef <= 1e-10 and n_iter == n_iter_one
     assert report["verbose"] == list(range(n_iter + 1))
     assert report["too_many"] is not None and "available" in report["too_many"]
+    coef, score = report["ids"]
+    assert coef <= 1e-10 and 0 < score <= 1
+    assert report["twice"] is not None and "more than once" in report["twice"]
 
 
 def test_estimator_refuses_to_split_sparse_rows_over_devices():

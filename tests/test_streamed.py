@@ -109,6 +109,23 @@ def test_streamed_input_errors_name_the_rows(files):
         xj.fit_logistic_regression_streamed(X, y, K, max_iter=-1)
     with pytest.raises(ValueError, match="X has no rows"):  # was a ZeroDivisionError
         xj.fit_logistic_regression_streamed(X[:0], y[:0], K)
+    # Labels or weights [N, 1] failed inside NumPy ("object too deep for desired array").
+    with pytest.raises(ValueError, match=r"labels must have shape \(\d+,\), got \(\d+, 1\)"):
+        xj.fit_logistic_regression_streamed(X, y[:, None], K)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape"):
+        xj.fit_logistic_regression_streamed(X, y, K, sample_weight=np.ones((len(y), 1)))
+
+
+def test_streamed_dataframe_in_float64():
+    # With 64-bit mode on (as here) a DataFrame, which has no single dtype, raised
+    # AttributeError; the in-memory fit took it.
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(300, 3)), rng.integers(0, K, 300)
+    streamed = xj.fit_logistic_regression_streamed(pd.DataFrame(X), y, K, l2=1e-2, chunk_rows=64)
+    whole = xj.fit_logistic_regression(X, y, K, l2=1e-2)
+    assert streamed.params[0].dtype == np.float64
+    np.testing.assert_allclose(streamed.params[0], whole.params[0], rtol=0, atol=1e-10)
 
 
 def _ragged_chunks(X, y, weights, sizes):

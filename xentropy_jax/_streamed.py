@@ -126,7 +126,7 @@ class _ChunkSource:
 
     def __init__(self) -> None:
         self.reads = 0
-        self.failure: Exception | None = None  # what a read raised, for the fit to re-raise
+        self.failure: BaseException | None = None  # what a read raised, for the fit to re-raise
         self._lock = threading.Lock()
 
     @property
@@ -163,7 +163,7 @@ class _ChunkSource:
             self.reads += 1
         try:
             return self.rows(int(index))
-        except Exception as error:
+        except BaseException as error:  # KeyboardInterrupt in a generator too
             self.failure = error
             raise
 

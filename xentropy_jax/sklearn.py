@@ -327,7 +327,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             ``joblib.parallel_backend("threading")``: worker threads share the compiled
             programs, worker processes compile them again (docs/estimator.md).
         devices: None (the default device), a number of devices (the first that many of
-            ``jax.devices()``) or a list of devices: the rows are split over them (padded with
+            ``jax.devices()``), or a list of devices or of device ids (``Device.id``; unlike
+            jax's Device objects, ids can be cloned and pickled, as ``GridSearchCV`` and
+            ``cross_val_score`` need): the rows are split over them (padded with
             zero-weight rows to a multiple of their number) and the parameters replicated;
             each gradient and Hessian product ends in one all-reduce of a (d + 1) × K block.
             The fit is the same as on one device, to rounding. Dense X only.

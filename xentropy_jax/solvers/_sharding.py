@@ -64,6 +64,19 @@ def row_mesh(devices) -> Mesh:
     devices = list(devices)
     if not devices:
         raise ValueError("devices must name at least one device")
+    # Device ids are accepted too: a list of them can be copied and pickled (scikit-learn's
+    # clone, a search's workers), which a list of jax Device objects cannot.
+    by_id = {device.id: device for device in jax.devices()}
+    named = []
+    for device in devices:
+        if isinstance(device, int | np.integer):
+            if int(device) not in by_id:
+                raise ValueError(f"devices: no device has the id {device} (ids: {sorted(by_id)})")
+            device = by_id[int(device)]
+        named.append(device)
+    devices = named
+    if len({device.id for device in devices}) != len(devices):
+        raise ValueError(f"devices names a device more than once: {devices}")
     return Mesh(np.array(devices), ("rows",), axis_types=(AxisType.Auto,))
 
 

@@ -267,9 +267,15 @@ def fit_logistic_regression_streamed(
             )
         if X.shape[0] == 0:
             raise ValueError("X has no rows")
-        if sample_weight is not None and len(sample_weight) != X.shape[0]:
-            raise ValueError("sample_weight must have one value per row of X")
-        dtype = np.float64 if x64 and np.dtype(X.dtype) == np.float64 else np.float32
+        if np.ndim(labels) != 1:  # [N, 1] failed in NumPy ("object too deep")
+            raise ValueError(f"labels must have shape ({X.shape[0]},), got {np.shape(labels)}")
+        if sample_weight is not None and np.shape(sample_weight) != (X.shape[0],):
+            raise ValueError(
+                f"sample_weight must have shape ({X.shape[0]},), got {np.shape(sample_weight)}"
+            )
+        # A DataFrame has no single dtype: its first row's says what its values convert to.
+        x_dtype = X.dtype if hasattr(X, "dtype") else np.asarray(X[:1]).dtype
+        dtype = np.float64 if x64 and np.dtype(x_dtype) == np.float64 else np.float32
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
