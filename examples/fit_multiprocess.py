@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,8 +105,10 @@ def main() -> None:
                 sys.exit(f"worker {rank} failed; its log: {logs / f'worker{rank}.log'}")
             outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:
-        for process, _ in workers:
+        for process, log in workers:
             process.kill()
+            log.close()
+    shutil.rmtree(logs)  # kept only when a worker failed (its log is named above)
 
     import jax
 
