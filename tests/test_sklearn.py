@@ -290,7 +290,7 @@ def test_scikit_learns_solver_names_and_max_iter_0(iris):
     np.testing.assert_array_equal(cholesky.coef_, auto.coef_)
     wide = np.repeat(X, 20, axis=1)  # 80 features: "auto" resolves to newton-cg
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # three iterations suffice here
+        warnings.simplefilter("ignore", ConvergenceWarning)  # only which solver ran matters
         assert LogisticRegression(solver="lbfgs", max_iter=3).fit(wide, y).solver_ == "newton-cg"
     with pytest.warns(ConvergenceWarning):  # as scikit-learn: the starting point
         start = LogisticRegression(max_iter=0).fit(X, y)
