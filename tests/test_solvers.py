@@ -819,6 +819,10 @@ def test_unpenalised_fit_under_jit_of_closed_over_features():
     eager = fit_logistic_regression(features, labels, 3)
     assert int(traced.status) == Status.CONVERGED
     np.testing.assert_allclose(traced.params[0], eager.params[0], rtol=1e-6, atol=1e-9)
+    # ... and the check still runs there, on the concrete X.
+    twice = np.column_stack([features, features[:, 0]])
+    with pytest.warns(CollinearityWarning, match="collinear"):
+        jax.jit(lambda y: fit_logistic_regression(twice, y, 3, throw=False).loss)(labels)
 
 
 def test_float_labels_raise_under_jit_too():

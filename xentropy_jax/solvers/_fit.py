@@ -603,11 +603,13 @@ def fit_logistic_regression(
     if verbose and _is_concrete(result.status):
         # The lines come from host callbacks: let them all print before returning.
         jax.effects_barrier()
-    # Not inside a caller's `jit` (the result is then traced), even when X was closed over:
-    # the check reads its Gram on the host, and raised TracerArrayConversionError there.
-    concrete = _is_concrete(X, l2, sample_weight, result.status)
-    if concrete and np.all(np.asarray(l2) == 0):
-        _warn_collinear(features, sample_weight, fit_intercept)
+    if _is_concrete(X, l2, sample_weight) and np.all(np.asarray(l2) == 0):
+        # X concrete, also when a caller's `jit` closed over it; its conversion (float64 NumPy
+        # to float32 with 64-bit mode off) must then not be staged into that trace: the check
+        # reads the Gram on the host, and raised TracerArrayConversionError on a tracer.
+        with jax.ensure_compile_time_eval():
+            concrete = features if _is_concrete(features) else as_features(X)
+            _warn_collinear(concrete, sample_weight, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         raise FitError(result)
     return result
