@@ -452,6 +452,17 @@ def as_features(X):
     return features
 
 
+def fit_inputs(X, labels, sample_weight) -> tuple:
+    """(features, labels, weights) as the compiled fits take them.
+
+    X in the working precision (`as_features`), and every array sharded over `Explicit` mesh
+    axes moved to `Auto` ones (`with_auto_axes`); weights stay None when not given.
+    """
+    features = with_auto_axes(as_features(X))
+    weights = None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight))
+    return features, with_auto_axes(jnp.asarray(labels)), weights
+
+
 def fit_logistic_regression(
     X: ArrayLike,
     labels: ArrayLike,
@@ -579,11 +590,11 @@ def fit_logistic_regression(
         X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
     )
     _check_explicit_hessian_fits(config, X, num_classes, fit_intercept, reference_class)
-    features = with_auto_axes(as_features(X))
+    features, labels, weights = fit_inputs(X, labels, sample_weight)
     result = _fit(
         features,
-        with_auto_axes(jnp.asarray(labels)),
-        None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight)),
+        labels,
+        weights,
         l2,
         init,
         tol,

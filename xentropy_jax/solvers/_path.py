@@ -25,14 +25,13 @@ from ._fit import (
     _is_concrete,
     _resolve_solver,
     _validate,
-    as_features,
     attainable_tolerance,
     finalize,
+    fit_inputs,
     known_positive,
     wants_transposed_copy,
 )
 from ._result import FitError, FitResult, Status
-from ._sharding import with_auto_axes
 
 # The arguments of `_path` that are compile-time constants: one program per combination.
 PATH_STATIC_ARGNAMES = (
@@ -236,14 +235,13 @@ def fit_regularization_path(
             f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
         )
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
-    features = with_auto_axes(as_features(X))
-    weights = None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight))
+    features, labels, weights = fit_inputs(X, labels, sample_weight)
     features, weights, l2_values, init = _not_differentiable(
         (features, weights, jnp.asarray(l2_values), init)
     )
     results = _path(
         features,
-        with_auto_axes(jnp.asarray(labels)),
+        labels,
         weights,
         l2_values,
         init,
