@@ -304,7 +304,16 @@ def test_a_class_that_the_weights_empty_is_fitted_as_scikit_learn_does(iris):
 
     X, y = iris
     options = dict(class_weight={0: 0.0, 1: 1.0, 2: 1.0})
-    ours = LogisticRegression(**options).fit(X, y)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the estimator fits it without a warning ...
+        ours = LogisticRegression(**options).fit(X, y)
+    # ... through a per-thread switch, not a process-wide filter that threads could leak.
+    assert warnings.filters == filters
+    from xentropy_jax import fit_logistic_regression
+
+    with pytest.warns(UserWarning, match="classes without samples"):
+        fit_logistic_regression(X, y, 3, sample_weight=(y > 0).astype(float), l2=1e-2)
     theirs = SklearnLogisticRegression(solver="newton-cg", tol=1e-10, **options).fit(X, y)
     assert ours.predict_proba(X)[:, 0].max() < 1e-6
     np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-5)

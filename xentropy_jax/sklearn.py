@@ -8,6 +8,7 @@ into the sample weights, maps ``C`` to the L2 strength of the functional core an
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import threading
 import warnings
@@ -54,7 +55,7 @@ from .solvers import (
     fit_logistic_regression,
     fit_regularization_path,
 )
-from .solvers._fit import EMPTY_CLASSES
+from .solvers._fit import empty_classes_quietly
 from .solvers._sharding import row_mesh, shard_rows
 
 __all__ = ["LogisticRegression", "LogisticRegressionCV"]
@@ -147,6 +148,12 @@ def _shard_rows(devices, X, labels: np.ndarray, weights: np.ndarray) -> tuple:
         weights = np.concatenate([weights, np.zeros(extra, weights.dtype)])
     with jax.enable_x64(X.dtype == np.float64):
         return shard_rows(mesh, X, labels, weights)
+
+
+# Frames of this module between a user's call and `LogisticRegression.fit` (a refit inside
+# `LogisticRegressionCV.fit`), for the warnings' stacklevel. Per thread: a process-wide
+# `warnings.catch_warnings` would race with threads fitting at once (a threaded GridSearchCV).
+_FRAMES_ABOVE_FIT = contextvars.ContextVar("frames_above_fit", default=0)
 
 
 def _dense(array) -> np.ndarray:
@@ -486,8 +493,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         # Float64 input is fitted in float64, float32 in float32, whatever the global flag.
         # A class that the weights empty (a bootstrap sample of BaggingClassifier, a zero
         # class_weight) is fitted towards probability 0, silently, as scikit-learn does.
-        with jax.enable_x64(X.dtype == np.float64), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=EMPTY_CLASSES, category=UserWarning)
+        with jax.enable_x64(X.dtype == np.float64), empty_classes_quietly():
             result = fit_logistic_regression(
                 X,
                 labels,
@@ -525,7 +531,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 f"LogisticRegression ({solver}) stopped without converging after {n_iter} "
                 f"iterations: {Status.message(status)}",
                 ConvergenceWarning,
-                stacklevel=3,  # the caller of fit, past scikit-learn's fit wrapper
+                # The caller of fit, past scikit-learn's fit wrapper (and past the frames of a
+                # LogisticRegressionCV whose refit this is).
+                stacklevel=3 + _FRAMES_ABOVE_FIT.get(),
             )
         return self
 
@@ -1070,11 +1078,12 @@ class LogisticRegressionCV(LogisticRegression):
                 verbose=self.verbose,
                 product_dtype=self.product_dtype,
             )
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            # Its warnings point at the caller's line: past this fit and its wrapper.
+            token = _FRAMES_ABOVE_FIT.set(2)
+            try:
                 model = refit.fit(X, y, sample_weight=sample_weight)
-            for caught_warning in caught:  # attributed to the caller's line, not to this one
-                warnings.warn(caught_warning.message, caught_warning.category, stacklevel=3)
+            finally:
+                _FRAMES_ABOVE_FIT.reset(token)
             self.coef_, self.intercept_ = model.coef_, model.intercept_
         else:
             # As scikit-learn: every split at its own best C.

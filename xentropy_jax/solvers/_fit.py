@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 import warnings
@@ -160,8 +162,22 @@ def _validate(
     return weights_here and _is_concrete(l2) and _is_concrete(tol)
 
 
-# The start of the warning for classes without samples (the estimator filters it by this).
+# The start of the warning for classes without samples.
 EMPTY_CLASSES = "classes without samples"
+# Set by `empty_classes_quietly`, per thread (and per asyncio task), unlike a warnings filter:
+# `warnings.catch_warnings` is process-wide, and threads running fits at once (a threaded
+# GridSearchCV) would undo or leak each other's filters.
+_EMPTY_CLASSES_QUIET = contextvars.ContextVar("empty_classes_quiet", default=False)
+
+
+@contextlib.contextmanager
+def empty_classes_quietly():
+    """Within it, in this thread, classes without samples are fitted without the warning."""
+    token = _EMPTY_CLASSES_QUIET.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY_CLASSES_QUIET.reset(token)
 
 
 def warn_empty_classes(empty: np.ndarray, stacklevel: int) -> None:
@@ -172,7 +188,7 @@ def warn_empty_classes(empty: np.ndarray, stacklevel: int) -> None:
     intercept falls until its gradient entry, the class's fitted probability mass, is within
     `tol`, and the class is predicted with probability ~tol.
     """
-    if empty.size:
+    if empty.size and not _EMPTY_CLASSES_QUIET.get():
         warnings.warn(
             f"{EMPTY_CLASSES} (zero total weight): {empty.tolist()}. Their intercepts have no "
             "finite optimum: the fit lowers them until their probability is within tol. Drop "
