@@ -184,6 +184,36 @@ def test_second_derivatives_in_l2(data, solver):
     np.testing.assert_allclose(jax.hessian(loss)(l2), differences, rtol=1e-6)
     np.testing.assert_allclose(jax.hessian(loss)(l2), forward, rtol=1e-12)
     np.testing.assert_allclose(jax.jacfwd(jax.jacfwd(loss))(l2), forward, rtol=1e-12)
+    # Reverse over reverse: "Linearization failed" inside JAX while the implicit rule's
+    # preconditioner (its factorisations' custom_vmap has no reverse mode) carried tangents.
+    np.testing.assert_allclose(jax.jacrev(gradient)(l2), forward, rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(gradient)(l2), forward, rtol=1e-12)
+
+
+def test_second_derivatives_of_a_float32_fit(data):
+    # In float32, jax.hessian failed with "vmap out_axes[0] ... output was batched": the
+    # implicit rule differentiated its Kronecker preconditioner, whose batch_cond broadcast its
+    # unbatched value when jacfwd batched the tangents alone (test_linalg tests batch_cond).
+    features, labels, sample_weight = data
+
+    def loss(l2, dtype):
+        fit = fit_logistic_regression(
+            features.astype(dtype),
+            labels,
+            NUM_CLASSES,
+            sample_weight=sample_weight.astype(dtype),
+            l2=l2,
+            tol=1e-5 if dtype == np.float32 else TOL,
+        )
+        return fit.loss
+
+    exact = jax.hessian(functools.partial(loss, dtype=np.float64))(0.1)
+    f32 = functools.partial(loss, dtype=np.float32)
+    l2 = np.float32(0.1)
+    for second in (jax.hessian(f32), jax.jacrev(jax.grad(f32)), jax.jacfwd(jax.jacfwd(f32))):
+        value = second(l2)
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, exact, rtol=1e-4)
 
 
 def test_repeat_derivatives_do_not_retrace(data):

@@ -13,6 +13,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 import xentropy_jax as xj
+from xentropy_jax._batch_cond import batch_cond
 from xentropy_jax.solvers import _linalg
 
 jax.config.update("jax_enable_x64", True)
@@ -96,3 +97,18 @@ def test_cross_validated_path_factorises_one_matrix_at_a_time():
 
     calls = lapack_operands(jax.jit(jax.vmap(path)).lower(folds, l2s).as_text())
     assert calls and not [call for call in calls if call[1].count("x") > 2], calls
+
+
+def test_batch_cond_keeps_forward_mode_values_unbatched():
+    # jax.jacfwd batches the tangents alone: the rule must return the unbatched value as
+    # unbatched (it broadcast it, and jacfwd failed on "out_axes ... was batched"). Like every
+    # custom_vmap, batch_cond has forward mode only.
+    def function(x):
+        return batch_cond(x > 0, lambda v: v**3, lambda v: -(v**2), x)
+
+    second = jax.jacfwd(jax.jacfwd(function))
+    assert second(2.0) == 12.0
+    assert second(-2.0) == -2.0
+    # Batched predicates still choose member by member.
+    np.testing.assert_array_equal(jax.vmap(function)(jnp.array([2.0, -2.0])), [8.0, -4.0])
+    np.testing.assert_array_equal(jax.vmap(second)(jnp.array([2.0, -2.0])), [12.0, -2.0])

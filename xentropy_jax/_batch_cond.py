@@ -45,6 +45,12 @@ def batch_cond(
 
     @cond.def_vmap
     def cond_vmap(axis_size, in_batched, pred, *operands):
+        if not any(jax.tree.leaves(in_batched)):
+            # Forward mode under vmap batches the tangents alone (jax.hessian, jax.jacfwd of a
+            # gradient): the rule is asked for the unbatched primal, which must stay unbatched.
+            # Broadcast and marked batched, it failed jacfwd's out_axes=None for its value.
+            out = lax.cond(pred, true_fun, false_fun, *operands)
+            return out, jax.tree.map(lambda _: False, out)
         pred_batched, *operands_batched = in_batched
         in_axes = [
             jax.tree.map(lambda batched: 0 if batched else None, b) for b in operands_batched
