@@ -52,10 +52,11 @@ def run_mode(mode: str, num_fits: int) -> dict:
     from sklearn.datasets import make_classification
 
     import xentropy_jax.sklearn as xsk
+    from xentropy_jax import _buckets
 
     jax.config.update("jax_enable_compilation_cache", False)
     if mode == "exact":
-        xsk._fitted_rows = lambda n_samples, configuration: n_samples
+        xsk.fitted_rows = lambda n_samples, configuration: n_samples
         xsk._MAX_PROGRAMS = 10**9
     compilations: list[float] = []
 
@@ -98,7 +99,7 @@ def run_mode(mode: str, num_fits: int) -> dict:
         "compile_seconds": sum(duration for _, duration in compilations),
         "memory_growth_mib": _resident_mib() - start_mib,
         "loop_seconds": seconds,
-        "padded_rows": sorted({xsk._padded_rows(rows) for rows, _ in shapes[1:]}),
+        "padded_rows": sorted({_buckets.padded_rows(rows) for rows, _ in shapes[1:]}),
     }
 
 

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 import xentropy_jax.sklearn as xsk  # noqa: E402
+from xentropy_jax import _buckets  # noqa: E402
 from xentropy_jax.solvers import fit_logistic_regression  # noqa: E402
 
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -39,11 +40,13 @@ def _data(num_rows: int, num_features: int = 3, num_classes: int = 3, seed: int 
 
 def test_padded_rows_buckets():
     sizes = np.arange(1, 300_000)
-    padded = np.array([xsk._padded_rows(int(n)) for n in sizes])
+    padded = np.array([_buckets.padded_rows(int(n)) for n in sizes])
     assert np.all(padded >= sizes)
     assert np.all(np.diff(padded) >= 0)  # monotone
-    assert all(xsk._padded_rows(int(p)) == p for p in np.unique(padded))  # a bucket pads to itself
-    large = sizes > xsk._PAD_POWER_OF_TWO_ROWS
+    assert all(
+        _buckets.padded_rows(int(p)) == p for p in np.unique(padded)
+    )  # a bucket pads to itself
+    large = sizes > _buckets.POWER_OF_TWO_ROWS
     overhead = padded[large] / sizes[large] - 1
     assert overhead.max() <= 0.25 and overhead.mean() < 0.11
     # Four buckets per doubling: the row counts of a cross-validation loop share a few programs.
@@ -54,10 +57,10 @@ def test_padded_rows_buckets():
 def test_nearby_row_counts_share_one_program(monkeypatch):
     # Beyond 4,096 rows every new row count used to trace and compile its own program.
     monkeypatch.setattr(xsk, "_programs", type(xsk._programs)())
-    monkeypatch.setattr(xsk, "_first_rows", type(xsk._first_rows)())
+    monkeypatch.setattr(_buckets, "_first_rows", type(_buckets._first_rows)())
     X, y = _data(4700)
     row_counts = [4200, 4450, 4700, 4200]
-    assert len({xsk._padded_rows(n) for n in row_counts}) == 1
+    assert len({_buckets.padded_rows(n) for n in row_counts}) == 1
     models = []
     with solver_traces() as traces:
         for n in row_counts:
@@ -97,3 +100,23 @@ def test_programs_are_bounded(monkeypatch):
         assert clears == [1] and len(xsk._programs) == 1
         fit(60)  # 64 rows: dropped with the caches, so traced again
         assert clears == [1, 1] and len(traces) == kept + 2
+
+
+def test_cv_row_counts_share_the_path_program(monkeypatch):
+    # The outer folds of a nested cross-validation differ by a row: each compiled the path
+    # program again (6–7 s).
+    from xentropy_jax.solvers import _path as path_module
+
+    X, y = _data(803, seed=3)
+    search = xsk.LogisticRegressionCV(Cs=3, cv=3, tol=1e-10)
+    search.fit(X[:790], y[:790])
+    size = path_module._path._cache_size()
+    padded = [xsk.LogisticRegressionCV(Cs=3, cv=3, tol=1e-10).fit(X[:n], y[:n]) for n in (802, 803)]
+    assert path_module._path._cache_size() == size
+    # The zero-weight rows change nothing: the same scores and paths on the rows alone.
+    monkeypatch.setattr(xsk, "fitted_rows", lambda n_samples, configuration: n_samples)
+    for n, model in zip((802, 803), padded, strict=True):
+        exact = xsk.LogisticRegressionCV(Cs=3, cv=3, tol=1e-10).fit(X[:n], y[:n])
+        np.testing.assert_allclose(model.scores_[1], exact.scores_[1], rtol=1e-12)
+        np.testing.assert_allclose(model.coefs_paths_[1], exact.coefs_paths_[1], atol=1e-8)
+        np.testing.assert_allclose(model.coef_, exact.coef_, atol=1e-8)

@@ -20,3 +20,16 @@ def python_float(value: Any) -> Any:
     the program compiled for the same Python float instead of compiling another.
     """
     return float(value) if is_concrete(value) and np.ndim(value) == 0 else value
+
+
+def python_int(value: Any) -> Any:
+    """A concrete integer scalar (NumPy's or a 0-d jax array) as a Python int; else unchanged.
+
+    As `python_float`, for `max_iter`: ``np.int64(100)`` reuses the program of ``100``.
+    Booleans and floats stay as they are, for the checks to judge.
+    """
+    if isinstance(value, bool) or not (is_concrete(value) and np.ndim(value) == 0):
+        return value
+    if np.issubdtype(np.result_type(value), np.integer):
+        return int(value)
+    return value

@@ -37,6 +37,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from . import _inference_core as core
+from ._buckets import fitted_rows, pad_rows, padded_rows
 from ._rowsums import chunk_rows
 from .solvers._result import FitResult, Status
 
@@ -602,21 +603,33 @@ def logit_inference(
             margins_subset, (d, num_classes), "margins_subset", "the marginal effects", "[d, K]"
         )
 
-    features = jnp.asarray(X)
-    if not (jax.config.jax_enable_x64 and features.dtype == jnp.float64):
-        features = features.astype(jnp.float32)
-    dtype = features.dtype
-    eps = float(jnp.finfo(dtype).eps)
-    labels_j = jnp.asarray(np.asarray(labels), jnp.int32)
-    n = features.shape[0]
+    unpadded = np.asarray(X)
+    wide = jax.config.jax_enable_x64 and unpadded.dtype == np.float64
+    dtype = np.dtype(np.float64 if wide else np.float32)
+    unpadded = unpadded.astype(dtype, copy=False)
+    eps = float(np.finfo(dtype).eps)
+    n = unpadded.shape[0]
     row_weights = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
-    weights_j = jnp.asarray(row_weights, dtype)
     if groups is not None:
         group_index = _group_codes(groups, n)
         num_groups = int(group_index.max()) + 1
-        groups_j = jnp.asarray(group_index, jnp.int32)
     else:
-        num_groups, groups_j = 1, jnp.zeros((n,), jnp.int32)
+        num_groups, group_index = 1, np.zeros(n, np.int32)
+    # Zero-weight rows up to a bucket, and empty clusters up to one (`_buckets`): every sum
+    # is weighted, so nearby row and cluster counts share the compiled sums and change nothing.
+    num_groups = padded_rows(num_groups) if cov_type == "cluster" else 1
+    configuration = ("inference", d, dtype.str, num_classes, bool(fit_intercept), method)
+    configuration += (cov_type, num_groups, marginal_effects)
+    features, labels_j, weights_j, groups_j = (
+        jnp.asarray(a)
+        for a in pad_rows(
+            fitted_rows(n, configuration),
+            unpadded,
+            np.asarray(labels).astype(np.int32),
+            row_weights.astype(dtype),
+            group_index.astype(np.int32),
+        )
+    )
     # The reference-class θ: every unpenalised fit maps to it without changing a probability.
     free_weights = (weights - weights[:, :1])[:, 1:]
     free_intercept = (intercept - intercept[:1])[1:]
@@ -670,9 +683,7 @@ def logit_inference(
             raise InferenceError(
                 "the Hessian of the log-likelihood is singular, so the estimates have no "
                 "standard errors: "
-                + _diagnose_singular(
-                    np.asarray(features), row_weights, fit_intercept, term_names, eps
-                )
+                + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
             )
         if pivot < 1e4 * eps * num_params:
             warnings.warn(
@@ -758,9 +769,7 @@ def logit_inference(
             raise InferenceError(
                 "the Hessian of the log-likelihood is singular, so the estimates have no "
                 "standard errors: "
-                + _diagnose_singular(
-                    np.asarray(features), row_weights, fit_intercept, term_names, eps
-                )
+                + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
             )
         if cov_type == "cluster":
             values *= correction

@@ -48,6 +48,7 @@ import numpy as np
 import scipy.sparse
 from scipy.special import log_softmax, softmax
 
+from ._buckets import fitted_rows, pad_rows
 from .solvers import (
     NewtonCG,
     Status,
@@ -67,20 +68,6 @@ __all__ = ["LogisticRegression", "LogisticRegressionCV"]
 # are within noise up to ~200, and Newton-CG wins from ~200 on (5x at 650).
 AUTO_NEWTON_MAX_PARAMETERS = 128
 
-# Fits pad their rows with zero-weight rows (which change no sum of the objective) to a few
-# bucket sizes, so that fits on nearby shapes, as cross-validation folds, learning curves or
-# scikit-learn's checks produce, share one compiled solver: up to _PAD_POWER_OF_TWO_ROWS rows,
-# to the next power of two (at least 32; the extra rows cost next to nothing there); beyond,
-# to the next number with _PAD_MANTISSA_BITS bits after the leading one (4 buckets per
-# doubling: 5,120, 6,144, 7,168, 8,192, ...), at most 25% extra rows (about 10% on average).
-# Above _PAD_POWER_OF_TWO_ROWS the extra rows cost time in every product, so the first row
-# count a configuration meets is compiled exactly, and only other row counts of the same
-# configuration are padded: repeat fits on one data set pay nothing, a loop over sizes
-# compiles one program more than the buckets.
-_PAD_MIN_ROWS = 32
-_PAD_POWER_OF_TWO_ROWS = 1024
-_PAD_MANTISSA_BITS = 2
-
 # The compiled programs (about 10 MB each) that JAX keeps in memory for the life of the
 # process: when fits have needed more than this many distinct programs, JAX's in-memory
 # caches are cleared before compiling the next one, so that a loop over many shapes cannot
@@ -88,34 +75,6 @@ _PAD_MANTISSA_BITS = 2
 _MAX_PROGRAMS = 8
 _programs: OrderedDict[tuple, None] = OrderedDict()
 _programs_lock = threading.Lock()
-# The first row count of each configuration (see _fitted_rows), for the most recent ones.
-_MAX_CONFIGURATIONS = 64
-_first_rows: OrderedDict[tuple, int] = OrderedDict()
-
-
-def _padded_rows(n_samples: int) -> int:
-    """The bucket a fit on ``n_samples`` rows is padded to, when it is padded."""
-    if n_samples <= _PAD_POWER_OF_TWO_ROWS:
-        return max(_PAD_MIN_ROWS, 1 << (n_samples - 1).bit_length())
-    step = 1 << (n_samples.bit_length() - 1 - _PAD_MANTISSA_BITS)
-    return -(-n_samples // step) * step
-
-
-def _fitted_rows(n_samples: int, configuration: tuple) -> int:
-    """The row count a fit runs at: ``n_samples`` itself, or its bucket (`_padded_rows`).
-
-    Small fits are always padded. Above _PAD_POWER_OF_TWO_ROWS, the first row count seen for
-    a configuration (everything else that selects a compiled program) runs exactly, and any
-    other row count of that configuration runs at its bucket.
-    """
-    if n_samples <= _PAD_POWER_OF_TWO_ROWS:
-        return _padded_rows(n_samples)
-    with _programs_lock:
-        first = _first_rows.setdefault(configuration, n_samples)
-        _first_rows.move_to_end(configuration)
-        while len(_first_rows) > _MAX_CONFIGURATIONS:
-            _first_rows.popitem(last=False)
-    return n_samples if n_samples == first else _padded_rows(n_samples)
 
 
 def _use_program(key: tuple) -> None:
@@ -473,18 +432,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
         configuration = (X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
-        configuration += (bool(self.fit_intercept), reference, core_solver)
+        configuration += (bool(self.fit_intercept), reference, l2 > 0, core_solver)
         configuration += (bool(self.verbose), init is None, repr(self.devices))
-        n_rows = _fitted_rows(X.shape[0], configuration)
-        if n_rows > X.shape[0] and scipy.sparse.issparse(X):
-            padding = scipy.sparse.csr_matrix((n_rows - X.shape[0], X.shape[1]), dtype=X.dtype)
-            X = scipy.sparse.vstack([X, padding], format="csr")
-            labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
-            weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
-        elif n_rows > X.shape[0]:
-            X = np.concatenate([X, np.zeros((n_rows - X.shape[0], X.shape[1]), X.dtype)])
-            labels = np.concatenate([labels, np.zeros(n_rows - labels.size, labels.dtype)])
-            weights = np.concatenate([weights, np.zeros(n_rows - weights.size, X.dtype)])
+        # Zero-weight rows up to a bucket: nearby row counts share the program (`_buckets`).
+        X, labels, weights = pad_rows(fitted_rows(X.shape[0], configuration), X, labels, weights)
 
         labels = labels.astype(np.int32)
         if self.devices is not None:
@@ -1107,6 +1058,15 @@ class LogisticRegressionCV(LogisticRegression):
         # Built once, not in each split's trace of the lambda below.
         labels = labels.astype(np.int32)
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
+        configuration = ("path", X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
+        configuration += (bool(self.fit_intercept), reference, bool(np.all(l2 > 0)))
+        configuration += (core_solver, l2.shape[1], _splits_in_lockstep(X) and len(l2))
+        # Zero-weight rows up to a bucket: the outer folds of a nested cross-validation, whose
+        # row counts differ by one, share the program (`_buckets`).
+        X, labels, fold_weights = pad_rows(
+            fitted_rows(X.shape[0], configuration), X, labels, fold_weights
+        )
+        _use_program((X.shape[0], *configuration))
         with jax.enable_x64(X.dtype == np.float64):
             fit_path = jax.vmap(
                 lambda w, l2_values: fit_regularization_path(

@@ -9,6 +9,8 @@ column's scale does not decide whether it counts as collinear.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,13 +118,19 @@ def collinear_columns(
         entry in some null vector of the scaled Gram; rank is d̃ minus the number of null vectors.
     """
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
-        features = jnp.asarray(X)
-        if fit_intercept:
-            features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
-        weights = jnp.ones(features.shape[0], features.dtype)
-        if sample_weight is not None:
-            weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
-        return collinear_columns_of_gram(features.T @ (weights[:, None] * features))
+        gram = _counted_gram(jnp.asarray(X), sample_weight, fit_intercept=bool(fit_intercept))
+        return collinear_columns_of_gram(gram)
+
+
+@functools.partial(jax.jit, static_argnames="fit_intercept")
+def _counted_gram(features: jax.Array, sample_weight, *, fit_intercept: bool) -> jax.Array:
+    """X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃], one program (its six operations ran one by one, eagerly)."""
+    if fit_intercept:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    weights = jnp.ones(features.shape[0], features.dtype)
+    if sample_weight is not None:
+        weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
+    return features.T @ (weights[:, None] * features)
 
 
 def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:

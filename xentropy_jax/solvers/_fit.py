@@ -15,7 +15,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
-from .._checks import python_float
+from .._checks import python_float, python_int
 from .._linear import (
     LogisticObjective,
     column_sums_by_chunks,
@@ -468,15 +468,26 @@ def as_features(X):
     return features
 
 
-def fit_inputs(X, labels, sample_weight) -> tuple:
-    """(features, labels, weights) as the compiled fits take them.
+def fit_inputs(X, labels, sample_weight, init) -> tuple:
+    """(features, labels, weights, init) as the compiled fits take them.
 
-    X in the working precision (`as_features`), and every array sharded over `Explicit` mesh
-    axes moved to `Auto` ones (`with_auto_axes`); weights stay None when not given.
+    X in the working precision (`as_features`), weights and `init` in X's, labels as int32
+    when concrete (one program whatever the types given), and every array sharded over
+    `Explicit` mesh axes moved to `Auto` ones (`with_auto_axes`); weights and `init` stay None
+    when not given.
     """
     features = with_auto_axes(as_features(X))
-    weights = None if sample_weight is None else with_auto_axes(jnp.asarray(sample_weight))
-    return features, with_auto_axes(jnp.asarray(labels)), weights
+    weights = sample_weight
+    if weights is not None:
+        weights = with_auto_axes(jnp.asarray(weights).astype(features.dtype))
+    if init is not None:
+        init = tuple(jnp.asarray(part).astype(features.dtype) for part in init)
+    labels = jnp.asarray(labels)
+    if _is_concrete(labels) and _addressable(labels):
+        # Range-checked at the boundary (`_validate`). Traced labels keep their type, so that
+        # the check under `jit` sees values beyond int32.
+        labels = labels.astype(jnp.int32)
+    return features, with_auto_axes(labels), weights, init
 
 
 def fit_logistic_regression(
@@ -601,12 +612,13 @@ def fit_logistic_regression(
             f"l2 must be a scalar, got shape {np.shape(l2)}; for a grid of values use "
             "fit_regularization_path or jax.vmap"
         )
-    l2, tol = python_float(l2), python_float(tol)
+    # Python scalars: a NumPy scalar reaches `jit` with a fixed type, and compiled its own program.
+    l2, tol, max_iter = python_float(l2), python_float(tol), python_int(max_iter)
     checked = _validate(
         X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
     )
     _check_explicit_hessian_fits(config, X, num_classes, fit_intercept, reference_class)
-    features, labels, weights = fit_inputs(X, labels, sample_weight)
+    features, labels, weights, init = fit_inputs(X, labels, sample_weight, init)
     result = _fit(
         features,
         labels,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from .._checks import python_float, python_int
 from .._linear import logistic_objective
 from .._precision import full_precision
 from . import _preconditioners
@@ -234,11 +235,11 @@ def fit_regularization_path(
         raise ValueError(
             f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
         )
+    tol, max_iter = python_float(tol), python_int(max_iter)  # one program for every type
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
-    features, labels, weights = fit_inputs(X, labels, sample_weight)
-    features, weights, l2_values, init = _not_differentiable(
-        (features, weights, jnp.asarray(l2_values), init)
-    )
+    features, labels, weights, init = fit_inputs(X, labels, sample_weight, init)
+    l2_values = jnp.asarray(l2_values).astype(features.dtype)
+    features, weights, l2_values, init = _not_differentiable((features, weights, l2_values, init))
     results = _path(
         features,
         labels,

@@ -12,7 +12,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from .._checks import is_concrete as _is_concrete
-from .._checks import python_float
+from .._checks import python_float, python_int
 from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
@@ -248,8 +248,8 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
+    l2, tol, max_iter = python_float(l2), python_float(tol), python_int(max_iter)
     check_tol_and_max_iter(tol, max_iter)
-    l2, tol = python_float(l2), python_float(tol)
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:

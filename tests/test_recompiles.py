@@ -1,0 +1,127 @@
+"""Inputs that differ only in their types, or by a few rows, share one compiled program."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+import xentropy_jax as xj
+from xentropy_jax import _buckets
+from xentropy_jax import _inference_core as core
+from xentropy_jax.solvers import _fit as fit_module
+from xentropy_jax.solvers import _path as path_module
+
+jax.config.update("jax_enable_x64", True)
+
+NUM_CLASSES = 3
+
+
+def _data(num_rows, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(num_rows, 4)).astype(dtype)
+    y = rng.integers(0, NUM_CLASSES, num_rows)
+    return X, y
+
+
+@contextlib.contextmanager
+def no_new_program(function):
+    """Assert that the jitted `function` compiled no new program inside the block."""
+    size = function._cache_size()
+    yield
+    assert function._cache_size() == size
+
+
+def test_fit_types_that_do_not_matter_share_the_program():
+    # Each of these compiled its own program of the solver (1.6–4 s).
+    X, y = _data(60)
+    weights = np.random.default_rng(1).integers(1, 4, 60)
+    options = dict(l2=0.01, tol=1e-8)
+    reference = xj.fit_logistic_regression(X, y, NUM_CLASSES, max_iter=100, **options)
+    weighted = xj.fit_logistic_regression(X, y, NUM_CLASSES, sample_weight=weights * 1.0, **options)
+    init = tuple(np.asarray(part) for part in reference.params)
+    warm = xj.fit_logistic_regression(X, y, NUM_CLASSES, init=init, **options)
+    with no_new_program(fit_module._fit):
+        again = [
+            xj.fit_logistic_regression(X, y, NUM_CLASSES, max_iter=np.int64(100), **options),
+            xj.fit_logistic_regression(X, y.astype(np.uint8), NUM_CLASSES, **options),
+            xj.fit_logistic_regression(X, y.astype(np.int32), NUM_CLASSES, **options),
+        ]
+        same_weights = [
+            xj.fit_logistic_regression(X, y, NUM_CLASSES, sample_weight=w, **options)
+            for w in (weights, weights.astype(np.float32))
+        ]
+        warm_f32 = xj.fit_logistic_regression(
+            X, y, NUM_CLASSES, init=tuple(p.astype(np.float32) for p in init), **options
+        )
+    for result in again:
+        np.testing.assert_array_equal(result.params[0], reference.params[0])
+    for result in same_weights:
+        np.testing.assert_array_equal(result.params[0], weighted.params[0])
+    np.testing.assert_allclose(warm_f32.params[0], warm.params[0], atol=1e-6)
+
+
+def test_path_types_that_do_not_matter_share_the_program():
+    X, y = _data(60)
+    l2_values = np.array([1.0, 0.1, 0.01])
+    reference = xj.fit_regularization_path(X, y, NUM_CLASSES, l2_values, tol=1e-8, max_iter=50)
+    with no_new_program(path_module._path):
+        results = [
+            xj.fit_regularization_path(
+                X, y, NUM_CLASSES, l2_values, tol=np.float64(1e-8), max_iter=np.int64(50)
+            ),
+            xj.fit_regularization_path(
+                X, y.astype(np.int32), NUM_CLASSES, l2_values.astype(np.float32), tol=1e-8
+            ),
+        ]
+    np.testing.assert_array_equal(results[0].params[0], reference.params[0])
+    np.testing.assert_allclose(results[1].params[0], reference.params[0], atol=1e-6)
+
+
+def test_labels_beyond_int32_still_fail_under_jit():
+    # Concrete labels become int32 after their range check; traced ones keep their type, so the
+    # check inside `jit` still sees a label that int32 would wrap into range.
+    X, y = _data(40)
+    labels = y.astype(np.int64)
+    labels[3] = 2**32 + 1
+
+    @jax.jit
+    def status(labels):
+        return xj.fit_logistic_regression(X, labels, NUM_CLASSES, l2=0.1, throw=False).status
+
+    assert int(status(labels)) == xj.Status.INVALID_LABELS
+
+
+def test_inference_row_counts_share_the_sums(monkeypatch):
+    # Each new row count compiled the dense sums (0.8–1 s) and the robust ones again.
+    X, y = _data(510, seed=2)
+    sizes = (480, 500, 510)
+    assert len({_buckets.padded_rows(n) for n in sizes}) == 1
+    groups = np.arange(510) % 7
+
+    def inference(n):
+        fit = xj.fit_logistic_regression(
+            X[:n], y[:n], NUM_CLASSES, reference_class=True, solver="newton", tol=1e-12
+        )
+        return [
+            xj.logit_inference(fit, X[:n], y[:n], cov_type=cov, marginal_effects=True, **kw)
+            for cov, kw in (("nonrobust", {}), ("HC0", {}), ("cluster", {"groups": groups[:n]}))
+        ]
+
+    inference(sizes[0])
+    with no_new_program(core.dense_sums), no_new_program(core.margin_sums):
+        padded = [inference(n) for n in sizes[1:]]
+    # The zero-weight rows change nothing: the same results on the rows alone.
+    monkeypatch.setattr(xj._inference, "fitted_rows", lambda n, configuration: n)
+    for n, results in zip(sizes[1:], padded, strict=True):
+        for ours, exact in zip(results, inference(n), strict=True):
+            np.testing.assert_allclose(ours.bse, exact.bse, rtol=1e-9)
+            np.testing.assert_allclose(ours.llf, exact.llf, rtol=1e-12)
+            np.testing.assert_allclose(ours.margins.bse, exact.margins.bse, rtol=1e-9)
+
+
+@pytest.mark.parametrize("count", [1, 7, 33, 1000, 1025, 5000])
+def test_padded_rows_are_a_bucket_at_least_as_large(count):
+    padded = _buckets.padded_rows(count)
+    assert padded >= max(count, _buckets.MIN_ROWS)
+    assert _buckets.padded_rows(padded) == padded
