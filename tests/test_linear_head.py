@@ -780,6 +780,62 @@ def test_errors():
     # Under jit the label cannot be checked: its token's loss is NaN, never a plausible number.
     out = jax.jit(lambda y: fn(hidden, weight, y))(labels.at[0].set(V))
     assert jnp.isnan(out[0]) and jnp.all(jnp.isfinite(out[1:]))
+    with pytest.raises(ValueError, match="at least one class"):  # it named the labels' range
+        fn(hidden, weight[:, :0], labels)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_out_of_range_label_under_jit_gives_nan_gradients(reduction):
+    # With reduction="none" reverse mode gave the bad token a zero gradient: the rule's
+    # select against NaN was transposed into a zero cotangent.
+    hidden, weight, bias, labels = make_head()
+    bad = labels.at[0].set(V)
+
+    def total(hidden, weight, labels, where):
+        losses = xj.linear_softmax_cross_entropy(
+            hidden, weight, labels, bias=bias, where=where, reduction=reduction
+        )
+        return losses.sum()
+
+    gradient = jax.jit(jax.grad(total, argnums=(0, 1)))
+    grad_hidden, grad_weight = gradient(hidden, weight, bad, None)
+    assert jnp.all(jnp.isnan(grad_hidden[0])) and jnp.any(jnp.isnan(grad_weight))
+    # A token that `where` leaves out may hold any label: the gradient is the others'.
+    out = jnp.arange(N) != 0
+    grad_hidden, grad_weight = gradient(hidden, weight, bad, out)
+    expected = jax.grad(total, argnums=(0, 1))(hidden, weight, labels, out)
+    np.testing.assert_allclose(grad_hidden, expected[0], rtol=1e-12)
+    np.testing.assert_allclose(grad_weight, expected[1], rtol=1e-12)
+
+
+def test_z_loss_on_rows_with_every_class_masked():
+    # lse = −inf made the z-loss scale infinite, and 0 · inf gave NaN gradients and products
+    # although `where` leaves every such token out (they contribute exactly 0).
+    hidden, weight, _, labels = make_head()
+    masked = jnp.full((V,), -jnp.inf)
+    nothing = jnp.zeros(N, bool)
+
+    def loss(weight):
+        return xj.linear_softmax_cross_entropy(
+            hidden, weight, labels, bias=masked, where=nothing, reduction="sum", z_loss=1e-3
+        )
+
+    assert loss(weight) == 0.0
+    np.testing.assert_array_equal(jax.grad(loss)(weight), 0.0)
+    _, product = xj.linear_softmax_cross_entropy_ggn_vp(
+        hidden, weight, labels, (None, weight, None), bias=masked, where=nothing, z_loss=1e-3
+    )
+    np.testing.assert_array_equal(product[1], 0.0)
+
+
+def test_zero_features_differentiate():
+    # D = 0: the forward pass worked, its gradient raised ZeroDivisionError.
+    labels = jnp.array([0, 1, 2])
+    value, grad = jax.value_and_grad(
+        lambda w: xj.linear_softmax_cross_entropy(jnp.zeros((3, 0)), w, labels, reduction="mean")
+    )(jnp.zeros((0, 5)))
+    np.testing.assert_allclose(value, np.log(5.0), rtol=1e-12)
+    assert grad.shape == (0, 5)
 
 
 SHARDED_SCRIPT = textwrap.dedent(

@@ -88,7 +88,7 @@ def _row_blocks(x: jax.Array, config: _Config) -> jax.Array:
 
 
 def _unrow_blocks(x: jax.Array, config: _Config) -> jax.Array:
-    return x.reshape((-1,) + x.shape[2:])[: config.num_rows]
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[: config.num_rows]
 
 
 def _weight_blocks(weight: jax.Array, config: _Config) -> jax.Array:
@@ -165,7 +165,12 @@ def _block_gradient(
     lse = stats.lse
     if probs is None:
         probs = _block_probs(logits, lse)
-    scale = 1.0 + 2.0 * config.z_loss * lse if config.z_loss else None
+    # A row with every class masked has lse = −inf: its weight is 0, its scale must not be ±inf.
+    scale = (
+        1.0 + 2.0 * config.z_loss * jnp.where(jnp.isfinite(lse), lse, 0.0)
+        if config.z_loss
+        else None
+    )
     grad = probs if scale is None else scale[:, None] * probs
     label_entry = config.label_smoothing - stats.complement[:, None]
     if scale is not None:
@@ -198,7 +203,7 @@ def _block_ggn(logits, logits_dot, stats, row_weight, config: _Config, probs=Non
         curvature = probs * ((logits_dot - stats.shift[:, None]) - stats.dot[:, None])
         dot = stats.dot + stats.shift
     if config.z_loss:
-        scale = 1.0 + 2.0 * config.z_loss * lse
+        scale = 1.0 + 2.0 * config.z_loss * jnp.where(jnp.isfinite(lse), lse, 0.0)
         curvature = scale[:, None] * curvature + 2.0 * config.z_loss * probs * dot[:, None]
     # A −inf logit (masked or padded class) gives s = 0 and a finite ż: the product is 0 there.
     return curvature * row_weight[:, None]
@@ -411,7 +416,7 @@ def _add_weight_update(out_weight, index, hidden_r, coefficients, config: _Confi
     of a whole-vocabulary block would be a second weight-sized array.
     """
     width = coefficients.shape[1]
-    pieces = -(-width // max(1, _WEIGHT_SLICE_ELEMENTS // hidden_r.shape[1]))
+    pieces = -(-width // max(1, _WEIGHT_SLICE_ELEMENTS // max(1, hidden_r.shape[1])))
     step = -(-width // pieces)
 
     def add_piece(start, size, out_weight):
@@ -585,7 +590,7 @@ _reduced_loss.defjvp(_reduced_loss_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _token_loss(config, hidden, weight, bias, labels):
+def _token_loss(config, hidden, weight, bias, labels, mask):
     """``ℓ_i`` per token, ``[N]``."""
     stats = _statistics(hidden, weight, bias, labels, config)
     return _token_losses(stats, hidden, weight, bias, labels, config)
@@ -641,8 +646,8 @@ def _none_if_zero(tangent):
 
 @_token_loss.defjvp
 def _token_loss_jvp(config, primals, tangents):
-    hidden, weight, bias, labels = primals
-    hidden_dot, weight_dot, bias_dot, _ = (_none_if_zero(t) for t in tangents)
+    hidden, weight, bias, labels, mask = primals
+    hidden_dot, weight_dot, bias_dot, _, _ = (_none_if_zero(t) for t in tangents)
     stats = _statistics(hidden, weight, bias, labels, config)
     losses = _token_losses(stats, hidden, weight, bias, labels, config)
     if hidden_dot is None and weight_dot is None and bias_dot is None:
@@ -651,7 +656,10 @@ def _token_loss_jvp(config, primals, tangents):
         config, hidden, weight, bias, labels, stats, (hidden_dot, weight_dot, bias_dot)
     )
     valid = (labels >= 0) & (labels < config.vocab_size)
-    return losses, jnp.where(valid, tangent, jnp.nan).astype(losses.dtype)
+    # A NaN factor, not a select with a NaN constant: a select is transposed into a zero
+    # cotangent for the bad token, and the gradient would silently skip it.
+    poison = jnp.where(valid | ~mask, 1.0, jnp.nan).astype(tangent.dtype)
+    return losses, (tangent * poison).astype(losses.dtype)
 
 
 _token_loss.defjvp(_token_loss_jvp, symbolic_zeros=True)
@@ -744,6 +752,8 @@ def _prepare(
             f"{hidden.shape} and weight {weight.shape}."
         )
     dim, vocab_size = weight.shape
+    if vocab_size == 0:
+        raise ValueError(f"weight needs at least one class, got shape {weight.shape}.")
     batch_shape = hidden.shape[:-1]
     labels = wide_labels(jnp.asarray(labels))
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -791,8 +801,6 @@ def _prepare(
                 f"tokens; got {host_labels[bad][:5].tolist()}."
             )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
-    if vocab_size == 0:
-        raise ValueError(f"weight needs at least one class, got shape {weight.shape}.")
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)
     compute_dtype = np.dtype(jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32))
     config = _Config(
@@ -939,7 +947,7 @@ def linear_softmax_cross_entropy(
         # loss gives.
         return jnp.zeros(batch_shape if reduction == "none" else (), out_dtype)
     if reduction == "none":
-        losses = _token_loss(config, hidden, weight, bias, labels)
+        losses = _token_loss(config, hidden, weight, bias, labels, mask.reshape(-1))
         losses = jnp.where(mask.reshape(-1), losses, 0.0)
         return losses.reshape(batch_shape).astype(out_dtype)
     weights = _token_weights(mask, reduction, config.compute_dtype)
