@@ -379,3 +379,14 @@ def test_missing_extra_arguments_and_bad_hyperparameters_raise():
         with pytest.raises(ValueError, match="|".join(k for k in bad if k != "bias_correction")):
             factory(**bad)
     xj.scale_by_sophia_g(clip_threshold=np.inf)  # no clipping: a valid bound
+    # Accepted silently ("1" read as 1.0, "yes" as true), or failing at init inside JAX.
+    for factory, bad in [
+        (xj.gauss_newton, {"initial_damping": "1"}),
+        (xj.scale_by_ggn_diagonal, {"damping": True}),
+        (xj.sophia_g, {"bias_correction": "yes"}),
+    ]:
+        with pytest.raises(TypeError, match=next(iter(bad))):
+            factory(**bad)
+    for factory in (xj.sophia_g, xj.scale_by_ggn_diagonal):
+        with pytest.raises(ValueError, match="seed"):
+            factory(seed=1.5)

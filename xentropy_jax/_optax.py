@@ -54,6 +54,9 @@ def _check(
     """
     if not _is_concrete(value) or callable(value):
         return
+    if isinstance(value, (bool, np.bool_)) or np.asarray(value).dtype.kind not in "iuf":
+        # np.asarray("1", dtype=float) is 1.0: a string passed, and failed later or never.
+        raise TypeError(f"{name} must be a number, got {value!r}.")
     array = np.asarray(value, dtype=np.float64)
     ok = (array >= low if closed else array > low) & (array < high if below_high else array <= high)
     if finite or integer:
@@ -94,6 +97,13 @@ def _float_dtype(params: PyTree) -> jnp.dtype:
     leaves = jax.tree.leaves(params)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_seed_and_flag(seed: Any, flag_name: str | None = None, flag: Any = False) -> None:
+    """A concrete integer seed (1.5 failed only at `init`, inside JAX), and a boolean flag."""
+    _check("seed", seed, -np.inf, np.inf, integer=True)
+    if flag_name is not None and not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"{flag_name} must be True or False, got {flag!r}.")
 
 
 def _key_data(seed: int) -> jax.Array:
@@ -460,6 +470,7 @@ def scale_by_sophia_g(
     _check("update_interval", update_interval, 1.0, integer=True)
     _check("clip_threshold", clip_threshold, 0.0, closed=False)
     _check_estimator(estimator)
+    _check_seed_and_flag(seed, "bias_correction", bias_correction)
 
     def init_fn(params: PyTree) -> SophiaGState:
         return SophiaGState(
@@ -679,6 +690,7 @@ def scale_by_ggn_diagonal(
     _check("decay", decay, 0.0, 1.0, below_high=True)
     _check("update_interval", update_interval, 1.0, integer=True)
     _check_estimator(estimator)
+    _check_seed_and_flag(seed)
 
     def init_fn(params: PyTree) -> ScaleByGGNDiagonalState:
         return ScaleByGGNDiagonalState(
