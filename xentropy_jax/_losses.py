@@ -192,8 +192,8 @@ def _spread(rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     product's ``s ⊙ (… − spread(Σ_k s_k c_k))`` then meets the CPU backend's wrong float32
     fusion of ``Σ_k(s ⊙ v)`` (see `_row_sums_of_products`): ``jax.jit(jax.jacrev)`` of a
     Hessian product came out 16–60% off. The tangent's contraction with ones transposes into a
-    contraction, which stays out of that fusion; the primal keeps the broadcast, which costs
-    nothing in the solvers' products (the contraction did: 1.6× two GEMMs against 1.2×).
+    contraction, which stays out of that fusion. The primal keeps the broadcast: the solvers'
+    compiled Hessian products are the same instructions as with the plain formula.
     """
     return jnp.broadcast_to(rows, shape)
 
