@@ -696,6 +696,11 @@ def test_bad_arguments_raise_clear_errors(rng):
         xj.softmax_cross_entropy(logits, soft, axis=True)
     with pytest.raises(ValueError, match="tangents"):
         xj.softmax_cross_entropy_hvp(logits, soft[:, :2])
+    # Complex tangents crashed inside JAX's `floor`; complex labels were cast to real.
+    with pytest.raises(TypeError, match="tangents must be real"):
+        xj.softmax_cross_entropy_hvp(logits, soft.astype(jnp.complex64))
+    with pytest.raises(TypeError, match="labels must be real"):
+        xj.softmax_cross_entropy(logits, soft.astype(jnp.complex64))
 
 
 @pytest.mark.parametrize("smoothing", [np.float32(1.5), jnp.array(-0.1), np.array(2.0)])

@@ -682,7 +682,8 @@ def softmax_cross_entropy(
         ``[...]``: the loss of each example (no reduction).
 
     Raises:
-        TypeError: if the logits are not floating point, or ``where`` is not boolean.
+        TypeError: if the logits are not floating point, the labels complex, or ``where`` not
+            boolean.
         ValueError: for a bad ``axis``, shapes that do not broadcast, or ``α`` outside [0, 1].
 
     Example:
@@ -696,6 +697,8 @@ def softmax_cross_entropy(
     """
     logits = _check_floating(logits)
     labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.complexfloating):  # was cast to real, silently
+        raise TypeError(f"labels must be real, got dtype {labels.dtype}.")
     _check_label_smoothing(label_smoothing)
     axes = _normalize_axes(axis, logits.ndim)
     try:
@@ -938,6 +941,7 @@ def softmax_cross_entropy_hvp(
 
     Raises:
         ValueError: if ``tangents`` and ``logits`` differ in shape.
+        TypeError: if the logits are not floating point or the tangents complex.
 
     Example:
         >>> import jax.numpy as jnp
@@ -948,6 +952,8 @@ def softmax_cross_entropy_hvp(
     """
     logits = _check_floating(logits)
     tangents = jnp.asarray(tangents)
+    if jnp.issubdtype(tangents.dtype, jnp.complexfloating):  # crashed inside JAX's `floor`
+        raise TypeError(f"tangents must be real, got dtype {tangents.dtype}.")
     if tangents.shape != logits.shape:
         raise ValueError(
             f"tangents of shape {tangents.shape} must have the logits' shape {logits.shape}."
