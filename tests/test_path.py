@@ -110,6 +110,25 @@ def test_bad_path_arguments(problem):
     )(np.nan)
     assert np.all(np.asarray(traced.status) == xj.Status.INVALID_TOL)
     assert np.all(np.asarray(traced.n_iter) == 0)
+    # A bad l2 among good ones marks its own fit only (it marked them all); the others are the
+    # path of the good values alone, warm starts included.
+    grid = np.array([L2_VALUES[0], np.nan, *L2_VALUES[1:], -1.0])
+    run = jax.jit(
+        lambda l2: xj.fit_regularization_path(X, y, NUM_CLASSES, l2, tol=1e-10, throw=False)
+    )
+    traced = run(grid)
+    status = np.asarray(traced.status)
+    assert status[1] == status[-1] == xj.Status.INVALID_L2
+    assert traced.n_iter[1] == traced.n_iter[-1] == 0
+    good = np.r_[0, 2 : grid.size - 1]
+    assert np.all(status[good] == xj.Status.CONVERGED)
+    alone = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, tol=1e-10)
+    np.testing.assert_allclose(traced.params[0][good], alone.params[0], atol=1e-8)
+    # Bad labels still mark every fit, with the labels' status.
+    bad = jax.jit(
+        lambda y: xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES, throw=False).status
+    )(np.where(np.arange(y.size) == 0, NUM_CLASSES, y))
+    assert np.all(np.asarray(bad) == xj.Status.INVALID_LABELS)
 
 
 def test_the_path_refuses_to_be_differentiated(problem):

@@ -74,18 +74,27 @@ def _path(
         penalised=penalised,
         transposed_copy=transposed_copy,
     )
+    # Under `jit` each value is judged on its own: a NaN or negative l2 marks only its fit
+    # INVALID_L2 (no iteration), not the whole path; bad labels, weights or tol mark every fit.
+    valid_l2 = jnp.isfinite(l2_values) & (l2_values >= 0)
     preconditioner = getattr(solver, "preconditioner", None)
     extra = {}
     if preconditioner is not None:
-        # The basis serves every value of the path: the weakest penalty decides it.
-        weakest = dataclasses.replace(objective, l2=jnp.min(l2_values).astype(objective.dtype))
+        # The basis serves every value of the path: the weakest valid penalty decides it.
+        weakest = jnp.min(jnp.where(valid_l2, l2_values, jnp.inf))
+        weakest = jnp.where(jnp.any(valid_l2), weakest, 0).astype(objective.dtype)
+        weakest = dataclasses.replace(objective, l2=weakest)
         extra["basis"] = _preconditioners.setup_basis(preconditioner, weakest)
-    invalid = _input_status(objective, sample_weight, l2_values, tol)
+    common = _input_status(objective, sample_weight, jnp.zeros((), l2_values.dtype), tol)
     tol = attainable_tolerance(objective, tol)  # does not depend on l2
-    max_iter = jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32)
 
-    def step(carry, l2):
+    def step(carry, inputs):
         optima, log_l2s = carry  # the last three optima and their log(l2), newest last
+        l2, valid = inputs
+        # INVALID_L2 ranks above INVALID_TOL and below the rest, as in `_input_status`.
+        fine = (common == Status.CONVERGED) | (common == Status.INVALID_TOL)
+        invalid = jnp.where(~valid & fine, Status.INVALID_L2, common).astype(jnp.int32)
+        iterations = jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32)
         problem = dataclasses.replace(objective, l2=l2.astype(objective.dtype))
         log_l2 = jnp.log(jnp.maximum(problem.l2, jnp.finfo(problem.dtype).tiny))
         # Predictor: the optimum moves smoothly with log(l2). Candidate starts are the last
@@ -96,14 +105,16 @@ def _path(
         values = jax.lax.map(problem.value, candidates)  # one [N, K] of logits at a time
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         start = candidates[jnp.argmin(values)]
-        output = solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
+        output = solver.minimize(problem, start, tol=tol, max_iter=iterations, **extra)
         result = finalize(problem, output, invalid)
-        optima = jnp.concatenate([optima[1:], output.theta[None]])
-        return (optima, jnp.concatenate([log_l2s[1:], log_l2[None]])), result
+        # A skipped value leaves the history as it was: the next fit predicts from valid ones.
+        optima = jnp.where(valid, jnp.concatenate([optima[1:], output.theta[None]]), optima)
+        log_l2s = jnp.where(valid, jnp.concatenate([log_l2s[1:], log_l2[None]]), log_l2s)
+        return (optima, log_l2s), result
 
     theta = _initial_theta(objective, init)
     history = jnp.full((3,), -jnp.inf, objective.dtype)
-    _, results = jax.lax.scan(step, (jnp.stack([theta] * 3), history), l2_values)
+    _, results = jax.lax.scan(step, (jnp.stack([theta] * 3), history), (l2_values, valid_l2))
     return results
 
 
@@ -206,7 +217,9 @@ def fit_regularization_path(
 
     Returns:
         A `FitResult` whose every field has a leading axis [L]: params (W [L, d, K],
-        b [L, K]), loss, converged, n_iter, grad_norm, status, n_hessian_products.
+        b [L, K]), loss, converged, n_iter, grad_norm, status, n_hessian_products. Under
+        `jit`, a NaN, infinite or negative l2 gives its own fit the status INVALID_L2 (no
+        iteration), and the other values are fitted as if it were not there.
 
     Raises:
         ValueError: as `fit_logistic_regression`, and for `l2_values` that are not a non-empty
