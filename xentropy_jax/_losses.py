@@ -224,24 +224,6 @@ def _row_sums_of_products(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @jax.custom_jvp
-def _logsumexp(logits: jax.Array, where: jax.Array | None) -> jax.Array:
-    """Row-wise ``log Σ_k exp(z_k) = c + log1p(R)`` over included classes, ``[...]``."""
-    exps, peak = _exponentials(logits, where)
-    return (peak + jnp.log1p(_rest(exps)))[..., 0]
-
-
-@_logsumexp.defjvp
-def _logsumexp_jvp(primals, tangents):
-    # d logsumexp = sᵀż; R's own formula (a `min` per class) must not be differentiated.
-    logits, where = primals
-    logits_dot, _ = tangents
-    probs = softmax_rule(logits, where)  # 0 on masked classes
-    if where is not None:
-        logits_dot = jnp.where(where, logits_dot, 0)
-    return _logsumexp(logits, where), _row_sums_of_products(probs, logits_dot)[..., 0]
-
-
-@jax.custom_jvp
 def _log1p_rest(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     """``log1p(R) = logsumexp(z) − c`` per row, ``[...]``; its derivative is ``sᵀż`` (c held)."""
     exps, _ = _exponentials(logits, where)
@@ -250,6 +232,8 @@ def _log1p_rest(logits: jax.Array, where: jax.Array | None) -> jax.Array:
 
 @_log1p_rest.defjvp
 def _log1p_rest_jvp(primals, tangents):
+    # d logsumexp = sᵀż, as a contraction (see `_row_sums_of_products`); R's own formula (a
+    # `min` per class) must not be differentiated.
     logits, where = primals
     logits_dot, _ = tangents
     if where is not None:
