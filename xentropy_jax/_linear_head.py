@@ -152,6 +152,15 @@ def _block_probs(logits, lse) -> jax.Array:
     return jnp.exp(logits - lse[:, None])
 
 
+def _z_loss_scale(lse: jax.Array, config: _Config) -> jax.Array:
+    """``1 + 2ζ·lse`` per row, the z-loss's factor on the softmax terms.
+
+    A row with every class masked has lse = −inf: its weight is 0, and its scale must not be
+    ±inf (0·inf made its gradient and products NaN).
+    """
+    return 1.0 + 2.0 * config.z_loss * jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
 def _block_gradient(
     logits, stats, labels_r, row_weight, index, config: _Config, probs=None
 ) -> jax.Array:
@@ -165,12 +174,7 @@ def _block_gradient(
     lse = stats.lse
     if probs is None:
         probs = _block_probs(logits, lse)
-    # A row with every class masked has lse = −inf: its weight is 0, its scale must not be ±inf.
-    scale = (
-        1.0 + 2.0 * config.z_loss * jnp.where(jnp.isfinite(lse), lse, 0.0)
-        if config.z_loss
-        else None
-    )
+    scale = _z_loss_scale(lse, config) if config.z_loss else None
     grad = probs if scale is None else scale[:, None] * probs
     label_entry = config.label_smoothing - stats.complement[:, None]
     if scale is not None:
@@ -203,7 +207,7 @@ def _block_ggn(logits, logits_dot, stats, row_weight, config: _Config, probs=Non
         curvature = probs * ((logits_dot - stats.shift[:, None]) - stats.dot[:, None])
         dot = stats.dot + stats.shift
     if config.z_loss:
-        scale = 1.0 + 2.0 * config.z_loss * jnp.where(jnp.isfinite(lse), lse, 0.0)
+        scale = _z_loss_scale(lse, config)
         curvature = scale[:, None] * curvature + 2.0 * config.z_loss * probs * dot[:, None]
     # A −inf logit (masked or padded class) gives s = 0 and a finite ż: the product is 0 there.
     return curvature * row_weight[:, None]
