@@ -99,11 +99,10 @@ def _float_dtype(params: PyTree) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_seed_and_flag(seed: Any, flag_name: str | None = None, flag: Any = False) -> None:
-    """A concrete integer seed (1.5 failed only at `init`, inside JAX), and a boolean flag."""
-    _check("seed", seed, -np.inf, np.inf, integer=True)
-    if flag_name is not None and not isinstance(flag, (bool, np.bool_)):
-        raise TypeError(f"{flag_name} must be True or False, got {flag!r}.")
+def _check_flag(name: str, value: Any) -> None:
+    """A boolean option (``"yes"`` passed as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _key_data(seed: int) -> jax.Array:
@@ -470,7 +469,8 @@ def scale_by_sophia_g(
     _check("update_interval", update_interval, 1.0, integer=True)
     _check("clip_threshold", clip_threshold, 0.0, closed=False)
     _check_estimator(estimator)
-    _check_seed_and_flag(seed, "bias_correction", bias_correction)
+    _check("seed", seed, -np.inf, np.inf, integer=True)  # 1.5 failed at `init`, inside JAX
+    _check_flag("bias_correction", bias_correction)
 
     def init_fn(params: PyTree) -> SophiaGState:
         return SophiaGState(
@@ -690,7 +690,7 @@ def scale_by_ggn_diagonal(
     _check("decay", decay, 0.0, 1.0, below_high=True)
     _check("update_interval", update_interval, 1.0, integer=True)
     _check_estimator(estimator)
-    _check_seed_and_flag(seed)
+    _check("seed", seed, -np.inf, np.inf, integer=True)
 
     def init_fn(params: PyTree) -> ScaleByGGNDiagonalState:
         return ScaleByGGNDiagonalState(
