@@ -1059,8 +1059,9 @@ class LogisticRegressionCV(LogisticRegression):
         labels = labels.astype(np.int32)
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
         configuration = ("path", X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
-        configuration += (bool(self.fit_intercept), reference, bool(np.all(l2 > 0)))
-        configuration += (core_solver, l2.shape[1], _splits_in_lockstep(X) and len(l2))
+        # (Whether l2 > 0 selects no program here: the vmapped path's l2 values are traced.)
+        configuration += (bool(self.fit_intercept), reference, core_solver, l2.shape[1])
+        configuration += (_splits_in_lockstep(X) and len(l2),)
         # Zero-weight rows up to a bucket: the outer folds of a nested cross-validation, whose
         # row counts differ by one, share the program (`_buckets`).
         X, labels, fold_weights = pad_rows(
