@@ -250,6 +250,15 @@ def test_masked_examples_are_dropped_and_weights_are_scale_free():
     once = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=WEIGHTS)
     thrice = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=3 * WEIGHTS)
     np.testing.assert_allclose(flat(once), flat(thrice), rtol=1e-12)
+    # Weights whose sum overflows: w / Σw with Σw = inf made every weight, and the product, 0.
+    huge = WEIGHTS / WEIGHTS.max() * 0.9 * np.finfo(np.float64).max
+    scaled = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=huge)
+    np.testing.assert_allclose(flat(once), flat(scaled), rtol=1e-12)
+    np.testing.assert_allclose(
+        xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=huge),
+        xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=WEIGHTS),
+        rtol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("pad", [-1, -100, K])

@@ -175,7 +175,7 @@ def test_bad_margins_subset():
     cases = [
         ("some", "margins_subset must be 'all'"),
         (np.ones((3, 3), bool), r"boolean margins_subset must have the shape .* \(3, 4\)"),
-        (np.array([0, 12]), r"margins_subset indices must lie in \[0, 12\)"),
+        (np.array([0, 12]), r"margins_subset indices must lie in \[-12, 12\)"),
         (np.array([0.5]), "flat indices into the marginal effects"),
     ]
     for bad, message in cases:

@@ -388,5 +388,10 @@ def test_missing_extra_arguments_and_bad_hyperparameters_raise():
         with pytest.raises(TypeError, match=next(iter(bad))):
             factory(**bad)
     for factory in (xj.sophia_g, xj.scale_by_ggn_diagonal):
-        with pytest.raises(ValueError, match="seed"):
-            factory(seed=1.5)
+        # A whole float passed the check and failed inside JAX at `init`.
+        for seed in (1.5, 2.0):
+            with pytest.raises(TypeError, match="seed must be an integer"):
+                factory(seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63"):
+            factory(seed=2**64)  # was "seed must be a number"
+        assert factory(seed=np.int64(3)).init(params) is not None

@@ -1,5 +1,7 @@
 """The regularisation path against independent fits; compile once; under vmap."""
 
+import dataclasses
+
 import chex
 import jax
 import numpy as np
@@ -31,6 +33,24 @@ def test_path_matches_independent_fits(problem, solver):
         np.testing.assert_allclose(path.params[0][index], single.params[0], atol=1e-8)
         np.testing.assert_allclose(path.params[1][index], single.params[1], atol=1e-8)
         np.testing.assert_allclose(path.loss[index], single.loss, rtol=1e-12)
+
+
+def test_a_protocol_solver_with_a_preconditioner_attribute(problem):
+    # The path passed `basis=` to any solver with a `preconditioner` attribute, which the
+    # Solver protocol's `minimize` does not take.
+    @dataclasses.dataclass(frozen=True)
+    class Wrapped:
+        preconditioner: str = "diagonal"
+
+        def minimize(self, objective, theta, *, tol, max_iter, verbose=False):
+            inner = xj.NewtonCG(preconditioner=self.preconditioner)
+            return inner.minimize(objective, theta, tol=tol, max_iter=max_iter, verbose=verbose)
+
+    X, y = problem
+    path = xj.fit_regularization_path(X, y, NUM_CLASSES, L2_VALUES[:2], tol=1e-10, solver=Wrapped())
+    for index, l2 in enumerate(L2_VALUES[:2]):
+        single = xj.fit_logistic_regression(X, y, NUM_CLASSES, l2=l2, tol=1e-10)
+        np.testing.assert_allclose(path.params[0][index], single.params[0], atol=1e-8)
 
 
 def test_warm_start_saves_iterations(problem):

@@ -371,6 +371,17 @@ def test_cross_validation_refuses_an_unknown_scorer_and_empty_l1_ratios(iris):
         LogisticRegressionCV(scoring="nonsense").fit(X, y)
     with pytest.raises(ValueError, match="l1_ratios must hold at least one value"):
         LogisticRegressionCV(l1_ratios=[]).fit(X, y)
+    for ratios in ([np.nan], [-1.0]):  # both were fitted as L2
+        with pytest.raises(ValueError, match=r"l1_ratio values must lie in \[0, 1\]"):
+            LogisticRegressionCV(Cs=2, cv=3, l1_ratios=ratios).fit(X, y)
+
+
+def test_cross_validation_inference_is_that_of_the_chosen_c(iris):
+    # It read the inherited C = 1.0: an unpenalised choice raised "the fit is penalised".
+    X, y = iris[0][::3, :1], iris[1][::3]
+    chosen = LogisticRegressionCV(Cs=[np.inf], cv=3).fit(X, y)
+    single = LogisticRegression(penalty=None).fit(X, y)
+    np.testing.assert_allclose(chosen.inference(X, y).bse, single.inference(X, y).bse, rtol=1e-6)
 
 
 def test_cross_validation_calls_a_plain_callable_scorer_without_weights(iris):

@@ -835,6 +835,27 @@ def test_float_labels_raise_under_jit_too():
         fit(labels)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weights_whose_sum_overflows_fit_as_their_ratios(dtype):
+    # w / Σw with Σw = inf made every weight 0: W = 0 reported CONVERGED, under jit too.
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(40, 3)).astype(dtype), np.arange(40) % 3
+    large = 0.9 * np.finfo(dtype).max
+    reference = fit_logistic_regression(features, labels, 3, l2=0.1, tol=1e-7)
+    weights = np.full(40, large)
+    eager = fit_logistic_regression(features, labels, 3, l2=0.1, tol=1e-7, sample_weight=weights)
+    traced = jax.jit(
+        lambda w: fit_logistic_regression(features, labels, 3, l2=0.1, tol=1e-7, sample_weight=w)
+    )(weights)
+    path = fit_regularization_path(features, labels, 3, [0.1], tol=1e-7, sample_weight=weights)
+    atol = 1e-5 if dtype == np.float32 else 1e-12
+    for params in (eager.params[0], traced.params[0], path.params[0][0]):
+        np.testing.assert_allclose(params, reference.params[0], atol=atol)
+    if dtype == np.float32:  # beyond float32 itself: a clear error, not inf weights
+        with pytest.raises(ValueError, match="Rescale the weights"):
+            fit_logistic_regression(features, labels, 3, sample_weight=np.full(40, 1e39))
+
+
 def test_subnormal_weights_raise_outside_jit():
     rng = np.random.default_rng(5)
     features, labels = rng.normal(size=(40, 3)), np.arange(40) % 3

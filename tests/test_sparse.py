@@ -195,3 +195,35 @@ def test_sparse_fit_compiles_once_per_shape():
             xj.fit_logistic_regression(X, labels, NUM_CLASSES, l2=0.1)
     finally:
         _fit._fit = original
+
+
+def test_batched_fits_with_every_l2_positive_skip_the_minimum_norm_projection(monkeypatch):
+    # Under vmap over l2 the projection's lax.cond became a select: every member built the
+    # Gram X̃ᵀŴX̃, which densified a sparse X (LogisticRegressionCV on a 20,000 × 2,000 CSR:
+    # +1 GiB and 29 s, against +0.4 GiB and 4 s without it).
+    from xentropy_jax.solvers import _collinear
+
+    calls = []
+
+    def recorded_gram(objective):
+        jax.debug.callback(lambda: calls.append(1))
+        return _linear.feature_gram(objective)
+
+    monkeypatch.setattr(_collinear, "feature_gram", recorded_gram)
+    rng = np.random.default_rng(4)
+    features = scipy.sparse.random(60, 5, density=0.4, format="csr", random_state=4)
+    features = scipy.sparse.hstack([features, features[:, :1]]).tocsr()  # collinear
+    labels = rng.integers(0, 3, 60)
+
+    def fit(l2):
+        return xj.fit_logistic_regression(features, labels, 3, l2=l2, tol=1e-10, throw=False)
+
+    positive = jax.vmap(fit)(jnp.array([0.1, 0.01]))
+    jax.effects_barrier()
+    assert calls == [] and bool(positive.converged.all())
+    mixed = jax.vmap(fit)(jnp.array([0.1, 0.0]))
+    jax.effects_barrier()
+    assert calls  # the member with l2 = 0 still gets its minimum-norm point
+    for index, l2 in enumerate((0.1, 0.0)):
+        member = [leaf[index] for leaf in mixed.params]
+        chex.assert_trees_all_close(tuple(member), fit(l2).params, atol=1e-12)

@@ -91,6 +91,26 @@ def test_streamed_fit_inside_jit_with_a_traced_penalty(files):
         np.testing.assert_allclose(result.params[0], whole.params[0], rtol=0, atol=1e-8)
 
 
+def test_streamed_fit_under_jit_reports_a_bad_l2_or_tol_as_the_in_memory_fit():
+    # Without an in-jit check a negative tol came back CONVERGED, a negative l2 MAX_ITER.
+    rng = np.random.default_rng(14)
+    X, y = rng.normal(size=(60, 3)), rng.integers(0, 3, 60)
+    cases = [(-0.5, 1e-8), (np.nan, 1e-8), (0.1, -1.0), (0.1, np.nan), (0.1, 1e-8)]
+    for fit in (xj.fit_logistic_regression, xj.fit_logistic_regression_streamed):
+        run = jax.jit(lambda l2, tol: fit(X, y, 3, l2=l2, tol=tol, throw=False))  # noqa: B023
+        statuses = [xj.Status(int(run(l2, tol).status)).name for l2, tol in cases]
+        assert statuses == ["INVALID_L2", "INVALID_L2", "INVALID_TOL", "INVALID_TOL", "CONVERGED"]
+
+
+def test_streamed_weights_outside_the_working_range_are_refused():
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(40, 2)).astype(np.float32), np.arange(40) % 3
+    # Divided by an overflowing total in float32, every weight became 0: W = 0, CONVERGED.
+    for weight in (1e37, 1e-39):
+        with pytest.raises(ValueError, match="Rescale the weights"):
+            xj.fit_logistic_regression_streamed(X, y, 3, l2=0.1, sample_weight=np.full(40, weight))
+
+
 def test_streamed_input_errors_name_the_rows(files):
     (X, y, _), _ = files
     bad = X.copy()

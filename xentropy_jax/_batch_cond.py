@@ -52,12 +52,20 @@ def batch_cond(
             out = lax.cond(pred, true_fun, false_fun, *operands)
             return out, jax.tree.map(lambda _: False, out)
         pred_batched, *operands_batched = in_batched
-        in_axes = [
-            jax.tree.map(lambda batched: 0 if batched else None, b) for b in operands_batched
-        ]
-        true_all, false_all = (
-            jax.vmap(fun, in_axes=in_axes, axis_size=axis_size) for fun in (true_fun, false_fun)
-        )
+        # Leaf by leaf: mapped over a pytree node such as a BCOO, None axes rebuilt the node
+        # around None leaves, which vmap did not take as a prefix of the operands.
+        leaves, tree = jax.tree.flatten(operands)
+        in_axes = [0 if batched else None for batched in jax.tree.leaves(operands_batched)]
+
+        def on_leaves(fun):
+            return jax.vmap(
+                lambda *leaves: fun(*jax.tree.unflatten(tree, leaves)),
+                in_axes=in_axes,
+                axis_size=axis_size,
+            )
+
+        true_all, false_all = on_leaves(true_fun), on_leaves(false_fun)
+        operands = leaves
         if not pred_batched:
             out = lax.cond(pred, true_all, false_all, *operands)
         else:

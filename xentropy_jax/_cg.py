@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._checks import check_real
 from ._seen import SeenBefore
 
 PyTree = Any
@@ -127,6 +128,9 @@ def _check_inputs(
             ) from None
     entry_tols = [("entry_tol", leaf) for leaf in jax.tree.leaves(entry_tol)]
     for name, value in [("rtol", rtol), ("atol", atol), *entry_tols]:
+        if value is None:
+            raise TypeError(f"{name} must be a non-negative number, got None.")
+        check_real(name, value)  # strings; complex, whose imaginary part was dropped
         if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
     size = sum(int(np.prod(jnp.shape(leaf))) for leaf in leaves)
@@ -136,9 +140,9 @@ def _check_inputs(
         np.ndim(max_steps) == 0
         and np.isfinite(max_steps)
         and int(max_steps) == max_steps
-        and max_steps >= 0
+        and 0 <= max_steps <= 2**31 - 1  # CG counts its steps in int32
     ):
-        raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}.")
+        raise ValueError(f"max_steps must be an integer in [0, 2**31 - 1], got {max_steps!r}.")
     return max_steps
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -13,12 +14,42 @@ def is_concrete(*values: Any) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
 
 
-def python_float(value: Any) -> Any:
+def dtype_of(value: Any) -> np.dtype:
+    """The dtype of an array (NumPy, jax, scipy.sparse, a tracer) or of what NumPy makes of it."""
+    dtype = getattr(value, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(value).dtype
+
+
+def check_real(name: str, value: Any) -> None:
+    """Raise TypeError unless `value` (None passes) is real and numeric: no strings, no complex.
+
+    A complex value was cast to real further on, and its imaginary part dropped silently.
+    """
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number or array, got the string {value!r}")
+    dtype = dtype_of(value)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(
+            f"{name} must be real, got dtype {dtype}: its imaginary part would be dropped silently"
+        )
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        raise TypeError(f"{name} must be numeric, got dtype {dtype}")
+
+
+def python_float(value: Any, name: str) -> Any:
     """A concrete scalar as a Python float, whatever its type; anything else unchanged.
 
     The fits take l2 and tol this way, so that ``np.float32(0.1)`` or a 0-d jax array reuses
     the program compiled for the same Python float instead of compiling another.
+
+    Raises:
+        TypeError: `value` (called `name`) is None, a string, complex or not numeric.
     """
+    if value is None:
+        raise TypeError(f"{name} must be a real number, got None")
+    check_real(name, value)
     return float(value) if is_concrete(value) and np.ndim(value) == 0 else value
 
 
@@ -26,10 +57,33 @@ def python_int(value: Any) -> Any:
     """A concrete integer scalar (NumPy's or a 0-d jax array) as a Python int; else unchanged.
 
     As `python_float`, for `max_iter`: ``np.int64(100)`` reuses the program of ``100``.
-    Booleans and floats stay as they are, for the checks to judge.
+    Booleans, floats and strings stay as they are, for the checks to judge.
     """
-    if isinstance(value, bool) or not (is_concrete(value) and np.ndim(value) == 0):
+    if isinstance(value, (bool, str, bytes)) or not (is_concrete(value) and np.ndim(value) == 0):
         return value
     if np.issubdtype(np.result_type(value), np.integer):
         return int(value)
     return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` as a bool, or TypeError unless it is one (Python's or NumPy's).
+
+    A string such as "no" is truthy: taken as a flag, it turned the option on.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_int_range(name: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
+    """`value` as a Python int in [low, high], else ValueError (int32 loop bounds by default).
+
+    Beyond int32, a bound passed into a compiled loop escaped as JAX's OverflowError naming an
+    internal argument; a float such as 2.5 was truncated silently.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from ._checks import check_real
 from ._checks import is_concrete as _is_concrete
 from ._losses import (
     hessian_product_from_probs,
@@ -29,6 +30,7 @@ from ._losses import (
     softmax_cross_entropy_with_integer_labels,
     softmax_rule,
 )
+from ._rowsums import normalized_weights
 from ._seen import SeenBefore
 
 PyTree = Any
@@ -113,10 +115,9 @@ def example_coefficients(
     if sample_weight is None:
         return mass / n
     weight = _per_example(sample_weight, n, "sample_weight").astype(dtype)
-    total = jnp.sum(weight)
     # An all-zero weight vector is the empty mean, taken as the zero objective: no 0/0.
-    coefficients = jnp.where(total == 0, 0, weight * mass / jnp.where(total == 0, 1, total))
-    invalid = jnp.isnan(total) | jnp.any(weight < 0)
+    coefficients = normalized_weights(weight) * mass
+    invalid = jnp.any(~jnp.isfinite(weight) | (weight < 0))
     return jnp.where(invalid, jnp.nan, coefficients)
 
 
@@ -128,7 +129,12 @@ def _apply_ggn(
     damping: jax.Array,
     tangents: PyTree,
 ) -> PyTree:
-    logit_tangents = model_jvp(tangents)
+    try:
+        logit_tangents = model_jvp(tangents)
+    except (TypeError, ValueError) as error:  # JAX's words name no argument of ours
+        raise ValueError(
+            f"tangents must match params leaf by leaf (tree structure, shapes and dtypes): {error}"
+        ) from None
     vectors = logit_tangents.astype(probs.dtype)
     # The closed form of softmax_cross_entropy_hvp, s ⊙ (u − sᵀu), from probabilities computed
     # once: recomputing the softmax in every product would cost K exponentials per row each time.
@@ -210,6 +216,9 @@ def ggn_operator(
     check_params(params)
     shape = logits_shape(logits_fn, params, inputs)
     coefficients = example_coefficients(shape.shape[0], shape.dtype, sample_weight, label_mass)
+    if damping is None:
+        raise TypeError("damping must be a non-negative number, got None.")
+    check_real("damping", damping)
     if np.ndim(damping) != 0:
         raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}.")
     if _is_concrete(damping) and not 0 <= float(damping) < float("inf"):

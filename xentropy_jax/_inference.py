@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 
 from . import _inference_core as core
 from ._buckets import fitted_rows, pad_rows, padded_rows
+from ._checks import check_int_range, check_real
 from ._rowsums import chunk_rows
 from .solvers._result import FitResult, Status
 
@@ -351,6 +352,9 @@ def _validate(weights, intercept, X, labels, sample_weight):
             f"logit_inference needs dense X, got {type(X).__name__}: pass X.toarray() (SciPy "
             "sparse) or X.todense() (BCOO). The fit accepts sparse X; the inference does not."
         )
+    for name, value in (("params", weights), ("params", intercept), ("X", X)):
+        check_real(name, value)
+    check_real("sample_weight", sample_weight)
     if np.ndim(X) != 2 or np.shape(X)[1] != d:
         raise ValueError(f"X must be [n_samples, {d}] to match W, got shape {np.shape(X)}")
     n = np.shape(X)[0]
@@ -407,6 +411,8 @@ def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]")
             )
         return np.ones(shape, bool)
     values = np.asarray(subset)
+    if values.size == 0 and values.ndim == 1:  # [] is float to NumPy: no index at all
+        values = values.astype(np.intp)
     if values.dtype == bool:
         if values.shape != shape:
             raise ValueError(f"a boolean {name} must have the shape of {of} {shape}")
@@ -417,7 +423,7 @@ def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]")
         )
     size = int(np.prod(shape))
     if values.size and (values.min() < -size or values.max() >= size):
-        raise ValueError(f"{name} indices must lie in [0, {size})")
+        raise ValueError(f"{name} indices must lie in [-{size}, {size})")
     mask = np.zeros(size, bool)
     mask[values] = True
     return mask.reshape(shape)
@@ -581,6 +587,12 @@ def logit_inference(
     num_params = num_terms * kf
     if method == "auto":
         method = "dense" if num_params <= DENSE_MAX_PARAMS else "cg"
+    if cg_rtol is not None:
+        check_real("cg_rtol", cg_rtol)
+        if not (np.ndim(cg_rtol) == 0 and 0 < float(cg_rtol) < 1):
+            raise ValueError(f"cg_rtol must be a number in (0, 1), got {cg_rtol!r}")
+    if cg_max_steps is not None:
+        check_int_range("cg_max_steps", cg_max_steps, 1)
     if method == "cg" and subset is None:
         raise InferenceError(
             f"with {num_params} parameters the standard errors come from one CG solve per "

@@ -38,7 +38,7 @@ from jax.typing import ArrayLike
 
 from ._batch_cond import batch_cond
 from ._losses import hessian_product_from_probs
-from ._rowsums import row_chunk_sum
+from ._rowsums import normalized_weights, row_chunk_sum
 from ._sparse_products import map_features, matmul, transpose_matmul
 
 # "auto" preconditions CG with the Hessian diagonal beyond this many features (see
@@ -626,9 +626,7 @@ def logistic_objective(
     if sample_weight is None:
         weights = jnp.full(labels.shape, 1.0 / max(labels.shape[0], 1), dtype)
     else:
-        weights = jnp.asarray(sample_weight, dtype)
-        total = jnp.sum(weights)
-        weights = weights / jnp.where(total > 0, total, 1)
+        weights = normalized_weights(jnp.asarray(sample_weight, dtype))
     transposed = None
     if transposed_copy and not isinstance(features, sparse.BCOO):
         transposed = features.T

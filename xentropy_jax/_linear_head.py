@@ -43,7 +43,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
-from ._losses import wide_labels
+from ._losses import integer_labels
 
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
 # enough rows for every GEMM to run at full speed on CPU.
@@ -759,7 +759,8 @@ def _prepare(
     if vocab_size == 0:
         raise ValueError(f"weight needs at least one class, got shape {weight.shape}.")
     batch_shape = hidden.shape[:-1]
-    labels = wide_labels(jnp.asarray(labels))
+    given_labels = labels  # for the error message: `integer_labels` makes int64 ones −1
+    labels = integer_labels(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
     if labels.shape != batch_shape:
@@ -770,11 +771,10 @@ def _prepare(
         bias = jnp.zeros((vocab_size,), weight.dtype)
     else:
         bias = jnp.asarray(bias)
-        if bias.shape != (vocab_size,) or not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(
-                f"bias must be a floating [V] = [{vocab_size}] array, got "
-                f"{bias.dtype} {bias.shape}."
-            )
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}.")
+        if bias.shape != (vocab_size,):
+            raise ValueError(f"bias must have shape [V] = [{vocab_size}], got {bias.shape}.")
     if where is None:
         mask = jnp.ones(batch_shape, bool)
     else:
@@ -800,9 +800,10 @@ def _prepare(
         host_labels, host_mask = np.asarray(labels), np.asarray(mask)
         bad = host_mask & ((host_labels < 0) | (host_labels >= vocab_size))
         if bad.any():
+            given = np.broadcast_to(np.asarray(given_labels), bad.shape)
             raise ValueError(
                 f"labels must lie in [0, V) = [0, {vocab_size}) on included "
-                f"tokens; got {host_labels[bad][:5].tolist()}."
+                f"tokens; got {given[bad][:5].tolist()}."
             )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)

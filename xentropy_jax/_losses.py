@@ -358,6 +358,22 @@ def _soft_loss_jvp(primals, tangents):
 _soft_loss.defjvp(_soft_loss_jvp, symbolic_zeros=True)
 
 
+def integer_labels(labels: jax.typing.ArrayLike) -> jax.Array:
+    """Labels as a jax array, integer ones narrower than int32 widened (`wide_labels`).
+
+    Host labels (NumPy, lists) beyond int32 become −1 when 64-bit mode is off: `jnp.asarray`
+    would wrap them into int32 (2**32 + 1 to class 1), silently, where any label outside
+    [0, K) must give NaN.
+    """
+    if not isinstance(labels, jax.Array) and not jax.config.jax_enable_x64:
+        array = np.asarray(labels)
+        if np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize > 4:
+            info = np.iinfo(np.int32)
+            outside = (array < info.min) | (array > info.max)
+            labels = np.where(outside, -1, array).astype(np.int32)
+    return wide_labels(jnp.asarray(labels))
+
+
 def wide_labels(labels: jax.Array) -> jax.Array:
     """Integer labels narrower than int32, as int32.
 
@@ -798,7 +814,7 @@ def softmax_cross_entropy_with_integer_labels(
         [0.2761 2.9518]
     """
     logits = _check_floating(logits)
-    labels = wide_labels(jnp.asarray(labels))
+    labels = integer_labels(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"labels must be integer class indices, got dtype {labels.dtype}; for one-hot or "

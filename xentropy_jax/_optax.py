@@ -22,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ._cg import CGStatus, cg, tree_vdot
+from ._checks import check_flag as _check_flag
 from ._checks import is_concrete as _is_concrete
 from ._curvature import LogitsFn, PyTree, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
@@ -81,10 +83,24 @@ def _check_estimator(estimator: str) -> None:
 
 
 def _require_model(
-    name: str, params: PyTree | None, logits_fn: LogitsFn | None, inputs: PyTree | None
+    name: str,
+    updates: PyTree,
+    params: PyTree | None,
+    logits_fn: LogitsFn | None,
+    inputs: PyTree | None,
 ) -> None:
     if params is None:
         raise ValueError(f"{name}: update(grads, state, params, ...) needs the current params.")
+    try:
+        # Mismatches failed inside CG ("x0 must match rhs") or in a broadcast.
+        trees = (jax.tree.map(jnp.asarray, tree) for tree in (updates, params))
+        chex.assert_trees_all_equal_shapes(*trees)
+    except AssertionError as error:
+        detail = str(error).split("failed:", 1)[-1].strip()
+        raise ValueError(
+            f"{name}: the updates (gradients) must match params leaf by leaf (tree structure "
+            f"and shapes): {detail}"
+        ) from None
     if logits_fn is None or inputs is None:
         raise ValueError(
             f"{name}: update needs the model and batch as keyword arguments, "
@@ -99,10 +115,19 @@ def _float_dtype(params: PyTree) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_flag(name: str, value: Any) -> None:
-    """A boolean option (``"yes"`` passed as true)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
+def _check_seed(seed: Any) -> None:
+    """A concrete seed must be an integer that `jax.random.key` takes (int64's range).
+
+    A whole float (2.0) passed a numeric check and failed inside JAX, at `init`.
+    """
+    if not _is_concrete(seed):
+        return
+    if isinstance(seed, (bool, np.bool_)) or not (
+        isinstance(seed, int) or (np.ndim(seed) == 0 and np.asarray(seed).dtype.kind in "iu")
+    ):
+        raise TypeError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(seed, int) and not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}.")
 
 
 def _key_data(seed: int) -> jax.Array:
@@ -244,7 +269,7 @@ def gauss_newton(
         (True, 'CONVERGED')
     """
     _check("initial_damping", initial_damping, 0.0, finite=True)
-    _check("max_cg_steps", max_cg_steps, 1.0, integer=True)
+    _check("max_cg_steps", max_cg_steps, 1, 2**31 - 1, integer=True)  # int32: CG's counter
     _check("cg_rtol", cg_rtol, 0.0)
     _check("warm_start_decay", warm_start_decay, 0.0, 1.0)
     _check("damping_increase", damping_increase, 1.0)
@@ -282,7 +307,7 @@ def gauss_newton(
         **extra_args: Any,
     ) -> tuple[PyTree, GaussNewtonState]:
         del extra_args
-        _require_model("gauss_newton", params, logits_fn, inputs)
+        _require_model("gauss_newton", updates, params, logits_fn, inputs)
         grad = updates
         damping = state.damping
         operator = ggn_operator(
@@ -469,7 +494,7 @@ def scale_by_sophia_g(
     _check("update_interval", update_interval, 1.0, integer=True)
     _check("clip_threshold", clip_threshold, 0.0, closed=False)
     _check_estimator(estimator)
-    _check("seed", seed, -np.inf, np.inf, integer=True)  # 1.5 failed at `init`, inside JAX
+    _check_seed(seed)
     _check_flag("bias_correction", bias_correction)
 
     def init_fn(params: PyTree) -> SophiaGState:
@@ -492,7 +517,7 @@ def scale_by_sophia_g(
         **extra_args: Any,
     ) -> tuple[PyTree, SophiaGState]:
         del extra_args
-        _require_model("scale_by_sophia_g", params, logits_fn, inputs)
+        _require_model("scale_by_sophia_g", updates, params, logits_fn, inputs)
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         hessian, key = _refresh(
             state.count,
@@ -690,7 +715,7 @@ def scale_by_ggn_diagonal(
     _check("decay", decay, 0.0, 1.0, below_high=True)
     _check("update_interval", update_interval, 1.0, integer=True)
     _check_estimator(estimator)
-    _check("seed", seed, -np.inf, np.inf, integer=True)
+    _check_seed(seed)
 
     def init_fn(params: PyTree) -> ScaleByGGNDiagonalState:
         return ScaleByGGNDiagonalState(
@@ -712,7 +737,7 @@ def scale_by_ggn_diagonal(
         **extra_args: Any,
     ) -> tuple[PyTree, ScaleByGGNDiagonalState]:
         del extra_args
-        _require_model("scale_by_ggn_diagonal", params, logits_fn, inputs)
+        _require_model("scale_by_ggn_diagonal", updates, params, logits_fn, inputs)
         diagonal, key = _refresh(
             state.count,
             update_interval,

@@ -55,3 +55,18 @@ def row_chunk_sum(fn: Callable, arrays: tuple, chunk: int):
         tail = part(full * chunk, num_rows % chunk)
         total = tail if total is None else jax.tree.map(jnp.add, total, tail)
     return total
+
+
+def normalized_weights(weights: jax.Array) -> jax.Array:
+    """W / Σw for non-negative row weights w [N], all zero when Σw = 0; no overflow.
+
+    Scaled by the largest weight first, by its square root twice: XLA's CPU division multiplies
+    by the reciprocal, and 1/max is subnormal (flushed to 0) beyond 1/tiny (8.5e37 in
+    float32). The barriers keep XLA from folding the divisions into one by max·Σw, whose
+    overflow made every weight 0 (a fit of W = 0 reported as converged).
+    """
+    root = jnp.sqrt(jnp.max(weights, initial=0))
+    root = jnp.where(root > 0, root, 1)
+    weights = lax.optimization_barrier(lax.optimization_barrier(weights / root) / root)
+    total = jnp.sum(weights)
+    return weights / jnp.where(total > 0, total, 1)

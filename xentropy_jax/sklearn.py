@@ -144,6 +144,8 @@ def check_penalty(penalty: str | None, l1_ratio, dual: bool = False) -> None:
     ``dual=True`` for liblinear's dual formulation.
     """
     ratios = np.asarray([] if l1_ratio is None else l1_ratio, dtype=float).ravel()
+    if not np.all((ratios >= 0) & (ratios <= 1)):  # NaN too
+        raise ValueError(f"l1_ratio values must lie in [0, 1], got {l1_ratio!r}")
     if penalty in ("l1", "elasticnet") or np.any(ratios > 0):
         raise ValueError(
             f"penalty={penalty!r} with l1_ratio={l1_ratio!r} asks for an L1 or elastic-net "
@@ -669,8 +671,9 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 self.class_weight, classes=self.classes_, y=y, sample_weight=weights
             )
             weights *= per_class[position].astype(X.dtype)
-        unpenalised = self.penalty is None or np.isinf(self.C)
-        l2 = 0.0 if unpenalised else 1.0 / (float(self.C) * float(weights.sum()))
+        C = self._fitted_c()
+        unpenalised = self.penalty is None or np.isinf(C)
+        l2 = 0.0 if unpenalised else 1.0 / (C * float(weights.sum()))
         coef, intercept = _dense(self.coef_), self.intercept_
         if coef.shape[0] == 1:  # binomial: class 0 is the reference
             coef = np.concatenate([np.zeros_like(coef), coef])
@@ -694,6 +697,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 term_names=None if names is None else [str(n) for n in names],
                 class_names=[str(c) for c in self.classes_],
             )
+
+    def _fitted_c(self) -> float:
+        """The ``C`` of the fitted coefficients (for :meth:`inference`)."""
+        return float(self.C)
 
     def summary(self, X, y, sample_weight=None, **options) -> str:
         """The text table of :meth:`inference` (one block per class against ``classes_[0]``).
@@ -1098,6 +1105,10 @@ class LogisticRegressionCV(LogisticRegression):
         model.classes_, model.coef_, model.intercept_ = classes, coef, intercept
         model.n_features_in_ = coef.shape[1]
         return model
+
+    def _fitted_c(self) -> float:
+        """The chosen ``C_``, not the unused ``C`` inherited from :class:`LogisticRegression`."""
+        return float(np.ravel(self.C_)[0])
 
     def _set_path_attributes(self, chosen, scores, coefs, intercepts, n_iter) -> None:
         """``C_``, ``l1_ratio_``, ``l1_ratios_``, ``scores_``, ``coefs_paths_`` and ``n_iter_``.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._batch_cond import batch_cond
 from .._linear import LogisticObjective, feature_gram
 from .._precision import full_precision
 from ._linalg import eigh, jacobi_scaled, solve
@@ -33,37 +34,47 @@ def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     return scale, vectors, values <= cutoff
 
 
-def minimum_norm(objective: LogisticObjective, theta: jax.Array) -> jax.Array:
+def minimum_norm(
+    objective: LogisticObjective, theta: jax.Array, *, transposable: bool = True
+) -> jax.Array:
     """θ with its components along the features' null space removed, when l2 = 0.
 
     Θ [d̃, Kf] (θ's rows are the features, then the intercept) becomes (I − P)·Θ with P the
     orthogonal projector onto null(X̃ᵀŴX̃): the same logits on every weighted row, so the same
     objective, and the least norm among all optima. With l2 > 0 the optimum is unique and θ is
     returned unchanged. Cost: one Gram (O(N·d̃²)) and two O(d̃³) factorisations, only when
-    l2 = 0 (a `lax.cond`) and d̃ <= MAX_PROJECTED_COLUMNS; nothing at all, not even in the
+    l2 = 0 (a branch) and d̃ <= MAX_PROJECTED_COLUMNS; nothing at all, not even in the
     compiled program, when the objective is statically `penalised`.
+
+    `transposable`: True branches with `lax.cond`, linear in θ and transposable, as a
+    projection of tangents needs; under `vmap` over l2 it becomes a select that computes the
+    projection for every member (a sparse X's Gram densified X). False (a fit's final point,
+    never transposed) branches with `batch_cond`: a batch whose l2 are all positive, as a
+    cross-validation's, skips it.
     """
     rows = objective.num_features + int(objective.fit_intercept)
     if objective.penalised:
         return theta
-
-    def moves_no_logit(removed: jax.Array, gram: jax.Array) -> jax.Array:
-        """Whether X̃·removed is rounding: RMS over the weighted rows, measured with X itself.
-
-        The rank is decided on the Gram, whose eigenvalues resolve singular values only down
-        to √(d̃·eps) of the largest (7e-4 in float32): columns x and x + 1e-3·noise read as
-        collinear, and removing the component the fit had put along them moved the logits and
-        raised the objective by 0.9% (float32; 5.8% in float64 at a 1.4e-8 ratio) while the
-        fit reported CONVERGED at the optimum's loss. X̃ itself resolves them to eps.
-        """
-        logits = objective.predictor(removed)
-        change = jnp.sqrt(jnp.sum(objective.weights[:, None] * logits**2))
-        size = jnp.sqrt(jnp.trace(gram)) * jnp.linalg.norm(theta)
-        return change <= _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * size
-
     return project_minimum_norm(
-        lambda: feature_gram(objective), rows, objective.l2, theta, moves_no_logit
+        feature_gram, rows, objective.l2, theta, _moves_no_logit, objective, transposable
     )
+
+
+def _moves_no_logit(
+    removed: jax.Array, gram: jax.Array, theta: jax.Array, objective: LogisticObjective
+) -> jax.Array:
+    """Whether X̃·removed is rounding: RMS over the weighted rows, measured with X itself.
+
+    The rank is decided on the Gram, whose eigenvalues resolve singular values only down
+    to √(d̃·eps) of the largest (7e-4 in float32): columns x and x + 1e-3·noise read as
+    collinear, and removing the component the fit had put along them moved the logits and
+    raised the objective by 0.9% (float32; 5.8% in float64 at a 1.4e-8 ratio) while the
+    fit reported CONVERGED at the optimum's loss. X̃ itself resolves them to eps.
+    """
+    logits = objective.predictor(removed)
+    change = jnp.sqrt(jnp.sum(objective.weights[:, None] * logits**2))
+    size = jnp.sqrt(jnp.trace(gram)) * jnp.linalg.norm(theta)
+    return change <= _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * size
 
 
 # A removed component may move the weighted RMS logit by this many eps of √trace(A)·‖θ‖, a bound
@@ -72,19 +83,21 @@ _MOVE_FACTOR = 64.0
 
 
 def project_minimum_norm(
-    gram, rows: int, l2: jax.Array, theta: jax.Array, accept=None
+    gram, rows: int, l2: jax.Array, theta: jax.Array, accept=None, data=(), transposable=True
 ) -> jax.Array:
-    """`minimum_norm` with the Gram X̃ᵀŴX̃ [rows, rows] from `gram()` (called only when l2 = 0).
+    """`minimum_norm` with the Gram X̃ᵀŴX̃ [rows, rows] from `gram(data)` (only when l2 = 0).
 
     For objectives whose Gram is not one matrix product, such as a sum over streamed chunks.
-    ``accept(removed, gram)``, when given, says whether removing ``removed`` [P] leaves the
-    logits unchanged; if not, θ is kept as the solver left it (an optimum, not of least norm).
+    ``accept(removed, gram, θ, data)``, when given, says whether removing ``removed`` [P] leaves
+    the logits unchanged; if not, θ is kept as the solver left it (an optimum, not of least
+    norm). `data` (a pytree: the objective) carries every traced array the two functions use;
+    `transposable` as in `minimum_norm`.
     """
     if rows > MAX_PROJECTED_COLUMNS:
         return theta
 
-    def project(theta):
-        matrix = gram()
+    def project(theta, data):
+        matrix = gram(data)
         scale, vectors, null = _scaled_null_space(matrix)
         # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
         # of N zeroed and an identity in their place so that the Gram stays invertible.
@@ -94,9 +107,10 @@ def project_minimum_norm(
         removed = (basis @ solve(normal, basis.T @ block)).reshape(-1)
         if accept is None:
             return theta - removed
-        return jnp.where(accept(removed, matrix), theta - removed, theta)
+        return jnp.where(accept(removed, matrix, theta, data), theta - removed, theta)
 
-    return lax.cond(l2 == 0, project, lambda theta: theta, theta)
+    branch = lax.cond if transposable else batch_cond
+    return branch(l2 == 0, project, lambda theta, data: theta, theta, data)
 
 
 @jax.jit

@@ -14,8 +14,8 @@ import numpy as np
 from jax.experimental import sparse
 from jax.typing import ArrayLike
 
+from .._checks import check_flag, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
-from .._checks import python_float, python_int
 from .._linear import (
     LogisticObjective,
     column_sums_by_chunks,
@@ -46,6 +46,12 @@ SOLVERS: dict[str, type] = {"newton": Newton, "newton-cg": NewtonCG, "trust-regi
 
 
 def _resolve_solver(solver: str | Solver) -> Solver:
+    if isinstance(solver, type):
+        # The class passes the runtime Protocol check, then failed inside the traced fit.
+        raise TypeError(
+            f"solver must be a name or a solver configuration (an instance such as "
+            f"{solver.__name__}()), got the class {solver.__name__}"
+        )
     if not isinstance(solver, str) and isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver in SOLVERS:
@@ -60,11 +66,28 @@ def check_tol_and_max_iter(tol, max_iter) -> None:
 
     A concrete ``tol`` must be a scalar >= 0 (NaN is not), ``max_iter`` an int32 >= 0.
     """
-    if not isinstance(max_iter, numbers.Integral) or not 0 <= max_iter <= 2**31 - 1:
+    if (
+        isinstance(max_iter, (bool, np.bool_))
+        or not isinstance(max_iter, numbers.Integral)
+        or not 0 <= max_iter <= 2**31 - 1
+    ):
         # Beyond int32, JAX's own OverflowError named an argument path.
         raise ValueError(f"max_iter must be an integer in [0, 2**31 - 1], got {max_iter!r}")
     if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
         raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
+
+
+def check_l2_fits(l2, dtype) -> None:
+    """Raise ValueError for a concrete l2 (or grid) beyond the largest finite `dtype` number.
+
+    Finite in float64, 1e39 became inf in a float32 fit, which then stopped NON_FINITE
+    blaming X, or INVALID_L2 in a path.
+    """
+    if _is_concrete(l2) and np.max(np.asarray(l2, float), initial=0) > np.finfo(dtype).max:
+        raise ValueError(
+            f"l2 = {np.max(l2):.3g} overflows {np.dtype(dtype).name} (its largest finite number "
+            f"is {np.finfo(dtype).max:.3g}): fit in float64, or use a smaller l2"
+        )
 
 
 def _validate(
@@ -78,6 +101,15 @@ def _validate(
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     check_tol_and_max_iter(tol, max_iter)
+    check_real("X", X)
+    check_real("sample_weight", sample_weight)
+    if init is not None and not (isinstance(init, (tuple, list)) and len(init) == 2):
+        raise ValueError(
+            "init must be a pair (W [n_features, num_classes], b [num_classes]), got a "
+            f"{type(init).__name__}"
+        )
+    for part in init or ():
+        check_real("init", part)
     if np.ndim(X) != 2:
         raise ValueError(f"X must be 2-D [n_samples, n_features], got shape {np.shape(X)}")
     num_rows, num_features = np.shape(X)
@@ -120,6 +152,7 @@ def _validate(
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
             raise ValueError(f"l2 must be finite and >= 0, got {l2!r}")
+        check_l2_fits(l2_value, _working_dtype(X))
     # The dtype is known even inside `jit`: float labels were cast there, a NaN label to class 0.
     label_dtype = labels.dtype if isinstance(labels, jax.Array) else np.asarray(labels).dtype
     if not np.issubdtype(label_dtype, np.integer):
@@ -141,12 +174,22 @@ def _validate(
             raise ValueError("sample_weight must be >= 0")
         if not weight_values.sum() > 0:
             raise ValueError("sample_weight sums to zero")
-        working = np.asarray(sample_weight, dtype=_working_dtype(X))
+        with np.errstate(over="ignore"):
+            working = np.asarray(sample_weight, dtype=_working_dtype(X))
+        if not np.all(np.isfinite(working)):
+            raise ValueError(
+                f"sample_weight has entries up to {weight_values.max():.3g}, beyond "
+                f"{working.dtype}'s largest finite number ({np.finfo(working.dtype).max:.3g}). "
+                "Rescale the weights (e.g. divide them by their maximum): the fit depends "
+                "only on their ratios."
+            )
         tiny = np.finfo(working.dtype).tiny
         # XLA's CPU backend flushes subnormal numbers to zero: weights below `tiny` count as 0
         # inside the fit, however many of them sum to a normal number here.
         normal = np.where(working >= tiny, working, 0)
-        if not normal.sum(dtype=working.dtype) >= tiny:
+        with np.errstate(over="ignore"):  # an overflowing sum is fine: the fit scales first
+            normal_sum = normal.sum(dtype=working.dtype)
+        if not normal_sum >= tiny:
             raise ValueError(
                 f"sample_weight sums to {weight_values.sum():.3g}, and its weights of at least "
                 f"the smallest normal {working.dtype} number ({tiny:.3g}) to "
@@ -272,6 +315,15 @@ def _device_memory_bytes() -> float:
         return float("inf")
 
 
+def setting_status(l2, tol, dtype) -> jax.Array:
+    """Inside `jit`: INVALID_L2 or INVALID_TOL for a bad l2 or tol, else CONVERGED (0)."""
+    l2 = jnp.asarray(l2, dtype)
+    bad_l2 = ~jnp.all(jnp.isfinite(l2) & (l2 >= 0))
+    bad_tol = ~(jnp.asarray(tol, dtype) >= 0)  # NaN too; an infinite tol stops at once
+    code = jnp.where(bad_tol, Status.INVALID_TOL, Status.CONVERGED)
+    return jnp.where(bad_l2, Status.INVALID_L2, code).astype(jnp.int32)
+
+
 def _input_status(objective: LogisticObjective, sample_weight, l2, tol) -> jax.Array:
     """Inside `jit`: the Status that names bad input, or CONVERGED (0) when the input is fine.
 
@@ -287,11 +339,7 @@ def _input_status(objective: LogisticObjective, sample_weight, l2, tol) -> jax.A
         raw = jnp.asarray(sample_weight, dtype)
         bad_weights = ~jnp.all(jnp.isfinite(raw) & (raw >= 0))
         zero_weight = ~(jnp.sum(raw) >= jnp.finfo(dtype).tiny)
-    l2 = jnp.asarray(l2, dtype)
-    bad_l2 = ~jnp.all(jnp.isfinite(l2) & (l2 >= 0))
-    bad_tol = ~(jnp.asarray(tol, dtype) >= 0)  # NaN too; an infinite tol stops at once
-    code = jnp.where(bad_tol, Status.INVALID_TOL, Status.CONVERGED)
-    code = jnp.where(bad_l2, Status.INVALID_L2, code)
+    code = setting_status(l2, tol, dtype)
     code = jnp.where(zero_weight, Status.ZERO_WEIGHT, code)
     code = jnp.where(bad_weights, Status.INVALID_WEIGHTS, code)
     code = jnp.where(bad_labels, Status.INVALID_LABELS, code)
@@ -437,7 +485,10 @@ def finalize(
     """
     status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
     if solution is None:
-        solution = (minimum_norm(objective, output.theta), output.evaluation.loss)
+        solution = (
+            minimum_norm(objective, output.theta, transposable=False),
+            output.evaluation.loss,
+        )
     theta, loss = solution
     weights, intercept = symmetric_params(
         *objective.expand(theta), objective.l2, objective.reference_class
@@ -558,12 +609,15 @@ def fit_logistic_regression(
 
     Raises:
         ValueError: bad shapes, NaN/inf in X or the weights, features whose squares overflow
-            the working precision, labels out of range, negative, all-zero or subnormal weights,
-            negative l2, an unknown solver, `solver="newton"` whose explicit Hessian exceeds
+            the working precision, labels out of range, negative, all-zero or subnormal weights
+            or weights beyond the working precision, negative l2 or one beyond the working
+            precision, an unknown solver, `solver="newton"` whose explicit Hessian exceeds
             the device's memory (checked before any compilation, where the inputs are
             concrete). Under `jit` the same problems are reported by `status` (INVALID_LABELS,
             INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2, INVALID_TOL).
-        TypeError: non-integer labels (also under `jit`: the dtype is known).
+        TypeError: non-integer labels (also under `jit`: the dtype is known); complex,
+            string or object arrays; None or a string for l2 or tol; a flag that is not a
+            bool; a solver class instead of an instance.
         FitError: `throw=True` and the fit stopped without converging.
 
     Warns:
@@ -613,7 +667,10 @@ def fit_logistic_regression(
             "fit_regularization_path or jax.vmap"
         )
     # Python scalars: a NumPy scalar reaches `jit` with a fixed type, and compiled its own program.
-    l2, tol, max_iter = python_float(l2), python_float(tol), python_int(max_iter)
+    l2, tol, max_iter = python_float(l2, "l2"), python_float(tol, "tol"), python_int(max_iter)
+    fit_intercept = check_flag("fit_intercept", fit_intercept)
+    reference_class = check_flag("reference_class", reference_class)
+    verbose, throw = check_flag("verbose", verbose), check_flag("throw", throw)
     checked = _validate(
         X, labels, num_classes, sample_weight, l2, fit_intercept, tol, max_iter, init
     )

@@ -77,7 +77,8 @@ def minimize_implicit(
     @jax.custom_jvp
     def solve(objective, theta, tol, max_iter):
         output = minimize(objective, theta, tol, max_iter)
-        return minimum_norm(objective, output.theta), output.evaluation.loss, output
+        theta = minimum_norm(objective, output.theta, transposable=False)  # a primal only
+        return theta, output.evaluation.loss, output
 
     @solve.defjvp
     @full_precision  # the rule is traced when differentiated, outside the fit's trace

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from .._checks import check_int_range
 from .._objective import Objective
 from ._loop import Iterate, StepResult
 
 
 def check_line_search_options(sufficient_decrease: float, max_line_search: int) -> None:
     """Raise ValueError for an Armijo constant outside (0, 0.5) or fewer than one trial step."""
-    if not 0 < sufficient_decrease < 0.5:
-        raise ValueError(f"sufficient_decrease must be in (0, 0.5), got {sufficient_decrease}")
-    if max_line_search < 1:
-        raise ValueError(f"max_line_search must be >= 1, got {max_line_search}")
+    if isinstance(sufficient_decrease, (bool, np.bool_)) or not (
+        isinstance(sufficient_decrease, numbers.Real) and 0 < sufficient_decrease < 0.5
+    ):
+        raise ValueError(f"sufficient_decrease must be in (0, 0.5), got {sufficient_decrease!r}")
+    check_int_range("max_line_search", max_line_search, 1)
 
 
 class LineSearchResult(NamedTuple):

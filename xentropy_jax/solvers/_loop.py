@@ -109,10 +109,20 @@ def run(
         (max_iter = 0) when that already holds at θ; the loop runs while it is RUNNING.
 
     Raises:
+        TypeError: θ is not a floating vector.
         ValueError: a concrete `tol` with an entry that is negative or NaN, or a concrete
             `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
             the fits check theirs before).
     """
+    theta = jnp.asarray(theta)
+    if theta.ndim != 1 or not jnp.issubdtype(theta.dtype, jnp.floating):
+        # An integer θ failed converting inf to its dtype.
+        raise TypeError(
+            f"theta must be a floating [P] vector, got {theta.dtype} of shape {theta.shape}"
+        )
+    # The loop's carry is in the objective's dtype: a float32 θ₀ for a float64 objective
+    # failed inside `while_loop` ("carry input and carry output must have equal types").
+    theta = theta.astype(objective.dtype)
     if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
         raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
     if is_concrete(max_iter) and not (

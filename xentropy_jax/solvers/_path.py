@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from .._checks import python_float, python_int
+from .._checks import check_flag, check_real, python_float, python_int
 from .._linear import logistic_objective
 from .._precision import full_precision
 from . import _preconditioners
@@ -32,7 +32,9 @@ from ._fit import (
     known_positive,
     wants_transposed_copy,
 )
+from ._newton_cg import NewtonCG
 from ._result import FitError, FitResult, Status
+from ._trust_region import TrustRegion
 
 # The arguments of `_path` that are compile-time constants: one program per combination.
 PATH_STATIC_ARGNAMES = (
@@ -77,9 +79,10 @@ def _path(
     # Under `jit` each value is judged on its own: a NaN or negative l2 marks only its fit
     # INVALID_L2 (no iteration), not the whole path; bad labels, weights or tol mark every fit.
     valid_l2 = jnp.isfinite(l2_values) & (l2_values >= 0)
+    # Only the package's CG solvers take a precomputed `basis`; the Solver protocol has none.
     preconditioner = getattr(solver, "preconditioner", None)
     extra = {}
-    if preconditioner is not None:
+    if isinstance(solver, NewtonCG | TrustRegion):
         # The basis serves every value of the path: the weakest valid penalty decides it.
         weakest = jnp.min(jnp.where(valid_l2, l2_values, jnp.inf))
         weakest = jnp.where(jnp.any(valid_l2), weakest, 0).astype(objective.dtype)
@@ -248,7 +251,11 @@ def fit_regularization_path(
         raise ValueError(
             f"l2_values must be a non-empty 1-D array, got shape {np.shape(l2_values)}"
         )
-    tol, max_iter = python_float(tol), python_int(max_iter)  # one program for every type
+    check_real("l2_values", l2_values)
+    tol, max_iter = python_float(tol, "tol"), python_int(max_iter)  # one program for every type
+    fit_intercept = check_flag("fit_intercept", fit_intercept)
+    reference_class = check_flag("reference_class", reference_class)
+    throw = check_flag("throw", throw)
     _validate(X, labels, num_classes, sample_weight, l2_values, fit_intercept, tol, max_iter, init)
     features, labels, weights, init = fit_inputs(X, labels, sample_weight, init)
     l2_values = jnp.asarray(l2_values).astype(features.dtype)

@@ -73,6 +73,12 @@ def row_mesh(devices) -> Mesh:
             if int(device) not in by_id:
                 raise ValueError(f"devices: no device has the id {device} (ids: {sorted(by_id)})")
             device = by_id[int(device)]
+        elif not isinstance(device, jax.Device):
+            # A platform name ("cpu") failed reading its `.id`.
+            raise TypeError(
+                f"devices must list jax devices (jax.devices()) or their integer ids, got "
+                f"{device!r}"
+            )
         named.append(device)
     devices = named
     if len({device.id for device in devices}) != len(devices):

@@ -34,6 +34,9 @@ def is_sparse(X) -> bool:
 
 def stored_values(X) -> np.ndarray | jax.Array:
     """The explicitly stored values of sparse X (what a finiteness check must look at)."""
+    if is_scipy_sparse(X) and X.format in ("dok", "lil", "dia"):
+        # DOK has no array of values, LIL one of lists per row, DIA slots outside the matrix.
+        return X.tocoo().data
     return X.data
 
 
@@ -57,6 +60,8 @@ def to_bcoo(X, dtype) -> sparse.BCOO:
     by_column = X.shape[1] > X.shape[0]
     if isinstance(X, sparse.BCOO):
         with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
+            if X.n_batch or X.n_dense:  # batch or dense dimensions: indices are not [nse, 2]
+                X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
             matrix = X.sum_duplicates(nse=X.nse, remove_zeros=False)
             data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
         # sum_duplicates pads with out-of-range indices; drop them (zero data anyway).

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from .._checks import check_flag, python_float, python_int
 from .._checks import is_concrete as _is_concrete
-from .._checks import python_float, python_int
 from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
@@ -28,7 +28,9 @@ from ._convergence import max_abs
 from ._fit import (
     _FLOOR_FACTOR,
     _resolve_solver,
+    check_l2_fits,
     check_tol_and_max_iter,
+    setting_status,
     symmetric_params,
     warn_collinear_columns,
     warn_empty_classes,
@@ -45,13 +47,19 @@ def _scan(
     The column sums give the precision floor of the tolerance (`attainable_tolerance`). With
     `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns.
     """
-    total, scale, mass, products = 0.0, None, np.zeros(num_classes), None
+    total, normal_total, scale, mass, products = 0.0, 0.0, None, np.zeros(num_classes), None
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
         limit = np.sqrt(np.finfo(dtype).max) / 1e3
         rows = f"rows {start} to {start + len(labels) - 1}"
-        if not np.issubdtype(X.dtype, np.number):
-            raise TypeError(f"X must be numeric, got dtype {X.dtype} ({rows})")
+        if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+            raise TypeError(f"X must be real and numeric, got dtype {X.dtype} ({rows})")
+        if X.ndim != 2 or X.shape[1] < 1:
+            # It failed inside the compiled scan ("carry input and carry output must have
+            # equal types"), as an intercept-only model did in the in-memory fit.
+            raise ValueError(
+                f"X has no feature columns (an intercept-only model is not supported) ({rows})"
+            )
         if not np.all(np.isfinite(X)):
             raise ValueError(f"X contains NaN or infinity (in {rows})")
         if np.max(np.abs(X), initial=0) > limit:
@@ -65,11 +73,15 @@ def _scan(
             raise ValueError(f"labels must lie in [0, {num_classes}) ({rows})")
         if weights is None:
             weights = np.ones(len(labels))
+        if np.iscomplexobj(weights):
+            raise TypeError(f"sample_weight must be real, got dtype {weights.dtype} ({rows})")
         weights = np.asarray(weights, np.float64)
         if not np.all(np.isfinite(weights) & (weights >= 0)):
             raise ValueError(f"sample_weight must be finite and >= 0 ({rows})")
         X = X.astype(dtype, copy=False)
         total += float(weights.sum())
+        # XLA's CPU backend flushes subnormal numbers to zero: such weights count as 0.
+        normal_total += float(weights[weights >= np.finfo(dtype).tiny].sum())
         part = np.abs(X).T.astype(np.float64) @ weights
         scale = part if scale is None else scale + part
         mass += np.bincount(labels, weights=weights, minlength=num_classes)
@@ -80,6 +92,16 @@ def _scan(
             products = kept.T @ kept if products is None else products + kept.T @ kept
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
+    dtype = np.dtype(source.dtype)
+    if not float(np.finfo(dtype).tiny) <= normal_total <= total <= float(np.finfo(dtype).max):
+        # Each chunk's weights are divided by the total in the chunks' dtype: an overflowing
+        # total made every weight 0 (a fit of W = 0 reported as converged).
+        raise ValueError(
+            f"sample_weight sums to {total:.3g} ({normal_total:.3g} in weights that are normal "
+            f"{dtype} numbers; smaller ones count as 0), outside the normal range of {dtype} "
+            f"([{np.finfo(dtype).tiny:.3g}, {np.finfo(dtype).max:.3g}]). Rescale the weights "
+            "(e.g. divide them by their maximum): the fit depends only on their ratios."
+        )
     if fit_intercept:
         warn_empty_classes(np.flatnonzero(mass <= 0), stacklevel=4)
     return total, scale / total, products
@@ -120,23 +142,29 @@ def _fit_streamed(
     if fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = jnp.repeat(_FLOOR_FACTOR * jnp.finfo(chunks.dtype).eps * scale, layout.num_free_classes)
+    # The data were checked on the host; l2 and tol traced by a caller's `jit` are checked here,
+    # as `fit_logistic_regression` does (a negative tol reported CONVERGED).
+    invalid = setting_status(l2, tol, chunks.dtype)
     output = solver.minimize(
         objective,
         jnp.zeros((objective.num_params,), chunks.dtype),
         tol=jnp.maximum(jnp.asarray(tol, chunks.dtype), floor),
-        max_iter=max_iter,
+        max_iter=jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
     )
+    status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
     # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
     rows = chunks.num_features + int(fit_intercept)
-    theta = project_minimum_norm(objective.feature_gram, rows, objective.l2, output.theta)
+    theta = project_minimum_norm(
+        lambda data: data.feature_gram(), rows, objective.l2, output.theta, data=objective
+    )
     weights, intercept = symmetric_params(*layout.expand(theta), objective.l2, reference_class)
     return FitResult(
         params=(weights, intercept),
         loss=output.evaluation.loss,
-        converged=output.status == Status.CONVERGED,
+        converged=status == Status.CONVERGED,
         n_iter=output.n_iter,
         grad_norm=max_abs(output.evaluation.grad),
-        status=output.status,
+        status=status,
         n_hessian_products=output.n_hessian_products,
     )
 
@@ -246,10 +274,13 @@ def fit_logistic_regression_streamed(
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}{hint}")
     if not (isinstance(chunk_rows, numbers.Integral) and chunk_rows >= 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    l2, tol, max_iter = python_float(l2, "l2"), python_float(tol, "tol"), python_int(max_iter)
+    check_tol_and_max_iter(tol, max_iter)
     if _is_concrete(l2) and not (np.ndim(l2) == 0 and np.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite scalar >= 0, got {l2!r}")
-    l2, tol, max_iter = python_float(l2), python_float(tol), python_int(max_iter)
-    check_tol_and_max_iter(tol, max_iter)
+    fit_intercept = check_flag("fit_intercept", fit_intercept)
+    reference_class = check_flag("reference_class", reference_class)
+    verbose, throw = check_flag("verbose", verbose), check_flag("throw", throw)
     x64 = bool(jax.config.jax_enable_x64)
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:
@@ -281,6 +312,7 @@ def fit_logistic_regression_streamed(
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
     unpenalised = _is_concrete(l2) and bool(l2 == 0)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
+    check_l2_fits(l2, source.dtype)
     if gram is not None:
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(

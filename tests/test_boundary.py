@@ -1,0 +1,188 @@
+"""Bad input at the public boundary: a clear exception naming the argument, or the right answer.
+
+Each case here used to give a wrong number silently or fail deep inside JAX with words that
+named no argument of ours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from jax.experimental import sparse
+
+import xentropy_jax as xj
+from xentropy_jax._linear import logistic_objective
+
+X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]])
+Y = np.array([0, 0, 1, 2, 2, 0])
+
+
+def test_complex_input_is_refused_not_cast_to_real():
+    fits = (xj.fit_logistic_regression, xj.fit_logistic_regression_streamed)
+    for fit in fits:  # X·1j was fitted as zeros, X + 5j as X
+        with pytest.raises(TypeError, match="X must be real"):
+            fit(X + 5j, Y, 3, l2=0.1)
+    with pytest.raises(TypeError, match="sample_weight must be real"):
+        xj.fit_logistic_regression(X, Y, 3, l2=0.1, sample_weight=np.ones(6) * 1j)
+    with pytest.raises(TypeError, match="sample_weight must be real"):
+        xj.fit_logistic_regression_streamed(X, Y, 3, l2=0.1, sample_weight=np.ones(6) + 1j)
+    with pytest.raises(TypeError, match="l2_values must be real"):
+        xj.fit_regularization_path(X, Y, 3, [1 + 1j])
+    with pytest.raises(TypeError, match="rtol must be real"):
+        xj.cg(lambda v: v, jnp.ones(3), rtol=1e-5 + 1j)
+    with pytest.raises(TypeError, match="X must be real"):
+        xj.logit_inference((np.zeros((1, 3)), np.zeros(3)), X + 1j, Y)
+    with pytest.raises(TypeError, match="damping must be real"):
+        xj.ggn_vp(lambda w, x: x @ w, jnp.zeros((1, 3)), X, jnp.ones((1, 3)), damping=1j)
+
+
+def test_strings_none_and_truthy_flags_are_refused_by_name():
+    cases = [
+        (TypeError, "l2 must be a real number, got None", dict(l2=None)),
+        (TypeError, "tol must be a real number, got None", dict(tol=None)),
+        (TypeError, "l2 must be a real number or array, got the string", dict(l2="0.1")),
+        (ValueError, "max_iter must be an integer", dict(max_iter="5")),
+        (ValueError, "max_iter must be an integer", dict(max_iter=True)),  # ran as 1
+        (TypeError, "fit_intercept must be True or False", dict(fit_intercept="no")),
+        (TypeError, "reference_class must be True or False", dict(reference_class="no")),
+        (TypeError, "verbose must be True or False", dict(verbose="no")),
+        (ValueError, "init must be a pair", dict(init=np.zeros((1, 3)))),
+    ]
+    for error, message, options in cases:
+        with pytest.raises(error, match=message):
+            xj.fit_logistic_regression(X, Y, 3, **options)
+    with pytest.raises(TypeError, match="X must be numeric, got dtype object"):
+        xj.fit_logistic_regression(X.astype(object), Y, 3)
+    with pytest.raises(TypeError, match="l2_values must be numeric"):
+        xj.fit_regularization_path(X, Y, 3, ["1", "0.1"])
+    with pytest.raises(TypeError, match="l2 must be a real number, got None"):
+        xj.fit_logistic_regression_streamed(X, Y, 3, l2=None)
+    with pytest.raises(TypeError, match="throw must be True or False"):
+        xj.fit_regularization_path(X, Y, 3, [0.1], throw="no")
+    with pytest.raises(TypeError, match="rtol must be a real number or array"):
+        xj.cg(lambda v: v, jnp.ones(3), rtol="1e-5")
+    with pytest.raises(TypeError, match="rtol must be a non-negative number, got None"):
+        xj.cg(lambda v: v, jnp.ones(3), rtol=None)
+
+
+def test_a_solver_class_is_refused_before_tracing():
+    with pytest.raises(TypeError, match=r"an instance such as NewtonCG\(\)"):
+        xj.fit_logistic_regression(X, Y, 3, solver=xj.NewtonCG)
+
+
+def test_loop_bounds_beyond_int32_or_fractional_are_refused():
+    # Beyond int32 they escaped as JAX's OverflowError naming an internal argument.
+    with pytest.raises(ValueError, match=r"max_steps must be an integer in \[0, 2\*\*31 - 1\]"):
+        xj.cg(lambda v: v, jnp.ones(3), max_steps=10**10)
+    with pytest.raises(ValueError, match="max_cg_steps must be an integer in"):
+        xj.gauss_newton(max_cg_steps=2**40)
+    for bad in (10**10, 2.5, True):  # 2.5 was accepted
+        with pytest.raises(ValueError, match="max_line_search must be an integer"):
+            xj.Newton(max_line_search=bad)
+    for bad in ("0.1", np.array([0.1, 0.2])):
+        with pytest.raises(ValueError, match="sufficient_decrease must be in"):
+            xj.NewtonCG(sufficient_decrease=bad)
+    inference = dict(method="cg", subset="all")
+    fit = (np.zeros((1, 3)), np.zeros(3))
+    for options, message in [
+        (dict(cg_max_steps=0), "cg_max_steps must be an integer"),
+        (dict(cg_max_steps=2.5), "cg_max_steps must be an integer"),
+        (dict(cg_rtol=-1.0), r"cg_rtol must be a number in \(0, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            xj.logit_inference(fit, X, Y, **inference, **options)
+
+
+def test_l2_that_overflows_the_working_precision_is_refused():
+    # Finite in float64, inf in the float32 fit: NON_FINITE blamed X, the path said INVALID_L2.
+    features = X.astype(np.float32)
+    with pytest.raises(ValueError, match="l2 = 1e\\+39 overflows float32"):
+        xj.fit_logistic_regression(features, Y, 3, l2=1e39)
+    with pytest.raises(ValueError, match="overflows float32"):
+        xj.fit_regularization_path(features, Y, 3, [1.0, 1e39])
+    with pytest.raises(ValueError, match="overflows float32"):
+        xj.fit_logistic_regression_streamed(features, Y, 3, l2=1e39)
+
+
+def test_streamed_fit_without_feature_columns_is_refused():
+    with pytest.raises(ValueError, match="X has no feature columns"):
+        xj.fit_logistic_regression_streamed(X[:, :0], Y, 3, l2=0.1)
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 2**32 + 1]), np.array([0, 2**63], np.uint64)])
+def test_integer_labels_beyond_int32_give_nan_not_a_wrapped_class(labels):
+    with jax.enable_x64(False):
+        logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]], jnp.float32)
+        losses = xj.softmax_cross_entropy_with_integer_labels(logits, labels)
+        # The linear head checks concrete labels, and names the label given.
+        with pytest.raises(ValueError, match=f"got \\[{labels[1]}\\]"):
+            xj.linear_softmax_cross_entropy(jnp.eye(2, dtype=jnp.float32), logits, labels)
+    # 2**32 + 1 was read as class 1.
+    assert np.isfinite(losses[0]) and np.isnan(losses[1])
+
+
+def test_linear_head_integer_bias_is_a_type_error():
+    with pytest.raises(TypeError, match="bias must be a floating array"):
+        xj.linear_softmax_cross_entropy(
+            jnp.ones((2, 3)), jnp.ones((3, 5)), jnp.array([0, 1]), bias=jnp.zeros(5, jnp.int32)
+        )
+
+
+def test_ggn_operator_names_mismatched_tangents():
+    operator = xj.ggn_operator(lambda w, x: x @ w, jnp.zeros((1, 3)), jnp.asarray(X))
+    for tangent in (jnp.ones((2, 3)), (jnp.ones((1, 3)),)):
+        with pytest.raises(ValueError, match="tangents must match params leaf by leaf"):
+            operator(tangent)
+    with pytest.raises(TypeError, match="damping must be a non-negative number, got None"):
+        xj.ggn_operator(lambda w, x: x @ w, jnp.zeros((1, 3)), X, damping=None)
+
+
+def test_optax_updates_that_do_not_match_params_are_named():
+    params = jnp.zeros((1, 3))
+    for transform in (xj.gauss_newton(), xj.scale_by_sophia_g(), xj.scale_by_ggn_diagonal()):
+        state = transform.init(params)
+        with pytest.raises(ValueError, match="updates \\(gradients\\) must match params"):
+            transform.update(
+                jnp.ones((2, 3)), state, params, logits_fn=lambda w, x: x @ w, inputs=X
+            )
+
+
+def test_solver_minimize_takes_theta_in_the_objectives_dtype():
+    objective = logistic_objective(X, Y, 3, l2=0.1)
+    solver = xj.NewtonCG(preconditioner="none")
+    with pytest.raises(TypeError, match="theta must be a floating"):
+        solver.minimize(objective, jnp.zeros(objective.num_params, int), tol=1e-6, max_iter=10)
+    # A float32 start for a float64 objective failed inside while_loop.
+    reference = solver.minimize(objective, jnp.zeros(objective.num_params), tol=1e-8, max_iter=50)
+    narrow = jnp.zeros(objective.num_params, jnp.float32)
+    output = solver.minimize(objective, narrow, tol=1e-8, max_iter=50)
+    assert output.theta.dtype == objective.dtype
+    np.testing.assert_allclose(output.theta, reference.theta, atol=1e-12)
+
+
+def test_estimator_devices_must_be_devices_or_ids():
+    from xentropy_jax.sklearn import LogisticRegression
+
+    features = np.random.default_rng(0).normal(size=(30, 2))
+    with pytest.raises(TypeError, match="devices must list jax devices"):
+        LogisticRegression(devices=["cpu"]).fit(features, np.arange(30) % 3)
+
+
+def test_every_scipy_and_bcoo_layout_fits_as_csr():
+    rng = np.random.default_rng(3)
+    features = sp.random(40, 6, density=0.3, format="csr", random_state=3)
+    labels = rng.integers(0, 3, 40)
+    reference = xj.fit_logistic_regression(features, labels, 3, l2=0.1, tol=1e-10).params[0]
+    dense = features.toarray()
+    layouts = [features.asformat(f) for f in ("dok", "lil", "dia", "bsr", "csc", "coo")]
+    layouts += [sparse.BCOO.fromdense(dense, n_batch=1), sparse.BCOO.fromdense(dense, n_dense=1)]
+    for layout in layouts:  # DOK, LIL and batched/dense-dimension BCOOs failed inside
+        params = xj.fit_logistic_regression(layout, labels, 3, l2=0.1, tol=1e-10).params[0]
+        np.testing.assert_allclose(params, reference, atol=1e-12)
+    # DIA stores slots outside the matrix, which scipy ignores: a NaN there is no NaN of X.
+    diagonal = sp.dia_matrix((np.array([[np.nan, 1.0, 2.0, 3.0]]), [1]), shape=(4, 4))
+    result = xj.fit_logistic_regression(diagonal, np.array([0, 1, 0, 1]), 2, l2=0.1)
+    assert result.converged
