@@ -329,3 +329,18 @@ def test_new_data_of_the_same_layout_reuse_the_program_and_are_not_kept(files):
     del copies, copy
     gc.collect()
     assert all(ref() is None for ref in kept)
+
+
+def test_streamed_fit_takes_every_scipy_format():
+    # A COO matrix (and DIA, BSR) cannot be sliced by rows: "'coo_matrix' object is not
+    # subscriptable".
+    import scipy.sparse
+
+    X = scipy.sparse.random(50, 4, density=0.5, format="csr", random_state=0)
+    y = np.arange(50) % 3
+    reference = xj.fit_logistic_regression_streamed(X, y, 3, l2=0.1, chunk_rows=16).params
+    for layout in ("coo", "dia", "bsr"):
+        result = xj.fit_logistic_regression_streamed(
+            X.asformat(layout), y, 3, l2=0.1, chunk_rows=16
+        )
+        np.testing.assert_allclose(result.params[0], reference[0], atol=1e-12)

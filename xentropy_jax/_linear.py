@@ -39,7 +39,7 @@ from jax.typing import ArrayLike
 from ._batch_cond import batch_cond
 from ._losses import hessian_product_from_probs
 from ._rowsums import normalized_weights, row_chunk_sum
-from ._sparse_products import map_features, matmul, transpose_matmul
+from ._sparse_products import map_features, matmul, transpose_matmul, weighted_gram
 
 # "auto" preconditions CG with the Hessian diagonal beyond this many features (see
 # `LogisticObjective.default_preconditioner`).
@@ -678,16 +678,7 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
     """
     features = objective.features
     if isinstance(features, sparse.BCOO):
-        # Sparse X with few enough columns for a d × d Gram: Xᵀ·(ŵ ⊙ X) as a sparse-dense
-        # product against the dense copy of one factor, O(N·d) memory.
-        weighted = objective.weights[:, None] * features.todense()
-        gram = transpose_matmul(features, weighted)
-        if objective.fit_intercept:
-            column_sums = jnp.sum(weighted, axis=0)
-            gram = jnp.block(
-                [[gram, column_sums[:, None]], [column_sums[None, :], jnp.sum(objective.weights)]]
-            )
-        return gram
+        return sparse_feature_gram(features, objective.weights, objective.fit_intercept)
 
     def gram(rows, weights):
         if objective.fit_intercept:
@@ -695,6 +686,21 @@ def feature_gram(objective: LogisticObjective) -> jax.Array:
         return rows.T @ (weights[:, None] * rows)
 
     return column_sums_by_chunks(gram, features, objective.weights, objective.row_chunk)
+
+
+def sparse_feature_gram(
+    features: sparse.BCOO, weights: jax.Array, fit_intercept: bool
+) -> jax.Array:
+    """X̃ᵀ·diag(w)·X̃ [d̃, d̃] for a sparse X, X̃ = [X, 1] with an intercept, never dense whole.
+
+    Xᵀ·diag(w)·X by `weighted_gram`, bordered by the weighted column sums Xᵀw and Σw.
+    """
+    gram = weighted_gram(features, weights)
+    if not fit_intercept:
+        return gram
+    sums = transpose_matmul(features, weights.astype(gram.dtype))
+    total = jnp.sum(weights).astype(gram.dtype)
+    return jnp.block([[gram, sums[:, None]], [sums[None, :], total[None, None]]])
 
 
 def column_sums_by_chunks(

@@ -149,3 +149,38 @@ def map_features(function, features: jax.Array | sparse.BCOO) -> jax.Array | spa
     if isinstance(features, sparse.BCOO):
         return sparse.BCOO((function(features.data), features.indices), shape=features.shape)
     return function(features)
+
+
+# `weighted_gram` makes this many bytes of X's columns dense at a time, at most.
+_GRAM_BLOCK_BYTES = 1 << 26
+
+
+def weighted_gram(features: sparse.BCOO, weights: jax.Array) -> jax.Array:
+    """Xᵀ·diag(w)·X [d, d] for a BCOO X [N, d] and row weights w [N], X never dense whole.
+
+    The columns are taken a block J at a time: X[:, J] [N, |J|] scattered from the stored
+    entries, then Xᵀ·(w ⊙ X[:, J]) by the blocked product. Memory O(N·|J| + d²) with
+    N·|J| ≤ 64 MiB, time O(nse·d). The copy of X it replaces, N·d, was 381 MiB for a
+    100,000 × 500 one-hot matrix (12 MiB as CSR) in every unpenalised fit, which needs the
+    Gram for its minimum-norm projection.
+    """
+    if not _is_plain(features):
+        dense = features.todense()
+        return dense.T @ (weights[:, None] * dense)
+    num_rows, num_columns = features.shape
+    dtype = jnp.result_type(features.dtype, weights.dtype)
+    row_bytes = max(num_rows * jnp.dtype(dtype).itemsize, 1)
+    block = max(1, min(num_columns, _GRAM_BLOCK_BYTES // row_bytes))
+    num_blocks = -(-num_columns // block)
+    rows, columns = features.indices[:, 0], features.indices[:, 1]
+
+    def gram_columns(start):
+        local = columns - start
+        inside = (local >= 0) & (local < block)
+        # Entries of other blocks (and out-of-range padding) go to index `block`: dropped.
+        dense = jnp.zeros((num_rows, block), dtype).at[rows, jnp.where(inside, local, block)]
+        dense = dense.add(jnp.where(inside, features.data, 0).astype(dtype), mode="drop")
+        return transpose_matmul(features, weights[:, None].astype(dtype) * dense)
+
+    parts = lax.map(gram_columns, jnp.arange(num_blocks) * block)  # [blocks, d, block]
+    return jnp.moveaxis(parts, 0, 1).reshape(num_columns, num_blocks * block)[:, :num_columns]

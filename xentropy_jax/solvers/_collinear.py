@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import sparse
 
 from .._batch_cond import batch_cond
-from .._linear import LogisticObjective, feature_gram
+from .._linear import LogisticObjective, feature_gram, sparse_feature_gram
 from .._precision import full_precision
 from ._linalg import eigh, jacobi_scaled, solve
+from ._sparse_input import is_scipy_sparse as scipy_sparse
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
 # the fit: the unpenalised collinear case keeps the solver's own point (still an optimum).
@@ -132,18 +134,24 @@ def collinear_columns(
         entry in some null vector of the scaled Gram; rank is d̃ minus the number of null vectors.
     """
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
-        gram = _counted_gram(jnp.asarray(X), sample_weight, fit_intercept=bool(fit_intercept))
+        features = X if isinstance(X, sparse.BCOO) else jnp.asarray(X)
+        gram = _counted_gram(features, sample_weight, fit_intercept=bool(fit_intercept))
         return collinear_columns_of_gram(gram)
 
 
 @functools.partial(jax.jit, static_argnames="fit_intercept")
-def _counted_gram(features: jax.Array, sample_weight, *, fit_intercept: bool) -> jax.Array:
-    """X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃], one program (its six operations ran one by one, eagerly)."""
-    if fit_intercept:
-        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+def _counted_gram(features, sample_weight, *, fit_intercept: bool) -> jax.Array:
+    """X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃], one program (its six operations ran one by one, eagerly).
+
+    A sparse X stays sparse (`sparse_feature_gram`).
+    """
     weights = jnp.ones(features.shape[0], features.dtype)
     if sample_weight is not None:
         weights = (jnp.asarray(sample_weight) > 0).astype(features.dtype)
+    if isinstance(features, sparse.BCOO):
+        return sparse_feature_gram(features, weights, fit_intercept)
+    if fit_intercept:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
     return features.T @ (weights[:, None] * features)
 
 
@@ -161,6 +169,29 @@ def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
 MAX_RECHECKED_COLUMNS = 1024
 
 
+def _float64_counted_gram(X, sample_weight, fit_intercept: bool) -> np.ndarray:
+    """X̃ᵀ·diag(1[w > 0])·X̃ in float64 with NumPy (SciPy for a BCOO, never dense whole)."""
+    if isinstance(X, sparse.BCOO):
+        import scipy.sparse
+
+        indices, data = np.asarray(X.indices), np.asarray(X.data, np.float64)
+        kept = np.all(indices < np.asarray(X.shape), axis=1)  # out-of-range padding entries
+        features = scipy.sparse.csr_matrix(
+            (data[kept], (indices[kept, 0], indices[kept, 1])), shape=X.shape
+        )
+    else:
+        features = np.asarray(X, np.float64)
+    if sample_weight is not None:
+        features = features[np.flatnonzero(np.asarray(sample_weight) > 0)]
+    gram = features.T @ features
+    gram = gram.toarray() if scipy_sparse(gram) else np.asarray(gram)
+    if not fit_intercept:
+        return gram
+    sums = np.asarray(features.sum(axis=0), np.float64).reshape(-1)
+    count = float(features.shape[0])
+    return np.block([[gram, sums[:, None]], [sums[None, :], np.array([[count]])]])
+
+
 def float64_collinear_columns(
     X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
 ) -> tuple[list[int], int]:
@@ -169,12 +200,7 @@ def float64_collinear_columns(
     A float32 fit decides rank in float32, where nearly dependent columns count; this says
     whether they are dependent in float64 too (an all-zero or a duplicated column is).
     """
-    features = np.asarray(X, np.float64)
-    if fit_intercept:
-        features = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
-    if sample_weight is not None:
-        features = features[np.asarray(sample_weight) > 0]
-    gram = features.T @ features
+    gram = _float64_counted_gram(X, sample_weight, fit_intercept)
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])

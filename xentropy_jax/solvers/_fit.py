@@ -19,7 +19,6 @@ from .._checks import is_concrete as _is_concrete
 from .._linear import (
     LogisticObjective,
     column_sums_by_chunks,
-    dense_features,
     logistic_objective,
 )
 from .._precision import full_precision
@@ -762,14 +761,14 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     num_columns = features.shape[1] + int(fit_intercept)
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
-    dense = dense_features(features)
-    columns, rank = collinear_columns(dense, sample_weight, fit_intercept)
+    # A sparse X stays sparse: its Gram is built without a dense copy.
+    columns, rank = collinear_columns(features, sample_weight, fit_intercept)
     exact = None
-    if columns and np.finfo(dense.dtype).bits < 64 and num_columns <= MAX_RECHECKED_COLUMNS:
+    if columns and np.finfo(features.dtype).bits < 64 and num_columns <= MAX_RECHECKED_COLUMNS:
         # Decided in float32: say "exactly" when float64 finds the same dependence (all-zero
         # or duplicated columns), and then name its columns.
         columns64, rank64 = float64_collinear_columns(
-            np.asarray(dense),
+            features if isinstance(features, sparse.BCOO) else np.asarray(features),
             None if sample_weight is None else np.asarray(sample_weight),
             fit_intercept,
         )
@@ -777,7 +776,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
         if exact:
             columns = columns64
     warn_collinear_columns(
-        columns, rank, dense.shape[1], fit_intercept, dense.dtype, stacklevel=4, exact=exact
+        columns, rank, features.shape[1], fit_intercept, features.dtype, stacklevel=4, exact=exact
     )
 
 

@@ -37,6 +37,7 @@ from ._fit import (
 )
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
+from ._sparse_input import is_scipy_sparse
 
 
 def _scan(
@@ -304,6 +305,8 @@ def fit_logistic_regression_streamed(
             raise ValueError(
                 f"sample_weight must have shape ({X.shape[0]},), got {np.shape(sample_weight)}"
             )
+        if is_scipy_sparse(X) and X.format not in ("csr", "csc", "lil", "dok"):
+            X = X.tocsr()  # COO, DIA and BSR matrices cannot be sliced by rows
         # A DataFrame has no single dtype: its first row's says what its values convert to.
         x_dtype = X.dtype if hasattr(X, "dtype") else np.asarray(X[:1]).dtype
         dtype = np.float64 if x64 and np.dtype(x_dtype) == np.float64 else np.float32
