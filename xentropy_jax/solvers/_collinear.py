@@ -50,8 +50,8 @@ def minimum_norm(
 
     `transposable`: True branches with `lax.cond`, linear in θ and transposable, as a
     projection of tangents needs; under `vmap` over l2 it becomes a select that computes the
-    projection for every member (a sparse X's Gram densified X). False (a fit's final point,
-    never transposed) branches with `batch_cond`: a batch whose l2 are all positive, as a
+    projection, Gram included, for every member. False (a fit's final point, never
+    transposed) branches with `batch_cond`: a batch whose l2 are all positive, as a
     cross-validation's, skips it.
     """
     rows = objective.num_features + int(objective.fit_intercept)
