@@ -68,6 +68,25 @@ def test_strings_none_and_truthy_flags_are_refused_by_name():
         xj.cg(lambda v: v, jnp.ones(3), rtol=None)
 
 
+def test_boolean_arrays_integer_flags_and_exact_numbers_are_still_taken():
+    # The first version of the checks refused them: a 0-d boolean array is a bool, verbose=0
+    # is scikit-learn's style, and Fraction / Decimal are real numbers.
+    import decimal
+    import fractions
+
+    reference = xj.fit_logistic_regression(X, Y, 3, l2=0.1, fit_intercept=False)
+    for flag in (jnp.bool_(False), np.array(False), 0):
+        result = xj.fit_logistic_regression(X, Y, 3, l2=0.1, fit_intercept=flag, verbose=0)
+        np.testing.assert_array_equal(result.params[0], reference.params[0])
+    penalised = xj.fit_logistic_regression(X, Y, 3, l2=0.1)
+    for l2 in (fractions.Fraction(1, 10), decimal.Decimal("0.1")):
+        result = xj.fit_logistic_regression(X, Y, 3, l2=l2, throw=1)
+        np.testing.assert_array_equal(result.params[0], penalised.params[0])
+    for flag in (2, 0.0, "no"):
+        with pytest.raises(TypeError, match="fit_intercept must be True or False"):
+            xj.fit_logistic_regression(X, Y, 3, fit_intercept=flag)
+
+
 def test_a_solver_class_is_refused_before_tracing():
     with pytest.raises(TypeError, match=r"an instance such as NewtonCG\(\)"):
         xj.fit_logistic_regression(X, Y, 3, solver=xj.NewtonCG)

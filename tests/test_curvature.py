@@ -250,6 +250,15 @@ def test_masked_examples_are_dropped_and_weights_are_scale_free():
     once = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=WEIGHTS)
     thrice = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=3 * WEIGHTS)
     np.testing.assert_allclose(flat(once), flat(thrice), rtol=1e-12)
+
+    # All-zero weights: the empty mean, 0, with a zero derivative in both modes (the overflow
+    # guard's √max first gave a NaN gradient there, and a forward derivative of ln K).
+    def loss(weights):
+        return xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=weights)
+
+    zeros = jnp.zeros_like(jnp.asarray(WEIGHTS))
+    np.testing.assert_array_equal(jax.grad(loss)(zeros), 0)
+    np.testing.assert_array_equal(jax.jacfwd(loss)(zeros), 0)
     # Weights whose sum overflows: w / Σw with Σw = inf made every weight, and the product, 0.
     huge = WEIGHTS / WEIGHTS.max() * 0.9 * np.finfo(np.float64).max
     scaled = xj.ggn_vp(mlp, params, inputs, tangents, sample_weight=huge)

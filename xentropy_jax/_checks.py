@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import numbers
 from typing import Any
 
@@ -27,6 +28,8 @@ def check_real(name: str, value: Any) -> None:
     """
     if value is None:
         return
+    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, np.generic):
+        return  # Python numbers, Fraction, Decimal (NumPy makes object arrays of the last two)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a real number or array, got the string {value!r}")
     dtype = dtype_of(value)
@@ -67,13 +70,20 @@ def python_int(value: Any) -> Any:
 
 
 def check_flag(name: str, value: Any) -> bool:
-    """`value` as a bool, or TypeError unless it is one (Python's or NumPy's).
+    """`value` as a bool: a bool (Python's, NumPy's, a 0-d boolean array) or the integer 0 or 1.
 
-    A string such as "no" is truthy: taken as a flag, it turned the option on.
+    Anything else raises TypeError: a string such as "no" is truthy, and taken as a flag it
+    turned the option on.
     """
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):  # verbose=1, as scikit-learn's
+        return bool(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.dtype(dtype) == np.bool_ and np.ndim(value) == 0:
+        if is_concrete(value):
+            return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_int_range(name: str, value: Any, low: int, high: int = 2**31 - 1) -> int:

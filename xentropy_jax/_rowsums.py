@@ -65,8 +65,11 @@ def normalized_weights(weights: jax.Array) -> jax.Array:
     float32). The barriers keep XLA from folding the divisions into one by max·Σw, whose
     overflow made every weight 0 (a fit of W = 0 reported as converged).
     """
-    root = jnp.sqrt(jnp.max(weights, initial=0))
-    root = jnp.where(root > 0, root, 1)
+    peak = jnp.max(weights, initial=0)
+    # The guard inside the root: outside it, √0's infinite derivative made the derivative with
+    # respect to all-zero weights NaN.
+    root = jnp.sqrt(jnp.where(peak > 0, peak, 1))
     weights = lax.optimization_barrier(lax.optimization_barrier(weights / root) / root)
     total = jnp.sum(weights)
-    return weights / jnp.where(total > 0, total, 1)
+    # All zero: the empty mean, taken as 0, with a zero derivative as well.
+    return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)

@@ -616,7 +616,7 @@ def fit_logistic_regression(
             INVALID_WEIGHTS, ZERO_WEIGHT, INVALID_L2, INVALID_TOL).
         TypeError: non-integer labels (also under `jit`: the dtype is known); complex,
             string or object arrays; None or a string for l2 or tol; a flag that is not a
-            bool; a solver class instead of an instance.
+            bool, 0 or 1; a solver class instead of an instance.
         FitError: `throw=True` and the fit stopped without converging.
 
     Warns:
