@@ -58,7 +58,7 @@ def row_chunk_sum(fn: Callable, arrays: tuple, chunk: int):
 
 
 def normalized_weights(weights: jax.Array) -> jax.Array:
-    """W / Σw for non-negative row weights w [N], all zero when Σw = 0; no overflow.
+    """Row weights w ≥ 0 [N] divided by their sum, ŵ = w / Σw: 0 when Σw = 0, no overflow.
 
     Scaled by the largest weight first, by its square root twice: XLA's CPU division multiplies
     by the reciprocal, and 1/max is subnormal (flushed to 0) beyond 1/tiny (8.5e37 in
