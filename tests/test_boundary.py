@@ -205,3 +205,20 @@ def test_every_scipy_and_bcoo_layout_fits_as_csr():
     diagonal = sp.dia_matrix((np.array([[np.nan, 1.0, 2.0, 3.0]]), [1]), shape=(4, 4))
     result = xj.fit_logistic_regression(diagonal, np.array([0, 1, 0, 1]), 2, l2=0.1)
     assert result.converged
+
+
+def test_estimators_name_a_bcoo_instead_of_failing_inside_jax():
+    # scikit-learn's checks failed on it with JAX's NotImplementedError ("sparse rule for ne").
+    from xentropy_jax.sklearn import LogisticRegression
+
+    features = sp.random(40, 6, density=0.3, format="csr", random_state=0)
+    labels = np.arange(40) % 3
+    bcoo = sparse.BCOO.from_scipy_sparse(features)
+    with pytest.raises(TypeError, match="not a BCOO"):
+        LogisticRegression().fit(bcoo, labels)
+    fitted = LogisticRegression().fit(features, labels)
+    with pytest.raises(TypeError, match="not a BCOO"):
+        fitted.predict(bcoo)
+    # The conversion the message gives fits the same model.
+    converted = sp.coo_matrix((np.asarray(bcoo.data), np.asarray(bcoo.indices).T), bcoo.shape)
+    np.testing.assert_array_equal(LogisticRegression().fit(converted, labels).coef_, fitted.coef_)

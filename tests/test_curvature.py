@@ -335,6 +335,20 @@ def test_invalid_weight_under_jit_gives_nan_not_zero(bad):
         assert np.all(np.isnan(leaf))
 
 
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_invalid_damping_under_jit_gives_nan_products(bad):
+    # Eagerly it raises; under jit a negative damping gave an indefinite operator, silently.
+    params, inputs, _ = make_problem(mlp)
+    tangents = random_tangents(params)
+    with pytest.raises(ValueError, match="damping"):
+        xj.ggn_vp(mlp, params, inputs, tangents, damping=bad)
+    product = jax.jit(lambda d: xj.ggn_vp(mlp, params, inputs, tangents, damping=d))(bad)
+    assert all(np.all(np.isnan(leaf)) for leaf in jax.tree.leaves(product))
+    valid = jax.jit(lambda d: xj.ggn_vp(mlp, params, inputs, tangents, damping=d))(0.5)
+    eager = xj.ggn_vp(mlp, params, inputs, tangents, damping=0.5)
+    np.testing.assert_allclose(flat(valid), flat(eager), rtol=1e-12)
+
+
 def test_masked_class_with_minus_inf_logit_has_no_curvature():
     params, inputs, _ = make_problem(linear)
     tangents = random_tangents(params)

@@ -184,7 +184,8 @@ def ggn_operator(
         sample_weight: optional non-negative [N] weights wᵢ (a 0/1 mask masks examples). Without
           them the objective is the plain mean. If Σ w = 0 the objective is 0 and so is G.
         label_mass: mᵢ = Σₖ yᵢₖ, a scalar or [N]; 1 for one-hot or integer labels.
-        damping: finite λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping).
+        damping: finite λ ≥ 0 added as λ·v (Levenberg-Marquardt / Tikhonov damping). Under
+          `jit`, where it is not checked, a negative or non-finite λ makes every product NaN.
 
     Returns:
         A function ``tangents -> (G + λI) tangents`` mapping a pytree shaped as ``params`` to one of
@@ -226,7 +227,11 @@ def ggn_operator(
     linearize = _compiled_linearization if _compiles(logits_fn, params, inputs) else _linearization
     model_jvp, model_vjp, probs = linearize(logits_fn, params, inputs)
     coefficients = coefficients.astype(probs.dtype)
-    return Partial(_apply_ggn, model_jvp, model_vjp, probs, coefficients, jnp.asarray(damping))
+    # Under `jit` a negative or non-finite damping (unchecked above) makes every product NaN,
+    # as a negative weight does: the operator has no status field to report it through.
+    damping = jnp.asarray(damping)
+    damping = jnp.where((damping >= 0) & jnp.isfinite(damping), damping, jnp.nan)
+    return Partial(_apply_ggn, model_jvp, model_vjp, probs, coefficients, damping)
 
 
 def _linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> tuple:

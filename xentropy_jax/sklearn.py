@@ -46,6 +46,7 @@ except ImportError as error:  # pragma: no cover - exercised only without scikit
 import jax
 import numpy as np
 import scipy.sparse
+from jax.experimental import sparse as jax_sparse
 from scipy.special import log_softmax, softmax
 
 from ._buckets import fitted_rows, pad_rows
@@ -93,6 +94,16 @@ def _use_program(key: tuple) -> None:
             jax.clear_caches()
             _programs.clear()
         _programs[key] = None
+
+
+def _refuse_bcoo(X) -> None:
+    """TypeError for a BCOO, which scikit-learn's checks failed on inside JAX."""
+    if isinstance(X, jax_sparse.BCOO):
+        raise TypeError(
+            "the estimators take dense arrays or scipy.sparse matrices, not a BCOO (scikit-learn "
+            "cannot check one): pass scipy.sparse.coo_matrix((X.data, X.indices.T), X.shape), "
+            "or fit it with xentropy_jax.fit_logistic_regression, which takes a BCOO."
+        )
 
 
 def _shard_rows(devices, X, labels: np.ndarray, weights: np.ndarray) -> tuple:
@@ -408,6 +419,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 lengths, continuous targets, fewer than two classes (after weighting),
                 negative, all-zero or subnormal sample weights, NaN or negative
                 ``class_weight``; or a fit that produced non-finite values.
+            TypeError: X is a jax BCOO (pass a scipy.sparse matrix; the message says how).
         """
         check_penalty(self.penalty, self.l1_ratio, self.dual)
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
@@ -497,6 +509,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             ValueError: as :meth:`fit` for the data: fewer than two classes, bad sample weights,
                 NaN, infinite or negative ``class_weight``.
         """
+        _refuse_bcoo(X)
         X, y = validate_data(
             self, X, y, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], order="C"
         )
@@ -548,6 +561,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             [n_samples, n_classes].
         """
         check_is_fitted(self)
+        _refuse_bcoo(X)
         X = validate_data(
             self, X, accept_sparse=["csr", "csc"], dtype=[np.float64, np.float32], reset=False
         )
