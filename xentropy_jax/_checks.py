@@ -92,8 +92,8 @@ def check_int_range(name: str, value: Any, low: int, high: int = 2**31 - 1) -> i
     Beyond int32, a bound passed into a compiled loop escaped as JAX's OverflowError naming an
     internal argument; a float such as 2.5 was truncated silently.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not (integer and low <= value <= high):
+        bound = "2**31 - 1" if high == 2**31 - 1 else high
+        raise ValueError(f"{name} must be an integer in [{low}, {bound}], got {value!r}")
     return int(value)

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import sparse
 from jax.typing import ArrayLike
 
-from .._checks import check_flag, check_real, python_float, python_int
+from .._checks import check_flag, check_int_range, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
 from .._linear import (
     LogisticObjective,
@@ -65,13 +65,8 @@ def check_tol_and_max_iter(tol, max_iter) -> None:
 
     A concrete ``tol`` must be a scalar >= 0 (NaN is not), ``max_iter`` an int32 >= 0.
     """
-    if (
-        isinstance(max_iter, (bool, np.bool_))
-        or not isinstance(max_iter, numbers.Integral)
-        or not 0 <= max_iter <= 2**31 - 1
-    ):
-        # Beyond int32, JAX's own OverflowError named an argument path.
-        raise ValueError(f"max_iter must be an integer in [0, 2**31 - 1], got {max_iter!r}")
+    # Beyond int32, JAX's own OverflowError named an argument path.
+    check_int_range("max_iter", max_iter, 0)
     if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
         raise ValueError(f"tol must be a non-negative scalar, got {tol!r}")
 

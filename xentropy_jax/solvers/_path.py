@@ -80,14 +80,13 @@ def _path(
     # INVALID_L2 (no iteration), not the whole path; bad labels, weights or tol mark every fit.
     valid_l2 = jnp.isfinite(l2_values) & (l2_values >= 0)
     # Only the package's CG solvers take a precomputed `basis`; the Solver protocol has none.
-    preconditioner = getattr(solver, "preconditioner", None)
     extra = {}
     if isinstance(solver, NewtonCG | TrustRegion):
         # The basis serves every value of the path: the weakest valid penalty decides it.
         weakest = jnp.min(jnp.where(valid_l2, l2_values, jnp.inf))
         weakest = jnp.where(jnp.any(valid_l2), weakest, 0).astype(objective.dtype)
         weakest = dataclasses.replace(objective, l2=weakest)
-        extra["basis"] = _preconditioners.setup_basis(preconditioner, weakest)
+        extra["basis"] = _preconditioners.setup_basis(solver.preconditioner, weakest)
     common = _input_status(objective, sample_weight, jnp.zeros((), l2_values.dtype), tol)
     tol = attainable_tolerance(objective, tol)  # does not depend on l2
 
