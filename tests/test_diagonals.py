@@ -228,3 +228,28 @@ def test_bad_input_raises_clear_errors():
             estimator(mlp, params, inputs, key, num_samples=0)
         with pytest.raises(ValueError, match="non-negative"):
             estimator(mlp, params, inputs, key, sample_weight=-np.ones(N))
+
+
+def batch_normalised_mlp(params, inputs):
+    """Standardises the hidden layer over the batch: a row's logits depend on every row."""
+    hidden = inputs @ params["w1"] + params["b1"][None, :]
+    centred = hidden - hidden.mean(axis=0, keepdims=True)
+    normalised = centred / jnp.sqrt(jnp.mean(centred**2, axis=0, keepdims=True) + 1e-3)
+    return jnp.tanh(normalised) @ params["w2"] + params["b2"][None, :]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_exact_diagonal_refuses_models_that_mix_rows(dtype):
+    # One example alone normalises to zero, so per-example passes see constant logits and gave
+    # a diagonal of zeros for w1 and b1, with no error.
+    params, inputs = make_problem(mlp, dtype)
+    with pytest.raises(ValueError, match="row i of the logits"):
+        xj.ggn_diagonal(batch_normalised_mlp, params, inputs)
+    traced = jax.jit(lambda p, x: xj.ggn_diagonal(batch_normalised_mlp, p, x, chunk_size=2))
+    assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(traced(params, inputs)))
+    # Row-independent models pass the check in both precisions, eagerly and traced, and
+    # under grad of the diagonal (the check takes no derivatives).
+    assert np.isfinite(flat(xj.ggn_diagonal(mlp, params, inputs))).all()
+    assert np.isfinite(flat(jax.jit(lambda p: xj.ggn_diagonal(mlp, p, inputs))(params))).all()
+    slope = jax.grad(lambda p: flat(xj.ggn_diagonal(mlp, p, inputs)).sum())(params)
+    assert np.isfinite(flat(slope)).all()

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import is_concrete
 from ._curvature import (
     LogitsFn,
     PyTree,
@@ -72,9 +73,11 @@ def ggn_diagonal(
     the square-root factor Bᵢ = diag(√sᵢ) − sᵢ√sᵢᵀ of the loss Hessian (BᵢBᵢᵀ = diag(sᵢ) − sᵢsᵢᵀ).
     The squares are per example, so this takes per-example gradients: the model is called on
     one example at a time under ``vmap``, which requires row i of the logits to depend only on
-    row i of the inputs (no batch normalisation across examples).
+    row i of the inputs (no batch normalisation across examples). One more forward pass checks
+    that: a model whose logits for one example alone differ from its batched logits by more
+    than √ε of their scale raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal.
 
-    Cost: one forward pass and K per-example backward passes (≈ K gradients of flops), holding
+    Cost: two forward passes and K per-example backward passes (≈ K gradients of flops), holding
     ``chunk_size`` × K × P numbers at once. Use it when K·P fits in memory a few times over; for
     large models use :func:`ggn_diagonal_hutchinson` or :func:`ggn_diagonal_bartlett`.
 
@@ -91,7 +94,8 @@ def ggn_diagonal(
         diag(G), a pytree like ``params`` (non-negative).
 
     Raises:
-        ValueError: if the shapes do not fit, or ``chunk_size`` is not a positive integer.
+        ValueError: if the shapes do not fit, ``chunk_size`` is not a positive integer, or the
+            model's rows are not independent (outside ``jit``).
         TypeError: if the logits or a parameter are not floating.
 
     Example:
@@ -129,28 +133,58 @@ def ggn_diagonal(
     chunk_size = min(int(chunk_size), n)
     num_chunks = -(-n // chunk_size)
 
-    def example_diagonal(example: PyTree, coefficient: jax.Array) -> PyTree:
+    def example_diagonal(example: PyTree, coefficient: jax.Array) -> tuple[PyTree, jax.Array]:
         def row_logits(p: PyTree) -> jax.Array:
             return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
 
         logits, model_vjp = jax.vjp(row_logits, params)
         rows = _sqrt_factor_rows(logits, jnp.sqrt(coefficient))
         (columns,) = jax.vmap(model_vjp)(rows)
-        return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
+        return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns), logits
 
-    def add_chunk(total: PyTree, start: jax.Array) -> tuple[PyTree, None]:
+    def add_chunk(total: PyTree, start: jax.Array) -> tuple[PyTree, jax.Array]:
         index = start + jnp.arange(chunk_size)
         # Padding rows repeat the last example with coefficient 0: finite, and add nothing.
         safe = jnp.minimum(index, n - 1)
         chunk = jax.tree.map(lambda x: x[safe], inputs)
         weights = jnp.where(index < n, coefficients[safe], 0)
-        parts = jax.vmap(example_diagonal)(chunk, weights)
-        return jax.tree.map(lambda t, p: t + jnp.sum(p, axis=0), total, parts), None
+        parts, logits = jax.vmap(example_diagonal)(chunk, weights)
+        return jax.tree.map(lambda t, p: t + jnp.sum(p, axis=0), total, parts), logits
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     starts = jnp.arange(num_chunks) * chunk_size
-    total, _ = jax.lax.scan(add_chunk, zeros, starts)
-    return total
+    total, row_logits = jax.lax.scan(add_chunk, zeros, starts)
+    gap = _row_dependence(logits_fn, params, inputs, row_logits.reshape(-1, k)[:n])
+    if is_concrete(gap) and gap > 1:
+        raise ValueError(
+            "ggn_diagonal needs row i of the logits to depend only on row i of the inputs, but "
+            "this model's logits for one example alone differ from its batched logits (by "
+            f"{float(gap):.3g} times the rounding allowance): it mixes examples (batch "
+            "normalisation, attention across the batch) or draws randomness by batch shape. "
+            "Use ggn_diagonal_hutchinson or ggn_diagonal_bartlett, which work for any model."
+        )
+    # Under a trace the check cannot raise: such a model's diagonal comes out NaN, not wrong.
+    return jax.tree.map(lambda d: jnp.where(gap > 1, jnp.nan, d), total)
+
+
+def _row_dependence(
+    logits_fn: LogitsFn, params: PyTree, inputs: PyTree, one_by_one: jax.Array
+) -> jax.Array:
+    """How far the logits computed one example at a time stray from the batched logits.
+
+    The largest |difference| in units of √ε times the row's scale max(1, max|zᵢ|): rounding
+    (the batched and per-example programs sum in different orders) stays far below 1, and a
+    model that mixes rows (batch normalisation of one example gives constant logits) far
+    above. One more forward pass, with no derivatives through it.
+    """
+    params, inputs, one_by_one = jax.lax.stop_gradient((params, inputs, one_by_one))
+    batched = logits_fn(params, inputs)
+    dtype = one_by_one.dtype
+    scale = jnp.maximum(
+        1, jnp.maximum(jnp.abs(batched), jnp.abs(one_by_one)).max(axis=-1, keepdims=True)
+    )
+    allowance = jnp.sqrt(jnp.finfo(dtype).eps).astype(dtype) * scale
+    return jnp.max(jnp.abs(batched.astype(dtype) - one_by_one) / allowance)
 
 
 def _rademacher_like(key: jax.Array, params: PyTree, num_samples: int) -> PyTree:
