@@ -305,6 +305,31 @@ def test_estimator_on_iris_matches_functional_and_statsmodels():
         LogisticRegression(C=1.0).fit(X, y).inference(X, y)
 
 
+def test_estimator_inference_weighs_classes_as_the_fit_did():
+    # class_weight multiplies each row's sample weight: the inference of a class-weighted fit
+    # equals that of the same fit written with those row weights.
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_iris
+
+    from xentropy_jax.sklearn import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    X = X[:, :1]
+    per_class = {0: 2.0, 1: 1.0, 2: 0.5}
+    rows = np.array([per_class[label] for label in y]) * np.linspace(0.5, 1.5, y.size)
+    by_class = LogisticRegression(penalty=None, tol=1e-12, class_weight=per_class)
+    by_class.fit(X, y, sample_weight=np.linspace(0.5, 1.5, y.size))
+    by_rows = LogisticRegression(penalty=None, tol=1e-12).fit(X, y, sample_weight=rows)
+    ours = by_class.inference(X, y, sample_weight=np.linspace(0.5, 1.5, y.size))
+    expected = by_rows.inference(X, y, sample_weight=rows)
+    _close(ours.params, expected.params, rtol=1e-8)
+    _close(ours.bse, expected.bse, rtol=1e-8)
+    # A class weight changed after the fit is checked as the fit checks it.
+    by_class.set_params(class_weight={0: 1.0, 1: np.nan, 2: 1.0})
+    with pytest.raises(ValueError, match="class_weight must be finite and >= 0"):
+        by_class.inference(X, y)
+
+
 def test_symmetric_fit():
     symmetric = xj.fit_logistic_regression(X4, Y4, 4, solver="newton", tol=1e-12)
     reference = xj.logit_inference(FIT4, X4, Y4)

@@ -131,6 +131,21 @@ def _dense(array) -> np.ndarray:
     return array.toarray() if scipy.sparse.issparse(array) else np.asarray(array)
 
 
+def _class_weighted(
+    weights: np.ndarray, class_weight, classes: np.ndarray, y: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    """``weights`` (in place) times the weight of each row's class, checked; None leaves them.
+
+    ``positions`` are the rows' indices into ``classes``, the classes of the fit.
+    """
+    if class_weight is None:
+        return weights
+    per_class = compute_class_weight(class_weight, classes=classes, y=y, sample_weight=weights)
+    _check_class_weight(per_class, classes)
+    weights *= per_class[positions].astype(weights.dtype)
+    return weights
+
+
 def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
     """Raise ValueError, naming the classes, for a NaN, infinite or negative class weight."""
     per_class = np.asarray(per_class, dtype=float)
@@ -523,12 +538,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         weights = _check_sample_weight(
             sample_weight, X, dtype=X.dtype, ensure_non_negative=True, copy=True
         )
-        if self.class_weight is not None:
-            per_class = compute_class_weight(
-                self.class_weight, classes=classes, y=y, sample_weight=weights
-            )
-            _check_class_weight(per_class, classes)
-            weights *= per_class[labels].astype(X.dtype)
+        weights = _class_weighted(weights, self.class_weight, classes, y, labels)
         return X, classes, labels, weights
 
     def _warm_start_init(
@@ -680,11 +690,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         if np.any(self.classes_[position] != y):
             raise ValueError("y has labels that the estimator was not fitted on")
         weights = _check_sample_weight(sample_weight, X, dtype=X.dtype, copy=True)
-        if self.class_weight is not None:
-            per_class = compute_class_weight(
-                self.class_weight, classes=self.classes_, y=y, sample_weight=weights
-            )
-            weights *= per_class[position].astype(X.dtype)
+        weights = _class_weighted(weights, self.class_weight, self.classes_, y, position)
         C = self._fitted_c()
         unpenalised = self.penalty is None or np.isinf(C)
         l2 = 0.0 if unpenalised else 1.0 / (C * float(weights.sum()))
