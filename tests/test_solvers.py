@@ -584,6 +584,21 @@ def test_verbose_prints_one_timed_line_per_iteration(capsys, solver):
         assert inner_products == int(result.n_hessian_products)
 
 
+def test_verbose_under_vmap_prints_each_member_until_it_stops(capsys):
+    # The loop runs while any member runs; a member that has stopped printed a line per extra
+    # iteration of its frozen state.
+    rng = np.random.default_rng(6)
+    features, labels = rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+    fit = jax.vmap(
+        lambda l2: fit_logistic_regression(features, labels, 3, l2=l2, verbose=True),
+    )
+    result = fit(jnp.array([-1.0, 1e-3]))  # the first member stops at once: INVALID_L2
+    jax.effects_barrier()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert list(result.n_iter) == [0, 6]
+    assert [int(line.split()[1]) for line in lines] == [0, 0, 1, 2, 3, 4, 5, 6]
+
+
 def test_host_callbacks_only_when_verbose():
     features, labels = np.zeros((5, 2)), np.arange(5) % 3
     static = dict(

@@ -163,7 +163,7 @@ def run(
             step_failed=result.failed,
         )
         if progress is not None:
-            progress.iteration(n_iter, point.evaluation, **result.report)
+            progress.iteration(n_iter, point.evaluation, state.status == RUNNING, **result.report)
         return _State(
             point,
             result.decrement,

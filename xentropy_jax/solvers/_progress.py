@@ -49,7 +49,7 @@ class Progress:
     The line of iteration 0 (the initial point) starts the clock when the compiled solve starts
     running, so the time excludes compilation. The clock lives on the host: the device does
     nothing for it, and one compiled function restarts it on every call. Under `vmap`, JAX
-    calls the printer once per batch element.
+    calls the printer once per batch element, and a member that has stopped prints no more.
 
     Args:
         fields: format of the solver's fields for iterations >= 1, in order, e.g.
@@ -61,7 +61,9 @@ class Progress:
         self._line = f"{_HEAD}  {fields}{_TIME}"
         self._start: float | None = None
 
-    def _print(self, iteration, **values) -> None:
+    def _print(self, iteration, running=True, **values) -> None:
+        if not running:
+            return  # a member of a `vmap` that stopped: the loop runs on for the others
         now = time.perf_counter()
         iteration = int(iteration)
         if iteration == 0 or self._start is None:
@@ -90,11 +92,19 @@ class Progress:
             _encode(lax.stop_gradient(max_abs(evaluation.grad))),
         )
 
-    def iteration(self, n_iter: jax.Array, evaluation: Evaluation, **fields: jax.Array) -> None:
-        """Print the line of iteration `n_iter` at the new point, with the solver's `fields`."""
+    def iteration(
+        self, n_iter: jax.Array, evaluation: Evaluation, running: jax.Array, **fields: jax.Array
+    ) -> None:
+        """Print the line of iteration `n_iter` at the new point, with the solver's `fields`.
+
+        `running` is whether the loop was running before this iteration: under `vmap` the loop
+        goes on while any member runs, and the lines of members that have stopped (whose state
+        the loop keeps frozen) are not printed.
+        """
         jax.debug.callback(
             self._print,
             n_iter,
+            running,
             loss=_encode(evaluation.loss),
             grad_norm=_encode(max_abs(evaluation.grad)),
             **{name: _encode(value) for name, value in fields.items()},
