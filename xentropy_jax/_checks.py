@@ -7,6 +7,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -37,7 +38,8 @@ def check_real(name: str, value: Any) -> None:
         raise TypeError(
             f"{name} must be real, got dtype {dtype}: its imaginary part would be dropped silently"
         )
-    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+    # jnp.issubdtype knows bfloat16 (and JAX's other extended floats), which NumPy calls no number.
+    if not (jnp.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
         raise TypeError(f"{name} must be numeric, got dtype {dtype}")
 
 

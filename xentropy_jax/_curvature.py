@@ -139,8 +139,23 @@ def _apply_ggn(
     # The closed form of softmax_cross_entropy_hvp, s ⊙ (u − sᵀu), from probabilities computed
     # once: recomputing the softmax in every product would cost K exponentials per row each time.
     loss_curvature = hessian_product_from_probs(probs, vectors)
-    cotangents = (coefficients[:, None] * loss_curvature).astype(logit_tangents.dtype)
-    (product,) = model_vjp(cotangents)
+    cotangents = coefficients[:, None] * loss_curvature
+    dtype = logit_tangents.dtype
+    if jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp:
+        # float16 (or narrower): each row's cᵢ(Hv)ᵢ is near 1/N of the result, below float16's
+        # smallest normal number beyond N ≈ 10⁴, and products at N = 10⁵ came out 0. A power of
+        # two S (exact) brings the cotangents' total |u| to 2⁸: the rows keep their digits, the
+        # sum stays far from float16's largest number, and the product is divided by S after.
+        total = jnp.sum(jnp.abs(cotangents))
+        exponent = jnp.where(total > 0, jnp.floor(8 - jnp.log2(total)), 0)
+        exponent = jnp.clip(exponent, jnp.finfo(dtype).minexp, -jnp.finfo(dtype).minexp)
+        (product,) = model_vjp((jnp.exp2(exponent) * cotangents).astype(dtype))
+        product = jax.tree.map(
+            lambda g: (jnp.exp2(-exponent) * g.astype(cotangents.dtype)).astype(g.dtype),
+            product,
+        )
+    else:
+        (product,) = model_vjp(cotangents.astype(dtype))
     return jax.tree.map(lambda g, v: g + damping.astype(jnp.result_type(v)) * v, product, tangents)
 
 

@@ -607,7 +607,7 @@ def _check_label_smoothing(label_smoothing: float | jax.Array) -> None:
         return
     value = np.asarray(label_smoothing)
     if value.shape != () or not (
-        np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+        jnp.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
     ):
         raise ValueError(f"label_smoothing must be a scalar number, got {label_smoothing!r}.")
     if not 0.0 <= float(value) <= 1.0:

@@ -53,7 +53,7 @@ def _scan(
         dtype = source.dtype
         limit = np.sqrt(np.finfo(dtype).max) / 1e3
         rows = f"rows {start} to {start + len(labels) - 1}"
-        if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+        if not jnp.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
             raise TypeError(f"X must be real and numeric, got dtype {X.dtype} ({rows})")
         if X.ndim != 2 or X.shape[1] < 1:
             # It failed inside the compiled scan ("carry input and carry output must have
