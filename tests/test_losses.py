@@ -321,6 +321,95 @@ def test_third_derivative_matches_naive_autodiff(rng):
     np.testing.assert_allclose(third, naive, atol=1e-14)
 
 
+def _in_loops(row_loss):
+    """A batch loss summed by lax.map, by lax.scan with a carry and by a static fori_loop."""
+
+    def mapped(z, labels):
+        return jax.lax.map(lambda row: row_loss(*row), (z, labels)).sum()
+
+    def scanned(z, labels):
+        return jax.lax.scan(lambda t, row: (t + row_loss(*row), None), 0.0, (z, labels))[0]
+
+    def looped(z, labels):
+        return jax.lax.fori_loop(0, z.shape[0], lambda i, t: t + row_loss(z[i], labels[i]), 0.0)
+
+    return {"map": mapped, "scan": scanned, "fori_loop": looped}
+
+
+@pytest.mark.parametrize("kind", ["integer", "soft", "masked", "hvp"])
+def test_second_derivatives_inside_loops(rng, kind):
+    # In a loop JAX takes the second pass of forward-over-reverse through the primal computation
+    # (the rules only in the first): the integer loss's Hessian was not symmetric, 25% off, and
+    # the soft loss recursed without end. Rows include a tie (all zeros) and a confident winner.
+    logits, soft, integer = make_problem(rng, batch=(4,), num_classes=5, mass=2.0)
+    logits = logits.at[1].set(0.0).at[2, 3].set(40.0)
+    where = jnp.ones((4, 5), bool).at[:, 1].set(False)
+    tangent = jnp.asarray(rng.normal(size=(4, 5)))
+    if kind == "integer":
+        ours, labels = xj.softmax_cross_entropy_with_integer_labels, integer.at[2].set(3)
+
+        def naive(z, label):
+            return naive_loss(z, jax.nn.one_hot(label, 5))
+    elif kind == "soft":
+        ours, naive, labels = xj.softmax_cross_entropy, naive_loss, soft
+    elif kind == "masked":
+        labels = soft * where
+
+        def ours(z, y):
+            return xj.softmax_cross_entropy(z, y, where=where[0])
+
+        def naive(z, y):
+            return naive_loss(jnp.where(where[0], z, -jnp.inf), y)
+    else:  # a loss whose value is a Hessian product: its gradient is a third derivative
+
+        def ours(z, v):
+            return jnp.vdot(v, xj.softmax_cross_entropy_hvp(z, v))
+
+        def naive(z, v):
+            one_hot = jnp.eye(5)[0]  # the Hessian of unit label mass
+            return jnp.vdot(v, jax.jvp(jax.grad(lambda u: naive_loss(u, one_hot)), (z,), (v,))[1])
+
+        labels = tangent
+    mine, reference = _in_loops(ours), _in_loops(naive)
+    outside = jax.hessian(lambda z: jnp.sum(jax.vmap(ours)(z, labels)))(logits)
+    for name in mine:
+
+        def hvp(f, name=name):
+            return jax.jvp(jax.grad(lambda z: f[name](z, labels)), (logits,), (tangent,))[1]
+
+        expected = jax.hessian(lambda z, name=name: reference[name](z, labels))(logits)
+        np.testing.assert_allclose(
+            jax.hessian(lambda z, name=name: mine[name](z, labels))(logits),
+            expected,
+            atol=1e-12,
+            err_msg=name,
+        )
+        np.testing.assert_allclose(expected, outside, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(hvp(mine), hvp(reference), atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            jax.jacrev(jax.jacrev(lambda z, name=name: mine[name](z, labels)))(logits),
+            expected,
+            atol=1e-12,
+            err_msg=name,
+        )
+
+
+def test_second_derivatives_inside_loops_for_large_rows(rng):
+    # Beyond 2**16 entries the soft loss's label sum takes its checked, batched path on CPU.
+    logits = jnp.asarray(rng.normal(size=(2, 40, 2000)))
+    labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 40, 2000))))
+    tangent = jnp.asarray(rng.normal(size=(2, 40, 2000)))
+
+    def total(loss):
+        return lambda z: jax.lax.map(lambda row: loss(*row).sum(), (z, labels)).sum()
+
+    products = [
+        jax.jvp(jax.grad(total(loss)), (logits,), (tangent,))[1]
+        for loss in (xj.softmax_cross_entropy, naive_loss)
+    ]
+    np.testing.assert_allclose(*products, atol=1e-14)
+
+
 def test_jit_vmap_grad_compose(rng):
     logits, soft, integer = make_problem(rng, batch=(4, 3))
     per_example = jax.vmap(jax.vmap(jax.grad(xj.softmax_cross_entropy_with_integer_labels)))

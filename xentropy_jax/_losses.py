@@ -60,6 +60,34 @@ def _peak(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     return jnp.maximum(peak, jnp.finfo(logits.dtype).min)
 
 
+def _below(logits: jax.Array, peak: jax.Array) -> jax.Array:
+    """``z − c``, clamped at the smallest normal number above 0: ``exp`` of it is at most 1.
+
+    The clamp is not at 0: ``min`` and ``max`` split their derivative half and half at a tie,
+    and the winner of every row sits at ``z = c``. The primal computations here are
+    differentiated by plain autodiff where JAX applies forward mode to a reverse pass staged
+    inside ``lax.scan``, ``lax.map`` or ``fori_loop`` (the custom rules count in the first pass
+    only), so every second derivative of a loss computed in a loop goes through them; with the
+    clamp at 0 the integer loss's Hessian there was 25% off and not symmetric.
+    """
+    return jnp.minimum(logits - peak, jnp.finfo(logits.dtype).tiny)
+
+
+def _gaps(logits: jax.Array, peak: jax.Array) -> jax.Array:
+    """``c − z``, clamped at minus the smallest normal number (not at 0: see ``_below``)."""
+    return jnp.maximum(peak - logits, -jnp.finfo(logits.dtype).tiny)
+
+
+def _valued_as(value: jax.Array, derivative_of: jax.Array) -> jax.Array:
+    """``value`` with the derivative of ``derivative_of``, a number equal to it in exact arithmetic.
+
+    ``stop_gradient(value) + (x − stop_gradient(x))``: the second term is exactly 0 for a finite
+    ``x``. For the row sums whose exact value needs a clamp or a cancellation-free formula
+    (``R``, the normaliser) while autodiff must see the plain sum (see ``_below``).
+    """
+    return jax.lax.stop_gradient(value) + (derivative_of - jax.lax.stop_gradient(derivative_of))
+
+
 def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``e = exp(min(z − c, 0))`` (zero where masked) and the shift ``c``; every ``e_k ≤ 1``.
 
@@ -70,9 +98,7 @@ def _exponentials(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array
     by many units and overflow the exponential.
     """
     peak = _peak(logits, where)
-    # min(z, c) − c rather than min(z − c, 0): no scalar constant over [..., K] (see
-    # `hessian_product_from_probs`), and the same numbers.
-    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
+    exps = jnp.exp(_below(logits, peak))
     if where is not None:
         exps = jnp.where(where, exps, 0.0)
     return exps, peak
@@ -88,11 +114,22 @@ def _totals(exps: jax.Array) -> tuple[jax.Array, jax.Array]:
     (``e = 1``), and their sum is ``R`` to the last bit even where ``1 + R`` rounds to 1.
     Otherwise ``R ≥ 1/2`` and the subtraction loses nothing. Tied maxima count once each beyond
     the first, as they should. ``R ≥ 0`` always (also under the fused rounding described in
-    ``_exponentials``), and an empty row gets ``R = 0``.
+    ``_exponentials``), and an empty row gets ``R = 0``. Autodiff sees ``R`` as the total
+    (``_valued_as``): the winner's term ``1 − e`` would have the wrong sign.
     """
     total = exps.sum(axis=-1, keepdims=True)
     below_half = jnp.minimum(exps, 1.0 - exps).sum(axis=-1, keepdims=True)
-    return total, jnp.where(total < 1.5, below_half, total - 1.0)
+    rest = jnp.maximum(jnp.where(total < 1.5, below_half, total - 1.0), 0.0)
+    return total, _valued_as(rest, total)
+
+
+def _normaliser(total: jax.Array) -> jax.Array:
+    """``1 / total`` per row, ``1`` for an empty row (total 0; otherwise it is at least 1).
+
+    Autodiff sees the total itself (``_valued_as``): a confident row's total is exactly 1, where
+    ``max(total, 1)`` would halve its derivative.
+    """
+    return 1.0 / _valued_as(jnp.maximum(total, 1.0), total)
 
 
 def _rest(exps: jax.Array) -> jax.Array:
@@ -110,10 +147,9 @@ def softmax_parts(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array
     """
     exps, _ = _exponentials(logits, where)
     total, rest = _totals(exps)
-    # The largest term is exp(0) = 1, so the total is 0 (nothing included) or >= 1: `maximum`
-    # guards the empty row without a select. Computing s from the plain total (rather than
-    # 1 + R) lets XLA drop R where only s is needed. Reciprocals per row: one multiply per class.
-    probs = exps * (1.0 / jnp.maximum(total, 1.0))
+    # Computing s from the plain total (rather than 1 + R) lets XLA drop R where only s is
+    # needed. Reciprocals per row: one multiply per class.
+    probs = exps * _normaliser(total)
     # e − 1 is exact for e ≥ 1/2 (Sterbenz) and R + (1 − e) adds two non-negative numbers.
     complement = (rest - (exps - 1.0)) * (1.0 / (1.0 + rest))
     return probs, complement
@@ -250,11 +286,11 @@ def _dot_rows(a: jax.Array, b: jax.Array, where: jax.Array | None) -> jax.Array:
 def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     """Row-wise ``Σ_k y_k (c − z_k)``, ``[...]``, term by term; a class without label counts 0.
 
-    Every term ``y_k · max(c − z_k, 0)`` is exact to rounding and of the sign of its label, so
-    nothing cancels: ``m·c − yᵀz`` would lose the sum to a large common offset of the logits
+    Every term ``y_k · (c − z_k)`` (``_gaps``) is exact to rounding and of the sign of its label,
+    so nothing cancels: ``m·c − yᵀz`` would lose the sum to a large common offset of the logits
     (float32 logits near 10⁴ lost 4 digits), and a clamp of it at 0 would be wrong for negative
-    soft labels. The ``max`` changes nothing for logits held in memory and keeps every term of
-    a non-negative label non-negative under the fused rounding described in ``_exponentials``.
+    soft labels. The clamp in ``_gaps`` changes nothing for logits held in memory and keeps every
+    term of a non-negative label above −2⁻¹²⁶·y under the fused rounding of ``_exponentials``.
 
     ``0 · inf`` is NaN, but a class that carries no label contributes nothing whatever its logit
     (a ``-inf`` logit is a masked class). The select that says so (``_masked_label_gaps``) keeps
@@ -264,13 +300,11 @@ def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Ar
     entries the select runs directly); elsewhere the select stays, as fusions there take it into
     the reduction.
     """
+    if labels.size <= _SMALL_GAPS:
+        return _masked_label_gaps(labels, logits, peak)
     return jax.lax.platform_dependent(
         labels, logits, peak, cpu=_checked_label_gaps, default=_masked_label_gaps
     )
-
-
-def _gaps(logits: jax.Array, peak: jax.Array) -> jax.Array:
-    return jnp.maximum(peak - logits, 0.0)
 
 
 def _masked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
@@ -292,8 +326,10 @@ def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -
     select form's. Under ``vmap`` a ``cond`` on a batched predicate would evaluate both branches
     for every call: the batching rule below keeps one ``cond`` over the whole batched array.
     """
-    if labels.size <= _SMALL_GAPS:
-        return _masked_label_gaps(labels, logits, peak)
+    return _fused_label_gaps(labels, logits, peak)
+
+
+def _fused_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     plain = (labels * _gaps(logits, peak)).sum(axis=-1)
     return jax.lax.cond(
         jnp.any(jnp.isnan(plain)), lambda: _masked_label_gaps(labels, logits, peak), lambda: plain
@@ -307,7 +343,9 @@ def _checked_label_gaps_vmap(axis_size, in_batched, labels, logits, peak):
         x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
         for x, batched in zip((labels, logits, peak), in_batched, strict=True)
     )
-    return _checked_label_gaps(labels, logits, peak), True
+    # The implementation, not the `custom_vmap` function: called again from its own rule, it
+    # recursed without end under forward-over-reverse derivatives taken inside `lax.scan`.
+    return _fused_label_gaps(labels, logits, peak), True
 
 
 @jax.custom_jvp
@@ -423,13 +461,13 @@ def _label_split(
     safe_labels = _safe_labels(labels, logits.shape[-1])
     label_logits = jnp.take_along_axis(logits, safe_labels, axis=-1)
     peak = _peak(logits, where)
-    exps = jnp.exp(jnp.minimum(logits, peak) - peak)
+    exps = jnp.exp(_below(logits, peak))
     if where is not None:
         exps = jnp.where(where, exps, 0.0)
     # The label's class is left out by writing 0 there (`_at_labels`). A label outside [0, K)
     # leaves out the clipped class; its row is NaN (`_row_scale`) anyway.
     exps = _at_labels(exps, safe_labels, 0.0)
-    label_exps = jnp.exp(jnp.minimum(label_logits, peak) - peak)
+    label_exps = jnp.exp(_below(label_logits, peak))
     if where is not None:
         label_exps = jnp.where(jnp.take_along_axis(where, safe_labels, axis=-1), label_exps, 0.0)
     return exps, peak, label_logits, label_exps, exps.sum(axis=-1, keepdims=True)
@@ -466,10 +504,11 @@ def _integer_loss(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
     ``_label_split``.
     """
     _, peak, label_logits, label_exps, others = _label_split(logits, labels, where)
-    # c − z[label] ≥ 0 and R ≥ 0; the `maximum`s only matter under the fused rounding of
-    # `_exponentials`.
-    shifted = jnp.maximum(peak - label_logits, 0.0)
-    rest = jnp.maximum(others + (label_exps - 1.0), 0.0)
+    # c − z[label] ≥ 0 and R ≥ 0; the clamps only matter under the fused rounding of
+    # `_exponentials`, and leave autodiff the plain derivatives (`_below`, `_valued_as`).
+    shifted = _gaps(label_logits, peak)
+    total = others + label_exps
+    rest = _valued_as(jnp.maximum(others + (label_exps - 1.0), 0.0), total)
     loss = (shifted + jnp.log1p(rest))[..., 0]
     scale = _row_scale(labels, where, logits.shape[-1], logits.dtype)
     # Not loss * scale: a label on a masked class may sit on a +inf logit.
@@ -486,8 +525,8 @@ def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
     """
     exps, _, _, label_exps, others = _label_split(logits, labels, where)
     # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row, which
-    # the row scale zeroes: `maximum` keeps it finite without a select.
-    inverse_total = 1.0 / jnp.maximum(others + label_exps, 1.0)
+    # the row scale zeroes.
+    inverse_total = _normaliser(others + label_exps)
     # The label's component −S/T is written at the label, as `_label_split` writes its 0.
     safe_labels = _safe_labels(labels, logits.shape[-1])
     return _at_labels(exps * inverse_total, safe_labels, -others * inverse_total)
