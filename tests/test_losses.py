@@ -883,3 +883,22 @@ def test_float32_derivatives_under_jit_with_the_users_xla_flags():
     assert len(errors) == 6
     for name, error in errors.items():
         assert float(error) < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize("num_classes", [5, 80])
+def test_export_with_a_symbolic_batch(rng, num_classes):
+    # The size tests that pick a kernel compared a symbolic size with a number ("inconclusive"),
+    # and the label scatter beyond 32 classes needed concrete shapes.
+    from jax import export
+
+    (batch,) = export.symbolic_shape("b")
+    logits, soft, integer = make_problem(rng, batch=(3,), num_classes=num_classes)
+    for loss, labels, spec in [
+        (xj.softmax_cross_entropy, soft, (batch, num_classes)),
+        (xj.softmax_cross_entropy_with_integer_labels, integer, (batch,)),
+    ]:
+        exported = export.export(jax.jit(loss))(
+            jax.ShapeDtypeStruct((batch, num_classes), logits.dtype),
+            jax.ShapeDtypeStruct(spec, labels.dtype),
+        )
+        np.testing.assert_allclose(exported.call(logits, labels), loss(logits, labels), rtol=1e-15)

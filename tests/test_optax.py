@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -274,7 +276,9 @@ def test_composes_with_chain_and_inject_hyperparams_without_recompiling(name):
     def loss_fn(p):
         return xj.mean_cross_entropy(mlp, p, inputs, labels)
 
-    @jax.jit
+    # Donated, as training loops do: gauss_newton's state held the injected initial damping's
+    # own buffer twice, and donation failed ("donate the same buffer twice").
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     @chex.assert_max_traces(n=1)
     def step(params, state):
         loss, grad = jax.value_and_grad(loss_fn)(params)

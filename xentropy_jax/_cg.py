@@ -191,8 +191,10 @@ def _run(
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return _solve(operator, preconditioner, *arguments, verify=verify)
     parts = [_split_callable(operator), _split_callable(preconditioner)]
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves) or None in parts:
+    if None in parts:
         return _solve(operator, preconditioner, *arguments, verify=verify)
     (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = parts
     return _compiled_solve(

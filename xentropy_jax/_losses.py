@@ -300,7 +300,8 @@ def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Ar
     entries the select runs directly); elsewhere the select stays, as fusions there take it into
     the reduction.
     """
-    if labels.size <= _SMALL_GAPS:
+    if not isinstance(labels.size, int) or labels.size <= _SMALL_GAPS:
+        # (A symbolic size, under `jax.export`, takes the form that serves every size.)
         return _masked_label_gaps(labels, logits, peak)
     return jax.lax.platform_dependent(
         labels, logits, peak, cpu=_checked_label_gaps, default=_masked_label_gaps
@@ -484,7 +485,9 @@ _COMPARE_CLASSES = 32
 
 def _at_labels(values: jax.Array, safe_labels: jax.Array, value) -> jax.Array:
     """``values`` [..., K] with each row's entry at its label (``[..., 1]``) set to ``value``."""
-    if values.shape[-1] <= _COMPARE_CLASSES:
+    if values.shape[-1] <= _COMPARE_CLASSES or not all(isinstance(n, int) for n in values.shape):
+        # The scatter needs concrete shapes; under `jax.export` with a symbolic batch the
+        # comparison serves.
         classes = jax.lax.broadcasted_iota(safe_labels.dtype, values.shape, values.ndim - 1)
         return jnp.where(classes == safe_labels, value, values)
     return jnp.put_along_axis(values, safe_labels, value, axis=-1, inplace=False)

@@ -297,7 +297,9 @@ def gauss_newton(
     def init_fn(params: PyTree) -> GaussNewtonState:
         dtype = _float_dtype(params)
         return GaussNewtonState(
-            damping=jnp.asarray(initial_damping, dtype),
+            # A copy: under optax.inject_hyperparams `initial_damping` is the state's own array,
+            # and one buffer in two leaves cannot be donated ("donate the same buffer twice").
+            damping=jnp.array(initial_damping, dtype, copy=True),
             direction=jax.tree.map(jnp.zeros_like, params),
             cg_steps=jnp.zeros((), jnp.int32),
             cg_status=jnp.asarray(CGStatus.CONVERGED, jnp.int32),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any
+
+import jax
 
 
 class SeenBefore:
@@ -23,6 +26,10 @@ class SeenBefore:
         self._seen: collections.OrderedDict = collections.OrderedDict()
 
     def __call__(self, function: Any) -> bool:
+        if _holds_tracer(function):
+            # A function closing over a trace's values (a lambda over a traced matrix) is traced
+            # in place: recorded, it kept that trace alive (`jax.checking_leaks` reported it).
+            return False
         try:
             if function in self._seen:
                 self._seen.move_to_end(function)
@@ -33,3 +40,29 @@ class SeenBefore:
         if len(self._seen) > self._size:
             self._seen.popitem(last=False)
         return False
+
+
+def _holds_tracer(function: Any, depth: int = 3) -> bool:
+    """Whether a tracer sits in ``function``'s closure, bound object or partial arguments.
+
+    Their pytree leaves are searched in turn, ``depth`` functions deep.
+    """
+    if isinstance(function, jax.core.Tracer):
+        return True
+    if depth == 0:
+        return False
+    parts: list = []
+    if isinstance(function, functools.partial):
+        parts += [function.func, *function.args, *function.keywords.values()]
+    cells = getattr(function, "__closure__", None) or ()
+    for cell in cells:
+        try:
+            parts.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    parts += [getattr(function, "__self__", None), *(getattr(function, "__defaults__", None) or ())]
+    for part in parts:
+        for leaf in jax.tree.leaves(part):
+            if leaf is not function and _holds_tracer(leaf, depth - 1):
+                return True
+    return False

@@ -187,11 +187,13 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     # factorise each class's block instead (see `class_block_inverses`).
     factored = (objective.l2 > 0) & jnp.any(basis.scale != 1)
     operands = (basis.eigenvalues, feature_vectors, basis.scale, curvature_values, objective.l2)
-    size = basis.eigenvalues.size
+    size, dtype = basis.eigenvalues.size, spectrum.dtype
+    # The branches close over no traced array (see `batch_cond`): the jaxpr keeps its batching
+    # rule, and through it a closed-over `spectrum` kept the whole trace alive.
     inverses = batch_cond(
         factored,
         class_block_inverses,
-        lambda *_: jnp.zeros((kf, size, size), spectrum.dtype),
+        lambda *_: jnp.zeros((kf, size, size), dtype),
         *operands,
     )
 
