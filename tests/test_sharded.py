@@ -132,6 +132,33 @@ SCRIPT = textwrap.dedent(
         out["twice"] = None
     except ValueError as error:
         out["twice"] = str(error)
+
+    # Inside shard_map (docs/scaling.md): the row-wise functions with the default check, the
+    # loops with check_vma=False, each against its per-shard values on one device. With the
+    # check on, JAX sums a product with respect to the replicated W over the shards, as it
+    # sums jax.grad's.
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
+    rows, whole = PartitionSpec("rows"), PartitionSpec()
+    W = rng.normal(size=(d, K)) / 4
+    cases = {
+        "loss": (lambda X, y, W: xj.softmax_cross_entropy_with_integer_labels(X @ W, y), True),
+        "ggn_vp": (lambda X, y, W: xj.ggn_vp(lambda p, x: x @ p, W, X, W)[None], True),
+        "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], False),
+        "cg": (lambda X, y, W: xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None], False),
+    }
+    out["shard_map"] = {}
+    for name, (function, check) in cases.items():
+        mapped = jax.jit(
+            jax.shard_map(
+                function, mesh=mesh, in_specs=(rows, rows, whole), out_specs=rows, check_vma=check
+            )
+        )(X, y, W)
+        shards = jnp.stack([
+            function(X[i * 250 : (i + 1) * 250], y[i * 250 : (i + 1) * 250], W) for i in range(8)
+        ])
+        if name == "ggn_vp":
+            shards = jnp.broadcast_to(shards.sum(axis=0), shards.shape)
+        out["shard_map"][name] = relative(mapped, jnp.concatenate(shards))
     print(json.dumps(out))
     """
 )
@@ -188,6 +215,12 @@ def test_estimator_splits_rows_over_devices(report):
     coef, score = report["ids"]
     assert coef <= 1e-10 and 0 < score <= 1
     assert report["twice"] is not None and "more than once" in report["twice"]
+
+
+@pytest.mark.subprocess
+def test_inside_shard_map(report):
+    # The row-wise functions under the default check_vma; the loops with check_vma=False.
+    assert all(error <= 1e-12 for error in report["shard_map"].values()), report["shard_map"]
 
 
 def test_estimator_refuses_to_split_sparse_rows_over_devices():
