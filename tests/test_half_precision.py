@@ -144,3 +144,22 @@ def test_bfloat16_is_taken_where_float16_is():
         jnp.zeros((1, 4)), jnp.eye(4)[:1], label_smoothing=jnp.bfloat16(0.25)
     )
     np.testing.assert_allclose(smoothed, np.log(4), rtol=1e-6)
+
+
+def test_gauss_newton_takes_float32_gradients_of_bfloat16_parameters():
+    # Mixed precision: gradients in float32 for bfloat16 parameters failed inside the GGN
+    # operator ("tangents must match params").
+    X = jax.random.normal(jax.random.key(0), (64, 3)).astype(jnp.bfloat16)
+    labels = jnp.argmax(X, axis=-1)
+    W = jnp.zeros((3, 3), jnp.bfloat16)
+    grad = jax.grad(lambda w: xj.mean_cross_entropy(linear, w, X.astype(jnp.float32), labels))(
+        W.astype(jnp.float32)
+    )
+    optimizer = xj.gauss_newton()
+    mixed, state = optimizer.update(grad, optimizer.init(W), W, logits_fn=linear, inputs=X)
+    assert mixed.dtype == jnp.float32 and state.direction.dtype == jnp.bfloat16
+    same, _ = optimizer.update(
+        grad.astype(jnp.bfloat16), optimizer.init(W), W, logits_fn=linear, inputs=X
+    )
+    np.testing.assert_array_equal(_f64(mixed), _f64(same))
+    assert np.abs(_f64(mixed)).max() > 0

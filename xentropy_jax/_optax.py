@@ -323,7 +323,9 @@ def gauss_newton(
     ) -> tuple[PyTree, GaussNewtonState]:
         del extra_args
         _require_model("gauss_newton", updates, params, logits_fn, inputs)
-        grad = updates
+        # CG runs in the parameters' dtypes, which the GGN operator's vectors must have: float32
+        # gradients of bfloat16 parameters failed inside it ("tangents must match params").
+        grad = jax.tree.map(lambda g, p: jnp.asarray(g).astype(jnp.result_type(p)), updates, params)
         damping = state.damping
         operator = ggn_operator(
             logits_fn,
@@ -369,7 +371,11 @@ def gauss_newton(
                 jnp.where(poor, damping * damping_increase, damping),
             )
             new_damping = jnp.clip(new_damping, min_damping, max_damping).astype(dtype)
-        step = jax.tree.map(lambda d: jnp.where(accepted, d, jnp.zeros_like(d)), direction)
+        step = jax.tree.map(
+            lambda d, u: jnp.where(accepted, d, jnp.zeros_like(d)).astype(jnp.result_type(u)),
+            direction,
+            updates,
+        )
         # A non-finite solve must not poison the next warm start.
         kept = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), direction)
         new_state = GaussNewtonState(
