@@ -902,3 +902,34 @@ def test_export_with_a_symbolic_batch(rng, num_classes):
             jax.ShapeDtypeStruct(spec, labels.dtype),
         )
         np.testing.assert_allclose(exported.call(logits, labels), loss(logits, labels), rtol=1e-15)
+
+
+def test_label_smoothing_spreads_over_included_classes_only():
+    # With a class mask, the smoothed target is (1 − α)·y + α·m/K_included on the included
+    # classes (docs of `softmax_cross_entropy`); reference: NumPy float64 over included classes.
+    rng = np.random.default_rng(7)
+    logits = rng.normal(scale=2.0, size=(4, 6))
+    labels = rng.integers(0, 6, size=4)
+    where = np.ones((4, 6), bool)
+    where[0, [1, 4]] = False
+    where[1, 5] = False
+    where[2, [0, 2, 3]] = False
+    where[np.arange(4), labels] = True  # every label on an included class
+    alpha = 0.3
+    expected = []
+    for z, c, w in zip(logits, labels, where, strict=True):
+        zi = z[w]
+        log_probs = zi - zi.max() - np.log(np.sum(np.exp(zi - zi.max())))
+        target = np.zeros(6)
+        target[c] = 1.0
+        target = (1 - alpha) * target[w] + alpha / w.sum()
+        expected.append(-np.sum(target * log_probs))
+    onehot = np.eye(6)[labels]
+    soft = xj.softmax_cross_entropy(
+        jnp.asarray(logits), jnp.asarray(onehot), where=jnp.asarray(where), label_smoothing=alpha
+    )
+    integer = xj.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(logits), jnp.asarray(labels), where=jnp.asarray(where), label_smoothing=alpha
+    )
+    np.testing.assert_allclose(soft, expected, rtol=1e-12)
+    np.testing.assert_allclose(integer, expected, rtol=1e-12)

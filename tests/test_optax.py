@@ -399,3 +399,66 @@ def test_missing_extra_arguments_and_bad_hyperparameters_raise():
         with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63"):
             factory(seed=2**64)  # was "seed must be a number"
         assert factory(seed=np.int64(3)).init(params) is not None
+
+
+def _linear(params, inputs):
+    return inputs @ params["W"] + params["b"][None, :]
+
+
+def _linear_problem(n=20, d=3, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    params = {"W": jnp.asarray(0.5 * rng.normal(size=(d, k))), "b": jnp.asarray(rng.normal(size=k))}
+    grad = {"W": jnp.asarray(rng.normal(size=(d, k))), "b": jnp.asarray(rng.normal(size=k))}
+    # The GGN diagonal of the mean cross-entropy of a linear model, in NumPy float64:
+    # D_W[j, k] = Σᵢ x_ij² s_ik (1 − s_ik) / N and D_b[k] = Σᵢ s_ik (1 − s_ik) / N.
+    logits = X @ np.asarray(params["W"]) + np.asarray(params["b"])
+    s = np.exp(logits - logits.max(axis=1, keepdims=True))
+    s /= s.sum(axis=1, keepdims=True)
+    curvature = s * (1 - s)
+    diagonal = {"W": (X**2).T @ curvature / n, "b": curvature.mean(axis=0)}
+    return params, jnp.asarray(X), grad, diagonal
+
+
+def test_sophia_g_bias_correction_counts_refreshes_every_k_steps():
+    # With a fixed gradient g and fixed parameters, the corrected averages are exactly
+    # m / (1 − b₁ᵗ) = g and h / (1 − b₂ⁿ) = D (n refreshes so far, at steps 0, k, 2k, …),
+    # so every update is g / max(γD, ε) (no clipping with an infinite threshold).
+    params, X, grad, diagonal = _linear_problem()
+    gamma = 0.05
+    transform = xj.scale_by_sophia_g(
+        b1=0.9,
+        b2=0.8,
+        gamma=gamma,
+        update_interval=2,
+        clip_threshold=np.inf,
+        estimator="exact",
+        bias_correction=True,
+    )
+    update = jax.jit(lambda s: transform.update(grad, s, params, logits_fn=_linear, inputs=X))
+    state = transform.init(params)
+    expected = {
+        key: np.asarray(grad[key]) / np.maximum(gamma * diagonal[key], 1e-12) for key in grad
+    }
+    for _ in range(5):
+        updates, state = update(state)
+        for key in grad:
+            np.testing.assert_allclose(updates[key], expected[key], rtol=1e-9)
+
+
+def test_sophia_g_clips_at_the_given_threshold():
+    # One step, b₂ = 0: u = clip((1 − b₁)·g / max(γD, ε), −c, c), for c other than 1.
+    params, X, grad, diagonal = _linear_problem()
+    b1, gamma = 0.9, 0.05
+    for threshold in (0.05, 3.0, np.inf):
+        transform = xj.scale_by_sophia_g(
+            b1=b1, b2=0.0, gamma=gamma, clip_threshold=threshold, estimator="exact"
+        )
+        updates, _ = transform.update(
+            grad, transform.init(params), params, logits_fn=_linear, inputs=X
+        )
+        for key in grad:
+            ratio = (1 - b1) * np.asarray(grad[key]) / np.maximum(gamma * diagonal[key], 1e-12)
+            assert np.abs(ratio).max() > 3.0  # the thresholds below bind
+            expected = np.clip(ratio, -threshold, threshold)
+            np.testing.assert_allclose(updates[key], expected, rtol=1e-9)

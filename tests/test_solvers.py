@@ -3,6 +3,7 @@
 import copy
 import functools
 import pickle
+import re
 import warnings
 
 import chex
@@ -1145,3 +1146,44 @@ def test_default_forcing_reaches_the_same_optimum_with_fewer_products_on_many_cl
             # tol = 1e-6 bounds the objective's gap by about ½·ΔᵀHΔ <= tol.
             assert float(result.loss - optimum.loss) <= 1e-6
         assert loose.n_hessian_products < classical.n_hessian_products
+
+
+def test_exactly_zero_gradient_converges_at_tol_zero():
+    # The stopping rule is max|g| <= tol (scikit-learn's): with tol = 0 a point whose gradient
+    # is exactly 0 has converged. Zero features and balanced labels: at θ = 0 every
+    # probability is exactly 1/2, so the gradient is exactly 0 and θ = 0 is the optimum.
+    features = np.zeros((8, 2))
+    labels = np.arange(8) % 2
+    result = fit_logistic_regression(features, labels, 2, l2=0.1, tol=0.0)
+    assert result.status == Status.CONVERGED and bool(result.converged)
+    assert float(result.grad_norm) == 0.0
+    np.testing.assert_array_equal(result.params[0], 0.0)
+    np.testing.assert_array_equal(result.params[1], 0.0)
+
+
+def test_newton_decrement_is_half_the_model_curvature(capfd):
+    # The convergence test uses ½ΔᵀHΔ (scikit-learn's NewtonSolver), reported per iteration.
+    # One Newton step from θ = 0 on a binary problem without intercept: s = 1/2, so
+    # g = Xᵀ(½ − y)/N, H = XᵀX/(4N) + l2·I and ½ΔᵀHΔ = ½·gᵀH⁻¹g (NumPy float64).
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 3))
+    y = (rng.uniform(size=30) < 0.5).astype(int)
+    l2 = 0.1
+    fit_logistic_regression(
+        X,
+        y,
+        2,
+        l2=l2,
+        fit_intercept=False,
+        reference_class=True,
+        solver="newton",
+        verbose=True,
+        max_iter=1,
+        throw=False,
+    )
+    printed = re.findall(r"iter\s+1 .*decrement ([0-9.e+-]+)", capfd.readouterr().out)
+    assert len(printed) == 1
+    g = X.T @ (0.5 - y) / y.size
+    H = 0.25 * X.T @ X / y.size + l2 * np.eye(3)
+    expected = 0.5 * g @ np.linalg.solve(H, g)
+    np.testing.assert_allclose(float(printed[0]), expected, rtol=2e-3)
