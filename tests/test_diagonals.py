@@ -274,3 +274,25 @@ def test_exact_diagonal_second_derivatives():
     for derivative in (jax.hessian, lambda f: jax.jacrev(jax.jacrev(f))):
         got, expected = derivative(ours)(params), derivative(total(reference))(params)
         np.testing.assert_allclose(flat(got), flat(expected), atol=1e-13)
+
+
+def test_row_check_allows_no_rounding_for_independent_rows():
+    # The first check compared one example's logits with the batched ones, allowing √ε: a
+    # linear model on float32 features near 1e4 (its intercept cancelling the offset) failed
+    # it at chunk_size=1, and an elementwise bfloat16 model failed it eagerly.
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(64, 20)) * 3 + 1e4, jnp.float32)
+    W = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
+    params = {"w": W, "b": -(jnp.float32(1e4) * W.sum(0))}
+    for chunk_size in (None, 5, 1):
+        eager = xj.ggn_diagonal(linear, params, X, chunk_size=chunk_size)
+        traced = jax.jit(lambda p, c=chunk_size: xj.ggn_diagonal(linear, p, X, chunk_size=c))
+        assert np.isfinite(flat(eager)).all() and np.isfinite(flat(traced(params))).all()
+    half = jnp.asarray(rng.normal(size=(32, 16)) + 30.0, jnp.bfloat16)
+    weights = jnp.asarray(rng.normal(size=(16, 4)) / 4, jnp.bfloat16)
+
+    def elementwise(p, x):
+        return (x[:, :, None] * p["w"][None]).sum(1) + p["b"][None, :]
+
+    diagonal = xj.ggn_diagonal(elementwise, {"w": weights, "b": jnp.zeros(4, jnp.bfloat16)}, half)
+    assert np.isfinite(np.asarray(diagonal["w"], np.float32)).all()

@@ -9,6 +9,7 @@ growing, and half-precision dtypes were refused or sampled the wrong distributio
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.special import softmax
 
@@ -163,3 +164,36 @@ def test_gauss_newton_takes_float32_gradients_of_bfloat16_parameters():
     )
     np.testing.assert_array_equal(_f64(mixed), _f64(same))
     assert np.abs(_f64(mixed)).max() > 0
+
+
+def test_float16_ggn_products_of_large_jacobians_stay_finite():
+    # Lifting every float16 product's cotangents to a total of 2⁸ overflowed a model with
+    # inputs of 1,000 (the product ≈ 250 came out inf); cotangents in range are left alone.
+    X = jnp.array([[1000.0]], jnp.float16)
+    W = jnp.zeros((1, 2), jnp.float16)
+    got = xj.ggn_vp(linear, W, X, jnp.array([[1e-3, 0.0]], jnp.float16))
+    # G = x² s(1 − s)·[[1, −1], [−1, 1]] / N with s = ½: (Gv)₀ = 1000² · ¼ · 1e-3.
+    np.testing.assert_allclose(_f64(got)[0], [250.0, -250.0], rtol=2e-3)
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 300.0, 3000.0):
+        X64 = rng.normal(size=(8, 4)) * scale
+        W64, V64 = rng.normal(size=(4, 3)) / scale, rng.normal(size=(4, 3)) / scale
+        reference = xj.ggn_vp(linear, *(jnp.asarray(a, jnp.float32) for a in (W64, X64, V64)))
+        half = xj.ggn_vp(linear, *(jnp.asarray(a, jnp.float16) for a in (W64, X64, V64)))
+        np.testing.assert_allclose(_f64(half), _f64(reference), atol=4e-3 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_injected_hyperparameters_in_half_precision(dtype):
+    # optax.inject_hyperparams casts them to the parameters' dtype: bfloat16 ones were refused
+    # as "not a number"; float16 rounds Sophia's ε = 1e-12 to 0, which is refused, with the
+    # way out named.
+    W = jnp.zeros((3, 3), dtype)
+    for factory in (xj.scale_by_ggn_diagonal, xj.gauss_newton):
+        optax.inject_hyperparams(factory)().init(W)
+    if dtype == jnp.bfloat16:
+        optax.inject_hyperparams(xj.sophia_g)(learning_rate=0.1).init(W)
+    else:
+        with pytest.raises(ValueError, match="hyperparam_dtype=jnp.float32"):
+            optax.inject_hyperparams(xj.sophia_g)(learning_rate=0.1).init(W)
+    optax.inject_hyperparams(xj.sophia_g, hyperparam_dtype=jnp.float32)(learning_rate=0.1).init(W)

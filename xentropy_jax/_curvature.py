@@ -143,12 +143,16 @@ def _apply_ggn(
     dtype = logit_tangents.dtype
     if jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp:
         # float16 (or narrower): each row's cᵢ(Hv)ᵢ is near 1/N of the result, below float16's
-        # smallest normal number beyond N ≈ 10⁴, and products at N = 10⁵ came out 0. A power of
-        # two S (exact) brings the cotangents' total |u| to 2⁸: the rows keep their digits, the
-        # sum stays far from float16's largest number, and the product is divided by S after.
-        total = jnp.sum(jnp.abs(cotangents))
-        exponent = jnp.where(total > 0, jnp.floor(8 - jnp.log2(total)), 0)
-        exponent = jnp.clip(exponent, jnp.finfo(dtype).minexp, -jnp.finfo(dtype).minexp)
+        # smallest normal number (2⁻¹⁴) beyond N ≈ 10⁴, and products at N = 10⁵ came out 0. A
+        # power of two S ≥ 1 (exact) lifts the largest cotangent to 2⁻¹⁰ when it is smaller,
+        # so that the rows keep their digits, but never lifts the cotangents' total |u| above
+        # 2⁸, and the product is divided by S after. Cotangents already in range are left
+        # alone: lifting them all (to a total of 2⁸) overflowed the products of models whose
+        # Jacobians are large (inputs of 1,000).
+        magnitudes = jnp.abs(cotangents)
+        largest, total = jnp.max(magnitudes), jnp.sum(magnitudes)
+        exponent = jnp.minimum(jnp.floor(-10 - jnp.log2(largest)), jnp.floor(8 - jnp.log2(total)))
+        exponent = jnp.where(largest > 0, jnp.clip(exponent, 0, -jnp.finfo(dtype).minexp), 0)
         (product,) = model_vjp((jnp.exp2(exponent) * cotangents).astype(dtype))
         product = jax.tree.map(
             lambda g: (jnp.exp2(-exponent) * g.astype(cotangents.dtype)).astype(g.dtype),

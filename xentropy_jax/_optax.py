@@ -56,7 +56,12 @@ def _check(
     """
     if not _is_concrete(value) or callable(value):
         return
-    if isinstance(value, (bool, np.bool_)) or np.asarray(value).dtype.kind not in "iuf":
+    dtype = np.asarray(value).dtype
+    # jnp.issubdtype knows bfloat16, whose NumPy kind is "V": optax.inject_hyperparams casts
+    # the hyperparameters to the parameters' dtype, and bfloat16 parameters were refused.
+    if isinstance(value, (bool, np.bool_)) or not (
+        jnp.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+    ):
         # np.asarray("1", dtype=float) is 1.0: a string passed, and failed later or never.
         raise TypeError(f"{name} must be a number, got {value!r}.")
     array = np.asarray(value, dtype=np.float64)
@@ -68,7 +73,14 @@ def _check(
     if array.ndim != 0 or not bool(ok):
         kind = "an integer" if integer else "a finite number" if finite else "a number"
         interval = f"{'[' if closed else '('}{low}, {high}{')' if below_high else ']'}"
-        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}.")
+        hint = ""
+        small = jnp.issubdtype(dtype, np.floating) and jnp.finfo(dtype).bits <= 16
+        if small and array.ndim == 0 and array == 0:
+            hint = (
+                f" In {dtype} a small positive value rounds to 0: optax.inject_hyperparams "
+                "casts to the parameters' dtype unless given hyperparam_dtype=jnp.float32."
+            )
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}.{hint}")
 
 
 def _check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
