@@ -87,9 +87,9 @@ def ggn_diagonal(
     inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal.
 
     Cost: one forward and one backward pass of the batch, and K per-example backward passes
-    (≈ K gradients of flops), holding
-    ``chunk_size`` × K × P numbers at once. Use it when K·P fits in memory a few times over; for
-    large models use :func:`ggn_diagonal_hutchinson` or :func:`ggn_diagonal_bartlett`.
+    (≈ K gradients of flops), holding ``chunk_size`` × K × P numbers at once. Use it when K·P
+    fits in memory a few times over; for large models use :func:`ggn_diagonal_hutchinson` or
+    :func:`ggn_diagonal_bartlett`.
 
     Args:
         logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent.
