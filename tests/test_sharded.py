@@ -145,6 +145,7 @@ SCRIPT = textwrap.dedent(
         "ggn_vp": (lambda X, y, W: xj.ggn_vp(lambda p, x: x @ p, W, X, W)[None], True),
         "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], False),
         "cg": (lambda X, y, W: xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None], False),
+        "ggn_diagonal": (lambda X, y, W: xj.ggn_diagonal(lambda p, x: x @ p, W, X)[None], False),
     }
     out["shard_map"] = {}
     for name, (function, check) in cases.items():
