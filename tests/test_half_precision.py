@@ -26,6 +26,18 @@ def _f64(x):
     return np.asarray(x, np.float64)
 
 
+def _random_linear_problem(dtype, n, d, k):
+    """Normal X [n, d] and W [d, k] in ``dtype``, and the GGN diagonal of ``linear`` there.
+
+    diag(G) = Σᵢ xᵢ² sᵢ(1 − sᵢ) / N, in float64 on the rounded inputs.
+    """
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    W = jnp.asarray(rng.normal(size=(d, k)), dtype)
+    probs = softmax(_f64(X) @ _f64(W), axis=1)
+    return X, W, (_f64(X) ** 2).T @ (probs * (1 - probs)) / n
+
+
 def test_float16_ggn_products_keep_rows_below_the_smallest_normal():
     # Every row at margin 6 over N = 10⁵: each row's cᵢ(Hv)ᵢ ≈ 2.5e-8 is below float16's
     # smallest normal number (6.1e-5), and the product came out exactly 0.
@@ -44,11 +56,7 @@ def test_float16_ggn_products_keep_rows_below_the_smallest_normal():
 def test_half_precision_ggn_diagonal_does_not_depend_on_chunks(dtype):
     # Summed chunk by chunk in bfloat16, the diagonal came out 0.49 to 0.55 of the truth with
     # chunk_size=1 (and 0.78 to 0.92 at the default chunk size of a larger model).
-    rng = np.random.default_rng(0)
-    X = jnp.asarray(rng.normal(size=(4000, 4)), dtype)
-    W = jnp.asarray(rng.normal(size=(4, 3)), dtype)
-    probs = softmax(_f64(X) @ _f64(W), axis=1)
-    exact = (_f64(X) ** 2).T @ (probs * (1 - probs)) / len(X)
+    X, W, exact = _random_linear_problem(dtype, 4000, 4, 3)
     for chunk_size in (1, 64):
         got = xj.ggn_diagonal(linear, W, X, chunk_size=chunk_size)
         assert got.dtype == dtype
@@ -97,11 +105,7 @@ def test_float16_sophia_leaves_unused_coordinates_at_zero():
 def test_curvature_averages_converge_in_half_precision(dtype):
     # At fixed parameters the estimate is constant, so the averages must reach it. Kept in
     # bfloat16, 0.99·h + 0.01·ĥ stopped moving at 0.65 of it.
-    rng = np.random.default_rng(0)
-    X = jnp.asarray(rng.normal(size=(64, 3)), dtype)
-    W = jnp.asarray(rng.normal(size=(3, 4)), dtype)
-    probs = softmax(_f64(X) @ _f64(W), axis=1)
-    exact = (_f64(X) ** 2).T @ (probs * (1 - probs)) / len(X)
+    X, W, exact = _random_linear_problem(dtype, 64, 3, 4)
     sophia = xj.scale_by_sophia_g(estimator="exact", update_interval=1)
     diagonal = xj.scale_by_ggn_diagonal(estimator="exact", decay=0.99, power=1.0, damping=1e-30)
     ones = jnp.ones_like(W)
