@@ -59,9 +59,7 @@ def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.
     do), so the winner of a confident example keeps its curvature at any margin. Half precision
     logits get their rows in float32, scaled, then rounded once.
     """
-    probs, complement = softmax_parts(
-        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None
-    )
+    probs, complement = softmax_parts(logits.astype(_wide(logits)), None)
     eye = jnp.eye(logits.shape[-1], dtype=bool)
     rows = jnp.sqrt(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
     return (scale * rows).astype(logits.dtype)
