@@ -136,19 +136,35 @@ SCRIPT = textwrap.dedent(
     # Inside shard_map (docs/scaling.md): the row-wise functions with the default check, the
     # loops with check_vma=False, each against its per-shard values on one device. With the
     # check on, JAX sums a product with respect to the replicated W over the shards, as it
-    # sums jax.grad's.
+    # sums jax.grad's, and the diagonals are the sums of the shards' diagonals (the sampled one
+    # with the same key on every shard); with the check off they are the shards' own.
     mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
     rows, whole = PartitionSpec("rows"), PartitionSpec()
     W = rng.normal(size=(d, K)) / 4
-    cases = {
-        "loss": (lambda X, y, W: xj.softmax_cross_entropy_with_integer_labels(X @ W, y), True),
-        "ggn_vp": (lambda X, y, W: xj.ggn_vp(lambda p, x: x @ p, W, X, W)[None], True),
-        "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], False),
-        "cg": (lambda X, y, W: xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None], False),
-        "ggn_diagonal": (lambda X, y, W: xj.ggn_diagonal(lambda p, x: x @ p, W, X)[None], False),
+
+    def linear(p, x):
+        return x @ p
+
+    def diagonal(X, y, W):
+        return xj.ggn_diagonal(linear, W, X)[None]
+
+    def bartlett(X, y, W):
+        return xj.ggn_diagonal_bartlett(linear, W, X, jax.random.key(3), num_samples=2)[None]
+
+    def solve(X, y, W):
+        return xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None]
+
+    cases = {  # name: (function, check_vma, summed over the shards)
+        "loss": (lambda X, y, W: xj.softmax_cross_entropy_with_integer_labels(X @ W, y), True, 0),
+        "ggn_vp": (lambda X, y, W: xj.ggn_vp(linear, W, X, W)[None], True, 1),
+        "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], False, 0),
+        "cg": (solve, False, 0),
+        "ggn_diagonal": (diagonal, True, 1),
+        "ggn_diagonal unchecked": (diagonal, False, 0),
+        "ggn_diagonal_bartlett": (bartlett, True, 1),
     }
     out["shard_map"] = {}
-    for name, (function, check) in cases.items():
+    for name, (function, check, summed) in cases.items():
         mapped = jax.jit(
             jax.shard_map(
                 function, mesh=mesh, in_specs=(rows, rows, whole), out_specs=rows, check_vma=check
@@ -157,7 +173,7 @@ SCRIPT = textwrap.dedent(
         shards = jnp.stack([
             function(X[i * 250 : (i + 1) * 250], y[i * 250 : (i + 1) * 250], W) for i in range(8)
         ])
-        if name == "ggn_vp":
+        if summed:
             shards = jnp.broadcast_to(shards.sum(axis=0), shards.shape)
         out["shard_map"][name] = relative(mapped, jnp.concatenate(shards))
     print(json.dumps(out))
@@ -220,7 +236,8 @@ def test_estimator_splits_rows_over_devices(report):
 
 @pytest.mark.subprocess
 def test_inside_shard_map(report):
-    # The row-wise functions under the default check_vma; the loops with check_vma=False.
+    # The row-wise functions and the diagonals under the default check_vma; the loops with
+    # check_vma=False.
     assert all(error <= 1e-12 for error in report["shard_map"].values()), report["shard_map"]
 
 

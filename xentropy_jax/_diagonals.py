@@ -51,6 +51,41 @@ def _wide(value) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(value), jnp.float32)
 
 
+def _varying_axes(tree: PyTree) -> frozenset:
+    """The manual mesh axes (inside ``shard_map`` with ``check_vma``) along which a leaf varies."""
+    axes = frozenset()
+    for leaf in jax.tree.leaves(tree):
+        axes |= getattr(getattr(jax.typeof(leaf), "mat", None), "varying", frozenset())
+    return axes
+
+
+def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
+    """``params`` marked as varying along the manual axes along which ``data`` vary, and those axes.
+
+    Inside ``shard_map`` with ``check_vma``, JAX sums the gradient with respect to parameters
+    replicated over an axis along which the data vary over that axis's shards. A gradient that
+    is squared must not be: each per-example gradient would be the sum of one example from each
+    shard, and each sampled gradient the sum of the shards' draws, which share their noise.
+    Squares are formed per shard with the marked parameters, then :func:`_summed_over_shards`
+    adds the shards' squares, as JAX sums ``jax.grad``'s and ``ggn_vp``'s (G is a sum over the
+    examples). Outside ``shard_map`` nothing varies and nothing changes.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    data_axes = _varying_axes(data)
+    shared = [tuple(sorted(data_axes - _varying_axes(p), key=str)) for p in leaves]
+    return treedef.unflatten(_varying(leaves, shared)), shared
+
+
+def _varying(leaves: list, shared: list[tuple]) -> list:
+    return [
+        jax.lax.pcast(x, a, to="varying") if a else x for x, a in zip(leaves, shared, strict=True)
+    ]
+
+
+def _summed_over_shards(leaves: list, shared: list[tuple]) -> list:
+    return [jax.lax.psum(x, a) if a else x for x, a in zip(leaves, shared, strict=True)]
+
+
 def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
     """Rows k of Bᵀ for one example, ``scale · √sₖ (eₖ − s)``, in the logits' dtype. [K, K].
 
@@ -82,7 +117,9 @@ def ggn_diagonal(
     one example at a time under ``vmap``, which requires row i of the logits to depend only on
     row i of the inputs (no batch normalisation across examples). One backward pass of the
     batch checks that: a model whose first row of logits reaches another row of its floating
-    inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal.
+    inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal. Inside
+    ``shard_map`` with ``check_vma``, the shards' diagonals are summed for parameters replicated
+    over the data's axes, as ``jax.grad`` sums gradients (docs/scaling.md).
 
     Cost: one forward and one backward pass of the batch, and K per-example backward passes
     (≈ K gradients of flops), holding ``chunk_size`` × K × P numbers at once. Use it when K·P
@@ -165,16 +202,11 @@ def ggn_diagonal(
         squares = jax.vmap(example_squares)(chunk, roots)
         return [t + jnp.sum(q, axis=0) for t, q in zip(total, squares, strict=True)], None
 
+    params, shared = _per_shard(params, (inputs, sample_weight, label_mass))
     leaves, treedef = jax.tree.flatten(params)
-    zeros = [jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves]
+    zeros = _varying([jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves], shared)
     starts = jnp.arange(num_chunks) * chunk_size
     sums, _ = jax.lax.scan(add_chunk, zeros, starts)
-    total = treedef.unflatten(
-        [
-            (largest.astype(s.dtype) * s).astype(jnp.result_type(p))
-            for s, p in zip(sums, leaves, strict=True)
-        ]
-    )
     mixed = _mixes_rows(logits_fn, params, inputs, n)
     if is_concrete(mixed) and mixed:
         raise ValueError(
@@ -184,7 +216,11 @@ def ggn_diagonal(
             "ggn_diagonal_bartlett, which work for any model."
         )
     # Under a trace the check cannot raise: such a model's diagonal comes out NaN, not wrong.
-    return jax.tree.map(lambda d: jnp.where(mixed, jnp.nan, d), total)
+    diagonals = [
+        jnp.where(mixed, jnp.nan, largest.astype(s.dtype) * s).astype(jnp.result_type(p))
+        for s, p in zip(sums, leaves, strict=True)
+    ]
+    return treedef.unflatten(_summed_over_shards(diagonals, shared))
 
 
 def _mixes_rows(logits_fn: LogitsFn, params: PyTree, inputs: PyTree, n: int) -> jax.Array:
@@ -310,7 +346,9 @@ def ggn_diagonal_bartlett(
     Each sᵢ − e_{ŷᵢ} has mean 0 and covariance diag(sᵢ) − sᵢsᵢᵀ, and the examples are
     independent, so E[ĝ ĝᵀ] = Σᵢ cᵢ Jᵢᵀ (diag(sᵢ) − sᵢsᵢᵀ) Jᵢ = G and ĝ ⊙ ĝ is unbiased for
     diag(G). With equal weights and unit mass ĝ = √N g for g the gradient of the mean loss at ŷ,
-    i.e. the estimate N·g⊙g. Works for any model (no per-example structure needed).
+    i.e. the estimate N·g⊙g. Works for any model (no per-example structure needed). Inside
+    ``shard_map`` with ``check_vma``, each shard squares its own ĝ and the shards' estimates are
+    summed, as for :func:`ggn_diagonal`.
 
     Cost: one forward pass, then one backward pass per sample (≈ one gradient each), run
     together under ``vmap``.
@@ -357,6 +395,7 @@ def ggn_diagonal_bartlett(
     shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
     root_coefficients = jnp.sqrt(example_coefficients(n, shape.dtype, sample_weight, label_mass))
+    params, shared = _per_shard(params, (inputs, sample_weight, label_mass))
     logits, model_vjp = jax.vjp(lambda p: logits_fn(p, inputs), params)
     logits = jax.lax.stop_gradient(logits)
 
@@ -374,6 +413,9 @@ def ggn_diagonal_bartlett(
 
     wide = _wide(logits)
     squares = jax.vmap(squared_gradient)(jax.random.split(key, num_samples))
-    return jax.tree.map(
-        lambda s, p: jnp.mean(s, axis=0).astype(jnp.result_type(p)), squares, params
-    )
+    leaves, treedef = jax.tree.flatten(params)
+    means = [
+        jnp.mean(s, axis=0).astype(jnp.result_type(p))
+        for s, p in zip(treedef.flatten_up_to(squares), leaves, strict=True)
+    ]
+    return treedef.unflatten(_summed_over_shards(means, shared))
