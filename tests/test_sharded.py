@@ -133,11 +133,12 @@ SCRIPT = textwrap.dedent(
     except ValueError as error:
         out["twice"] = str(error)
 
-    # Inside shard_map (docs/scaling.md): the row-wise functions with the default check, the
-    # loops with check_vma=False, each against its per-shard values on one device. With the
-    # check on, JAX sums a product with respect to the replicated W over the shards, as it
-    # sums jax.grad's, and the diagonals are the sums of the shards' diagonals (the sampled one
-    # with the same key on every shard); with the check off they are the shards' own.
+    # Inside shard_map (docs/scaling.md), with the default check and with check_vma=False,
+    # each against its per-shard values on one device. With the check on, JAX sums a product
+    # with respect to the replicated W over the shards, as it sums jax.grad's, and the
+    # diagonals are the sums of the shards' diagonals (the sampled one with the same key on
+    # every shard); with the check off they are the shards' own. The loops (the head, CG, the
+    # fits) start from carries typed as their bodies' outputs.
     mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
     rows, whole = PartitionSpec("rows"), PartitionSpec()
     W = rng.normal(size=(d, K)) / 4
@@ -154,14 +155,24 @@ SCRIPT = textwrap.dedent(
     def solve(X, y, W):
         return xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None]
 
+    def fit(X, y, W):
+        return xj.fit_logistic_regression(X, y, K, l2=0.5, tol=1e-10).params[0][None]
+
+    def path(X, y, W):
+        return xj.fit_regularization_path(X, y, K, l2_values=[1.0, 0.1], tol=1e-10).params[0]
+
     cases = {  # name: (function, check_vma, summed over the shards)
         "loss": (lambda X, y, W: xj.softmax_cross_entropy_with_integer_labels(X @ W, y), True, 0),
         "ggn_vp": (lambda X, y, W: xj.ggn_vp(linear, W, X, W)[None], True, 1),
-        "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], False, 0),
-        "cg": (solve, False, 0),
+        "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], True, 0),
+        "cg": (solve, True, 0),
+        "fit": (fit, True, 0),
+        "path": (path, True, 0),
         "ggn_diagonal": (diagonal, True, 1),
-        "ggn_diagonal unchecked": (diagonal, False, 0),
         "ggn_diagonal_bartlett": (bartlett, True, 1),
+        "ggn_vp unchecked": (lambda X, y, W: xj.ggn_vp(linear, W, X, W)[None], False, 0),
+        "cg unchecked": (solve, False, 0),
+        "ggn_diagonal unchecked": (diagonal, False, 0),
     }
     out["shard_map"] = {}
     for name, (function, check, summed) in cases.items():
@@ -236,8 +247,6 @@ def test_estimator_splits_rows_over_devices(report):
 
 @pytest.mark.subprocess
 def test_inside_shard_map(report):
-    # The row-wise functions and the diagonals under the default check_vma; the loops with
-    # check_vma=False.
     assert all(error <= 1e-12 for error in report["shard_map"].values()), report["shard_map"]
 
 

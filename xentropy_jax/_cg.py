@@ -21,9 +21,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ._checks import check_real
+from ._manual import while_loop
 from ._seen import SeenBefore
 
 PyTree = Any
@@ -372,7 +372,7 @@ def _solve(
         kept = s._replace(num_steps=num_steps, status=status)
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
 
-    final = lax.while_loop(cond, body, state)
+    final = while_loop(cond, body, state)
     result = CGResult(
         solution=final.solution,
         residual=final.residual,
@@ -406,7 +406,7 @@ def _solve(
         combined = again._replace(num_steps=result.num_steps + again.num_steps)
         return combined, again.num_steps == 0
 
-    result, _ = lax.while_loop(unverified, restart, (result, jnp.zeros((), bool)))
+    result, _ = while_loop(unverified, restart, (result, jnp.zeros((), bool)))
     return result
 
 

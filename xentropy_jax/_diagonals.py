@@ -30,6 +30,7 @@ from ._curvature import (
     logits_shape,
 )
 from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
+from ._manual import cast_varying, varying_axes
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 # 2^20 (4 MiB in float32) keeps a chunk in cache: at 2^25 a 64-32-10 MLP on the 1,797 digits took
@@ -51,14 +52,6 @@ def _wide(value) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(value), jnp.float32)
 
 
-def _varying_axes(tree: PyTree) -> frozenset:
-    """The manual mesh axes (inside ``shard_map`` with ``check_vma``) along which a leaf varies."""
-    axes = frozenset()
-    for leaf in jax.tree.leaves(tree):
-        axes |= getattr(getattr(jax.typeof(leaf), "mat", None), "varying", frozenset())
-    return axes
-
-
 def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
     """``params`` marked as varying along the manual axes along which ``data`` vary, and those axes.
 
@@ -71,15 +64,9 @@ def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
     examples). Outside ``shard_map`` nothing varies and nothing changes.
     """
     leaves, treedef = jax.tree.flatten(params)
-    data_axes = _varying_axes(data)
-    shared = [tuple(sorted(data_axes - _varying_axes(p), key=str)) for p in leaves]
-    return treedef.unflatten(_varying(leaves, shared)), shared
-
-
-def _varying(leaves: list, shared: list[tuple]) -> list:
-    return [
-        jax.lax.pcast(x, a, to="varying") if a else x for x, a in zip(leaves, shared, strict=True)
-    ]
+    data_axes = varying_axes(data)
+    shared = [tuple(sorted(data_axes - varying_axes(p), key=str)) for p in leaves]
+    return treedef.unflatten(cast_varying(leaves, shared)), shared
 
 
 def _summed_over_shards(leaves: list, shared: list[tuple]) -> list:
@@ -204,7 +191,7 @@ def ggn_diagonal(
 
     params, shared = _per_shard(params, (inputs, sample_weight, label_mass))
     leaves, treedef = jax.tree.flatten(params)
-    zeros = _varying([jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves], shared)
+    zeros = cast_varying([jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves], shared)
     starts = jnp.arange(num_chunks) * chunk_size
     sums, _ = jax.lax.scan(add_chunk, zeros, starts)
     mixed = _mixes_rows(logits_fn, params, inputs, n)

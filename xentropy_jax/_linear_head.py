@@ -44,6 +44,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
 from ._losses import integer_labels
+from ._manual import fori_loop, scan
 
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
 # enough rows for every GEMM to run at full speed on CPU.
@@ -368,7 +369,7 @@ def _row_statistics(hidden_r, labels_r, weight_blocks, bias_blocks, tangent_bloc
         weight_dot_blocks,
         bias_dot_blocks,
     )
-    state, _ = jax.lax.scan(step, state, xs)
+    state, _ = scan(step, state, xs)
     return _finish_stream(state)
 
 
@@ -401,9 +402,7 @@ def _statistics(hidden, weight, bias, labels, config: _Config) -> _RowStats:
         hidden_r, labels_r = xs
         return None, _row_statistics(hidden_r, labels_r, weight_blocks, bias_blocks, None, config)
 
-    _, stats = jax.lax.scan(
-        row_step, None, (_row_blocks(hidden, config), _row_blocks(labels, config))
-    )
+    _, stats = scan(row_step, None, (_row_blocks(hidden, config), _row_blocks(labels, config)))
     return jax.tree.map(lambda x: _unrow_blocks(x, config), stats)
 
 
@@ -431,9 +430,7 @@ def _add_weight_update(out_weight, index, hidden_r, coefficients, config: _Confi
 
     # A loop, not unrolled pieces: XLA would schedule unrolled GEMMs side by side.
     if pieces > 1:
-        out_weight = jax.lax.fori_loop(
-            0, pieces - 1, lambda i, w: add_piece(i * step, step, w), out_weight
-        )
+        out_weight = fori_loop(0, pieces - 1, lambda i, w: add_piece(i * step, step, w), out_weight)
     return add_piece((pieces - 1) * step, width - (pieces - 1) * step, out_weight)
 
 
@@ -515,9 +512,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         if single:
             inner, stats_r = vocab_step(inner, 0)
         else:
-            inner = jax.lax.fori_loop(
-                0, config.num_vocab_chunks, lambda i, c: vocab_step(c, i)[0], inner
-            )
+            inner = fori_loop(0, config.num_vocab_chunks, lambda i, c: vocab_step(c, i)[0], inner)
             stats_r = stats
         out_hidden_r, out_weight, out_bias = inner
         # Only what the losses need leaves the loop (the tangent's sums stay inside).
@@ -534,7 +529,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
         _row_blocks(row_weight, config),
         hidden_dot_blocks,
     )
-    (out_weight, out_bias), (stats, out_hidden) = jax.lax.scan(row_step, (out_weight, out_bias), xs)
+    (out_weight, out_bias), (stats, out_hidden) = scan(row_step, (out_weight, out_bias), xs)
     stats = jax.tree.map(lambda x: _unrow_blocks(x, config), stats)
     out_hidden = None if out_hidden is None else _unrow_blocks(out_hidden, config)
     out_weight = None if out_weight is None else _unweight_blocks(out_weight, config)
@@ -627,7 +622,7 @@ def _token_tangent(config, hidden, weight, bias, labels, stats, tangents):
             weight_dot_blocks,
             bias_dot_blocks,
         )
-        total, _ = jax.lax.scan(step, jnp.zeros_like(stats_r.lse), xs)
+        total, _ = scan(step, jnp.zeros_like(stats_r.lse), xs)
         return total
 
     def row_step(_, xs):
@@ -640,7 +635,7 @@ def _token_tangent(config, hidden, weight, bias, labels, stats, tangents):
         jax.tree.map(lambda x: _row_blocks(x, config), stats),
         hidden_dot_blocks,
     )
-    _, tangent = jax.lax.scan(row_step, None, xs)
+    _, tangent = scan(row_step, None, xs)
     return _unrow_blocks(tangent, config)
 
 

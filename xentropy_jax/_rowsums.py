@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._manual import fori_loop
+
 
 def chunk_rows(num_params: int, budget_bytes: int = 1 << 26, itemsize: int = 8) -> int:
     """Rows per chunk such that a [chunk, num_params] array takes at most `budget_bytes`.
@@ -48,9 +50,7 @@ def row_chunk_sum(fn: Callable, arrays: tuple, chunk: int):
 
     total = None
     if full:
-        total = lax.fori_loop(
-            1, full, lambda index, total: add(total, index * chunk), part(0, chunk)
-        )
+        total = fori_loop(1, full, lambda index, total: add(total, index * chunk), part(0, chunk))
     if num_rows % chunk:
         tail = part(full * chunk, num_rows % chunk)
         total = tail if total is None else jax.tree.map(jnp.add, total, tail)

@@ -9,9 +9,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from .._checks import check_int_range
+from .._manual import while_loop
 from .._objective import Objective
 from ._loop import Iterate, StepResult
 
@@ -78,7 +78,7 @@ def backtracking(
         return n_steps + 1, next_scale, change, accepted
 
     init = (jnp.zeros((), jnp.int32), jnp.ones((), dtype), jnp.zeros((), dtype), ~descent)
-    n_steps, scale, change, done = lax.while_loop(cond, body, init)
+    n_steps, scale, change, done = while_loop(cond, body, init)
     success = done & descent
     return LineSearchResult(scale, change, success, n_steps)
 

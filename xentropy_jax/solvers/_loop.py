@@ -16,9 +16,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from .._checks import is_concrete
+from .._manual import while_loop
 from .._objective import Evaluation, Objective
 from ._convergence import status_code
 from ._progress import Progress
@@ -173,7 +173,7 @@ def run(
             result.carry,
         )
 
-    state = lax.while_loop(cond, body, _State(first, decrement, n_iter, zero, status, carry))
+    state = while_loop(cond, body, _State(first, decrement, n_iter, zero, status, carry))
     return SolverOutput(
         state.iterate.theta,
         state.iterate.evaluation,

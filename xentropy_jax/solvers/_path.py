@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 
 from .._checks import check_flag, check_real, python_float, python_int
 from .._linear import logistic_objective
+from .._manual import scan
 from .._precision import full_precision
 from . import _preconditioners
 from ._fit import (
@@ -116,7 +117,7 @@ def _path(
 
     theta = _initial_theta(objective, init)
     history = jnp.full((3,), -jnp.inf, objective.dtype)
-    _, results = jax.lax.scan(step, (jnp.stack([theta] * 3), history), (l2_values, valid_l2))
+    _, results = scan(step, (jnp.stack([theta] * 3), history), (l2_values, valid_l2))
     return results
 
 

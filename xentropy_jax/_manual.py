@@ -1,0 +1,83 @@
+"""Loop carries inside ``jax.shard_map`` with ``check_vma``, typed as varying where the body varies.
+
+Inside ``shard_map``, JAX types every value by the manual mesh axes along which it varies over
+the shards (the data split by rows vary, replicated parameters do not), and a loop's carry must
+keep its type from one iteration to the next. A loop that starts from zeros and adds products
+with the data therefore fails to trace ("carry input and carry output must have equal types").
+:func:`varying_carry` gives the initial carry the type its body gives it: the body is traced
+abstractly (``jax.eval_shape``), and each leaf is cast to varying along the axes its output
+varies along, until nothing changes. Outside ``shard_map``, or with ``check_vma=False``, nothing
+varies and the carry is returned as it is, without tracing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+PyTree = Any
+
+
+def varying_axes(tree: PyTree) -> frozenset:
+    """The manual mesh axes along which some leaf of ``tree`` (arrays or shape structs) varies."""
+    axes = frozenset()
+    for leaf in jax.tree.leaves(tree):
+        mat = getattr(leaf, "manual_axis_type", None)
+        if mat is None:
+            mat = getattr(jax.typeof(leaf), "mat", None)
+        axes |= getattr(mat, "varying", frozenset())
+    return axes
+
+
+def cast_varying(leaves: list, axes: list[tuple]) -> list:
+    """Each leaf cast to varying along its axes (none: the leaf as it is)."""
+    return [lax.pcast(x, a, to="varying") if a else x for x, a in zip(leaves, axes, strict=True)]
+
+
+def varying_carry(body: Callable[[PyTree], PyTree], carry: PyTree) -> PyTree:
+    """``carry`` with each leaf varying along the manual axes along which ``body(carry)``'s does.
+
+    Args:
+        body: one iteration, ``carry -> carry`` (wrap a scan's step to drop its output).
+        carry: the initial carry.
+
+    Returns:
+        The carry, unchanged outside ``shard_map``; inside it, cast with ``jax.lax.pcast`` so
+        that ``body`` maps its type to itself.
+    """
+    current_mesh = getattr(jax.sharding, "get_abstract_mesh", None)  # absent from older JAX
+    if current_mesh is None or not getattr(current_mesh(), "manual_axes", ()):
+        return carry
+    leaves, treedef = jax.tree.flatten(carry)
+    # Each pass can only add axes (at most every manual axis to every leaf), so this ends.
+    while True:
+        out = jax.tree.leaves(jax.eval_shape(body, treedef.unflatten(leaves)))
+        missing = [
+            tuple(sorted(varying_axes(o) - varying_axes(c), key=str))
+            for o, c in zip(out, leaves, strict=True)
+        ]
+        if not any(missing):
+            return treedef.unflatten(leaves)
+        leaves = cast_varying(leaves, missing)
+
+
+def while_loop(cond: Callable, body: Callable, init: PyTree) -> PyTree:
+    """``lax.while_loop`` whose initial carry is typed by :func:`varying_carry`."""
+    return lax.while_loop(cond, body, varying_carry(body, init))
+
+
+def fori_loop(lower: Any, upper: Any, body: Callable, init: PyTree) -> PyTree:
+    """``lax.fori_loop`` whose initial carry is typed by :func:`varying_carry`."""
+    return lax.fori_loop(lower, upper, body, varying_carry(lambda c: body(lower, c), init))
+
+
+def scan(step: Callable, init: PyTree, xs: PyTree) -> tuple[PyTree, PyTree]:
+    """``lax.scan`` whose initial carry is typed by :func:`varying_carry` (on the first slice)."""
+    if any(jnp.shape(x)[0] == 0 for x in jax.tree.leaves(xs)):
+        return lax.scan(step, init, xs)
+    first = jax.tree.map(lambda x: x[0], xs)
+    return lax.scan(step, varying_carry(lambda c: step(c, first)[0], init), xs)
