@@ -6,6 +6,7 @@ terms below float16's smallest normal number, sums and averages kept in bfloat16
 growing, and half-precision dtypes were refused or sampled the wrong distribution.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +202,29 @@ def test_injected_hyperparameters_in_half_precision(dtype):
         with pytest.raises(ValueError, match="hyperparam_dtype=jnp.float32"):
             optax.inject_hyperparams(xj.sophia_g)(learning_rate=0.1).init(W)
     optax.inject_hyperparams(xj.sophia_g, hyperparam_dtype=jnp.float32)(learning_rate=0.1).init(W)
+
+
+def test_sophia_state_keeps_its_dtypes_with_float32_hyperparameters():
+    # The float16 check's message advises hyperparam_dtype=jnp.float32; Sophia's gradient
+    # moment then came back float32 from a float16 state, and a scan's carry changed type.
+    X = jax.random.normal(jax.random.key(0), (32, 3))
+    y = jnp.arange(32) % 4
+
+    def linear(W, X):
+        return X @ W.astype(jnp.float32)
+
+    W = jnp.full((3, 4), 0.1, jnp.float16)
+    optimizer = optax.inject_hyperparams(xj.sophia_g, hyperparam_dtype=jnp.float32)(
+        learning_rate=0.1
+    )
+
+    def step(carry, _):
+        W, state = carry
+        grad = jax.grad(lambda W: xj.mean_cross_entropy(linear, W, X, y))(W)
+        updates, state = optimizer.update(grad, state, W, logits_fn=linear, inputs=X)
+        return (optax.apply_updates(W, updates), state), None
+
+    state = optimizer.init(W)
+    (W_after, after), _ = jax.lax.scan(step, (W, state), length=3)
+    chex.assert_trees_all_equal_dtypes(after, state)
+    assert W_after.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(W_after)))

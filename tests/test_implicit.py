@@ -10,7 +10,7 @@ import pytest
 from jax.experimental import sparse
 from jax.test_util import check_grads
 
-from xentropy_jax.solvers import CollinearityWarning, fit_logistic_regression
+from xentropy_jax.solvers import CollinearityWarning, FitError, fit_logistic_regression
 from xentropy_jax.solvers import _fit as fit_module
 
 NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 60, 4, 3
@@ -371,8 +371,8 @@ def test_a_solve_that_stops_short_warns(monkeypatch):
     def short_cg(*args, **options):
         return _implicit_cg(*args, **{**options, "max_steps": 2})
 
-    _implicit_cg = _implicit.cg
-    monkeypatch.setattr(_implicit, "cg", short_cg)
+    _implicit_cg = _implicit.plain_cg
+    monkeypatch.setattr(_implicit, "plain_cg", short_cg)
     rng = np.random.default_rng(3)
     features, labels = rng.normal(size=(37, 5)), rng.integers(0, 3, 37)
 
@@ -382,3 +382,21 @@ def test_a_solve_that_stops_short_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="implicit differentiation: .* MAX_STEPS after 2"):
         jax.block_until_ready(jax.jit(jax.jacfwd(weights))(1e-2))
         jax.effects_barrier()
+
+
+@pytest.mark.parametrize("mode", ["jvp", "jacfwd"])
+def test_a_failed_fit_raises_fit_error_in_forward_mode(mode):
+    # Under jvp the status is concrete but the gradient norm carries a tangent: the error's
+    # message failed on it (ConcretizationTypeError), where jax.grad raised FitError.
+    rng = np.random.default_rng(4)
+    features, labels = rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+
+    def weights(l2):
+        return fit_logistic_regression(features, labels, 3, l2=l2, max_iter=1).params[0]
+
+    with pytest.raises(FitError, match="MAX_ITER after 1 iterations") as caught:
+        if mode == "jvp":
+            jax.jvp(weights, (0.5,), (1.0,))
+        else:
+            jax.jacfwd(weights)(0.5)
+    assert np.isfinite(float(caught.value.result.grad_norm))

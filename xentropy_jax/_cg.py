@@ -21,10 +21,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ._checks import check_real
 from ._manual import while_loop
-from ._seen import SeenBefore
+from ._seen import SeenBefore, _holds_tracer
 
 PyTree = Any
 Operator = Callable[[PyTree], PyTree]
@@ -437,6 +438,13 @@ def cg(
     non-finite, returning the last finite iterate (``NON_FINITE``). Cost per iteration: one
     product with A, one with M⁻¹, and a few O(P) vector operations.
 
+    Derivatives (``jax.grad``, ``jvp``, ``vmap`` of either, to any order) are those of the exact
+    solution x = A⁻¹b, not of the iterations: ẋ = A⁻¹(ḃ − Ȧx), by one more CG solve with the
+    same options (``lax.custom_linear_solve``; A symmetric, so reverse mode solves with A too).
+    They are as accurate as the solves, so ask for a tight ``rtol``. The other fields of the
+    result carry no derivative. (:func:`steihaug_cg`, whose solution is not A⁻¹b, has none in
+    reverse mode.)
+
     Args:
         operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (e.g.
           :func:`xentropy_jax.ggn_operator`). An operator that is not a pytree of arrays is
@@ -488,6 +496,39 @@ def cg(
         >>> bool(jnp.allclose(jnp.concatenate([result.solution["a"], result.solution["b"]]),
         ...                   exact, atol=1e-5))
         True
+    """
+
+    def solve(matvec: Operator, b: PyTree) -> tuple[PyTree, CGResult]:
+        result = _run(matvec, b, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
+        return result.solution, result
+
+    traced = jax.tree.leaves((rhs, operator))
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in traced) and not _holds_tracer(
+        operator
+    ):
+        return solve(operator, rhs)[1]  # eager: nothing to differentiate
+    # Derivatives of x = A⁻¹b are those of the exact solution, ẋ = A⁻¹(ḃ − Ȧx), one more solve
+    # (the transpose of the symmetric A is A in reverse mode), not those of the iterations.
+    solution, result = lax.custom_linear_solve(operator, rhs, solve, symmetric=True, has_aux=True)
+    return result._replace(solution=solution)
+
+
+def plain_cg(
+    operator: Operator,
+    rhs: PyTree,
+    *,
+    x0: PyTree | None = None,
+    preconditioner: Operator | None = None,
+    rtol: jax.typing.ArrayLike = 1e-5,
+    atol: jax.typing.ArrayLike = 0.0,
+    max_steps: jax.typing.ArrayLike | None = None,
+    entry_tol: PyTree | None = None,
+    verify: bool = True,
+) -> CGResult:
+    """:func:`cg` without its implicit derivatives, for the package's inner solves.
+
+    Newton steps and the implicit derivative's own solve are never differentiated, and need
+    no second trace of their operator.
     """
     return _run(operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
 

@@ -306,6 +306,9 @@ def ggn_diagonal_hutchinson(
         True
     """
     _check_num_samples(num_samples)
+    if not jax.tree.leaves(params):  # no parameter: nothing to probe (vmap needs an array)
+        check_params(params)
+        return params
     operator = ggn_operator(
         logits_fn, params, inputs, sample_weight=sample_weight, label_mass=label_mass
     )

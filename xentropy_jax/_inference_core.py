@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._cg import cg
+from ._cg import plain_cg
 from ._linear import (
     LogisticObjective,
     evaluate,
@@ -334,7 +334,9 @@ def cg_variances(
         return hessian_vector_product(objective, evaluation, v)
 
     def one(direction):
-        result = cg(matvec, direction, preconditioner=precond.solve, rtol=rtol, max_steps=max_steps)
+        result = plain_cg(
+            matvec, direction, preconditioner=precond.solve, rtol=rtol, max_steps=max_steps
+        )
         solution = result.solution / total  # H_total⁻¹ v
         achieved = jnp.linalg.norm(result.residual) / jnp.linalg.norm(direction)
         model = jnp.vdot(direction, solution)

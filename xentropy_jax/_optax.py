@@ -19,6 +19,7 @@ L-BFGS names them. ``optax.chain`` forwards them to every transformation that ta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._cg import CGStatus, cg, tree_vdot
+from ._cg import CGStatus, plain_cg, tree_vdot
 from ._checks import check_flag as _check_flag
 from ._checks import is_concrete as _is_concrete
-from ._curvature import LogitsFn, PyTree, ggn_operator
+from ._curvature import LogitsFn, PyTree, check_params, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
 
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
@@ -100,9 +101,13 @@ def _require_model(
     params: PyTree | None,
     logits_fn: LogitsFn | None,
     inputs: PyTree | None,
-) -> None:
+) -> LogitsFn:
+    """Check update's arguments; returns the model to call (`_MaskedModel` where masked)."""
     if params is None:
         raise ValueError(f"{name}: update(grads, state, params, ...) needs the current params.")
+    # Before the gradients are cast to the parameters' dtypes: the float0 gradient of an
+    # integer leaf (`jax.grad(..., allow_int=True)`) failed in that cast with an unrelated error.
+    check_params(params)
     try:
         # Mismatches failed inside CG ("x0 must match rhs") or in a broadcast.
         trees = (jax.tree.map(jnp.asarray, tree) for tree in (updates, params))
@@ -119,6 +124,35 @@ def _require_model(
             "update(grads, state, params, logits_fn=..., inputs=...): "
             "logits_fn(params, inputs) -> [N, K] logits."
         )
+    masked = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    if any(isinstance(leaf, optax.MaskedNode) for leaf in masked):
+        return _MaskedModel(logits_fn)
+    return logits_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskedModel:
+    """A model called on params that ``optax.masked`` has partly replaced by ``MaskedNode``.
+
+    ``optax.masked`` and ``optax.multi_transform`` hand a transformation only its own group of
+    parameters, the others replaced by ``optax.MaskedNode()``; a model cannot run on those. The
+    model's own error (an ``@`` with a ``MaskedNode``) is kept as the cause of one that says
+    what to pass instead.
+    """
+
+    logits_fn: LogitsFn
+
+    def __call__(self, params: PyTree, inputs: PyTree) -> jax.Array:
+        try:
+            return self.logits_fn(params, inputs)
+        except Exception as error:
+            raise ValueError(
+                "logits_fn failed on params in which optax.masked (or optax.multi_transform) "
+                "replaced the parameters outside this transformation's group by "
+                "optax.MaskedNode(). The model needs them all: pass a logits_fn that puts the "
+                "current values back, e.g. logits_fn=lambda p, x: model({**params, 'head': "
+                "p['head']}, x) for a transformation of params['head'] (docs/optax.md)."
+            ) from error
 
 
 def _float_dtype(params: PyTree) -> jnp.dtype:
@@ -334,7 +368,9 @@ def gauss_newton(
         **extra_args: Any,
     ) -> tuple[PyTree, GaussNewtonState]:
         del extra_args
-        _require_model("gauss_newton", updates, params, logits_fn, inputs)
+        logits_fn = _require_model("gauss_newton", updates, params, logits_fn, inputs)
+        if not jax.tree.leaves(params):  # nothing to fit (CG needs an unknown)
+            return updates, state._replace(count=optax.safe_increment(state.count))
         # CG runs in the parameters' dtypes, which the GGN operator's vectors must have: float32
         # gradients of bfloat16 parameters failed inside it ("tangents must match params").
         grad = jax.tree.map(lambda g, p: jnp.asarray(g).astype(jnp.result_type(p)), updates, params)
@@ -348,7 +384,7 @@ def gauss_newton(
             damping=damping,
         )
         start = jax.tree.map(lambda d: jnp.asarray(warm_start_decay, d.dtype) * d, state.direction)
-        result = cg(
+        result = plain_cg(
             operator,
             jax.tree.map(jnp.negative, grad),
             x0=start,
@@ -551,8 +587,15 @@ def scale_by_sophia_g(
         **extra_args: Any,
     ) -> tuple[PyTree, SophiaGState]:
         del extra_args
-        _require_model("scale_by_sophia_g", updates, params, logits_fn, inputs)
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        logits_fn = _require_model("scale_by_sophia_g", updates, params, logits_fn, inputs)
+        # In the moment's own dtype: float32 hyperparameters injected for float16 parameters
+        # (`hyperparam_dtype`, as the check's message advises) promoted it, and a scan's carry
+        # changed type.
+        mu = jax.tree.map(
+            lambda m, old: m.astype(old.dtype),
+            optax.tree.update_moment(updates, state.mu, b1, 1),
+            state.mu,
+        )
         hessian, key = _refresh(
             state.count,
             update_interval,
@@ -773,7 +816,7 @@ def scale_by_ggn_diagonal(
         **extra_args: Any,
     ) -> tuple[PyTree, ScaleByGGNDiagonalState]:
         del extra_args
-        _require_model("scale_by_ggn_diagonal", updates, params, logits_fn, inputs)
+        logits_fn = _require_model("scale_by_ggn_diagonal", updates, params, logits_fn, inputs)
         diagonal, key = _refresh(
             state.count,
             update_interval,

@@ -701,7 +701,9 @@ def fit_logistic_regression(
             concrete = features if _is_concrete(features) else as_features(X)
             _warn_collinear(concrete, sample_weight, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
-        raise FitError(result)
+        # Under `jax.jvp` or `jax.jacfwd` of a fit the status is concrete but the floating
+        # fields carry tangents; the error reports (and keeps) their values without them.
+        raise FitError(jax.lax.stop_gradient(result))
     return result
 
 

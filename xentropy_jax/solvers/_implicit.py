@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._cg import CGStatus, cg
+from .._cg import CGStatus, plain_cg
 from .._linear import Evaluation, LogisticObjective, evaluate, hessian_diagonal
 from .._linear import hessian_vector_product as _hessian_vector_product
 from .._precision import full_precision
@@ -173,7 +173,7 @@ def _projected_hessian(
         # by a further eps^¾, and whose solution is 0 to that rounding anyway.
         scale = jnp.linalg.norm(rhs)
         rhs = project(rhs)
-        result = cg(
+        result = plain_cg(
             operator,
             rhs,
             preconditioner=preconditioner.solve,

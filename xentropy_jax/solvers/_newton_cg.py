@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .._cg import cg
+from .._cg import plain_cg
 from .._objective import Objective
 from . import _preconditioners
 from ._inner import (
@@ -127,7 +127,7 @@ class NewtonCG:
         evaluation = point.evaluation
         grad = evaluation.grad
         metric = preconditioner_at(self.preconditioner, objective, products, evaluation, basis)
-        solve = cg(
+        solve = plain_cg(
             product_operator(objective, products, evaluation),
             -grad,
             preconditioner=metric.solve,
