@@ -3,6 +3,7 @@
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -142,6 +143,73 @@ def test_no_trace_is_kept_alive():
         jax.jit(lambda X: xj.fit_logistic_regression(X, y, NUM_CLASSES, l2=0.1).params)(X)
         jax.grad(lambda X: xj.fit_logistic_regression(X, y, NUM_CLASSES, l2=0.1).loss)(X)
         jax.grad(lambda s: xj.ggn_vp(lambda p, x: s * (x @ p), W, X, W + 1).sum())(1.0)
-    assert not any(
-        _seen._holds_tracer(f) for f in [*_cg._SEEN_OPERATORS._seen, *_curvature._SEEN_MODELS._seen]
-    )
+    parts = [*(p for key in _cg._PROGRAMS.keys() for p in key), *_curvature._LINEARIZATIONS.keys()]
+    assert not any(_seen._holds_tracer(part) for part in parts)
+
+
+def test_programs_keep_a_bounded_number_of_operators_alive():
+    # jax.jit with the operator as a static argument kept every operator used twice, with its
+    # closure and compiled program, for the rest of the process (60 of 60 matrices of 60 outer
+    # steps); the record of programs now keeps the last 16.
+    import gc
+    import weakref
+
+    from xentropy_jax import _cg
+
+    alive = []
+    for step in range(20):
+        matrix = jnp.asarray(np.eye(3) * (step + 2.0))
+        alive.append(weakref.ref(matrix))
+
+        def operator(v, matrix=matrix):
+            return matrix @ v
+
+        for rhs in (jnp.ones(3), jnp.arange(3.0)):
+            result = xj.cg(operator, rhs, rtol=1e-12)
+            np.testing.assert_allclose(result.solution, rhs / (step + 2.0), rtol=1e-10)
+        del matrix, operator, result
+    gc.collect()
+    assert len(_cg._PROGRAMS.keys()) <= 16
+    assert sum(ref() is not None for ref in alive) <= 16
+    assert alive[0]() is None
+
+
+def test_programs_from_several_threads():
+    # A key's hash and comparison run Python code (a dataclass's), between which another
+    # thread evicted the entry: a KeyError from ggn_vp and cg under threads.
+    import dataclasses
+    import random
+    import sys
+    import threading
+
+    from xentropy_jax._seen import Programs
+
+    @dataclasses.dataclass(frozen=True)
+    class Scale:
+        s: float
+
+    programs = Programs(lambda key: lambda: key, size=16)
+    keys = [Scale(float(i)) for i in range(20)]
+    errors = []
+
+    def work(seed):
+        pick = random.Random(seed)
+        try:
+            for _ in range(50_000):
+                key = keys[pick.randrange(len(keys))]
+                program = programs(key)
+                assert program is None or program() is key
+        except Exception as error:  # collected for the assertion below
+            errors.append(repr(error))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

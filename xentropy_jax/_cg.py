@@ -13,7 +13,6 @@ same shapes.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,8 +23,8 @@ import numpy as np
 from jax import lax
 
 from ._checks import check_real
-from ._manual import while_loop
-from ._seen import SeenBefore, _holds_tracer
+from ._manual import varying_carry, while_loop
+from ._seen import Programs, _holds_tracer
 
 PyTree = Any
 Operator = Callable[[PyTree], PyTree]
@@ -182,51 +181,41 @@ def _run(
 
     Eagerly, ``lax.while_loop`` traces and compiles its body on every call (0.4-0.5 s for a
     small network's Gauss-Newton operator, for each solve). Eager calls therefore go through
-    one ``jax.jit`` program, cached by the operator's kind: an operator that is a pytree of
-    arrays (a ``jax.tree_util.Partial`` such as ``ggn_operator``'s) travels as an argument, so
-    a new operator of the same structure reuses the program; any other callable is a static
-    argument, compiled from its second call on (a new lambda at every call is solved in place,
-    as before). Inside a trace (``jit``, ``vmap``, ``grad``)
-    the loop is traced in place as before.
+    a ``jax.jit`` program per static part (`Programs`, the last 16 kept): an operator that is a
+    pytree of arrays (a ``jax.tree_util.Partial`` such as ``ggn_operator``'s) travels as an
+    argument, so a new operator of the same structure reuses the program; any other callable
+    is compiled into one from its second call on (a new lambda at every call is solved in
+    place). Inside a trace (``jit``, ``vmap``, ``grad``) the loop is traced in place.
     """
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return _solve(operator, preconditioner, *arguments, verify=verify)
-    parts = [_split_callable(operator), _split_callable(preconditioner)]
-    if None in parts:
-        return _solve(operator, preconditioner, *arguments, verify=verify)
-    (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = parts
-    return _compiled_solve(
-        operator_leaves,
-        preconditioner_leaves,
-        operator_static,
-        preconditioner_static,
-        verify,
-        *arguments,
+    (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = (
+        _split_callable(operator),
+        _split_callable(preconditioner),
     )
+    statics = (operator_static, preconditioner_static)
+    pytrees = all(s is None or isinstance(s, jax.tree_util.PyTreeDef) for s in statics)
+    program = _PROGRAMS((*statics, verify), compile_first=pytrees)
+    if program is None:
+        return _solve(operator, preconditioner, *arguments, verify=verify)
+    return program(operator_leaves, preconditioner_leaves, *arguments)
 
 
-def _split_callable(function: Operator | None) -> tuple[list, Any] | None:
-    """``(array leaves, static part)`` of an operator; None when it cannot be a jit argument.
+def _split_callable(function: Operator | None) -> tuple[list, Any]:
+    """``(array leaves, static part)`` of an operator.
 
     A pytree whose leaves are all arrays splits into its leaves and its (hashable) structure;
-    any other callable is its own static part, once it comes back (`SeenBefore`).
+    any other callable is its own static part.
     """
     if function is None:
         return [], None
     leaves, treedef = jax.tree.flatten(function)
     if all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves):
         return leaves, treedef
-    if not _SEEN_OPERATORS(function):
-        return None
     return [], function
-
-
-# Other callables are compiled from their second call on, so that a new function at every call
-# (a lambda written in a loop) is neither compiled each time nor kept in the program cache.
-_SEEN_OPERATORS = SeenBefore()
 
 
 def _join_callable(leaves: list, static: Any) -> Operator | None:
@@ -235,13 +224,22 @@ def _join_callable(leaves: list, static: Any) -> Operator | None:
     return static
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _compiled_solve(
-    operator_leaves, preconditioner_leaves, operator_static, preconditioner_static, verify, *args
-) -> CGResult:
-    operator = _join_callable(operator_leaves, operator_static)
-    preconditioner = _join_callable(preconditioner_leaves, preconditioner_static)
-    return _solve(operator, preconditioner, *args, verify=verify)
+def _solve_program(key: tuple) -> Callable:
+    """The compiled solve for one (operator structure, preconditioner structure, verify)."""
+    operator_static, preconditioner_static, verify = key
+
+    def solve(operator_leaves: list, preconditioner_leaves: list, *args: Any) -> CGResult:
+        operator = _join_callable(operator_leaves, operator_static)
+        preconditioner = _join_callable(preconditioner_leaves, preconditioner_static)
+        return _solve(operator, preconditioner, *args, verify=verify)
+
+    return jax.jit(solve)
+
+
+# Pytree operators (a `Partial` of arrays, as `ggn_operator`'s) are compiled at once: a new one
+# of the same structure reuses the program. Other callables are compiled from their second call
+# on, so that a new function at every call (a lambda written in a loop) is never compiled.
+_PROGRAMS = Programs(_solve_program)
 
 
 def _solve(
@@ -509,6 +507,9 @@ def cg(
         return solve(operator, rhs)[1]  # eager: nothing to differentiate
     # Derivatives of x = A⁻¹b are those of the exact solution, ẋ = A⁻¹(ḃ − Ȧx), one more solve
     # (the transpose of the symmetric A is A in reverse mode), not those of the iterations.
+    # Inside `shard_map`, b typed as varying where A's products do (`_manual`): the solution
+    # does, and `custom_linear_solve` requires b to match it.
+    rhs = varying_carry(operator, rhs)
     solution, result = lax.custom_linear_solve(operator, rhs, solve, symmetric=True, has_aux=True)
     return result._replace(solution=solution)
 

@@ -13,6 +13,7 @@ array is formed: the loss Hessian is applied in O(N·K) through its closed form.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from ._losses import (
     softmax_rule,
 )
 from ._rowsums import normalized_weights
-from ._seen import SeenBefore
+from ._seen import Programs
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], jax.Array]
@@ -243,8 +244,11 @@ def ggn_operator(
         raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}.")
     if _is_concrete(damping) and not 0 <= float(damping) < float("inf"):
         raise ValueError(f"damping must be a finite non-negative number, got {damping}.")
-    linearize = _compiled_linearization if _compiles(logits_fn, params, inputs) else _linearization
-    model_jvp, model_vjp, probs = linearize(logits_fn, params, inputs)
+    compiled = _compiled_linearization(logits_fn, params, inputs)
+    if compiled is None:
+        model_jvp, model_vjp, probs = _linearization(logits_fn, params, inputs)
+    else:
+        model_jvp, model_vjp, probs = compiled(params, inputs)
     coefficients = coefficients.astype(probs.dtype)
     # Under `jit` a negative or non-finite damping (unchecked above) makes every product NaN,
     # as a negative weight does: the operator has no status field to report it through.
@@ -265,23 +269,21 @@ def _linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> tuple
 # Built eagerly, each linearisation carries a new jaxpr in its pytree structure, and a jitted
 # solver taking the operator as an argument compiled again for every outer step (0.5-1 s each,
 # its cache growing by one entry per step). Built by one compiled program, the structure is
-# that program's, the same at every call with the same model, shapes and dtypes.
-_compiled_linearization = jax.jit(_linearization, static_argnums=0)
+# that program's, the same at every call with the same model, shapes and dtypes. A program per
+# model, for the last 16 models used more than once (`Programs`).
+_LINEARIZATIONS = Programs(lambda logits_fn: jax.jit(functools.partial(_linearization, logits_fn)))
 
-_SEEN_MODELS = SeenBefore()
 
+def _compiled_linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> Callable | None:
+    """The compiled linearisation of a model seen before, eagerly; else None.
 
-def _compiles(logits_fn: LogitsFn, params: PyTree, inputs: PyTree) -> bool:
-    """Whether to linearise through the compiled program: eagerly, for a model seen before.
-
-    The model is a static argument: a new function at every step (a lambda written in the
-    loop) is linearised in place, as before, neither compiled nor kept in the program's cache.
-    ``logits_shape`` already traces the model on abstract inputs, so the program asks nothing
-    more of them; inside a trace it would be inlined anyway.
+    A new function at every step (a lambda written in the loop) is linearised in place, neither
+    compiled nor kept. ``logits_shape`` already traces the model on abstract inputs, so the
+    program asks nothing more of them; inside a trace it would be inlined anyway.
     """
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
-        return False
-    return _SEEN_MODELS(logits_fn)
+        return None
+    return _LINEARIZATIONS(logits_fn)
 
 
 def ggn_vp(
@@ -302,7 +304,9 @@ def ggn_vp(
     products). To apply G to many vectors at the same parameters, use :func:`ggn_operator`.
 
     Args:
-        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, pure as in
+          :func:`ggn_operator` (from the second eager call with the same function on, what it
+          reads besides its arguments is frozen at that call).
         params: pytree of floating arrays θ.
         inputs: second argument of ``logits_fn``.
         tangents: pytree v with the structure, shapes and dtypes of ``params``.

@@ -1,45 +1,63 @@
-"""`SeenBefore`: which functions were passed before, to compile only those that come back."""
+"""`Programs`: compiled programs for the functions that come back, a bounded number of them."""
 
 from __future__ import annotations
 
 import collections
 import functools
+import threading
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 
 
-class SeenBefore:
-    """A bounded record of hashable functions, most recent last.
+class Programs:
+    """A bounded, thread-safe record of compiled programs, keyed by static parts, most recent last.
 
-    Compiling a program keyed by a function (a static argument of ``jax.jit``) pays off only
-    when the same function comes back: a new function at every call (a lambda written in a
-    loop) would compile every time and be kept alive, with its closure, by the program cache.
-    ``SeenBefore()(f)`` is True from the second time ``f`` (or an equal function, such as the
-    same bound method) is seen; unhashable functions are never recorded. The record holds the
-    last ``size`` functions (so at most that many closures stay alive through it), where the
-    program cache would hold every one.
+    ``jax.jit`` with a function among its static arguments keeps every function it meets, with
+    its closure and its compiled program, for the rest of the process: an operator built afresh
+    at each outer step and used twice kept every step's matrix alive (1.3 MB each, 60 of 60 after
+    60 steps). Here each key gets a program of its own, ``build(key)`` (a ``jax.jit`` of a
+    function closing over the key), and only the last ``size`` keys are kept: an evicted
+    program is dropped with its closure and executables.
+
+    ``programs(key)`` is the key's program, or None: for a key that holds a function, the
+    first time it is seen (compiling pays off only when the same function comes back, and a
+    lambda written in a loop is new at every call) and while it closes over a tracer (recorded,
+    it kept that trace alive); for an unhashable key, always. ``compile_first=True`` builds a
+    program at a key's first sight (a pytree's structure, the same at every outer step).
     """
 
-    def __init__(self, size: int = 32) -> None:
+    def __init__(self, build: Callable[[Any], Callable], size: int = 16) -> None:
+        self._build = build
         self._size = size
-        self._seen: collections.OrderedDict = collections.OrderedDict()
+        self._programs: collections.OrderedDict = collections.OrderedDict()
+        # Hashing and comparing keys runs Python code (a dataclass's __eq__), between which
+        # another thread could evict the entry (a KeyError): one lock around each look-up.
+        self._lock = threading.RLock()
 
-    def __call__(self, function: Any) -> bool:
-        if _holds_tracer(function):
-            # A function closing over a trace's values (a lambda over a traced matrix) is traced
-            # in place: recorded, it kept that trace alive (`jax.checking_leaks` reported it).
-            return False
+    def __call__(self, key: Hashable, *, compile_first: bool = False) -> Callable | None:
+        parts = key if isinstance(key, tuple) else (key,)
+        if any(_holds_tracer(part) for part in parts):
+            return None
         try:
-            if function in self._seen:
-                self._seen.move_to_end(function)
-                return True
-        except TypeError:  # not hashable
-            return False
-        self._seen[function] = None
-        if len(self._seen) > self._size:
-            self._seen.popitem(last=False)
-        return False
+            hash(key)
+        except TypeError:
+            return None
+        with self._lock:
+            if key in self._programs:
+                self._programs.move_to_end(key)
+                if self._programs[key] is None:
+                    self._programs[key] = self._build(key)
+            else:
+                self._programs[key] = self._build(key) if compile_first else None
+                if len(self._programs) > self._size:
+                    self._programs.popitem(last=False)
+            return self._programs[key]
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._programs)
 
 
 def _holds_tracer(function: Any, depth: int = 3) -> bool:
