@@ -429,3 +429,66 @@ def test_derivatives_of_the_solution_are_those_of_the_exact_solve():
     )
     status = jax.jit(lambda b: xj.cg(lambda v: A @ v, b, rtol=1e-13).status)(b)
     assert CGStatus(int(status)) == CGStatus.CONVERGED
+
+
+def test_derivatives_do_not_reuse_the_options_of_the_first_solve():
+    # x0, atol, entry_tol and max_steps belong to b's system: reused for ẋ's, an atol gave a zero
+    # gradient and a warm start one 3.5e3 off, while the solve itself was exact.
+    rng = np.random.default_rng(8)
+    M = rng.normal(size=(6, 6))
+    A = jnp.asarray(M @ M.T + 0.5 * np.eye(6))
+    b, c = jnp.asarray(10 * rng.normal(size=6)), jnp.asarray(1e-3 * rng.normal(size=6))
+    exact = jax.grad(lambda b: c @ jnp.linalg.solve(A, b))(b)
+    start = jnp.linalg.solve(A, b) + 1e-6
+    for options in (
+        {"atol": 1e-2, "rtol": 0.0},
+        {"entry_tol": 1e-3, "rtol": 0.0},
+        {"x0": start, "max_steps": 2, "rtol": 1e-12},
+    ):
+
+        def through_cg(b, options=options):
+            return c @ xj.cg(lambda v: A @ v, b, **options).solution
+
+        gradient = jax.grad(through_cg)(b)
+        np.testing.assert_allclose(gradient, exact, rtol=1e-8, err_msg=str(options.keys()))
+
+
+def test_derivatives_reach_matrices_held_by_objects_and_deep_closures():
+    # A tracer in a bound method's object, or five closures deep, went unseen: the solve ran
+    # its while loop under grad (an error) and was recorded in the program cache (a leak).
+    rng = np.random.default_rng(9)
+    M = rng.normal(size=(4, 4))
+    A0, b = jnp.asarray(M @ M.T + 4 * np.eye(4)), jnp.asarray(rng.normal(size=4))
+    exact = jax.grad(lambda A: jnp.sum(jnp.linalg.solve(A, b)))(A0)
+
+    class Operator:
+        def __init__(self, A):
+            self.A = A
+
+        def matvec(self, v):
+            return self.A @ v
+
+    def nested(A):
+        def f1(v):
+            return A @ v
+
+        def f2(v):
+            return f1(v)
+
+        def f3(v):
+            return f2(v)
+
+        def f4(v):
+            return f3(v)
+
+        return lambda v: f4(v)
+
+    with jax.checking_leaks():
+        for make in (lambda A: Operator(A).matvec, nested):
+
+            def through_cg(A, make=make):
+                return jnp.sum(xj.cg(make(A), b, rtol=1e-12).solution)
+
+            gradient = jax.grad(through_cg)(A0)
+            np.testing.assert_allclose(gradient, exact, rtol=1e-9, atol=1e-14)
+            jax.jit(lambda A, make=make: xj.cg(make(A), b).solution)(A0)

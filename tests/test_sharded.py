@@ -152,8 +152,23 @@ SCRIPT = textwrap.dedent(
     def bartlett(X, y, W):
         return xj.ggn_diagonal_bartlett(linear, W, X, jax.random.key(3), num_samples=2)[None]
 
+    def hutchinson(X, y, W):
+        return xj.ggn_diagonal_hutchinson(linear, W, X, jax.random.key(4), num_samples=2)[None]
+
+    def closure_diagonal(X, y, W):
+        # The model reads the shard's rows from its closure; its inputs are row numbers.
+        X, rows = jnp.asarray(X), jnp.arange(X.shape[0])
+        return xj.ggn_diagonal(lambda p, i: X[i] @ p, W, rows)[None]
+
     def solve(X, y, W):
         return xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0]).solution[None]
+
+    def solve_gradient(X, y, W):
+        def objective(X):
+            solution = xj.cg(lambda v: X.T @ (X @ v) + v, W[:, 0], rtol=1e-12).solution
+            return jnp.sum(jnp.sin(solution))
+
+        return jax.grad(objective)(X)
 
     def fit(X, y, W):
         return xj.fit_logistic_regression(X, y, K, l2=0.5, tol=1e-10).params[0][None]
@@ -170,6 +185,9 @@ SCRIPT = textwrap.dedent(
         "path": (path, True, 0),
         "ggn_diagonal": (diagonal, True, 1),
         "ggn_diagonal_bartlett": (bartlett, True, 1),
+        "ggn_diagonal_hutchinson": (hutchinson, True, 1),
+        "ggn_diagonal from a closure": (closure_diagonal, True, 1),
+        "grad through cg": (solve_gradient, True, 0),
         "ggn_vp unchecked": (lambda X, y, W: xj.ggn_vp(linear, W, X, W)[None], False, 0),
         "cg unchecked": (solve, False, 0),
         "ggn_diagonal unchecked": (diagonal, False, 0),

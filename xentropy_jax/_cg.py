@@ -13,6 +13,7 @@ same shapes.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from ._checks import check_real
-from ._manual import varying_carry, while_loop
+from ._manual import varying_carry, while_loop, zero_tangent
 from ._seen import Programs, _holds_tracer
 
 PyTree = Any
@@ -436,12 +437,15 @@ def cg(
     non-finite, returning the last finite iterate (``NON_FINITE``). Cost per iteration: one
     product with A, one with M⁻¹, and a few O(P) vector operations.
 
-    Derivatives (``jax.grad``, ``jvp``, ``vmap`` of either, to any order) are those of the exact
-    solution x = A⁻¹b, not of the iterations: ẋ = A⁻¹(ḃ − Ȧx), by one more CG solve with the
-    same options (``lax.custom_linear_solve``; A symmetric, so reverse mode solves with A too).
-    They are as accurate as the solves, so ask for a tight ``rtol``. The other fields of the
-    result carry no derivative. (:func:`steihaug_cg`, whose solution is not A⁻¹b, has none in
-    reverse mode.)
+    Derivatives (``jax.grad``, ``jvp``, ``vmap`` of either, to any order) with respect to b and
+    to the arrays the operator reads are those of the exact solution x = A⁻¹b, not of the
+    iterations: ẋ = A⁻¹(ḃ − Ȧx), by one more CG solve (``lax.custom_linear_solve``; A is
+    symmetric, so reverse mode solves with A too). That solve starts from 0 with ``rtol``, no
+    ``atol`` or ``entry_tol`` (which are in b's units) and the default step limit, so ask for a
+    tight ``rtol``. They assume A ≻ 0: for a singular or indefinite A (a CG that ends
+    ``NEGATIVE_CURVATURE``) they are not those of any solution. The other fields of the result
+    carry no derivative. (:func:`steihaug_cg`, whose solution is not A⁻¹b, has none in reverse
+    mode.)
 
     Args:
         operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (e.g.
@@ -496,22 +500,54 @@ def cg(
         True
     """
 
-    def solve(matvec: Operator, b: PyTree) -> tuple[PyTree, CGResult]:
-        result = _run(matvec, b, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
-        return result.solution, result
+    def solve(matvec: Operator, b: PyTree) -> CGResult:
+        return _run(matvec, b, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
 
-    traced = jax.tree.leaves((rhs, operator))
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in traced) and not _holds_tracer(
-        operator
-    ):
-        return solve(operator, rhs)[1]  # eager: nothing to differentiate
-    # Derivatives of x = A⁻¹b are those of the exact solution, ẋ = A⁻¹(ḃ − Ȧx), one more solve
-    # (the transpose of the symmetric A is A in reverse mode), not those of the iterations.
-    # Inside `shard_map`, b typed as varying where A's products do (`_manual`): the solution
-    # does, and `custom_linear_solve` requires b to match it.
+    def derivative_solve(matvec: Operator, b: PyTree) -> CGResult:
+        # ẋ's system has a right-hand side of its own scale: the relative tolerance only, from
+        # 0, with the default step limit (x0, atol, entry_tol and max_steps belong to b's system:
+        # reused, an atol gave a zero derivative and a warm start one 3.5e3 off).
+        return _run(matvec, b, None, None, preconditioner, rtol, 0.0, None, None, verify)
+
+    leaves = jax.tree.leaves((rhs, operator))
+    if not any(isinstance(x, jax.core.Tracer) for x in leaves) and not _holds_tracer(operator):
+        return solve(operator, rhs)  # eager: nothing to differentiate
+    # The arrays A closes over, as arguments, so that its derivative can be taken. Its jaxpr is
+    # specialised to the type of b: inside `shard_map`, typed as varying where A's products do
+    # (`_manual`), as CG's iterates will be.
     rhs = varying_carry(operator, rhs)
-    solution, result = lax.custom_linear_solve(operator, rhs, solve, symmetric=True, has_aux=True)
-    return result._replace(solution=solution)
+    matvec, consts = jax.closure_convert(operator, rhs)
+    return _solved(matvec, solve, derivative_solve, consts, rhs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _solved(
+    matvec: Callable, solve: Callable, derivative_solve: Callable, consts: list, rhs: PyTree
+) -> CGResult:
+    """``solve`` of A x = b, A = ``matvec(·, *consts)``, differentiated as the exact solve."""
+    return solve(lambda v: matvec(v, *consts), rhs)
+
+
+@_solved.defjvp
+def _solved_jvp(
+    matvec: Callable, solve: Callable, derivative_solve: Callable, primals: tuple, tangents: tuple
+) -> tuple[CGResult, CGResult]:
+    """ẋ = A⁻¹(ḃ − Ȧx): ``custom_linear_solve`` with A symmetric, so reverse mode solves with A."""
+    consts, rhs = primals
+    consts_dot, rhs_dot = tangents
+    result = _solved(matvec, solve, derivative_solve, consts, rhs)
+    x = result.solution
+    _, moved = jax.jvp(lambda *c: matvec(x, *c), tuple(consts), tuple(consts_dot))
+
+    def operator(v: PyTree) -> PyTree:
+        return matvec(v, *consts)
+
+    # Inside `shard_map`, the right-hand side typed as varying where A's products do.
+    rhs_dot = varying_carry(operator, jax.tree.map(jnp.subtract, rhs_dot, moved))
+    x_dot = lax.custom_linear_solve(
+        operator, rhs_dot, lambda mv, b: derivative_solve(mv, b).solution, symmetric=True
+    )
+    return result, zero_tangent(result)._replace(solution=x_dot)
 
 
 def plain_cg(

@@ -30,7 +30,7 @@ from ._curvature import (
     logits_shape,
 )
 from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
-from ._manual import cast_varying, varying_axes
+from ._manual import cast_varying, scan, vary_like, varying_axes
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 # 2^20 (4 MiB in float32) keeps a chunk in cache: at 2^25 a 64-32-10 MLP on the 1,797 digits took
@@ -54,6 +54,9 @@ def _wide(value) -> jnp.dtype:
 
 def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
     """``params`` marked as varying along the manual axes along which ``data`` vary, and those axes.
+
+    ``data`` holds the logits' type (``logits_shape``): data the model reads from its closure
+    vary the logits as its inputs do.
 
     Inside ``shard_map`` with ``check_vma``, JAX sums the gradient with respect to parameters
     replicated over an axis along which the data vary over that axis's shards. A gradient that
@@ -189,11 +192,11 @@ def ggn_diagonal(
         squares = jax.vmap(example_squares)(chunk, roots)
         return [t + jnp.sum(q, axis=0) for t, q in zip(total, squares, strict=True)], None
 
-    params, shared = _per_shard(params, (inputs, sample_weight, label_mass))
+    params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
     leaves, treedef = jax.tree.flatten(params)
-    zeros = cast_varying([jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves], shared)
+    zeros = [jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves]
     starts = jnp.arange(num_chunks) * chunk_size
-    sums, _ = jax.lax.scan(add_chunk, zeros, starts)
+    sums, _ = scan(add_chunk, zeros, starts)  # a carry typed as the squares (`_manual`)
     mixed = _mixes_rows(logits_fn, params, inputs, n)
     if is_concrete(mixed) and mixed:
         raise ValueError(
@@ -309,12 +312,19 @@ def ggn_diagonal_hutchinson(
     if not jax.tree.leaves(params):  # no parameter: nothing to probe (vmap needs an array)
         check_params(params)
         return params
+    check_params(params)
+    shape = logits_shape(logits_fn, params, inputs)
+    params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
     operator = ggn_operator(
         logits_fn, params, inputs, sample_weight=sample_weight, label_mass=label_mass
     )
-    probes = _rademacher_like(key, params, num_samples)
+    leaves, treedef = jax.tree.flatten(params)
+    # Probes typed as their parameters (a key that differs between shards varies them all).
+    probes = jax.tree.leaves(_rademacher_like(key, params, num_samples))
+    probes = treedef.unflatten(vary_like(probes, leaves))
     products = jax.vmap(operator)(probes)
-    return jax.tree.map(lambda z, gz: jnp.mean(z * gz, axis=0), probes, products)
+    estimates = jax.tree.map(lambda z, gz: jnp.mean(z * gz, axis=0), probes, products)
+    return treedef.unflatten(_summed_over_shards(treedef.flatten_up_to(estimates), shared))
 
 
 def ggn_diagonal_bartlett(
@@ -385,7 +395,7 @@ def ggn_diagonal_bartlett(
     shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
     root_coefficients = jnp.sqrt(example_coefficients(n, shape.dtype, sample_weight, label_mass))
-    params, shared = _per_shard(params, (inputs, sample_weight, label_mass))
+    params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
     logits, model_vjp = jax.vjp(lambda p: logits_fn(p, inputs), params)
     logits = jax.lax.stop_gradient(logits)
 

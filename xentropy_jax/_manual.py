@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -38,6 +39,34 @@ def cast_varying(leaves: list, axes: list[tuple]) -> list:
     return [lax.pcast(x, a, to="varying") if a else x for x, a in zip(leaves, axes, strict=True)]
 
 
+def vary_like(leaves: list, types: list) -> list:
+    """Each leaf cast to vary along the axes its counterpart in ``types`` varies along too."""
+    return cast_varying(
+        leaves,
+        [
+            tuple(sorted(varying_axes(t) - varying_axes(x), key=str))
+            for x, t in zip(leaves, types, strict=True)
+        ],
+    )
+
+
+def zero_tangent(tree: PyTree) -> PyTree:
+    """Zero tangents for a pytree, each typed as its leaf (float0 for integer and bool leaves).
+
+    A custom derivative rule must give each output a tangent of the output's type, including
+    the manual axes along which it varies inside ``shard_map``; fresh zeros vary along none.
+    """
+
+    def zero(leaf: Any) -> Any:
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            tangent = jnp.zeros_like(leaf)
+        else:
+            tangent = np.zeros(jnp.shape(leaf), jax.dtypes.float0)
+        return vary_like([tangent], [leaf])[0]
+
+    return jax.tree.map(zero, tree)
+
+
 def varying_carry(body: Callable[[PyTree], PyTree], carry: PyTree) -> PyTree:
     """``carry`` with each leaf varying along the manual axes along which ``body(carry)``'s does.
 
@@ -56,13 +85,9 @@ def varying_carry(body: Callable[[PyTree], PyTree], carry: PyTree) -> PyTree:
     # Each pass can only add axes (at most every manual axis to every leaf), so this ends.
     while True:
         out = jax.tree.leaves(jax.eval_shape(body, treedef.unflatten(leaves)))
-        missing = [
-            tuple(sorted(varying_axes(o) - varying_axes(c), key=str))
-            for o, c in zip(out, leaves, strict=True)
-        ]
-        if not any(missing):
+        if all(varying_axes(o) <= varying_axes(c) for o, c in zip(out, leaves, strict=True)):
             return treedef.unflatten(leaves)
-        leaves = cast_varying(leaves, missing)
+        leaves = vary_like(leaves, out)
 
 
 def while_loop(cond: Callable, body: Callable, init: PyTree) -> PyTree:

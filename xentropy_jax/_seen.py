@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -60,10 +61,11 @@ class Programs:
             return list(self._programs)
 
 
-def _holds_tracer(function: Any, depth: int = 3) -> bool:
-    """Whether a tracer sits in ``function``'s closure, bound object or partial arguments.
+def _holds_tracer(function: Any, depth: int = 6) -> bool:
+    """Whether a tracer sits in ``function``'s closure, bound object, attributes or arguments.
 
-    Their pytree leaves are searched in turn, ``depth`` functions deep.
+    Their pytree leaves are searched in turn, ``depth`` levels deep (a bound method's matrix
+    in its object's attribute, a closure over closures).
     """
     if isinstance(function, jax.core.Tracer):
         return True
@@ -79,6 +81,8 @@ def _holds_tracer(function: Any, depth: int = 3) -> bool:
         except ValueError:  # an empty cell
             continue
     parts += [getattr(function, "__self__", None), *(getattr(function, "__defaults__", None) or ())]
+    if not isinstance(function, (type, types.ModuleType, types.FunctionType)):
+        parts += list(getattr(function, "__dict__", {}).values())  # an object's attributes
     for part in parts:
         for leaf in jax.tree.leaves(part):
             if leaf is not function and _holds_tracer(leaf, depth - 1):

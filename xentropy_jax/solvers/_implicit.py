@@ -42,6 +42,7 @@ from jax import lax
 from .._cg import CGStatus, plain_cg
 from .._linear import Evaluation, LogisticObjective, evaluate, hessian_diagonal
 from .._linear import hessian_vector_product as _hessian_vector_product
+from .._manual import zero_tangent
 from .._precision import full_precision
 from ._collinear import minimum_norm
 from ._preconditioners import build, setup_basis
@@ -86,20 +87,9 @@ def minimize_implicit(
         objective = primals[0]
         optimum, loss, output = solve(*primals)
         optimum_dot, loss_dot = optimum_tangent(objective, optimum, tangents[0])
-        return (optimum, loss, output), (optimum_dot, loss_dot, _zero_tangent(output))
+        return (optimum, loss, output), (optimum_dot, loss_dot, zero_tangent(output))
 
     return solve(objective, theta, tol, max_iter)
-
-
-def _zero_tangent(tree: Any) -> Any:
-    """Zero tangents for a pytree: float0 for integer and boolean leaves."""
-
-    def zero(leaf):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
 
 
 def optimum_tangent(
