@@ -492,3 +492,38 @@ def test_derivatives_reach_matrices_held_by_objects_and_deep_closures():
             gradient = jax.grad(through_cg)(A0)
             np.testing.assert_allclose(gradient, exact, rtol=1e-9, atol=1e-14)
             jax.jit(lambda A, make=make: xj.cg(make(A), b).solution)(A0)
+
+
+def test_derivatives_with_options_that_depend_on_the_differentiated_values():
+    # A Jacobi preconditioner read from A, a warm start and tolerances computed from b: they
+    # leaked their tracers out of the custom derivative (UnexpectedTracerError), and forward
+    # mode had worked before it. The exact solution does not depend on them.
+    rng = np.random.default_rng(10)
+    M = rng.normal(size=(6, 6))
+    A0, b0 = jnp.asarray(M @ M.T + 6 * np.eye(6)), jnp.asarray(rng.normal(size=6))
+
+    def loss(A, b, solve):
+        return jnp.sum(solve(A, b) ** 2)
+
+    def exact(A, b):
+        return jnp.linalg.solve(A, b)
+
+    def jacobi(A, b):
+        return xj.cg(lambda v: A @ v, b, preconditioner=lambda r: r / jnp.diag(A), rtol=1e-13)
+
+    def warm(A, b):
+        start, tolerance = b / jnp.diag(A), 1e-14 * jnp.linalg.norm(b)
+        return xj.cg(lambda v: A @ v, b, x0=start, atol=tolerance, rtol=1e-13)
+
+    for solve in (jacobi, warm):
+        for ours, reference in [
+            (
+                jax.grad(loss, (0, 1))(A0, b0, lambda A, b, solve=solve: solve(A, b).solution),
+                jax.grad(loss, (0, 1))(A0, b0, exact),
+            ),
+            (
+                jax.jacfwd(lambda A, solve=solve: solve(A, b0).solution)(A0),
+                jax.jacfwd(lambda A: exact(A, b0))(A0),
+            ),
+        ]:
+            chex.assert_trees_all_close(ours, reference, rtol=1e-8, atol=1e-13)

@@ -24,8 +24,8 @@ import numpy as np
 from jax import lax
 
 from ._checks import check_real
-from ._manual import varying_carry, while_loop, zero_tangent
-from ._seen import Programs, _holds_tracer
+from ._manual import vary_like, varying_carry, while_loop, zero_tangent
+from ._seen import Programs, tracing
 
 PyTree = Any
 Operator = Callable[[PyTree], PyTree]
@@ -191,7 +191,7 @@ def _run(
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if tracing() or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return _solve(operator, preconditioner, *arguments, verify=verify)
     (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = (
         _split_callable(operator),
@@ -442,10 +442,13 @@ def cg(
     iterations: ẋ = A⁻¹(ḃ − Ȧx), by one more CG solve (``lax.custom_linear_solve``; A is
     symmetric, so reverse mode solves with A too). That solve starts from 0 with ``rtol``, no
     ``atol`` or ``entry_tol`` (which are in b's units) and the default step limit, so ask for a
-    tight ``rtol``. They assume A ≻ 0: for a singular or indefinite A (a CG that ends
-    ``NEGATIVE_CURVATURE``) they are not those of any solution. The other fields of the result
-    carry no derivative. (:func:`steihaug_cg`, whose solution is not A⁻¹b, has none in reverse
-    mode.)
+    tight ``rtol``. ``x0``, the preconditioner and the tolerances may depend on the
+    differentiated values but carry no derivative: the exact solution does not depend on them.
+    The derivatives assume A ≻ 0 and perturbations that keep A symmetric (a matrix used as
+    ``A @ v`` differentiated along a non-symmetric direction gets the wrong second derivative);
+    for a singular or indefinite A (a CG that ends ``NEGATIVE_CURVATURE``) they are not those of
+    any solution. The other fields of the result carry no derivative. (:func:`steihaug_cg`,
+    whose solution is not A⁻¹b, has none in reverse mode.)
 
     Args:
         operator: ``v ↦ A v`` on pytrees shaped like ``rhs``, A symmetric (e.g.
@@ -499,54 +502,88 @@ def cg(
         ...                   exact, atol=1e-5))
         True
     """
-
-    def solve(matvec: Operator, b: PyTree) -> CGResult:
-        return _run(matvec, b, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify)
-
-    def derivative_solve(matvec: Operator, b: PyTree) -> CGResult:
-        # ẋ's system has a right-hand side of its own scale: the relative tolerance only, from
-        # 0, with the default step limit (x0, atol, entry_tol and max_steps belong to b's system:
-        # reused, an atol gave a zero derivative and a warm start one 3.5e3 off).
-        return _run(matvec, b, None, None, preconditioner, rtol, 0.0, None, None, verify)
-
-    leaves = jax.tree.leaves((rhs, operator))
-    if not any(isinstance(x, jax.core.Tracer) for x in leaves) and not _holds_tracer(operator):
-        return solve(operator, rhs)  # eager: nothing to differentiate
-    # The arrays A closes over, as arguments, so that its derivative can be taken. Its jaxpr is
-    # specialised to the type of b: inside `shard_map`, typed as varying where A's products do
-    # (`_manual`), as CG's iterates will be.
-    rhs = varying_carry(operator, rhs)
+    if not tracing():  # eager: nothing to differentiate
+        return _run(
+            operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify
+        )
+    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)  # at the boundary
+    # Inside `shard_map`, b typed as varying where CG's iterates will (`_manual`): the products
+    # with A and M⁻¹ and the warm start vary them. The closures' jaxprs are specialised to it.
+    start = rhs if x0 is None else x0
+    precondition = (lambda r: r) if preconditioner is None else preconditioner
+    rhs = varying_carry(
+        lambda v: jax.tree.map(lambda *t: sum(t), operator(v), precondition(v), start), rhs
+    )
+    # The arrays A reads, as arguments, so that its derivative can be taken; those of M⁻¹, x0
+    # and the tolerances carry none (the exact solution does not depend on them).
     matvec, consts = jax.closure_convert(operator, rhs)
-    return _solved(matvec, solve, derivative_solve, consts, rhs)
+    if preconditioner is not None:
+        preconditioner, preconditioner_consts = jax.closure_convert(preconditioner, rhs)
+    else:
+        preconditioner_consts = []
+    settings = jax.tree.map(
+        lambda v: lax.stop_gradient(v) if isinstance(v, jax.core.Tracer) else v,
+        (preconditioner_consts, x0, rtol, atol, max_steps, entry_tol),
+    )
+    return _solved(matvec, preconditioner, verify, consts, settings, rhs)
+
+
+def _settled(preconditioner: Callable | None, settings: tuple) -> tuple:
+    """The preconditioner and the other options of `_solved`, from its arguments."""
+    consts, x0, rtol, atol, max_steps, entry_tol = settings
+    if preconditioner is not None:
+        preconditioner = functools.partial(_call_with, preconditioner, consts)
+    return preconditioner, x0, rtol, atol, max_steps, entry_tol
+
+
+def _call_with(function: Callable, consts: list, value: PyTree) -> PyTree:
+    return function(value, *consts)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _solved(
-    matvec: Callable, solve: Callable, derivative_solve: Callable, consts: list, rhs: PyTree
+    matvec: Callable,
+    preconditioner: Callable | None,
+    verify: bool,
+    consts: list,
+    settings: tuple,
+    rhs: PyTree,
 ) -> CGResult:
-    """``solve`` of A x = b, A = ``matvec(·, *consts)``, differentiated as the exact solve."""
-    return solve(lambda v: matvec(v, *consts), rhs)
+    """CG for A x = b, A = ``matvec(·, *consts)``, differentiated as the exact solve."""
+    precondition, x0, rtol, atol, max_steps, entry_tol = _settled(preconditioner, settings)
+    operator = functools.partial(_call_with, matvec, consts)
+    return _run(operator, rhs, x0, None, precondition, rtol, atol, max_steps, entry_tol, verify)
 
 
 @_solved.defjvp
 def _solved_jvp(
-    matvec: Callable, solve: Callable, derivative_solve: Callable, primals: tuple, tangents: tuple
+    matvec: Callable,
+    preconditioner: Callable | None,
+    verify: bool,
+    primals: tuple,
+    tangents: tuple,
 ) -> tuple[CGResult, CGResult]:
-    """ẋ = A⁻¹(ḃ − Ȧx): ``custom_linear_solve`` with A symmetric, so reverse mode solves with A."""
-    consts, rhs = primals
-    consts_dot, rhs_dot = tangents
-    result = _solved(matvec, solve, derivative_solve, consts, rhs)
+    """ẋ = A⁻¹(ḃ − Ȧx): ``custom_linear_solve`` with A symmetric, so reverse mode solves with A.
+
+    ẋ's system has a right-hand side of its own scale: its solve takes the relative tolerance
+    only, from 0, with the default step limit (x0, atol, entry_tol and max_steps belong to b's
+    system: reused, an atol gave a zero derivative and a warm start one 3.5e3 off).
+    """
+    consts, settings, rhs = primals
+    consts_dot, _, rhs_dot = tangents
+    result = _solved(matvec, preconditioner, verify, consts, settings, rhs)
     x = result.solution
     _, moved = jax.jvp(lambda *c: matvec(x, *c), tuple(consts), tuple(consts_dot))
+    operator = functools.partial(_call_with, matvec, consts)
+    precondition, _, rtol, _, _, _ = _settled(preconditioner, settings)
 
-    def operator(v: PyTree) -> PyTree:
-        return matvec(v, *consts)
+    def solve(matvec: Operator, b: PyTree) -> PyTree:
+        return _run(matvec, b, None, None, precondition, rtol, 0.0, None, None, verify).solution
 
-    # Inside `shard_map`, the right-hand side typed as varying where A's products do.
-    rhs_dot = varying_carry(operator, jax.tree.map(jnp.subtract, rhs_dot, moved))
-    x_dot = lax.custom_linear_solve(
-        operator, rhs_dot, lambda mv, b: derivative_solve(mv, b).solution, symmetric=True
-    )
+    # Typed as b (inside `shard_map`), to which the closure's jaxpr is specialised.
+    leaves, treedef = jax.tree.flatten(jax.tree.map(jnp.subtract, rhs_dot, moved))
+    rhs_dot = treedef.unflatten(vary_like(leaves, jax.tree.leaves(rhs)))
+    x_dot = lax.custom_linear_solve(operator, rhs_dot, solve, symmetric=True)
     return result, zero_tangent(result)._replace(solution=x_dot)
 
 

@@ -309,10 +309,9 @@ def ggn_diagonal_hutchinson(
         True
     """
     _check_num_samples(num_samples)
-    if not jax.tree.leaves(params):  # no parameter: nothing to probe (vmap needs an array)
-        check_params(params)
-        return params
     check_params(params)
+    if not jax.tree.leaves(params):  # no parameter: nothing to probe (vmap needs an array)
+        return params
     shape = logits_shape(logits_fn, params, inputs)
     params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
     operator = ggn_operator(
