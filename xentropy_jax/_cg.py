@@ -25,7 +25,7 @@ from jax import lax
 
 from ._checks import check_real
 from ._manual import vary_like, varying_carry, while_loop, zero_tangent
-from ._seen import Programs, tracing
+from ._seen import Programs, holds_tracer
 
 PyTree = Any
 Operator = Callable[[PyTree], PyTree]
@@ -191,7 +191,7 @@ def _run(
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
-    if tracing() or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return _solve(operator, preconditioner, *arguments, verify=verify)
     (operator_leaves, operator_static), (preconditioner_leaves, preconditioner_static) = (
         _split_callable(operator),
@@ -502,7 +502,9 @@ def cg(
         ...                   exact, atol=1e-5))
         True
     """
-    if not tracing():  # eager: nothing to differentiate
+    if not holds_tracer(rhs, operator, preconditioner, x0, rtol, atol, max_steps, entry_tol):
+        # Eager (no value of a trace, in the arguments or what the functions hold): nothing to
+        # differentiate, and the compiled program of `_run` serves.
         return _run(
             operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify
         )

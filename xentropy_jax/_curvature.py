@@ -32,7 +32,7 @@ from ._losses import (
     softmax_rule,
 )
 from ._rowsums import normalized_weights
-from ._seen import Programs, tracing
+from ._seen import Programs
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], jax.Array]
@@ -281,7 +281,7 @@ def _compiled_linearization(logits_fn: LogitsFn, params: PyTree, inputs: PyTree)
     compiled nor kept. ``logits_shape`` already traces the model on abstract inputs, so the
     program asks nothing more of them; inside a trace it would be inlined anyway.
     """
-    if tracing() or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, inputs))):
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
         return None
     return _LINEARIZATIONS(logits_fn)
 

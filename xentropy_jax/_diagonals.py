@@ -55,16 +55,15 @@ def _wide(value) -> jnp.dtype:
 def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
     """``params`` marked as varying along the manual axes along which ``data`` vary, and those axes.
 
-    ``data`` holds the logits' type (``logits_shape``): data the model reads from its closure
-    vary the logits as its inputs do.
-
     Inside ``shard_map`` with ``check_vma``, JAX sums the gradient with respect to parameters
     replicated over an axis along which the data vary over that axis's shards. A gradient that
     is squared must not be: each per-example gradient would be the sum of one example from each
     shard, and each sampled gradient the sum of the shards' draws, which share their noise.
     Squares are formed per shard with the marked parameters, then :func:`_summed_over_shards`
     adds the shards' squares, as JAX sums ``jax.grad``'s and ``ggn_vp``'s (G is a sum over the
-    examples). Outside ``shard_map`` nothing varies and nothing changes.
+    examples). ``data`` holds the logits' type (``logits_shape``): data the model reads from its
+    closure vary the logits as its inputs do. Outside ``shard_map`` nothing varies and nothing
+    changes.
     """
     leaves, treedef = jax.tree.flatten(params)
     data_axes = varying_axes(data)
@@ -268,7 +267,9 @@ def ggn_diagonal_hutchinson(
 
     E[z ⊙ G z]ₚ = Σ_q Gₚ_q E[zₚ z_q] = Gₚₚ since the entries of z are independent ±1. The variance
     of one probe is Σ_{q≠p} Gₚ_q², so the estimate is good when G is diagonally dominant. Works
-    for any model (no per-example structure needed).
+    for any model (no per-example structure needed). Inside ``shard_map`` with ``check_vma``,
+    each shard forms its own estimate and the shards' estimates are summed, as for
+    :func:`ggn_diagonal`.
 
     Cost: one forward pass, then ``num_samples`` GGN products (each ≈ one gradient), run
     together under ``vmap`` (memory ``num_samples`` × (N·K + P)).

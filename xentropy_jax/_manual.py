@@ -1,4 +1,4 @@
-"""Loop carries inside ``jax.shard_map`` with ``check_vma``, typed as varying where the body varies.
+"""Values typed for ``jax.shard_map`` with ``check_vma``: loop carries, tangents, casts.
 
 Inside ``shard_map``, JAX types every value by the manual mesh axes along which it varies over
 the shards (the data split by rows vary, replicated parameters do not), and a loop's carry must
@@ -7,7 +7,8 @@ with the data therefore fails to trace ("carry input and carry output must have 
 :func:`varying_carry` gives the initial carry the type its body gives it: the body is traced
 abstractly (``jax.eval_shape``), and each leaf is cast to varying along the axes its output
 varies along, until nothing changes. Outside ``shard_map``, or with ``check_vma=False``, nothing
-varies and the carry is returned as it is, without tracing anything.
+varies and the carry is returned as it is, without tracing anything. :func:`zero_tangent` types
+a custom derivative's zero tangents the same way.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import threading
-from collections.abc import Callable, Hashable
+import types
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import jax
+import numpy as np
 
 
 class Programs:
@@ -40,7 +43,7 @@ class Programs:
 
     def __call__(self, key: Hashable, *, compile_first: bool = False) -> Callable | None:
         parts = key if isinstance(key, tuple) else (key,)
-        if any(_holds_tracer(part) for part in parts):
+        if holds_tracer(*parts):
             return None
         try:
             hash(key)
@@ -74,47 +77,45 @@ def _remember(record: collections.OrderedDict, key: Hashable, value: Any, size: 
         record.popitem(last=False)
 
 
-def tracing() -> bool:
-    """Whether a JAX transformation (``jit``, ``grad``, ``vmap``, ...) is tracing the caller.
+def holds_tracer(*values: Any, budget: int = 2000) -> bool:
+    """Whether a tracer sits in ``values`` or in what their functions and objects hold.
 
-    The operators' arrays may be that trace's values even where no argument is a tracer (a
-    bound method's object, a closure several functions deep): under a trace nothing is cached,
-    and a solve is differentiable. Without the (internal) test, every call counts as traced.
+    Searched breadth first: pytree leaves and containers, a function's closure, bound object,
+    partial arguments and defaults, an object's attributes (a bound method's matrix), up to
+    ``budget`` objects (a large structure is looked at in part, at bounded cost). Whatever
+    cannot be read (a proxy whose attributes raise) counts as holding none.
     """
-    return _trace_state_clean is None or not _trace_state_clean()
-
-
-try:  # JAX has no public test of this
-    from jax._src.core import trace_state_clean as _trace_state_clean
-except ImportError:  # pragma: no cover
-    _trace_state_clean = None
-
-
-def _holds_tracer(function: Any, depth: int = 3) -> bool:
-    """Whether a tracer sits in ``function``'s closure, bound object or partial arguments.
-
-    Their pytree leaves are searched in turn, ``depth`` functions deep.
-    """
-    if isinstance(function, jax.core.Tracer):
-        return True
-    if depth == 0:
-        return False
-    parts: list = []
-    if isinstance(function, functools.partial):
-        parts += [function.func, *function.args, *function.keywords.values()]
-    cells = getattr(function, "__closure__", None) or ()
-    for cell in cells:
+    queue, seen = collections.deque(values), set()
+    while queue and budget > 0:
+        value = queue.popleft()
+        budget -= 1
+        if isinstance(value, jax.core.Tracer):
+            return True
+        if id(value) in seen or isinstance(value, (jax.Array, np.ndarray, str, bytes, int, float)):
+            continue
+        seen.add(id(value))
         try:
-            parts.append(cell.cell_contents)
+            queue.extend(itertools.islice(_held_by(value), budget))
+        except Exception:  # an attribute that raises: no tracer to be seen there
+            continue
+    return False
+
+
+def _held_by(value: Any) -> Iterable:
+    """What ``value`` holds, one level down."""
+    if isinstance(value, dict):
+        return iter(value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return iter(value)
+    held: list = []
+    if isinstance(value, functools.partial):
+        held += [value.func, *value.args, *value.keywords.values()]
+    for cell in getattr(value, "__closure__", None) or ():
+        try:
+            held.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
-    parts += [getattr(function, "__self__", None), *(getattr(function, "__defaults__", None) or ())]
-    for part in parts:
-        try:
-            leaves = jax.tree.leaves(part)
-        except Exception:  # a dict whose keys do not sort, say: looked at as one object
-            leaves = [part]
-        for leaf in leaves:
-            if leaf is not function and _holds_tracer(leaf, depth - 1):
-                return True
-    return False
+    held += [getattr(value, "__self__", None), *(getattr(value, "__defaults__", None) or ())]
+    if not isinstance(value, (type, types.ModuleType, types.FunctionType)):
+        held += list(getattr(value, "__dict__", {}).values())
+    return held
