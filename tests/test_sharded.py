@@ -173,6 +173,11 @@ SCRIPT = textwrap.dedent(
     def fit(X, y, W):
         return xj.fit_logistic_regression(X, y, K, l2=0.5, tol=1e-10).params[0][None]
 
+    def fit_float32(X, y, W):
+        # float32 data take the Kronecker preconditioner's branches, typed alike (`_manual`).
+        X = jnp.asarray(X, jnp.float32)
+        return xj.fit_logistic_regression(X, y, K, l2=0.5, solver="trust-region").params[0][None]
+
     def path(X, y, W):
         return xj.fit_regularization_path(X, y, K, l2_values=[1.0, 0.1], tol=1e-10).params[0]
 
@@ -182,6 +187,7 @@ SCRIPT = textwrap.dedent(
         "head": (lambda X, y, W: xj.linear_softmax_cross_entropy(X, W, y)[None], True, 0),
         "cg": (solve, True, 0),
         "fit": (fit, True, 0),
+        "fit float32": (fit_float32, True, 0),
         "path": (path, True, 0),
         "ggn_diagonal": (diagonal, True, 1),
         "ggn_diagonal_bartlett": (bartlett, True, 1),

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._manual import alike
+
 
 def batch_cond(
     pred: jax.Array, true_fun: Callable[..., Any], false_fun: Callable[..., Any], *operands: Any
@@ -38,6 +40,7 @@ def batch_cond(
     Returns:
         The chosen branch's output.
     """
+    true_fun, false_fun = alike((true_fun, false_fun), *operands)
 
     @jax.custom_batching.custom_vmap
     def cond(pred, *operands):

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from ._manual import cond
+
 Axis = int | Sequence[int] | None
 
 
@@ -332,7 +334,7 @@ def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -
 
 def _fused_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     plain = (labels * _gaps(logits, peak)).sum(axis=-1)
-    return jax.lax.cond(
+    return cond(
         jnp.any(jnp.isnan(plain)), lambda: _masked_label_gaps(labels, logits, peak), lambda: plain
     )
 

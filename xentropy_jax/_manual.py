@@ -107,3 +107,35 @@ def scan(step: Callable, init: PyTree, xs: PyTree) -> tuple[PyTree, PyTree]:
         return lax.scan(step, init, xs)
     first = jax.tree.map(lambda x: x[0], xs)
     return lax.scan(step, varying_carry(lambda c: step(c, first)[0], init), xs)
+
+
+def alike(branches: tuple[Callable, ...], *operands: Any) -> tuple[Callable, ...]:
+    """``branches`` whose outputs are typed alike: each leaf varies where any branch's does.
+
+    The branches of a ``lax.cond`` must give outputs of one type; inside ``shard_map`` one
+    branch may read the data (a factorisation of the shard's Gram) and another not (a fallback
+    that returns its input). Outside ``shard_map`` the branches are returned as they are.
+    """
+    current_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    if current_mesh is None or not getattr(current_mesh(), "manual_axes", ()):
+        return branches
+    outs = [jax.tree.leaves(jax.eval_shape(branch, *operands)) for branch in branches]
+    axes = [frozenset().union(*map(varying_axes, leaves)) for leaves in zip(*outs, strict=True)]
+
+    def typed(branch: Callable) -> Callable:
+        def run(*args: Any) -> PyTree:
+            leaves, treedef = jax.tree.flatten(branch(*args))
+            missing = [
+                tuple(sorted(a - varying_axes(x), key=str))
+                for x, a in zip(leaves, axes, strict=True)
+            ]
+            return treedef.unflatten(cast_varying(leaves, missing))
+
+        return run
+
+    return tuple(typed(branch) for branch in branches)
+
+
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> PyTree:
+    """``lax.cond`` whose branches give outputs of one type inside ``shard_map`` (:func:`alike`)."""
+    return lax.cond(pred, *alike((true_fun, false_fun), *operands), *operands)

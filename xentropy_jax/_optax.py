@@ -34,6 +34,7 @@ from ._checks import check_flag as _check_flag
 from ._checks import is_concrete as _is_concrete
 from ._curvature import LogitsFn, PyTree, check_params, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
+from ._manual import cond
 
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
 
@@ -487,7 +488,7 @@ def _refresh(
             lambda h, e: (decay * h + (1 - decay) * e.astype(h.dtype)).astype(h.dtype), avg, fresh
         )
 
-    average = jax.lax.cond(count % interval == 0, estimate, lambda avg: avg, average)
+    average = cond(count % interval == 0, estimate, lambda avg: avg, average)
     return average, jax.random.key_data(key)
 
 

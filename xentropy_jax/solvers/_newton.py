@@ -6,8 +6,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from .._manual import cond
 from .._objective import Evaluation, Objective
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 from ._linesearch import check_line_search_options, line_search_step
@@ -45,7 +45,7 @@ def newton_direction(objective: Objective, evaluation: Evaluation) -> jax.Array:
         )
         return -scale * (eigenvectors @ (inverse * (eigenvectors.T @ (scale * grad))))
 
-    direction = lax.cond(
+    direction = cond(
         jnp.all(jnp.isfinite(direction)), lambda _: direction, pseudo_inverse_step, None
     )
     return direction

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._batch_cond import batch_cond
+from .._manual import cond
 from .._objective import Evaluation, Objective
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 
@@ -214,8 +215,8 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
         return back(gram_block * curvature_values[None, :] + objective.l2 * block)
 
     return Preconditioner(
-        solve=lambda v: lax.cond(factored, blocks_solve, eigen.solve, v),
-        apply=lambda v: lax.cond(factored, blocks_apply, eigen.apply, v),
+        solve=lambda v: cond(factored, blocks_solve, eigen.solve, v),
+        apply=lambda v: cond(factored, blocks_apply, eigen.apply, v),
     )
 
 
