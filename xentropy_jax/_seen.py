@@ -118,4 +118,7 @@ def _held_by(value: Any) -> Iterable:
     held += [getattr(value, "__self__", None), *(getattr(value, "__defaults__", None) or ())]
     if not isinstance(value, (type, types.ModuleType, types.FunctionType)):
         held += list(getattr(value, "__dict__", {}).values())
+        leaves = jax.tree.leaves(value)  # a registered pytree node without a __dict__
+        if leaves != [value]:
+            held += leaves
     return held
