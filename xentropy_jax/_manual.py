@@ -40,15 +40,23 @@ def cast_varying(leaves: list, axes: list[tuple]) -> list:
     return [lax.pcast(x, a, to="varying") if a else x for x, a in zip(leaves, axes, strict=True)]
 
 
-def vary_like(leaves: list, types: list) -> list:
-    """Each leaf cast to vary along the axes its counterpart in ``types`` varies along too."""
+def vary_along(leaves: list, axes: list[frozenset]) -> list:
+    """Each leaf cast to vary along its set of axes too (those it varies along already stay)."""
     return cast_varying(
         leaves,
-        [
-            tuple(sorted(varying_axes(t) - varying_axes(x), key=str))
-            for x, t in zip(leaves, types, strict=True)
-        ],
+        [tuple(sorted(a - varying_axes(x), key=str)) for x, a in zip(leaves, axes, strict=True)],
     )
+
+
+def vary_like(leaves: list, types: list) -> list:
+    """Each leaf cast to vary along the axes its counterpart in ``types`` varies along too."""
+    return vary_along(leaves, [varying_axes(t) for t in types])
+
+
+def _inside_shard_map() -> bool:
+    """Whether manual mesh axes are in scope (``get_abstract_mesh`` is absent from older JAX)."""
+    current_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    return current_mesh is not None and bool(getattr(current_mesh(), "manual_axes", ()))
 
 
 def zero_tangent(tree: PyTree) -> PyTree:
@@ -79,8 +87,7 @@ def varying_carry(body: Callable[[PyTree], PyTree], carry: PyTree) -> PyTree:
         The carry, unchanged outside ``shard_map``; inside it, cast with ``jax.lax.pcast`` so
         that ``body`` maps its type to itself.
     """
-    current_mesh = getattr(jax.sharding, "get_abstract_mesh", None)  # absent from older JAX
-    if current_mesh is None or not getattr(current_mesh(), "manual_axes", ()):
+    if not _inside_shard_map():
         return carry
     leaves, treedef = jax.tree.flatten(carry)
     # Each pass can only add axes (at most every manual axis to every leaf), so this ends.
@@ -116,8 +123,7 @@ def alike(branches: tuple[Callable, ...], *operands: Any) -> tuple[Callable, ...
     branch may read the data (a factorisation of the shard's Gram) and another not (a fallback
     that returns its input). Outside ``shard_map`` the branches are returned as they are.
     """
-    current_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    if current_mesh is None or not getattr(current_mesh(), "manual_axes", ()):
+    if not _inside_shard_map():
         return branches
     outs = [jax.tree.leaves(jax.eval_shape(branch, *operands)) for branch in branches]
     axes = [frozenset().union(*map(varying_axes, leaves)) for leaves in zip(*outs, strict=True)]
@@ -125,11 +131,7 @@ def alike(branches: tuple[Callable, ...], *operands: Any) -> tuple[Callable, ...
     def typed(branch: Callable) -> Callable:
         def run(*args: Any) -> PyTree:
             leaves, treedef = jax.tree.flatten(branch(*args))
-            missing = [
-                tuple(sorted(a - varying_axes(x), key=str))
-                for x, a in zip(leaves, axes, strict=True)
-            ]
-            return treedef.unflatten(cast_varying(leaves, missing))
+            return treedef.unflatten(vary_along(leaves, axes))
 
         return run
 
