@@ -331,6 +331,20 @@ def test_a_class_that_the_weights_empty_is_fitted_as_scikit_learn_does(iris):
     ]
     # The empty class's probability in a bag is ~tol, its solver's or ours.
     np.testing.assert_allclose(bagged[0], bagged[1], atol=1e-5)
+    # "balanced" gave such a class an infinite weight (1 / its weighted count) and raised
+    # ("class_weight must be finite", with NumPy's divide-by-zero warning): its weight is moot.
+    weights = (y > 0).astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balanced = LogisticRegression(class_weight="balanced").fit(X, y, sample_weight=weights)
+    assert balanced.predict_proba(X)[:, 0].max() < 1e-6
+    counts = np.bincount(y, weights=weights)[1:]
+    rows = weights * np.concatenate([[0.0], counts.sum() / (3 * counts)])[y]
+    np.testing.assert_allclose(balanced.coef_, LogisticRegression().fit(X, y, rows).coef_)
+    model = LogisticRegression(class_weight="balanced")
+    bagging = BaggingClassifier(model, n_estimators=10, max_samples=0.5, random_state=0)
+    probabilities = bagging.fit(features, rare).predict_proba(features)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -347,6 +361,11 @@ def test_integer_weights_equal_repeated_rows(solver):
     np.testing.assert_allclose(
         weighted.predict_proba(X), repeated.predict_proba(X), rtol=1e-9, atol=1e-12
     )
+    # Weights times c are C times c, as in scikit-learn (docs/estimator.md said "nothing").
+    scaled = LogisticRegression(solver=solver, tol=1e-12).fit(X, y, sample_weight=10 * counts)
+    raised = LogisticRegression(solver=solver, C=10.0, tol=1e-12).fit(X, y, sample_weight=counts)
+    np.testing.assert_allclose(scaled.coef_, raised.coef_, rtol=1e-8)
+    assert np.abs(scaled.coef_ - weighted.coef_).max() > 1e-2
 
 
 def test_warm_start_resumes_from_previous_fit(iris):

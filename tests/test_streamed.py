@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -102,13 +104,31 @@ def test_streamed_fit_under_jit_reports_a_bad_l2_or_tol_as_the_in_memory_fit():
         assert statuses == ["INVALID_L2", "INVALID_L2", "INVALID_TOL", "INVALID_TOL", "CONVERGED"]
 
 
-def test_streamed_weights_outside_the_working_range_are_refused():
+def test_streamed_weights_count_only_through_their_ratios():
     rng = np.random.default_rng(2)
-    X, y = rng.normal(size=(40, 2)).astype(np.float32), np.arange(40) % 3
-    # Divided by an overflowing total in float32, every weight became 0: W = 0, CONVERGED.
-    for weight in (1e37, 1e-39):
-        with pytest.raises(ValueError, match="Rescale the weights"):
-            xj.fit_logistic_regression_streamed(X, y, 3, l2=0.1, sample_weight=np.full(40, weight))
+    y = np.arange(40) % 3
+    X = rng.normal(size=(40, 2)) + np.eye(3, 2)[y]
+    fit = functools.partial(xj.fit_logistic_regression_streamed, labels=y, num_classes=3, l2=0.1)
+    for dtype, weights in [
+        # Divided by an overflowing total in float32, every weight became 0 (W = 0, CONVERGED);
+        # then they were refused, where the in-memory fit takes them.
+        (np.float32, 1e37),
+        (np.float64, 1e308),  # the total overflows float64 on the host
+        (np.float32, 1e-39),  # subnormal in float32
+        (np.float32, [1e-39] * 20 + [1e37] * 20),  # a sum in range, its largest beyond
+    ]:
+        data = X.astype(dtype)
+        weights = np.broadcast_to(np.asarray(weights, np.float64), (40,))
+        unit = np.where(weights == weights.max(), 1.0, 0.0)  # the smallest are 0 beside it
+        result, reference = fit(data, sample_weight=weights), fit(data, sample_weight=unit)
+        assert int(result.status) == xj.Status.CONVERGED
+        assert np.all(np.abs(result.params[0]) > 1e-3)  # not W = 0
+        np.testing.assert_allclose(result.params[0], reference.params[0], rtol=1e-5)
+        np.testing.assert_allclose(result.params[1], reference.params[1], rtol=1e-5, atol=1e-6)
+    # NumPy converted strings and objects (the in-memory fit refuses them).
+    for weights in (np.full(40, "1.0"), np.full(40, 1.0, dtype=object)):
+        with pytest.raises(TypeError, match="sample_weight"):
+            fit(X, sample_weight=weights)
 
 
 def test_streamed_input_errors_name_the_rows(files):

@@ -123,6 +123,11 @@ class _ChunkSource:
     chunk_rows: int
     num_chunks: int
     dtype: np.dtype
+    # Every chunk's weights are multiplied by 2**weight_shift (in float64) before they take the
+    # chunks' dtype, set by the checking pass: the largest weight becomes one in [1, 2), so that
+    # neither the weights nor their sum overflow, as in the in-memory fit. A shift, not a factor:
+    # the factor may be subnormal, and the callback runs on XLA's threads, which flush those.
+    weight_shift: int = 0
 
     def __init__(self) -> None:
         self.reads = 0
@@ -142,7 +147,9 @@ class _ChunkSource:
         padded_weights = np.zeros(self.chunk_rows, self.dtype)
         padded_X[:rows] = dense_rows(X)
         padded_labels[:rows] = labels
-        padded_weights[:rows] = 1.0 if weights is None else weights
+        padded_weights[:rows] = np.ldexp(
+            1.0 if weights is None else np.asarray(weights, np.float64), self.weight_shift
+        )
         return padded_X, padded_labels, padded_weights
 
     def rows(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,7 +354,8 @@ class StreamedLogisticObjective:
 
     Attributes:
         l2: scalar L2 strength on W.
-        total_weight: Σ w over every row (each chunk's weights are divided by it).
+        total_weight: Σ w over every row, the weights as the chunks give them (times the
+            source's 2**weight_shift): each chunk's weights are divided by it.
         token: int32 scalar, the `hold` token of the `RowChunks` or `IteratedChunks` to read.
         chunks: that source's `ChunkLayout` (static).
         num_classes, fit_intercept, reference_class: as `LogisticObjective` (static).

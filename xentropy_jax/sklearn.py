@@ -140,7 +140,13 @@ def _class_weighted(
     """
     if class_weight is None:
         return weights
-    per_class = compute_class_weight(class_weight, classes=classes, y=y, sample_weight=weights)
+    with np.errstate(divide="ignore"):
+        per_class = compute_class_weight(class_weight, classes=classes, y=y, sample_weight=weights)
+    if isinstance(class_weight, str):  # "balanced": 1 / (a class's weighted count)
+        # A class whose rows all weigh 0 (a bootstrap sample that misses it) got an infinite
+        # weight; its rows weigh 0 whatever it is.
+        counted = np.bincount(positions, weights=weights, minlength=len(classes)) > 0
+        per_class = np.where(counted, per_class, 0.0)
     _check_class_weight(per_class, classes)
     weights *= per_class[positions].astype(weights.dtype)
     return weights

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from .._checks import check_flag, python_float, python_int
+from .._checks import check_flag, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
 from .._precision import full_precision
 from .._streamed import (
@@ -48,7 +48,10 @@ def _scan(
     The column sums give the precision floor of the tolerance (`attainable_tolerance`). With
     `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns.
     """
-    total, normal_total, scale, mass, products = 0.0, 0.0, None, np.zeros(num_classes), None
+    # The weights are summed as w·2^(1−e), e the exponent of the largest so far (the sums
+    # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
+    # `fit_logistic_regression`, and the fit reads them scaled the same way (`weight_shift`).
+    exponent, total, scale, weighted, products = None, 0.0, None, np.zeros(num_classes, bool), None
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
         limit = np.sqrt(np.finfo(dtype).max) / 1e3
@@ -74,18 +77,22 @@ def _scan(
             raise ValueError(f"labels must lie in [0, {num_classes}) ({rows})")
         if weights is None:
             weights = np.ones(len(labels))
-        if np.iscomplexobj(weights):
-            raise TypeError(f"sample_weight must be real, got dtype {weights.dtype} ({rows})")
+        # Strings and objects were converted by NumPy (the in-memory fit refuses them).
+        check_real(f"sample_weight ({rows})", weights)
         weights = np.asarray(weights, np.float64)
         if not np.all(np.isfinite(weights) & (weights >= 0)):
             raise ValueError(f"sample_weight must be finite and >= 0 ({rows})")
         X = X.astype(dtype, copy=False)
-        total += float(weights.sum())
-        # XLA's CPU backend flushes subnormal numbers to zero: such weights count as 0.
-        normal_total += float(weights[weights >= np.finfo(dtype).tiny].sum())
-        part = np.abs(X).T.astype(np.float64) @ weights
+        peak = weights.max(initial=0.0)
+        if peak > 0 and (exponent is None or np.frexp(peak)[1] > exponent):
+            grown, exponent = exponent, int(np.frexp(peak)[1])
+            if grown is not None:
+                total, scale = np.ldexp(total, grown - exponent), np.ldexp(scale, grown - exponent)
+        scaled = weights if exponent is None else np.ldexp(weights, 1 - exponent)
+        total += float(scaled.sum())
+        part = np.abs(X).T.astype(np.float64) @ scaled
         scale = part if scale is None else scale + part
-        mass += np.bincount(labels, weights=weights, minlength=num_classes)
+        weighted |= np.bincount(labels[weights > 0], minlength=num_classes) > 0
         if gram and source.num_features + int(fit_intercept) <= MAX_PROJECTED_COLUMNS:
             kept = X[weights > 0].astype(np.float64)
             if fit_intercept:
@@ -93,18 +100,12 @@ def _scan(
             products = kept.T @ kept if products is None else products + kept.T @ kept
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
-    dtype = np.dtype(source.dtype)
-    if not float(np.finfo(dtype).tiny) <= normal_total <= total <= float(np.finfo(dtype).max):
-        # Each chunk's weights are divided by the total in the chunks' dtype: an overflowing
-        # total made every weight 0 (a fit of W = 0 reported as converged).
-        raise ValueError(
-            f"sample_weight sums to {total:.3g} ({normal_total:.3g} in weights that are normal "
-            f"{dtype} numbers; smaller ones count as 0), outside the normal range of {dtype} "
-            f"([{np.finfo(dtype).tiny:.3g}, {np.finfo(dtype).max:.3g}]). Rescale the weights "
-            "(e.g. divide them by their maximum): the fit depends only on their ratios."
-        )
+    # The largest weight read in the fit is in [1, 2): the sum cannot overflow, nor every
+    # weight be subnormal (XLA's CPU backend flushes those to zero; a tiny weight beside a
+    # large one still counts as 0, as in `fit_logistic_regression`).
+    source.weight_shift = 1 - exponent
     if fit_intercept:
-        warn_empty_classes(np.flatnonzero(mass <= 0), stacklevel=4)
+        warn_empty_classes(np.flatnonzero(~weighted), stacklevel=4)
     return total, scale / total, products
 
 
