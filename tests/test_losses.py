@@ -560,6 +560,27 @@ def test_minus_inf_logits_are_masked_classes(rng):
     )
 
 
+@pytest.mark.parametrize("checked", [False, True])
+def test_debug_nans_meets_no_nan_of_the_losses_own(rng, monkeypatch, checked):
+    # A masked (-inf) class without label: 0·inf, computed then discarded by a select, stopped
+    # the caller's program under jax_debug_nans ("nan encountered in mul"), and pointed the user
+    # at the loss instead of their own NaN.
+    if checked:
+        monkeypatch.setattr(_losses, "_SMALL_GAPS", -1)
+    logits, soft, _ = make_problem(rng, batch=(4,))
+    logits = logits.at[:, 2].set(-jnp.inf)
+    soft = soft.at[:, 2].set(0.0)
+    expected = xj.softmax_cross_entropy(logits, soft)
+    expected_grad = jax.grad(lambda z: xj.softmax_cross_entropy(z, soft).sum())(logits)
+    with jax.debug_nans(True):
+        for loss in (xj.softmax_cross_entropy, xj.safe_softmax_cross_entropy):
+            np.testing.assert_array_equal(loss(logits, soft), expected)
+            grad = jax.grad(lambda z, loss=loss: loss(z, soft).sum())(logits)
+            np.testing.assert_allclose(grad, expected_grad, rtol=1e-15)
+        with pytest.raises(FloatingPointError, match="log"):  # the user's own NaN, named
+            jax.jit(lambda z: xj.softmax_cross_entropy(z, soft).sum() + jnp.log(-1.0))(logits)
+
+
 def test_label_on_minus_inf_class_is_inf_without_nan_elsewhere(rng):
     logits, soft, integer = make_problem(rng, batch=(3,))
     logits = logits.at[0, 1].set(-jnp.inf)

@@ -25,6 +25,7 @@ from jax import lax
 
 from ._checks import check_real
 from ._manual import vary_like, varying_carry, while_loop, zero_tangent
+from ._precision import at_least_float32
 from ._seen import Programs, holds_tracer
 
 PyTree = Any
@@ -84,7 +85,7 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     terms = [
         jnp.vdot(x.astype(wide), y.astype(wide))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-        for wide in [jnp.promote_types(jnp.result_type(x, y), jnp.float32)]
+        for wide in [at_least_float32(x, y)]
     ]
     return sum(terms[1:], terms[0]) if terms else jnp.zeros((), jnp.float32)
 

@@ -31,6 +31,7 @@ from ._losses import (
     softmax_cross_entropy_with_integer_labels,
     softmax_rule,
 )
+from ._precision import at_least_float32
 from ._rowsums import normalized_weights
 from ._seen import Programs
 
@@ -95,7 +96,7 @@ def loss_probabilities(logits: jax.Array) -> jax.Array:
 
     Half precision logits give float32 probabilities, as the losses compute in float32.
     """
-    return softmax_rule(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), None)
+    return softmax_rule(logits.astype(at_least_float32(logits.dtype)), None)
 
 
 def example_coefficients(
@@ -111,7 +112,7 @@ def example_coefficients(
     every cᵢ, so that the loss and its curvature come out NaN. A NaN weight used to count as
     Σ w = 0 and gave a loss, gradient and products of exactly 0.
     """
-    dtype = jnp.promote_types(dtype, jnp.float32)
+    dtype = at_least_float32(dtype)
     mass = _per_example(label_mass, n, "label_mass").astype(dtype)
     if sample_weight is None:
         return mass / n
@@ -420,7 +421,7 @@ def mean_cross_entropy(
         labels = jnp.where(kept if labels.ndim == 1 else kept[:, None], labels, 0)
     losses = loss_fn(logits_fn(params, inputs), labels)
     # Summed in at least float32, returned in the logits' dtype as before.
-    return jnp.sum(coefficients * losses).astype(jnp.result_type(losses))
+    return jnp.sum(coefficients * losses.astype(coefficients.dtype)).astype(losses.dtype)
 
 
 def hessian_vp(

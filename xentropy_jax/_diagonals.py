@@ -31,6 +31,7 @@ from ._curvature import (
 )
 from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
 from ._manual import cast_varying, scan, vary_like, varying_axes
+from ._precision import at_least_float32
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 # 2^20 (4 MiB in float32) keeps a chunk in cache: at 2^25 a 64-32-10 MLP on the 1,797 digits took
@@ -49,7 +50,7 @@ def _wide(value) -> jnp.dtype:
     In bfloat16 a running sum stops growing once it is a few hundred times each term (the
     chunked diagonal came out 15 to 50% low), and in float16 the squares under- and overflow.
     """
-    return jnp.promote_types(jnp.result_type(value), jnp.float32)
+    return at_least_float32(value)
 
 
 def _per_shard(params: PyTree, data: PyTree) -> tuple[PyTree, list[tuple]]:
@@ -405,7 +406,8 @@ def ggn_diagonal_bartlett(
         labels = jax.random.categorical(sample_key, logits.astype(wide), axis=-1)
         logit_gradient = jax.grad(
             lambda z: jnp.sum(
-                root_coefficients * softmax_cross_entropy_with_integer_labels(z, labels)
+                root_coefficients
+                * softmax_cross_entropy_with_integer_labels(z, labels).astype(wide)
             )
         )(logits)
         (gradient,) = model_vjp(logit_gradient)

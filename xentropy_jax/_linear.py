@@ -316,7 +316,7 @@ def separated(objective: LogisticObjective, free_logits: jax.Array) -> jax.Array
     logits = _with_reference(objective, free_logits)
     labels = objective.labels[:, None]
     label_logit = jnp.take_along_axis(logits, labels, axis=-1)[:, 0]
-    is_label = jnp.arange(objective.num_classes)[None, :] == labels
+    is_label = jnp.arange(objective.num_classes, dtype=labels.dtype)[None, :] == labels
     runner_up = jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
     margin_ok = (label_logit > runner_up) | (objective.weights <= 0)
     return jnp.all(margin_ok)

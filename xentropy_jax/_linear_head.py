@@ -45,6 +45,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from ._checks import is_concrete as _is_concrete
 from ._losses import integer_labels
 from ._manual import fori_loop, scan
+from ._precision import at_least_float32
 
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
 # enough rows for every GEMM to run at full speed on CPU.
@@ -802,7 +803,7 @@ def _prepare(
             )
     num_rows = int(np.prod(batch_shape, dtype=np.int64))
     row_chunk, vocab_chunk = _plan(num_rows, vocab_size, row_chunk_size, vocab_chunk_size)
-    compute_dtype = np.dtype(jnp.promote_types(jnp.result_type(hidden, weight, bias), jnp.float32))
+    compute_dtype = np.dtype(at_least_float32(hidden, weight, bias))
     config = _Config(
         num_rows,
         vocab_size,

@@ -38,6 +38,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from ._manual import cond
+from ._precision import at_least_float32
 
 Axis = int | Sequence[int] | None
 
@@ -300,8 +301,11 @@ def _label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Ar
     as an ``[..., K]`` array and reads them back. On CPU the plain fused sum comes first, and the
     select runs only when some row came out NaN (``_checked_label_gaps``; up to ``_SMALL_GAPS``
     entries the select runs directly); elsewhere the select stays, as fusions there take it into
-    the reduction.
+    the reduction. With ``jax_debug_nans`` on, the NaN of either form (computed, then discarded)
+    would stop the caller's program: there the select comes before the multiply.
     """
+    if jax.config.jax_debug_nans:  # read when traced, as the check applies it
+        return (labels * jnp.where(labels != 0, _gaps(logits, peak), 0.0)).sum(axis=-1)
     if not isinstance(labels.size, int) or labels.size <= _SMALL_GAPS:
         # (A symbolic size, under `jax.export`, takes the form that serves every size.)
         return _masked_label_gaps(labels, logits, peak)
@@ -575,7 +579,7 @@ def _check_floating(logits: jax.typing.ArrayLike) -> jax.Array:
 
 def _compute_dtype(*dtypes) -> np.dtype:
     """Float32 for half precision (bfloat16, float16) inputs, else the promoted float type."""
-    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+    return at_least_float32(*dtypes)
 
 
 def _is_integer(axis) -> bool:

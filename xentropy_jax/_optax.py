@@ -35,6 +35,7 @@ from ._checks import is_concrete as _is_concrete
 from ._curvature import LogitsFn, PyTree, check_params, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
 from ._manual import cond
+from ._precision import at_least_float32
 
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
 
@@ -158,8 +159,7 @@ class _MaskedModel:
 
 def _float_dtype(params: PyTree) -> jnp.dtype:
     leaves = jax.tree.leaves(params)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    return jnp.promote_types(dtype, jnp.float32)
+    return at_least_float32(*leaves) if leaves else jnp.dtype(jnp.float32)
 
 
 def _check_seed(seed: Any) -> None:
@@ -190,7 +190,7 @@ def _curvature_zeros(params: PyTree) -> PyTree:
     long. Gradient moments keep the parameters' dtype, as optax's own do.
     """
     return jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)),
+        lambda p: jnp.zeros(jnp.shape(p), at_least_float32(p)),
         params,
     )
 
@@ -835,11 +835,11 @@ def scale_by_ggn_diagonal(
         num_refreshes = state.num_refreshes + refreshed
 
         def scale(g: jax.Array, d: jax.Array) -> jax.Array:
-            correction = 1 - jnp.asarray(decay, d.dtype) ** num_refreshes
+            correction = 1 - jax.lax.pow(jnp.asarray(decay, d.dtype), num_refreshes)
             # diag(G) >= 0; Hutchinson's unbiased estimate is not, and a negative entry would
             # turn the step uphill (p = 1) or NaN (p = ½). The average stays unclipped.
             curvature = jnp.maximum(d / correction, 0) + jnp.asarray(damping, d.dtype)
-            return (g / curvature ** jnp.asarray(power, d.dtype)).astype(g.dtype)
+            return (g.astype(d.dtype) / curvature ** jnp.asarray(power, d.dtype)).astype(g.dtype)
 
         new_state = ScaleByGGNDiagonalState(
             optax.safe_increment(state.count), diagonal, num_refreshes, key

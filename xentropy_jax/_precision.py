@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import jax
+import jax.numpy as jnp
 
 F = TypeVar("F", bound=Callable)
 
@@ -37,3 +38,14 @@ def full_precision(function: F) -> F:
             return function(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+def at_least_float32(*values) -> jnp.dtype:
+    """The promoted type of ``values`` (arrays or dtypes), at least float32.
+
+    Under JAX's standard promotion whatever the caller's ``jax_numpy_dtype_promotion``: in
+    ``"strict"`` mode ``jnp.promote_types(float64, float32)`` raises, and every loss, CG solve
+    and fit asked it of the caller's own consistent inputs.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(jnp.result_type(*values), jnp.float32)

@@ -103,7 +103,7 @@ def project_minimum_norm(
         scale, vectors, null = _scaled_null_space(matrix)
         # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
         # of N zeroed and an identity in their place so that the Gram stays invertible.
-        basis = scale[:, None] * vectors * null[None, :]
+        basis = scale[:, None] * vectors * null[None, :].astype(vectors.dtype)
         normal = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
         block = theta.reshape(rows, -1)
         removed = (basis @ solve(normal, basis.T @ block)).reshape(-1)
