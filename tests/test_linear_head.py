@@ -828,6 +828,32 @@ def test_z_loss_on_rows_with_every_class_masked():
     np.testing.assert_array_equal(product[1], 0.0)
 
 
+def test_debug_infs_meets_no_inf_of_the_padding():
+    # The columns that pad V to whole blocks had bias -inf, and jax_debug_infs stopped every
+    # call whose blocks do not divide V (by default, V > 2**18) although the results are finite.
+    hidden, weight, bias, labels = make_head()
+
+    def loss(weight, bias):
+        return xj.linear_softmax_cross_entropy(
+            hidden, weight, labels, bias=bias, reduction="sum", vocab_chunk_size=4, z_loss=1e-3
+        )
+
+    def product(weight):
+        return xj.linear_softmax_cross_entropy_ggn_vp(
+            hidden, weight, labels, (hidden, weight, bias), bias=bias, vocab_chunk_size=4
+        )
+
+    calls = [
+        lambda: jax.value_and_grad(loss, argnums=(0, 1))(weight, bias),
+        lambda: jax.jit(jax.grad(loss))(weight, bias),
+        lambda: product(weight),
+    ]
+    expected = [call() for call in calls]
+    with jax.debug_infs(True):
+        for call, reference in zip(calls, expected, strict=True):
+            chex.assert_trees_all_close(call(), reference, rtol=1e-14)
+
+
 def test_zero_features_differentiate():
     # D = 0: the forward pass worked, its gradient raised ZeroDivisionError.
     labels = jnp.array([0, 1, 2])

@@ -581,6 +581,26 @@ def test_debug_nans_meets_no_nan_of_the_losses_own(rng, monkeypatch, checked):
             jax.jit(lambda z: xj.softmax_cross_entropy(z, soft).sum() + jnp.log(-1.0))(logits)
 
 
+def test_debug_infs_meets_no_inf_of_the_losses_own(rng):
+    # The shift's reduction started at -inf (jnp.max's `where` fills with it): jax_debug_infs
+    # stopped every call with a row or class mask, although the results are finite.
+    logits, soft, integer = make_problem(rng, batch=(4,))
+    rows = jnp.array([True, False, True, True])
+    classes = jnp.ones(logits.shape, bool).at[:, 3].set(False).at[:, 0].set(True)
+    integer = jnp.where(integer == 3, 0, integer)
+    calls = [
+        lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer, where=rows).sum(),
+        lambda z: xj.softmax_cross_entropy(z, soft, where=rows).sum(),
+        lambda z: xj.softmax_cross_entropy_with_integer_labels(z, integer, where=classes).sum(),
+    ]
+    for loss in calls:
+        expected = jax.value_and_grad(loss)(logits), jax.hessian(loss)(logits)
+        with jax.debug_infs(True):
+            found = jax.value_and_grad(loss)(logits), jax.hessian(loss)(logits)
+        for ours, reference in zip(jax.tree.leaves(found), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(ours, reference)
+
+
 def test_label_on_minus_inf_class_is_inf_without_nan_elsewhere(rng):
     logits, soft, integer = make_problem(rng, batch=(3,))
     logits = logits.at[0, 1].set(-jnp.inf)

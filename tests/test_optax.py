@@ -65,7 +65,7 @@ def test_gauss_newton_direction_is_the_damped_gauss_newton_solution():
     assert int(state.cg_status) == CGStatus.CONVERGED and bool(state.accepted)
     np.testing.assert_allclose(ravel_pytree(state.direction)[0], expected, rtol=1e-8, atol=1e-12)
     # Without value_fn the damping stays, and ρ is not measured.
-    assert float(state.damping) == damping and bool(jnp.isnan(state.ratio))
+    assert float(state.damping) == damping and float(state.ratio) == 0.0
 
 
 def test_undamped_full_batch_step_on_a_linear_model_is_one_newton_step():
@@ -346,6 +346,27 @@ def test_float32_gauss_newton_training_without_x64_dtypes():
     assert state.damping.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.direction))
     assert float(loss_fn(params)) < 0.5 * start
+
+
+def test_gauss_newton_state_holds_no_nan_for_debug_nans():
+    # `ratio` was NaN from init and at every step without value_fn: jax_debug_nans stopped
+    # jit(init) and every step of a training loop holding the state, also a step compiled
+    # before the check was turned on.
+    params, inputs, labels = mlp_problem()
+    optimizer = xj.gauss_newton()
+
+    @jax.jit
+    def step(params, state):
+        grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+        updates, state = optimizer.update(grad, state, params, logits_fn=mlp, inputs=inputs)
+        return optax.apply_updates(params, updates), state
+
+    expected = step(params, optimizer.init(params))
+    with jax.debug_nans(True):
+        state = jax.jit(optimizer.init)(params)
+        result = step(params, state)
+    assert state.ratio == 0.0 and result[1].ratio == 0.0  # nothing measured
+    chex.assert_trees_all_equal(result, expected)
 
 
 def test_missing_extra_arguments_and_bad_hyperparameters_raise():

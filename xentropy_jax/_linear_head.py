@@ -118,6 +118,18 @@ def _bias_blocks(bias: jax.Array, config: _Config, fill: float = 0.0) -> jax.Arr
     return bias.reshape(config.num_vocab_chunks, config.vocab_chunk)
 
 
+def _padding(bias: jax.Array) -> float:
+    """The bias of padded columns: ``-inf``, or the lowest finite number under ``jax_debug_infs``.
+
+    Read when traced, as the check applies: it stopped the program at the padding of every
+    vocabulary that the blocks do not divide (V > 2¹⁸ by default). Beside any row's largest
+    logit below about 10³⁰ the lowest finite number also has exponential 0; a row whose every
+    class is masked (``-inf``) would give the padding the probability, but its ``-inf`` stops
+    the check first.
+    """
+    return float(jnp.finfo(bias.dtype).min) if jax.config.jax_debug_infs else -jnp.inf
+
+
 def _unbias_blocks(blocks: jax.Array, config: _Config) -> jax.Array:
     return blocks.reshape(-1)[: config.vocab_size]
 
@@ -397,7 +409,7 @@ def _token_losses(stats: _RowStats, hidden, weight, bias, labels, config: _Confi
 def _statistics(hidden, weight, bias, labels, config: _Config) -> _RowStats:
     """`_RowStats` of every row ``[N]``, streamed by row blocks and vocabulary blocks."""
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, -jnp.inf)
+    bias_blocks = _bias_blocks(bias, config, _padding(bias))
 
     def row_step(_, xs):
         hidden_r, labels_r = xs
@@ -444,7 +456,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
     """
     dtype = config.compute_dtype
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, -jnp.inf)
+    bias_blocks = _bias_blocks(bias, config, _padding(bias))
     ggn = tangents is not None
     if ggn:
         hidden_dot, weight_dot, bias_dot = tangents
@@ -600,7 +612,7 @@ def _token_tangent(config, hidden, weight, bias, labels, stats, tangents):
     """``Σ_k (∂ℓ_i/∂z_ik) ż_ik`` per token, by blocks; row blocks are rematerialised."""
     hidden_dot, weight_dot, bias_dot = tangents
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, -jnp.inf)
+    bias_blocks = _bias_blocks(bias, config, _padding(bias))
     weight_dot_blocks = None if weight_dot is None else _weight_blocks(weight_dot, config)
     bias_dot_blocks = None if bias_dot is None else _bias_blocks(bias_dot, config)
     ones = jnp.ones((config.row_chunk,), config.compute_dtype)

@@ -51,16 +51,18 @@ Axis = int | Sequence[int] | None
 def _peak(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     """The shift ``c``: the row maximum over included classes, ``[..., 1]``.
 
-    It is raised to the lowest finite number when every class is ``-inf`` or masked, so that no
-    ``inf − inf`` appears, and computed from ``stop_gradient(z)``: the normaliser does not depend
-    on it, and no derivative of ``max`` (a select on the input) enters the higher-order rules.
+    It is at least the lowest finite number (the reduction starts there), also when every class
+    is ``-inf`` or masked, so that no ``inf − inf`` appears: any finite shift serves such a row.
+    A start at ``-inf`` raised to it afterwards gave the same numbers, but ``jax_debug_infs``
+    stopped every call with a row mask at the ``-inf``. It is computed from ``stop_gradient(z)``:
+    the normaliser does not depend on it, and no derivative of ``max`` (a select on the input)
+    enters the higher-order rules.
     """
-    peak = jnp.max(
-        jax.lax.stop_gradient(logits), axis=-1, keepdims=True, where=where, initial=-jnp.inf
-    )
-    # A row with no finite included logit has peak −inf; any finite shift serves it. `maximum`
-    # (not a select) keeps the whole softmax in one fused kernel on CPU.
-    return jnp.maximum(peak, jnp.finfo(logits.dtype).min)
+    lowest = jnp.finfo(logits.dtype).min
+    logits = jax.lax.stop_gradient(logits)
+    if where is not None:  # (`jnp.max`'s own `where` fills with -inf)
+        logits = jnp.where(where, logits, lowest)
+    return jnp.max(logits, axis=-1, keepdims=True, initial=lowest)
 
 
 def _below(logits: jax.Array, peak: jax.Array) -> jax.Array:

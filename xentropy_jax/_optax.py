@@ -226,7 +226,8 @@ class GaussNewtonState(NamedTuple):
         direction: the last CG solution d, a pytree like params (the next warm start).
         cg_steps: int32, CG iterations of the last solve.
         cg_status: int32, the :class:`~xentropy_jax.CGStatus` of the last solve.
-        ratio: ρ = actual / predicted reduction of the last step (NaN without ``value_fn``).
+        ratio: ρ = actual / predicted reduction of the last step; 0 where nothing is measured
+            (before the first step, and without ``value_fn``).
         accepted: whether the last step was taken (a rejected step returns zero updates).
         count: int32, steps taken.
     """
@@ -350,7 +351,9 @@ def gauss_newton(
             direction=jax.tree.map(jnp.zeros_like, params),
             cg_steps=jnp.zeros((), jnp.int32),
             cg_status=jnp.asarray(CGStatus.CONVERGED, jnp.int32),
-            ratio=jnp.asarray(jnp.nan, dtype),
+            # 0, not NaN: a NaN in the state stopped jit(init) and every step without value_fn
+            # under jax_debug_nans, also in a program compiled before the check was turned on.
+            ratio=jnp.zeros((), dtype),
             accepted=jnp.ones((), bool),
             count=jnp.zeros((), jnp.int32),
         )
@@ -402,7 +405,7 @@ def gauss_newton(
         descent = finite & (predicted < 0)
         dtype = damping.dtype
         if value_fn is None:
-            ratio = jnp.asarray(jnp.nan, dtype)
+            ratio = jnp.zeros((), dtype)  # nothing measured
             accepted = descent
             new_damping = damping
         else:
