@@ -172,6 +172,42 @@ def test_auto_solver_rule(core_calls, n_classes, over):
     with pytest.raises(_SolverReachedError):
         LogisticRegression(solver="auto").fit(X, y)
     assert core_calls[0]["solver"] == ("newton-cg" if over else "newton")
+    # In float32 always Newton-CG: Newton stalled at max_iter on raw data (docs/estimator.md).
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(solver="auto").fit(X.astype(np.float32), y)
+    assert core_calls[1]["solver"] == "newton-cg"
+
+
+def test_auto_fits_float32_data_with_an_offset_column():
+    # A column of mean 1e4 and standard deviation 1: "auto" picked Newton, which stopped at
+    # max_iter (ConvergenceWarning) 1.1e-2 above the optimum in float32.
+    X, y = make_classification(
+        400,
+        6,
+        n_informative=4,
+        n_redundant=0,
+        n_classes=3,
+        flip_y=0.15,
+        class_sep=0.7,
+        random_state=1,
+    )
+    X[:, 0] += 1e4
+    X32 = X.astype(np.float32)
+    centred = X32.astype(np.float64)
+    centred[:, 0] -= 1e4  # the same objective, well conditioned
+    reference = SklearnLogisticRegression(tol=1e-12, max_iter=10_000).fit(centred, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = LogisticRegression().fit(X32, y)
+    assert ours.solver_ == "newton-cg"
+
+    def objective(model, X):  # scikit-learn's, divided by C·n
+        probabilities = model.predict_proba(X).astype(np.float64)
+        penalty = np.sum(model.coef_.astype(np.float64) ** 2) / (2 * len(y))
+        return -np.mean(np.log(probabilities[np.arange(len(y)), y])) + penalty
+
+    expected = objective(reference, centred)
+    assert abs(objective(ours, X32) - expected) < 1e-5 * expected
 
 
 @pytest.mark.parametrize("solver", ["newton-cg", "trust-region"])

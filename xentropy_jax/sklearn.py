@@ -203,12 +203,20 @@ def _free_parameters(n_features: int, n_classes: int, fit_intercept: bool, refer
 _SCIKIT_LEARN = {"newton-cholesky": "newton", "lbfgs": "auto", "sag": "auto", "saga": "auto"}
 
 
-def _resolve_solver(solver: str, n_parameters: int) -> str:
-    """The concrete solver behind ``solver`` ("auto" picks by the number of parameters)."""
+def _resolve_solver(solver: str, n_parameters: int, X) -> str:
+    """The concrete solver behind ``solver`` ("auto": by the parameters and the precision of X).
+
+    In float32 "auto" always picks Newton-CG: the explicit Hessian's rounding (eps·‖H‖) swamps
+    its small eigenvalues, and on raw data (a column of mean 10⁴ and standard deviation 1) its
+    Newton steps stalled at max_iter where Newton-CG converged (on raw wine at C = 1e4 it
+    stopped 8% above the optimum, Newton-CG 0.2%); on standardised iris, wine and breast
+    cancer Newton-CG took 1.8 to 2.9 ms a fit against Newton's 1.5 to 2.4 ms.
+    """
     solver = _SCIKIT_LEARN.get(solver, solver)
     if solver != "auto":
         return solver
-    return "newton" if n_parameters <= AUTO_NEWTON_MAX_PARAMETERS else "newton-cg"
+    small = n_parameters <= AUTO_NEWTON_MAX_PARAMETERS
+    return "newton" if small and X.dtype == np.float64 else "newton-cg"  # float64 runs in float64
 
 
 # The CG solvers' default Kronecker preconditioner forms and factorises the (d+1)×(d+1) feature
@@ -302,14 +310,14 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             sample weights.
         solver: ``"newton"`` (explicit Hessian, Cholesky), ``"newton-cg"`` (matrix-free
             truncated Newton), ``"trust-region"`` (Steihaug-CG, as liblinear's TRON) or
-            ``"auto"``: ``"newton"`` when ``(n_features + fit_intercept) * free_classes <=
-            AUTO_NEWTON_MAX_PARAMETERS`` (128), otherwise ``"newton-cg"``; free_classes is
-            ``n_classes`` for the penalised multinomial model and ``n_classes - 1`` for
-            binary problems and ``penalty=None``. scikit-learn's names for solvers of the same
-            objective run this package's: ``"newton-cholesky"`` is ``"newton"``, and
-            ``"lbfgs"``, ``"sag"`` and ``"saga"`` are ``"auto"`` (the same optimum, to the
-            tolerance); ``solver_`` says what ran. ``"liblinear"``, which penalises the
-            intercept, is refused.
+            ``"auto"``: ``"newton"`` when the fit runs in float64 and ``(n_features +
+            fit_intercept) * free_classes <= AUTO_NEWTON_MAX_PARAMETERS`` (128), otherwise
+            ``"newton-cg"``; free_classes is ``n_classes`` for the penalised multinomial model
+            and ``n_classes - 1`` for binary problems and ``penalty=None``. scikit-learn's
+            names for solvers of the same objective run this package's: ``"newton-cholesky"``
+            is ``"newton"``, and ``"lbfgs"``, ``"sag"`` and ``"saga"`` are ``"auto"`` (the same
+            optimum, to the tolerance); ``solver_`` says what ran. ``"liblinear"``, which
+            penalises the intercept, is refused.
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
             sample by an integer equals repeating it to ~1e-9. ``tol`` is raised, per
@@ -462,6 +470,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         solver = _resolve_solver(
             self.solver,
             _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference),
+            X,
         )
         init = self._warm_start_init(classes, X.shape[1], reference)
 
@@ -1000,7 +1009,7 @@ class LogisticRegressionCV(LogisticRegression):
         n_classes = classes.size
         reference = n_classes == 2
         solver = _resolve_solver(
-            self.solver, _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference)
+            self.solver, _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference), X
         )
         fold_weights = np.zeros((len(splits), X.shape[0]), X.dtype)
         for index, (train, _) in enumerate(splits):
