@@ -848,6 +848,19 @@ def test_debug_infs_meets_no_inf_of_the_padding():
         lambda: jax.jit(jax.grad(loss))(weight, bias),
         lambda: product(weight),
     ]
+    # float16 logits computed in float32 below float16's lowest number (-65504): padding at
+    # that number took their probability (loss [4496, 3506] for [992, 0]).
+    hidden16 = jnp.ones((2, 1), jnp.float16)
+    weight16 = jnp.array([[-60000, -59000, -60000, -60000, -60000]], jnp.float16)
+    bias16 = jnp.full((5,), -10000, jnp.float16)
+    labels16 = jnp.array([0, 1])
+    calls.append(
+        lambda: jax.value_and_grad(
+            lambda b: xj.linear_softmax_cross_entropy(
+                hidden16, weight16, labels16, bias=b, reduction="sum", vocab_chunk_size=4
+            )
+        )(bias16)
+    )
     expected = [call() for call in calls]
     with jax.debug_infs(True):
         for call, reference in zip(calls, expected, strict=True):

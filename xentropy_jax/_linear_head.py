@@ -111,23 +111,27 @@ def _unweight_blocks(blocks: jax.Array, config: _Config) -> jax.Array:
 
 
 def _bias_blocks(bias: jax.Array, config: _Config, fill: float = 0.0) -> jax.Array:
-    """``[V] -> [C, Vc]``; the primal bias is padded with ``-inf`` (probability 0 there)."""
+    """``[V] -> [C, Vc]``, the columns beyond V (to whole blocks) filled with ``fill``."""
     pad = config.num_vocab_chunks * config.vocab_chunk - config.vocab_size
     if pad:
         bias = jnp.pad(bias, (0, pad), constant_values=fill)
     return bias.reshape(config.num_vocab_chunks, config.vocab_chunk)
 
 
-def _padding(bias: jax.Array) -> float:
-    """The bias of padded columns: ``-inf``, or the lowest finite number under ``jax_debug_infs``.
+def _primal_bias_blocks(bias: jax.Array, config: _Config) -> jax.Array:
+    """`_bias_blocks` of the primal bias in the compute dtype, its padded columns masked.
 
-    Read when traced, as the check applies: it stopped the program at the padding of every
-    vocabulary that the blocks do not divide (V > 2¹⁸ by default). Beside any row's largest
-    logit below about 10³⁰ the lowest finite number also has exponential 0; a row whose every
-    class is masked (``-inf``) would give the padding the probability, but its ``-inf`` stops
-    the check first.
+    Their bias is ``-inf`` (probability 0), or under ``jax_debug_infs`` the compute dtype's lowest
+    finite number, whose exponential is also 0 beside any row's largest logit below about 10³⁰:
+    the check stopped the program at the ``-inf`` of every vocabulary that the blocks do not
+    divide (V > 2¹⁸ by default). Read when traced, as the check applies, and JAX keeps a program
+    traced with the check on for later calls without it: there a row whose every class is
+    masked (``-inf``) gives the padding the probability (with the check on, its own ``-inf``
+    stops the program first).
     """
-    return float(jnp.finfo(bias.dtype).min) if jax.config.jax_debug_infs else -jnp.inf
+    dtype = config.compute_dtype
+    fill = float(jnp.finfo(dtype).min) if jax.config.jax_debug_infs else -jnp.inf
+    return _bias_blocks(bias.astype(dtype), config, fill)
 
 
 def _unbias_blocks(blocks: jax.Array, config: _Config) -> jax.Array:
@@ -161,8 +165,9 @@ def _column_valid(index: jax.Array, config: _Config) -> jax.Array:
 
 def _block_probs(logits, lse) -> jax.Array:
     # exp(−inf − finite) = 0 gives masked (−inf bias) classes and padded columns (whose bias is
-    # −inf) probability 0. No select with a mask: a loop-invariant mask broadcast to the block
-    # would be hoisted out of the row loop by reverse-mode partial evaluation.
+    # −inf, `_primal_bias_blocks`) probability 0. No select with a mask: a loop-invariant mask
+    # broadcast to the block would be hoisted out of the row loop by reverse-mode partial
+    # evaluation.
     return jnp.exp(logits - lse[:, None])
 
 
@@ -409,7 +414,7 @@ def _token_losses(stats: _RowStats, hidden, weight, bias, labels, config: _Confi
 def _statistics(hidden, weight, bias, labels, config: _Config) -> _RowStats:
     """`_RowStats` of every row ``[N]``, streamed by row blocks and vocabulary blocks."""
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, _padding(bias))
+    bias_blocks = _primal_bias_blocks(bias, config)
 
     def row_step(_, xs):
         hidden_r, labels_r = xs
@@ -456,7 +461,7 @@ def _output_pass(hidden, weight, bias, labels, row_weight, tangents, config: _Co
     """
     dtype = config.compute_dtype
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, _padding(bias))
+    bias_blocks = _primal_bias_blocks(bias, config)
     ggn = tangents is not None
     if ggn:
         hidden_dot, weight_dot, bias_dot = tangents
@@ -612,7 +617,7 @@ def _token_tangent(config, hidden, weight, bias, labels, stats, tangents):
     """``Σ_k (∂ℓ_i/∂z_ik) ż_ik`` per token, by blocks; row blocks are rematerialised."""
     hidden_dot, weight_dot, bias_dot = tangents
     weight_blocks = _weight_blocks(weight, config)
-    bias_blocks = _bias_blocks(bias, config, _padding(bias))
+    bias_blocks = _primal_bias_blocks(bias, config)
     weight_dot_blocks = None if weight_dot is None else _weight_blocks(weight_dot, config)
     bias_dot_blocks = None if bias_dot is None else _bias_blocks(bias_dot, config)
     ones = jnp.ones((config.row_chunk,), config.compute_dtype)
