@@ -77,8 +77,10 @@ def _scan(
             raise ValueError(f"labels must lie in [0, {num_classes}) ({rows})")
         if weights is None:
             weights = np.ones(len(labels))
-        # Strings and objects were converted by NumPy (the in-memory fit refuses them).
-        check_real(f"sample_weight ({rows})", weights)
+        try:  # strings and objects were converted by NumPy (the in-memory fit refuses them)
+            check_real("sample_weight", weights)
+        except TypeError as error:
+            raise TypeError(f"{error} ({rows})") from None
         weights = np.asarray(weights, np.float64)
         if not np.all(np.isfinite(weights) & (weights >= 0)):
             raise ValueError(f"sample_weight must be finite and >= 0 ({rows})")
