@@ -51,10 +51,10 @@ Axis = int | Sequence[int] | None
 def _peak(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     """The shift ``c``: the row maximum over included classes, ``[..., 1]``.
 
-    It is at least the lowest finite number (the reduction starts there), also when every class
-    is ``-inf`` or masked, so that no ``inf − inf`` appears: any finite shift serves such a row.
-    A start at ``-inf`` raised to it afterwards gave the same numbers, but ``jax_debug_infs``
-    stopped every call with a row mask at the ``-inf``. It is computed from ``stop_gradient(z)``:
+    It is at least the lowest finite number, also when every class is ``-inf`` or masked, so
+    that no ``inf − inf`` appears: any finite shift serves such a row. Masked classes count as
+    that number, not as ``-inf``: with ``jnp.max``'s ``where``, ``jax_debug_infs`` stopped every
+    call with a row or class mask at its ``-inf``. It is computed from ``stop_gradient(z)``:
     the normaliser does not depend on it, and no derivative of ``max`` (a select on the input)
     enters the higher-order rules.
     """
@@ -62,7 +62,11 @@ def _peak(logits: jax.Array, where: jax.Array | None) -> jax.Array:
     logits = jax.lax.stop_gradient(logits)
     if where is not None:  # (`jnp.max`'s own `where` fills with -inf)
         logits = jnp.where(where, logits, lowest)
-    return jnp.max(logits, axis=-1, keepdims=True, initial=lowest)
+    if logits.shape[-1] == 0:
+        return jnp.full((*logits.shape[:-1], 1), lowest, logits.dtype)
+    # Raised after the reduction, not as its start (`initial`): a start other than max's
+    # identity, -inf, made the integer value_and_grad of 1,024 × 32,000 logits 15% slower.
+    return jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), lowest)
 
 
 def _below(logits: jax.Array, peak: jax.Array) -> jax.Array:
