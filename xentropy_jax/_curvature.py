@@ -421,7 +421,8 @@ def mean_cross_entropy(
         labels = jnp.where(kept if labels.ndim == 1 else kept[:, None], labels, 0)
     losses = loss_fn(logits_fn(params, inputs), labels)
     # Summed in at least float32, returned in the logits' dtype as before.
-    return jnp.sum(coefficients * losses.astype(coefficients.dtype)).astype(losses.dtype)
+    wide = at_least_float32(coefficients, losses)
+    return jnp.sum(coefficients.astype(wide) * losses.astype(wide)).astype(losses.dtype)
 
 
 def hessian_vp(

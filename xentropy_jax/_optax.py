@@ -842,7 +842,9 @@ def scale_by_ggn_diagonal(
             # diag(G) >= 0; Hutchinson's unbiased estimate is not, and a negative entry would
             # turn the step uphill (p = 1) or NaN (p = ½). The average stays unclipped.
             curvature = jnp.maximum(d / correction, 0) + jnp.asarray(damping, d.dtype)
-            return (g.astype(d.dtype) / curvature ** jnp.asarray(power, d.dtype)).astype(g.dtype)
+            wide = at_least_float32(g, curvature)
+            step = g.astype(wide) / (curvature ** jnp.asarray(power, d.dtype)).astype(wide)
+            return step.astype(g.dtype)
 
         new_state = ScaleByGGNDiagonalState(
             optax.safe_increment(state.count), diagonal, num_refreshes, key
