@@ -420,6 +420,16 @@ def test_missing_extra_arguments_and_bad_hyperparameters_raise():
         with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63"):
             factory(seed=2**64)  # was "seed must be a number"
         assert factory(seed=np.int64(3)).init(params) is not None
+        # A typed key was refused with NumPy's "cannot interpret"; it is the state's key now.
+        key = jax.random.key(3)
+        state = factory(seed=key).init(params)
+        assert np.array_equal(optax.tree.get(state, "key"), jax.random.key_data(key))
+        assert np.array_equal(
+            optax.tree.get(state, "key"), optax.tree.get(factory(seed=3).init(params), "key")
+        )
+        for bad in (jax.random.split(key), jax.random.key(3, impl="rbg")):
+            with pytest.raises(TypeError, match="single key of the default implementation"):
+                factory(seed=bad)
 
 
 def _linear(params, inputs):

@@ -162,24 +162,39 @@ def _float_dtype(params: PyTree) -> jnp.dtype:
     return at_least_float32(*leaves) if leaves else jnp.dtype(jnp.float32)
 
 
-def _check_seed(seed: Any) -> None:
-    """A concrete seed must be an integer that `jax.random.key` takes (int64's range).
+def _is_key(seed: Any) -> bool:
+    """Whether `seed` is a typed key array (`jax.random.key`), concrete or traced."""
+    return isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
 
-    A whole float (2.0) passed a numeric check and failed inside JAX, at `init`.
+
+def _check_seed(seed: Any) -> None:
+    """A seed must be a key of the default implementation, or an integer of int64's range.
+
+    A whole float (2.0) passed a numeric check and failed inside JAX, at `init`; a typed key
+    was refused with NumPy's "cannot interpret" error.
     """
+    if _is_key(seed):
+        default = str(jax.random.key_impl(jax.random.key(0)))
+        if seed.shape != () or str(jax.random.key_impl(seed)) != default:
+            raise TypeError(
+                f"seed must be an integer or a single key of the default implementation "
+                f"({default}), as jax.random.key(0) makes; got a key of shape {seed.shape} "
+                f"({jax.random.key_impl(seed)})."
+            )
+        return
     if not _is_concrete(seed):
         return
     if isinstance(seed, (bool, np.bool_)) or not (
         isinstance(seed, int) or (np.ndim(seed) == 0 and np.asarray(seed).dtype.kind in "iu")
     ):
-        raise TypeError(f"seed must be an integer, got {seed!r}.")
+        raise TypeError(f"seed must be an integer or a key from jax.random.key, got {seed!r}.")
     if isinstance(seed, int) and not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}.")
 
 
-def _key_data(seed: int) -> jax.Array:
+def _key_data(seed: Any) -> jax.Array:
     # Raw uint32 key data: a plain array leaf that every optax tree utility accepts.
-    return jax.random.key_data(jax.random.key(seed))
+    return jax.random.key_data(seed if _is_key(seed) else jax.random.key(seed))
 
 
 def _curvature_zeros(params: PyTree) -> PyTree:
@@ -503,7 +518,7 @@ def scale_by_sophia_g(
     update_interval: int = 10,
     clip_threshold: float = 1.0,
     estimator: str = "bartlett",
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia's clipped, diagonally preconditioned direction with a Gauss-Newton diagonal.
@@ -534,7 +549,7 @@ def scale_by_sophia_g(
         update_interval: integer k ≥ 1, steps between curvature refreshes.
         clip_threshold: c > 0, the per-coordinate bound of the update.
         estimator: ``"bartlett"`` (Sophia-G), ``"exact"`` or ``"hutchinson"``.
-        seed: seed of the label samples / probes.
+        seed: seed of the label samples / probes: an integer, or a key from ``jax.random.key``.
         bias_correction: divide m by 1 − b₁ᵗ after t steps and h by 1 − b₂ⁿ after n refreshes,
           as Adam does (not in the reference implementation; it helps short runs, where the
           averages start far below their values).
@@ -644,7 +659,7 @@ def sophia_g(
     update_interval: int = 10,
     clip_threshold: float = 1.0,
     estimator: str = "bartlett",
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     bias_correction: bool = False,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -668,7 +683,7 @@ def sophia_g(
         update_interval: steps between curvature refreshes.
         clip_threshold: per-coordinate bound c of the preconditioned step.
         estimator: ``"bartlett"`` (Sophia-G), ``"exact"`` or ``"hutchinson"``.
-        seed: seed of the label samples.
+        seed: seed of the label samples: an integer, or a key from ``jax.random.key``.
         bias_correction: divide m and h by 1 − b₁ᵗ and 1 − b₂ⁿ (n refreshes), as Adam does.
         mask: optional pytree or callable selecting the parameters to decay (as optax's).
 
@@ -740,7 +755,7 @@ def scale_by_ggn_diagonal(
     decay: float = 0.0,
     update_interval: int = 1,
     estimator: str = "exact",
-    seed: int = 0,
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Diagonal Gauss-Newton preconditioning: u = g / (diag(G) + λ)^p, before any optimiser.
 
@@ -761,7 +776,7 @@ def scale_by_ggn_diagonal(
         decay: average factor in [0, 1); 0 keeps only the latest estimate.
         update_interval: integer k ≥ 1, steps between refreshes.
         estimator: ``"exact"``, ``"bartlett"`` or ``"hutchinson"``.
-        seed: seed of the estimator's samples.
+        seed: seed of the estimator's samples: an integer, or a key from ``jax.random.key``.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByGGNDiagonalState`.
