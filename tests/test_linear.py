@@ -366,7 +366,7 @@ def test_float32_features_stay_float32():
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_feature_gram_and_column_scales_against_numpy(fit_intercept):
     """X̃ᵀ·diag(ŵ)·X̃ and Σᵢ ŵᵢ|x_ij| (the float32 floor's scales) against explicit arrays."""
-    from xentropy_jax.solvers._fit import _FLOOR_FACTOR, attainable_tolerance
+    from xentropy_jax.solvers._floor import _FLOOR_FACTOR, attainable_tolerance
 
     rng = np.random.default_rng(3)
     X, y, w = rng.normal(size=(40, 5)), rng.integers(0, 3, 40), rng.uniform(0.5, 2, 40)

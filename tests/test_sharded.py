@@ -271,7 +271,12 @@ def test_estimator_splits_rows_over_devices(report):
 
 @pytest.mark.subprocess
 def test_inside_shard_map(report):
-    assert all(error <= 1e-12 for error in report["shard_map"].values()), report["shard_map"]
+    # A float32 fit compiled inside `shard_map` rounds differently from the same fit alone
+    # (8.6e-8 relative since the fits go on to the precision floor at their point): it agrees
+    # to float32's precision; everything else to the last bits.
+    limits = {"fit float32": 1e-6}
+    errors = report["shard_map"]
+    assert all(error <= limits.get(name, 1e-12) for name, error in errors.items()), errors
 
 
 def test_estimator_refuses_to_split_sparse_rows_over_devices():

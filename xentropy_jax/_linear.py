@@ -37,7 +37,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from ._batch_cond import batch_cond
-from ._losses import hessian_product_from_probs
+from ._losses import hessian_product_from_probs, softmax_parts
 from ._rowsums import normalized_weights, row_chunk_sum
 from ._sparse_products import map_features, matmul, transpose_matmul, weighted_gram
 
@@ -332,15 +332,20 @@ def evaluate(objective: LogisticObjective, theta: jax.Array, free_logits: jax.Ar
 
     Returns:
         An `Evaluation`. The gradient is (Xᵀ·R + l2·W, Σᵢ Rᵢ) with R = ŵ ⊙ (s − onehot(y))
-        restricted to the free classes. Cost: one GEMM (Xᵀ·R) and O(N·K).
+        restricted to the free classes, each entry of R to a few ulps of its own size (the
+        label's −(1 − s_y) from the other classes' probabilities, `softmax_parts`). Cost: one
+        GEMM (Xᵀ·R) and O(N·K).
     """
     logits = _with_reference(objective, free_logits)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    probs = jnp.exp(log_probs)
     label_log_probs = jnp.take_along_axis(log_probs, objective.labels[:, None], axis=-1)[:, 0]
     loss = -jnp.vdot(objective.weights, label_log_probs) + objective.penalty(theta)
-    onehot = jax.nn.one_hot(objective.labels, objective.num_classes, dtype=probs.dtype)
-    residual = objective.weights[:, None] * (probs - onehot)
+    # s − onehot(y), the label's entry −(1 − s_y) from the other classes' probabilities: by
+    # subtraction it would round to a multiple of eps/2 (to 0 once 1 − s_y < eps/4).
+    classes = jnp.arange(objective.num_classes, dtype=objective.labels.dtype)
+    is_label = objective.labels[:, None] == classes[None, :]
+    probs, complement = softmax_parts(logits, None)
+    residual = objective.weights[:, None] * jnp.where(is_label, -complement, probs)
     first = int(objective.reference_class)
     residual, probs = residual[:, first:], probs[:, first:]
     weights, _ = objective.unpack(theta)

@@ -115,14 +115,21 @@ def _product(
     return out[:, 0] if vector else out
 
 
-def matmul(features: jax.Array | sparse.BCOO, dense: jax.Array) -> jax.Array:
+def matmul(
+    features: jax.Array | sparse.BCOO,
+    dense: jax.Array,
+    value_map: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     """X·B for X [N, d] (dense or BCOO) and B [d, K] or [d]: [N, K] or [N].
 
     A 2-D BCOO without batch or dense dimensions goes through the blocked product (no
-    [nse, K] intermediate); anything else uses the ordinary `@`.
+    [nse, K] intermediate); anything else uses the ordinary `@`. With `value_map` f, f(X)·B,
+    as `transpose_matmul` does.
     """
     if _is_plain(features):
-        return _product(features, dense, transpose=False)
+        return _product(features, dense, transpose=False, value_map=value_map)
+    if value_map is not None:
+        features = map_features(value_map, features)
     return features @ dense
 
 

@@ -18,13 +18,11 @@ from .._checks import check_flag, check_int_range, check_real, python_float, pyt
 from .._checks import is_concrete as _is_concrete
 from .._linear import (
     LogisticObjective,
-    column_sums_by_chunks,
     logistic_objective,
 )
 from .._precision import full_precision
 from .._rowsums import chunk_rows
-from .._sparse_products import transpose_matmul
-from . import _sparse_input
+from . import _preconditioners, _sparse_input
 from ._collinear import (
     MAX_PROJECTED_COLUMNS,
     MAX_RECHECKED_COLUMNS,
@@ -33,6 +31,7 @@ from ._collinear import (
     minimum_norm,
 )
 from ._convergence import max_abs
+from ._floor import minimize_to_floor
 from ._implicit import minimize_implicit
 from ._loop import Solver
 from ._newton import Newton
@@ -340,31 +339,6 @@ def _input_status(objective: LogisticObjective, sample_weight, l2, tol) -> jax.A
     return code.astype(jnp.int32)
 
 
-# The gradient's entry for feature j is a weighted mean of x_ij·(s_ik − y_ik), |s − y| <= 1:
-# rounding leaves it uncertain by a few eps·mean|x_j|. This multiple of that is the floor.
-_FLOOR_FACTOR = 8.0
-
-
-def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Array:
-    """Per-parameter tolerance [P]: max(tol, 8·eps·Σᵢ ŵᵢ·|x̃_ij|) for the entries of column j.
-
-    Below this level a gradient entry is rounding noise in the working precision, so a smaller
-    tol could never be verified (in float32 every fit would stop at the iteration limit). The
-    floor is per column: one badly scaled column raises only its own parameters' tolerance.
-    """
-    scale = column_sums_by_chunks(
-        lambda rows, weights: transpose_matmul(rows, weights, value_map=jnp.abs),
-        objective.features,
-        objective.weights,
-        objective.row_chunk,
-    )
-    if objective.fit_intercept:
-        scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
-    floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
-    floor = jnp.repeat(floor, objective.num_free_classes)
-    return jnp.maximum(jnp.asarray(tol, objective.dtype), floor)
-
-
 def _initial_theta(objective: LogisticObjective, init) -> jax.Array:
     if init is None:
         return jnp.zeros((objective.num_params,), objective.dtype)
@@ -434,15 +408,24 @@ def _fit(
         else _input_status(objective, sample_weight, l2, tol)
     )
 
+    def run(objective, theta, tol, max_iter, extra):
+        return solver.minimize(
+            objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **extra
+        )
+
     def minimize(objective, theta, tol, max_iter):
-        return solver.minimize(objective, theta, tol=tol, max_iter=max_iter, verbose=verbose)
+        # The preconditioner's setup (a Gram's eigendecomposition) serves both of the runs.
+        extra = {}
+        if isinstance(solver, NewtonCG | TrustRegion):
+            extra["basis"] = _preconditioners.setup_basis(solver.preconditioner, objective)
+        return minimize_to_floor(run, objective, theta, tol, max_iter, extra, verbose=verbose)
 
     # Derivatives with respect to X, the weights and l2 by implicit differentiation.
     optimum, loss, output = minimize_implicit(
         minimize,
         objective,
         theta,
-        attainable_tolerance(objective, tol),
+        tol,
         jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
     )
     return finalize(objective, output, invalid, solution=(optimum, loss))
@@ -584,8 +567,10 @@ def fit_logistic_regression(
             (matrix-free, preconditioned CG) or "trust-region" (Steihaug-CG, TRON's rules), or a
             `Newton`/`NewtonCG`/`TrustRegion` configuration, or any other `Solver` (static).
         tol: stop when max|gradient| <= tol and half the squared Newton decrement <= tol; tol is
-            first raised, per parameter, to its gradient entry's rounding level
-            8·eps·Σᵢ ŵᵢ·|x_ij| (`attainable_tolerance`: ~1e-6 for standardised float32 data).
+            first raised, per parameter, to a bound on its gradient entry's rounding: at most
+            8·eps·Σᵢ ŵᵢ·|x_ij| (`attainable_tolerance`: ~1e-6 for standardised float32 data),
+            and the fit goes on to the lower bound at the point it reached where that is below
+            (`minimize_to_floor`, docs/solvers.md).
         max_iter: most outer iterations.
         init: warm start (W [d, K], b [K]); None starts from zeros.
         verbose: print one line per iteration: iteration, loss, max|g|, inner CG iterations

@@ -27,12 +27,12 @@ from ._fit import (
     _is_concrete,
     _resolve_solver,
     _validate,
-    attainable_tolerance,
     finalize,
     fit_inputs,
     known_positive,
     wants_transposed_copy,
 )
+from ._floor import minimize_to_floor
 from ._newton_cg import NewtonCG
 from ._result import FitError, FitResult, Status
 from ._trust_region import TrustRegion
@@ -89,7 +89,9 @@ def _path(
         weakest = dataclasses.replace(objective, l2=weakest)
         extra["basis"] = _preconditioners.setup_basis(solver.preconditioner, weakest)
     common = _input_status(objective, sample_weight, jnp.zeros((), l2_values.dtype), tol)
-    tol = attainable_tolerance(objective, tol)  # does not depend on l2
+
+    def minimize(problem, start, tol, max_iter, extra):
+        return solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
 
     def step(carry, inputs):
         optima, log_l2s = carry  # the last three optima and their log(l2), newest last
@@ -108,7 +110,7 @@ def _path(
         values = jax.lax.map(problem.value, candidates)  # one [N, K] of logits at a time
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         start = candidates[jnp.argmin(values)]
-        output = solver.minimize(problem, start, tol=tol, max_iter=iterations, **extra)
+        output = minimize_to_floor(minimize, problem, start, tol, iterations, extra)
         result = finalize(problem, output, invalid)
         # A skipped value leaves the history as it was: the next fit predicts from valid ones.
         optima = jnp.where(valid, jnp.concatenate([optima[1:], output.theta[None]]), optima)

@@ -26,7 +26,6 @@ from .._streamed import (
 from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
 from ._convergence import max_abs
 from ._fit import (
-    _FLOOR_FACTOR,
     _resolve_solver,
     check_l2_fits,
     check_tol_and_max_iter,
@@ -35,6 +34,7 @@ from ._fit import (
     warn_collinear_columns,
     warn_empty_classes,
 )
+from ._floor import _FLOOR_FACTOR
 from ._loop import Solver
 from ._result import FitError, FitResult, Status
 from ._sparse_input import is_scipy_sparse

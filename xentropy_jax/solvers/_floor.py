@@ -1,0 +1,188 @@
+"""The precision floor of the stopping test: how small a gradient entry can be verified.
+
+A gradient entry g_jk = Σᵢ x̃_ij·r_ik + l2·w_jk (r = ŵ ⊙ (s − onehot(y)), x̃ = [x, 1]) computed in
+the working precision is off by its rounding, and a tolerance below that rounding can never be
+verified: the fit would stop at the iteration limit (every float32 fit at tol = 1e-8). Two bounds
+on it:
+
+- the static one, 8·eps·Σᵢ ŵᵢ·|x̃_ij|, which needs nothing but X (|r| <= 1);
+- the one at a point θ, 8·eps·(Σᵢ |x̃_ij|·|r_ik|·(1 + 2ζᵢ) + l2·|w_jk|), with
+  ζᵢ = Σ_j |x̃_ij|·max_k |θ_jk|: the products' rounding (|r_ik|), and that of the residuals,
+  whose logits are off by up to eps·ζᵢ, which moves r_ik by at most 2|r_ik|·eps·ζᵢ. Near an
+  optimum most |r_ik| are far below 1, and on raw data (large entries, confident predictions)
+  this bound is hundreds to tens of thousands of times smaller than the static one.
+
+A fit first stops at the static floor (`attainable_tolerance`), which it can always reach, then
+continues from there to the floor at the point it reached (`minimize_to_floor`), keeping the
+first answer when it cannot verify the second.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .._batch_cond import batch_cond
+from .._linear import LogisticObjective, column_sums_by_chunks
+from .._manual import while_loop
+from .._sparse_products import matmul, transpose_matmul
+from ._loop import SolverOutput
+from ._progress import Progress
+from ._result import RUNNING, Status
+
+# The gradient's entry for feature j is a weighted mean of x_ij·(s_ik − y_ik), |s − y| <= 1:
+# rounding leaves it uncertain by a few eps·mean|x_j|. This multiple of that is the floor, and
+# the same multiple of the bound at a point is that point's floor.
+_FLOOR_FACTOR = 8.0
+
+
+def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Array:
+    """Per-parameter tolerance [P]: max(tol, 8·eps·Σᵢ ŵᵢ·|x̃_ij|) for the entries of column j.
+
+    Below this level a gradient entry may be rounding noise in the working precision, so a
+    smaller tol could not always be verified. The floor is per column: one badly scaled column
+    raises only its own parameters' tolerance.
+    """
+    scale = column_sums_by_chunks(
+        lambda rows, weights: transpose_matmul(rows, weights, value_map=jnp.abs),
+        objective.features,
+        objective.weights,
+        objective.row_chunk,
+    )
+    if objective.fit_intercept:
+        scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
+    floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
+    floor = jnp.repeat(floor, objective.num_free_classes)
+    return jnp.maximum(jnp.asarray(tol, objective.dtype), floor)
+
+
+def rounding_floor(
+    objective: LogisticObjective, theta: jax.Array, log_probs: jax.Array | None = None
+) -> jax.Array:
+    """The floor at θ [P]: 8·eps·(Σᵢ |x̃_ij|·|r_ik|·(1 + 2ζᵢ) + l2·|w_jk|) (module docstring).
+
+    Args:
+        objective: the problem.
+        theta: [P] the point.
+        log_probs: [N, K] the log-probabilities there (`Evaluation.log_probs`), or None to
+            compute them.
+
+    Cost: two products with |X| ([N, d]·[d] and [d, N]·[N, Kf]) and O(N·K), and the logits
+    when `log_probs` is None.
+    """
+    weights, intercept = objective.unpack(theta)
+    if log_probs is None:
+        log_probs = jax.nn.log_softmax(objective.logits(theta), axis=-1)
+    probs = jnp.exp(log_probs)
+    classes = jnp.arange(objective.num_classes, dtype=objective.labels.dtype)
+    is_label = objective.labels[:, None] == classes[None, :]
+    # |s − onehot(y)|: the label's 1 − s_y is the others' probabilities summed (no cancellation).
+    others = jnp.sum(jnp.where(is_label, 0, probs), axis=1, keepdims=True)
+    residual = objective.weights[:, None] * jnp.where(is_label, others, probs)
+    residual = residual[:, int(objective.reference_class) :]
+    largest = jnp.max(jnp.abs(weights), axis=1, initial=0)
+    offset = jnp.max(jnp.abs(intercept), initial=0)
+
+    def sums(rows, values):
+        spread = matmul(rows, largest, value_map=jnp.abs) + offset
+        values = values * (1 + 2 * spread)[:, None]
+        return transpose_matmul(rows, values, value_map=jnp.abs), jnp.sum(values, axis=0)
+
+    by_weight, by_intercept = column_sums_by_chunks(
+        sums, objective.features, residual, objective.row_chunk
+    )
+    by_weight = by_weight + objective.l2 * jnp.abs(weights)
+    floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * objective.pack(by_weight, by_intercept)
+    return floor.astype(objective.dtype)
+
+
+Minimize = Callable[..., SolverOutput]
+
+
+def minimize_to_floor(
+    minimize: Minimize,
+    objective: LogisticObjective,
+    theta: jax.Array,
+    tol: jax.Array,
+    max_iter: jax.Array,
+    *operands,
+    verbose: bool = False,
+) -> SolverOutput:
+    """Minimise to `tol`, or to the precision floor where that is above it.
+
+    First to max(tol, static floor) (`attainable_tolerance`); then, where that converged with
+    some gradient entry above max(tol, the floor at the point reached) (`rounding_floor`), on
+    from that point to the smaller tolerance with the iterations left. The second run's
+    result is kept when it converges, the first one's otherwise (its point met the static
+    floor); the counts add up. The two runs are rounds of one loop, so the solver is traced and
+    compiled once (twice with `verbose`).
+
+    Args:
+        minimize: (objective, θ₀, tol [P], max_iter, *operands) -> `SolverOutput` whose
+            evaluation is `objective.evaluate`'s; closes over no traced value.
+        objective: the problem.
+        theta: [P] starting point.
+        tol: scalar tolerance asked for.
+        max_iter: most iterations in all.
+        *operands: more traced arguments of `minimize` (a preconditioner's setup).
+        verbose: print a line when the fit goes on to a lower floor.
+
+    Returns:
+        The `SolverOutput` kept.
+    """
+    tol = jnp.asarray(tol, objective.dtype)
+    max_iter = jnp.asarray(max_iter, jnp.int32)
+    static = attainable_tolerance(objective, tol)
+    zero = jnp.zeros((), jnp.int32)
+    # The first round replaces every field; only the evaluation's structure is needed.
+    shapes = jax.eval_shape(
+        lambda theta: objective.evaluate(theta, objective.predictor(theta)), theta
+    )
+    placeholder = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+    start = SolverOutput(theta, placeholder, zero, zero + RUNNING, zero)
+    settings = (objective, tol, static, max_iter, operands)
+
+    def round_(settings, state):
+        objective, tol, static, max_iter, operands = settings
+        kept, current, first_round, again = state
+        left = jnp.where(again, max_iter - kept.n_iter, 0)  # none for a member that is done
+        output = minimize(objective, kept.theta, current, left, *operands)
+        converged = output.status == Status.CONVERGED
+        replace = again & (first_round | converged)
+        counts = {
+            "n_iter": kept.n_iter + output.n_iter,
+            "n_hessian_products": kept.n_hessian_products + output.n_hessian_products,
+        }
+        kept = jax.tree.map(lambda old, new: jnp.where(replace, new, old), kept, output)
+        kept = kept._replace(**counts)
+        # Only a first run that converged with some entry above tol met a floor.
+        grad = jnp.abs(output.evaluation.grad)
+        floored = again & first_round & converged & (kept.n_iter < max_iter)
+        floored = floored & jnp.any(grad > tol)
+        current = batch_cond(floored, _refined, _unchanged, objective, output, current, static, tol)
+        again = floored & jnp.any(grad > current)
+        if verbose:  # the next run's iterations start from the printer's output
+            kept = kept._replace(n_iter=kept.n_iter + Progress("").lowered(again, current, static))
+        return kept, current, jnp.zeros((), bool), again
+
+    state = (start, static, jnp.ones((), bool), jnp.ones((), bool))
+    if verbose:
+        # A host callback (the verbose lines) cannot sit in a loop whose predicate `vmap`
+        # batches: with `verbose` the two runs are two calls, and the solver is compiled twice.
+        state = round_(settings, state)
+        state = batch_cond(state[3], round_, lambda settings, state: state, settings, state)
+    else:
+        state = while_loop(lambda state: state[3], functools.partial(round_, settings), state)
+    return state[0]
+
+
+def _refined(objective, output, current, static, tol):
+    floor = rounding_floor(objective, output.theta, output.evaluation.log_probs)
+    return jnp.maximum(tol, jnp.minimum(static, floor))
+
+
+def _unchanged(objective, output, current, static, tol):
+    return current
