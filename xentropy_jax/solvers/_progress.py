@@ -110,26 +110,27 @@ class Progress:
             **{name: _encode(value) for name, value in fields.items()},
         )
 
-    def lowered(self, going_on: jax.Array, tol: jax.Array, previous: jax.Array) -> jax.Array:
-        """Print that the fit goes on to a lower tolerance (`minimize_to_floor`), if `going_on`.
 
-        Returns:
-            0 (int32), for the next run to depend on, so that the line comes before its lines.
-        """
+def print_lowered(going_on: jax.Array, tol: jax.Array, previous: jax.Array) -> jax.Array:
+    """Print that the fit goes on to a lower tolerance (`minimize_to_floor`), if `going_on`.
 
-        def line(going_on, tol, previous):
-            if _decode(going_on):
-                print(
-                    f"the precision floor at this point is lower (largest tolerance "
-                    f"{_decode(previous):.3e} -> {_decode(tol):.3e}): going on",
-                    flush=True,
-                )
-            return np.zeros((), np.int32)
+    Returns:
+        0 (int32), for the next run to depend on, so that the line comes before its lines.
+    """
 
-        return io_callback(
-            line,
-            jax.ShapeDtypeStruct((), jnp.int32),
-            going_on,
-            _encode(jnp.max(tol, initial=0)),
-            _encode(jnp.max(previous, initial=0)),
-        )
+    def line(going_on, tol, previous):
+        if _decode(going_on):
+            print(
+                f"the precision floor at this point is lower (largest tolerance "
+                f"{_decode(previous):.3e} -> {_decode(tol):.3e}): going on",
+                flush=True,
+            )
+        return np.zeros((), np.int32)
+
+    return io_callback(
+        line,
+        jax.ShapeDtypeStruct((), jnp.int32),
+        going_on,
+        _encode(jnp.max(tol, initial=0)),
+        _encode(jnp.max(previous, initial=0)),
+    )
