@@ -305,6 +305,12 @@ def _padded(reference_class: bool, free_logits: jax.Array) -> jax.Array:
     return free_logits
 
 
+def label_mask(objective: LogisticObjective) -> jax.Array:
+    """[N, K] booleans: whether class k is row i's label (one-hot)."""
+    classes = jnp.arange(objective.num_classes, dtype=objective.labels.dtype)
+    return objective.labels[:, None] == classes[None, :]
+
+
 def separated(objective: LogisticObjective, free_logits: jax.Array) -> jax.Array:
     """Whether the current logits classify every weighted row strictly correctly.
 
@@ -316,7 +322,7 @@ def separated(objective: LogisticObjective, free_logits: jax.Array) -> jax.Array
     logits = _with_reference(objective, free_logits)
     labels = objective.labels[:, None]
     label_logit = jnp.take_along_axis(logits, labels, axis=-1)[:, 0]
-    is_label = jnp.arange(objective.num_classes, dtype=labels.dtype)[None, :] == labels
+    is_label = label_mask(objective)
     runner_up = jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
     margin_ok = (label_logit > runner_up) | (objective.weights <= 0)
     return jnp.all(margin_ok)
@@ -342,8 +348,7 @@ def evaluate(objective: LogisticObjective, theta: jax.Array, free_logits: jax.Ar
     loss = -jnp.vdot(objective.weights, label_log_probs) + objective.penalty(theta)
     # s − onehot(y), the label's entry −(1 − s_y) from the other classes' probabilities: by
     # subtraction it would round to a multiple of eps/2 (to 0 once 1 − s_y < eps/4).
-    classes = jnp.arange(objective.num_classes, dtype=objective.labels.dtype)
-    is_label = objective.labels[:, None] == classes[None, :]
+    is_label = label_mask(objective)
     probs, complement = softmax_parts(logits, None)
     residual = objective.weights[:, None] * jnp.where(is_label, -complement, probs)
     first = int(objective.reference_class)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from .._batch_cond import batch_cond
-from .._linear import LogisticObjective, column_sums_by_chunks
+from .._linear import LogisticObjective, column_sums_by_chunks, label_mask
 from .._manual import while_loop
 from .._sparse_products import matmul, transpose_matmul
 from ._loop import SolverOutput
@@ -79,8 +79,7 @@ def rounding_floor(
     if log_probs is None:
         log_probs = jax.nn.log_softmax(objective.logits(theta), axis=-1)
     probs = jnp.exp(log_probs)
-    classes = jnp.arange(objective.num_classes, dtype=objective.labels.dtype)
-    is_label = objective.labels[:, None] == classes[None, :]
+    is_label = label_mask(objective)
     # |s − onehot(y)|: the label's 1 − s_y is the others' probabilities summed (no cancellation).
     others = jnp.sum(jnp.where(is_label, 0, probs), axis=1, keepdims=True)
     residual = objective.weights[:, None] * jnp.where(is_label, others, probs)
