@@ -110,6 +110,7 @@ def minimize_to_floor(
     tol: jax.Array,
     max_iter: jax.Array,
     *operands,
+    static: jax.Array | None = None,
     verbose: bool = False,
 ) -> SolverOutput:
     """Minimise to `tol`, or to the precision floor where that is above it.
@@ -129,6 +130,8 @@ def minimize_to_floor(
         tol: scalar tolerance asked for.
         max_iter: most iterations in all.
         *operands: more traced arguments of `minimize` (a preconditioner's setup).
+        static: `attainable_tolerance(objective, tol)` when already computed (a path's fits
+            share it: it does not depend on l2), or None.
         verbose: print a line when the fit goes on to a lower floor.
 
     Returns:
@@ -136,7 +139,8 @@ def minimize_to_floor(
     """
     tol = jnp.asarray(tol, objective.dtype)
     max_iter = jnp.asarray(max_iter, jnp.int32)
-    static = attainable_tolerance(objective, tol)
+    if static is None:
+        static = attainable_tolerance(objective, tol)
     if jnp.finfo(objective.dtype).bits >= 64:
         # float64's static floor passes the default tol only for columns of mean size ~5e6:
         # its programs stay one run, without the second round's compilation (0.3 to 0.5 s).

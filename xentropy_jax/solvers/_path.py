@@ -32,7 +32,7 @@ from ._fit import (
     known_positive,
     wants_transposed_copy,
 )
-from ._floor import minimize_to_floor
+from ._floor import attainable_tolerance, minimize_to_floor
 from ._newton_cg import NewtonCG
 from ._result import FitError, FitResult, Status
 from ._trust_region import TrustRegion
@@ -89,6 +89,7 @@ def _path(
         weakest = dataclasses.replace(objective, l2=weakest)
         extra["basis"] = _preconditioners.setup_basis(solver.preconditioner, weakest)
     common = _input_status(objective, sample_weight, jnp.zeros((), l2_values.dtype), tol)
+    static = attainable_tolerance(objective, tol)  # does not depend on l2: once for every fit
 
     def minimize(problem, start, tol, max_iter, extra):
         return solver.minimize(problem, start, tol=tol, max_iter=max_iter, **extra)
@@ -110,7 +111,7 @@ def _path(
         values = jax.lax.map(problem.value, candidates)  # one [N, K] of logits at a time
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         start = candidates[jnp.argmin(values)]
-        output = minimize_to_floor(minimize, problem, start, tol, iterations, extra)
+        output = minimize_to_floor(minimize, problem, start, tol, iterations, extra, static=static)
         result = finalize(problem, output, invalid)
         # A skipped value leaves the history as it was: the next fit predicts from valid ones.
         optima = jnp.where(valid, jnp.concatenate([optima[1:], output.theta[None]]), optima)
