@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,7 @@ def rounding_floor(
 
 
 Minimize = Callable[..., SolverOutput]
+FloorAt = Callable[[Any, SolverOutput], jax.Array]
 
 
 def minimize_to_floor(
@@ -111,6 +113,7 @@ def minimize_to_floor(
     max_iter: jax.Array,
     *operands,
     static: jax.Array | None = None,
+    floor_at: FloorAt | None = None,
     verbose: bool = False,
 ) -> SolverOutput:
     """Minimise to `tol`, or to the precision floor where that is above it.
@@ -132,6 +135,9 @@ def minimize_to_floor(
         *operands: more traced arguments of `minimize` (a preconditioner's setup).
         static: `attainable_tolerance(objective, tol)` when already computed (a path's fits
             share it: it does not depend on l2), or None.
+        floor_at: (objective, output) -> the floor [P] at the output's point, for an
+            objective that is not a `LogisticObjective` in memory (the streamed fit sums it
+            chunk by chunk); None: `rounding_floor` from the output's log-probabilities.
         verbose: print a line when the fit goes on to a lower floor.
 
     Returns:
@@ -139,6 +145,11 @@ def minimize_to_floor(
     """
     tol = jnp.asarray(tol, objective.dtype)
     max_iter = jnp.asarray(max_iter, jnp.int32)
+    floor_at = _floor_from_log_probs if floor_at is None else floor_at
+
+    def refine(objective, output, current, static, tol):
+        return jnp.maximum(tol, jnp.minimum(static, floor_at(objective, output)))
+
     if static is None:
         static = attainable_tolerance(objective, tol)
     if jnp.finfo(objective.dtype).bits >= 64:
@@ -171,7 +182,7 @@ def minimize_to_floor(
         grad = jnp.abs(output.evaluation.grad)
         floored = again & first_round & converged & (kept.n_iter < max_iter)
         floored = floored & jnp.any(grad > tol)
-        current = batch_cond(floored, _refined, _unchanged, objective, output, current, static, tol)
+        current = batch_cond(floored, refine, _unchanged, objective, output, current, static, tol)
         again = floored & jnp.any(grad > current)
         if verbose:  # the next run's iterations start from the printer's output
             kept = kept._replace(n_iter=kept.n_iter + print_lowered(again, current, static))
@@ -188,9 +199,8 @@ def minimize_to_floor(
     return state[0]
 
 
-def _refined(objective, output, current, static, tol):
-    floor = rounding_floor(objective, output.theta, output.evaluation.log_probs)
-    return jnp.maximum(tol, jnp.minimum(static, floor))
+def _floor_from_log_probs(objective: LogisticObjective, output: SolverOutput) -> jax.Array:
+    return rounding_floor(objective, output.theta, output.evaluation.log_probs)
 
 
 def _unchanged(objective, output, current, static, tol):

@@ -34,8 +34,8 @@ from ._fit import (
     warn_collinear_columns,
     warn_empty_classes,
 )
-from ._floor import _FLOOR_FACTOR
-from ._loop import Solver
+from ._floor import _FLOOR_FACTOR, minimize_to_floor, rounding_floor
+from ._loop import Solver, SolverOutput
 from ._result import FitError, FitResult, Status
 from ._sparse_input import is_scipy_sparse
 
@@ -149,11 +149,18 @@ def _fit_streamed(
     # The data were checked on the host; l2 and tol traced by a caller's `jit` are checked here,
     # as `fit_logistic_regression` does (a negative tol reported CONVERGED).
     invalid = setting_status(l2, tol, chunks.dtype)
-    output = solver.minimize(
+
+    def minimize(objective, theta, tol, max_iter):
+        return solver.minimize(objective, theta, tol=tol, max_iter=max_iter)
+
+    output = minimize_to_floor(
+        minimize,
         objective,
         jnp.zeros((objective.num_params,), chunks.dtype),
-        tol=jnp.maximum(jnp.asarray(tol, chunks.dtype), floor),
-        max_iter=jnp.where(invalid == Status.CONVERGED, max_iter, 0).astype(jnp.int32),
+        tol,
+        jnp.where(invalid == Status.CONVERGED, max_iter, 0),
+        static=jnp.maximum(jnp.asarray(tol, chunks.dtype), floor),
+        floor_at=_rounding_floor,
     )
     status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
     # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
@@ -171,6 +178,22 @@ def _fit_streamed(
         status=status,
         n_hessian_products=output.n_hessian_products,
     )
+
+
+def _rounding_floor(objective: StreamedLogisticObjective, output: SolverOutput) -> jax.Array:
+    """`rounding_floor` at the output's point, summed chunk by chunk: one more pass.
+
+    Each chunk's part is the in-memory bound of its rows (their weights already divided by the
+    total, no penalty); the penalty's part, 8·eps·l2·|w_jk|, is added once.
+    """
+    theta = output.theta
+    floor = objective._sum_over_chunks(
+        lambda chunk: rounding_floor(chunk, theta), jnp.zeros_like(theta)
+    )
+    layout = objective._layout
+    weights, intercept = layout.unpack(theta)
+    penalty = layout.pack(objective.l2 * jnp.abs(weights), jnp.zeros_like(intercept))
+    return floor + _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * penalty
 
 
 def fit_logistic_regression_streamed(
@@ -218,7 +241,9 @@ def fit_logistic_regression_streamed(
     gradient, one per Hessian product (CG step), one per line-search trial, plus the
     preconditioner's (see `StreamedLogisticObjective`). Before that, one pass on
     the host checks every chunk (finite X, x² within range, integer labels in [0, K), finite
-    weights >= 0) and sums what the precision floor of `tol` needs.
+    weights >= 0) and sums what the precision floor of `tol` needs. A float32 fit that stops at
+    that floor with some entry above the floor at its point (`rounding_floor`, one more pass)
+    goes on from there, as in memory (`minimize_to_floor`).
 
     The objective, the solvers and the result are those of `fit_logistic_regression` (same
     optimum, to rounding). With l2 = 0 and exactly collinear columns of X̃ = [X, 1], the result
