@@ -134,11 +134,12 @@ def test_the_path_refines_each_value():
         assert (_objective_value(X, y, l2, params) - best) / best < 1e-5
 
 
-def _output(theta, grad, status, n_iter):
+def _output(theta, grad, status, n_iter, probs=None):
     size = theta.shape[0]
-    uniform = jnp.full((178, 3), 1 / 3, jnp.float32)  # the probabilities at θ = 0
+    if probs is None:
+        probs = jnp.full((178, 3), 1 / 3, jnp.float32)  # the probabilities at θ = 0
     evaluation = Evaluation(
-        jnp.zeros((), jnp.float32), grad.astype(jnp.float32), jnp.log(uniform), uniform
+        jnp.zeros((), jnp.float32), grad.astype(jnp.float32), jnp.log(probs), probs
     )
     return SolverOutput(
         theta.astype(jnp.float32) + jnp.zeros(size, jnp.float32),
@@ -184,6 +185,49 @@ def test_the_second_run_reports_its_own_outcome(second_status, second_grad, expe
     assert int(kept.status) == expected
     assert int(kept.n_iter) == 10
     np.testing.assert_array_equal(kept.evaluation.grad, np.full(size, second_grad))
+
+
+def test_the_fit_goes_on_until_it_meets_the_floor_where_it_stops():
+    # The floor moves with the point: a second run that converged to the floor where it
+    # started (θ = 0, uniform probabilities) stopped where the predictions are confident and
+    # the floor is lower, with its gradient above it; it was returned as CONVERGED.
+    X, y, K = _data("wine")
+    objective = logistic_objective(X.astype(np.float32), y, K, l2=np.float32(1e-6))
+    size = objective.num_params
+    confident = jnp.asarray(np.where(np.arange(K) == y[:, None], 1 - 2e-6, 1e-6), jnp.float32)
+
+    def minimize(objective, theta, tol, max_iter):
+        # First run: 100 iterations left, converges at 0.9 of the static floor. Second: 93
+        # left, converges at 0.9 of the floor at θ = 0, confident there. Third: 90 left, done.
+        first, second = max_iter == 100, max_iter == 93
+        return _output(
+            jnp.where(first | second, 0.0, jnp.full(size, 1.0)),
+            jnp.where(first | second, 0.9 * tol, 0.0),
+            Status.CONVERGED,
+            jnp.where(first, 7, jnp.where(second, 3, 2)),
+            jnp.where(second, confident, 1 / 3),
+        )
+
+    kept = _floor.minimize_to_floor(minimize, objective, jnp.zeros(size), 1e-12, 100)
+    assert int(kept.status) == Status.CONVERGED
+    assert int(kept.n_iter) == 12  # three runs
+    np.testing.assert_array_equal(kept.theta, np.ones(size))
+
+
+def test_a_fit_stopped_at_max_iter_says_so():
+    # Raw breast cancer at C = 1e8 in float32: the explicit Newton steps still lower the
+    # objective at max_iter, 0.13 above the optimum; for a while such a run was reported
+    # CONVERGED because its gradient was within the floor at its point (which large |θ| makes
+    # 40 times the static floor).
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    l2 = 1.0 / (1e8 * len(y))
+    for solver in ("newton", "trust-region"):
+        result = xj.fit_logistic_regression(
+            X.astype(np.float32), y, 2, l2=l2, solver=solver, max_iter=40, throw=False
+        )
+        assert int(result.status) == Status.MAX_ITER
 
 
 @pytest.mark.parametrize("offset", [300.0, 1000.0])

@@ -15,9 +15,9 @@ on it:
   the predictions are not confident it can be above it, and the smaller of the two counts.
 
 A float32 fit first stops at the static floor (`attainable_tolerance`), then continues from
-there to the floor at the point it reached (`minimize_to_floor`). A run that stops short
-(iteration limit, failed line search) with every entry within the floor at its point has
-converged as far as float32 can tell; one with an entry above it has not, and says so. A float64
+there to the floor at the point it reached, until it meets the floor where it stops
+(`minimize_to_floor`). A line search that fails with every entry within the floor at its point
+has converged as far as float32 can tell; a fit that stops otherwise says so. A float64
 fit stops at the static floor, which passes the default tol only for columns of mean size ~5e6.
 """
 
@@ -120,16 +120,17 @@ def minimize_to_floor(
 ) -> SolverOutput:
     """Minimise to `tol`, or to the precision floor where that is above it.
 
-    First to max(tol, static floor) (`attainable_tolerance`); then, where that converged with
-    some gradient entry above max(tol, the floor at the point reached) (`rounding_floor`), on
-    from that point to the smaller tolerance with the iterations left. The last run's result
-    is returned, with the counts of both; a run that stopped at `MAX_ITER` or
-    `LINE_SEARCH_FAILED` with every entry within max(tol, the floor at its point) is reported
-    `CONVERGED` (the gradient is rounding there). The first run's point, which met the static
-    floor, was kept when the second did not converge: the floor at that point showed it was
-    not optimal (raw digits at C = 1e4 with `Newton`: 0.12 above the optimum, `CONVERGED`). The
-    two runs are rounds of one loop, so the solver is traced and compiled once (twice with
-    `verbose`). In float64 only the first run is made.
+    First to max(tol, static floor) (`attainable_tolerance`); then, as long as a run converged
+    with some gradient entry above max(tol, min(static, the floor at the point reached))
+    (`rounding_floor`) and iterations are left, on from that point to that tolerance: the floor
+    moves with the point, and a run that converged to the floor where it started can end
+    above the floor where it stopped. The last run's result is returned, with the counts of
+    all; a run whose line search failed with every entry within max(tol, the floor at its
+    point) is reported `CONVERGED` (the gradient is rounding there). The first run's point was
+    returned before when the second did not converge, although the floor there showed it was
+    not optimal (raw digits at C = 1e4 with `Newton`: 0.12 above the optimum, `CONVERGED`).
+    The runs are rounds of one loop, so the solver is traced and compiled once; with
+    `verbose`, at most three runs, each compiled. In float64 only the first run is made.
 
     Args:
         minimize: (objective, θ₀, tol [P], max_iter, *operands) -> `SolverOutput` whose
@@ -144,7 +145,7 @@ def minimize_to_floor(
         floor_at: (objective, output) -> the floor [P] at the output's point, for an
             objective that is not a `LogisticObjective` in memory (the streamed fit sums it
             chunk by chunk); None: `rounding_floor` from the output's log-probabilities.
-        verbose: print a line when the fit goes on to a lower floor.
+        verbose: print a line when the fit goes on to a lower floor (at most three runs).
 
     Returns:
         The `SolverOutput` kept.
@@ -173,20 +174,22 @@ def minimize_to_floor(
 
     def round_(settings, state):
         objective, tol, static, max_iter, operands = settings
-        kept, current, first_round, again = state
+        kept, current, again = state
         left = jnp.where(again, max_iter - kept.n_iter, 0)  # none for a member that is done
         output = minimize(objective, kept.theta, current, left, *operands)
         grad = jnp.abs(output.evaluation.grad)
         n_iter = kept.n_iter + output.n_iter
-        converged = output.status == Status.CONVERGED
-        stopped = (output.status == Status.MAX_ITER) | (output.status == Status.LINE_SEARCH_FAILED)
-        # Only a first run that converged with some entry above tol met a floor.
-        floored = first_round & converged & (n_iter < max_iter) & jnp.any(grad > tol)
-        point = batch_cond(again & (floored | stopped), bound, _static, objective, output, static)
-        # A run that stopped short with every entry within the floor at its point reached the
-        # rounding level there (the static floor leaves out the logits' rounding, which
-        # offset features make the larger part).
-        settled = stopped & jnp.all(grad <= jnp.maximum(tol, point))
+        # A run that converged with some entry above tol met a floor, perhaps the static one.
+        floored = (output.status == Status.CONVERGED) & (n_iter < max_iter)
+        floored = floored & jnp.any(grad > tol)
+        stalled = output.status == Status.LINE_SEARCH_FAILED
+        point = batch_cond(again & (floored | stalled), bound, _static, objective, output, static)
+        # A line search that failed with every entry within the floor at its point met the
+        # rounding there (the static floor leaves out the logits' rounding, which offset
+        # features make the larger part). Not so a run stopped at max_iter: it was still
+        # making progress, which float32 could see (at large |θ| the floor at the point is
+        # up to 40 times the static one and 100 times the gradient's actual rounding).
+        settled = stalled & jnp.all(grad <= jnp.maximum(tol, point))
         status = jnp.where(settled, Status.CONVERGED, output.status).astype(output.status.dtype)
         output = output._replace(
             status=status,
@@ -194,20 +197,23 @@ def minimize_to_floor(
             n_hessian_products=kept.n_hessian_products + output.n_hessian_products,
         )
         kept = jax.tree.map(lambda old, new: jnp.where(again, new, old), kept, output)
-        current = jnp.where(floored, jnp.maximum(tol, jnp.minimum(static, point)), current)
-        again = again & floored & jnp.any(grad > current)
+        lowered = jnp.maximum(tol, jnp.minimum(static, point))
+        again = again & floored & jnp.any(grad > lowered)
+        previous, current = current, jnp.where(again, lowered, current)
         if verbose:  # the next run's iterations start from the printer's output
-            kept = kept._replace(n_iter=kept.n_iter + print_lowered(again, current, static))
-        return kept, current, jnp.zeros((), bool), again
+            kept = kept._replace(n_iter=kept.n_iter + print_lowered(again, current, previous))
+        return kept, current, again
 
-    state = (start, static, jnp.ones((), bool), jnp.ones((), bool))
+    state = (start, static, jnp.ones((), bool))
     if verbose:
         # A host callback (the verbose lines) cannot sit in a loop whose predicate `vmap`
-        # batches: with `verbose` the two runs are two calls, and the solver is compiled twice.
+        # batches: with `verbose` the runs are calls, at most three, and the solver is compiled
+        # for each.
         state = round_(settings, state)
-        state = batch_cond(state[3], round_, lambda settings, state: state, settings, state)
+        for _ in range(2):
+            state = batch_cond(state[2], round_, lambda settings, state: state, settings, state)
     else:
-        state = while_loop(lambda state: state[3], functools.partial(round_, settings), state)
+        state = while_loop(lambda state: state[2], functools.partial(round_, settings), state)
     return state[0]
 
 
