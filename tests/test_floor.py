@@ -216,9 +216,9 @@ def test_the_fit_goes_on_until_it_meets_the_floor_where_it_stops():
 
 def test_a_fit_stopped_at_max_iter_says_so():
     # Raw breast cancer at C = 1e8 in float32: the explicit Newton steps still lower the
-    # objective at max_iter, 0.13 above the optimum; for a while such a run was reported
-    # CONVERGED because its gradient was within the floor at its point (which large |θ| makes
-    # 40 times the static floor).
+    # objective at max_iter (0.13 above the optimum after 100); for a while such a run was
+    # reported CONVERGED because its gradient was within the floor at its point (which large
+    # |θ| makes 40 times the static floor).
     from sklearn.datasets import load_breast_cancer
 
     X, y = load_breast_cancer(return_X_y=True)
