@@ -57,8 +57,9 @@ def minimum_norm(
     rows = objective.num_features + int(objective.fit_intercept)
     if objective.penalised:
         return theta
+    accept = _moves_no_logit if transposable else _keeps_the_point
     return project_minimum_norm(
-        feature_gram, rows, objective.l2, theta, _moves_no_logit, objective, transposable
+        feature_gram, rows, objective.l2, theta, accept, objective, transposable
     )
 
 
@@ -77,6 +78,21 @@ def _moves_no_logit(
     change = jnp.sqrt(jnp.sum(objective.weights[:, None] * logits**2))
     size = jnp.sqrt(jnp.trace(gram)) * jnp.linalg.norm(theta)
     return change <= _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * size
+
+
+def _keeps_the_point(
+    removed: jax.Array, gram: jax.Array, theta: jax.Array, objective: LogisticObjective
+) -> jax.Array:
+    """`_moves_no_logit`, and the objective at a fit's point rises by no more than rounding.
+
+    At a large ‖θ‖ (a nearly separable fit without a penalty) the logits' own rounding bound
+    lets a component that is null only to float32 precision move them by units: raw breast
+    cancer in float32 at l2 = 0 returned parameters whose objective was 3.9 beside a loss of
+    0.012. Rounding here is 64·eps·(1 + |f|); one more objective evaluation, only when l2 = 0.
+    """
+    before, after = objective.value(theta), objective.value(theta - removed)
+    rounding = _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * (1 + jnp.abs(before))
+    return _moves_no_logit(removed, gram, theta, objective) & (after <= before + rounding)
 
 
 # A removed component may move the weighted RMS logit by this many eps of √trace(A)·‖θ‖, a bound
