@@ -52,7 +52,8 @@ def minimum_norm(
     projection of tangents needs; under `vmap` over l2 it becomes a select that computes the
     projection, Gram included, for every member. False (a fit's final point, never
     transposed) branches with `batch_cond`: a batch whose l2 are all positive, as a
-    cross-validation's, skips it.
+    cross-validation's, skips it, and keeps the projection only if the objective does not rise
+    beyond rounding either (`_keeps_the_point`: two more objective evaluations).
     """
     rows = objective.num_features + int(objective.fit_intercept)
     if objective.penalised:
@@ -88,7 +89,7 @@ def _keeps_the_point(
     At a large ‖θ‖ (a nearly separable fit without a penalty) the logits' own rounding bound
     lets a component that is null only to float32 precision move them by units: raw breast
     cancer in float32 at l2 = 0 returned parameters whose objective was 3.9 beside a loss of
-    0.012. Rounding here is 64·eps·(1 + |f|); one more objective evaluation, only when l2 = 0.
+    0.012. Rounding here is 64·eps·(1 + |f|); two objective evaluations, only when l2 = 0.
     """
     before, after = objective.value(theta), objective.value(theta - removed)
     rounding = _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * (1 + jnp.abs(before))
