@@ -57,11 +57,20 @@ def attainable_tolerance(objective: LogisticObjective, tol: jax.Array) -> jax.Ar
         objective.weights,
         objective.row_chunk,
     )
+    return jnp.maximum(jnp.asarray(tol, objective.dtype), static_floor(objective, scale))
+
+
+def static_floor(objective: LogisticObjective, column_sums: jax.Array) -> jax.Array:
+    """The static floor [P] from Σᵢ ŵᵢ·|x_ij| [d]: 8·eps times it (1 for the intercept).
+
+    `objective` gives only the layout and dtype (the streamed fit passes its row-less one,
+    with the column sums of its checking pass).
+    """
+    scale = column_sums.astype(objective.dtype)
     if objective.fit_intercept:
         scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
     floor = _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * scale
-    floor = jnp.repeat(floor, objective.num_free_classes)
-    return jnp.maximum(jnp.asarray(tol, objective.dtype), floor)
+    return jnp.repeat(floor, objective.num_free_classes)
 
 
 def rounding_floor(

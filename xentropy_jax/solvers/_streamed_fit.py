@@ -34,7 +34,7 @@ from ._fit import (
     warn_collinear_columns,
     warn_empty_classes,
 )
-from ._floor import _FLOOR_FACTOR, minimize_to_floor, rounding_floor
+from ._floor import minimize_to_floor, rounding_floor, static_floor
 from ._loop import Solver, SolverOutput
 from ._result import FitError, FitResult, Status
 from ._sparse_input import is_scipy_sparse
@@ -142,10 +142,7 @@ def _fit_streamed(
     )
     layout = objective._layout
     # The per-parameter floor of `attainable_tolerance`, from the scan's column sums.
-    scale = column_scale.astype(chunks.dtype)
-    if fit_intercept:
-        scale = jnp.concatenate([scale, jnp.ones((1,), scale.dtype)])
-    floor = jnp.repeat(_FLOOR_FACTOR * jnp.finfo(chunks.dtype).eps * scale, layout.num_free_classes)
+    floor = static_floor(layout, column_scale)
     # The data were checked on the host; l2 and tol traced by a caller's `jit` are checked here,
     # as `fit_logistic_regression` does (a negative tol reported CONVERGED).
     invalid = setting_status(l2, tol, chunks.dtype)
@@ -184,16 +181,14 @@ def _rounding_floor(objective: StreamedLogisticObjective, output: SolverOutput) 
     """`rounding_floor` at the output's point, summed chunk by chunk: one more pass.
 
     Each chunk's part is the in-memory bound of its rows (their weights already divided by the
-    total, no penalty); the penalty's part, 8·eps·l2·|w_jk|, is added once.
+    total, no penalty); the penalty's part, 8·eps·l2·|w_jk|, is the bound of the row-less
+    objective that carries l2 (`_layout`), added once.
     """
     theta = output.theta
     floor = objective._sum_over_chunks(
         lambda chunk: rounding_floor(chunk, theta), jnp.zeros_like(theta)
     )
-    layout = objective._layout
-    weights, intercept = layout.unpack(theta)
-    penalty = layout.pack(objective.l2 * jnp.abs(weights), jnp.zeros_like(intercept))
-    return floor + _FLOOR_FACTOR * jnp.finfo(objective.dtype).eps * penalty
+    return floor + rounding_floor(objective._layout, theta)
 
 
 def fit_logistic_regression_streamed(
