@@ -23,7 +23,14 @@ from .._streamed import (
     is_chunk_iterable,
     release,
 )
-from ._collinear import MAX_PROJECTED_COLUMNS, collinear_columns_of_gram, project_minimum_norm
+from ._collinear import (
+    MAX_PROJECTED_COLUMNS,
+    collinear_columns_of_gram,
+    project_minimum_norm,
+    squared_logit_change,
+    within_logit_rounding,
+    within_objective_rounding,
+)
 from ._convergence import max_abs
 from ._fit import (
     _resolve_solver,
@@ -160,10 +167,17 @@ def _fit_streamed(
         floor_at=_rounding_floor,
     )
     status = jnp.where(invalid == Status.CONVERGED, output.status, invalid)
-    # With l2 = 0 and collinear columns, the optimum of least norm (one more pass, for the Gram).
+    # With l2 = 0 and collinear columns, the optimum of least norm (two more passes: the Gram,
+    # then the test that the projection keeps the point).
     rows = chunks.num_features + int(fit_intercept)
     theta = project_minimum_norm(
-        lambda data: data.feature_gram(), rows, objective.l2, output.theta, data=objective
+        lambda data: data.feature_gram(),
+        rows,
+        objective.l2,
+        output.theta,
+        _keeps_the_point,
+        objective,
+        transposable=False,
     )
     weights, intercept = symmetric_params(*layout.expand(theta), objective.l2, reference_class)
     return FitResult(
@@ -175,6 +189,28 @@ def _fit_streamed(
         status=status,
         n_hessian_products=output.n_hessian_products,
     )
+
+
+def _keeps_the_point(
+    removed: jax.Array, gram: jax.Array, theta: jax.Array, objective: StreamedLogisticObjective
+) -> jax.Array:
+    """The in-memory fit's test of its final projection (`minimum_norm`), chunk by chunk.
+
+    Removing `removed` keeps θ if it moves the logits by no more than their rounding and the
+    objective by no more than its own: one pass for Σ w‖X̃·removed‖², f(θ) and f(θ − removed).
+    Used only with l2 = 0, so the sums carry no penalty.
+    """
+
+    def part(chunk):
+        return (
+            squared_logit_change(chunk, removed),
+            chunk.value(theta),
+            chunk.value(theta - removed),
+        )
+
+    zero = jnp.zeros((), objective.dtype)
+    change, before, after = objective._sum_over_chunks(part, (zero, zero, zero))
+    return within_logit_rounding(change, gram, theta) & within_objective_rounding(before, after)
 
 
 def _rounding_floor(objective: StreamedLogisticObjective, output: SolverOutput) -> jax.Array:
@@ -242,7 +278,8 @@ def fit_logistic_regression_streamed(
 
     The objective, the solvers and the result are those of `fit_logistic_regression` (same
     optimum, to rounding). With l2 = 0 and exactly collinear columns of X̃ = [X, 1], the result
-    is the optimum of least norm, as in memory (one more pass for the Gram X̃ᵀŴX̃), and a
+    is the optimum of least norm, as in memory (two more passes: the Gram X̃ᵀŴX̃, and the test
+    that the projection keeps the point), and a
     `CollinearityWarning` names the columns (the checking pass sums X̃ᵀX̃ on the host).
 
     Args:
