@@ -296,6 +296,42 @@ def test_rows_of_weight_zero_may_carry_padding_labels(pad):
         np.testing.assert_allclose(flat(product), expected_product, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_derivatives_in_a_zero_weight_keep_its_label(soft):
+    # Every zero-weight row's label was replaced by class 0 (soft: zeros) inside the
+    # differentiated function: the value stayed, but d/dw_i at w_i = 0 was the replacement's
+    # loss (-0.19 or -0.58 where the row's own is 0.31). Only padding labels are replaced now.
+    params, inputs, labels = make_problem(mlp)
+    tangents = random_tangents(params)
+    targets = jax.nn.one_hot(labels, K) if soft else labels
+    weights = jnp.asarray([1.0, 2.0, 0.0, 1.0, 0.0, 0.5, 1.0])
+
+    def naive(w, p=params):
+        z = mlp(p, inputs)
+        losses = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, labels[:, None], -1)[:, 0]
+        return jnp.sum(w * losses) / jnp.sum(w)
+
+    def ours(w):
+        return xj.mean_cross_entropy(mlp, params, inputs, targets, sample_weight=w)
+
+    np.testing.assert_allclose(jax.grad(ours)(weights), jax.grad(naive)(weights), rtol=1e-12)
+
+    def curvature(w, objective):
+        grad = jax.grad(lambda p: objective(w, p))
+        return jnp.vdot(flat(tangents), flat(jax.jvp(grad, (params,), (tangents,))[1]))
+
+    def ours_curvature(w):
+        product = xj.hessian_vp(mlp, params, inputs, targets, tangents, sample_weight=w)
+        return jnp.vdot(flat(tangents), flat(product))
+
+    np.testing.assert_allclose(
+        jax.grad(ours_curvature)(weights),
+        jax.grad(curvature)(weights, naive),
+        rtol=1e-10,
+        atol=1e-13,
+    )
+
+
 def test_zero_total_weight_gives_zero_not_nan():
     params, inputs, labels = make_problem(mlp)
     tangents = random_tangents(params)

@@ -367,7 +367,10 @@ def mean_cross_entropy(
         inputs: second argument of ``logits_fn``.
         labels: integer class indices [N], or label distributions / one-hot rows [N, K].
         sample_weight: optional non-negative [N] example weights. A row of weight 0 counts for
-            nothing whatever its label, so padding rows may carry any label (−1, −100, ...).
+            nothing whatever its label, so padding rows may carry any label (−1, −100, ...):
+            such a label (out of [0, K), or a label row with a non-finite entry) is taken as
+            class 0 (a row of zeros), so the derivative in that row's weight is class 0's loss;
+            a valid label's row gets its own loss there.
 
     Returns:
         The scalar objective, in the dtype of the logits.
@@ -415,9 +418,15 @@ def mean_cross_entropy(
     coefficients = example_coefficients(n, shape.dtype, sample_weight)
     if sample_weight is not None:
         # A row of weight 0 is left out whatever its label: padding labels (−1, −100, K) would
-        # give a NaN loss and gradient there, and 0 · NaN is NaN. Its integer label becomes
-        # class 0 and its label row zeros, at no measured cost in the fused loss.
-        kept = coefficients != 0
+        # give a NaN loss and gradient there, and 0 · NaN is NaN. Such a label (an integer out
+        # of [0, K), a label row with a non-finite entry) becomes class 0, or a row of zeros; a
+        # valid label is kept, so that the derivative in that row's weight is its own loss
+        # (replacing every zero-weight row's label gave the replacement's loss there). At no
+        # measured cost in the fused loss.
+        if labels.ndim == 1:
+            kept = (coefficients != 0) | ((labels >= 0) & (labels < k))
+        else:
+            kept = (coefficients != 0) | jnp.all(jnp.isfinite(labels), axis=-1)
         labels = jnp.where(kept if labels.ndim == 1 else kept[:, None], labels, 0)
     losses = loss_fn(logits_fn(params, inputs), labels)
     # Summed in at least float32, returned in the logits' dtype as before.
