@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _jaxprs import nested_jaxprs
+from sklearn.exceptions import ConvergenceWarning
 
 import xentropy_jax as xj
 from xentropy_jax import _inference_core as core
@@ -464,6 +465,14 @@ def test_refusals_and_warnings():
     diverged = xj.fit_logistic_regression(X, separable, 3, throw=False)
     with pytest.raises(xj.InferenceError, match="separable"):
         xj.logit_inference(diverged, X, separable)
+    # The estimator's inference gave the coefficients alone, and the refusal read "not at the
+    # maximum ... Refit with l2=0 to convergence" after an unpenalised fit.
+    from xentropy_jax.sklearn import LogisticRegression
+
+    with pytest.warns(ConvergenceWarning, match="separable"):
+        estimator = LogisticRegression(C=np.inf).fit(X, separable)
+    with pytest.raises(xj.InferenceError, match="the data are separable"):
+        estimator.inference(X, separable)
     # A duplicated column: the Hessian is singular and the message names the columns.
     collinear = np.column_stack([X4, X4[:, 1] * 2.0])
     coef = np.vstack([np.asarray(FIT4.params[0]), np.zeros((1, 4))])

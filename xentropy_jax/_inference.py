@@ -322,6 +322,14 @@ def _check_alpha(alpha) -> None:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
 
 
+def separated_error() -> InferenceError:
+    """The error of inference from a fit that stopped on separable data (`Status.DIVERGED`)."""
+    return InferenceError(
+        "the fit stopped because the data are separable: the maximum-likelihood estimates "
+        "are infinite and have no standard errors. " + Status.message(Status.DIVERGED)
+    )
+
+
 def _params_from(fit, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, bool, int | None]:
     """(W [d, K], b [K], converged, status) from a FitResult or a (W, b) pair."""
     if isinstance(fit, FitResult):
@@ -570,10 +578,7 @@ def logit_inference(
     weights, intercept, converged, status = _params_from(fit, fit_intercept)
     _validate(weights, intercept, X, labels, sample_weight)
     if status == Status.DIVERGED:
-        raise InferenceError(
-            "the fit stopped because the data are separable: the maximum-likelihood estimates "
-            "are infinite and have no standard errors. " + Status.message(status)
-        )
+        raise separated_error()
     if not converged:
         warnings.warn(
             "the fit did not converge (" + Status.message(status) + "); the standard errors "

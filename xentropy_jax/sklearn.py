@@ -521,6 +521,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_iter_ = np.asarray([n_iter], dtype=np.int32)
         self.solver_ = solver
+        self._fit_status = status  # for `inference`: a separable fit's estimates are infinite
         if not converged:
             warnings.warn(
                 f"LogisticRegression ({solver}) stopped without converging after {n_iter} "
@@ -696,9 +697,12 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             >>> bool((result.bse > 0).all())
             True
         """
-        from ._inference import logit_inference
+        from ._inference import logit_inference, separated_error
 
         check_is_fitted(self)
+        if getattr(self, "_fit_status", None) == Status.DIVERGED:
+            # The coefficients alone read as a fit short of the maximum ("refit with l2=0").
+            raise separated_error()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
         position = np.searchsorted(self.classes_, y)
         position = np.minimum(position, self.classes_.size - 1)
