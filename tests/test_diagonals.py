@@ -94,6 +94,42 @@ def test_exact_diagonal_is_differentiable():
         np.testing.assert_allclose(flat(got), flat(expected), rtol=1e-11, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_exact_diagonal_derivatives_in_the_weights(chunk_size):
+    # Each example's rows were scaled by √cᵢ: with a weight of 0 (WEIGHTS has one), the
+    # infinite derivative of √ at 0 made every derivative in the weights and the label mass
+    # NaN. Second order too: d²/dw² and the mixed derivative in the weights and parameters.
+    params, inputs = make_problem(mlp)
+    probe = jax.random.normal(jax.random.key(3), flat(params).shape, jnp.float64)
+    mass = jnp.asarray(np.where(WEIGHTS > 0, MASS, 0.0))
+
+    def ours(w, m, p=params):
+        diagonal = xj.ggn_diagonal(
+            mlp, p, inputs, sample_weight=w, label_mass=m, chunk_size=chunk_size
+        )
+        return flat(diagonal) @ probe
+
+    def reference(w, m, p=params):
+        return explicit_ggn_diagonal(mlp, p, inputs, w, m) @ probe
+
+    weights = jnp.asarray(WEIGHTS)
+    got = jax.grad(ours, (0, 1))(weights, mass)
+    expected = jax.grad(reference, (0, 1))(weights, mass)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+    # Forward over forward: a second derivative in the weights that starts in reverse mode
+    # (jax.hessian, jax.jacrev(jax.grad)) is still NaN at a zero weight.
+    np.testing.assert_allclose(
+        jax.jacfwd(jax.jacfwd(ours))(weights, mass),
+        jax.jacfwd(jax.jacfwd(reference))(weights, mass),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+    mixed = jax.grad(lambda p: jax.grad(ours)(weights, mass, p) @ weights)(params)
+    expected_mixed = jax.grad(lambda p: jax.grad(reference)(weights, mass, p) @ weights)(params)
+    np.testing.assert_allclose(flat(mixed), flat(expected_mixed), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_exact_diagonal_of_a_half_precision_model(dtype):
     # The float32 coefficient promoted the rows, and the model's VJP refused them (ValueError).

@@ -16,9 +16,12 @@ the Fisher information summed over all K labels instead of sampled. Three ways t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from ._checks import is_concrete
 from ._curvature import (
@@ -88,6 +91,58 @@ def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.
     eye = jnp.eye(logits.shape[-1], dtype=bool)
     rows = jnp.sqrt(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
     return (scale * rows).astype(logits.dtype)
+
+
+def _squares(logits_fn: LogitsFn, params: PyTree, example: PyTree, root: jax.Array) -> list:
+    """Σₖ (Jᵀ·root·bₖ)² for one example, a list like params' leaves: one VJP per class."""
+
+    def row_logits(p: PyTree) -> jax.Array:
+        return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+
+    logits, model_vjp = jax.vjp(row_logits, params)
+    (columns,) = jax.vmap(model_vjp)(_sqrt_factor_rows(logits, root))
+    # Squares and sums in float32 at least (see `_wide`).
+    return [jnp.sum(jnp.square(c.astype(_wide(c))), axis=0) for c in jax.tree.leaves(columns)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _example_squares(
+    logits_fn: LogitsFn, params: PyTree, example: PyTree, weight: jax.Array
+) -> list:
+    """Σₖ (Jᵀbₖ)² times the weight, for one example, with its rows scaled by √weight.
+
+    Scaling the rows keeps the squares' sum one fused reduction (a weight applied to each
+    example's squares took 1.25 to 1.6 times as long); the derivatives (`_example_squares_jvp`)
+    are taken through the unscaled squares times the weight, where √weight's infinite
+    derivative at a weight of 0 made every derivative in the weights NaN.
+    """
+    return _squares(logits_fn, params, example, jnp.sqrt(weight))
+
+
+@functools.partial(_example_squares.defjvp, symbolic_zeros=True)
+def _example_squares_jvp(logits_fn, primals, tangents):
+    params, example, weight = primals
+    params_dot, example_dot, weight_dot = tangents
+    out = _example_squares(logits_fn, params, example, weight)
+    # The squares are linear in the weight: every derivative is taken through the unscaled
+    # squares times the weight, so that no order meets √weight's derivative.
+    values, structure = jax.tree.flatten((params, example))
+    dots = structure.flatten_up_to((params_dot, example_dot))
+    moved = [i for i, dot in enumerate(dots) if not isinstance(dot, SymbolicZero)]
+
+    def unscaled(*chosen):
+        leaves = list(values)
+        for i, value in zip(moved, chosen, strict=True):
+            leaves[i] = value
+        return _squares(logits_fn, *structure.unflatten(leaves), jnp.ones_like(weight))
+
+    squares, squares_dot = jax.jvp(unscaled, [values[i] for i in moved], [dots[i] for i in moved])
+    out_dot = [weight.astype(d.dtype) * d for d in squares_dot]
+    if not isinstance(weight_dot, SymbolicZero):
+        out_dot = [
+            dot + weight_dot.astype(u.dtype) * u for dot, u in zip(out_dot, squares, strict=True)
+        ]
+    return out, out_dot
 
 
 def ggn_diagonal(
@@ -174,22 +229,13 @@ def ggn_diagonal(
     largest = jnp.max(coefficients)
     relative = jnp.where(largest > 0, coefficients / jnp.where(largest > 0, largest, 1), 0)
 
-    def example_squares(example: PyTree, root: jax.Array) -> list[jax.Array]:
-        def row_logits(p: PyTree) -> jax.Array:
-            return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
-
-        logits, model_vjp = jax.vjp(row_logits, params)
-        (columns,) = jax.vmap(model_vjp)(_sqrt_factor_rows(logits, root))
-        # Squares and sums in float32 at least (see `_wide`).
-        return [jnp.sum(jnp.square(c.astype(_wide(c))), axis=0) for c in jax.tree.leaves(columns)]
-
     def add_chunk(total: list, start: jax.Array) -> tuple[list, None]:
         index = start + jnp.arange(chunk_size)
         # Padding rows repeat the last example with coefficient 0: finite, and add nothing.
         safe = jnp.minimum(index, n - 1)
         chunk = jax.tree.map(lambda x: x[safe], inputs)
-        roots = jnp.sqrt(jnp.where(index < n, relative[safe], 0))
-        squares = jax.vmap(example_squares)(chunk, roots)
+        weights = jnp.where(index < n, relative[safe], 0)
+        squares = jax.vmap(functools.partial(_example_squares, logits_fn, params))(chunk, weights)
         return [t + jnp.sum(q, axis=0) for t, q in zip(total, squares, strict=True)], None
 
     params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
