@@ -35,6 +35,7 @@ from ._curvature import (
 from ._losses import softmax_cross_entropy_with_integer_labels, softmax_parts
 from ._manual import cast_varying, scan, vary_like, varying_axes
 from ._precision import at_least_float32
+from ._seen import Programs
 
 # Default memory budget of ggn_diagonal: numbers held at once by the per-example gradients.
 # 2^20 (4 MiB in float32) keeps a chunk in cache: at 2^25 a 64-32-10 MLP on the 1,797 digits took
@@ -172,7 +173,10 @@ def ggn_diagonal(
     :func:`ggn_diagonal_bartlett`.
 
     Args:
-        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent.
+        logits_fn: ``logits_fn(params, inputs) -> [N, K]`` logits, row-wise independent, pure
+          as in :func:`ggn_operator` (from the second eager call with the same function and
+          ``chunk_size`` on, it runs compiled, and what it reads besides its arguments is
+          frozen at that call).
         params: pytree of floating arrays θ (P numbers).
         inputs: pytree of arrays whose leaves all have leading axis N.
         sample_weight: optional non-negative [N] example weights (plain mean without them).
@@ -221,8 +225,37 @@ def ggn_diagonal(
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     chunk_size = min(int(chunk_size), n)
-    num_chunks = -(-n // chunk_size)
 
+    params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
+    leaves, treedef = jax.tree.flatten(params)
+    arrays = (params, inputs, coefficients)
+    program = None
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+        program = _CHUNKED_SUMS((logits_fn, chunk_size))
+    if program is None:
+        program = functools.partial(_chunked_sums, logits_fn, chunk_size)
+    sums, largest = program(*arrays)
+    mixed = _mixes_rows(logits_fn, params, inputs, n)
+    if is_concrete(mixed) and mixed:
+        raise ValueError(
+            "ggn_diagonal needs row i of the logits to depend only on row i of the inputs, but "
+            "this model's first row of logits depends on other rows of the inputs (batch "
+            "normalisation, attention across the batch). Use ggn_diagonal_hutchinson or "
+            "ggn_diagonal_bartlett, which work for any model."
+        )
+    # Under a trace the check cannot raise: such a model's diagonal comes out NaN, not wrong.
+    diagonals = [
+        jnp.where(mixed, jnp.nan, largest.astype(s.dtype) * s).astype(jnp.result_type(p))
+        for s, p in zip(sums, leaves, strict=True)
+    ]
+    return treedef.unflatten(_summed_over_shards(diagonals, shared))
+
+
+def _chunked_sums(
+    logits_fn: LogitsFn, chunk_size: int, params: PyTree, inputs: PyTree, coefficients: jax.Array
+) -> tuple[list, jax.Array]:
+    """(Σᵢ (cᵢ / max c)·Σₖ (Jᵢᵀbᵢₖ)² per leaf of params, max c): a scan over chunks of examples."""
+    n = coefficients.shape[0]
     # Each example's rows carry √(cᵢ / max c) and the sum is multiplied by max c at the end:
     # rows scaled by √cᵢ itself fell below float16's smallest normal number at N = 10⁵, and a
     # weight applied to each example's squares instead took 2 to 4 times as long.
@@ -238,25 +271,16 @@ def ggn_diagonal(
         squares = jax.vmap(functools.partial(_example_squares, logits_fn, params))(chunk, weights)
         return [t + jnp.sum(q, axis=0) for t, q in zip(total, squares, strict=True)], None
 
-    params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
-    leaves, treedef = jax.tree.flatten(params)
-    zeros = [jnp.zeros(jnp.shape(p), _wide(p)) for p in leaves]
-    starts = jnp.arange(num_chunks) * chunk_size
+    zeros = [jnp.zeros(jnp.shape(p), _wide(p)) for p in jax.tree.leaves(params)]
+    starts = jnp.arange(-(-n // chunk_size)) * chunk_size
     sums, _ = scan(add_chunk, zeros, starts)  # a carry typed as the squares (`_manual`)
-    mixed = _mixes_rows(logits_fn, params, inputs, n)
-    if is_concrete(mixed) and mixed:
-        raise ValueError(
-            "ggn_diagonal needs row i of the logits to depend only on row i of the inputs, but "
-            "this model's first row of logits depends on other rows of the inputs (batch "
-            "normalisation, attention across the batch). Use ggn_diagonal_hutchinson or "
-            "ggn_diagonal_bartlett, which work for any model."
-        )
-    # Under a trace the check cannot raise: such a model's diagonal comes out NaN, not wrong.
-    diagonals = [
-        jnp.where(mixed, jnp.nan, largest.astype(s.dtype) * s).astype(jnp.result_type(p))
-        for s, p in zip(sums, leaves, strict=True)
-    ]
-    return treedef.unflatten(_summed_over_shards(diagonals, shared))
+    return sums, largest
+
+
+# Called eagerly, the scan above was traced and compiled afresh at every call (its body is a new
+# function each time: 0.3-1 s a call). A compiled program per model and chunk size, for the last
+# 16 used more than once (`Programs`, as `ggn_vp`'s linearisations).
+_CHUNKED_SUMS = Programs(lambda key: jax.jit(functools.partial(_chunked_sums, *key)))
 
 
 def _mixes_rows(logits_fn: LogitsFn, params: PyTree, inputs: PyTree, n: int) -> jax.Array:

@@ -20,6 +20,7 @@ L-BFGS names them. ``optax.chain`` forwards them to every transformation that ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ from ._curvature import LogitsFn, PyTree, check_params, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
 from ._manual import cond
 from ._precision import at_least_float32
+from ._seen import Programs
 
 ESTIMATORS = ("bartlett", "exact", "hutchinson")
 
@@ -208,6 +210,12 @@ def _curvature_zeros(params: PyTree) -> PyTree:
         lambda p: jnp.zeros(jnp.shape(p), at_least_float32(p)),
         params,
     )
+
+
+# Called eagerly (an `update` outside `jit`), the branch above was traced and compiled afresh at
+# every step (its functions are new each time: 0.5-1 s a step). A compiled program per estimator
+# and model, for the last 16 used more than once (`Programs`, as `ggn_vp`'s linearisations).
+_REFRESHES = Programs(lambda key: jax.jit(functools.partial(_refresh_traced, *key)))
 
 
 def _estimate_diagonal(
@@ -495,6 +503,27 @@ def _refresh(
     label_mass: jax.typing.ArrayLike,
 ) -> tuple[PyTree, jax.Array]:
     """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch)."""
+    arrays = (count, interval, average, decay, key, params, inputs, sample_weight, label_mass)
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+        program = _REFRESHES((estimator, logits_fn))
+        if program is not None:
+            return program(*arrays)
+    return _refresh_traced(estimator, logits_fn, *arrays)
+
+
+def _refresh_traced(
+    estimator: str,
+    logits_fn: LogitsFn,
+    count: jax.Array,
+    interval: Any,
+    average: PyTree,
+    decay: Any,
+    key: jax.Array,
+    params: PyTree,
+    inputs: PyTree,
+    sample_weight: jax.typing.ArrayLike | None,
+    label_mass: jax.typing.ArrayLike,
+) -> tuple[PyTree, jax.Array]:
     key, sample_key = jax.random.split(jax.random.wrap_key_data(key))
     sample_key = jax.random.key_data(sample_key)
 
