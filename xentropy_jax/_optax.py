@@ -212,12 +212,6 @@ def _curvature_zeros(params: PyTree) -> PyTree:
     )
 
 
-# Called eagerly (an `update` outside `jit`), the branch above was traced and compiled afresh at
-# every step (its functions are new each time: 0.5-1 s a step). A compiled program per estimator
-# and model, for the last 16 used more than once (`Programs`, as `ggn_vp`'s linearisations).
-_REFRESHES = Programs(lambda key: jax.jit(functools.partial(_refresh_traced, *key)))
-
-
 def _estimate_diagonal(
     estimator: str,
     logits_fn: LogitsFn,
@@ -508,10 +502,10 @@ def _refresh(
         program = _REFRESHES((estimator, logits_fn))
         if program is not None:
             return program(*arrays)
-    return _refresh_traced(estimator, logits_fn, *arrays)
+    return _refreshed(estimator, logits_fn, *arrays)
 
 
-def _refresh_traced(
+def _refreshed(
     estimator: str,
     logits_fn: LogitsFn,
     count: jax.Array,
@@ -524,6 +518,7 @@ def _refresh_traced(
     sample_weight: jax.typing.ArrayLike | None,
     label_mass: jax.typing.ArrayLike,
 ) -> tuple[PyTree, jax.Array]:
+    """`_refresh` itself: a `cond` on count % interval == 0 around the estimate."""
     key, sample_key = jax.random.split(jax.random.wrap_key_data(key))
     sample_key = jax.random.key_data(sample_key)
 
@@ -537,6 +532,13 @@ def _refresh_traced(
 
     average = cond(count % interval == 0, estimate, lambda avg: avg, average)
     return average, jax.random.key_data(key)
+
+
+# Called eagerly (an `update` outside `jit`), `_refreshed`'s branch was traced and compiled
+# afresh at every step (its functions are new each time: 0.5-1 s a step). A compiled program per
+# estimator and model, for the last 16 used more than once (`Programs`, as `ggn_vp`'s
+# linearisations).
+_REFRESHES = Programs(lambda key: jax.jit(functools.partial(_refreshed, *key)))
 
 
 def scale_by_sophia_g(
