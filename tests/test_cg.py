@@ -527,3 +527,21 @@ def test_derivatives_with_options_that_depend_on_the_differentiated_values():
             ),
         ]:
             chex.assert_trees_all_close(ours, reference, rtol=1e-8, atol=1e-13)
+
+
+def test_maps_of_the_wrong_shape_are_named():
+    # An operator or preconditioner returning another shape failed inside the loop with JAX's
+    # "dot_general requires contracting dimensions to have the same shape".
+    b = jnp.ones(5)
+    bad = [
+        ("operator", dict(operator=lambda v: v[:4])),
+        ("preconditioner", dict(operator=lambda v: 2 * v, preconditioner=lambda r: r[:3])),
+        ("operator", dict(operator=lambda v: {"a": v})),
+    ]
+    for name, maps in bad:
+        with pytest.raises(ValueError, match=f"the {name} must map rhs"):
+            xj.cg(rhs=b, **maps)
+        with pytest.raises(ValueError, match=f"the {name} must map rhs"):
+            jax.jit(lambda b, maps=maps: xj.cg(rhs=b, **maps).solution)(b)
+    with pytest.raises(ValueError, match="the operator must map rhs"):
+        xj.steihaug_cg(lambda v: v[:4], b, 1.0)

@@ -244,6 +244,23 @@ def _solve_program(key: tuple) -> Callable:
 _PROGRAMS = Programs(_solve_program)
 
 
+def _check_map(name: str, function: Operator, rhs: PyTree) -> None:
+    """Raise ValueError unless ``function`` maps rhs to a pytree of rhs's structure and shapes.
+
+    Checked on abstract values, where the solve is traced: a map that returned another shape
+    failed inside the loop with JAX's "dot_general requires contracting dimensions to have
+    the same shape", which names neither the operator nor the preconditioner.
+    """
+    out = jax.eval_shape(function, rhs)
+    shapes = jax.tree.map(jnp.shape, rhs)
+    if jax.tree.structure(out) != jax.tree.structure(rhs) or jax.tree.map(jnp.shape, out) != shapes:
+        got = jax.tree.map(jnp.shape, out)
+        raise ValueError(
+            f"the {name} must map rhs to a pytree of the same structure and shapes: rhs has "
+            f"{shapes}, the {name} returned {got}."
+        )
+
+
 def _solve(
     operator: Operator,
     preconditioner: Operator | None,
@@ -268,6 +285,9 @@ def _solve(
             done = done | jnp.all(jnp.stack(jax.tree.leaves(within)))
         return done
 
+    for name, function in (("operator", operator), ("preconditioner", preconditioner)):
+        if function is not None:
+            _check_map(name, function, rhs)
     precondition = preconditioner if preconditioner is not None else (lambda r: r)
     if x0 is None:
         solution = jax.tree.map(jnp.zeros_like, rhs)
@@ -481,8 +501,9 @@ def cg(
         A :class:`CGResult` (solution, residual, status, num_steps, residual_norm).
 
     Raises:
-        ValueError: if ``rhs`` is empty, ``x0`` does not match it, or a tolerance / the step
-          limit is negative (checked when concrete, ``entry_tol`` included).
+        ValueError: if ``rhs`` is empty, ``x0`` does not match it, the operator or the
+          preconditioner returns a pytree of another structure or shapes, or a tolerance /
+          the step limit is negative (checked when concrete, ``entry_tol`` included).
         TypeError: if a leaf of ``rhs`` is not floating.
 
     Example:
