@@ -208,7 +208,7 @@ def _resolve_solver(solver: str, n_parameters: int, X) -> str:
 
     In float32 "auto" always picks Newton-CG: the explicit Hessian's rounding (eps·‖H‖) swamps
     its small eigenvalues, which Newton's refinement of its steps (CG on matrix-free products)
-    repairs only in part: on raw wine at C = 1e4 Newton converges 2.7e-4 above the optimum,
+    repairs only in part: on raw wine at C = 1e4 Newton converges 3.1e-4 above the optimum,
     Newton-CG 4.3e-7; on standardised iris, wine and breast cancer Newton-CG took 1.8 to
     2.9 ms a fit against Newton's 1.5 to 2.4 ms (before the refinement).
     """
