@@ -108,7 +108,7 @@ def _squares(logits_fn: LogitsFn, params: PyTree, example: PyTree, root: jax.Arr
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _example_squares(
-    logits_fn: LogitsFn, params: PyTree, example: PyTree, weight: jax.Array
+    logits_fn: LogitsFn, params: PyTree, example: PyTree, weight: jax.Array, real: jax.Array
 ) -> list:
     """Σₖ (Jᵀbₖ)² times the weight, for one example, with its rows scaled by √weight.
 
@@ -117,14 +117,20 @@ def _example_squares(
     (`_example_squares_jvp`) are taken through the unscaled squares times the weight, where
     √weight's infinite derivative at a weight of 0 made every derivative in the weights NaN.
     """
-    return _squares(logits_fn, params, example, jnp.sqrt(weight))
+    # A padding row (`real` False, weight 0) has its root set, not taken: √0 is infinitely
+    # steep, and reverse-mode second derivatives in the weights met it there (NaN whenever the
+    # chunk size did not divide N). A real row of weight 0 keeps √, whose NaN there is better
+    # than the wrong derivative a zero slope would give (docs/curvature.md).
+    return _squares(
+        logits_fn, params, example, jnp.where(real, jnp.sqrt(jnp.where(real, weight, 1)), 0)
+    )
 
 
 @functools.partial(_example_squares.defjvp, symbolic_zeros=True)
 def _example_squares_jvp(logits_fn, primals, tangents):
-    params, example, weight = primals
-    params_dot, example_dot, weight_dot = tangents
-    out = _example_squares(logits_fn, params, example, weight)
+    params, example, weight, real = primals
+    params_dot, example_dot, weight_dot, _ = tangents
+    out = _example_squares(logits_fn, params, example, weight, real)
     # The squares are linear in the weight: every derivative is taken through the unscaled
     # squares times the weight, so that no order meets √weight's derivative.
     values, structure = jax.tree.flatten((params, example))
@@ -267,8 +273,11 @@ def _chunked_sums(
         # Padding rows repeat the last example with coefficient 0: finite, and add nothing.
         safe = jnp.minimum(index, n - 1)
         chunk = jax.tree.map(lambda x: x[safe], inputs)
-        weights = jnp.where(index < n, relative[safe], 0)
-        squares = jax.vmap(functools.partial(_example_squares, logits_fn, params))(chunk, weights)
+        real = index < n
+        weights = jnp.where(real, relative[safe], 0)
+        squares = jax.vmap(functools.partial(_example_squares, logits_fn, params))(
+            chunk, weights, real
+        )
         return [t + jnp.sum(q, axis=0) for t, q in zip(total, squares, strict=True)], None
 
     zeros = [jnp.zeros(jnp.shape(p), _wide(p)) for p in jax.tree.leaves(params)]
