@@ -571,6 +571,9 @@ def scale_by_sophia_g(
     steps; ``bias_correction=True`` corrects both averages as Adam does.
 
     ``update(grads, state, params, *, logits_fn, inputs, sample_weight=None, label_mass=1.0)``.
+    Called eagerly, from its second call with the same ``logits_fn`` on ``update`` runs
+    compiled and takes that function to be pure: what it reads besides its arguments is frozen
+    at that call (docs/optax.md); pass what changes through ``inputs``.
 
     Args:
         b1: decay of the gradient average, in [0, 1).
@@ -703,6 +706,9 @@ def sophia_g(
     ``optax.inject_hyperparams(xj.sophia_g)(learning_rate=...)``.
 
     ``update(grads, state, params, *, logits_fn, inputs, sample_weight=None, label_mass=1.0)``.
+    Called eagerly, from its second call with the same ``logits_fn`` on ``update`` runs
+    compiled and takes that function to be pure: what it reads besides its arguments is frozen
+    at that call (docs/optax.md); pass what changes through ``inputs``.
 
     Args:
         learning_rate: η, a number or an optax schedule.
@@ -800,6 +806,9 @@ def scale_by_ggn_diagonal(
     the curvature vanishes (every class-shift direction of the last layer has zero curvature).
 
     ``update(grads, state, params, *, logits_fn, inputs, sample_weight=None, label_mass=1.0)``.
+    Called eagerly, from its second call with the same ``logits_fn`` on ``update`` runs
+    compiled and takes that function to be pure: what it reads besides its arguments is frozen
+    at that call (docs/optax.md); pass what changes through ``inputs``.
 
     Args:
         damping: λ > 0 added to the diagonal.
