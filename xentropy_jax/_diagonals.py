@@ -236,7 +236,7 @@ def ggn_diagonal(
     leaves, treedef = jax.tree.flatten(params)
     arrays = (params, inputs, coefficients)
     program = None
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+    if is_concrete(arrays):
         program = _CHUNKED_SUMS((logits_fn, chunk_size))
     if program is None:
         program = functools.partial(_chunked_sums, logits_fn, chunk_size)

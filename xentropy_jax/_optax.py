@@ -498,7 +498,7 @@ def _refresh(
 ) -> tuple[PyTree, jax.Array]:
     """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch)."""
     arrays = (count, interval, average, decay, key, params, inputs, sample_weight, label_mass)
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+    if _is_concrete(arrays):
         program = _REFRESHES((estimator, logits_fn))
         if program is not None:
             return program(*arrays)

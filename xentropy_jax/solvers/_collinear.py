@@ -67,7 +67,7 @@ def minimum_norm(
 def _moves_no_logit(
     removed: jax.Array, gram: jax.Array, theta: jax.Array, objective: LogisticObjective
 ) -> jax.Array:
-    """Whether X̃·removed is rounding (`within_logit_rounding`), measured with X itself.
+    """Whether X̃·removed is rounding (`_within_logit_rounding`), measured with X itself.
 
     The rank is decided on the Gram, whose eigenvalues resolve singular values only down
     to √(d̃·eps) of the largest (7e-4 in float32): columns x and x + 1e-3·noise read as
@@ -75,7 +75,7 @@ def _moves_no_logit(
     raised the objective by 0.9% (float32; 5.8% in float64 at a 1.4e-8 ratio) while the
     fit reported CONVERGED at the optimum's loss. X̃ itself resolves them to eps.
     """
-    return within_logit_rounding(squared_logit_change(objective, removed), gram, theta)
+    return _within_logit_rounding(_squared_logit_change(objective, removed), gram, theta)
 
 
 def _keeps_the_point(
@@ -86,20 +86,38 @@ def _keeps_the_point(
     At a large ‖θ‖ (a nearly separable fit without a penalty) the logits' own rounding bound
     lets a component that is null only to float32 precision move them by units: raw breast
     cancer in float32 at l2 = 0 returned parameters whose objective was 3.9 beside a loss of
-    0.012. Two objective evaluations (`within_objective_rounding`), only when l2 = 0.
+    0.012. Two objective evaluations (`point_kept`), only when l2 = 0.
     """
-    before, after = objective.value(theta), objective.value(theta - removed)
-    return _moves_no_logit(removed, gram, theta, objective) & within_objective_rounding(
+    return point_kept(point_sums(objective, theta, removed), gram, theta)
+
+
+def point_sums(objective: LogisticObjective, theta: jax.Array, removed: jax.Array) -> tuple:
+    """(Σᵢ wᵢ‖X̃ᵢ·removed‖², f(θ), f(θ − removed)) over the objective's rows, for `point_kept`.
+
+    Each is a sum over the rows, so that a chunked objective adds them chunk by chunk (the
+    streamed fit, whose chunks carry no penalty: it calls this only with l2 = 0).
+    """
+    return (
+        _squared_logit_change(objective, removed),
+        objective.value(theta),
+        objective.value(theta - removed),
+    )
+
+
+def point_kept(sums: tuple, gram: jax.Array, theta: jax.Array) -> jax.Array:
+    """Whether `point_sums` show a change of the logits and of the objective within rounding."""
+    squared_change, before, after = sums
+    return _within_logit_rounding(squared_change, gram, theta) & _within_objective_rounding(
         before, after
     )
 
 
-def squared_logit_change(objective: LogisticObjective, removed: jax.Array) -> jax.Array:
+def _squared_logit_change(objective: LogisticObjective, removed: jax.Array) -> jax.Array:
     """Σᵢ wᵢ‖X̃ᵢ·removed‖², over the objective's rows (weights as it holds them)."""
     return jnp.sum(objective.weights[:, None] * objective.predictor(removed) ** 2)
 
 
-def within_logit_rounding(squared_change: jax.Array, gram: jax.Array, theta: jax.Array):
+def _within_logit_rounding(squared_change: jax.Array, gram: jax.Array, theta: jax.Array):
     """Whether a weighted RMS logit change √`squared_change` is within the logits' rounding.
 
     The bound is _MOVE_FACTOR·eps·√trace(A)·‖θ‖, A = X̃ᵀŴX̃ (`gram`), a bound on the rounding
@@ -109,7 +127,7 @@ def within_logit_rounding(squared_change: jax.Array, gram: jax.Array, theta: jax
     return jnp.sqrt(squared_change) <= _MOVE_FACTOR * jnp.finfo(theta.dtype).eps * size
 
 
-def within_objective_rounding(before: jax.Array, after: jax.Array) -> jax.Array:
+def _within_objective_rounding(before: jax.Array, after: jax.Array) -> jax.Array:
     """Whether the objective rises from `before` to `after` by no more than 64·eps·(1 + |f|)."""
     rounding = _MOVE_FACTOR * jnp.finfo(before.dtype).eps * (1 + jnp.abs(before))
     return after <= before + rounding

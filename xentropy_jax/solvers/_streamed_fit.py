@@ -26,10 +26,9 @@ from .._streamed import (
 from ._collinear import (
     MAX_PROJECTED_COLUMNS,
     collinear_columns_of_gram,
+    point_kept,
+    point_sums,
     project_minimum_norm,
-    squared_logit_change,
-    within_logit_rounding,
-    within_objective_rounding,
 )
 from ._convergence import max_abs
 from ._fit import (
@@ -200,17 +199,11 @@ def _keeps_the_point(
     objective by no more than its own: one pass for Σ w‖X̃·removed‖², f(θ) and f(θ − removed).
     Used only with l2 = 0, so the sums carry no penalty.
     """
-
-    def part(chunk):
-        return (
-            squared_logit_change(chunk, removed),
-            chunk.value(theta),
-            chunk.value(theta - removed),
-        )
-
     zero = jnp.zeros((), objective.dtype)
-    change, before, after = objective._sum_over_chunks(part, (zero, zero, zero))
-    return within_logit_rounding(change, gram, theta) & within_objective_rounding(before, after)
+    sums = objective._sum_over_chunks(
+        lambda chunk: point_sums(chunk, theta, removed), (zero, zero, zero)
+    )
+    return point_kept(sums, gram, theta)
 
 
 def _rounding_floor(objective: StreamedLogisticObjective, output: SolverOutput) -> jax.Array:
