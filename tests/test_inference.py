@@ -498,6 +498,35 @@ def test_refusals_and_warnings():
         xj.logit_inference(batch, X4, Y4)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_quasi_separation_in_a_multiclass_fit_warns(dtype):
+    # Rows with D = 1 are never in class 1: the coefficient of D for class 1 has no finite
+    # maximum, but the fit converges (to −17 at tol 1e-8, −26 at 1e-12) and its standard error
+    # is finite (6e2 to 6e4). No row's own label is fitted near 1, so the saturation count says
+    # nothing: the check moves along each suspect's profile and finds the likelihood flat.
+    rng = np.random.default_rng(0)
+    x, dummy = rng.normal(size=600), (rng.random(600) < 0.3).astype(float)
+    logits = np.column_stack([np.zeros(600), 0.8 * x, -0.5 * x])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = (probs.cumsum(1) > rng.uniform(size=(600, 1))).argmax(1)
+    X = np.column_stack([x, dummy]).astype(dtype)
+    tol = 1e-8 if dtype == np.float64 else 1e-5
+    well_posed = _fit(X, y, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", xj.InferenceWarning)
+        for cov_type in ("nonrobust", "HC0"):
+            xj.logit_inference(well_posed, X, y, cov_type=cov_type)
+    y[(dummy == 1) & (y == 1)] = 2
+    separated = xj.fit_logistic_regression(X, y, 3, reference_class=True, tol=tol)
+    assert bool(separated.converged)
+    for cov_type in ("nonrobust", "HC0"):
+        flat = r"flat away from the estimates of 1:x1 .*separation"
+        with pytest.warns(xj.InferenceWarning, match=flat):
+            inference = xj.logit_inference(separated, X, y, cov_type=cov_type)
+        if cov_type == "nonrobust":  # (the sandwich's is small: its scores there are ~0)
+            assert inference.bse[1, 0] > 50 * inference.bse[0, 0]
+
+
 def test_cluster_labels_and_their_count():
     codes = np.arange(len(Y4)) % 7
     reference = xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=codes).bse

@@ -180,6 +180,40 @@ def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_interc
     return row_chunk_sum(partial, (features, labels, weights), chunk)
 
 
+@jax.jit
+@full_precision
+def column_scales(features, weights):
+    """Per column: the weighted RMS √(Σᵢ wᵢxᵢⱼ²/Σᵢ wᵢ) and the largest magnitude maxᵢ |xᵢⱼ|."""
+    return jnp.sqrt(weights @ jnp.square(features) / weights.sum()), jnp.abs(features).max(axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
+@full_precision
+def loss_changes(features, labels, weights, theta, moves, *, num_classes, fit_intercept, chunk):
+    """−ℓ(θ + δ_b) + ℓ(θ) for each row δ_b of `moves` [B, P]: one GEMM per chunk.
+
+    Row i's change is log1p(Σₖ sᵢₖ·expm1(Δᵢₖ)) − Δᵢ,yᵢ, with sᵢ its probabilities at θ and
+    Δᵢ = x̃ᵢ·δ the move of its logits (0 for the reference class): exact relative to the change
+    itself, where the difference of two losses keeps only a few ulps of the losses (and of the
+    totals, of order N·ε·|ℓ| in float32).
+    """
+    kf = num_classes - 1
+
+    def partial(x, y, w):
+        objective = _objective(x, y, w, num_classes, fit_intercept)
+        probs = jax.nn.softmax(objective.logits(theta), axis=-1)[:, 1:]  # [n, K−1]
+        extended = _extended(x, fit_intercept)  # [n, d̃]
+        num_moves, num_terms = moves.shape[0], extended.shape[1]
+        by_term = moves.reshape(num_moves, num_terms, kf).transpose(1, 0, 2)
+        shifts = (extended @ by_term.reshape(num_terms, -1)).reshape(-1, num_moves, kf)
+        spread = jnp.log1p((probs[:, None, :] * jnp.expm1(shifts)).sum(axis=-1))
+        all_shifts = jnp.pad(shifts, ((0, 0), (0, 0), (1, 0)))  # [n, B, K]
+        own = jnp.take_along_axis(all_shifts, y[:, None, None], axis=2)[..., 0]
+        return jnp.where(w[:, None] > 0, spread - own, 0).T @ w  # (padding rows: weight 0)
+
+    return row_chunk_sum(partial, (features, labels, weights), chunk)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))
 @full_precision
 def margin_sums(
