@@ -733,6 +733,31 @@ def test_the_returned_params_have_the_returned_loss_at_a_large_norm(solver):
     np.testing.assert_allclose(float(objective.value(theta)), float(result.loss), rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_constant_column_beside_the_intercept_gives_the_minimum_norm_optimum(dtype):
+    # Rank was decided at d̃·eps·λ_max of the scaled Gram, whose rounding grows as √N·eps: the
+    # null eigenvalue of a constant column beside the intercept landed above it for most
+    # constants at N = 1,000 (4.6e-15 against 3.2e-15 at N = 300, c = 3). Each solver then kept
+    # its own optimum (the intercepts 50 times the minimum-norm ones), the warning still said
+    # "minimum-norm", and derivatives through the fit came out near 1e13.
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(1000, 5))
+    logits = features @ rng.normal(size=(5, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = (np.cumsum(probs, 1) > rng.uniform(size=(1000, 1))).argmax(1)
+    features, atol = features.astype(dtype), (1e-7 if dtype == np.float64 else 2e-4)
+    intercept = np.asarray(fit_logistic_regression(features, labels, 3, tol=1e-10).params[1])
+    for constant in (0.3, 1.5, 3.0, 7.0, 30.0):
+        with_constant = np.column_stack([features, np.full(1000, constant, dtype)])
+        # The logits need b + c·w = b₀: the least-norm split is (b, w) = (1, c)·b₀/(1 + c²).
+        expected = np.outer([constant, 1.0], intercept / (1 + constant**2))
+        for solver in ("newton", "newton-cg", "trust-region"):
+            with pytest.warns(CollinearityWarning, match="minimum-norm"):
+                result = fit_logistic_regression(with_constant, labels, 3, solver=solver, tol=1e-10)
+            fitted = np.vstack([np.asarray(result.params[0])[5], np.asarray(result.params[1])])
+            np.testing.assert_allclose(fitted, expected, atol=atol, err_msg=f"{constant} {solver}")
+
+
 def test_collinearity_is_not_warned_with_a_penalty_or_independent_columns():
     features, labels, _, _ = _collinear_problems()["repeated column"]
     with warnings.catch_warnings():

@@ -424,6 +424,11 @@ class StreamedLogisticObjective:
     # The `Objective` protocol.
 
     @property
+    def num_rows(self) -> int:
+        """The rows of every chunk, padding included: a bound on N (for `null_cutoff`)."""
+        return self.chunks.chunk_rows * self.chunks.num_chunks
+
+    @property
     def num_params(self) -> int:
         return self._layout.num_params
 

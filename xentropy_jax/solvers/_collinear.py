@@ -20,7 +20,7 @@ from jax.experimental import sparse
 from .._batch_cond import batch_cond
 from .._linear import LogisticObjective, feature_gram, sparse_feature_gram
 from .._precision import full_precision
-from ._linalg import eigh, jacobi_scaled, solve
+from ._linalg import eigh, gram_rows, jacobi_scaled, null_cutoff, solve
 from ._sparse_input import is_scipy_sparse as scipy_sparse
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
@@ -28,11 +28,11 @@ from ._sparse_input import is_scipy_sparse as scipy_sparse
 MAX_PROJECTED_COLUMNS = 4096
 
 
-def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
+def _scaled_null_space(gram: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A of N rows."""
     scaled, scale = jacobi_scaled(gram)
     values, vectors = eigh(scaled)
-    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
+    cutoff = null_cutoff(gram.shape[0], num_rows, gram.dtype) * jnp.max(values, initial=0)
     return scale, vectors, values <= cutoff
 
 
@@ -60,7 +60,14 @@ def minimum_norm(
         return theta
     accept = _moves_no_logit if transposable else _keeps_the_point
     return project_minimum_norm(
-        feature_gram, rows, objective.l2, theta, accept, objective, transposable
+        feature_gram,
+        rows,
+        gram_rows(objective),
+        objective.l2,
+        theta,
+        accept,
+        objective,
+        transposable,
     )
 
 
@@ -139,9 +146,18 @@ _MOVE_FACTOR = 64.0
 
 
 def project_minimum_norm(
-    gram, rows: int, l2: jax.Array, theta: jax.Array, accept=None, data=(), transposable=True
+    gram,
+    rows: int,
+    num_rows: int,
+    l2: jax.Array,
+    theta: jax.Array,
+    accept=None,
+    data=(),
+    transposable=True,
 ) -> jax.Array:
-    """`minimum_norm` with the Gram X̃ᵀŴX̃ [rows, rows] from `gram(data)` (only when l2 = 0).
+    """`minimum_norm` with the Gram X̃ᵀŴX̃ [rows, rows] of `num_rows` rows from `gram(data)`.
+
+    Only when l2 = 0.
 
     For objectives whose Gram is not one matrix product, such as a sum over streamed chunks.
     ``accept(removed, gram, θ, data)``, when given, says whether removing ``removed`` [P] leaves
@@ -154,7 +170,7 @@ def project_minimum_norm(
 
     def project(theta, data):
         matrix = gram(data)
-        scale, vectors, null = _scaled_null_space(matrix)
+        scale, vectors, null = _scaled_null_space(matrix, num_rows)
         # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
         # of N zeroed and an identity in their place so that the Gram stays invertible.
         basis = scale[:, None] * vectors * null[None, :].astype(vectors.dtype)
@@ -169,9 +185,9 @@ def project_minimum_norm(
     return branch(l2 == 0, project, lambda theta, data: theta, theta, data)
 
 
-@jax.jit
-def _null_vectors(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    _, vectors, null = _scaled_null_space(gram)
+@functools.partial(jax.jit, static_argnames="num_rows")
+def _null_vectors(gram: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    _, vectors, null = _scaled_null_space(gram, num_rows)
     return vectors, null
 
 
@@ -190,7 +206,7 @@ def collinear_columns(
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
         features = X if isinstance(X, sparse.BCOO) else jnp.asarray(X)
         gram = _counted_gram(features, sample_weight, fit_intercept=bool(fit_intercept))
-        return collinear_columns_of_gram(gram)
+        return collinear_columns_of_gram(gram, features.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames="fit_intercept")
@@ -209,10 +225,10 @@ def _counted_gram(features, sample_weight, *, fit_intercept: bool) -> jax.Array:
     return features.T @ (weights[:, None] * features)
 
 
-def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
-    """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] (in X's precision)."""
+def collinear_columns_of_gram(gram: jax.Array, num_rows: int) -> tuple[list[int], int]:
+    """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] of N rows (X's dtype)."""
     with jax.ensure_compile_time_eval():
-        vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram)))
+        vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram), int(num_rows)))
     threshold = np.sqrt(np.finfo(vectors.dtype).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))
@@ -258,7 +274,8 @@ def float64_collinear_columns(
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
-    null = values <= gram.shape[0] * np.finfo(np.float64).eps * max(values.max(initial=0), 0)
+    cutoff = null_cutoff(gram.shape[0], X.shape[0], np.float64)
+    null = values <= cutoff * max(values.max(initial=0), 0)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

@@ -172,6 +172,7 @@ def _fit_streamed(
     theta = project_minimum_norm(
         lambda data: data.feature_gram(),
         rows,
+        objective.num_rows,
         objective.l2,
         output.theta,
         _keeps_the_point,
@@ -370,7 +371,7 @@ def fit_logistic_regression_streamed(
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     check_l2_fits(l2, source.dtype)
     if gram is not None:
-        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
+        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype), source.num_rows)
         warn_collinear_columns(
             columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
         )
