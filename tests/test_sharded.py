@@ -75,6 +75,13 @@ SCRIPT = textwrap.dedent(
         bool(path_many.converged.all()),
     ]
 
+    # Unpenalised on an Explicit mesh with weights: the collinearity check after the fit got
+    # the user's Explicit weights beside Auto features, and raised a mesh error.
+    Xs, ys, ws = sharded(8, AxisType.Explicit)
+    one = xj.fit_logistic_regression(X, y, K, sample_weight=w, tol=1e-12)
+    many = xj.fit_logistic_regression(Xs, ys, K, sample_weight=ws, tol=1e-12)
+    out["unpenalised"] = [relative(many.params[0], one.params[0]), bool(many.converged)]
+
     # One Hessian product on 8 devices: the collectives XLA compiled into it.
     Xs, ys, ws = sharded(8)
     objective = logistic_objective(Xs, ys, K, sample_weight=ws, l2=1e-3)
@@ -242,6 +249,12 @@ def test_sharded_fits_equal_the_one_device_fit(report):
 def test_sharded_path_on_an_explicit_mesh_equals_the_one_device_path(report):
     relative, converged = report["path"]
     assert converged and relative <= 1e-10, report["path"]
+
+
+@pytest.mark.subprocess
+def test_unpenalised_weighted_fit_on_an_explicit_mesh_equals_the_one_device_fit(report):
+    relative, converged = report["unpenalised"]
+    assert converged and relative <= 1e-10, report["unpenalised"]
 
 
 @pytest.mark.subprocess

@@ -684,6 +684,10 @@ def fit_logistic_regression(
         # reads the Gram on the host, and raised TracerArrayConversionError on a tracer.
         with jax.ensure_compile_time_eval():
             concrete = features if _is_concrete(features) else as_features(X)
+            # Weights moved off Explicit mesh axes as the features were (Explicit weights
+            # beside Auto features stopped the Gram with a mesh error).
+            if sample_weight is not None:
+                sample_weight = with_auto_axes(jnp.asarray(sample_weight))
             _warn_collinear(concrete, sample_weight, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         # Under `jax.jvp` or `jax.jacfwd` of a fit the status is concrete but the floating
