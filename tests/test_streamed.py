@@ -164,16 +164,21 @@ def test_streamed_weights_count_only_through_their_ratios():
     y = np.arange(40) % 3
     X = rng.normal(size=(40, 2)) + np.eye(3, 2)[y]
     fit = functools.partial(xj.fit_logistic_regression_streamed, labels=y, num_classes=3, l2=0.1)
-    for dtype, weights in [
+    for dtype, weights, weight_dtype in [
         # Divided by an overflowing total in float32, every weight became 0 (W = 0, CONVERGED);
         # then they were refused, where the in-memory fit takes them.
-        (np.float32, 1e37),
-        (np.float64, 1e308),  # the total overflows float64 on the host
-        (np.float32, 1e-39),  # subnormal in float32
-        (np.float32, [1e-39] * 20 + [1e37] * 20),  # a sum in range, its largest beyond
+        (np.float32, 1e37, np.float64),
+        (np.float64, 1e308, np.float64),  # the total overflows float64 on the host
+        (np.float32, 1e-39, np.float64),  # subnormal in float32
+        (np.float32, [1e-39] * 20 + [1e37] * 20, np.float64),  # a sum in range, its largest beyond
+        # Subnormal in their own dtype: the chunk reads, on XLA's threads, which flush those,
+        # took every weight as 0 (W = 0, CONVERGED).
+        (np.float64, 1e-310, np.float64),
+        (np.float32, 1e-40, np.float32),
+        (np.float64, [1e-310] * 20 + [1e-300] * 20, np.float64),
     ]:
         data = X.astype(dtype)
-        weights = np.broadcast_to(np.asarray(weights, np.float64), (40,))
+        weights = np.broadcast_to(np.asarray(weights, weight_dtype), (40,))
         unit = np.where(weights == weights.max(), 1.0, 0.0)  # the smallest are 0 beside it
         result, reference = fit(data, sample_weight=weights), fit(data, sample_weight=unit)
         assert int(result.status) == xj.Status.CONVERGED

@@ -109,6 +109,26 @@ def dense_rows(X) -> np.ndarray:
     return np.asarray(X)
 
 
+def _shifted(values: np.ndarray, shift: int) -> np.ndarray:
+    """``values·2**shift`` in float64, exact for subnormal float32 or float64 values too.
+
+    The chunk reads run on XLA's threads, which treat subnormal operands as zero: there
+    ``np.ldexp`` (and a conversion to float64) of weights of 1e-310 gave 0, and a fit whose
+    every weight was subnormal returned all-zero coefficients marked CONVERGED. A subnormal's
+    bits are its integer mantissa m, worth m·2**(emin − mantissa bits): m converts exactly.
+    """
+    if values.dtype not in (np.float32, np.float64):
+        return np.ldexp(values.astype(np.float64), shift)
+    info = np.finfo(values.dtype)
+    bits = values.view(np.uint32 if values.dtype == np.float32 else np.uint64)
+    mantissa_bits = info.nmant
+    exponent = (bits >> mantissa_bits) & ((1 << (info.bits - 1 - mantissa_bits)) - 1)
+    mantissa = (bits & ((1 << mantissa_bits) - 1)).astype(np.float64)
+    sign = np.where(bits >> (info.bits - 1) != 0, -1.0, 1.0)
+    tiny = sign * np.ldexp(mantissa, shift + info.minexp - mantissa_bits)
+    return np.where(exponent == 0, tiny, np.ldexp(values.astype(np.float64), shift))
+
+
 class _ChunkSource:
     """What the compiled loop asks of a source: fixed chunk shapes, chunk `index` on the host.
 
@@ -147,8 +167,10 @@ class _ChunkSource:
         padded_weights = np.zeros(self.chunk_rows, self.dtype)
         padded_X[:rows] = dense_rows(X)
         padded_labels[:rows] = labels
-        padded_weights[:rows] = np.ldexp(
-            1.0 if weights is None else np.asarray(weights, np.float64), self.weight_shift
+        padded_weights[:rows] = (
+            np.ldexp(1.0, self.weight_shift)
+            if weights is None
+            else _shifted(np.asarray(weights), self.weight_shift)
         )
         return padded_X, padded_labels, padded_weights
 
