@@ -176,6 +176,10 @@ def test_auto_solver_rule(core_calls, n_classes, over):
     with pytest.raises(_SolverReachedError):
         LogisticRegression(solver="auto").fit(X.astype(np.float32), y)
     assert core_calls[1]["solver"] == "newton-cg"
+    # Sparse X: Newton-CG keeps it sparse, where Newton's Hessian densified it.
+    with pytest.raises(_SolverReachedError):
+        LogisticRegression(solver="auto").fit(scipy.sparse.csr_matrix(X), y)
+    assert core_calls[2]["solver"] == "newton-cg"
 
 
 def test_auto_fits_float32_data_with_an_offset_column():

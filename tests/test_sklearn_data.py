@@ -1,6 +1,7 @@
 """The estimators on the data people bring: sparse input, scikit-learn 1.8 parameters, CV."""
 
 import inspect
+import warnings
 
 import jax
 import jax.monitoring
@@ -105,6 +106,27 @@ def test_scikit_learns_other_parameters_are_accepted_and_change_nothing(iris):
     unpenalised = LogisticRegression(penalty="deprecated", C=np.inf).fit(X[50:], y[50:])
     none = LogisticRegression(penalty=None).fit(X[50:], y[50:])
     np.testing.assert_allclose(unpenalised.coef_, none.coef_, atol=1e-9)
+
+
+def test_ignored_l1_ratio_and_c_warn_as_scikit_learn():
+    # scikit-learn 1.9 fits these unpenalised and says what it ignores: C=np.inf with
+    # l1_ratio=0.5 was refused here as elastic-net, and C beside penalty=None ignored silently.
+    X, y = load_iris(return_X_y=True)
+    X, y = X[50:], y[50:]
+    none = LogisticRegression(penalty=None).fit(X, y)
+    for options, message in [
+        (dict(C=np.inf, l1_ratio=0.5), "l1_ratio parameter is only used when penalty is"),
+        (dict(penalty=None, l1_ratio=0.5), "l1_ratio parameter is only used when penalty is"),
+        (dict(penalty=None, C=0.01), "Setting penalty=None will ignore the C and l1_ratio"),
+    ]:
+        with pytest.warns(UserWarning, match=message):
+            fitted = LogisticRegression(**options).fit(X, y)
+        np.testing.assert_allclose(fitted.coef_, none.coef_, atol=1e-9)
+        with pytest.warns(UserWarning, match=message):
+            SklearnLogisticRegression(**options).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LogisticRegression(C=np.inf, l1_ratio=1.0).fit(X, y)  # no penalty: nothing ignored
 
 
 @requires_scikit_learn_1_9
@@ -363,6 +385,23 @@ def test_cross_validation_with_any_scorer_scores_as_scikit_learn(iris, scoring):
     np.testing.assert_allclose(ours.scores_, theirs.scores_, rtol=1e-6)
     assert ours.C_ == theirs.C_
     np.testing.assert_allclose(ours.score(X, y), theirs.score(X, y), rtol=1e-6)
+
+
+def test_cross_validation_keeps_the_scorers_own_pos_label():
+    # The scorer was rebuilt with labels and pos_label over the user's own: an F1 scorer of
+    # class 1 scored class 2 in scores_ (and chose C by it), while score() used class 1.
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.metrics import f1_score, make_scorer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X, y = StandardScaler().fit_transform(X), y + 1  # classes {1, 2}
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    scorer = make_scorer(f1_score, pos_label=1)
+    model = LogisticRegressionCV(Cs=[1e-3, 1.0], cv=cv, scoring=scorer, tol=1e-10).fit(X, y)
+    train, test = next(cv.split(X, y))
+    for column, C in enumerate([1e-3, 1.0]):
+        fit = LogisticRegression(C=C, tol=1e-10).fit(X[train], y[train])
+        np.testing.assert_allclose(model.scores_[0, 0, column], scorer(fit, X[test], y[test]))
 
 
 def test_cross_validation_refuses_an_unknown_scorer_and_empty_l1_ratios(iris):
