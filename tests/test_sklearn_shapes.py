@@ -102,6 +102,20 @@ def test_programs_are_bounded(monkeypatch):
         assert clears == [1, 1] and len(traces) == kept + 2
 
 
+def test_sparse_programs_are_keyed_by_their_stored_entries(monkeypatch):
+    # One shape with more non-zeros is another program (its stored entries pad to another
+    # bucket): counted as one, such fits grew memory past the bound.
+    import scipy.sparse
+
+    monkeypatch.setattr(xsk, "_programs", type(xsk._programs)())
+    X, y = _data(100)
+    dense = np.where(np.random.default_rng(1).random(X.shape) < 0.5, X, 0.0)
+    sparser = np.where(np.random.default_rng(2).random(X.shape) < 0.8, dense, 0.0)
+    for matrix in (dense, sparser, dense):
+        xsk.LogisticRegression(solver="newton-cg").fit(scipy.sparse.csr_matrix(matrix), y)
+    assert len(xsk._programs) == 2
+
+
 def test_cv_row_counts_share_the_path_program(monkeypatch):
     # The outer folds of a nested cross-validation differ by a row: each compiled the path
     # program again (6–7 s).

@@ -59,6 +59,7 @@ from .solvers import (
 )
 from .solvers._fit import empty_classes_quietly
 from .solvers._sharding import row_mesh, shard_rows
+from .solvers._sparse_input import bucketed_size
 
 __all__ = ["LogisticRegression", "LogisticRegressionCV"]
 
@@ -94,6 +95,16 @@ def _use_program(key: tuple) -> None:
             jax.clear_caches()
             _programs.clear()
         _programs[key] = None
+
+
+def _stored_bucket(X) -> int | None:
+    """For the program key: None for dense X, else the padded count of its stored entries.
+
+    A sparse fit's program depends on that count, padded to one of 32 sizes per power of two
+    (`bucketed_size`): matrices of one shape with more or fewer non-zeros compile their own
+    programs, and counted as one here, they grew memory past _MAX_PROGRAMS.
+    """
+    return bucketed_size(X.nnz) if scipy.sparse.issparse(X) else None
 
 
 def _refuse_bcoo(X) -> None:
@@ -516,7 +527,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         init = self._warm_start_init(classes, X.shape[1], reference)
 
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
-        configuration = (X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
+        configuration = (X.shape[1], X.dtype.str, _stored_bucket(X), n_classes)
         configuration += (bool(self.fit_intercept), reference, l2 > 0, core_solver)
         configuration += (bool(self.verbose), init is None, repr(self.devices))
         # Zero-weight rows up to a bucket: nearby row counts share the program (`_buckets`).
@@ -1147,7 +1158,7 @@ class LogisticRegressionCV(LogisticRegression):
         # Built once, not in each split's trace of the lambda below.
         labels = labels.astype(np.int32)
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
-        configuration = ("path", X.shape[1], X.dtype.str, scipy.sparse.issparse(X), n_classes)
+        configuration = ("path", X.shape[1], X.dtype.str, _stored_bucket(X), n_classes)
         # (Whether l2 > 0 selects no program here: the vmapped path's l2 values are traced.)
         configuration += (bool(self.fit_intercept), reference, core_solver, l2.shape[1])
         configuration += (_splits_in_lockstep(X) and len(l2),)
