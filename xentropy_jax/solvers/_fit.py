@@ -629,13 +629,14 @@ def fit_logistic_regression(
         >>> bool(jnp.allclose(X.T @ residuals / len(y) + 0.1 * W, 0, atol=1e-5))
         True
 
-        The derivative of the fitted weights in l2, against a central difference of refits:
+        The derivative of the fitted weights in l2, against a central difference of refits
+        (which float32 rounds to about 1e-3; float64 agrees to 1e-8):
 
         >>> def weights(l2):
         ...     return xj.fit_logistic_regression(X, y, 3, l2=l2, tol=1e-10).params[0]
         >>> derivative = jax.jacfwd(weights)(0.1)
         >>> difference = (weights(0.1 + 1e-4) - weights(0.1 - 1e-4)) / 2e-4
-        >>> bool(jnp.allclose(derivative, difference, atol=1e-6))
+        >>> bool(jnp.allclose(derivative, difference, atol=2e-3))
         True
     """
     config = _resolve_solver(solver)
