@@ -108,6 +108,21 @@ def test_scikit_learns_other_parameters_are_accepted_and_change_nothing(iris):
     np.testing.assert_allclose(unpenalised.coef_, none.coef_, atol=1e-9)
 
 
+def test_weights_and_c_beyond_range_name_themselves():
+    # These blamed l2 (no parameter of the estimator), "non-finite values", or sample_weight
+    # when the class weight had overflowed.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 3)), np.arange(60) % 3
+    with pytest.raises(ValueError, match=r"C·Σ sample_weight = .* too small for float64"):
+        LogisticRegression().fit(X, y, sample_weight=np.full(60, 1e-320))
+    with pytest.raises(ValueError, match=r"C·Σ sample_weight = .* too small for float64"):
+        LogisticRegression(C=1e-310).fit(X, y)
+    with pytest.raises(ValueError, match=r"C·Σ sample_weight = .* too small for float32"):
+        LogisticRegressionCV(Cs=[1e-30, 1.0], cv=3).fit(X.astype(np.float32), y)
+    with pytest.raises(ValueError, match=r"class_weight times sample_weight exceeds .*\[0\]"):
+        LogisticRegression(class_weight={0: 1e300}).fit(X.astype(np.float32), y)
+
+
 def test_ignored_l1_ratio_and_c_warn_as_scikit_learn():
     # scikit-learn 1.9 fits these unpenalised and says what it ignores: C=np.inf with
     # l1_ratio=0.5 was refused here as elastic-net, and C beside penalty=None ignored silently.

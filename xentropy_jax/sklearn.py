@@ -159,8 +159,38 @@ def _class_weighted(
         counted = np.bincount(positions, weights=weights, minlength=len(classes)) > 0
         per_class = np.where(counted, per_class, 0.0)
     _check_class_weight(per_class, classes)
-    weights *= per_class[positions].astype(weights.dtype)
+    product = weights.astype(np.float64) * per_class[positions]
+    largest = np.finfo(weights.dtype).max
+    if np.any(product > largest):  # (an overflow in the cast read as bad sample_weight)
+        big = classes[np.unique(positions[product > largest])].tolist()
+        raise ValueError(
+            f"class_weight times sample_weight exceeds the largest {weights.dtype} number "
+            f"({largest:.3g}) for the classes {big}: scale class_weight down (a fit depends "
+            "only on the products C·class_weight·sample_weight)"
+        )
+    weights[:] = product
     return weights
+
+
+def penalty_strength(C, total_weight, dtype):
+    """l2 = 1/(C·Σw) of the core's objective; a ValueError where it is not a usable number.
+
+    ``C·Σw`` of 6e-309 (weights of 1e-320, or ``C = 1e-310``) made l2 infinite or 1.7e308,
+    and the fit then blamed l2, which no parameter of the estimator names, or "non-finite
+    values". l2 must stay below √(largest number of the fit's dtype): 1e154 in float64, 1.8e19
+    in float32.
+    """
+    product = np.asarray(C, np.float64) * np.asarray(total_weight, np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        l2 = 1.0 / product
+    bound = np.sqrt(np.finfo(dtype).max)
+    if not np.all(l2 <= bound):
+        raise ValueError(
+            f"C·Σ sample_weight = {float(np.min(product)):.3g} is too small for {np.dtype(dtype)}: "
+            f"the L2 strength 1/(C·Σw) would exceed {bound:.2g}. Raise C or scale sample_weight "
+            "up (a fit depends only on their product)."
+        )
+    return l2
 
 
 def _check_class_weight(per_class: np.ndarray, classes: np.ndarray) -> None:
@@ -518,7 +548,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         # Class 0 as reference gives scikit-learn's binomial model, and removes the Hessian's
         # null direction when nothing is penalised.
         reference = binary or unpenalised
-        l2 = 0.0 if unpenalised else 1.0 / (float(self.C) * float(weights.sum()))
+        l2 = 0.0 if unpenalised else float(penalty_strength(self.C, weights.sum(), X.dtype))
         solver = _resolve_solver(
             self.solver,
             _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference),
@@ -1072,7 +1102,7 @@ class LogisticRegressionCV(LogisticRegression):
         fold_weights = np.zeros((len(splits), X.shape[0]), X.dtype)
         for index, (train, _) in enumerate(splits):
             fold_weights[index, train] = weights[train]
-        l2 = 1.0 / (grid[None, :] * fold_weights.sum(axis=1, keepdims=True))
+        l2 = penalty_strength(grid[None, :], fold_weights.sum(axis=1, keepdims=True), X.dtype)
         paths = self._fit_paths(X, labels, n_classes, reference, fold_weights, l2, solver)
         coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
         intercepts = np.asarray(paths.params[1], dtype=X.dtype)  # [splits, Cs, K]
