@@ -316,30 +316,6 @@ def test_collinear_unpenalised_gives_the_minimum_norm_tangent(data):
     np.testing.assert_allclose(weights_dot[3], 2 * weights_dot[0], atol=1e-10)
 
 
-def test_a_constant_column_beside_the_intercept_gives_the_minimum_norm_derivative():
-    # The preconditioner dropped null directions of the scaled Gram below d̃·eps·λ_max, under
-    # the rounding of a Gram of 300 rows: with the constant 3 it inverted the null eigenvalue,
-    # and d(intercept)/d(weights) came out at 2.5e13 (the reference: 4.4e-3).
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(300, 5))
-    logits = features @ rng.normal(size=(5, 3))
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    labels = (np.cumsum(probs, 1) > rng.uniform(size=(300, 1))).argmax(1)
-    with_constant = np.column_stack([features, np.full(300, 3.0)])
-
-    def intercept(weights, X, scale):
-        fit = fit_logistic_regression(X, labels, 3, sample_weight=weights, tol=1e-12)
-        return fit.params[1] * scale
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CollinearityWarning)
-        warnings.simplefilter("error", RuntimeWarning)  # (a solve that stops short warns)
-        derivative = jax.jacrev(intercept)(jnp.ones(300), with_constant, 1.0)
-    # The least-norm split of b₀ over (intercept, constant column) puts b₀/(1 + 3²) on b.
-    expected = jax.jacrev(intercept)(jnp.ones(300), features, 1 / 10)
-    np.testing.assert_allclose(derivative, expected, rtol=1e-7, atol=1e-12)
-
-
 def _dense_derivative_in_l2(features, num_classes, l2, weights, intercept):
     """dθ*/dl2 = −H⁺·∂g/∂l2 from the explicit float64 Hessian, class shifts of b removed."""
     features, weights, intercept = (

@@ -516,6 +516,22 @@ def test_quasi_separation_in_a_multiclass_fit_warns(dtype):
         warnings.simplefilter("error", xj.InferenceWarning)
         for cov_type in ("nonrobust", "HC0"):
             xj.logit_inference(well_posed, X, y, cov_type=cov_type)
+    # A row of weight 0 with a huge value: it bounded the steps to 1e-8 standard errors, where
+    # the fit's rounding read as a flat likelihood (large errors here: a nearly collinear pair,
+    # which float32 does not resolve).
+    if dtype == np.float64:
+        from sklearn.datasets import make_classification
+
+        Xc, yc = make_classification(
+            300, 4, n_informative=3, n_redundant=0, n_classes=3, random_state=1
+        )
+        Xc = np.column_stack([Xc, Xc[:, 0] + 1e-3 * rng.normal(size=300)]).astype(dtype)
+        Xc, yc = np.vstack([Xc, np.full((1, 5), 1e7, dtype)]), np.append(yc, 0)
+        weights = np.append(np.ones(300), 0.0)
+        fit = xj.fit_logistic_regression(Xc, yc, 3, sample_weight=weights, tol=tol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", xj.InferenceWarning)
+            xj.logit_inference(fit, Xc, yc, sample_weight=weights)
     y[(dummy == 1) & (y == 1)] = 2
     separated = xj.fit_logistic_regression(X, y, 3, reference_class=True, tol=tol)
     assert bool(separated.converged)

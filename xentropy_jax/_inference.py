@@ -592,8 +592,9 @@ def logit_inference(
 
     Warns:
         InferenceWarning: the fit did not converge, the Hessian is ill-conditioned, or the
-            data are (quasi-)separated: the likelihood hardly falls 4 standard errors away
-            along some coefficient's profile (dense path), or rows are fitted with probability
+            data are (quasi-)separated: the likelihood is flat along some coefficient's profile
+            (it falls by less than 1/8 of what the standard errors predict up to 4 of them
+            away; dense path, see docs/inference.md), or rows are fitted with probability
             above 1 − 1e-8 for their label.
 
     Example:

@@ -183,8 +183,13 @@ def value_grad_mass(features, labels, weights, theta, *, num_classes, fit_interc
 @jax.jit
 @full_precision
 def column_scales(features, weights):
-    """Per column: the weighted RMS √(Σᵢ wᵢxᵢⱼ²/Σᵢ wᵢ) and the largest magnitude maxᵢ |xᵢⱼ|."""
-    return jnp.sqrt(weights @ jnp.square(features) / weights.sum()), jnp.abs(features).max(axis=0)
+    """Per column: the weighted RMS √(Σᵢ wᵢxᵢⱼ²/Σᵢ wᵢ) and maxᵢ |xᵢⱼ| over rows of weight > 0.
+
+    (A row of weight 0 with a value of 1e7 shrank the flatness check's steps to 1e-8 standard
+    errors, where the fit's own rounding read as a flat likelihood.)
+    """
+    largest = jnp.abs(jnp.where(weights[:, None] > 0, features, 0)).max(axis=0)
+    return jnp.sqrt(weights @ jnp.square(features) / weights.sum()), largest
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "fit_intercept", "chunk"))

@@ -28,11 +28,11 @@ from ._sparse_input import is_scipy_sparse as scipy_sparse
 MAX_PROJECTED_COLUMNS = 4096
 
 
-def _scaled_null_space(gram: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A of N rows."""
+def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
     scaled, scale = jacobi_scaled(gram)
     values, vectors = eigh(scaled)
-    cutoff = null_cutoff(gram.shape[0], num_rows, gram.dtype) * jnp.max(values, initial=0)
+    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
     return scale, vectors, values <= cutoff
 
 
@@ -170,24 +170,39 @@ def project_minimum_norm(
 
     def project(theta, data):
         matrix = gram(data)
-        scale, vectors, null = _scaled_null_space(matrix, num_rows)
-        # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null columns
-        # of N zeroed and an identity in their place so that the Gram stays invertible.
-        basis = scale[:, None] * vectors * null[None, :].astype(vectors.dtype)
-        normal = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
+        scaled, scale = jacobi_scaled(matrix)
+        values, vectors = eigh(scaled)
+        largest = jnp.max(values, initial=0)
         block = theta.reshape(rows, -1)
-        removed = (basis @ solve(normal, basis.T @ block)).reshape(-1)
+
+        def removed_below(cutoff):
+            # null(A) = D·null(S); its orthogonal projector N(NᵀN)⁻¹Nᵀ, with the non-null
+            # columns of N zeroed and an identity in their place so that the Gram stays
+            # invertible.
+            null = values <= cutoff * largest
+            basis = scale[:, None] * vectors * null[None, :].astype(vectors.dtype)
+            normal = basis.T @ basis + jnp.diag(jnp.where(null, 0, 1).astype(basis.dtype))
+            return (basis @ solve(normal, basis.T @ block)).reshape(-1)
+
+        # The Gram's rounding, about √N·eps, can lift an exact null eigenvalue above d̃·eps (a
+        # constant column beside the intercept, N = 300: 4.6e-15 against 3.2e-15), where the
+        # solvers then kept different optima: first the directions below d̃·√N·eps, then, if
+        # removing them moves the logits (columns that X resolves, such as x and x + 1e-7·z),
+        # those below d̃·eps alone.
+        loose = removed_below(null_cutoff(rows, num_rows, matrix.dtype))
+        tight = removed_below(rows * jnp.finfo(matrix.dtype).eps)
         if accept is None:
-            return theta - removed
-        return jnp.where(accept(removed, matrix, theta, data), theta - removed, theta)
+            return theta - tight
+        kept = jnp.where(accept(tight, matrix, theta, data), theta - tight, theta)
+        return jnp.where(accept(loose, matrix, theta, data), theta - loose, kept)
 
     branch = lax.cond if transposable else batch_cond
     return branch(l2 == 0, project, lambda theta, data: theta, theta, data)
 
 
-@functools.partial(jax.jit, static_argnames="num_rows")
-def _null_vectors(gram: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    _, vectors, null = _scaled_null_space(gram, num_rows)
+@jax.jit
+def _null_vectors(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    _, vectors, null = _scaled_null_space(gram)
     return vectors, null
 
 
@@ -206,7 +221,7 @@ def collinear_columns(
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
         features = X if isinstance(X, sparse.BCOO) else jnp.asarray(X)
         gram = _counted_gram(features, sample_weight, fit_intercept=bool(fit_intercept))
-        return collinear_columns_of_gram(gram, features.shape[0])
+        return collinear_columns_of_gram(gram)
 
 
 @functools.partial(jax.jit, static_argnames="fit_intercept")
@@ -225,10 +240,10 @@ def _counted_gram(features, sample_weight, *, fit_intercept: bool) -> jax.Array:
     return features.T @ (weights[:, None] * features)
 
 
-def collinear_columns_of_gram(gram: jax.Array, num_rows: int) -> tuple[list[int], int]:
-    """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] of N rows (X's dtype)."""
+def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
+    """`collinear_columns` from the Gram X̃ᵀ·diag(1[w > 0])·X̃ [d̃, d̃] (in X's precision)."""
     with jax.ensure_compile_time_eval():
-        vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram), int(num_rows)))
+        vectors, null = (np.asarray(a) for a in _null_vectors(jnp.asarray(gram)))
     threshold = np.sqrt(np.finfo(vectors.dtype).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))
@@ -274,8 +289,7 @@ def float64_collinear_columns(
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
-    cutoff = null_cutoff(gram.shape[0], X.shape[0], np.float64)
-    null = values <= cutoff * max(values.max(initial=0), 0)
+    null = values <= gram.shape[0] * np.finfo(np.float64).eps * max(values.max(initial=0), 0)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

@@ -371,7 +371,7 @@ def fit_logistic_regression_streamed(
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     check_l2_fits(l2, source.dtype)
     if gram is not None:
-        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype), source.num_rows)
+        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
             columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
         )
