@@ -20,7 +20,7 @@ from jax.experimental import sparse
 from .._batch_cond import batch_cond
 from .._linear import LogisticObjective, feature_gram, sparse_feature_gram
 from .._precision import full_precision
-from ._linalg import eigh, gram_rows, jacobi_scaled, null_cutoff, solve
+from ._linalg import eigh, jacobi_scaled, null_cutoff, solve
 from ._sparse_input import is_scipy_sparse as scipy_sparse
 
 # Above this many columns (intercept included) the O(d̃³) eigendecomposition is not done inside
@@ -28,12 +28,11 @@ from ._sparse_input import is_scipy_sparse as scipy_sparse
 MAX_PROJECTED_COLUMNS = 4096
 
 
-def _scaled_null_space(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scale [d̃], eigenvectors of D·A·D [d̃, d̃], null mask [d̃]) of the Gram A."""
+def _scaled_eigh(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale [d̃], eigenvalues [d̃] and eigenvectors [d̃, d̃] of D·A·D) of the Gram A."""
     scaled, scale = jacobi_scaled(gram)
     values, vectors = eigh(scaled)
-    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values, initial=0)
-    return scale, vectors, values <= cutoff
+    return scale, values, vectors
 
 
 def minimum_norm(
@@ -62,7 +61,7 @@ def minimum_norm(
     return project_minimum_norm(
         feature_gram,
         rows,
-        gram_rows(objective),
+        objective.features.shape[0],
         objective.l2,
         theta,
         accept,
@@ -170,8 +169,7 @@ def project_minimum_norm(
 
     def project(theta, data):
         matrix = gram(data)
-        scaled, scale = jacobi_scaled(matrix)
-        values, vectors = eigh(scaled)
+        scale, values, vectors = _scaled_eigh(matrix)
         largest = jnp.max(values, initial=0)
         block = theta.reshape(rows, -1)
 
@@ -190,7 +188,7 @@ def project_minimum_norm(
         # removing them moves the logits (columns that X resolves, such as x and x + 1e-7·z),
         # those below d̃·eps alone.
         loose = removed_below(null_cutoff(rows, num_rows, matrix.dtype))
-        tight = removed_below(rows * jnp.finfo(matrix.dtype).eps)
+        tight = removed_below(null_cutoff(rows, 1, matrix.dtype))
         if accept is None:
             return theta - tight
         kept = jnp.where(accept(tight, matrix, theta, data), theta - tight, theta)
@@ -202,8 +200,8 @@ def project_minimum_norm(
 
 @jax.jit
 def _null_vectors(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    _, vectors, null = _scaled_null_space(gram)
-    return vectors, null
+    _, values, vectors = _scaled_eigh(gram)
+    return vectors, values <= null_cutoff(gram.shape[0], 1, gram.dtype) * jnp.max(values, initial=0)
 
 
 @full_precision

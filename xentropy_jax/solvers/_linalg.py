@@ -74,22 +74,10 @@ def null_cutoff(size: int, num_rows: int, dtype) -> float:
     products, carries rounding of order √N·eps (at most 1 in size, by Cauchy-Schwarz), and its
     eigenvalues as much again times d̃. An intercept beside a constant column gave a smallest
     eigenvalue of 4.6e-15 (float64, N = 300, d̃ = 7) where d̃·eps alone cut at 3.2e-15, and up
-    to 2.6·√N·eps over N = 100 to 100,000 rows in both precisions.
+    to 2.6·√N·eps over N = 100 to 100,000 rows in both precisions. With `num_rows = 1`: d̃·eps,
+    the cutoff wherever a direction is not then checked against X itself.
     """
     return size * math.sqrt(max(num_rows, 1)) * float(np.finfo(dtype).eps)
-
-
-def gram_rows(objective) -> int:
-    """How many rows an objective's feature Gram sums (a bound), for `null_cutoff`.
-
-    The rows of its features, the padded rows of a streamed objective's chunks (`num_rows`),
-    and 1 for an objective that says neither.
-    """
-    rows = getattr(objective, "num_rows", None)
-    if rows is None:
-        features = getattr(objective, "features", None)
-        rows = 1 if features is None else features.shape[0]
-    return int(rows)
 
 
 def jacobi_scaled(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
