@@ -942,6 +942,32 @@ def test_export_with_a_symbolic_batch(rng, num_classes):
         np.testing.assert_allclose(exported.call(logits, labels), loss(logits, labels), rtol=1e-15)
 
 
+@pytest.mark.parametrize("num_classes", [5, 80])
+def test_export_with_a_symbolic_class_axis(rng, num_classes):
+    # The integer loss compared the symbolic class count with 32 before asking whether the
+    # shape was concrete ("inconclusive"); the soft-label loss exported.
+    from jax import export
+
+    (classes,) = export.symbolic_shape("k")
+    logits, soft, integer = make_problem(rng, batch=(3,), num_classes=num_classes)
+    for loss, labels, spec in [
+        (xj.softmax_cross_entropy, soft, (3, classes)),
+        (xj.softmax_cross_entropy_with_integer_labels, integer, (3,)),
+    ]:
+
+        def total(z, y, loss=loss):
+            return loss(z, y).sum()
+
+        exported = export.export(jax.jit(jax.value_and_grad(total)))(
+            jax.ShapeDtypeStruct((3, classes), logits.dtype),
+            jax.ShapeDtypeStruct(spec, labels.dtype),
+        )
+        value, grad = exported.call(logits, labels)
+        expected_value, expected_grad = jax.value_and_grad(total)(logits, labels)
+        np.testing.assert_allclose(value, expected_value, rtol=1e-15)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-15, atol=1e-300)
+
+
 def test_label_smoothing_spreads_over_included_classes_only():
     # With a class mask, the smoothed target is (1 − α)·y + α·m/K_included on the included
     # classes (docs of `softmax_cross_entropy`); reference: NumPy float64 over included classes.

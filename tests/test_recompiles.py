@@ -296,3 +296,22 @@ def test_eager_diagonals_optax_updates_and_the_head_compile_once():
             for i in range(2, 5):
                 jax.block_until_ready(call(float(i)))
         assert not found, (name, found)
+
+
+def test_eager_soft_label_loss_beyond_the_select_size_compiles_once():
+    # Beyond 2¹⁶ entries the CPU form checks its fused label sum for NaN in a `cond` whose
+    # branches were closures over the call's arrays: every eager call compiled (75-115 ms).
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(300, 300)), jnp.float32)
+    labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(300, 300)), jnp.float32))
+
+    def total(z):
+        return xj.softmax_cross_entropy(z, labels).sum()
+
+    for _ in range(2):
+        jax.block_until_ready((xj.softmax_cross_entropy(logits, labels), jax.grad(total)(logits)))
+    shifted = [logits + i for i in range(3)]
+    with compilations() as found:
+        for z in shifted:
+            jax.block_until_ready((xj.softmax_cross_entropy(z, labels), jax.grad(total)(z)))
+    assert not found, found

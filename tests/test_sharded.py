@@ -82,6 +82,32 @@ SCRIPT = textwrap.dedent(
     many = xj.fit_logistic_regression(Xs, ys, K, sample_weight=ws, tol=1e-12)
     out["unpenalised"] = [relative(many.params[0], one.params[0]), bool(many.converged)]
 
+    # Integer-label losses and products beyond 32 classes on rows over an Explicit mesh: the
+    # label scatter raised a ShardingTypeError from inside JAX (up to 32 the comparison served).
+    wide = 40
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Explicit,))
+    rows_only = NamedSharding(mesh, PartitionSpec("rows"))
+    Z = rng.normal(size=(N, wide))
+    labels = rng.integers(0, wide, N)
+    V = rng.normal(size=(N, wide))
+    Zs, labels_s, Vs = (jax.device_put(a, rows_only) for a in (Z, labels, V))
+    integer_loss = xj.softmax_cross_entropy_with_integer_labels
+
+    def mean_loss(z, y):
+        return integer_loss(z, y).mean()
+
+    with jax.set_mesh(mesh):
+        out["explicit integer"] = {
+            "loss": relative(integer_loss(Zs, labels_s), integer_loss(Z, labels)),
+            "jit grad": relative(
+                jax.jit(jax.grad(mean_loss))(Zs, labels_s), jax.grad(mean_loss)(Z, labels)
+            ),
+            "hvp": relative(
+                jax.jvp(lambda z: jax.grad(mean_loss)(z, labels_s), (Zs,), (Vs,))[1],
+                jax.jvp(lambda z: jax.grad(mean_loss)(z, labels), (Z,), (V,))[1],
+            ),
+        }
+
     # One Hessian product on 8 devices: the collectives XLA compiled into it.
     Xs, ys, ws = sharded(8)
     objective = logistic_objective(Xs, ys, K, sample_weight=ws, l2=1e-3)
@@ -255,6 +281,12 @@ def test_sharded_path_on_an_explicit_mesh_equals_the_one_device_path(report):
 def test_unpenalised_weighted_fit_on_an_explicit_mesh_equals_the_one_device_fit(report):
     relative, converged = report["unpenalised"]
     assert converged and relative <= 1e-10, report["unpenalised"]
+
+
+@pytest.mark.subprocess
+def test_integer_losses_beyond_32_classes_on_an_explicit_mesh(report):
+    for name, relative in report["explicit integer"].items():
+        assert relative <= 1e-13, (name, relative)
 
 
 @pytest.mark.subprocess

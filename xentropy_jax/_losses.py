@@ -36,6 +36,7 @@ import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import AxisType
 
 from ._manual import cond
 from ._precision import at_least_float32
@@ -344,9 +345,19 @@ def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -
 
 def _fused_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     plain = (labels * _gaps(logits, peak)).sum(axis=-1)
-    return cond(
-        jnp.any(jnp.isnan(plain)), lambda: _masked_label_gaps(labels, logits, peak), lambda: plain
-    )
+    # Module-level branches with their operands passed, not closures over them: an eager call
+    # then finds the branches it traced before, where closures (new functions holding the
+    # call's arrays) compiled a new program at every call.
+    nan = jnp.any(jnp.isnan(plain))
+    return cond(nan, _select_branch, _plain_branch, labels, logits, peak, plain)
+
+
+def _select_branch(labels: jax.Array, logits: jax.Array, peak: jax.Array, plain: jax.Array):
+    return _masked_label_gaps(labels, logits, peak)
+
+
+def _plain_branch(labels: jax.Array, logits: jax.Array, peak: jax.Array, plain: jax.Array):
+    return plain
 
 
 @_checked_label_gaps.def_vmap
@@ -497,12 +508,23 @@ _COMPARE_CLASSES = 32
 
 def _at_labels(values: jax.Array, safe_labels: jax.Array, value) -> jax.Array:
     """``values`` [..., K] with each row's entry at its label (``[..., 1]``) set to ``value``."""
-    if values.shape[-1] <= _COMPARE_CLASSES or not all(isinstance(n, int) for n in values.shape):
-        # The scatter needs concrete shapes; under `jax.export` with a symbolic batch the
-        # comparison serves.
+    if (
+        not all(isinstance(n, int) for n in values.shape)
+        or values.shape[-1] <= _COMPARE_CLASSES
+        or _on_explicit_axes(values)
+    ):
+        # The scatter needs concrete shapes (under `jax.export` with a symbolic batch or class
+        # axis the comparison serves), and jax 0.10's scatter refuses rows sharded over
+        # `Explicit` mesh axes ("All operands should have the same sharding").
         classes = jax.lax.broadcasted_iota(safe_labels.dtype, values.shape, values.ndim - 1)
         return jnp.where(classes == safe_labels, value, values)
     return jnp.put_along_axis(values, safe_labels, value, axis=-1, inplace=False)
+
+
+def _on_explicit_axes(values: jax.Array) -> bool:
+    """Whether ``values`` is typed on a mesh with ``Explicit`` axes (``make_mesh``'s default)."""
+    mesh = getattr(getattr(jax.typeof(values), "sharding", None), "mesh", None)
+    return any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ()))
 
 
 def _safe_labels(labels: jax.Array, num_classes: int) -> jax.Array:
