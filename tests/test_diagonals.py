@@ -300,6 +300,23 @@ def test_exact_diagonal_refuses_models_that_mix_rows(dtype):
     assert np.isfinite(flat(slope)).all()
 
 
+@pytest.mark.parametrize("order", ["causal", "anticausal"])
+def test_exact_diagonal_refuses_models_whose_rows_read_earlier_or_later_rows(order):
+    # A prefix sum over the batch (a causal model run on one sequence): row 0 of the logits
+    # reads only row 0, so the check from the first row alone passed it, and the per-example
+    # squares came out up to 40% off with no error. The reversed sum shows from the first row.
+    params, inputs = make_problem(linear)
+
+    def running(p, x):
+        summed = jax.lax.cumsum(x, axis=0, reverse=order == "anticausal")
+        return linear(p, summed)
+
+    with pytest.raises(ValueError, match="first or last row"):
+        xj.ggn_diagonal(running, params, inputs)
+    traced = jax.jit(lambda p: xj.ggn_diagonal(running, p, inputs))(params)
+    assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(traced))
+
+
 def test_exact_diagonal_second_derivatives():
     # The diagonal runs a scan over chunks, where JAX takes a second derivative through the
     # losses' primal computation: jax.hessian of its sum was 0.65 off (entries up to 1.3).

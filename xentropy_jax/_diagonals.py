@@ -167,13 +167,13 @@ def ggn_diagonal(
     the square-root factor Bᵢ = diag(√sᵢ) − sᵢ√sᵢᵀ of the loss Hessian (BᵢBᵢᵀ = diag(sᵢ) − sᵢsᵢᵀ).
     The squares are per example, so this takes per-example gradients: the model is called on
     one example at a time under ``vmap``, which requires row i of the logits to depend only on
-    row i of the inputs (no batch normalisation across examples). One backward pass of the
-    batch checks that: a model whose first row of logits reaches another row of its floating
-    inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal. Inside
+    row i of the inputs (no batch normalisation across examples). Two backward passes of the
+    batch check that: a model whose first or last row of logits reaches another row of its
+    floating inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal. Inside
     ``shard_map`` with ``check_vma``, the shards' diagonals are summed for parameters replicated
     over the data's axes, as ``jax.grad`` sums gradients (docs/scaling.md).
 
-    Cost: one forward and one backward pass of the batch, and K per-example backward passes
+    Cost: one forward and two backward passes of the batch, and K per-example backward passes
     (≈ K gradients of flops), holding ``chunk_size`` × K × P numbers at once. Use it when K·P
     fits in memory a few times over; for large models use :func:`ggn_diagonal_hutchinson` or
     :func:`ggn_diagonal_bartlett`.
@@ -245,9 +245,9 @@ def ggn_diagonal(
     if is_concrete(mixed) and mixed:
         raise ValueError(
             "ggn_diagonal needs row i of the logits to depend only on row i of the inputs, but "
-            "this model's first row of logits depends on other rows of the inputs (batch "
-            "normalisation, attention across the batch). Use ggn_diagonal_hutchinson or "
-            "ggn_diagonal_bartlett, which work for any model."
+            "this model's first or last row of logits depends on other rows of the inputs "
+            "(batch normalisation, attention or a running sum across the batch). Use "
+            "ggn_diagonal_hutchinson or ggn_diagonal_bartlett, which work for any model."
         )
     # Under a trace the check cannot raise: such a model's diagonal comes out NaN, not wrong.
     diagonals = [
@@ -293,15 +293,17 @@ _CHUNKED_SUMS = Programs(lambda key: jax.jit(functools.partial(_chunked_sums, *k
 
 
 def _mixes_rows(logits_fn: LogitsFn, params: PyTree, inputs: PyTree, n: int) -> jax.Array:
-    """Whether the first row of the logits reaches any other row of the (floating) inputs.
+    """Whether the first or the last row of the logits reaches another row of the (floating) inputs.
 
-    One backward pass of the batch, with the cotangent 1 on row 0 of the logits and 0 elsewhere:
-    for a model whose rows are independent, every other row of the inputs' cotangent is a sum
-    of exact zeros, so the test has no rounding to allow for (comparing the logits of one
-    example with the batched ones did: matrix-vector and matrix products round differently,
-    and a linear model on features near 10⁴ failed it). Batch normalisation sends row 0's
-    cotangent through the batch mean to every row. Integer inputs (token indices) are not
-    looked at; NaN cotangents (from non-finite parameters) do not count.
+    Two backward passes of the batch (one, under ``vmap``), with the cotangent 1 on row 0 of
+    the logits, then on row N − 1, and 0 elsewhere: for a model whose rows are independent,
+    every other row of the inputs' cotangent is a sum of exact zeros, so the test has no
+    rounding to allow for (comparing the logits of one example with the batched ones did:
+    matrix-vector and matrix products round differently, and a linear model on features near
+    10⁴ failed it). Batch normalisation sends either cotangent through the batch mean to every
+    row; a causal model (row i reads rows ≤ i, as a prefix sum over the batch) shows from the
+    last row, whose logits read every row, where row 0's read only their own. Integer inputs
+    (token indices) are not looked at; NaN cotangents (from non-finite parameters) do not count.
     """
     if n < 2:
         return jnp.zeros((), bool)
@@ -319,8 +321,14 @@ def _mixes_rows(logits_fn: LogitsFn, params: PyTree, inputs: PyTree, n: int) -> 
     logits, model_vjp = jax.vjp(
         model, [leaf for leaf, f in zip(leaves, floating, strict=True) if f]
     )
-    (cotangents,) = model_vjp(jnp.zeros_like(logits).at[0].set(1))
-    return jnp.any(jnp.stack([jnp.any(jnp.abs(c[1:]) > 0) for c in cotangents]))
+    zeros = jnp.zeros_like(logits)  # typed as the logits (varying inside `shard_map`)
+    seeds = jnp.stack([zeros.at[0].set(1), zeros.at[-1].set(1)])
+    (cotangents,) = jax.vmap(model_vjp)(seeds)
+    return jnp.any(
+        jnp.stack(
+            [jnp.any(jnp.abs(c[0, 1:]) > 0) | jnp.any(jnp.abs(c[1, :-1]) > 0) for c in cotangents]
+        )
+    )
 
 
 def _rademacher_like(key: jax.Array, params: PyTree, num_samples: int) -> PyTree:
