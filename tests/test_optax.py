@@ -553,3 +553,59 @@ def test_integer_leaves_and_empty_trees_of_parameters():
                 empty, transformation.init(empty), empty, logits_fn=lambda p, x: x, inputs=inputs
             )
             assert jax.tree.structure(updates) == jax.tree.structure(empty)
+
+
+def test_an_empty_group_under_multi_transform_does_not_call_the_model():
+    # Every parameter in the other group: the second-order group's params are MaskedNodes.
+    # Sophia and the diagonal scaling ran the model on them and raised; gauss_newton did not.
+    params = {"w": jnp.ones((2, 3))}
+    grads = jax.tree.map(jnp.ones_like, params)
+    inputs = jnp.ones((4, 2))
+
+    def model(p, x):
+        return x @ p["w"]
+
+    for second in (
+        xj.gauss_newton(),
+        xj.scale_by_sophia_g(),
+        xj.sophia_g(),
+        xj.scale_by_ggn_diagonal(),
+    ):
+        optimizer = optax.multi_transform(
+            {"second": second, "adam": optax.adam(0.1)}, {"w": "adam"}
+        )
+        adam = optax.adam(0.1)
+        updates, _ = optimizer.update(
+            grads, optimizer.init(params), params, logits_fn=model, inputs=inputs
+        )
+        expected, _ = adam.update(grads, adam.init(params), params)
+        np.testing.assert_array_equal(updates["w"], expected["w"])
+
+
+def test_gauss_newton_ratio_is_zero_where_no_descent_step_was_measured():
+    # A zero gradient after a step: the warm start is no descent direction, nothing is
+    # measured, and the state documents ρ = 0 there (it held −actual, a division by −1).
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(32, 3)))
+    y = jnp.asarray(rng.integers(0, 3, 32))
+
+    def model(W, x):
+        return x @ W
+
+    def value(W):
+        return xj.mean_cross_entropy(model, W, X, y)
+
+    optimizer = xj.gauss_newton(max_cg_steps=1)
+    W = jnp.zeros((3, 3))
+    state = optimizer.init(W)
+    loss, grad = jax.value_and_grad(value)(W)
+    updates, state = optimizer.update(
+        grad, state, W, logits_fn=model, inputs=X, value_fn=value, value=loss
+    )
+    assert state.accepted and 0 < state.ratio
+    W = optax.apply_updates(W, updates)
+    updates, state = optimizer.update(
+        jnp.zeros_like(W), state, W, logits_fn=model, inputs=X, value_fn=value, value=value(W)
+    )
+    assert not state.accepted and state.ratio == 0
+    np.testing.assert_array_equal(updates, 0)

@@ -429,8 +429,9 @@ def gauss_newton(
             before = value_fn(params) if value is None else value
             candidate = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, direction)
             actual = value_fn(candidate) - before
-            ratio = (actual / jnp.where(descent, predicted, -1)).astype(dtype)
             measured = descent & jnp.isfinite(actual)
+            # 0 where nothing is measured (as documented), not actual / −1.
+            ratio = jnp.where(measured, actual / jnp.where(descent, predicted, -1), 0).astype(dtype)
             accepted = measured & (actual < 0)
             good = measured & (ratio > upper_ratio)
             poor = ~measured | (ratio < lower_ratio)
@@ -641,6 +642,8 @@ def scale_by_sophia_g(
     ) -> tuple[PyTree, SophiaGState]:
         del extra_args
         logits_fn = _require_model("scale_by_sophia_g", updates, params, logits_fn, inputs)
+        if not jax.tree.leaves(params):  # an empty group: nothing to estimate, the model unread
+            return updates, state._replace(count=optax.safe_increment(state.count))
         # In the moment's own dtype: float32 hyperparameters injected for float16 parameters
         # (`hyperparam_dtype`, as the check's message advises) promoted it, and a scan's carry
         # changed type.
@@ -876,6 +879,8 @@ def scale_by_ggn_diagonal(
     ) -> tuple[PyTree, ScaleByGGNDiagonalState]:
         del extra_args
         logits_fn = _require_model("scale_by_ggn_diagonal", updates, params, logits_fn, inputs)
+        if not jax.tree.leaves(params):  # an empty group: nothing to estimate, the model unread
+            return updates, state._replace(count=optax.safe_increment(state.count))
         diagonal, key = _refresh(
             state.count,
             update_interval,
