@@ -449,6 +449,61 @@ def test_float32():
     _close(by_cg.bse, _statsmodels(X4, Y4, cov_type="HC0").bse, rtol=1e-3)
 
 
+def test_float32_weights_that_overflow_the_sums_get_a_clear_error():
+    # Weights of 1e20 overflowed the float32 cluster meat: a ValueError from inside SciPy's
+    # triangular solve; weights of 1e38 read as separation ("Hessian singular"). At 1e10 the
+    # cluster standard errors equal the unit-weight ones up to (nobs − 1)/(nobs − P).
+    X, groups = X4.astype(np.float32), np.arange(len(Y4)) % 20
+    with jax.enable_x64(False):
+        fit = xj.fit_logistic_regression(X, Y4, 4, reference_class=True, tol=1e-6)
+        unit = xj.logit_inference(fit, X, Y4, cov_type="cluster", groups=groups)
+        large = xj.logit_inference(
+            fit,
+            X,
+            Y4,
+            sample_weight=np.full(len(Y4), 1e10, np.float32),
+            cov_type="cluster",
+            groups=groups,
+            check_optimum=False,
+        )
+        _close(large.bse, unit.bse, rtol=2e-2)
+        for weight, options in [
+            (1e20, dict(cov_type="cluster", groups=groups)),
+            (1e38, {}),
+            (1e38, dict(method="cg", subset=[0, 1])),
+        ]:
+            with pytest.raises(xj.InferenceError, match="overflow float32"):
+                xj.logit_inference(
+                    fit,
+                    X,
+                    Y4,
+                    sample_weight=np.full(len(Y4), weight, np.float32),
+                    check_optimum=False,
+                    **options,
+                )
+
+
+def test_columns_collinear_only_to_float32_precision_are_told_apart():
+    # Correlation 1 − 4e-6: float64 gives standard errors (about 22 for the pair); float32
+    # refuses, and said the columns "are collinear … drop or combine them".
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=2000)
+    X = np.column_stack([x, x + 3e-3 * rng.normal(size=2000), rng.normal(size=2000)])
+    y = rng.integers(0, 3, 2000)
+    fit = xj.fit_logistic_regression(X, y, 3, reference_class=True, tol=1e-10)
+    assert np.all(np.isfinite(xj.logit_inference(fit, X, y).bse))
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = xj.fit_logistic_regression(X.astype(np.float32), y, 3, reference_class=True)
+        with pytest.raises(xj.InferenceError, match=r"x0.*x1.*collinear to float32 precision"):
+            xj.logit_inference(fit, X.astype(np.float32), y)
+    exact = np.column_stack([x, 2 * x])
+    fit = xj.fit_logistic_regression(exact, y, 3, reference_class=True, l2=1e-3)
+    with pytest.raises(xj.InferenceError, match=r"are collinear \(") as raised:
+        xj.logit_inference(fit, exact, y, check_optimum=False)
+    assert "float32" not in str(raised.value)
+
+
 def test_refusals_and_warnings():
     with pytest.raises(xj.InferenceError, match="penalised"):
         xj.logit_inference(FIT4, X4, Y4, l2=0.1)

@@ -490,21 +490,47 @@ def _flat_coefficients(solve, model_variances, column_rms, column_max, loss_chan
     ]
 
 
+def _check_finite_sums(sums, dtype) -> None:
+    """Raise InferenceError where the weighted sums overflowed the data's dtype.
+
+    The parameters and data are finite (validated), so a non-finite sum is an overflow: the
+    frequency weights are too large for the dtype (the fit divides them by their largest, the
+    sums cannot: nobs and the standard errors depend on their scale).
+    """
+    if all(np.all(np.isfinite(value)) for value in sums):
+        return
+    raise InferenceError(
+        f"the weighted sums of the log-likelihood overflow {np.dtype(dtype).name}: "
+        "sample_weight is too large for it. Use float64 data (jax_enable_x64), or divide "
+        "sample_weight by a constant c: nobs then falls by c, nonrobust and HC0 standard "
+        "errors grow by √c, cluster-robust ones do not change"
+    )
+
+
 def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str:
     """Name collinear columns when the weighted Gram is singular; otherwise blame separation."""
-    extended = features
+    # In float64 whatever the data's dtype, so that columns collinear only to the rounding of
+    # float32 data (which computes the Hessian) are told from exactly collinear ones.
+    extended = np.asarray(features, dtype=float)
     if fit_intercept:
-        extended = np.concatenate([features, np.ones_like(features[:, :1])], axis=1)
-    gram = np.asarray(extended.T @ (weights[:, None] * extended), dtype=float)
+        extended = np.concatenate([extended, np.ones_like(extended[:, :1])], axis=1)
+    gram = extended.T @ (weights[:, None] * extended)
     scale = 1 / np.sqrt(np.maximum(np.diag(gram), np.finfo(float).tiny))
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
     null = _null_eigenvalues(values, eps)
     if null.any():
         involved = np.flatnonzero(np.abs(vectors[:, null]).max(axis=1) > 1e-3)
         names = [term_names[i] for i in involved]
+        rank = f"rank {int((~null).sum())} < {len(values)}"
+        if eps > np.finfo(float).eps and not _null_eigenvalues(values, np.finfo(float).eps).any():
+            return (
+                f"the columns {names} are collinear to float32 precision (the weighted design "
+                f"matrix has {rank} at float32 rounding, full rank in float64): fit and infer "
+                "on float64 data (jax_enable_x64), or drop or combine them"
+            )
         return (
-            f"the columns {names} are collinear (the weighted design matrix has rank "
-            f"{int((~null).sum())} < {len(values)}): drop or combine them"
+            f"the columns {names} are collinear (the weighted design matrix has {rank}): "
+            "drop or combine them"
         )
     return (
         "the Hessian is singular although the columns are not collinear: the data are "
@@ -737,6 +763,9 @@ def logit_inference(
             **static,
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
+        _check_finite_sums(
+            [sums[k] for k in ("loss", "grad", "hessian", "meat") if k in sums], dtype
+        )
         llf = -float(sums["loss"])
         mass, saturated = sums["mass"], sums["saturated"]
         hessian = sums["hessian"]
@@ -834,6 +863,7 @@ def logit_inference(
             **static,
         )
         llf, mass, grad = -float(llf), np.asarray(mass, float), np.asarray(grad, float)
+        _check_finite_sums([llf, grad], dtype)
         directions[-1] = grad
         rtol = (1e-10 if dtype == jnp.float64 else 1e-5) if cg_rtol is None else float(cg_rtol)
         max_steps = max(num_params, 100) if cg_max_steps is None else int(cg_max_steps)
@@ -855,6 +885,7 @@ def logit_inference(
         )
         *results, gram_eigenvalues = results
         model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
+        _check_finite_sums([model, values], dtype)
         if _null_eigenvalues(np.asarray(gram_eigenvalues, float), eps).any():
             raise InferenceError(
                 "the Hessian of the log-likelihood is singular, so the estimates have no "
