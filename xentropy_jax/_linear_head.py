@@ -889,10 +889,11 @@ def linear_softmax_cross_entropy(
     residuals); with ``"none"`` reverse mode recomputes each block's logits (one GEMM more).
 
     Numbers equal ``softmax_cross_entropy_with_integer_labels(h @ W + b, labels, where=...,
-    label_smoothing=α) + ζ lse²``. A ``-inf`` bias entry masks its class (probability and
-    gradient 0 there); with ``α > 0`` the uniform target then meets a ``-inf`` logit and the
-    loss is ``+inf``, as in the dense formula. bfloat16 or float16 inputs run their GEMMs in
-    their own dtype, accumulated in float32, with every reduction in float32.
+    label_smoothing=α) + ζ lse²`` (with ``α > 0`` and logits sharing a large offset c, up to
+    about α·ulp(c) in the value: docs/linear_head.md). A ``-inf`` bias entry masks its class
+    (probability and gradient 0 there); with ``α > 0`` the uniform target then meets a ``-inf``
+    logit and the loss is ``+inf``, as in the dense formula. bfloat16 or float16 inputs run
+    their GEMMs in their own dtype, accumulated in float32, with every reduction in float32.
 
     Inputs may be sharded over a mesh (``NamedSharding``): the token axes of ``hidden`` (and
     ``labels``, ``where``), the vocabulary axis of ``weight`` and ``bias``, or both. On
