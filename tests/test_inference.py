@@ -449,38 +449,39 @@ def test_float32():
     _close(by_cg.bse, _statsmodels(X4, Y4, cov_type="HC0").bse, rtol=1e-3)
 
 
-def test_float32_weights_that_overflow_the_sums_get_a_clear_error():
+def test_weights_that_overflow_the_sums_get_a_clear_error_or_a_warning():
     # Weights of 1e20 overflowed the float32 cluster meat: a ValueError from inside SciPy's
-    # triangular solve; weights of 1e38 read as separation ("Hessian singular"). At 1e10 the
-    # cluster standard errors equal the unit-weight ones up to (nobs − 1)/(nobs − P).
+    # triangular solve; weights of 1e38 read as separation ("Hessian singular"). The CG path
+    # never forms the meat and stays in range; where only the log-likelihood's sum overflows,
+    # the standard errors stand and a warning says llf is not finite.
     X, groups = X4.astype(np.float32), np.arange(len(Y4)) % 20
+    n = len(Y4)
+
+    def inference(fit, X, weight, dtype=np.float32, **options):
+        weights = np.full(n, weight, dtype)
+        return xj.logit_inference(fit, X, Y4, sample_weight=weights, check_optimum=False, **options)
+
+    cluster = dict(cov_type="cluster", groups=groups)
     with jax.enable_x64(False):
         fit = xj.fit_logistic_regression(X, Y4, 4, reference_class=True, tol=1e-6)
-        unit = xj.logit_inference(fit, X, Y4, cov_type="cluster", groups=groups)
-        large = xj.logit_inference(
-            fit,
-            X,
-            Y4,
-            sample_weight=np.full(len(Y4), 1e10, np.float32),
-            cov_type="cluster",
-            groups=groups,
-            check_optimum=False,
-        )
-        _close(large.bse, unit.bse, rtol=2e-2)
-        for weight, options in [
-            (1e20, dict(cov_type="cluster", groups=groups)),
-            (1e38, {}),
-            (1e38, dict(method="cg", subset=[0, 1])),
-        ]:
+        unit = xj.logit_inference(fit, X, Y4, **cluster)
+        # Cluster standard errors do not depend on the weights' scale, up to (nobs−1)/(nobs−P).
+        _close(inference(fit, X, 1e10, **cluster).bse, unit.bse, rtol=2e-2)
+        _close(inference(fit, X, 1e20, method="cg", subset="all", **cluster).bse, unit.bse, 2e-2)
+        with pytest.raises(xj.InferenceError, match="overflow float32.*method='cg'.*float64"):
+            inference(fit, X, 1e20, **cluster)
+        for options in ({}, dict(method="cg", subset=[0, 1])):
             with pytest.raises(xj.InferenceError, match="overflow float32"):
-                xj.logit_inference(
-                    fit,
-                    X,
-                    Y4,
-                    sample_weight=np.full(len(Y4), weight, np.float32),
-                    check_optimum=False,
-                    **options,
-                )
+                inference(fit, X, 1e38, **options)
+        plain = xj.logit_inference(fit, X, Y4)
+        with pytest.warns(xj.InferenceWarning, match="log-likelihood overflows float32"):
+            only_llf = inference(fit, X, 2e36)  # −ℓ ≈ 2e36 · 239 > 3.4e38
+        assert only_llf.llf == -np.inf
+        _close(only_llf.bse * np.sqrt(2e36), plain.bse, rtol=1e-5)
+    fit = _fit(X4, Y4, 4)
+    with pytest.raises(xj.InferenceError, match="overflow float64.*method='cg'") as raised:
+        inference(fit, X4, 1e160, np.float64, **cluster)
+    assert "float64 data" not in str(raised.value)
 
 
 def test_columns_collinear_only_to_float32_precision_are_told_apart():
@@ -497,6 +498,14 @@ def test_columns_collinear_only_to_float32_precision_are_told_apart():
         fit = xj.fit_logistic_regression(X.astype(np.float32), y, 3, reference_class=True)
         with pytest.raises(xj.InferenceError, match=r"x0.*x1.*collinear to float32 precision"):
             xj.logit_inference(fit, X.astype(np.float32), y)
+    # An exactly collinear column beside the pair: each named for what it is (the exact one
+    # hid the pair's float32-only collinearity).
+    mixed = np.column_stack([X, np.zeros(2000)])
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = xj.fit_logistic_regression(mixed.astype(np.float32), y, 3, reference_class=True)
+        with pytest.raises(xj.InferenceError, match=r"\['x3'\] are collinear.*\['x0', 'x1'\] col"):
+            xj.logit_inference(fit, mixed.astype(np.float32), y)
     exact = np.column_stack([x, 2 * x])
     fit = xj.fit_logistic_regression(exact, y, 3, reference_class=True, l2=1e-3)
     with pytest.raises(xj.InferenceError, match=r"are collinear \(") as raised:

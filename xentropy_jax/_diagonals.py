@@ -169,7 +169,7 @@ def ggn_diagonal(
     one example at a time under ``vmap``, which requires row i of the logits to depend only on
     row i of the inputs (no batch normalisation across examples). Two backward passes of the
     batch check that: a model whose first or last row of logits reaches another row of its
-    floating inputs raises ValueError, or, under ``jit`` or ``vmap``, gets a NaN diagonal. Inside
+    floating inputs raises ValueError, or, under ``jit``, gets a NaN diagonal. Inside
     ``shard_map`` with ``check_vma``, the shards' diagonals are summed for parameters replicated
     over the data's axes, as ``jax.grad`` sums gradients (docs/scaling.md).
 

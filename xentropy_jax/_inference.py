@@ -490,20 +490,45 @@ def _flat_coefficients(solve, model_variances, column_rms, column_max, loss_chan
     ]
 
 
-def _check_finite_sums(sums, dtype) -> None:
-    """Raise InferenceError where the weighted sums overflowed the data's dtype.
+def _finite(values) -> bool:
+    return all(np.all(np.isfinite(value)) for value in values)
+
+
+def _check_finite_sums(sums, dtype, *, meat=None) -> None:
+    """Raise InferenceError where the sums the standard errors need overflowed the data's dtype.
 
     The parameters and data are finite (validated), so a non-finite sum is an overflow: the
     frequency weights are too large for the dtype (the fit divides them by their largest, the
-    sums cannot: nobs and the standard errors depend on their scale).
+    sums cannot: nobs and the standard errors depend on their scale). ``meat``: the dense
+    sandwich's sum of squared scores, which overflows first; the CG path never forms it.
     """
-    if all(np.all(np.isfinite(value)) for value in sums):
+    meat_only = meat is not None and _finite(sums) and not _finite([meat])
+    if _finite(sums) and not meat_only:
         return
+    remedies = [
+        "divide sample_weight by a constant c (nobs then falls by c, nonrobust and HC0 "
+        "standard errors grow by √c, cluster-robust ones do not change)"
+    ]
+    if np.dtype(dtype) != np.float64:
+        remedies.insert(0, "use float64 data (jax_enable_x64)")
+    if meat_only:
+        remedies.insert(0, "use method='cg', which does not form the sum of squared scores")
     raise InferenceError(
         f"the weighted sums of the log-likelihood overflow {np.dtype(dtype).name}: "
-        "sample_weight is too large for it. Use float64 data (jax_enable_x64), or divide "
-        "sample_weight by a constant c: nobs then falls by c, nonrobust and HC0 standard "
-        "errors grow by √c, cluster-robust ones do not change"
+        f"sample_weight is too large for them. {'; or '.join(remedies)}"
+    )
+
+
+def _warn_infinite_likelihood(llf: float, mass, dtype) -> None:
+    """The log-likelihood's sum may overflow where the curvature's still fit: say so, go on."""
+    if _finite([llf, mass]):
+        return
+    warnings.warn(
+        f"the weighted log-likelihood overflows {np.dtype(dtype).name} (sample_weight too "
+        "large for it): llf, llnull and the statistics built on them (pseudo R², AIC, BIC) "
+        "are not finite; the estimates and standard errors are unaffected",
+        InferenceWarning,
+        stacklevel=3,
     )
 
 
@@ -519,17 +544,33 @@ def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
     null = _null_eigenvalues(values, eps)
     if null.any():
-        involved = np.flatnonzero(np.abs(vectors[:, null]).max(axis=1) > 1e-3)
-        names = [term_names[i] for i in involved]
-        rank = f"rank {int((~null).sum())} < {len(values)}"
-        if eps > np.finfo(float).eps and not _null_eigenvalues(values, np.finfo(float).eps).any():
+
+        def involved(null):
+            return np.flatnonzero(np.abs(vectors[:, null]).max(axis=1) > 1e-3)
+
+        def rank(null):
+            return f"rank {int((~null).sum())} < {len(values)}"
+
+        names = [term_names[i] for i in involved(null)]
+        exact = _null_eigenvalues(values, np.finfo(float).eps)
+        if eps > np.finfo(float).eps and null.sum() > exact.sum():
+            if not exact.any():
+                return (
+                    f"the columns {names} are collinear to float32 precision (the weighted "
+                    f"design matrix has {rank(null)} at float32 rounding, full rank in "
+                    "float64): fit and infer on float64 data (jax_enable_x64), or drop or "
+                    "combine them"
+                )
+            exact_names = [term_names[i] for i in involved(exact)]
+            others = [name for name in names if name not in exact_names] or names
             return (
-                f"the columns {names} are collinear to float32 precision (the weighted design "
-                f"matrix has {rank} at float32 rounding, full rank in float64): fit and infer "
-                "on float64 data (jax_enable_x64), or drop or combine them"
+                f"the columns {exact_names} are collinear (the weighted design matrix has "
+                f"{rank(exact)}), and {others} collinear to float32 precision ({rank(null)} at "
+                "float32 rounding): drop or combine the former, and fit and infer on float64 "
+                "data (jax_enable_x64)"
             )
         return (
-            f"the columns {names} are collinear (the weighted design matrix has {rank}): "
+            f"the columns {names} are collinear (the weighted design matrix has {rank(null)}): "
             "drop or combine them"
         )
     return (
@@ -763,11 +804,10 @@ def logit_inference(
             **static,
         )
         sums = jax.tree.map(lambda a: np.asarray(a, dtype=float), sums)
-        _check_finite_sums(
-            [sums[k] for k in ("loss", "grad", "hessian", "meat") if k in sums], dtype
-        )
+        _check_finite_sums([sums["grad"], sums["hessian"]], dtype, meat=sums.get("meat"))
         llf = -float(sums["loss"])
         mass, saturated = sums["mass"], sums["saturated"]
+        _warn_infinite_likelihood(llf, mass, dtype)
         hessian = sums["hessian"]
         scale = 1 / np.sqrt(np.maximum(np.diag(hessian), np.finfo(float).tiny))
         scaled = hessian * scale[:, None] * scale[None, :]
@@ -863,7 +903,8 @@ def logit_inference(
             **static,
         )
         llf, mass, grad = -float(llf), np.asarray(mass, float), np.asarray(grad, float)
-        _check_finite_sums([llf, grad], dtype)
+        _check_finite_sums([grad], dtype)
+        _warn_infinite_likelihood(llf, mass, dtype)
         directions[-1] = grad
         rtol = (1e-10 if dtype == jnp.float64 else 1e-5) if cg_rtol is None else float(cg_rtol)
         max_steps = max(num_params, 100) if cg_max_steps is None else int(cg_max_steps)
