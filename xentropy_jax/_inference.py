@@ -515,7 +515,7 @@ def _check_finite_sums(sums, dtype, *, meat=None) -> None:
         remedies.insert(0, "use method='cg', which does not form the sum of squared scores")
     raise InferenceError(
         f"the weighted sums of the log-likelihood overflow {np.dtype(dtype).name}: "
-        f"sample_weight is too large for them. {'; or '.join(remedies)}"
+        f"sample_weight is too large for them: {'; or '.join(remedies)}"
     )
 
 
