@@ -169,17 +169,22 @@ def test_optax_updates_that_do_not_match_params_are_named():
             )
 
 
-def test_solver_minimize_takes_theta_in_the_objectives_dtype():
+@pytest.mark.parametrize("solver", [xj.NewtonCG(preconditioner="none"), xj.TrustRegion()])
+def test_solver_minimize_takes_theta_in_the_objectives_dtype(solver):
     objective = logistic_objective(X, Y, 3, l2=0.1)
-    solver = xj.NewtonCG(preconditioner="none")
-    with pytest.raises(TypeError, match="theta must be a floating"):
-        solver.minimize(objective, jnp.zeros(objective.num_params, int), tol=1e-6, max_iter=10)
-    # A float32 start for a float64 objective failed inside while_loop.
-    reference = solver.minimize(objective, jnp.zeros(objective.num_params), tol=1e-8, max_iter=50)
-    narrow = jnp.zeros(objective.num_params, jnp.float32)
-    output = solver.minimize(objective, narrow, tol=1e-8, max_iter=50)
-    assert output.theta.dtype == objective.dtype
-    np.testing.assert_allclose(output.theta, reference.theta, atol=1e-12)
+    size = objective.num_params
+    for bad in (jnp.zeros(size, int), {"theta": jnp.zeros(size)}):
+        # An integer θ failed converting inf (TrustRegion: an OverflowError), a dict inside
+        # jnp.asarray ("entry not a 2- or 3- tuple").
+        with pytest.raises(TypeError, match="theta must be a floating"):
+            solver.minimize(objective, bad, tol=1e-6, max_iter=10)
+    # A float32 start for a float64 objective failed inside while_loop (TrustRegion: its own
+    # radius carry took θ₀'s dtype), and a list had no dtype there.
+    reference = solver.minimize(objective, jnp.zeros(size), tol=1e-8, max_iter=50)
+    for start in (jnp.zeros(size, jnp.float32), [0.0] * size):
+        output = solver.minimize(objective, start, tol=1e-8, max_iter=50)
+        assert output.theta.dtype == objective.dtype
+        np.testing.assert_allclose(output.theta, reference.theta, atol=1e-12)
 
 
 def test_estimator_devices_must_be_devices_or_ids():

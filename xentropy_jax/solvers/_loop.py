@@ -83,6 +83,27 @@ def start(objective: Objective, theta: jax.Array) -> Iterate:
     return Iterate(theta, predictor, objective.evaluate(theta, predictor))
 
 
+def initial_theta(objective: Objective, theta: Any) -> jax.Array:
+    """θ₀ as a floating [P] vector in the objective's dtype, else TypeError.
+
+    The loop's carry is in the objective's dtype: a float32 θ₀ for a float64 objective failed
+    inside `while_loop` ("carry input and carry output must have equal types"), and so did a
+    solver's own carry built from θ₀'s dtype (`TrustRegion`'s radius).
+    """
+    try:
+        array = jnp.asarray(theta)
+    except (TypeError, ValueError):  # a dict or another pytree: "entry not a 2- or 3- tuple"
+        raise TypeError(
+            f"theta must be a floating [P] vector, got {type(theta).__name__}"
+        ) from None
+    if array.ndim != 1 or not jnp.issubdtype(array.dtype, jnp.floating):
+        # An integer θ failed converting inf to its dtype.
+        raise TypeError(
+            f"theta must be a floating [P] vector, got {array.dtype} of shape {array.shape}"
+        )
+    return array.astype(objective.dtype)
+
+
 def run(
     objective: Objective,
     theta: jax.Array,
@@ -114,15 +135,7 @@ def run(
             `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
             the fits check theirs before).
     """
-    theta = jnp.asarray(theta)
-    if theta.ndim != 1 or not jnp.issubdtype(theta.dtype, jnp.floating):
-        # An integer θ failed converting inf to its dtype.
-        raise TypeError(
-            f"theta must be a floating [P] vector, got {theta.dtype} of shape {theta.shape}"
-        )
-    # The loop's carry is in the objective's dtype: a float32 θ₀ for a float64 objective
-    # failed inside `while_loop` ("carry input and carry output must have equal types").
-    theta = theta.astype(objective.dtype)
+    theta = initial_theta(objective, theta)
     if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
         raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
     if is_concrete(max_iter) and not (

@@ -24,7 +24,7 @@ from ._inner import (
     product_operator,
 )
 from ._linesearch import keep_in_subspace
-from ._loop import Iterate, SolverOutput, StepResult, run
+from ._loop import Iterate, SolverOutput, StepResult, initial_theta, run
 from ._progress import Progress
 
 # liblinear's TRON constants: acceptance and radius-update thresholds on the ratio of actual to
@@ -250,8 +250,8 @@ class TrustRegion:
             progress = Progress(
                 "cg {cg:3d}  radius {radius:.3e}  actual/predicted {ratio:.3g}  accepted {accepted}"
             )
-        dtype = jnp.result_type(theta)
-        carry = _Carry(jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype))
+        theta = initial_theta(objective, theta)  # its dtype is the carry's
+        carry = _Carry(jnp.asarray(jnp.inf, theta.dtype), jnp.asarray(jnp.inf, theta.dtype))
         return run(
             objective,
             theta,
