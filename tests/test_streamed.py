@@ -260,6 +260,25 @@ def test_fit_from_an_iterator_of_ragged_chunks_equals_the_in_memory_fit(files, s
     assert "passes over 5 chunks of 1000 rows" in capsys.readouterr().out
 
 
+def test_chunks_of_mixed_dtypes_are_fitted_in_the_widest(files):
+    # A float32 first chunk fitted the float64 chunks after it in float32 (CONVERGED 1.3e-7
+    # from the in-memory fit of their concatenation, which NumPy makes float64).
+    (X, y, weights), _ = files
+    parts = [(X[:700].astype(np.float32), y[:700], weights[:700])]
+    parts += [(X[700:], y[700:], weights[700:])]
+    for chunks in (parts, parts[::-1]):
+        streamed = xj.fit_logistic_regression_streamed(chunks, num_classes=K, tol=1e-12)
+        assert streamed.params[0].dtype == np.float64
+        whole_of_these = xj.fit_logistic_regression(
+            np.concatenate([c[0] for c in chunks]),
+            np.concatenate([c[1] for c in chunks]),
+            K,
+            sample_weight=np.concatenate([c[2] for c in chunks]),
+            tol=1e-12,
+        )
+        np.testing.assert_allclose(streamed.params[0], whole_of_these.params[0], atol=1e-12)
+
+
 def test_fit_from_a_list_of_chunks_and_a_one_shot_generator_is_refused(files):
     (X, y, weights), _ = files
     chunks = _ragged_chunks(X, y, weights, [1200, 1200, 600])

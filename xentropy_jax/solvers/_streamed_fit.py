@@ -278,7 +278,7 @@ def fit_logistic_regression_streamed(
 
     Args:
         X: [N, d] features sliceable by rows (float64 stays float64 with x64 on), or a source
-            of chunks as above.
+            of chunks as above (fitted in float64 with x64 on if any chunk is float64).
         labels: [N] integer labels in [0, num_classes), sliceable by rows; None with chunks.
         num_classes: K >= 2.
         chunk_rows: rows per chunk of a sliceable X (the last chunk is padded with zero-weight
