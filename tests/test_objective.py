@@ -128,6 +128,17 @@ def test_user_defined_objective_is_fitted_by_every_solver(poisson, solver):
     np.testing.assert_allclose(output.evaluation.loss, naive_loss(output.theta, *poisson, l2))
 
 
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}")
+def test_an_objective_with_no_parameters_converges_at_once(solver):
+    # Newton's pseudo-inverse step took the largest of no eigenvalues: NumPy's "zero-size array
+    # to reduction operation max" where the CG solvers returned CONVERGED.
+    rng = np.random.default_rng(0)
+    objective = Poisson(jnp.zeros((5, 0)), jnp.asarray(rng.poisson(1.0, 5), float), 0.1)
+    output = solver.minimize(objective, jnp.zeros(0), tol=1e-8, max_iter=10)
+    assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+    assert output.theta.shape == (0,)
+
+
 def test_user_defined_objective_under_jit_and_vmap_compiles_once(poisson):
     features, counts = poisson
     solver = xj.NewtonCG()

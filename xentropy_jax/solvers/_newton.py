@@ -53,7 +53,8 @@ def newton_direction(
         # H singular beyond the known direction (collinear features with l2 = 0): the
         # minimum-norm Newton step (in the scaled variables) from the eigendecomposition.
         eigenvalues, eigenvectors = eigh(matrix)
-        cutoff = jnp.max(eigenvalues) * matrix.shape[0] * jnp.finfo(matrix.dtype).eps
+        # (`initial`: an objective with no parameters has no eigenvalues, and no step.)
+        cutoff = jnp.max(eigenvalues, initial=0.0) * matrix.shape[0] * jnp.finfo(matrix.dtype).eps
         inverse = jnp.where(
             eigenvalues > cutoff, 1 / jnp.where(eigenvalues > cutoff, eigenvalues, 1), 0
         )
