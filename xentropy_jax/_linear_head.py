@@ -44,7 +44,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ._checks import is_concrete as _is_concrete
 from ._losses import integer_labels
-from ._manual import fori_loop, scan
+from ._manual import explicit_mesh, fori_loop, scan
 from ._precision import at_least_float32
 
 # A block of at most this many logits (128 MiB in float32) by default: 256 rows at V = 2^17,
@@ -695,10 +695,7 @@ def _check_chunk(value: int | None, name: str) -> None:
 def _explicit_mesh(*values):
     """The mesh of the first input sharded on a mesh with ``Explicit`` axes, else None."""
     for leaf in jax.tree.leaves(values):
-        if not isinstance(leaf, jax.Array):
-            continue
-        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-        if mesh is not None and any(kind == AxisType.Explicit for kind in mesh.axis_types):
+        if isinstance(leaf, jax.Array) and (mesh := explicit_mesh(leaf)) is not None:
             return mesh
     return None
 

@@ -36,9 +36,8 @@ import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import AxisType
 
-from ._manual import cond
+from ._manual import cond, explicit_mesh
 from ._precision import at_least_float32
 
 Axis = int | Sequence[int] | None
@@ -511,7 +510,7 @@ def _at_labels(values: jax.Array, safe_labels: jax.Array, value) -> jax.Array:
     if (
         not all(isinstance(n, int) for n in values.shape)
         or values.shape[-1] <= _COMPARE_CLASSES
-        or _on_explicit_axes(values)
+        or explicit_mesh(values) is not None
     ):
         # The scatter needs concrete shapes (under `jax.export` with a symbolic batch or class
         # axis the comparison serves), and jax 0.10's scatter refuses rows sharded over
@@ -519,12 +518,6 @@ def _at_labels(values: jax.Array, safe_labels: jax.Array, value) -> jax.Array:
         classes = jax.lax.broadcasted_iota(safe_labels.dtype, values.shape, values.ndim - 1)
         return jnp.where(classes == safe_labels, value, values)
     return jnp.put_along_axis(values, safe_labels, value, axis=-1, inplace=False)
-
-
-def _on_explicit_axes(values: jax.Array) -> bool:
-    """Whether ``values`` is typed on a mesh with ``Explicit`` axes (``make_mesh``'s default)."""
-    mesh = getattr(getattr(jax.typeof(values), "sharding", None), "mesh", None)
-    return any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ()))
 
 
 def _safe_labels(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -20,8 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType
 
 PyTree = Any
+
+
+def explicit_mesh(value: Any) -> Any:
+    """The mesh of ``value``'s type if it has ``Explicit`` axes (``jax.make_mesh``'s default).
+
+    None for a value typed on no mesh or on ``Auto`` or manual axes only. Works on concrete
+    arrays and on tracers alike (``jax.typeof``).
+    """
+    mesh = getattr(getattr(jax.typeof(value), "sharding", None), "mesh", None)
+    if any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ())):
+        return mesh
+    return None
 
 
 def varying_axes(tree: PyTree) -> frozenset:

@@ -544,7 +544,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
 
         n_classes = classes.size
         binary = n_classes == 2
-        unpenalised = penalty is None or np.isinf(self.C)
+        unpenalised = penalty is None  # (`fitted_penalty`: None for C = inf too)
         # Class 0 as reference gives scikit-learn's binomial model, and removes the Hessian's
         # null direction when nothing is penalised.
         reference = binary or unpenalised

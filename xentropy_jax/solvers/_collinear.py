@@ -287,7 +287,7 @@ def float64_collinear_columns(
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
-    null = values <= gram.shape[0] * np.finfo(np.float64).eps * max(values.max(initial=0), 0)
+    null = values <= null_cutoff(gram.shape[0], 1, np.float64) * max(values.max(initial=0), 0)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))

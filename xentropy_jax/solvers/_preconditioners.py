@@ -25,7 +25,7 @@ from jax import lax
 from .._batch_cond import batch_cond
 from .._manual import cond
 from .._objective import Evaluation, Objective
-from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
+from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled, null_cutoff
 
 # Eigenvalues of B below this fraction of the largest are raised to it: B·1 = 0 without a
 # reference class, and the preconditioner must stay positive definite.
@@ -165,10 +165,11 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     # the minimum-norm projection at the end of the fit does the rest. With l2 > 0 every
     # direction is curved and nothing is dropped.
     values = basis.eigenvalues
-    # d̃·eps, not `null_cutoff`'s d̃·√N·eps: nothing checks these directions against X here,
-    # and at the looser cutoff columns that X resolves (x and x + 1e-2·noise in float32 at
-    # N = 10⁴) lost their curvature, so that Newton-CG stopped 0.027 above the optimum.
-    feature_null = values <= values.size * jnp.finfo(values.dtype).eps * jnp.max(values, initial=0)
+    # d̃·eps (`null_cutoff` of one row), not d̃·√N·eps: nothing checks these directions against
+    # X here, and at the looser cutoff columns that X resolves (x and x + 1e-2·noise in float32
+    # at N = 10⁴) lost their curvature, so that Newton-CG stopped 0.027 above the optimum.
+    cutoff = null_cutoff(values.size, 1, values.dtype)
+    feature_null = values <= cutoff * jnp.max(values, initial=0)
     null = feature_null[:, None] & (objective.l2 == 0)
     spectrum = jnp.maximum(spectrum, jnp.finfo(spectrum.dtype).tiny)
     inverse = jnp.where(null, 0, 1 / spectrum)

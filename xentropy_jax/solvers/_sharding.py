@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from .._manual import explicit_mesh
+
 
 def with_auto_axes(array):
     """`array` on the same devices and layout, its mesh's axes typed `Auto`.
@@ -26,9 +28,7 @@ def with_auto_axes(array):
             the solver's products then failed deep inside JAX with a `ShardingTypeError`.
     """
     if isinstance(array, jax.core.Tracer):
-        sharding = getattr(jax.typeof(array), "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        if any(kind == AxisType.Explicit for kind in getattr(mesh, "axis_types", ())):
+        if explicit_mesh(array) is not None:
             raise ValueError(
                 "inside jit, vmap or grad, a fit cannot take arrays sharded over Explicit mesh "
                 "axes (jax.make_mesh's default): build the mesh with "
