@@ -160,6 +160,53 @@ def test_user_defined_objective_under_jit_and_vmap_compiles_once(poisson):
     jax.vmap(fit)(grid * 2)
 
 
+@pytest.mark.parametrize("solver", SOLVERS[::2], ids=lambda s: f"{type(s).__name__}")
+def test_eager_minimize_compiles_once_per_shape(poisson, solver, monkeypatch):
+    # Called outside jit, the loop traced its body at every call, with the objective's arrays
+    # as constants, and compiled again (0.5-2 s each for a tiny problem).
+    features, counts = poisson
+    traces = []
+    evaluate = Poisson.evaluate
+    monkeypatch.setattr(Poisson, "evaluate", lambda *a: traces.append(1) or evaluate(*a))
+    outputs = []
+    for l2 in (0.05, 0.5):  # new data of the same shapes and dtypes: the same program
+        objective = Poisson(features, counts * (1 + l2), jnp.asarray(l2))
+        outputs.append(solver.minimize(objective, jnp.zeros(6), tol=1e-10, max_iter=50))
+        if len(outputs) == 1:
+            first = len(traces)
+    assert len(traces) == first
+    for l2, output in zip((0.05, 0.5), outputs, strict=True):
+        assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+        naive = jax.grad(naive_loss)(output.theta, features, counts * (1 + l2), l2)
+        assert float(jnp.max(jnp.abs(naive))) <= 1e-10
+
+
+class NumpyPoisson(Poisson):
+    """Poisson whose gradient reads its counts through NumPy: it needs concrete leaves."""
+
+    def evaluate(self, theta, predictor):
+        point = super().evaluate(theta, predictor)
+        return point._replace(grad=point.grad + 0.0 * np.sum(np.asarray(self.counts)))
+
+
+jax.tree_util.register_dataclass(
+    NumpyPoisson, data_fields=["features", "counts", "l2"], meta_fields=[]
+)
+
+
+def test_eager_minimize_of_an_objective_that_needs_concrete_values(poisson):
+    # It cannot run under jit: it runs eagerly, as before, to the same optimum.
+    features, counts = poisson
+    reference = xj.NewtonCG().minimize(
+        Poisson(features, counts, jnp.asarray(0.05)), jnp.zeros(6), tol=1e-10, max_iter=50
+    )
+    output = xj.NewtonCG().minimize(
+        NumpyPoisson(features, counts, jnp.asarray(0.05)), jnp.zeros(6), tol=1e-10, max_iter=50
+    )
+    assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+    np.testing.assert_allclose(output.theta, reference.theta, rtol=1e-9)
+
+
 def test_preconditioner_auto_and_missing_capabilities(poisson):
     features, counts = poisson
     objective = Poisson(features, counts, jnp.asarray(0.1))

@@ -10,6 +10,7 @@ function from the current point to the next, see `Step`), so `Newton`, `NewtonCG
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -104,6 +105,69 @@ def initial_theta(objective: Objective, theta: Any) -> jax.Array:
     return array.astype(objective.dtype)
 
 
+def check_stopping(tol: Any, max_iter: Any) -> None:
+    """Raise ValueError for a concrete `tol` or `max_iter` out of range (traced ones pass).
+
+    `tol` must have no entry negative or NaN, `max_iter` must be an integer >= 0.
+    """
+    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
+        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
+    if is_concrete(max_iter) and not (
+        np.ndim(max_iter) == 0
+        and np.isfinite(max_iter)
+        and float(max_iter) == int(max_iter)
+        and int(max_iter) >= 0
+    ):
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+
+
+_ARGUMENT_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float)
+
+
+def compiled_when_eager(minimize: Callable[..., SolverOutput]) -> Callable[..., SolverOutput]:
+    """A solver's `minimize`, run under one `jax.jit` when it is called outside a trace.
+
+    Called eagerly, `lax.while_loop` traced its body afresh at every call with the objective's
+    arrays as constants of the program, and XLA compiled it again each time (0.5-0.7 s for a
+    two-parameter quadratic). Passed instead as arguments of one jitted function, the objective
+    (a pytree), θ, tol and max_iter reuse the program compiled for their shapes and dtypes;
+    ``verbose`` is static. Inside a trace (the fits, a user's `jit` or `vmap`) the method runs
+    as written. So does an objective that is not a pytree of arrays and numbers, or one whose
+    methods need concrete values (NumPy on its leaves, Python branches on them): JAX's
+    concretization errors send it back to the eager call, which behaves as before.
+    """
+    jitted = jax.jit(minimize, static_argnames=("verbose",))
+
+    @functools.wraps(minimize)
+    def wrapper(self, objective, theta, *, tol, max_iter, verbose=False, **options):
+        arguments = (objective, theta, tol, max_iter, options)
+        leaves, structure = jax.tree.flatten(arguments)
+        if is_concrete(arguments) and all(isinstance(x, _ARGUMENT_LEAVES) for x in leaves):
+            check_stopping(tol, max_iter)
+            try:
+                hash((structure, verbose))  # an unhashable static part cannot key a cache
+            except TypeError:
+                pass
+            else:
+                try:
+                    return jitted(
+                        self,
+                        objective,
+                        theta,
+                        tol=tol,
+                        max_iter=max_iter,
+                        verbose=verbose,
+                        **options,
+                    )
+                except jax.errors.JAXTypeError:
+                    pass  # the objective needs concrete values: run it eagerly
+        return minimize(
+            self, objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **options
+        )
+
+    return wrapper
+
+
 def run(
     objective: Objective,
     theta: jax.Array,
@@ -131,20 +195,11 @@ def run(
 
     Raises:
         TypeError: θ is not a floating vector.
-        ValueError: a concrete `tol` with an entry that is negative or NaN, or a concrete
-            `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
-            the fits check theirs before).
+        ValueError: as `check_stopping` (a solver's `minimize` called directly; the fits
+            check theirs before).
     """
     theta = initial_theta(objective, theta)
-    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
-        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
-    if is_concrete(max_iter) and not (
-        np.ndim(max_iter) == 0
-        and np.isfinite(max_iter)
-        and float(max_iter) == int(max_iter)
-        and int(max_iter) >= 0
-    ):
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    check_stopping(tol, max_iter)
     first = start(objective, theta)
     zero = jnp.zeros((), jnp.int32)
     decrement = jnp.asarray(jnp.inf, theta.dtype)
