@@ -408,6 +408,17 @@ def test_second_derivatives_inside_loops_for_large_rows(rng):
         for loss in (xj.softmax_cross_entropy, naive_loss)
     ]
     np.testing.assert_allclose(*products, atol=1e-14)
+    # Tangents batched over an unbatched point (jax.hessian, jacfwd of a gradient) failed with
+    # a shape error in `add`, and reverse over reverse (the gradient of a gradient norm) with
+    # "Linearization failed to produce known values": the batching rule and its derivative.
+    tangents = jnp.stack([tangent, -2 * tangent[:, ::-1]])
+    batched, penalties = [], []
+    for loss in (xj.softmax_cross_entropy, naive_loss):
+        f = total(loss)
+        batched.append(jax.vmap(lambda v, f=f: jax.jvp(jax.grad(f), (logits,), (v,))[1])(tangents))
+        penalties.append(jax.grad(lambda z, f=f: 0.5 * jnp.sum(jax.grad(f)(z) ** 2))(logits))
+    np.testing.assert_allclose(*batched, atol=1e-14)
+    np.testing.assert_allclose(*penalties, atol=1e-14)
 
 
 def test_jit_vmap_grad_compose(rng):

@@ -331,24 +331,38 @@ def _masked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) ->
 _SMALL_GAPS = 1 << 16
 
 
-@jax.custom_batching.custom_vmap
 def _checked_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     """``Σ_k y_k (c − z_k)`` in one fused pass; the select form for the whole batch if a row is NaN.
 
     A NaN row has an unlabelled infinite logit (or a NaN input); every other row equals the
-    select form's. Under ``vmap`` a ``cond`` on a batched predicate would evaluate both branches
-    for every call: the batching rule below keeps one ``cond`` over the whole batched array.
+    select form's. The primal is differentiated by plain autodiff inside loops (see ``_below``),
+    so it holds nothing that cannot be linearised: only the predicate, which has no tangent,
+    goes through a batching rule (``_any_over_batch``).
     """
-    return _fused_label_gaps(labels, logits, peak)
-
-
-def _fused_label_gaps(labels: jax.Array, logits: jax.Array, peak: jax.Array) -> jax.Array:
     plain = (labels * _gaps(logits, peak)).sum(axis=-1)
     # Module-level branches with their operands passed, not closures over them: an eager call
     # then finds the branches it traced before, where closures (new functions holding the
     # call's arrays) compiled a new program at every call.
-    nan = jnp.any(jnp.isnan(plain))
+    nan = _any_over_batch(jnp.isnan(plain))
     return cond(nan, _select_branch, _plain_branch, labels, logits, peak, plain)
+
+
+@jax.custom_batching.custom_vmap
+def _any_over_batch(flags: jax.Array) -> jax.Array:
+    """``any(flags)``, a scalar that stays unbatched under ``vmap``: true if any member has one.
+
+    Under ``vmap`` a ``cond`` on a batched predicate becomes a select that computes both
+    branches for every call; on this one it stays one ``cond`` over the whole batched array.
+    (A ``custom_vmap`` around the whole computation did the same, but its derivative cannot be
+    linearised: second derivatives inside ``lax.scan`` failed once a step held more than
+    ``_SMALL_GAPS`` entries.)
+    """
+    return jnp.any(flags)
+
+
+@_any_over_batch.def_vmap
+def _any_over_batch_vmap(axis_size, in_batched, flags):
+    return jnp.any(flags), False
 
 
 def _select_branch(labels: jax.Array, logits: jax.Array, peak: jax.Array, plain: jax.Array):
@@ -357,18 +371,6 @@ def _select_branch(labels: jax.Array, logits: jax.Array, peak: jax.Array, plain:
 
 def _plain_branch(labels: jax.Array, logits: jax.Array, peak: jax.Array, plain: jax.Array):
     return plain
-
-
-@_checked_label_gaps.def_vmap
-def _checked_label_gaps_vmap(axis_size, in_batched, labels, logits, peak):
-    # Row-wise over the last axis: the batched call is the same function on a leading axis.
-    labels, logits, peak = (
-        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        for x, batched in zip((labels, logits, peak), in_batched, strict=True)
-    )
-    # The implementation, not the `custom_vmap` function: called again from its own rule, it
-    # recursed without end under forward-over-reverse derivatives taken inside `lax.scan`.
-    return _fused_label_gaps(labels, logits, peak), True
 
 
 @jax.custom_jvp
