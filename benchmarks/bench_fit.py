@@ -78,11 +78,6 @@ def compare_with_scikit_learn(title: str, X, y, sklearn_solvers: list[str], repe
         repeats=repeats,
         warmup=0,
     )
-    # Our repeat fit is cheap: a few more runs sharpen its minimum.
-    more = interleaved_min_times(
-        {"ours": lambda: run("xentropy_jax (repeat fit)", ours)}, repeats=max(repeats, 3)
-    )
-    times["xentropy_jax (repeat fit)"] = min(times["xentropy_jax (repeat fit)"], more["ours"])
     times = {"xentropy_jax (first fit, compile included)": first, **times}
     print(format_times(times))
     print(f"  our solver: {first_model.solver_}, n_iter_ = {first_model.n_iter_[0]}")

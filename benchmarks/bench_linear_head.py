@@ -170,15 +170,19 @@ def time_calls(compiled, args, names, calls):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8192)
-    parser.add_argument("--d", type=int, default=1024)
-    parser.add_argument("--v", type=int, default=131072)
+    parser.add_argument("--n", type=int, help="rows (default 8192; 512 with --quick)")
+    parser.add_argument("--d", type=int, help="hidden size (default 1024; 64 with --quick)")
+    parser.add_argument("--v", type=int, help="vocabulary (default 131072; 8192 with --quick)")
     parser.add_argument("--time-n", type=int, default=None, help="rows for timing (default --n)")
     parser.add_argument("--row-chunk", type=int, default=None)
     parser.add_argument("--vocab-chunk", type=int, default=None)
     parser.add_argument("--calls", type=int, default=2, help="timed calls per program")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quick", action="store_true", help="N=512, D=64, V=8192, 64-row blocks")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="N=512, D=64, V=8192, 64-row blocks (unless given explicitly)",
+    )
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     parser.add_argument(
@@ -189,8 +193,12 @@ def main() -> None:
         help="row blocks to compare (fused only; dense timed once)",
     )
     args = parser.parse_args()
+    # --quick sets the small shape's defaults, not what is given explicitly.
+    shape = {"n": 512, "d": 64, "v": 8192} if args.quick else {"n": 8192, "d": 1024, "v": 131072}
+    for name, value in shape.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
-        args.n, args.d, args.v = 512, 64, 8192
         args.row_chunk = args.row_chunk or 64
     dtype = jnp.dtype(args.dtype)
     time_n = args.time_n or args.n

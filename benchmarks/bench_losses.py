@@ -58,8 +58,9 @@ def closed_form_value_and_grad(logits, labels):
 
 
 def load_module(path: str):
-    """A losses module from a file (it imports only jax, numpy and the standard library)."""
-    spec = importlib.util.spec_from_file_location("baseline_losses", path)
+    """A losses module from a file, loaded inside the package: its relative imports (the
+    package's `_manual` and `_precision` helpers) resolve to the installed ones."""
+    spec = importlib.util.spec_from_file_location("xentropy_jax._baseline_losses", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -324,8 +324,15 @@ def _processes(count: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 200,000")
-    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 200,000 and chunks of at most 50,000 rows"
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        help="N (default 2,000,000; 200,000 with --quick); the devices and processes parts "
+        "split the rows evenly in two: a multiple of 8 below 8,000,000, of 2,000,000 above",
+    )
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="Hessian products timed")
@@ -340,8 +347,19 @@ def main() -> None:
     parser.add_argument("--folder", help="where the streamed part writes its file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rows is None:  # --quick sets the defaults, not what was asked for explicitly
+        args.rows = 200_000 if args.quick else 2_000_000
     if args.quick:
-        args.rows, args.chunk_rows = 200_000, min(args.chunk_rows, 50_000)
+        args.chunk_rows = min(args.chunk_rows, 50_000)
+    if args.rows < 1:
+        parser.error(f"--rows must be at least 1, got {args.rows}")
+    split = {"devices", "processes"} & set(args.parts)
+    if split and args.rows % (2 * _block_rows(args.rows) if args.rows >= 8 * BLOCK else 8):
+        parser.error(
+            f"--rows {args.rows:,}: the {' and '.join(sorted(split))} part(s) split the rows "
+            "evenly in two; give a multiple of 8 below 8,000,000 (of 2,000,000 above), or "
+            "other --parts"
+        )
     if args.child:
         kind, _, value = args.child.partition("=")
         if kind == "devices":
