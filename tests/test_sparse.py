@@ -115,6 +115,33 @@ def test_duplicates_and_explicit_zeros_are_summed():
     np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
 
 
+def test_duplicates_are_summed_before_the_size_check():
+    # Checked before summing, +1e200 and −1e200 at one position raised "entries up to 1e+200";
+    # summed, they are a 0. Duplicates each within the limit whose sum is not still raise.
+    matrix, labels, _ = sparse_problem()
+    coo = matrix.tocoo()
+    cancelling = scipy.sparse.coo_matrix(
+        (
+            np.concatenate([coo.data, [1e200, -1e200]]),
+            (np.concatenate([coo.row, [0, 0]]), np.concatenate([coo.col, [1, 1]])),
+        ),
+        shape=matrix.shape,
+    )
+    reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, l2=0.1, tol=1e-12)
+    result = xj.fit_logistic_regression(cancelling, labels, NUM_CLASSES, l2=0.1, tol=1e-12)
+    np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
+    limit = float(np.sqrt(np.finfo(np.float64).max))
+    overflowing = scipy.sparse.coo_matrix(
+        (
+            np.concatenate([coo.data, [0.75 * limit, 0.75 * limit]]),
+            (np.concatenate([coo.row, [0, 0]]), np.concatenate([coo.col, [1, 1]])),
+        ),
+        shape=matrix.shape,
+    )
+    with pytest.raises(ValueError, match="X has entries up to"):
+        xj.fit_logistic_regression(overflowing, labels, NUM_CLASSES, l2=0.1)
+
+
 def test_stored_entries_are_bucketed_so_nearby_sizes_compile_once():
     sizes = [_sparse_input.bucketed_size(count) for count in range(1000, 1030)]
     assert len(set(sizes)) <= 2 and all(size >= 1000 for size in sizes)

@@ -33,10 +33,18 @@ def is_sparse(X) -> bool:
 
 
 def stored_values(X) -> np.ndarray | jax.Array:
-    """The explicitly stored values of sparse X (what a finiteness check must look at)."""
-    if is_scipy_sparse(X) and X.format in ("dok", "lil", "dia"):
-        # DOK has no array of values, LIL one of lists per row, DIA slots outside the matrix.
-        return X.tocoo().data
+    """The stored values of sparse X as the fit sums them (what the input checks look at).
+
+    SciPy duplicates (COO, or CSR/CSC out of canonical form) are summed first, as `to_bcoo`
+    does: +1e200 and −1e200 at one position are a 0, not an entry whose square overflows.
+    """
+    if is_scipy_sparse(X):
+        if X.format in ("dok", "lil", "dia"):
+            # DOK has no array of values, LIL one of lists per row, DIA slots outside the matrix.
+            return X.tocoo().data
+        if not getattr(X, "has_canonical_format", True):
+            X = X.tocsr(copy=True)
+            X.sum_duplicates()
     return X.data
 
 
