@@ -288,6 +288,43 @@ def test_product_relative_to_its_terms():
                     )
 
 
+def test_product_where_several_classes_share_the_mass():
+    """The same bound where two or three classes share the mass, none reaching 1/2.
+
+    The product shifted v by its value at a class with s ≥ 1/2, and not at all where none had
+    it: sᵀv then rounded the small classes' terms away against the large ones (12% off at
+    logits [14, 13.9, 13.8, 0, 0] in float32, 10¹² ulps at a float64 three-way tie).
+    """
+    rng = np.random.default_rng(6)
+    for dtype in [jnp.float32, jnp.float64]:
+        eps = float(jnp.finfo(dtype).eps)
+        worst = 0.0
+        for num_classes in [3, 5, 40]:
+            for margin in [5.0, 16.0, 30.0, 60.0]:
+                for sharing in [2, 3][: num_classes - 2]:  # (not every class: v constant)
+                    for offset in [0.0, 1.0, 100.0]:
+                        logits = grid_logits(rng, num_classes, 0.0)
+                        top = rng.choice(num_classes, sharing, replace=False)
+                        logits[top] = margin - rng.integers(0, 2, sharing) / 4.0
+                        tangents = offset + rng.normal(size=num_classes)
+                        tangents[top] = offset + 1.0  # v_k − sᵀv cancels at the shared classes
+                        tangents = np.asarray(jnp.asarray(tangents, dtype), np.float64)
+                        probs, _ = exact_softmax(logits)
+                        vs = [mpmath.mpf(float(v)) for v in tangents]
+                        mean = mpmath.fsum(p * v for p, v in zip(probs, vs, strict=True))
+                        exact = [float(p * (v - mean)) for p, v in zip(probs, vs, strict=True)]
+                        p64 = np.array([float(p) for p in probs])
+                        spread = np.array([float(abs(v - mean)) for v in vs])
+                        terms = p64 * (spread + np.sum(p64 * spread))
+                        product = xj.softmax_cross_entropy_hvp(
+                            jnp.asarray(logits, dtype), jnp.asarray(tangents, dtype)
+                        )
+                        error = np.abs(np.asarray(product, np.float64) - np.array(exact))
+                        bound = np.maximum(eps * terms, float(jnp.finfo(dtype).tiny))
+                        worst = max(worst, float(np.max(error / bound)))
+        assert worst <= 16, (dtype, worst)
+
+
 def smallest_eigenvalues(matrix):
     """Smallest and second smallest eigenvalue of the symmetric part, in float64."""
     matrix = np.asarray(jnp.asarray(matrix).astype(jnp.float64))
