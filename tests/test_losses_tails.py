@@ -537,6 +537,19 @@ def test_label_gradient_at_minus_inf_logit_agrees_in_both_modes():
     np.testing.assert_allclose(reverse[kept], -jax.nn.log_softmax(logits)[kept], rtol=1e-14)
 
 
+def test_row_of_minus_inf_logits_has_the_one_hot_gradient():
+    # Every logit -inf: the loss is +inf in both forms, the softmax of the empty row 0, so the
+    # gradient is −y; the integer form gave −0 at the label (−S/T with S = T = 0).
+    logits = jnp.array([[-jnp.inf] * 3, [0.0, 1.0, -jnp.inf]])
+    labels = jnp.array([0, 2])
+    onehot = jax.nn.one_hot(labels, 3, dtype=logits.dtype)
+    integer = jax.grad(lambda z: xj.softmax_cross_entropy_with_integer_labels(z, labels).sum())
+    dense = jax.grad(lambda z: xj.softmax_cross_entropy(z, onehot).sum())
+    np.testing.assert_array_equal(integer(logits), dense(logits))
+    assert float(integer(logits)[0, 0]) == -1.0
+    assert np.all(np.isinf(xj.softmax_cross_entropy_with_integer_labels(logits, labels)))
+
+
 def test_integer_label_on_a_masked_class_is_ignored_everywhere():
     """Eager, jit, with any spelling of no smoothing: 0, as optax's one-hot loss gives."""
     logits = jnp.array([0.3, 1.2, -0.4])

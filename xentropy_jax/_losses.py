@@ -559,12 +559,18 @@ def _integer_grad(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
     is the Hessian product, through ``softmax_rule``'s rule, so that higher derivatives stay closed.
     """
     exps, _, _, label_exps, others = _label_split(logits, labels, where)
-    # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row, which
-    # the row scale zeroes.
-    inverse_total = _normaliser(others + label_exps)
-    # The label's component −S/T is written at the label, as `_label_split` writes its 0.
+    # The total is at least 1 (the largest term is exp(0) = 1) except on an empty row: every
+    # class masked (the row scale zeroes it) or every logit -inf (its loss is +inf).
+    total = others + label_exps
+    inverse_total = _normaliser(total)
+    # The label's component −(1 − s_label) = −S/T is written at the label, as `_label_split`
+    # writes its 0. An empty row has s = 0, so −1 there, as the one-hot loss gives (S/T was
+    # −0): 1 − min(T, 1) is 0 on every other row, and costs nothing per class. It has no
+    # derivative (loops differentiate this primal; `min` would split one at T = 1).
+    empty = 1 - jnp.minimum(jax.lax.stop_gradient(total), 1)
+    complement = (others + empty) * inverse_total
     safe_labels = _safe_labels(labels, logits.shape[-1])
-    return _at_labels(exps * inverse_total, safe_labels, -others * inverse_total)
+    return _at_labels(exps * inverse_total, safe_labels, -complement)
 
 
 @_integer_grad.defjvp
@@ -856,7 +862,8 @@ def softmax_cross_entropy_with_integer_labels(
       excludes (it carries no label, as the one-hot row in ``optax.softmax_cross_entropy``;
       optax's integer version returns ``logsumexp − z[label]`` there, which can be negative);
     * a ``-inf`` logit is a masked class: finite loss and zero gradient there, unless the label
-      sits on it, which gives ``+inf``.
+      sits on it, which gives ``+inf`` (with gradient −1 at the label and 0 elsewhere when
+      every logit of the row is ``-inf``, as the one-hot loss; optax gives NaN).
 
     With ``label_smoothing = α`` the target is ``(1 − α)·e_c + α/K`` over the included classes.
 
