@@ -354,7 +354,8 @@ def main() -> None:
     if args.rows < 1:
         parser.error(f"--rows must be at least 1, got {args.rows}")
     split = {"devices", "processes"} & set(args.parts)
-    if split and args.rows % (2 * _block_rows(args.rows) if args.rows >= 8 * BLOCK else 8):
+    step = 2 * _block_rows(args.rows) if args.rows >= 8 * BLOCK else 8
+    if split and not args.child and args.rows % step:  # (checked once, by the parent)
         parser.error(
             f"--rows {args.rows:,}: the {' and '.join(sorted(split))} part(s) split the rows "
             "evenly in two; give a multiple of 8 below 8,000,000 (of 2,000,000 above), or "

@@ -181,6 +181,39 @@ def test_eager_minimize_compiles_once_per_shape(poisson, solver, monkeypatch):
         assert float(jnp.max(jnp.abs(naive))) <= 1e-10
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockPoisson(Poisson):
+    """Poisson whose θ is read as a [blocks, 6 / blocks] matrix: an int field sets a shape."""
+
+    blocks: int = 1
+
+    def evaluate(self, theta, predictor):
+        return super().evaluate(theta.reshape(self.blocks, -1).ravel(), predictor)
+
+
+def test_eager_minimize_with_a_python_int_field_and_verbose(poisson, capsys):
+    # Traced under the eager call's jit, an int field that sets a shape raised a TypeError, one
+    # beyond int32 an OverflowError; the old eager call took both. And a program found in the
+    # cache returned before its verbose lines were printed.
+    features, counts = poisson
+    for blocks in (2, 3):
+        objective = BlockPoisson(features, counts, jnp.asarray(0.05), blocks)
+        output = xj.NewtonCG().minimize(objective, jnp.zeros(6), tol=1e-10, max_iter=50)
+        assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+    for _ in range(2):
+        capsys.readouterr()
+        output = xj.TrustRegion().minimize(
+            Poisson(features, counts, jnp.asarray(0.05)),
+            jnp.zeros(6),
+            tol=1e-10,
+            max_iter=2**40,
+            verbose=True,
+        )
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert len(printed) >= int(output.n_iter) >= 2, printed
+
+
 class NumpyPoisson(Poisson):
     """Poisson whose gradient reads its counts through NumPy: it needs concrete leaves."""
 

@@ -128,8 +128,13 @@ def test_duplicates_are_summed_before_the_size_check():
         shape=matrix.shape,
     )
     reference = xj.fit_logistic_regression(matrix.toarray(), labels, NUM_CLASSES, l2=0.1, tol=1e-12)
-    result = xj.fit_logistic_regression(cancelling, labels, NUM_CLASSES, l2=0.1, tol=1e-12)
-    np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
+    as_bcoo = sparse.BCOO(
+        (jnp.asarray(cancelling.data), jnp.stack([cancelling.row, cancelling.col], axis=1)),
+        shape=matrix.shape,
+    )
+    for X in (cancelling, as_bcoo):
+        result = xj.fit_logistic_regression(X, labels, NUM_CLASSES, l2=0.1, tol=1e-12)
+        np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
     limit = float(np.sqrt(np.finfo(np.float64).max))
     overflowing = scipy.sparse.coo_matrix(
         (

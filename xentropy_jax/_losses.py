@@ -197,10 +197,11 @@ def hessian_product_from_probs(
     keeps the other classes' contributions where ``sᵀv`` would round them away against the
     winner's, or against the two or three classes that share the mass. Every component of the
     product is then accurate to a few ulps of ``s_k (|v_k − sᵀv| + Σ_j s_j |v_j − sᵀv| / max s)``
-    at any margin (``max s ≥ 1/2`` in a confident row), a constant vector maps to 0 wherever one
-    class is the most probable, and the operator stays positive semi-definite up to the rounding
-    of its smallest nonzero eigenvalue, in float32 too. The shift costs a maximum and one
-    reduction over the classes. Two classes need neither: ``Hv = s₀s₁(v₀ − v₁)·[1, −1]``.
+    at any margin (``max s ≥ 1/2`` in a confident row), a constant vector maps to 0 wherever no
+    other class comes within 4 eps of the most probable one, and the operator stays positive
+    semi-definite up to the rounding of its smallest nonzero eigenvalue, in float32 too. The
+    shift costs a maximum and one reduction over the classes. Two classes need neither:
+    ``Hv = s₀s₁(v₀ − v₁)·[1, −1]``.
 
     ``complete=False`` says that classes were left out of ``probs`` (with zero tangent there,
     as the logistic objective's reference class): the rows do not sum to 1, the shift would be

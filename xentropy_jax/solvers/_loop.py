@@ -21,6 +21,7 @@ import numpy as np
 from .._checks import is_concrete
 from .._manual import while_loop
 from .._objective import Evaluation, Objective
+from .._seen import Programs
 from ._convergence import status_code
 from ._progress import Progress
 from ._result import RUNNING
@@ -121,51 +122,77 @@ def check_stopping(tol: Any, max_iter: Any) -> None:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
 
 
-_ARGUMENT_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float)
+_ARRAYS = (jax.Array, np.ndarray)
+_NUMBERS = (np.generic, bool, int, float)
 
 
 def compiled_when_eager(minimize: Callable[..., SolverOutput]) -> Callable[..., SolverOutput]:
-    """A solver's `minimize`, run under one `jax.jit` when it is called outside a trace.
+    """A solver's `minimize`, run as a compiled program when it is called outside a trace.
 
     Called eagerly, `lax.while_loop` traced its body afresh at every call with the objective's
-    arrays as constants of the program, and XLA compiled it again each time (0.5-0.7 s for a
-    two-parameter quadratic). Passed instead as arguments of one jitted function, the objective
-    (a pytree), θ, tol and max_iter reuse the program compiled for their shapes and dtypes;
-    ``verbose`` is static. Inside a trace (the fits, a user's `jit` or `vmap`) the method runs
-    as written. So does an objective that is not a pytree of arrays and numbers, or one whose
-    methods need concrete values (NumPy on its leaves, Python branches on them): JAX's
-    concretization errors send it back to the eager call, which behaves as before.
+    arrays as constants of the program, and XLA compiled it again each time (0.6-1.9 s for a
+    two-parameter quadratic). Instead the objective's arrays, θ, tol and max_iter are arguments
+    of a `jax.jit` program kept per static part (`Programs`, the last 16): the solver, the
+    objective's structure with its Python and NumPy numbers (an ``int`` field may set a shape,
+    and a number beyond int32 would not pass as an argument) and ``verbose``. So new arrays of
+    the same shapes and dtypes reuse the program, and an evicted program is dropped with
+    whatever its static part holds. Inside a trace (the fits, a user's `jit`, `vmap` or
+    `grad`) the method runs as written. So does an objective that is not a pytree of arrays and
+    numbers, and one that fails under `jit` (NumPy on its leaves, a shape read from an array):
+    it runs eagerly, as before, and raises there what it raises.
     """
-    jitted = jax.jit(minimize, static_argnames=("verbose",))
 
     @functools.wraps(minimize)
     def wrapper(self, objective, theta, *, tol, max_iter, verbose=False, **options):
-        arguments = (objective, theta, tol, max_iter, options)
-        leaves, structure = jax.tree.flatten(arguments)
-        if is_concrete(arguments) and all(isinstance(x, _ARGUMENT_LEAVES) for x in leaves):
+        arguments = (theta, tol, max_iter, options)
+        if isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 2**31 - 1:
+            max_iter = 2**31 - 1  # as many as int32 counts, which the loop's counter is
+        leaves, structure = jax.tree.flatten(objective)
+        static = tuple(None if isinstance(x, _ARRAYS) else x for x in leaves)
+        program = None
+        if (
+            is_concrete(objective, arguments)
+            and all(isinstance(x, _ARRAYS + _NUMBERS) for x in leaves)
+            and all(isinstance(x, _ARRAYS + _NUMBERS) for x in jax.tree.leaves(arguments))
+        ):
             check_stopping(tol, max_iter)
+            program = _EAGER_PROGRAMS(
+                (minimize, self, structure, static, bool(verbose)),
+                compile_first=True,
+            )
+        if program is not None:
+            arrays = [x for x in leaves if isinstance(x, _ARRAYS)]
             try:
-                hash((structure, verbose))  # an unhashable static part cannot key a cache
-            except TypeError:
-                pass
+                output = program(arrays, theta, tol, max_iter, options)
+            except (TypeError, IndexError):
+                pass  # it needs concrete values (a JAX concretization error is a TypeError)
             else:
-                try:
-                    return jitted(
-                        self,
-                        objective,
-                        theta,
-                        tol=tol,
-                        max_iter=max_iter,
-                        verbose=verbose,
-                        **options,
-                    )
-                except jax.errors.JAXTypeError:
-                    pass  # the objective needs concrete values: run it eagerly
+                if verbose:
+                    jax.effects_barrier()  # its lines printed before it returns, as the fits'
+                return output
         return minimize(
             self, objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **options
         )
 
     return wrapper
+
+
+def _eager_program(key: tuple) -> Callable:
+    """The compiled `minimize` of one (method, solver, objective structure and numbers, verbose)."""
+    minimize, solver, structure, static, verbose = key
+
+    def program(arrays, theta, tol, max_iter, options):
+        arrays = iter(arrays)
+        leaves = [next(arrays) if x is None else x for x in static]
+        objective = jax.tree.unflatten(structure, leaves)
+        return minimize(
+            solver, objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **options
+        )
+
+    return jax.jit(program)
+
+
+_EAGER_PROGRAMS = Programs(_eager_program)
 
 
 def run(

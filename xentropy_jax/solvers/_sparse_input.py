@@ -45,6 +45,12 @@ def stored_values(X) -> np.ndarray | jax.Array:
         if not getattr(X, "has_canonical_format", True):
             X = X.tocsr(copy=True)
             X.sum_duplicates()
+        return X.data
+    if isinstance(X, sparse.BCOO) and not isinstance(X.data, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():  # as `to_bcoo` sums them, even inside a `jit`
+            if X.n_batch or X.n_dense:
+                X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
+            return X.sum_duplicates(nse=X.nse, remove_zeros=False).data
     return X.data
 
 
