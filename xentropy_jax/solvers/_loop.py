@@ -10,7 +10,6 @@ function from the current point to the next, see `Step`), so `Newton`, `NewtonCG
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -21,7 +20,6 @@ import numpy as np
 from .._checks import is_concrete
 from .._manual import while_loop
 from .._objective import Evaluation, Objective
-from .._seen import Programs
 from ._convergence import status_code
 from ._progress import Progress
 from ._result import RUNNING
@@ -106,95 +104,6 @@ def initial_theta(objective: Objective, theta: Any) -> jax.Array:
     return array.astype(objective.dtype)
 
 
-def check_stopping(tol: Any, max_iter: Any) -> None:
-    """Raise ValueError for a concrete `tol` or `max_iter` out of range (traced ones pass).
-
-    `tol` must have no entry negative or NaN, `max_iter` must be an integer >= 0.
-    """
-    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
-        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
-    if is_concrete(max_iter) and not (
-        np.ndim(max_iter) == 0
-        and np.isfinite(max_iter)
-        and float(max_iter) == int(max_iter)
-        and int(max_iter) >= 0
-    ):
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
-
-
-_ARRAYS = (jax.Array, np.ndarray)
-_NUMBERS = (np.generic, bool, int, float)
-
-
-def compiled_when_eager(minimize: Callable[..., SolverOutput]) -> Callable[..., SolverOutput]:
-    """A solver's `minimize`, run as a compiled program when it is called outside a trace.
-
-    Called eagerly, `lax.while_loop` traced its body afresh at every call with the objective's
-    arrays as constants of the program, and XLA compiled it again each time (0.6-1.9 s for a
-    two-parameter quadratic). Instead the objective's arrays, θ, tol and max_iter are arguments
-    of a `jax.jit` program kept per static part (`Programs`, the last 16): the solver, the
-    objective's structure with its Python and NumPy numbers (an ``int`` field may set a shape,
-    and a number beyond int32 would not pass as an argument) and ``verbose``. So new arrays of
-    the same shapes and dtypes reuse the program, and an evicted program is dropped with
-    whatever its static part holds. Inside a trace (the fits, a user's `jit`, `vmap` or
-    `grad`) the method runs as written. So does an objective that is not a pytree of arrays and
-    numbers, and one that fails under `jit` (NumPy on its leaves, a shape read from an array):
-    it runs eagerly, as before, and raises there what it raises.
-    """
-
-    @functools.wraps(minimize)
-    def wrapper(self, objective, theta, *, tol, max_iter, verbose=False, **options):
-        arguments = (theta, tol, max_iter, options)
-        if isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 2**31 - 1:
-            max_iter = 2**31 - 1  # as many as int32 counts, which the loop's counter is
-        leaves, structure = jax.tree.flatten(objective)
-        static = tuple(None if isinstance(x, _ARRAYS) else x for x in leaves)
-        program = None
-        if (
-            is_concrete(objective, arguments)
-            and all(isinstance(x, _ARRAYS + _NUMBERS) for x in leaves)
-            and all(isinstance(x, _ARRAYS + _NUMBERS) for x in jax.tree.leaves(arguments))
-        ):
-            check_stopping(tol, max_iter)
-            program = _EAGER_PROGRAMS(
-                (minimize, self, structure, static, bool(verbose)),
-                compile_first=True,
-            )
-        if program is not None:
-            arrays = [x for x in leaves if isinstance(x, _ARRAYS)]
-            try:
-                output = program(arrays, theta, tol, max_iter, options)
-            except (TypeError, IndexError):
-                pass  # it needs concrete values (a JAX concretization error is a TypeError)
-            else:
-                if verbose:
-                    jax.effects_barrier()  # its lines printed before it returns, as the fits'
-                return output
-        return minimize(
-            self, objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **options
-        )
-
-    return wrapper
-
-
-def _eager_program(key: tuple) -> Callable:
-    """The compiled `minimize` of one (method, solver, objective structure and numbers, verbose)."""
-    minimize, solver, structure, static, verbose = key
-
-    def program(arrays, theta, tol, max_iter, options):
-        arrays = iter(arrays)
-        leaves = [next(arrays) if x is None else x for x in static]
-        objective = jax.tree.unflatten(structure, leaves)
-        return minimize(
-            solver, objective, theta, tol=tol, max_iter=max_iter, verbose=verbose, **options
-        )
-
-    return jax.jit(program)
-
-
-_EAGER_PROGRAMS = Programs(_eager_program)
-
-
 def run(
     objective: Objective,
     theta: jax.Array,
@@ -222,11 +131,20 @@ def run(
 
     Raises:
         TypeError: θ is not a floating vector.
-        ValueError: as `check_stopping` (a solver's `minimize` called directly; the fits
-            check theirs before).
+        ValueError: a concrete `tol` with an entry that is negative or NaN, or a concrete
+            `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
+            the fits check theirs before).
     """
     theta = initial_theta(objective, theta)
-    check_stopping(tol, max_iter)
+    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
+        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
+    if is_concrete(max_iter) and not (
+        np.ndim(max_iter) == 0
+        and np.isfinite(max_iter)
+        and float(max_iter) == int(max_iter)
+        and int(max_iter) >= 0
+    ):
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     first = start(objective, theta)
     zero = jnp.zeros((), jnp.int32)
     decrement = jnp.asarray(jnp.inf, theta.dtype)

@@ -13,7 +13,7 @@ from .._objective import Evaluation, Objective
 from ._inner import entry_tolerance, forcing_term
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 from ._linesearch import check_line_search_options, line_search_step
-from ._loop import Iterate, SolverOutput, StepResult, compiled_when_eager, run
+from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
 
 
@@ -170,7 +170,6 @@ class Newton:
             max_line_search=self.max_line_search,
         )
 
-    @compiled_when_eager
     def minimize(
         self,
         objective: Objective,

@@ -23,7 +23,7 @@ from ._inner import (
     product_operator,
 )
 from ._linesearch import check_line_search_options, line_search_step
-from ._loop import Iterate, SolverOutput, StepResult, compiled_when_eager, run
+from ._loop import Iterate, SolverOutput, StepResult, run
 from ._progress import Progress
 
 
@@ -150,7 +150,6 @@ class NewtonCG:
         )
         return result._replace(report={"cg": solve.num_steps, **result.report})
 
-    @compiled_when_eager
     def minimize(
         self,
         objective: Objective,

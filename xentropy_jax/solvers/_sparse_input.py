@@ -35,8 +35,9 @@ def is_sparse(X) -> bool:
 def stored_values(X) -> np.ndarray | jax.Array:
     """The stored values of sparse X as the fit sums them (what the input checks look at).
 
-    SciPy duplicates (COO, or CSR/CSC out of canonical form) are summed first, as `to_bcoo`
-    does: +1e200 and −1e200 at one position are a 0, not an entry whose square overflows.
+    Duplicates (SciPy's COO, CSR/CSC out of canonical form, a concrete BCOO) are summed first,
+    as `to_bcoo` does: +1e200 and −1e200 at one position are a 0, not an entry whose square
+    overflows.
     """
     if is_scipy_sparse(X):
         if X.format in ("dok", "lil", "dia"):

@@ -24,14 +24,7 @@ from ._inner import (
     product_operator,
 )
 from ._linesearch import keep_in_subspace
-from ._loop import (
-    Iterate,
-    SolverOutput,
-    StepResult,
-    compiled_when_eager,
-    initial_theta,
-    run,
-)
+from ._loop import Iterate, SolverOutput, StepResult, initial_theta, run
 from ._progress import Progress
 
 # liblinear's TRON constants: acceptance and radius-update thresholds on the ratio of actual to
@@ -238,7 +231,6 @@ class TrustRegion:
             },
         )
 
-    @compiled_when_eager
     def minimize(
         self,
         objective: Objective,
