@@ -48,11 +48,19 @@ def stored_values(X) -> np.ndarray | jax.Array:
             X.sum_duplicates()
         return X.data
     if isinstance(X, sparse.BCOO) and not isinstance(X.data, jax.core.Tracer):
-        with jax.ensure_compile_time_eval():  # as `to_bcoo` sums them, even inside a `jit`
-            if X.n_batch or X.n_dense:
-                X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
-            return X.sum_duplicates(nse=X.nse, remove_zeros=False).data
+        return _summed_bcoo(X).data
     return X.data
+
+
+def _summed_bcoo(X: sparse.BCOO) -> sparse.BCOO:
+    """A concrete BCOO as an [nse, 2]-indexed one with duplicates summed (even inside a `jit`).
+
+    `sum_duplicates` pads with out-of-range indices, whose data are zeros.
+    """
+    with jax.ensure_compile_time_eval():
+        if X.n_batch or X.n_dense:  # batch or dense dimensions: indices are not [nse, 2]
+            X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
+        return X.sum_duplicates(nse=X.nse, remove_zeros=False)
 
 
 def bucketed_size(count: int) -> int:
@@ -74,12 +82,9 @@ def to_bcoo(X, dtype) -> sparse.BCOO:
     """
     by_column = X.shape[1] > X.shape[0]
     if isinstance(X, sparse.BCOO):
-        with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
-            if X.n_batch or X.n_dense:  # batch or dense dimensions: indices are not [nse, 2]
-                X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
-            matrix = X.sum_duplicates(nse=X.nse, remove_zeros=False)
-            data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
-        # sum_duplicates pads with out-of-range indices; drop them (zero data anyway).
+        matrix = _summed_bcoo(X)  # concrete X, even inside a caller's `jit`
+        data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
+        # The padding's out-of-range indices are dropped (zero data anyway).
         keep = np.all(indices < np.asarray(X.shape), axis=1)
         data, indices = data[keep], indices[keep]
         order = np.argsort(indices[:, int(by_column)], kind="stable")
