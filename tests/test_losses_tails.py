@@ -254,6 +254,17 @@ def test_hessian_and_product_entries_relative_to_their_size(num_classes):
                 assert np.max(ulps(matrix, exact, dtype, floor=floor)) <= 4, margin
 
 
+def exact_product(logits, tangents):
+    """(Hv exactly, the scale s_k (|v_k − sᵀv| + Σ_j s_j |v_j − sᵀv|)), in 160-bit arithmetic."""
+    probs, _ = exact_softmax(logits)
+    vs = [mpmath.mpf(float(v)) for v in tangents]
+    mean = mpmath.fsum(p * v for p, v in zip(probs, vs, strict=True))
+    exact = np.array([float(p * (v - mean)) for p, v in zip(probs, vs, strict=True)])
+    p64 = np.array([float(p) for p in probs])
+    spread = np.array([float(abs(v - mean)) for v in vs])
+    return exact, p64 * (spread + np.sum(p64 * spread))
+
+
 def test_product_relative_to_its_terms():
     """(Hv)_k to a few ulps of s_k (|v_k − sᵀv| + Σ_j s_j |v_j − sᵀv|) at every margin."""
     rng = np.random.default_rng(5)
@@ -263,13 +274,7 @@ def test_product_relative_to_its_terms():
             for margin in MARGINS:
                 logits = grid_logits(rng, num_classes, margin)
                 tangents = np.asarray(jnp.asarray(rng.normal(size=num_classes), dtype), np.float64)
-                probs, _ = exact_softmax(logits)
-                vs = [mpmath.mpf(float(v)) for v in tangents]
-                mean = mpmath.fsum(p * v for p, v in zip(probs, vs, strict=True))
-                exact = np.array([float(p * (v - mean)) for p, v in zip(probs, vs, strict=True)])
-                p64 = np.array([float(p) for p in probs])
-                spread = np.abs(tangents - float(mean))
-                terms = p64 * (spread + np.sum(p64 * spread))
+                exact, terms = exact_product(logits, tangents)
                 for product in [
                     xj.softmax_cross_entropy_hvp(
                         jnp.asarray(logits, dtype), jnp.asarray(tangents, dtype)
@@ -309,17 +314,11 @@ def test_product_where_several_classes_share_the_mass():
                         tangents = offset + rng.normal(size=num_classes)
                         tangents[top] = offset + 1.0  # v_k − sᵀv cancels at the shared classes
                         tangents = np.asarray(jnp.asarray(tangents, dtype), np.float64)
-                        probs, _ = exact_softmax(logits)
-                        vs = [mpmath.mpf(float(v)) for v in tangents]
-                        mean = mpmath.fsum(p * v for p, v in zip(probs, vs, strict=True))
-                        exact = [float(p * (v - mean)) for p, v in zip(probs, vs, strict=True)]
-                        p64 = np.array([float(p) for p in probs])
-                        spread = np.array([float(abs(v - mean)) for v in vs])
-                        terms = p64 * (spread + np.sum(p64 * spread))
+                        exact, terms = exact_product(logits, tangents)
                         product = xj.softmax_cross_entropy_hvp(
                             jnp.asarray(logits, dtype), jnp.asarray(tangents, dtype)
                         )
-                        error = np.abs(np.asarray(product, np.float64) - np.array(exact))
+                        error = np.abs(np.asarray(product, np.float64) - exact)
                         bound = np.maximum(eps * terms, float(jnp.finfo(dtype).tiny))
                         worst = max(worst, float(np.max(error / bound)))
         assert worst <= 16, (dtype, worst)
