@@ -167,7 +167,9 @@ def _block_probs(logits, lse) -> jax.Array:
     # exp(−inf − finite) = 0 gives masked (−inf bias) classes and padded columns (whose bias is
     # −inf, `_primal_bias_blocks`) probability 0. No select with a mask: a loop-invariant mask
     # broadcast to the block would be hoisted out of the row loop by reverse-mode partial
-    # evaluation.
+    # evaluation. A row with every class masked has lse = −inf: taken as the lowest finite
+    # number, its probabilities are 0 (as from `_block_statistics`), not exp(−inf + inf) = NaN.
+    lse = jnp.maximum(lse, jnp.finfo(lse.dtype).min)
     return jnp.exp(logits - lse[:, None])
 
 
@@ -277,8 +279,15 @@ def _label_logit(logits, labels_r) -> jax.Array:
 
 
 def _shift(logits, peak, logits_dot) -> jax.Array:
-    """``r``: the tangent at the largest logit (their sum at a tie, also a valid shift)."""
-    return jnp.sum(jnp.where(logits == peak[:, None], logits_dot, 0.0), axis=-1)
+    """``r``: the tangent at the largest logit, the mean over the classes tied there.
+
+    Any r is exact in exact arithmetic; the mean keeps r the size of ż where many classes tie
+    (a zero-initialised head), where their sum grew with the count and ``ż − r`` then lost
+    log₂(count) bits. A row with no class at ``peak`` (every class masked) gets r = 0.
+    """
+    tied = logits == peak[:, None]
+    count = jnp.maximum(jnp.sum(tied, axis=-1, dtype=logits_dot.dtype), 1.0)
+    return jnp.sum(jnp.where(tied, logits_dot, 0.0), axis=-1) / count
 
 
 def _block_statistics(logits, labels_r, columns):
