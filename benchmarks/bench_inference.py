@@ -4,7 +4,7 @@ Two parts:
 
 1. ``speed``: ``make_classification(100_000, 100, n_informative=60, n_classes=10,
    random_state=0)``, unpenalised. Ours: ``fit_logistic_regression`` (Newton-CG) followed by
-   ``logit_inference`` (dense Hessian, 909 parameters) with average marginal effects, once
+   ``logit_inference`` (dense Hessian, 891 parameters) with average marginal effects, once
    cold (compilation included) and once warm. statsmodels: ``MNLogit(...).fit(method="newton")``
    from zeros with a capped ``maxiter`` (its own run, whether it converged and its time), then
    from our estimates (``start_params``) so that it finishes at the same optimum, to compare

@@ -554,12 +554,50 @@ def test_refusals_and_warnings():
         xj.logit_inference(FIT4, X4[:, :2], Y4)
     with pytest.raises(ValueError, match="X has no rows"):
         xj.logit_inference(FIT4, X4[:0], Y4[:0])
+    # An intercept-only model (d = 0) crashed inside JAX; the fit refuses it, and so does this.
+    with pytest.raises(ValueError, match="X has no feature columns"):
+        xj.logit_inference((np.zeros((0, 2)), np.array([0.0, 0.4])), np.zeros((5, 0)), Y4[:5] % 2)
     # Collinear columns on the CG path too (it used to give finite errors and a warning).
     with pytest.raises(xj.InferenceError, match=r"x1.*x3.*collinear"):
         xj.logit_inference((coef, FIT4.params[1]), collinear, Y4, method="cg", subset=[0])
     batch = jax.tree.map(lambda a: jnp.stack([a, a]), FIT4)
     with pytest.raises(ValueError, match="not a batch of fits: index one"):
         xj.logit_inference(batch, X4, Y4)
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_exactly_collinear_columns_with_offsets_are_refused_on_the_dense_path(seed):
+    # x2 = 0.8·x0 + 0.04·x1 − 0.25 with columns far from 0 and of different scales: rounding
+    # lifted the Cholesky pivot of the singular Hessian above the singular line, and the dense
+    # path gave standard errors up to 3e5 with an "ill-conditioned ... separation" warning.
+    rng = np.random.default_rng(seed)
+    x0, x1 = rng.normal(-20, 10, 300), rng.normal(-50, 60, 300)
+    X = np.column_stack([x0, x1, 0.8 * x0 + 0.04 * x1 - 0.25])
+    logits = np.column_stack([np.zeros(300), 0.05 * x0, 0.01 * x1])
+    y = (logits + rng.gumbel(size=(300, 3))).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", xj.CollinearityWarning)
+        fit = xj.fit_logistic_regression(X, y, 3)
+    for method in ("dense", "cg"):
+        with pytest.raises(xj.InferenceError, match=r"\['x0', 'x1', 'x2', 'intercept'\] are col"):
+            xj.logit_inference(fit, X, y, method=method, subset="all")
+
+
+def test_estimator_inference_after_a_fit_short_of_convergence_warns():
+    # The estimator passes its coefficients alone, which read as converged: no warning, and
+    # "Converged: True" in the summary of a fit stopped after 4 iterations.
+    from xentropy_jax.sklearn import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 3))
+    y = (X @ rng.normal(size=(3, 3)) + rng.gumbel(size=(2000, 3))).argmax(1)
+    with pytest.warns(ConvergenceWarning):
+        estimator = LogisticRegression(penalty=None, max_iter=4).fit(X, y)
+    with pytest.warns(xj.InferenceWarning, match="did not converge"):
+        result = estimator.inference(X, y)
+    assert result.converged is False and "Converged: False" in result.summary()
+    converged = LogisticRegression(penalty=None).fit(X, y).inference(X, y)
+    assert converged.converged is True
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -620,6 +658,15 @@ def test_cluster_labels_and_their_count():
             reference,
             rtol=1e-12,
         )
+    # 1 and "1" are two clusters (np.asarray wrote both as "1", and the 14 clusters became 7).
+    half = np.arange(len(Y4)) >= len(Y4) // 2
+    fourteen = codes + 7 * half
+    apart = [str(c) if late else int(c) for c, late in zip(codes, half, strict=True)]
+    _close(
+        xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=apart).bse,
+        xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=fourteen).bse,
+        rtol=1e-12,
+    )
     with pytest.raises(ValueError, match=r"groups must have shape \(300,\)"):
         xj.logit_inference(FIT4, X4, Y4, cov_type="cluster", groups=codes[:-1])
     with pytest.raises(ValueError, match="hashable"):
@@ -644,6 +691,9 @@ def test_structured_output_and_intervals(monkeypatch):
     lower, upper = result.conf_int(0.1)
     _close(lower, result.conf_int_lower, rtol=1e-14)
     _close(result.conf_int_upper - result.params, 1.6448536269514722 * result.bse, rtol=1e-12)
+    # A level so high that 1 − alpha/2 rounds to 1: z = Φ⁻¹(1 − 5e-18) = 8.5739 (mpmath).
+    lower, upper = result.conf_int(1e-17)
+    _close(upper - result.params, 8.573944076720883 * result.bse, rtol=1e-9)
     monkeypatch.setitem(sys.modules, "pandas", None)  # pandas stays optional
     plain = result.to_frame()
     assert isinstance(plain, dict) and plain["coef"].shape == (12,)

@@ -98,7 +98,8 @@ def _solve_triangular(lower: np.ndarray, rhs: np.ndarray, transpose: bool) -> np
 
 
 def _normal_quantile(alpha: float) -> float:
-    return statistics.NormalDist().inv_cdf(1 - alpha / 2)
+    """Φ⁻¹(1 − alpha/2), as −Φ⁻¹(alpha/2): 1 − alpha/2 rounds to 1 for alpha below 1e-16."""
+    return -statistics.NormalDist().inv_cdf(alpha / 2)
 
 
 def _two_sided_p(z: np.ndarray) -> np.ndarray:
@@ -330,6 +331,16 @@ def separated_error() -> InferenceError:
     )
 
 
+def not_converged_warning(status: int) -> None:
+    """The `InferenceWarning` for estimates from a fit that stopped short of convergence."""
+    warnings.warn(
+        "the fit did not converge (" + Status.message(status) + "); the standard errors "
+        "are those of the last iterate",
+        InferenceWarning,
+        stacklevel=3,
+    )
+
+
 def _params_from(fit, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, bool, int | None]:
     """(W [d, K], b [K], converged, status) from a FitResult or a (W, b) pair."""
     if isinstance(fit, FitResult):
@@ -353,6 +364,8 @@ def _validate(weights, intercept, X, labels, sample_weight):
     d, k = weights.shape
     if intercept.shape != (k,):
         raise ValueError(f"b must have shape ({k},), got {intercept.shape}")
+    if d == 0:
+        raise ValueError("X has no feature columns (an intercept-only model is not supported)")
     if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(intercept))):
         raise InferenceError("the estimates are not finite: there is nothing to infer from")
     if hasattr(X, "tocsr") or (hasattr(X, "todense") and hasattr(X, "indices")):
@@ -393,6 +406,11 @@ def _group_codes(groups, n: int) -> np.ndarray:
         values = np.asarray(groups)
     except ValueError:  # ragged labels, such as tuples of different lengths
         values = None
+    if values is not None and values.dtype.kind in "US" and not isinstance(groups, np.ndarray):
+        # np.asarray writes [1, "1"] as ["1", "1"]: labels of other types than str stay apart.
+        kind = str if values.dtype.kind == "U" else bytes
+        if not all(isinstance(item, kind) for item in groups):
+            values = None
     if values is not None and values.ndim == 1 and values.dtype != object:
         if values.shape != (n,):
             raise ValueError(f"groups must have shape ({n},), got {values.shape}")
@@ -532,8 +550,24 @@ def _warn_infinite_likelihood(llf: float, mass, dtype) -> None:
     )
 
 
+_SINGULAR = (
+    "the Hessian of the log-likelihood is singular, so the estimates have no standard errors: "
+)
+_SEPARABLE = (
+    "the Hessian is singular although the columns are not collinear: the data are "
+    "(quasi-)separable, some estimates are infinite (the likelihood keeps increasing as they "
+    "grow); drop the separating columns, merge classes, or use a penalised fit (which has no "
+    "classical standard errors)"
+)
+
+
 def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str:
     """Name collinear columns when the weighted Gram is singular; otherwise blame separation."""
+    return _collinear_columns(features, weights, fit_intercept, term_names, eps) or _SEPARABLE
+
+
+def _collinear_columns(features, weights, fit_intercept, term_names, eps) -> str | None:
+    """The columns that make the weighted Gram of [X, 1] singular, said in words; else None."""
     # In float64 whatever the data's dtype, so that columns collinear only to the rounding of
     # float32 data (which computes the Hessian) are told from exactly collinear ones.
     extended = np.asarray(features, dtype=float)
@@ -573,12 +607,7 @@ def _diagnose_singular(features, weights, fit_intercept, term_names, eps) -> str
             f"the columns {names} are collinear (the weighted design matrix has {rank(null)}): "
             "drop or combine them"
         )
-    return (
-        "the Hessian is singular although the columns are not collinear: the data are "
-        "(quasi-)separable, some estimates are infinite (the likelihood keeps increasing as "
-        "they grow); drop the separating columns, merge classes, or use a penalised fit "
-        "(which has no classical standard errors)"
-    )
+    return None
 
 
 def logit_inference(
@@ -697,12 +726,7 @@ def logit_inference(
     if status == Status.DIVERGED:
         raise separated_error()
     if not converged:
-        warnings.warn(
-            "the fit did not converge (" + Status.message(status) + "); the standard errors "
-            "are those of the last iterate",
-            InferenceWarning,
-            stacklevel=2,
-        )
+        not_converged_warning(status)
     d, num_classes = weights.shape
     kf = num_classes - 1
     num_terms = d + int(fit_intercept)
@@ -816,12 +840,14 @@ def logit_inference(
             pivot = float(np.min(np.diag(factor)) ** 2)
         except np.linalg.LinAlgError:
             pivot = 0.0
-        if not pivot > 10 * eps * num_params:
-            raise InferenceError(
-                "the Hessian of the log-likelihood is singular, so the estimates have no "
-                "standard errors: "
-                + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
-            )
+        # Rounding can lift the pivot of an exactly singular Hessian above 10·eps·P (columns
+        # with offsets and different scales): an ill-conditioned one is checked for collinear
+        # columns too, in the Gram of [X, 1] (the CG path's check), before it is reported.
+        collinear = None
+        if pivot < 1e4 * eps * num_params:
+            collinear = _collinear_columns(unpadded, row_weights, fit_intercept, term_names, eps)
+        if collinear is not None or not pivot > 10 * eps * num_params:
+            raise InferenceError(_SINGULAR + (collinear or _SEPARABLE))
         if pivot < 1e4 * eps * num_params:
             warnings.warn(
                 f"the Hessian is ill-conditioned (smallest Cholesky pivot² {pivot:.2e} of its "
@@ -929,8 +955,7 @@ def logit_inference(
         _check_finite_sums([model, values], dtype)
         if _null_eigenvalues(np.asarray(gram_eigenvalues, float), eps).any():
             raise InferenceError(
-                "the Hessian of the log-likelihood is singular, so the estimates have no "
-                "standard errors: "
+                _SINGULAR
                 + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
             )
         if cov_type == "cluster":

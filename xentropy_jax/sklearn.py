@@ -9,6 +9,7 @@ into the sample weights, maps ``C`` to the L2 strength of the functional core an
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import inspect
 import threading
 import warnings
@@ -603,7 +604,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_iter_ = np.asarray([n_iter], dtype=np.int32)
         self.solver_ = solver
-        self._fit_status = status  # for `inference`: a separable fit's estimates are infinite
+        # For `inference`: no standard errors after separation, a warning short of convergence.
+        self._fit_status = status
         if not converged:
             warnings.warn(
                 f"LogisticRegression ({solver}) stopped without converging after {n_iter} "
@@ -779,10 +781,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             >>> bool((result.bse > 0).all())
             True
         """
-        from ._inference import logit_inference, separated_error
+        from ._inference import logit_inference, not_converged_warning, separated_error
 
         check_is_fitted(self)
-        if getattr(self, "_fit_status", None) == Status.DIVERGED:
+        status = getattr(self, "_fit_status", Status.CONVERGED)
+        if status == Status.DIVERGED:
             # The coefficients alone read as a fit short of the maximum ("refit with l2=0").
             raise separated_error()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
@@ -800,8 +803,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             coef = np.concatenate([np.zeros_like(coef), coef])
             intercept = np.concatenate([np.zeros_like(intercept), intercept])
         names = getattr(self, "feature_names_in_", None)
+        converged = status == Status.CONVERGED
+        if not converged:  # the coefficients alone read as a converged fit
+            not_converged_warning(status)
         with jax.enable_x64(X.dtype == np.float64):
-            return logit_inference(
+            result = logit_inference(
                 (coef.T, intercept),
                 X,
                 position.astype(np.int32),
@@ -818,6 +824,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 term_names=None if names is None else [str(n) for n in names],
                 class_names=[str(c) for c in self.classes_],
             )
+        return dataclasses.replace(result, converged=converged)
 
     def _fitted_c(self) -> float:
         """The ``C`` of the fitted coefficients (for :meth:`inference`)."""
