@@ -82,6 +82,23 @@ SCRIPT = textwrap.dedent(
     many = xj.fit_logistic_regression(Xs, ys, K, sample_weight=ws, tol=1e-12)
     out["unpenalised"] = [relative(many.params[0], one.params[0]), bool(many.converged)]
 
+    # A warm start placed on the Explicit mesh, and the streamed fit slicing Explicit arrays:
+    # both raised mesh errors from inside JAX where the in-memory fit takes the data.
+    Xs, ys, ws = sharded(8, AxisType.Explicit)
+    replicated = NamedSharding(Xs.sharding.mesh, PartitionSpec())
+    one = xj.fit_logistic_regression(X, y, K, sample_weight=w, l2=1e-3, tol=1e-12)
+    start = tuple(jax.device_put(np.zeros(shape), replicated) for shape in ((d, K), (K,)))
+    warm = xj.fit_logistic_regression(
+        Xs, ys, K, sample_weight=ws, l2=1e-3, tol=1e-12, init=start
+    )
+    streamed = xj.fit_logistic_regression_streamed(
+        Xs, ys, K, sample_weight=ws, l2=1e-3, tol=1e-12, chunk_rows=700
+    )
+    out["explicit init and streamed"] = [
+        relative(warm.params[0], one.params[0]),
+        relative(streamed.params[0], one.params[0]),
+    ]
+
     # Integer-label losses and products beyond 32 classes on rows over an Explicit mesh: the
     # label scatter raised a ShardingTypeError from inside JAX (up to 32 the comparison served).
     wide = 40
@@ -281,6 +298,12 @@ def test_sharded_path_on_an_explicit_mesh_equals_the_one_device_path(report):
 def test_unpenalised_weighted_fit_on_an_explicit_mesh_equals_the_one_device_fit(report):
     relative, converged = report["unpenalised"]
     assert converged and relative <= 1e-10, report["unpenalised"]
+
+
+@pytest.mark.subprocess
+def test_warm_start_and_streamed_fit_on_an_explicit_mesh(report):
+    for relative in report["explicit init and streamed"]:
+        assert relative <= 1e-10, report["explicit init and streamed"]
 
 
 @pytest.mark.subprocess

@@ -289,6 +289,13 @@ def test_fit_from_a_list_of_chunks_and_a_one_shot_generator_is_refused(files):
         xj.fit_logistic_regression_streamed(chunks(), num_classes=K)
     with pytest.raises(ValueError, match="labels and weights come in the chunks"):
         xj.fit_logistic_regression_streamed(chunks, y, K)
+    with pytest.raises(ValueError, match="labels and weights come in the chunks"):
+        xj.fit_logistic_regression_streamed(list(chunks()), y, K)
+    # Rows as nested lists with their labels, as the in-memory fit takes them: not chunks.
+    rows = xj.fit_logistic_regression_streamed(
+        X.tolist(), y.tolist(), K, sample_weight=weights, l2=1e-2, tol=1e-10, chunk_rows=700
+    )
+    assert abs(float(rows.loss) - float(whole.loss)) <= 1e-8 * float(whole.loss)
     with pytest.raises(ValueError, match="num_classes=K"):
         xj.fit_logistic_regression_streamed(chunks, K)
 

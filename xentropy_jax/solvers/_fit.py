@@ -509,7 +509,7 @@ def fit_inputs(X, labels, sample_weight, init) -> tuple:
     if weights is not None:
         weights = with_auto_axes(jnp.asarray(weights).astype(features.dtype))
     if init is not None:
-        init = tuple(jnp.asarray(part).astype(features.dtype) for part in init)
+        init = tuple(with_auto_axes(jnp.asarray(part).astype(features.dtype)) for part in init)
     labels = jnp.asarray(labels)
     if _is_concrete(labels) and _addressable(labels):
         # Range-checked at the boundary (`_validate`). Traced labels keep their type, so that

@@ -43,6 +43,7 @@ from ._fit import (
 from ._floor import minimize_to_floor, rounding_floor, static_floor
 from ._loop import Solver, SolverOutput
 from ._result import FitError, FitResult, Status
+from ._sharding import with_auto_axes
 from ._sparse_input import is_scipy_sparse
 
 
@@ -337,6 +338,14 @@ def fit_logistic_regression_streamed(
     reference_class = check_flag("reference_class", reference_class)
     verbose, throw = check_flag("verbose", verbose), check_flag("throw", throw)
     x64 = bool(jax.config.jax_enable_x64)
+    if labels is not None and isinstance(X, (list, tuple)):
+        # Rows as nested lists (which the in-memory fit takes), not chunks: labels are given.
+        try:
+            rows = np.asarray(X)
+        except ValueError:  # ragged: chunks after all, refused below
+            rows = None
+        if rows is not None and rows.ndim == 2 and rows.dtype.kind in "biuf":
+            X = rows
     if is_chunk_iterable(X):
         if labels is not None or sample_weight is not None:
             raise ValueError(
@@ -364,6 +373,11 @@ def fit_logistic_regression_streamed(
         # A DataFrame has no single dtype: its first row's says what its values convert to.
         x_dtype = X.dtype if hasattr(X, "dtype") else np.asarray(X[:1]).dtype
         dtype = np.float64 if x64 and np.dtype(x_dtype) == np.float64 else np.float32
+        # JAX arrays sharded over Explicit mesh axes are sliced on Auto ones, as the in-memory
+        # fit takes them (slicing them raised a ShardingTypeError from inside JAX).
+        X, labels = with_auto_axes(X), with_auto_axes(labels)
+        if sample_weight is not None:
+            sample_weight = with_auto_axes(sample_weight)
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
