@@ -10,7 +10,8 @@ Two tasks, float32, full batch, several seeds (the initialisation changes):
 Methods: Adam and AdamW (weight decay 1e-4), each over a small learning-rate grid
 (1e-3, 3e-3, 1e-2, 3e-2) with the best rate per seed taken; Sophia-G (``xj.sophia_g``,
 Gauss-Newton-Bartlett diagonal refreshed every 10 steps, b1 = 0.9, gamma = 0.01, with bias
-correction, which short full-batch runs need) over (3e-3, 1e-2, 3e-2), best per seed; and the
+correction, which makes no real difference at these settings, see docs/optax.md) over
+(3e-3, 1e-2, 3e-2), best per seed; and the
 Gauss-Newton / Hessian-free step (``xj.gauss_newton`` with its defaults: no learning rate, at
 most 20 CG iterations, Levenberg-Marquardt damping from 1), also with at most 5 CG iterations.
 

@@ -537,9 +537,11 @@ def fit_logistic_regression(
     """Fit multinomial logistic regression to the exact optimum with Newton steps.
 
     Minimises f(W, b) = Σᵢ wᵢ·CE(xᵢW + b, yᵢ)/Σᵢ wᵢ + (l2/2)·‖W‖² (intercept unpenalised;
-    scikit-learn's `C` is `l2 = 1/(C·Σᵢ wᵢ)`). One compiled function per set of shapes and
-    static options: repeat calls do not recompile, and the function works under `jax.vmap`
-    (for example over a grid of `l2`) and `jax.jit`.
+    scikit-learn's `C` is `l2 = 1/(C·Σᵢ wᵢ)`; for K = 2 scikit-learn fits one coefficient
+    vector, which `reference_class=True` gives at that l2, as the estimator does, while the
+    symmetric default equals scikit-learn's binary model at 2C). One compiled function per set
+    of shapes and static options: repeat calls do not recompile, and the function works under
+    `jax.vmap` (for example over a grid of `l2`) and `jax.jit`.
 
     The fit is differentiable: `jax.grad`, `jax.vjp`, `jax.jvp`, `jax.jacfwd` and `jax.jacrev`
     of anything computed from `params` and `loss` with respect to X (dense, or a BCOO's stored

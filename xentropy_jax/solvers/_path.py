@@ -210,7 +210,9 @@ def fit_regularization_path(
         X: [N, d] features, dense or sparse (scipy.sparse or BCOO), as `fit_logistic_regression`.
         labels: [N] integer labels in [0, num_classes).
         num_classes: K >= 2 (static).
-        l2_values: [L] L2 strengths >= 0 (scikit-learn's C is `l2 = 1/(C·Σᵢ wᵢ)`).
+        l2_values: [L] L2 strengths >= 0 (scikit-learn's C is `l2 = 1/(C·Σᵢ wᵢ)`; for K = 2
+            that is scikit-learn's binary model with `reference_class=True`, and at 2C with
+            the symmetric default).
         sample_weight: [N] weights >= 0, or None for ones.
         fit_intercept: fit the unpenalised intercept b (static).
         reference_class: fix class 0's column of W and intercept at zero (static).
