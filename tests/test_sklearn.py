@@ -84,7 +84,6 @@ _Y_OK = np.array([0, 1, 0, 1])
         (_X_OK, _Y_OK, np.array([1.0, -1.0, 1.0, 1.0]), "Negative values"),
         (_X_OK, _Y_OK, np.ones(5), "sample_weight.shape"),
         (_X_OK, _Y_OK, np.zeros(4), "at least one non-zero"),
-        (_X_OK, _Y_OK, np.array([1.0, 0.0, 1.0, 0.0]), "at least 2 classes"),
         (_X_OK, np.array([0.5, 1.5, 0.25, 1.0]), None, "Unknown label type"),
         (_X_OK[:0], _Y_OK[:0], None, "0 sample"),
         (_X_OK[:, 0], _Y_OK, None, "Expected 2D array"),
@@ -371,6 +370,21 @@ def test_a_class_that_the_weights_empty_is_fitted_as_scikit_learn_does(iris):
     ]
     # The empty class's probability in a bag is ~tol, its solver's or ours.
     np.testing.assert_allclose(bagged[0], bagged[1], atol=1e-5)
+    # Two classes, one of them rare: a bag that misses it was refused ("needs a positive total
+    # weight on at least 2 classes"), where scikit-learn fits it.
+    binary = (rare == 2).astype(int)
+    bagged = [
+        BaggingClassifier(model, n_estimators=10, max_samples=0.5, random_state=0)
+        .fit(features, binary)
+        .predict_proba(features)
+        for model in (
+            LogisticRegression(),
+            SklearnLogisticRegression(solver="newton-cg", tol=1e-10),
+        )
+    ]
+    np.testing.assert_allclose(bagged[0], bagged[1], atol=1e-5)
+    one_class = LogisticRegression().fit(_X_OK, _Y_OK, sample_weight=[1.0, 0.0, 1.0, 0.0])
+    assert one_class.predict_proba(_X_OK)[:, 1].max() < 1e-6
     # "balanced" gave such a class an infinite weight (1 / its weighted count) and raised
     # ("class_weight must be finite", with NumPy's divide-by-zero warning): its weight is moot.
     weights = (y > 0).astype(float)

@@ -19,6 +19,7 @@ from sklearn.metrics import log_loss  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+import xentropy_jax as xj  # noqa: E402
 import xentropy_jax.sklearn as sklearn_module  # noqa: E402
 from xentropy_jax.sklearn import LogisticRegression, LogisticRegressionCV  # noqa: E402
 
@@ -121,6 +122,29 @@ def test_weights_and_c_beyond_range_name_themselves():
         LogisticRegressionCV(Cs=[1e-30, 1.0], cv=3).fit(X.astype(np.float32), y)
     with pytest.raises(ValueError, match=r"class_weight times sample_weight exceeds .*\[0\]"):
         LogisticRegression(class_weight={0: 1e300}).fit(X.astype(np.float32), y)
+    # Every weight finite, their sum not: l2 = 1/(C·Σw) read 0, and the fit was unpenalised.
+    with pytest.raises(ValueError, match=r"Σ sample_weight overflows float64"):
+        LogisticRegression(C=1e-307).fit(X, y, sample_weight=np.full(60, 1e307))
+    with pytest.raises(ValueError, match=r"Σ sample_weight overflows float32"):
+        LogisticRegression().fit(X.astype(np.float32), y, sample_weight=np.full(60, 3e37))
+    # A training split whose rows all weigh 0 was told to raise C.
+    from sklearn.model_selection import KFold
+
+    weights = np.where(np.arange(60) < 40, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"at least one non-zero number \(in every training"):
+        LogisticRegressionCV(Cs=3, cv=KFold(3)).fit(X, y, sample_weight=weights)
+
+
+def test_collinearity_warning_names_the_estimators_options_at_the_callers_line():
+    # It came from inside the package and said "l2 = 0 ... or set l2 > 0", which the estimator
+    # has no parameter for.
+    X, y = load_iris(return_X_y=True)
+    with pytest.warns(xj.CollinearityWarning, match=r"\[0, 4\] .* and no penalty") as caught:
+        LogisticRegression(C=np.inf).fit(np.c_[X, X[:, 0]], y)
+    [warning] = [w for w in caught if w.category is xj.CollinearityWarning]
+    assert warning.filename == __file__, warning.filename
+    message = str(warning.message)
+    assert "l2 = 0" not in message and "l2 > 0" not in message and "finite C" in message
 
 
 def test_ignored_l1_ratio_and_c_warn_as_scikit_learn():

@@ -52,13 +52,14 @@ from scipy.special import log_softmax, softmax
 
 from ._buckets import fitted_rows, pad_rows
 from .solvers import (
+    CollinearityWarning,
     NewtonCG,
     Status,
     TrustRegion,
     fit_logistic_regression,
     fit_regularization_path,
 )
-from .solvers._fit import empty_classes_quietly
+from .solvers._fit import collinear_message, collinear_notices, empty_classes_quietly
 from .solvers._sharding import row_mesh, shard_rows
 from .solvers._sparse_input import bucketed_size
 
@@ -173,6 +174,26 @@ def _class_weighted(
     return weights
 
 
+def check_total_weight(total_weight, dtype) -> None:
+    """A ValueError for a Σ sample_weight (per training split) of 0 or beyond `dtype`'s range.
+
+    A sum that overflowed to inf made l2 = 1/(C·Σw) = 0, and the fit silently unpenalised; a
+    split whose rows all weigh 0 was told to raise C.
+    """
+    total = np.asarray(total_weight, np.float64)
+    if not np.all(total > 0):
+        raise ValueError(
+            "Sample weights must contain at least one non-zero number (in every training split "
+            "of the cross-validation)."
+        )
+    if not np.all(total <= np.finfo(dtype).max):
+        raise ValueError(
+            f"Σ sample_weight overflows {np.dtype(dtype)} (its largest finite number is "
+            f"{np.finfo(dtype).max:.3g}): divide sample_weight by a constant c and multiply C "
+            "by c (a fit depends only on C·sample_weight)."
+        )
+
+
 def penalty_strength(C, total_weight, dtype):
     """l2 = 1/(C·Σw) of the core's objective; a ValueError where it is not a usable number.
 
@@ -181,6 +202,7 @@ def penalty_strength(C, total_weight, dtype):
     values". l2 must stay below √(largest number of the fit's dtype): 1e154 in float64, 1.8e19
     in float32.
     """
+    check_total_weight(total_weight, dtype)
     product = np.asarray(C, np.float64) * np.asarray(total_weight, np.float64)
     with np.errstate(divide="ignore", over="ignore"):
         l2 = 1.0 / product
@@ -403,7 +425,8 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             penalises the intercept, is refused.
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
-            sample by an integer equals repeating it to ~1e-9. ``tol`` is raised, per
+            sample by an integer equals repeating it to ~1e-9 on well-conditioned dense data
+            (at weak penalties with sparse X, ~1e-6: pass a smaller ``tol``). ``tol`` is raised, per
             parameter, to its gradient entry's rounding level, ``8 * eps * mean|x_j|`` for
             column j (~1e-6 for standardised float32 features), below which convergence
             cannot be verified.
@@ -535,12 +558,13 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         """
         penalty = fitted_penalty(self.penalty, self.l1_ratio, self.C, self.dual)
         X, classes, labels, weights = self._fit_data(X, y, sample_weight)
-        class_mass = np.bincount(labels, weights=weights, minlength=classes.size)
-        if np.count_nonzero(class_mass > 0) < 2:
+        # A class whose weights are all 0 (a bootstrap sample of BaggingClassifier that misses
+        # a rare class, binary problems included) is fitted towards probability 0, as
+        # scikit-learn fits it; only weights that leave no class at all are refused.
+        if not np.any(weights > 0):
             raise ValueError(
-                "LogisticRegression needs a positive total weight on at least 2 classes; only "
-                f"class {classes[np.argmax(class_mass)]!r} has any weight after applying "
-                "sample_weight and class_weight."
+                "Sample weights must contain at least one non-zero number after applying "
+                "class_weight."
             )
 
         n_classes = classes.size
@@ -549,7 +573,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         # Class 0 as reference gives scikit-learn's binomial model, and removes the Hessian's
         # null direction when nothing is penalised.
         reference = binary or unpenalised
-        l2 = 0.0 if unpenalised else float(penalty_strength(self.C, weights.sum(), X.dtype))
+        with np.errstate(over="ignore"):  # (an infinite sum is refused below)
+            total_weight = np.sum(weights, dtype=np.float64)
+        check_total_weight(total_weight, X.dtype)
+        l2 = 0.0 if unpenalised else float(penalty_strength(self.C, total_weight, X.dtype))
         solver = _resolve_solver(
             self.solver,
             _free_parameters(X.shape[1], n_classes, self.fit_intercept, reference),
@@ -571,7 +598,11 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         # Float64 input is fitted in float64, float32 in float32, whatever the global flag.
         # A class that the weights empty (a bootstrap sample of BaggingClassifier, a zero
         # class_weight) is fitted towards probability 0, silently, as scikit-learn does.
-        with jax.enable_x64(X.dtype == np.float64), empty_classes_quietly():
+        with (
+            jax.enable_x64(X.dtype == np.float64),
+            empty_classes_quietly(),
+            collinear_notices() as notices,
+        ):
             result = fit_logistic_regression(
                 X,
                 labels,
@@ -606,6 +637,14 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.solver_ = solver
         # For `inference`: no standard errors after separation, a warning short of convergence.
         self._fit_status = status
+        for facts in notices:  # at the caller's line, in the estimator's own terms
+            warnings.warn(
+                collinear_message(
+                    **facts, unpenalised="no penalty", penalise="use a finite C (penalty='l2')"
+                ),
+                CollinearityWarning,
+                stacklevel=3 + _FRAMES_ABOVE_FIT.get(),
+            )
         if not converged:
             warnings.warn(
                 f"LogisticRegression ({solver}) stopped without converging after {n_iter} "

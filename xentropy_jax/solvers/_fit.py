@@ -769,6 +769,60 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     )
 
 
+# Per thread and task: the estimator collects the warning's facts and words it for its own
+# parameters (C, penalty) at its caller's line (`collinear_notices`).
+_COLLINEAR_NOTICES = contextvars.ContextVar("collinear_notices", default=None)
+
+
+@contextlib.contextmanager
+def collinear_notices():
+    """Within it, in this thread, collinear columns are collected, not warned of.
+
+    `warn_collinear_columns` appends its facts (the arguments of `collinear_message`) to the
+    list this yields.
+    """
+    notices: list[dict] = []
+    token = _COLLINEAR_NOTICES.set(notices)
+    try:
+        yield notices
+    finally:
+        _COLLINEAR_NOTICES.reset(token)
+
+
+def collinear_message(
+    columns: list[int],
+    rank: int,
+    num_features: int,
+    fit_intercept: bool,
+    dtype: np.dtype,
+    exact: bool | None = None,
+    unpenalised: str = "l2 = 0",
+    penalise: str = "set l2 > 0",
+) -> str:
+    """The `CollinearityWarning`'s text naming `columns` (index d is the intercept).
+
+    Rank is decided in the fit's precision, `dtype`: below float64, columns that are only
+    nearly collinear count as collinear, and the message says so, unless `exact` says that
+    float64 finds the same dependence. `unpenalised` and `penalise` name the caller's options.
+    """
+    num_columns = num_features + int(fit_intercept)
+    names = ["intercept" if column == num_features else str(column) for column in columns]
+    how = "exactly collinear"
+    remedy = f"Drop redundant columns, or {penalise}."
+    if np.finfo(dtype).bits < 64 and not exact:
+        how = f"collinear to {np.dtype(dtype).name} precision"
+        remedy = (
+            f"Drop redundant columns, {penalise}, or fit float64 data (with jax_enable_x64), "
+            "in whose precision they may be independent."
+        )
+    return (
+        f"The columns [{', '.join(names)}] of X are {how} (rank {rank} of "
+        f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and "
+        f"{unpenalised}: their coefficients are not identified, and the fit returns the "
+        f"minimum-norm optimum (as a pseudo-inverse). {remedy}"
+    )
+
+
 def warn_collinear_columns(
     columns: list[int],
     rank: int,
@@ -778,29 +832,13 @@ def warn_collinear_columns(
     stacklevel: int,
     exact: bool | None = None,
 ) -> None:
-    """The `CollinearityWarning` naming `columns` (index d is the intercept), if any.
-
-    Rank is decided in the fit's precision, `dtype`: below float64, columns that are only
-    nearly collinear count as collinear, and the message says so, unless `exact` says that
-    float64 finds the same dependence.
-    """
+    """The `CollinearityWarning` naming `columns` (index d is the intercept), if any."""
     if not columns:
         return
-    num_columns = num_features + int(fit_intercept)
-    names = ["intercept" if column == num_features else str(column) for column in columns]
-    how = "exactly collinear"
-    remedy = "Drop redundant columns, or set l2 > 0."
-    if np.finfo(dtype).bits < 64 and not exact:
-        how = f"collinear to {np.dtype(dtype).name} precision"
-        remedy = (
-            "Drop redundant columns, set l2 > 0, or fit float64 data (with jax_enable_x64), "
-            "in whose precision they may be independent."
-        )
-    warnings.warn(
-        f"The columns [{', '.join(names)}] of X are {how} (rank {rank} of "
-        f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and l2 = 0: "
-        "their coefficients are not identified, and the fit returns the minimum-norm optimum "
-        f"(as a pseudo-inverse). {remedy}",
-        CollinearityWarning,
-        stacklevel=stacklevel,
-    )
+    facts = dict(columns=columns, rank=rank, num_features=num_features)
+    facts.update(fit_intercept=fit_intercept, dtype=dtype, exact=exact)
+    notices = _COLLINEAR_NOTICES.get()
+    if notices is not None:
+        notices.append(facts)
+        return
+    warnings.warn(collinear_message(**facts), CollinearityWarning, stacklevel=stacklevel)
