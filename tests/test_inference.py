@@ -583,6 +583,24 @@ def test_exactly_collinear_columns_with_offsets_are_refused_on_the_dense_path(se
             xj.logit_inference(fit, X, y, method=method, subset="all")
 
 
+def test_a_float32_year_column_beside_the_intercept_keeps_its_standard_errors():
+    # Ill-conditioned but of full rank: answered with a warning, within 4% of float64 (the
+    # collinearity check on the ill-conditioned branch had refused it as "collinear to float32
+    # precision").
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 10, 400)
+    y = (rng.uniform(size=400) < 1 / (1 + np.exp(-(x - 5) / 2))).astype(np.int32)
+    X = np.stack([x, 2000 + rng.integers(0, 20, 400) + 0.0], axis=1)
+    fit = xj.fit_logistic_regression(X, y, 2, reference_class=True, tol=1e-12)
+    reference = xj.logit_inference(fit, X, y).bse
+    with jax.enable_x64(False):
+        X32 = X.astype(np.float32)
+        fit32 = xj.fit_logistic_regression(X32, y, 2, reference_class=True)
+        with pytest.warns(xj.InferenceWarning, match="ill-conditioned"):
+            bse = xj.logit_inference(fit32, X32, y).bse
+    _close(bse, reference, rtol=0.1)
+
+
 def test_estimator_inference_after_a_fit_short_of_convergence_warns():
     # The estimator passes its coefficients alone, which read as converged: no warning, and
     # "Converged: True" in the summary of a fit stopped after 4 iterations.
@@ -598,6 +616,13 @@ def test_estimator_inference_after_a_fit_short_of_convergence_warns():
     assert result.converged is False and "Converged: False" in result.summary()
     converged = LogisticRegression(penalty=None).fit(X, y).inference(X, y)
     assert converged.converged is True
+    # The same through LogisticRegressionCV's refit.
+    from xentropy_jax.sklearn import LogisticRegressionCV
+
+    with pytest.warns(ConvergenceWarning):
+        searched = LogisticRegressionCV(Cs=[np.inf], cv=3, max_iter=4).fit(X, y)
+    with pytest.warns(xj.InferenceWarning, match="did not converge"):
+        assert searched.inference(X, y).converged is False
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

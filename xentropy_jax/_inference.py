@@ -840,14 +840,21 @@ def logit_inference(
             pivot = float(np.min(np.diag(factor)) ** 2)
         except np.linalg.LinAlgError:
             pivot = 0.0
+        if not pivot > 10 * eps * num_params:
+            raise InferenceError(
+                _SINGULAR
+                + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
+            )
         # Rounding can lift the pivot of an exactly singular Hessian above 10·eps·P (columns
-        # with offsets and different scales): an ill-conditioned one is checked for collinear
-        # columns too, in the Gram of [X, 1] (the CG path's check), before it is reported.
-        collinear = None
+        # with offsets and different scales): an ill-conditioned one is checked for columns
+        # that float64 finds collinear in the Gram of [X, 1], and refused for them only; a
+        # float32 design of full rank (a year-like column beside the intercept) keeps its
+        # standard errors and the warning below.
         if pivot < 1e4 * eps * num_params:
-            collinear = _collinear_columns(unpadded, row_weights, fit_intercept, term_names, eps)
-        if collinear is not None or not pivot > 10 * eps * num_params:
-            raise InferenceError(_SINGULAR + (collinear or _SEPARABLE))
+            exact = np.finfo(np.float64).eps
+            collinear = _collinear_columns(unpadded, row_weights, fit_intercept, term_names, exact)
+            if collinear is not None:
+                raise InferenceError(_SINGULAR + collinear)
         if pivot < 1e4 * eps * num_params:
             warnings.warn(
                 f"the Hessian is ill-conditioned (smallest Cholesky pivot² {pivot:.2e} of its "

@@ -1212,6 +1212,7 @@ class LogisticRegressionCV(LogisticRegression):
             finally:
                 _FRAMES_ABOVE_FIT.reset(token)
             self.coef_, self.intercept_ = model.coef_, model.intercept_
+            self._fit_status = model._fit_status  # for `inference`, as the refit's own
         else:
             # As scikit-learn: every split at its own best C.
             best = np.argmax(scores, axis=1)
@@ -1219,6 +1220,9 @@ class LogisticRegressionCV(LogisticRegression):
             folds = np.arange(len(splits))
             self.coef_ = path_coefs[folds, best].mean(axis=0)
             self.intercept_ = path_intercepts[folds, best].mean(axis=0)
+            chosen_statuses = statuses[folds, best]
+            unconverged = chosen_statuses[chosen_statuses != Status.CONVERGED]
+            self._fit_status = int(unconverged[0]) if unconverged.size else Status.CONVERGED
         self.solver_ = solver
         self._set_path_attributes(chosen, scores, path_coefs, path_intercepts, n_iter)
         return self
