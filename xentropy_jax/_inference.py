@@ -849,13 +849,12 @@ def logit_inference(
         # with offsets and different scales): an ill-conditioned one is checked for columns
         # that float64 finds collinear in the Gram of [X, 1], and refused for them only; a
         # float32 design of full rank (a year-like column beside the intercept) keeps its
-        # standard errors and the warning below.
+        # standard errors and this warning.
         if pivot < 1e4 * eps * num_params:
             exact = np.finfo(np.float64).eps
             collinear = _collinear_columns(unpadded, row_weights, fit_intercept, term_names, exact)
             if collinear is not None:
                 raise InferenceError(_SINGULAR + collinear)
-        if pivot < 1e4 * eps * num_params:
             warnings.warn(
                 f"the Hessian is ill-conditioned (smallest Cholesky pivot² {pivot:.2e} of its "
                 "correlation form): nearly collinear columns or near-separation; the standard "

@@ -426,10 +426,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         tol: Stop when the largest absolute gradient entry and half the squared Newton
             decrement are both at most ``tol``. The default is tight enough that weighting a
             sample by an integer equals repeating it to ~1e-9 on well-conditioned dense data
-            (at weak penalties with sparse X, ~1e-6: pass a smaller ``tol``). ``tol`` is raised, per
-            parameter, to its gradient entry's rounding level, ``8 * eps * mean|x_j|`` for
-            column j (~1e-6 for standardised float32 features), below which convergence
-            cannot be verified.
+            (at weak penalties with sparse X, ~1e-6: pass a smaller ``tol``). ``tol`` is
+            raised, per parameter, to its gradient entry's rounding level,
+            ``8 * eps * mean|x_j|`` for column j (~1e-6 for standardised float32 features),
+            below which convergence cannot be verified.
         max_iter: Maximum number of outer (Newton) iterations, >= 0 (0 returns the starting
             point, zeros or the warm start, with a ``ConvergenceWarning``, as scikit-learn).
         warm_start: Start from the previous ``coef_`` and ``intercept_`` when they fit the
@@ -551,9 +551,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
             ValueError: Bad parameters (including an L1 or elastic-net penalty: ``penalty``
                 in {"l1", "elasticnet"} or ``l1_ratio > 0``; ``dual=True``), NaN/inf or
                 complex features, features whose squares overflow the precision, mismatched
-                lengths, continuous targets, fewer than two classes (after weighting),
-                negative, all-zero or subnormal sample weights, NaN or negative
-                ``class_weight``; or a fit that produced non-finite values.
+                lengths, continuous targets, fewer than two classes, negative, all-zero
+                (also after ``class_weight``) or subnormal sample weights, a sum of sample
+                weights beyond the dtype's range, NaN or negative ``class_weight``; or a fit
+                that produced non-finite values.
             TypeError: X is a jax BCOO (pass a scipy.sparse matrix; the message says how).
         """
         penalty = fitted_penalty(self.penalty, self.l1_ratio, self.C, self.dual)
