@@ -327,6 +327,18 @@ def test_bad_input_is_rejected_at_the_boundary():
     operator = lambda v: v  # noqa: E731
     with pytest.raises(TypeError, match="floating"):
         xj.cg(operator, jnp.arange(3))
+    # Complex leaves solved, but reverse mode returned conjugated gradients.
+    with pytest.raises(TypeError, match="real floating, got complex128"):
+        xj.cg(operator, jnp.ones(2, jnp.complex128))
+    # An operator or preconditioner that widens rhs's dtype failed inside the loop ("carry
+    # input and carry output must have equal types"); a narrower one is promoted.
+    matrix = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="the operator returned float64 for a float32 leaf"):
+        xj.cg(lambda v: matrix @ v, jnp.ones(3, jnp.float32))
+    with pytest.raises(ValueError, match="the preconditioner returned complex128"):
+        xj.cg(lambda v: matrix @ v, jnp.ones(3), preconditioner=lambda v: v + 0j)
+    narrow = xj.cg(lambda v: matrix.astype(jnp.float32) @ v.astype(jnp.float32), jnp.ones(3))
+    np.testing.assert_allclose(narrow.solution, [1.0, 0.5, 1 / 3], rtol=1e-6)
     for max_steps in (-1, np.inf, np.nan, 2.5):  # inf and NaN failed converting to int
         with pytest.raises(ValueError, match=r"max_steps must be an integer in \[0, 2\*\*31 - 1\]"):
             xj.cg(operator, jnp.ones(3), max_steps=max_steps)

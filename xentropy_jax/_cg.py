@@ -111,8 +111,12 @@ def _check_inputs(
     if not leaves:
         raise ValueError("rhs must have at least one array leaf.")
     for leaf in leaves:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(f"every leaf of rhs must be floating, got {jnp.result_type(leaf)}.")
+        # Real only: complex leaves solved, but reverse mode took the Hermitian operator's
+        # transpose for itself and returned conjugated gradients.
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"every leaf of rhs must be real floating, got {jnp.result_type(leaf)}."
+            )
     if x0 is not None:
         try:  # chex names the first leaf that differs by its path in the tree
             chex.assert_trees_all_equal_shapes(x0, rhs)
@@ -259,6 +263,15 @@ def _check_map(name: str, function: Operator, rhs: PyTree) -> None:
             f"the {name} must map rhs to a pytree of the same structure and shapes: rhs has "
             f"{shapes}, the {name} returned {got}."
         )
+    # A wider output (a float64 matrix applied to float32 rhs) failed in the loop with JAX's
+    # "carry input and carry output must have equal types"; a narrower one is promoted.
+    for given, returned in zip(jax.tree.leaves(rhs), jax.tree.leaves(out), strict=True):
+        given, returned = jnp.result_type(given), jnp.result_type(returned)
+        if jnp.promote_types(given, returned) != given:
+            raise ValueError(
+                f"the {name} returned {returned} for a {given} leaf of rhs: cast its output "
+                f"to {given} (or rhs to a wider real dtype)."
+            )
 
 
 def _solve(
