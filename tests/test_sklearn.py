@@ -359,30 +359,23 @@ def test_a_class_that_the_weights_empty_is_fitted_as_scikit_learn_does(iris):
     rng = np.random.default_rng(0)
     rare = np.concatenate([np.zeros(60, int), np.ones(30, int), np.full(4, 2)])
     features = rng.normal(size=(rare.size, 3)) + rare[:, None]
-    bagged = [
-        BaggingClassifier(model, n_estimators=10, max_samples=0.5, random_state=0)
-        .fit(features, rare)
-        .predict_proba(features)
-        for model in (
-            LogisticRegression(),
-            SklearnLogisticRegression(solver="newton-cg", tol=1e-10),
-        )
-    ]
+
+    def bagged(labels):  # (ours, scikit-learn's) bagged probabilities
+        return [
+            BaggingClassifier(model, n_estimators=10, max_samples=0.5, random_state=0)
+            .fit(features, labels)
+            .predict_proba(features)
+            for model in (
+                LogisticRegression(),
+                SklearnLogisticRegression(solver="newton-cg", tol=1e-10),
+            )
+        ]
+
     # The empty class's probability in a bag is ~tol, its solver's or ours.
-    np.testing.assert_allclose(bagged[0], bagged[1], atol=1e-5)
+    np.testing.assert_allclose(*bagged(rare), atol=1e-5)
     # Two classes, one of them rare: a bag that misses it was refused ("needs a positive total
     # weight on at least 2 classes"), where scikit-learn fits it.
-    binary = (rare == 2).astype(int)
-    bagged = [
-        BaggingClassifier(model, n_estimators=10, max_samples=0.5, random_state=0)
-        .fit(features, binary)
-        .predict_proba(features)
-        for model in (
-            LogisticRegression(),
-            SklearnLogisticRegression(solver="newton-cg", tol=1e-10),
-        )
-    ]
-    np.testing.assert_allclose(bagged[0], bagged[1], atol=1e-5)
+    np.testing.assert_allclose(*bagged((rare == 2).astype(int)), atol=1e-5)
     one_class = LogisticRegression().fit(_X_OK, _Y_OK, sample_weight=[1.0, 0.0, 1.0, 0.0])
     assert one_class.predict_proba(_X_OK)[:, 1].max() < 1e-6
     # "balanced" gave such a class an infinite weight (1 / its weighted count) and raised
