@@ -465,6 +465,73 @@ def test_derivatives_do_not_reuse_the_options_of_the_first_solve():
         np.testing.assert_allclose(gradient, exact, rtol=1e-8, err_msg=str(options.keys()))
 
 
+def test_derivatives_take_the_step_limit_the_solve_needed():
+    # At condition 1e6 CG loses orthogonality in float64 and needs ~8× as many steps as
+    # unknowns; ẋ's solve, held to the default (the number of unknowns), left the gradient
+    # 0.2 off while b's own solve, given max_steps, converged.
+    rng = np.random.default_rng(0)
+    size = 60
+    Q, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    A = jnp.asarray(Q @ np.diag(np.logspace(0, 6, size)) @ Q.T)
+    A = (A + A.T) / 2
+    b = jnp.asarray(rng.normal(size=size))
+    exact = jax.grad(lambda b: jnp.sum(jnp.linalg.solve(A, b) ** 2))(b)
+
+    def through_cg(b, steps):
+        result = xj.cg(lambda v: A @ v, b, rtol=1e-9, max_steps=steps)
+        return jnp.sum(result.solution**2), result.num_steps
+
+    (_, num_steps), gradient = jax.value_and_grad(through_cg, has_aux=True)(b, 20 * size)
+    assert num_steps > size  # the premise: b's solve needed more than the default
+    np.testing.assert_allclose(gradient, exact, rtol=1e-7)
+    traced = jax.jit(jax.grad(lambda b, steps: through_cg(b, steps)[0]))(b, 20 * size)
+    np.testing.assert_allclose(traced, exact, rtol=1e-7)
+
+
+def test_derivatives_with_respect_to_part_of_a_pytree_system():
+    # A leaf of b, or a block of A, that does not depend on the differentiated values made ẋ's
+    # right-hand side partly constant, and reverse mode failed with a bare AssertionError
+    # inside JAX's `custom_linear_solve`. Python-float leaves failed on `.astype`.
+    rng = np.random.default_rng(3)
+    M = rng.normal(size=(3, 3))
+    base = jnp.asarray(M @ M.T + np.eye(3))
+    fixed = jnp.asarray([[2.0, 0.5], [0.5, 1.0]])
+
+    def blocks(scale):
+        return jax.scipy.linalg.block_diag(scale * base, fixed)
+
+    def through_cg(a, scale):
+        def operator(v):
+            return {"a": scale * (base @ v["a"]), "c": fixed @ v["c"]}
+
+        rhs = {"a": a, "c": jnp.array([1.0, -2.0])}
+        return jnp.sum(jnp.sin(xj.cg(operator, rhs, rtol=1e-13).solution["a"]))
+
+    def exact(a, scale):
+        return jnp.sum(jnp.sin(jnp.linalg.solve(blocks(scale), jnp.r_[a, 1.0, -2.0])[:3]))
+
+    a, scale = jnp.asarray(rng.normal(size=3)), 1.5
+    for argnums in (0, 1, (0, 1)):
+        chex.assert_trees_all_close(
+            jax.grad(through_cg, argnums)(a, scale),
+            jax.grad(exact, argnums)(a, scale),
+            rtol=1e-9,
+        )
+    chex.assert_trees_all_close(
+        jax.hessian(through_cg)(a, scale), jax.hessian(exact)(a, scale), rtol=1e-8, atol=1e-12
+    )
+    chex.assert_trees_all_close(
+        jax.jit(jax.vmap(jax.grad(through_cg), (0, None)))(jnp.stack([a, 2 * a]), scale),
+        jax.vmap(jax.grad(exact), (0, None))(jnp.stack([a, 2 * a]), scale),
+        rtol=1e-9,
+    )
+    mixed = xj.cg(lambda v: jax.tree.map(lambda t: 2 * t, v), {"a": 1.0, "b": jnp.ones(2)})
+    assert float(mixed.solution["a"]) == 0.5
+    np.testing.assert_allclose(mixed.solution["b"], 0.5)
+    gradient = jax.grad(lambda t: xj.cg(lambda v: 4 * v, t).solution)(3.0)
+    assert float(gradient) == 0.25
+
+
 def test_derivatives_reach_matrices_held_by_objects_and_deep_closures():
     # A tracer in a bound method's object, or five closures deep, went unseen: the solve ran
     # its while loop under grad (an error) and was recorded in the program cache (a leak).

@@ -155,6 +155,11 @@ def _check_inputs(
     return max_steps
 
 
+def _as_arrays(tree: PyTree | None) -> PyTree | None:
+    """The leaves as JAX arrays: Python floats and NumPy scalars failed on ``.astype``."""
+    return jax.tree.map(jnp.asarray, tree)
+
+
 class _State(NamedTuple):
     solution: PyTree
     residual: PyTree
@@ -194,6 +199,7 @@ def _run(
     place). Inside a trace (``jit``, ``vmap``, ``grad``) the loop is traced in place.
     """
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
+    rhs, x0 = _as_arrays(rhs), _as_arrays(x0)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
@@ -475,9 +481,11 @@ def cg(
     to the arrays the operator reads are those of the exact solution x = A⁻¹b, not of the
     iterations: ẋ = A⁻¹(ḃ − Ȧx), by one more CG solve (``lax.custom_linear_solve``; A is
     symmetric, so reverse mode solves with A too). That solve starts from 0 with ``rtol``, no
-    ``atol`` or ``entry_tol`` (which are in b's units) and the default step limit, so ask for a
-    tight ``rtol``. ``x0``, the preconditioner and the tolerances may depend on the
-    differentiated values but carry no derivative: the exact solution does not depend on them.
+    ``atol`` or ``entry_tol`` (which are in b's units), and the larger of ``max_steps`` and
+    the default step limit (it has A's conditioning), so ask for a tight ``rtol``. ``x0``, the
+    preconditioner and the tolerances may depend on the differentiated values but carry no
+    derivative: the exact solution does not depend on them. Any part of a pytree system may
+    be left out of the differentiation (a constant leaf of b or block of A, an unused leaf of x).
     The derivatives assume A ≻ 0 and perturbations that keep A symmetric (a matrix used as
     ``A @ v`` differentiated along a non-symmetric direction gets the wrong second derivative);
     for a singular or indefinite A (a CG that ends ``NEGATIVE_CURVATURE``) they are not those of
@@ -544,6 +552,7 @@ def cg(
             operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify
         )
     max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)  # at the boundary
+    rhs, x0 = _as_arrays(rhs), _as_arrays(x0)
     # Inside `shard_map`, b typed as varying where CG's iterates will (`_manual`): the products
     # with A and M⁻¹ and the warm start vary them. The closures' jaxprs are specialised to it.
     start = rhs if x0 is None else x0
@@ -603,8 +612,11 @@ def _solved_jvp(
     """ẋ = A⁻¹(ḃ − Ȧx): ``custom_linear_solve`` with A symmetric, so reverse mode solves with A.
 
     ẋ's system has a right-hand side of its own scale: its solve takes the relative tolerance
-    only, from 0, with the default step limit (x0, atol, entry_tol and max_steps belong to b's
-    system: reused, an atol gave a zero derivative and a warm start one 3.5e3 off).
+    only, from 0 (x0, atol and entry_tol belong to b's system: reused, an atol gave a zero
+    derivative and a warm start one 3.5e3 off). It has A's conditioning, so it may take as
+    many steps as b's: the step limit is the larger of ``max_steps`` and the number of
+    unknowns (the default alone left a gradient 0.2 off at condition 1e6, where b's solve
+    took 505 steps for 60 unknowns).
     """
     consts, settings, rhs = primals
     consts_dot, _, rhs_dot = tangents
@@ -612,16 +624,38 @@ def _solved_jvp(
     x = result.solution
     _, moved = jax.jvp(lambda *c: matvec(x, *c), tuple(consts), tuple(consts_dot))
     operator = functools.partial(_call_with, matvec, consts)
-    precondition, _, rtol, _, _, _ = _settled(preconditioner, settings)
+    precondition, _, rtol, _, max_steps, _ = _settled(preconditioner, settings)
+    size = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(rhs))
+    steps = (
+        jnp.maximum(max_steps, size)
+        if isinstance(max_steps, jax.core.Tracer)
+        else max(int(max_steps), size)
+    )
 
     def solve(matvec: Operator, b: PyTree) -> PyTree:
-        return _run(matvec, b, None, None, precondition, rtol, 0.0, None, None, verify).solution
+        return _run(matvec, b, None, None, precondition, rtol, 0.0, steps, None, verify).solution
 
     # Typed as b (inside `shard_map`), to which the closure's jaxpr is specialised.
     leaves, treedef = jax.tree.flatten(jax.tree.map(jnp.subtract, rhs_dot, moved))
-    rhs_dot = treedef.unflatten(vary_like(leaves, jax.tree.leaves(rhs)))
+    rhs_dot = treedef.unflatten(_linked(vary_like(leaves, jax.tree.leaves(rhs))))
     x_dot = lax.custom_linear_solve(operator, rhs_dot, solve, symmetric=True)
+    x_dot = treedef.unflatten(_linked(jax.tree.leaves(x_dot)))
     return result, zero_tangent(result)._replace(solution=x_dot)
+
+
+def _linked(leaves: list) -> list:
+    """Each leaf plus 0·Σ(all leaves): the same values, each depending on every other.
+
+    `lax.custom_linear_solve` differentiates a pytree system only when every leaf of b
+    depends on the differentiated values, in both directions. A part of b that does not (a
+    constant block of A, a constant leaf of b) failed ``jax.grad`` with a bare AssertionError
+    inside JAX, and a leaf of x that the caller did not use (a zero cotangent) failed
+    second-order derivatives with "Zero is not a valid JAX type". Linked, no leaf of b is a
+    constant and no leaf of x gets a zero cotangent. Inside ``shard_map`` CG's scalars
+    already mix all leaves, so they vary along the same axes.
+    """
+    link = 0 * sum(jnp.sum(leaf) for leaf in leaves)
+    return [leaf + link.astype(leaf.dtype) for leaf in leaves]
 
 
 def plain_cg(
