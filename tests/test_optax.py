@@ -477,6 +477,68 @@ def test_sophia_g_bias_correction_counts_refreshes_every_k_steps():
             np.testing.assert_allclose(updates[key], expected[key], rtol=1e-9)
 
 
+def test_sophia_g_bias_correction_counts_refreshes_when_the_interval_changes():
+    # An injected update_interval that changes: the count of refreshes was inferred as
+    # ⌊t / k⌋ + 1 with the current k, 21 instead of 3 (intervals 10 then 1), and the
+    # corrected h, hence every update, came out 6.4 times off. The exact answer stays
+    # g / max(γD, ε) whatever the intervals.
+    params, X, grad, diagonal = _linear_problem()
+    gamma = 0.05
+    transform = optax.inject_hyperparams(
+        xj.scale_by_sophia_g, static_args=("estimator", "bias_correction")
+    )(
+        b1=0.9,
+        b2=0.8,
+        gamma=gamma,
+        update_interval=10,
+        clip_threshold=np.inf,
+        estimator="exact",
+        bias_correction=True,
+    )
+    update = jax.jit(lambda s: transform.update(grad, s, params, logits_fn=_linear, inputs=X))
+    state = transform.init(params)
+    expected = {
+        key: np.asarray(grad[key]) / np.maximum(gamma * diagonal[key], 1e-12) for key in grad
+    }
+    for step in range(24):
+        if step in (12, 21):  # 10 → 1 → 3
+            state.hyperparams["update_interval"] = jnp.asarray({12: 1, 21: 3}[step])
+        updates, state = update(state)
+        for key in grad:
+            np.testing.assert_allclose(updates[key], expected[key], rtol=1e-9)
+    assert int(state.inner_state.num_refreshes) == 2 + 9 + 1
+
+
+def test_diagonal_transformations_check_weights_at_every_eager_call():
+    # From the second eager call on the refresh runs compiled, where the weights are traced:
+    # a negative or NaN weight gave a NaN update and a NaN average instead of the ValueError
+    # of the first call (and of gauss_newton's every call).
+    params, X, grad, _ = _linear_problem()
+    for transform in (xj.scale_by_sophia_g(update_interval=1), xj.scale_by_ggn_diagonal()):
+        state = transform.init(params)
+        n = X.shape[0]
+        for weight, message in (
+            (jnp.ones(n), None),
+            (-jnp.ones(n), "non-negative"),
+            (jnp.full(n, jnp.nan), "finite"),
+        ):
+            call = functools.partial(
+                transform.update, grad, state, params, logits_fn=_linear, inputs=X
+            )
+            if message is None:
+                updates, state = call(sample_weight=weight)
+                assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
+                continue
+            with pytest.raises(ValueError, match=message):
+                call(sample_weight=weight)
+            with pytest.raises(ValueError, match="label_mass must be " + message):
+                call(label_mass=weight)
+        updates, _ = transform.update(
+            grad, state, params, logits_fn=_linear, inputs=X, sample_weight=jnp.ones(n)
+        )
+        assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
 def test_sophia_g_clips_at_the_given_threshold():
     # One step, b₂ = 0: u = clip((1 − b₁)·g / max(γD, ε), −c, c), for c other than 1.
     params, X, grad, diagonal = _linear_problem()
@@ -510,6 +572,31 @@ def test_a_group_of_parameters_under_multi_transform_gets_its_ggn_block():
         with pytest.raises(ValueError, match="MaskedNode") as caught:
             optimizer.update(grad, optimizer.init(params), params, logits_fn=mlp, inputs=inputs)
         assert isinstance(caught.value.__cause__, TypeError)
+
+    def loss(p):
+        return xj.mean_cross_entropy(mlp, p, inputs, labels)
+
+    # value_fn, called on the same masked params, failed with the model's bare TypeError.
+    optimizer = optax.multi_transform({"gn": newton(), "frozen": optax.set_to_zero()}, groups)
+    with pytest.raises(ValueError, match="value_fn failed.*MaskedNode") as caught:
+        optimizer.update(
+            grad,
+            optimizer.init(params),
+            params,
+            logits_fn=lambda p, x: mlp({**params, "w2": p["w2"]}, x),
+            inputs=inputs,
+            value_fn=loss,
+        )
+    assert isinstance(caught.value.__cause__, TypeError)
+    _, state = optimizer.update(
+        grad,
+        optimizer.init(params),
+        params,
+        logits_fn=lambda p, x: mlp({**params, "w2": p["w2"]}, x),
+        inputs=inputs,
+        value_fn=lambda p: loss({**params, "w2": p["w2"]}),
+    )
+    assert bool(state.inner_states["gn"].inner_state.accepted)
 
     optimizer = optax.multi_transform(
         {"gn": newton(cg_rtol=1e-12), "frozen": optax.set_to_zero()}, groups

@@ -82,13 +82,18 @@ def _per_example(value: Any, n: int, name: str, nonnegative: bool = True) -> jax
     array = jnp.asarray(value)
     if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != n):
         raise ValueError(f"{name} must be a scalar or have shape [N] = [{n}], got {array.shape}.")
-    if _is_concrete(value):
+    check_values(value, name, nonnegative)
+    return jnp.broadcast_to(array, (n,))
+
+
+def check_values(value: Any, name: str, nonnegative: bool = True) -> None:
+    """ValueError if ``value`` is concrete and not finite (or negative); nothing when traced."""
+    if value is not None and _is_concrete(value):
         host = np.asarray(value, dtype=np.float64)
         if not np.all(np.isfinite(host)):
             raise ValueError(f"{name} must be finite.")
         if nonnegative and np.any(host < 0):
             raise ValueError(f"{name} must be non-negative.")
-    return jnp.broadcast_to(array, (n,))
 
 
 def loss_probabilities(logits: jax.Array) -> jax.Array:

@@ -33,7 +33,7 @@ import optax
 from ._cg import CGStatus, plain_cg, tree_vdot
 from ._checks import check_flag as _check_flag
 from ._checks import is_concrete as _is_concrete
-from ._curvature import LogitsFn, PyTree, check_params, ggn_operator
+from ._curvature import LogitsFn, PyTree, check_params, check_values, ggn_operator
 from ._diagonals import ggn_diagonal, ggn_diagonal_bartlett, ggn_diagonal_hutchinson
 from ._manual import cond
 from ._precision import at_least_float32
@@ -141,21 +141,26 @@ class _MaskedModel:
     ``optax.masked`` and ``optax.multi_transform`` hand a transformation only its own group of
     parameters, the others replaced by ``optax.MaskedNode()``; a model cannot run on those. The
     model's own error (an ``@`` with a ``MaskedNode``) is kept as the cause of one that says
-    what to pass instead.
+    what to pass instead. ``gauss_newton``'s ``value_fn`` is wrapped alike (``name``).
     """
 
-    logits_fn: LogitsFn
+    logits_fn: Callable[..., jax.Array]
+    name: str = "logits_fn"
 
-    def __call__(self, params: PyTree, inputs: PyTree) -> jax.Array:
+    def __call__(self, params: PyTree, *inputs: PyTree) -> jax.Array:
         try:
-            return self.logits_fn(params, inputs)
+            return self.logits_fn(params, *inputs)
         except Exception as error:
+            example = {
+                "logits_fn": "logits_fn=lambda p, x: model({**params, 'head': p['head']}, x)",
+                "value_fn": "value_fn=lambda p: loss({**params, 'head': p['head']})",
+            }[self.name]
             raise ValueError(
-                "logits_fn failed on params in which optax.masked (or optax.multi_transform) "
+                f"{self.name} failed on params in which optax.masked (or optax.multi_transform) "
                 "replaced the parameters outside this transformation's group by "
-                "optax.MaskedNode(). The model needs them all: pass a logits_fn that puts the "
-                "current values back, e.g. logits_fn=lambda p, x: model({**params, 'head': "
-                "p['head']}, x) for a transformation of params['head'] (docs/optax.md)."
+                f"optax.MaskedNode(). It needs them all: pass a {self.name} that puts the "
+                f"current values back, e.g. {example} for a transformation of params['head'] "
+                "(docs/optax.md)."
             ) from error
 
 
@@ -390,6 +395,8 @@ def gauss_newton(
     ) -> tuple[PyTree, GaussNewtonState]:
         del extra_args
         logits_fn = _require_model("gauss_newton", updates, params, logits_fn, inputs)
+        if value_fn is not None and isinstance(logits_fn, _MaskedModel):
+            value_fn = _MaskedModel(value_fn, "value_fn")
         if not jax.tree.leaves(params):  # nothing to fit (CG needs an unknown)
             return updates, state._replace(count=optax.safe_increment(state.count))
         # CG runs in the parameters' dtypes, which the GGN operator's vectors must have: float32
@@ -476,12 +483,14 @@ class SophiaGState(NamedTuple):
         hessian: exponential moving average h of the diagonal estimates, a pytree like params
             in at least float32.
         key: uint32 PRNG key data for the label samples.
+        num_refreshes: int32, estimates averaged into h so far (for the bias correction).
     """
 
     count: jax.Array
     mu: PyTree
     hessian: PyTree
     key: jax.Array
+    num_refreshes: jax.Array
 
 
 def _refresh(
@@ -500,6 +509,10 @@ def _refresh(
     """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch)."""
     arrays = (count, interval, average, decay, key, params, inputs, sample_weight, label_mass)
     if _is_concrete(arrays):
+        # The compiled program sees them traced: checked here, a negative or NaN weight came
+        # out as a NaN update and a NaN average from the second eager call on.
+        check_values(sample_weight, "sample_weight")
+        check_values(label_mass, "label_mass")
         program = _REFRESHES((estimator, logits_fn))
         if program is not None:
             return program(*arrays)
@@ -627,6 +640,7 @@ def scale_by_sophia_g(
             mu=jax.tree.map(jnp.zeros_like, params),
             hessian=_curvature_zeros(params),
             key=_key_data(seed),
+            num_refreshes=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(
@@ -666,11 +680,14 @@ def scale_by_sophia_g(
             label_mass,
         )
 
+        # Counted, not inferred from count and k: k may be injected and change between steps
+        # (`optax.inject_hyperparams`), and ⌊count / k⌋ + 1 then corrected h 6× too little.
+        refreshed = (state.count % update_interval == 0).astype(jnp.int32)
+        num_refreshes = state.num_refreshes + refreshed
         if bias_correction:
-            # m / (1 − b₁ᵗ) after t steps; h / (1 − b₂ⁿ) after n = ⌊count / k⌋ + 1 refreshes.
-            refreshes = state.count // update_interval + 1
+            # m / (1 − b₁ᵗ) after t steps; h / (1 − b₂ⁿ) after n refreshes.
             mu_hat = optax.tree.bias_correction(mu, b1, optax.safe_increment(state.count))
-            hessian_hat = optax.tree.bias_correction(hessian, b2, refreshes)
+            hessian_hat = optax.tree.bias_correction(hessian, b2, num_refreshes)
         else:
             mu_hat, hessian_hat = mu, hessian
 
@@ -681,7 +698,8 @@ def scale_by_sophia_g(
             return jnp.clip(ratio, -clip_threshold, clip_threshold).astype(m.dtype)
 
         new_updates = jax.tree.map(direction, mu_hat, hessian_hat)
-        return new_updates, SophiaGState(optax.safe_increment(state.count), mu, hessian, key)
+        new_state = SophiaGState(optax.safe_increment(state.count), mu, hessian, key, num_refreshes)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
