@@ -185,6 +185,35 @@ def test_preconditioner_auto_and_missing_capabilities(poisson):
         xj.Newton().minimize(Bare(), jnp.zeros(6), tol=1e-8, max_iter=5)
 
 
+@pytest.mark.parametrize("solver", SOLVERS[:2] + SOLVERS[3:4], ids=lambda s: type(s).__name__)
+def test_minimize_names_a_bad_argument(poisson, solver):
+    # These failed inside NumPy ufuncs, a broadcast, dot_general or while_loop's carry check,
+    # naming no argument: max_iter=True ran as one iteration.
+    features, counts = poisson
+    objective = Poisson(features, counts, jnp.asarray(0.1))
+    good = dict(theta=jnp.zeros(6), tol=1e-8, max_iter=5)
+    for error, message, bad in (
+        (TypeError, "tol must be a real number, got None", dict(tol=None)),
+        (TypeError, "tol must be a real number or array, got the string", dict(tol="1e-8")),
+        (ValueError, r"tol must be a scalar or have shape \[P\] = \(6,\)", dict(tol=np.ones(5))),
+        (ValueError, r"theta must have shape \[P\] = \(6,\), got \(5,\)", dict(theta=np.ones(5))),
+        *[
+            (ValueError, "max_iter must be an integer >= 0", dict(max_iter=value))
+            for value in (None, "5", True, 5 + 0j)
+        ],
+    ):
+        arguments = {**good, **bad}
+        with pytest.raises(error, match=message):
+            solver.minimize(objective, arguments.pop("theta"), **arguments)
+    # An objective that answers wider than its dtype failed in while_loop's carry check; one
+    # that answers narrower (float32 arrays in a float64 objective) is promoted and runs.
+    wider = Poisson(features.astype(jnp.float32), counts, jnp.asarray(0.1))
+    with pytest.raises(TypeError, match="evaluate's grad is float64 where its dtype is float32"):
+        solver.minimize(wider, **good)
+    output = solver.minimize(objective, jnp.zeros(6), tol=np.full(6, 1e-8), max_iter=np.int64(50))
+    assert xj.Status(int(output.status)) == xj.Status.CONVERGED
+
+
 @pytest.fixture(scope="module")
 def logistic_point():
     rng = np.random.default_rng(1)

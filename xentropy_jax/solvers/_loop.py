@@ -10,6 +10,7 @@ function from the current point to the next, see `Step`), so `Newton`, `NewtonCG
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import is_concrete
+from .._checks import check_real, is_concrete
 from .._manual import while_loop
 from .._objective import Evaluation, Objective
 from ._convergence import status_code
@@ -104,6 +105,48 @@ def initial_theta(objective: Objective, theta: Any) -> jax.Array:
     return array.astype(objective.dtype)
 
 
+def _check_arguments(objective: Objective, theta: jax.Array, tol: Any, max_iter: Any) -> None:
+    """`run`'s errors, at the boundary: they came from inside the loop, naming no argument.
+
+    None or a string failed in a NumPy ufunc, a tol or θ of another length in a broadcast or
+    ``dot_general``, and an objective whose gradient was float64 where its `dtype` said float32
+    in ``while_loop`` ("carry input and carry output must have equal types").
+    """
+    size = objective.num_params
+    if theta.shape != (size,):
+        raise ValueError(f"theta must have shape [P] = ({size},), got {theta.shape}")
+    if tol is None:
+        raise TypeError("tol must be a real number, got None")
+    check_real("tol", tol)
+    if np.ndim(tol) not in (0, 1) or (np.ndim(tol) == 1 and np.shape(tol) != (size,)):
+        raise ValueError(f"tol must be a scalar or have shape [P] = ({size},), got {np.shape(tol)}")
+    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
+        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
+    if is_concrete(max_iter) and not (
+        np.ndim(max_iter) == 0
+        and isinstance(max_iter, numbers.Real | np.number | jax.Array)
+        and not isinstance(max_iter, bool | np.bool_)  # True ran as 1
+        and jnp.issubdtype(jnp.result_type(max_iter), jnp.number)
+        and not jnp.issubdtype(jnp.result_type(max_iter), jnp.complexfloating)
+        and np.isfinite(max_iter)
+        and float(max_iter) == int(max_iter)
+        and int(max_iter) >= 0
+    ):
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    evaluation = jax.eval_shape(lambda t: objective.evaluate(t, objective.predictor(t)), theta)
+    answers = {"evaluate's grad": evaluation.grad}
+    for method in ("hessian_product", "hessian"):
+        if hasattr(objective, method):
+            arguments = (evaluation, theta) if method == "hessian_product" else (evaluation,)
+            answers[method] = jax.eval_shape(getattr(objective, method), *arguments)
+    for name, answer in answers.items():
+        if jnp.promote_types(answer.dtype, theta.dtype) != theta.dtype:  # narrower promotes
+            raise TypeError(
+                f"the objective's {name} is {answer.dtype} where its dtype is {theta.dtype}: "
+                "its arrays and its dtype must agree (cast them, or report the dtype they give)"
+            )
+
+
 def run(
     objective: Objective,
     theta: jax.Array,
@@ -130,21 +173,15 @@ def run(
         (max_iter = 0) when that already holds at θ; the loop runs while it is RUNNING.
 
     Raises:
-        TypeError: θ is not a floating vector.
-        ValueError: a concrete `tol` with an entry that is negative or NaN, or a concrete
-            `max_iter` that is not an integer >= 0 (a solver's `minimize` called directly;
-            the fits check theirs before).
+        TypeError: θ is not a floating vector, `tol` is not a real number (None, a string),
+            or the objective's `evaluate` (or its products) answers in a wider dtype than its
+            `dtype`.
+        ValueError: θ is not of shape [P]; `tol` is neither a scalar nor [P]; a concrete `tol`
+            with an entry that is negative or NaN, or a concrete `max_iter` that is not an
+            integer >= 0 (a solver's `minimize` called directly; the fits check theirs before).
     """
     theta = initial_theta(objective, theta)
-    if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
-        raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
-    if is_concrete(max_iter) and not (
-        np.ndim(max_iter) == 0
-        and np.isfinite(max_iter)
-        and float(max_iter) == int(max_iter)
-        and int(max_iter) >= 0
-    ):
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    _check_arguments(objective, theta, tol, max_iter)
     first = start(objective, theta)
     zero = jnp.zeros((), jnp.int32)
     decrement = jnp.asarray(jnp.inf, theta.dtype)
