@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_iris, make_classification
 from sklearn.linear_model import LogisticRegression
 
-from xentropy_jax import _linear
+from xentropy_jax import _linear, fit_logistic_regression_streamed
 from xentropy_jax.solvers import (
     CollinearityWarning,
     FitError,
@@ -149,6 +149,23 @@ def test_unpenalised_without_reference_class_reaches_the_same_likelihood(overlap
         jax.nn.softmax(features @ anchored.params[0] + anchored.params[1][None, :]),
         atol=1e-9,
     )
+
+
+def test_an_l2_that_rounds_to_zero_is_fitted_as_no_penalty():
+    # 1e-50 is 0 in float32: the fit compiled as penalised (l2 > 0 in Python) ran l2 = 0 and
+    # reported CONVERGED on separable data, and the collinearity warning was skipped; so was
+    # the streamed fit's. They now hold for the l2 that the fit runs.
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(60, 2)).astype(np.float32)
+    labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(int)
+    for fit in (fit_logistic_regression, fit_logistic_regression_streamed):
+        result = fit(features, labels, 2, l2=1e-50, throw=False)
+        assert result.status == Status.DIVERGED
+        collinear = np.c_[features, features[:, :1]]
+        with pytest.warns(CollinearityWarning, match=r"columns \[0, 2\]"):
+            fit(collinear, rng.integers(0, 3, 60), 3, l2=1e-50, throw=False)
+    path = fit_regularization_path(features, labels, 2, [1e-50], throw=False)
+    assert path.status[0] == Status.DIVERGED
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

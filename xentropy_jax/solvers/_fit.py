@@ -671,7 +671,7 @@ def fit_logistic_regression(
         reference_class=bool(reference_class),
         # l2 known positive: the program leaves out what only l2 = 0 needs (smaller, faster
         # to compile); a traced l2 keeps it, as 0 is then possible.
-        penalised=known_positive(l2),
+        penalised=known_positive(l2, features.dtype),
         row_chunk=_row_chunk(features),
         transposed_copy=wants_transposed_copy(features),
         checked=checked,
@@ -681,7 +681,7 @@ def fit_logistic_regression(
     if verbose and _is_concrete(result.status):
         # The lines come from host callbacks: let them all print before returning.
         jax.effects_barrier()
-    if _is_concrete(X, l2, sample_weight) and np.all(np.asarray(l2) == 0):
+    if _is_concrete(X, l2, sample_weight) and not known_positive(l2, features.dtype):
         # X concrete, also when a caller's `jit` closed over it; its conversion (float64 NumPy
         # to float32 with 64-bit mode off) must then not be staged into that trace: the check
         # reads the Gram on the host, and raised TracerArrayConversionError on a tracer.
@@ -699,9 +699,14 @@ def fit_logistic_regression(
     return result
 
 
-def known_positive(l2) -> bool:
-    """Whether every l2 is known > 0 before tracing (`LogisticObjective.penalised`)."""
-    return _is_concrete(l2) and bool(np.all(np.asarray(l2) > 0))
+def known_positive(l2, dtype) -> bool:
+    """Whether every l2 is known > 0 in ``dtype`` before tracing (`LogisticObjective.penalised`).
+
+    In the fit's dtype: l2 = 1e-50 is 0 in float32, and a float32 fit of separable data
+    compiled as penalised reported CONVERGED (with no collinearity warning either) where the
+    l2 = 0 fit it ran reports DIVERGED.
+    """
+    return _is_concrete(l2) and bool(np.all(np.asarray(l2).astype(dtype) > 0))
 
 
 def _row_chunk(features) -> int | None:

@@ -276,7 +276,7 @@ def fit_regularization_path(
         num_classes=int(num_classes),
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
-        penalised=known_positive(l2_values),
+        penalised=known_positive(l2_values, features.dtype),
         transposed_copy=wants_transposed_copy(features),
         solver=config,
     )

@@ -381,7 +381,8 @@ def fit_logistic_regression_streamed(
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
-    unpenalised = _is_concrete(l2) and bool(l2 == 0)
+    # In the fit's dtype: l2 = 1e-50 is 0 in float32.
+    unpenalised = _is_concrete(l2) and bool(np.asarray(l2).astype(source.dtype) == 0)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     check_l2_fits(l2, source.dtype)
     if gram is not None:
