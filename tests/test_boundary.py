@@ -143,6 +143,23 @@ def test_integer_labels_beyond_int32_give_nan_not_a_wrapped_class(labels):
     assert np.isfinite(losses[0]) and np.isnan(losses[1])
 
 
+def test_curvature_of_integer_labels_beyond_int32_is_nan():
+    # mean_cross_entropy and hessian_vp cast host labels with jnp.asarray first, which wraps
+    # 2**32 + 1 into class 1 with 64-bit mode off: a plausible loss and product.
+    inputs, params = jnp.array([[1.0, 2.0], [0.5, -1.0]], jnp.float32), jnp.zeros((2, 3))
+
+    def linear(w, x):
+        return x @ w
+
+    labels = np.array([0, 2**32 + 1])
+    with jax.enable_x64(False):
+        loss = xj.mean_cross_entropy(linear, params, inputs, labels)
+        product = xj.hessian_vp(linear, params, inputs, labels, jnp.ones_like(params))
+        objective = logistic_objective(inputs, labels, 3)
+    assert np.isnan(loss) and np.all(np.isnan(product))
+    assert int(objective.labels[1]) == -1
+
+
 def test_linear_head_integer_bias_is_a_type_error():
     with pytest.raises(TypeError, match="bias must be a floating array"):
         xj.linear_softmax_cross_entropy(

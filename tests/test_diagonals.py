@@ -338,6 +338,38 @@ def test_exact_diagonal_second_derivatives():
         np.testing.assert_allclose(flat(got), flat(expected), atol=1e-13)
 
 
+@pytest.mark.parametrize("case", ["masked class", "underflow"])
+def test_exact_diagonal_derivatives_where_a_probability_is_zero(case):
+    # √s of the square-root factor has an infinite slope at s = 0: a class masked by a -inf
+    # logit, or one whose probability underflowed, made every derivative of the diagonal NaN.
+    params, inputs = make_problem(linear)
+    included = jnp.arange(K) < K - 1
+    scale = 1.0 if case == "masked class" else 300.0
+
+    def model(p, x):
+        logits = scale * linear(p, x)
+        return jnp.where(included, logits, -jnp.inf) if case == "masked class" else logits
+
+    def reference(p):  # Σᵢ xᵢ² sᵢ(1 − sᵢ) / N, the softmax over the included classes only
+        logits = jnp.where(included, model(p, inputs), 0)
+        probs = jnp.where(included, jax.nn.softmax(logits, where=included), 0)
+        # 1 − sₖ as the sum of the others: by subtraction it rounds at these margins.
+        others = jnp.sum(jnp.where(jnp.eye(K, dtype=bool), 0, probs[:, None, :]), axis=-1)
+        curvature = scale**2 * probs * others
+        return {"w": jnp.einsum("nd,nk->dk", inputs**2, curvature) / N, "b": curvature.mean(0)}
+
+    def total(diagonal):
+        return lambda p: sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(diagonal(p)))
+
+    ours = total(lambda p: xj.ggn_diagonal(model, p, inputs, chunk_size=3))
+    if case == "underflow":
+        assert float(jnp.min(jax.nn.softmax(model(params, inputs)))) == 0  # the premise
+    for derivative in (jax.grad, jax.hessian, lambda f: jax.jacrev(jax.jacrev(f))):
+        got, expected = derivative(ours)(params), derivative(total(reference))(params)
+        assert np.all(np.isfinite(flat(got)))
+        np.testing.assert_allclose(flat(got), flat(expected), rtol=1e-9, atol=1e-12)
+
+
 def test_row_check_allows_no_rounding_for_independent_rows():
     # The first check compared one example's logits with the batched ones, allowing √ε: a
     # linear model on float32 features near 1e4 (its intercept cancelling the offset) failed

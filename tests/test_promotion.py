@@ -51,6 +51,13 @@ def _calls(dtype) -> dict:
         "row mask": lambda: xj.softmax_cross_entropy_with_integer_labels(
             logits, labels, where=labels > 0
         ),
+        # The count of included classes was int32 beside float labels.
+        "class mask and smoothing": lambda: xj.softmax_cross_entropy(
+            logits, soft, where=logits > -1, label_smoothing=0.1
+        ),
+        "integer, class mask and smoothing": lambda: xj.softmax_cross_entropy_with_integer_labels(
+            logits, labels, where=logits > -1, label_smoothing=0.1
+        ),
         "Hessian product": lambda: xj.softmax_cross_entropy_hvp(logits, logits),
         "cg": lambda: jax.grad(lambda b: xj.cg(lambda v: 2 * v, b).solution.sum())(logits[0]),
         "ggn_vp": lambda: xj.ggn_vp(model, params, inputs, params),

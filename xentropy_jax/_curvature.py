@@ -27,6 +27,7 @@ from ._checks import check_real
 from ._checks import is_concrete as _is_concrete
 from ._losses import (
     hessian_product_from_probs,
+    integer_labels,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
     softmax_rule,
@@ -408,7 +409,9 @@ def mean_cross_entropy(
     """
     shape = logits_shape(logits_fn, params, inputs)
     n, k = shape.shape
-    labels = jnp.asarray(labels)
+    # Not `jnp.asarray`: host int64 labels beyond int32 wrapped into range (2**32 + 1 to
+    # class 1) with 64-bit mode off, a plausible loss where any label outside [0, K) is NaN.
+    labels = integer_labels(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != (n,):
             raise ValueError(f"integer labels must have shape [N] = [{n}], got {labels.shape}.")

@@ -80,6 +80,17 @@ def _summed_over_shards(leaves: list, shared: list[tuple]) -> list:
     return [jax.lax.psum(x, a) if a else x for x, a in zip(leaves, shared, strict=True)]
 
 
+def _root(probs: jax.Array) -> jax.Array:
+    """√s, with every derivative taken as 0 where s = 0 (√ of 1 there, then selected away).
+
+    There ṡ = s·(ż − sᵀż) is 0 too, and the squares the rows feed are linear in s: sqrt's own
+    0·∞ made every derivative of the diagonal NaN as soon as one probability was exactly 0 (a
+    class masked by a ``-inf`` logit, or one that underflowed at a large margin).
+    """
+    positive = probs > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, probs, 1)), 0)
+
+
 def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
     """Rows k of Bᵀ for one example, ``scale · √sₖ (eₖ − s)``, in the logits' dtype. [K, K].
 
@@ -90,7 +101,7 @@ def _sqrt_factor_rows(logits: jax.Array, scale: jax.Array | float = 1.0) -> jax.
     """
     probs, complement = softmax_parts(logits.astype(_wide(logits)), None)
     eye = jnp.eye(logits.shape[-1], dtype=bool)
-    rows = jnp.sqrt(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
+    rows = _root(probs)[:, None] * jnp.where(eye, complement[None, :], -probs[None, :])
     return (scale * rows).astype(logits.dtype)
 
 

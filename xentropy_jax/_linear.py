@@ -37,7 +37,7 @@ from jax.experimental import sparse
 from jax.typing import ArrayLike
 
 from ._batch_cond import batch_cond
-from ._losses import hessian_product_from_probs, softmax_parts
+from ._losses import hessian_product_from_probs, integer_labels, softmax_parts
 from ._rowsums import normalized_weights, row_chunk_sum
 from ._sparse_products import map_features, matmul, transpose_matmul, weighted_gram
 
@@ -626,7 +626,7 @@ def logistic_objective(
     elif jnp.finfo(features.dtype).bits < 32:
         features = features.astype(jnp.float32)
     dtype = features.dtype
-    labels = jnp.asarray(labels)
+    labels = integer_labels(labels)  # host int64 labels beyond int32: −1, not wrapped
     if jnp.issubdtype(labels.dtype, jnp.integer) and jnp.iinfo(labels.dtype).bits > 32:
         # Beyond int32 a label would wrap into range (2**32 + 1 to 1) and escape the check of
         # `_input_status` inside `jit`: make it −1, which the check reports.
