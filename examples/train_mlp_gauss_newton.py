@@ -146,8 +146,8 @@ def main() -> None:
     print(
         "Gauss-Newton: CG outcomes "
         + ", ".join(f"{s.name.lower()} {statuses[s]}" for s in xj.CGStatus if statuses[s])
-        + f"; {int(np.sum(~np.asarray(gn_states.accepted)))} steps rejected; damping "
-        f"{float(gn_states.damping[0]):.2g} -> {float(gn_states.damping[-1]):.2g}"
+        + f"; {int(np.sum(~np.asarray(gn_states.accepted)))} steps rejected; damping 1 -> "
+        f"{float(gn_states.damping[0]):.2g} after step 1 -> {float(gn_states.damping[-1]):.2g}"
     )
     # The others' training loss when Gauss-Newton finished, at the same wall-clock time.
     for name in ("Sophia-G (lr 3e-3)", "Adam (lr 1e-2)"):
