@@ -530,6 +530,7 @@ def test_derivatives_with_respect_to_part_of_a_pytree_system():
     np.testing.assert_allclose(mixed.solution["b"], 0.5)
     gradient = jax.grad(lambda t: xj.cg(lambda v: 4 * v, t).solution)(3.0)
     assert float(gradient) == 0.25
+    assert float(xj.cg(lambda v: 2 * v, 1.0, x0=0.0).solution) == 0.5  # x0 checked as arrays
 
 
 def test_derivatives_reach_matrices_held_by_objects_and_deep_closures():

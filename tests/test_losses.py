@@ -168,6 +168,14 @@ def test_logits_of_one_class_do_not_broadcast_against_labels_of_several():
     # broadcast logits gave log K. A user's slip either way: refused.
     with pytest.raises(ValueError, match="give the logits all K classes"):
         xj.softmax_cross_entropy(jnp.zeros((5, 1)), jnp.ones((5, 4)))
+    # With a where of the labels' shape optax's softmax spans the broadcast class, as ours does.
+    logits, labels = jnp.array([[0.3], [1.0]]), jnp.ones((2, 3)) / 3
+    where = jnp.ones((2, 3), bool)
+    with jax.numpy_rank_promotion("allow"):
+        expected = optax.softmax_cross_entropy(logits, labels, where=where)
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, labels, where=where), expected, rtol=1e-14
+    )
 
 
 @pytest.mark.parametrize(

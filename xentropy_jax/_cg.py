@@ -198,8 +198,8 @@ def _run(
     is compiled into one from its second call on (a new lambda at every call is solved in
     place). Inside a trace (``jit``, ``vmap``, ``grad``) the loop is traced in place.
     """
-    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     rhs, x0 = _as_arrays(rhs), _as_arrays(x0)
+    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)
     arguments = (rhs, x0, radius, rtol, atol, max_steps, entry_tol)
     leaves = jax.tree.leaves((arguments, operator, preconditioner))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
@@ -551,8 +551,8 @@ def cg(
         return _run(
             operator, rhs, x0, None, preconditioner, rtol, atol, max_steps, entry_tol, verify
         )
-    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)  # at the boundary
     rhs, x0 = _as_arrays(rhs), _as_arrays(x0)
+    max_steps = _check_inputs(rhs, x0, rtol, atol, max_steps, entry_tol)  # at the boundary
     # Inside `shard_map`, b typed as varying where CG's iterates will (`_manual`): the products
     # with A and M⁻¹ and the warm start vary them. The closures' jaxprs are specialised to it.
     start = rhs if x0 is None else x0

@@ -821,16 +821,21 @@ def softmax_cross_entropy(
     # rows, as optax allows); the class axes keep their place counted from the logits' end.
     extra = len(shape) - logits.ndim
     axes = tuple(a + extra for a in axes)
-    if any(logits.shape[a - extra] == 1 != shape[a] for a in axes):
-        # optax takes the softmax over the one class, then broadcasts its 0: a loss of 0.
-        raise ValueError(
-            f"the logits' class axes {axis} of shape {logits.shape} would broadcast against the "
-            f"labels' {labels.shape}: give the logits all K classes."
-        )
     if where is not None and extra and _broadcasts(np.shape(where), logits.shape):
         # A mask of the logits' own shape broadcasts as they do: read against the broadcast
         # logits it was taken for a mask of the batch shape (a class mask zeroed a row).
         where = jnp.reshape(where, (1,) * extra + np.shape(where))
+    spread = [a for a in axes if logits.shape[a - extra] == 1 != shape[a]]
+    if spread and not (
+        np.ndim(where) == len(shape) and all(np.shape(where)[a] > 1 for a in spread)
+    ):
+        # optax's softmax broadcasts the one class over the labels' only where `where` spans
+        # them (as here); otherwise it takes the softmax of one class, a loss of 0.
+        raise ValueError(
+            f"the logits' class axes {axis} of shape {logits.shape} would broadcast against the "
+            f"labels' {labels.shape}: give the logits all K classes (or a where of the labels' "
+            "shape)."
+        )
     logits, labels = jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape)
     out_dtype = jnp.result_type(logits, labels)
     if not jnp.issubdtype(out_dtype, jnp.floating):

@@ -118,13 +118,13 @@ def _check_arguments(objective: Objective, theta: jax.Array, tol: Any, max_iter:
     if tol is None:
         raise TypeError("tol must be a real number, got None")
     check_real("tol", tol)
-    if np.ndim(tol) not in (0, 1) or (np.ndim(tol) == 1 and np.shape(tol) != (size,)):
+    if np.ndim(tol) not in (0, 1) or (np.ndim(tol) == 1 and np.shape(tol)[0] not in (1, size)):
         raise ValueError(f"tol must be a scalar or have shape [P] = ({size},), got {np.shape(tol)}")
     if is_concrete(tol) and not np.all(np.asarray(tol) >= 0):
         raise ValueError(f"tol must be >= 0 (not NaN), got {tol!r}")
     if is_concrete(max_iter) and not (
         np.ndim(max_iter) == 0
-        and isinstance(max_iter, numbers.Real | np.number | jax.Array)
+        and isinstance(max_iter, numbers.Real | np.number | np.ndarray | jax.Array)
         and not isinstance(max_iter, bool | np.bool_)  # True ran as 1
         and jnp.issubdtype(jnp.result_type(max_iter), jnp.number)
         and not jnp.issubdtype(jnp.result_type(max_iter), jnp.complexfloating)
@@ -133,18 +133,15 @@ def _check_arguments(objective: Objective, theta: jax.Array, tol: Any, max_iter:
         and int(max_iter) >= 0
     ):
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
-    evaluation = jax.eval_shape(lambda t: objective.evaluate(t, objective.predictor(t)), theta)
-    answers = {"evaluate's grad": evaluation.grad}
-    for method in ("hessian_product", "hessian"):
-        if hasattr(objective, method):
-            arguments = (evaluation, theta) if method == "hessian_product" else (evaluation,)
-            answers[method] = jax.eval_shape(getattr(objective, method), *arguments)
-    for name, answer in answers.items():
-        if jnp.promote_types(answer.dtype, theta.dtype) != theta.dtype:  # narrower promotes
-            raise TypeError(
-                f"the objective's {name} is {answer.dtype} where its dtype is {theta.dtype}: "
-                "its arrays and its dtype must agree (cast them, or report the dtype they give)"
-            )
+    # The gradient rides in the loop's carry; products are checked where they are used (CG
+    # names an operator that widens its input), and `hessian` only by `Newton`, which calls it.
+    grad = jax.eval_shape(lambda t: objective.evaluate(t, objective.predictor(t)), theta).grad
+    if jnp.promote_types(grad.dtype, theta.dtype) != theta.dtype:  # narrower promotes
+        raise TypeError(
+            f"the objective's evaluate gives a {grad.dtype} grad where its dtype is "
+            f"{theta.dtype}: its arrays and its dtype must agree (cast them, or report the "
+            "dtype they give)"
+        )
 
 
 def run(
@@ -174,8 +171,7 @@ def run(
 
     Raises:
         TypeError: θ is not a floating vector, `tol` is not a real number (None, a string),
-            or the objective's `evaluate` (or its products) answers in a wider dtype than its
-            `dtype`.
+            or the objective's `evaluate` gives a gradient of a wider dtype than its `dtype`.
         ValueError: θ is not of shape [P]; `tol` is neither a scalar nor [P]; a concrete `tol`
             with an entry that is negative or NaN, or a concrete `max_iter` that is not an
             integer >= 0 (a solver's `minimize` called directly; the fits check theirs before).

@@ -379,13 +379,18 @@ def fit_logistic_regression_streamed(
         if sample_weight is not None:
             sample_weight = with_auto_axes(sample_weight)
         source = RowChunks(X, labels, sample_weight, chunk_rows, dtype)
+
     # The Gram for naming collinear columns is summed in the checking pass when it can matter.
     # (A traced l2, as under a caller's `jit`, may be 0 but cannot be known to be: no warning.)
-    # In the fit's dtype: l2 = 1e-50 is 0 in float32.
-    unpenalised = _is_concrete(l2) and bool(np.asarray(l2).astype(source.dtype) == 0)
+    # In the fit's dtype (l2 = 1e-50 is 0 in float32), which iterated chunks tell only once
+    # read: until then the narrowest, float32, decides whether the Gram is summed.
+    def is_zero(dtype: np.dtype) -> bool:
+        return _is_concrete(l2) and bool(np.asarray(l2).astype(dtype) == 0)
+
+    unpenalised = is_zero(getattr(source, "dtype", None) or np.float32)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
     check_l2_fits(l2, source.dtype)
-    if gram is not None:
+    if gram is not None and is_zero(source.dtype):
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
             columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
