@@ -793,7 +793,8 @@ def softmax_cross_entropy(
         TypeError: if the logits are not floating point, the labels complex, or ``where`` not
             boolean.
         ValueError: for a bad ``axis``, shapes that do not broadcast (or logits with one
-            class broadcast against labels with several), or ``α`` outside [0, 1].
+            class broadcast against labels with several, without a ``where`` of the labels'
+            shape), or ``α`` outside [0, 1].
 
     Example:
         >>> import jax.numpy as jnp
