@@ -451,61 +451,48 @@ def _linear_problem(n=20, d=3, k=4, seed=0):
     return params, jnp.asarray(X), grad, diagonal
 
 
-def test_sophia_g_bias_correction_counts_refreshes_every_k_steps():
-    # With a fixed gradient g and fixed parameters, the corrected averages are exactly
-    # m / (1 − b₁ᵗ) = g and h / (1 − b₂ⁿ) = D (n refreshes so far, at steps 0, k, 2k, …),
-    # so every update is g / max(γD, ε) (no clipping with an infinite threshold).
+# Sophia-G with the exact diagonal, bias-corrected, never clipped.
+_CORRECTED_SOPHIA = dict(
+    b1=0.9, b2=0.8, gamma=0.05, clip_threshold=np.inf, estimator="exact", bias_correction=True
+)
+
+
+def _run_corrected_sophia(transform, steps, interval_changes=None):
+    """Steps of ``transform`` (``_CORRECTED_SOPHIA``) checked against g / max(γD, ε).
+
+    With a fixed gradient g and fixed parameters, the corrected averages are exactly
+    m / (1 − b₁ᵗ) = g and h / (1 − b₂ⁿ) = D (n refreshes so far), so every update is
+    g / max(γD, ε). ``interval_changes`` maps a step to the injected update_interval from it on.
+    """
     params, X, grad, diagonal = _linear_problem()
-    gamma = 0.05
-    transform = xj.scale_by_sophia_g(
-        b1=0.9,
-        b2=0.8,
-        gamma=gamma,
-        update_interval=2,
-        clip_threshold=np.inf,
-        estimator="exact",
-        bias_correction=True,
-    )
+    gamma = _CORRECTED_SOPHIA["gamma"]
     update = jax.jit(lambda s: transform.update(grad, s, params, logits_fn=_linear, inputs=X))
     state = transform.init(params)
     expected = {
         key: np.asarray(grad[key]) / np.maximum(gamma * diagonal[key], 1e-12) for key in grad
     }
-    for _ in range(5):
+    for step in range(steps):
+        if interval_changes and step in interval_changes:
+            state.hyperparams["update_interval"] = jnp.asarray(interval_changes[step])
         updates, state = update(state)
         for key in grad:
             np.testing.assert_allclose(updates[key], expected[key], rtol=1e-9)
+    return state
+
+
+def test_sophia_g_bias_correction_counts_refreshes_every_k_steps():
+    # Refreshes at steps 0, k, 2k, …
+    _run_corrected_sophia(xj.scale_by_sophia_g(update_interval=2, **_CORRECTED_SOPHIA), 5)
 
 
 def test_sophia_g_bias_correction_counts_refreshes_when_the_interval_changes():
     # An injected update_interval that changes: the count of refreshes was inferred as
     # ⌊t / k⌋ + 1 with the current k, 21 instead of 3 (intervals 10 then 1), and the
-    # corrected h, hence every update, came out 6.4 times off. The exact answer stays
-    # g / max(γD, ε) whatever the intervals.
-    params, X, grad, diagonal = _linear_problem()
-    gamma = 0.05
+    # corrected h, hence every update, came out 6.4 times off.
     transform = optax.inject_hyperparams(
         xj.scale_by_sophia_g, static_args=("estimator", "bias_correction")
-    )(
-        b1=0.9,
-        b2=0.8,
-        gamma=gamma,
-        update_interval=10,
-        clip_threshold=np.inf,
-        estimator="exact",
-        bias_correction=True,
-    )
-    update = jax.jit(lambda s: transform.update(grad, s, params, logits_fn=_linear, inputs=X))
-    state = transform.init(params)
-    expected = {
-        key: np.asarray(grad[key]) / np.maximum(gamma * diagonal[key], 1e-12) for key in grad
-    }
-    for step in range(24):
-        if step in (12, 21):  # 10 → 1 → 3
-            state.hyperparams["update_interval"] = jnp.asarray({12: 1, 21: 3}[step])
-        updates, state = update(state)
-        for key in grad:
-            np.testing.assert_allclose(updates[key], expected[key], rtol=1e-9)
+    )(update_interval=10, **_CORRECTED_SOPHIA)
+    state = _run_corrected_sophia(transform, 24, {12: 1, 21: 3})  # 10 → 1 → 3
     assert int(state.inner_state.num_refreshes) == 2 + 9 + 1
 
 

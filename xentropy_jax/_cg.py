@@ -142,9 +142,8 @@ def _check_inputs(
         check_real(name, value)  # strings; complex, whose imaginary part was dropped
         if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
-    size = sum(int(np.prod(jnp.shape(leaf))) for leaf in leaves)
     if max_steps is None:
-        return size
+        return _num_unknowns(rhs)
     if not isinstance(max_steps, jax.core.Tracer) and not (
         np.ndim(max_steps) == 0
         and np.isfinite(max_steps)
@@ -153,6 +152,11 @@ def _check_inputs(
     ):
         raise ValueError(f"max_steps must be an integer in [0, 2**31 - 1], got {max_steps!r}.")
     return max_steps
+
+
+def _num_unknowns(rhs: PyTree) -> int:
+    """The number of entries of b, CG's default step limit."""
+    return sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(rhs))
 
 
 def _as_arrays(tree: PyTree | None) -> PyTree | None:
@@ -625,7 +629,7 @@ def _solved_jvp(
     _, moved = jax.jvp(lambda *c: matvec(x, *c), tuple(consts), tuple(consts_dot))
     operator = functools.partial(_call_with, matvec, consts)
     precondition, _, rtol, _, max_steps, _ = _settled(preconditioner, settings)
-    size = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(rhs))
+    size = _num_unknowns(rhs)
     steps = (
         jnp.maximum(max_steps, size)
         if isinstance(max_steps, jax.core.Tracer)

@@ -35,6 +35,7 @@ from ._fit import (
     _resolve_solver,
     check_l2_fits,
     check_tol_and_max_iter,
+    known_positive,
     setting_status,
     symmetric_params,
     warn_collinear_columns,
@@ -385,7 +386,7 @@ def fit_logistic_regression_streamed(
     # In the fit's dtype (l2 = 1e-50 is 0 in float32), which iterated chunks tell only once
     # read: until then the narrowest, float32, decides whether the Gram is summed.
     def is_zero(dtype: np.dtype) -> bool:
-        return _is_concrete(l2) and bool(np.asarray(l2).astype(dtype) == 0)
+        return _is_concrete(l2) and not known_positive(l2, dtype)
 
     unpenalised = is_zero(getattr(source, "dtype", None) or np.float32)
     total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
