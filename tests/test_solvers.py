@@ -822,6 +822,40 @@ def test_collinearity_warning_names_the_precision_of_its_decision():
     assert "fit float64 data" in str(record[0].message)
 
 
+def test_collinearity_warning_tells_near_dependences_from_exact_ones():
+    # float64 columns x and x + 1e-9·z: the Gram, which resolves singular values down to
+    # √(d̃·eps) only, counts them as collinear, and the warning called them "exactly collinear"
+    # with "the minimum-norm optimum", while newton returned a ±5e4 split short of the
+    # optimum. X itself resolves them: the warning says "nearly" and gives the norm of the
+    # unit-column combination, X̃·D's smallest singular value.
+    features, labels, _, _ = _collinear_problems()["repeated column"]
+    rng = np.random.default_rng(1)
+    nearly = features.copy()
+    nearly[:, -1] += 1e-9 * rng.normal(size=len(nearly))
+    design = np.hstack([nearly, np.ones((len(nearly), 1))])
+    smallest = np.linalg.svd(design / np.linalg.norm(design, axis=0), compute_uv=False)[-1]
+    with pytest.warns(CollinearityWarning, match="are nearly collinear") as record:
+        fit_logistic_regression(nearly, labels, 4, throw=False)
+    message = str(record[0].message)
+    assert "columns [0, 8]" in message and "minimum-norm" not in message
+    reported = float(message.split("columns of norm ")[1].split(",")[0])
+    np.testing.assert_allclose(reported, smallest, rtol=0.1)
+    # Beside an exact dependence (column 9 = column 1 + column 2): one of each, counted.
+    both = np.hstack([nearly, nearly[:, 1:2] + nearly[:, 2:3]])
+    with pytest.warns(CollinearityWarning, match="1 dependence exact and 1 near"):
+        fit_logistic_regression(both, labels, 4, throw=False)
+    # Exact to the data's rounding, in float64 and float32: a computed sum, a repeated column.
+    exact = np.hstack([features, features[:, 1:2] + features[:, 2:3]])
+    for data in (exact, exact.astype(np.float32), features.astype(np.float32)):
+        with pytest.warns(CollinearityWarning, match="are exactly collinear"):
+            fit_logistic_regression(data, labels, 4, throw=False)
+    # The estimator words the same facts in its own terms.
+    from xentropy_jax.sklearn import LogisticRegression as Estimator
+
+    with pytest.warns(CollinearityWarning, match="nearly collinear.*no penalty"):
+        Estimator(C=np.inf).fit(nearly, labels)
+
+
 def test_collinear_issue_reproduction_with_the_estimator():
     from xentropy_jax.sklearn import LogisticRegression as Estimator
 

@@ -252,8 +252,8 @@ def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
 MAX_RECHECKED_COLUMNS = 1024
 
 
-def _float64_counted_gram(X, sample_weight, fit_intercept: bool) -> np.ndarray:
-    """X̃ᵀ·diag(1[w > 0])·X̃ in float64 with NumPy (SciPy for a BCOO, never dense whole)."""
+def _float64_counted_rows(X, sample_weight):
+    """(X's rows of positive weight in float64, dense or CSR (a BCOO never dense whole), count)."""
     if isinstance(X, sparse.BCOO):
         import scipy.sparse
 
@@ -266,28 +266,49 @@ def _float64_counted_gram(X, sample_weight, fit_intercept: bool) -> np.ndarray:
         features = np.asarray(X, np.float64)
     if sample_weight is not None:
         features = features[np.flatnonzero(np.asarray(sample_weight) > 0)]
+    return features, features.shape[0]
+
+
+def _float64_gram(features, count: int, fit_intercept: bool) -> np.ndarray:
+    """X̃ᵀX̃ in float64 of `_float64_counted_rows`' rows (X̃ = [X, 1] with an intercept)."""
     gram = features.T @ features
     gram = gram.toarray() if scipy_sparse(gram) else np.asarray(gram)
     if not fit_intercept:
         return gram
     sums = np.asarray(features.sum(axis=0), np.float64).reshape(-1)
-    count = float(features.shape[0])
-    return np.block([[gram, sums[:, None]], [sums[None, :], np.array([[count]])]])
+    return np.block([[gram, sums[:, None]], [sums[None, :], np.array([[float(count)]])]])
 
 
 def float64_collinear_columns(
     X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
-) -> tuple[list[int], int]:
-    """`collinear_columns` in float64 with NumPy, whatever the fit's precision.
+) -> tuple[list[int], int, np.ndarray]:
+    """`collinear_columns` in float64 with NumPy, whatever the fit's precision, and how exactly.
 
     A float32 fit decides rank in float32, where nearly dependent columns count; this says
-    whether they are dependent in float64 too (an all-zero or a duplicated column is).
+    whether they are dependent in float64 too (an all-zero or a duplicated column is). The
+    Gram resolves singular values only down to √(d̃·eps) of the largest (4e-8 in float64 at
+    d̃ = 7), so that columns x and x + 1e-9·z count as collinear there too. X itself tells
+    them apart: the singular values of X̃·D·V (D the Jacobi scaling, so that X̃·D has columns
+    of unit norm; V the null vectors) are the norms of X̃·D·v over the null space's
+    directions: 5e-10 for that pair; 0 for a repeated column, a few eps for one computed as a
+    sum of others.
+
+    Returns:
+        (columns, rank, dependences): as `collinear_columns`, and those singular values, one
+        per null direction, largest first.
     """
-    gram = _float64_counted_gram(X, sample_weight, fit_intercept)
+    features, count = _float64_counted_rows(X, sample_weight)
+    gram = _float64_gram(features, count, fit_intercept)
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
     null = values <= null_cutoff(gram.shape[0], 1, np.float64) * max(values.max(initial=0), 0)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
-    return np.flatnonzero(involved).tolist(), int(gram.shape[0] - np.count_nonzero(null))
+    directions = scale[:, None] * vectors[:, null]  # [d̃, nulls]
+    images = np.asarray(features @ directions[: features.shape[1]])  # X̃·D·V
+    if fit_intercept:
+        images = images + directions[-1]
+    dependences = np.linalg.svd(images, compute_uv=False) if images.size else np.zeros(0)
+    rank = int(gram.shape[0] - np.count_nonzero(null))
+    return np.flatnonzero(involved).tolist(), rank, dependences

@@ -751,17 +751,20 @@ def _one_device(features):
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
-    """Warn, naming the columns, when unpenalised features are exactly collinear."""
+    """Warn, naming the columns, when unpenalised features are collinear."""
     num_columns = features.shape[1] + int(fit_intercept)
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
     # A sparse X stays sparse: its Gram is built without a dense copy.
     columns, rank = collinear_columns(features, sample_weight, fit_intercept)
     exact = None
-    if columns and np.finfo(features.dtype).bits < 64 and num_columns <= MAX_RECHECKED_COLUMNS:
-        # Decided in float32: say "exactly" when float64 finds the same dependence (all-zero
-        # or duplicated columns), and then name its columns.
-        columns64, rank64 = float64_collinear_columns(
+    near, dependence = 0, 0.0
+    if columns and num_columns <= MAX_RECHECKED_COLUMNS:
+        # The same decision in float64, each dependence measured with X itself: a float32
+        # decision is exact when float64 finds the same rank (all-zero or duplicated columns)
+        # and then names its columns; a dependence beyond the rounding of the data (x and
+        # x + 1e-9·z in float64) is only near, whatever the Gram says.
+        columns64, rank64, dependences = float64_collinear_columns(
             features if isinstance(features, sparse.BCOO) else np.asarray(features),
             None if sample_weight is None else np.asarray(sample_weight),
             fit_intercept,
@@ -769,9 +772,28 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
         exact = rank64 == rank
         if exact:
             columns = columns64
+            far = dependences > exact_dependence(num_columns, features.dtype)
+            near, dependence = int(np.count_nonzero(far)), float(np.max(dependences, initial=0))
     warn_collinear_columns(
-        columns, rank, features.shape[1], fit_intercept, features.dtype, stacklevel=4, exact=exact
+        columns,
+        rank,
+        features.shape[1],
+        fit_intercept,
+        features.dtype,
+        stacklevel=4,
+        exact=exact,
+        near=near,
+        dependence=dependence,
     )
+
+
+def exact_dependence(num_columns: int, dtype) -> float:
+    """The largest ‖X̃·D·v‖₂ (unit-norm columns, ‖v‖ = 1) of a dependence exact to X's rounding.
+
+    d̃·eps of X's dtype: a column computed in that precision from up to d̃ others (a sum, a
+    multiple) misses the exact combination by a few eps of its norm.
+    """
+    return num_columns * float(np.finfo(dtype).eps)
 
 
 # Per thread and task: the estimator collects the warning's facts and words it for its own
@@ -803,28 +825,49 @@ def collinear_message(
     exact: bool | None = None,
     unpenalised: str = "l2 = 0",
     penalise: str = "set l2 > 0",
+    near: int = 0,
+    dependence: float = 0.0,
 ) -> str:
     """The `CollinearityWarning`'s text naming `columns` (index d is the intercept).
 
-    Rank is decided in the fit's precision, `dtype`: below float64, columns that are only
-    nearly collinear count as collinear, and the message says so, unless `exact` says that
-    float64 finds the same dependence. `unpenalised` and `penalise` name the caller's options.
+    Rank is decided in the fit's precision, `dtype`, on the Gram, which resolves singular
+    values down to √(d̃·eps) only. `exact` None or True: the same rank in float64, and the
+    columns are exactly collinear, but for `near` of the d̃ − rank dependences, which measured
+    with X itself leave a combination of unit-norm columns of norm up to `dependence`, beyond
+    X's rounding (x and x + 1e-9·z in float64): nearly collinear. `exact` False below float64:
+    float64 resolves them, and the message says "collinear to float32 precision".
+    `unpenalised` and `penalise` name the caller's options.
     """
     num_columns = num_features + int(fit_intercept)
     names = ["intercept" if column == num_features else str(column) for column in columns]
+    intercept = " with the intercept" if fit_intercept else ""
+    rank_text = f"rank {rank} of {num_columns} columns{intercept}"
     how = "exactly collinear"
+    outcome = "the fit returns the minimum-norm optimum (as a pseudo-inverse)"
     remedy = f"Drop redundant columns, or {penalise}."
-    if np.finfo(dtype).bits < 64 and not exact:
+    if np.finfo(dtype).bits < 64 and exact is False:
         how = f"collinear to {np.dtype(dtype).name} precision"
         remedy = (
             f"Drop redundant columns, {penalise}, or fit float64 data (with jax_enable_x64), "
             "in whose precision they may be independent."
         )
+    elif near:
+        exactly = num_columns - rank - near
+        how = "nearly collinear"
+        if exactly:
+            how = f"collinear, {exactly} dependence{'s' * (exactly > 1)} exact and {near} near"
+        rank_text += (
+            f"; a combination of unit-norm columns of norm {dependence:.1e}, above the rounding "
+            f"of {np.dtype(dtype).name} data, below what the Newton systems resolve"
+        )
+        outcome = (
+            "the fit stops where the gradient test passes, which can lie far along the near "
+            "dependence (large coefficients of opposite signs), short of the optimum, and "
+            "differ between solvers"
+        )
     return (
-        f"The columns [{', '.join(names)}] of X are {how} (rank {rank} of "
-        f"{num_columns} columns{' with the intercept' if fit_intercept else ''}) and "
-        f"{unpenalised}: their coefficients are not identified, and the fit returns the "
-        f"minimum-norm optimum (as a pseudo-inverse). {remedy}"
+        f"The columns [{', '.join(names)}] of X are {how} ({rank_text}) and {unpenalised}: "
+        f"their coefficients are not identified, and {outcome}. {remedy}"
     )
 
 
@@ -836,12 +879,14 @@ def warn_collinear_columns(
     dtype: np.dtype,
     stacklevel: int,
     exact: bool | None = None,
+    near: int = 0,
+    dependence: float = 0.0,
 ) -> None:
     """The `CollinearityWarning` naming `columns` (index d is the intercept), if any."""
     if not columns:
         return
-    facts = dict(columns=columns, rank=rank, num_features=num_features)
-    facts.update(fit_intercept=fit_intercept, dtype=dtype, exact=exact)
+    facts = dict(columns=columns, rank=rank, num_features=num_features, fit_intercept=fit_intercept)
+    facts.update(dtype=dtype, exact=exact, near=near, dependence=dependence)
     notices = _COLLINEAR_NOTICES.get()
     if notices is not None:
         notices.append(facts)
