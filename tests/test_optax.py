@@ -683,3 +683,11 @@ def test_gauss_newton_ratio_is_zero_where_no_descent_step_was_measured():
     )
     assert not state.accepted and state.ratio == 0
     np.testing.assert_array_equal(updates, 0)
+    # ... and λ stays as it was: it grew 1.5× per zero gradient (a batch of zero weights),
+    # towards max_damping, after which steps resumed at g / 1e8.
+    damping = float(state.damping)
+    for _ in range(3):
+        updates, state = optimizer.update(
+            jnp.zeros_like(W), state, W, logits_fn=model, inputs=X, value_fn=value
+        )
+    assert float(state.damping) == damping

@@ -289,8 +289,9 @@ def gauss_newton(
        pass, plus one for f(θ) unless ``value`` is passed) and ρ = actual / predicted adapts λ
        (Levenberg-Marquardt): λ ← λ·``damping_decrease`` if ρ > ``upper_ratio``,
        λ ← λ·``damping_increase`` if ρ < ``lower_ratio`` or the step is not finite, clipped to
-       [``min_damping``, ``max_damping``]. A step that does not lower the loss is rejected
-       (zero update). Without ``value_fn`` λ stays fixed and every finite descent step is taken.
+       [``min_damping``, ``max_damping``], and left as it is where g is exactly zero (a batch
+       of zero weights). A step that does not lower the loss is rejected (zero update).
+       Without ``value_fn`` λ stays fixed and every finite descent step is taken.
 
     The update is d itself (learning rate 1: the curvature sets the scale); chain
     ``optax.scale(α)`` after it to shorten steps, knowing that the damping rule judges the full
@@ -448,6 +449,9 @@ def gauss_newton(
                 jnp.where(poor, damping * damping_increase, damping),
             )
             new_damping = jnp.clip(new_damping, min_damping, max_damping).astype(dtype)
+            # A zero gradient (a batch whose weights are all 0, an exact optimum) says nothing
+            # of the model's quality: λ climbed 1.5× per such step towards max_damping.
+            new_damping = jnp.where(tree_vdot(grad, grad) == 0, damping, new_damping)
         step = jax.tree.map(
             lambda d, u: jnp.where(accepted, d, jnp.zeros_like(d)).astype(jnp.result_type(u)),
             direction,
