@@ -1,6 +1,7 @@
 """Inference of unpenalised logit fits against statsmodels' MNLogit / Logit and direct formulas."""
 
 import dataclasses
+import functools
 import sys
 import warnings
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _jaxprs import nested_jaxprs
+from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning
 
 import xentropy_jax as xj
@@ -484,26 +486,67 @@ def test_weights_that_overflow_the_sums_get_a_clear_error_or_a_warning():
     assert "float64 data" not in str(raised.value)
 
 
+def test_float32_offset_columns_of_full_rank_keep_their_standard_errors():
+    # Columns scaled 0.1 to 10 and offset -5 to 50 (singular-value ratio 2.7e-3 after
+    # scaling): float32 refused them as "collinear to float32 precision … rank 29 < 31" on
+    # both paths (a pivot line of 10·eps·P, a Gram line of 100·eps·n·λmax), where the
+    # float32 Hessian's inverse is 1e-3 from float64's.
+    N, d, K = 2000, 30, 10
+    X, y = make_classification(N, d, n_informative=8, n_redundant=0, n_classes=K, random_state=0)
+    X = X * np.linspace(0.1, 10, d) + np.linspace(-5, 50, d)
+    fit = xj.fit_logistic_regression(X, y, K, tol=1e-10)
+    reference = xj.logit_inference(fit, X, y).bse
+    with jax.enable_x64(False):
+        fit = xj.fit_logistic_regression(X.astype(np.float32), y, K)
+        for method, rtol in (("dense", 1e-2), ("cg", 1e-3)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", xj.InferenceWarning)
+                result = xj.logit_inference(
+                    fit, X.astype(np.float32), y, method=method, subset="all"
+                )
+            np.testing.assert_allclose(result.bse, reference, rtol=rtol)
+
+
 def test_columns_collinear_only_to_float32_precision_are_told_apart():
-    # Correlation 1 − 4e-6: float64 gives standard errors (about 22 for the pair); float32
-    # refuses, and said the columns "are collinear … drop or combine them".
+    # Correlation 1 − 5e-7: float64 gives standard errors; float32 refuses, and said the
+    # columns "are collinear … drop or combine them". At 1 − 4e-6 float32 resolves them: the
+    # standard errors come with the ill-conditioning warning, within 2% of float64's.
     rng = np.random.default_rng(21)
     x = rng.normal(size=2000)
-    X = np.column_stack([x, x + 3e-3 * rng.normal(size=2000), rng.normal(size=2000)])
+    noise, others = rng.normal(size=2000), rng.normal(size=2000)
     y = rng.integers(0, 3, 2000)
-    fit = xj.fit_logistic_regression(X, y, 3, reference_class=True, tol=1e-10)
-    assert np.all(np.isfinite(xj.logit_inference(fit, X, y).bse))
-    with jax.enable_x64(False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = xj.fit_logistic_regression(X.astype(np.float32), y, 3, reference_class=True)
-        with pytest.raises(xj.InferenceError, match=r"x0.*x1.*collinear to float32 precision"):
-            xj.logit_inference(fit, X.astype(np.float32), y)
+    for scale in (3e-3, 1e-3):
+        X = np.column_stack([x, x + scale * noise, others])
+        fit = xj.fit_logistic_regression(X, y, 3, reference_class=True, tol=1e-10, throw=False)
+        reference = xj.logit_inference(fit, X, y).bse
+        assert np.all(np.isfinite(reference))
+        with jax.enable_x64(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = xj.fit_logistic_regression(
+                X.astype(np.float32), y, 3, reference_class=True, throw=False
+            )
+        for method in ("dense", "cg"):
+            with jax.enable_x64(False):
+                run = functools.partial(
+                    xj.logit_inference, fit, X.astype(np.float32), y, method=method, subset="all"
+                )
+                if scale == 1e-3:
+                    with pytest.raises(
+                        xj.InferenceError, match=r"x0.*x1.*collinear to float32 precision"
+                    ):
+                        run()
+                    continue
+                with pytest.warns(xj.InferenceWarning, match="ill-conditioned"):
+                    bse = run().bse
+            np.testing.assert_allclose(bse, reference, rtol=0.02)
     # An exactly collinear column beside the pair: each named for what it is (the exact one
-    # hid the pair's float32-only collinearity).
+    # hid the pair's float32-only collinearity): the pair at 1 − 5e-7.
     mixed = np.column_stack([X, np.zeros(2000)])
     with jax.enable_x64(False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = xj.fit_logistic_regression(mixed.astype(np.float32), y, 3, reference_class=True)
+        fit = xj.fit_logistic_regression(
+            mixed.astype(np.float32), y, 3, reference_class=True, throw=False
+        )
         with pytest.raises(xj.InferenceError, match=r"\['x3'\] are collinear.*\['x0', 'x1'\] col"):
             xj.logit_inference(fit, mixed.astype(np.float32), y)
     exact = np.column_stack([x, 2 * x])

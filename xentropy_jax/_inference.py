@@ -455,6 +455,18 @@ def _subset_mask(subset, shape, name="subset", of="params", dims="[d̃, K−1]")
     return mask.reshape(shape)
 
 
+def _singular_line(eps: float, size: int) -> float:
+    """The pivot² (eigenvalue) of a correlation-form matrix [size, size] that is 0 to rounding.
+
+    10·eps·√size: its entries carry rounding of a few eps, whose spectral norm grows as
+    √size. Above it the inverse has digits; near it few (1.6% off in float32 at 62·eps, a
+    correlation of 1 − 4e-6). It was 10·eps·size, which in float32 refused offset columns of
+    singular-value ratio 2.7e-3 at P = 279 (pivot² 1.8e-4 below 3.3e-4) whose standard errors
+    came out 1e-3 from float64's.
+    """
+    return 10 * eps * math.sqrt(size)
+
+
 def _null_eigenvalues(values: np.ndarray, eps: float) -> np.ndarray:
     """Which eigenvalues of a Jacobi-scaled (unit-diagonal) Gram matrix are zero to rounding."""
     if values.size == 0:
@@ -840,12 +852,12 @@ def logit_inference(
             pivot = float(np.min(np.diag(factor)) ** 2)
         except np.linalg.LinAlgError:
             pivot = 0.0
-        if not pivot > 10 * eps * num_params:
+        if not pivot > _singular_line(eps, num_params):
             raise InferenceError(
                 _SINGULAR
                 + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
             )
-        # Rounding can lift the pivot of an exactly singular Hessian above 10·eps·P (columns
+        # Rounding can lift the pivot of an exactly singular Hessian above `_singular_line` (columns
         # with offsets and different scales): an ill-conditioned one is checked for columns
         # that float64 finds collinear in the Gram of [X, 1], and refused for them only; a
         # float32 design of full rank (a year-like column beside the intercept) keeps its
@@ -959,10 +971,27 @@ def logit_inference(
         *results, gram_eigenvalues = results
         model, values, n_steps, achieved = (np.array(a, dtype=float) for a in results)
         _check_finite_sums([model, values], dtype)
-        if _null_eigenvalues(np.asarray(gram_eigenvalues, float), eps).any():
-            raise InferenceError(
-                _SINGULAR
-                + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
+        gram_eigenvalues = np.asarray(gram_eigenvalues, float)
+        if _null_eigenvalues(gram_eigenvalues, eps).any():
+            # Columns that float64 finds collinear are refused; below float64, so is a Gram
+            # that the data's precision does not resolve (the dense path's pivot line), and
+            # anything else is only ill-conditioned: offset columns of singular-value ratio
+            # 2.7e-3 had been refused in float32 where the dense path's errors were 1e-3 off.
+            exact = np.finfo(np.float64).eps
+            diagnosis_args = (unpadded, row_weights, fit_intercept, term_names)
+            collinear = _collinear_columns(*diagnosis_args, exact)
+            smallest = float(np.min(gram_eigenvalues))
+            unresolved = eps <= exact or smallest <= _singular_line(eps, num_terms)
+            if collinear is None and unresolved:
+                collinear = _diagnose_singular(*diagnosis_args, eps)
+            if collinear is not None:
+                raise InferenceError(_SINGULAR + collinear)
+            warnings.warn(
+                f"the Gram matrix of the columns is ill-conditioned (smallest eigenvalue "
+                f"{smallest:.2e} of its correlation form): nearly collinear "
+                "columns; the standard errors carry few correct digits",
+                InferenceWarning,
+                stacklevel=2,
             )
         if cov_type == "cluster":
             values *= correction
