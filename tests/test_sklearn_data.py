@@ -334,6 +334,37 @@ def test_cross_validation_scores_ignore_class_weight_and_report_unconverged_fits
         LogisticRegressionCV(Cs=[1e-3, 1e3], cv=cv, max_iter=2, refit=False).fit(X, y)
 
 
+def test_cross_validation_counts_repeated_training_rows_and_refuses_weightless_held_out_rows():
+    # Bootstrap splits repeat training rows: scikit-learn fits X[train], each repeat counted.
+    # Assigned into the split's weights, a repeat counted once (scores 0.05 to 0.24 off, C_
+    # 10 where scikit-learn's is 1).
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 3))
+    y = (X[:, 0] + rng.normal(size=60) > 0).astype(int)
+    splits = []
+    for _ in range(3):
+        train = rng.integers(0, 60, 60)
+        splits.append((train, np.setdiff1d(np.arange(60), train)))
+    Cs = [0.01, 0.1, 1.0, 10.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = LogisticRegressionCV(Cs=Cs, cv=splits, scoring="neg_log_loss", tol=1e-10)
+        model.fit(X, y)
+    for fold, (train, test) in enumerate(splits):
+        for position, C in enumerate(Cs):
+            alone = LogisticRegression(C=C, tol=1e-10).fit(X[train], y[train])
+            expected = -log_loss(y[test], alone.predict_proba(X[test]))
+            np.testing.assert_allclose(model.scores_[fold, 0, position], expected, rtol=1e-6)
+    # Held-out rows of total weight 0: their score is undefined. It was NaN, and C_ the first
+    # value (argmax of an all-NaN mean), where scikit-learn raises.
+    weights = np.ones(60)
+    weights[:20] = 0
+    folds = [(np.arange(20, 60), np.arange(20)), (np.arange(40), np.arange(40, 60))]
+    for scoring in (None, "neg_log_loss"):
+        with pytest.raises(ValueError, match="split 0 have total sample weight 0"):
+            LogisticRegressionCV(Cs=3, cv=folds, scoring=scoring).fit(X, y, sample_weight=weights)
+
+
 def test_cross_validation_on_sparse_binary(text):
     X, y = text
     binary = y > 0

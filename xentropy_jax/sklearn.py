@@ -1148,7 +1148,9 @@ class LogisticRegressionCV(LogisticRegression):
         )
         fold_weights = np.zeros((len(splits), X.shape[0]), X.dtype)
         for index, (train, _) in enumerate(splits):
-            fold_weights[index, train] = weights[train]
+            # Added, not assigned: a bootstrap split repeats training rows, and X[train] would
+            # count each as often (an assignment counted it once: C_ came out 10 for 1).
+            np.add.at(fold_weights[index], train, weights[train])
         l2 = penalty_strength(grid[None, :], fold_weights.sum(axis=1, keepdims=True), X.dtype)
         paths = self._fit_paths(X, labels, n_classes, reference, fold_weights, l2, solver)
         coefs = np.asarray(paths.params[0], dtype=X.dtype)  # [splits, Cs, d, K]
@@ -1171,6 +1173,12 @@ class LogisticRegressionCV(LogisticRegression):
         scores = np.empty((len(splits), grid.size))
         for index, (_, test) in enumerate(splits):
             if isinstance(scorer, str):
+                if not score_weights[test].sum() > 0:  # as scikit-learn's own scorers
+                    raise ValueError(
+                        f"The held-out rows of split {index} have total sample weight 0, so "
+                        "their score is undefined (it was NaN, and C_ came from the others by "
+                        "chance): give every split's held-out rows a positive weight."
+                    )
                 scores[index] = _held_out_scores(
                     scorer,
                     X[test],
