@@ -229,6 +229,46 @@ def test_sparse_fit_compiles_once_per_shape():
         _fit._fit = original
 
 
+def test_bcoo_fits_compile_nothing_for_a_new_number_of_entries_and_ignore_padding():
+    # A BCOO's duplicates were summed by JAX eagerly, which compiled some 35 small programs
+    # for every number of stored entries (1.3 s a fit on folds of one bucket); and padding
+    # entries at out-of-range indices were checked as data (NaN there refused the fit).
+    matrix, labels, _ = sparse_problem()
+    reference = xj.fit_logistic_regression(matrix, labels, NUM_CLASSES, l2=0.1)
+    padded = sparse.BCOO.from_scipy_sparse(matrix)
+    padding = jnp.full((3, 2), jnp.array(matrix.shape))
+    padded = sparse.BCOO(
+        (
+            jnp.concatenate([padded.data, jnp.full(3, jnp.nan)]),
+            jnp.concatenate([padded.indices, padding.astype(padded.indices.dtype)]),
+        ),
+        shape=matrix.shape,
+    )
+    result = xj.fit_logistic_regression(padded, labels, NUM_CLASSES, l2=0.1)
+    np.testing.assert_allclose(result.params[0], reference.params[0], atol=1e-10)
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for dropped in (1, 2):  # fewer stored entries, the same bucket
+            smaller = matrix.tocoo()
+            keep = np.arange(smaller.nnz) >= dropped
+            smaller = scipy.sparse.coo_matrix(
+                (smaller.data[keep], (smaller.row[keep], smaller.col[keep])), shape=matrix.shape
+            )
+            bcoo = sparse.BCOO.from_scipy_sparse(smaller)
+            jax.block_until_ready(bcoo)
+            compiles.clear()
+            xj.fit_logistic_regression(bcoo, labels, NUM_CLASSES, l2=0.1)
+            assert not compiles, compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_batched_fits_with_every_l2_positive_skip_the_minimum_norm_projection(monkeypatch):
     # Under vmap over l2 the projection's lax.cond became a select: every member built the
     # Gram X̃ᵀŴX̃, which densified a sparse X (LogisticRegressionCV on a 20,000 × 2,000 CSR:

@@ -319,6 +319,40 @@ def test_chunk_errors_name_the_rows_and_changed_chunks_are_caught(files):
     # The ValueError itself, not XLA's JaxRuntimeError around the callback that raised it.
     with pytest.raises(ValueError, match="every pass must give the same chunks"):
         xj.fit_logistic_regression_streamed(shrinking, num_classes=K, l2=1e-2)
+    growing_calls = []
+
+    def growing():  # later passes give a third chunk: it was left out, and CONVERGED said
+        growing_calls.append(None)
+        yield X[:1200], y[:1200]
+        yield X[1200:2400], y[1200:2400]
+        if len(growing_calls) > 1:
+            yield X[2400:], y[2400:]
+
+    with pytest.raises(ValueError, match="ran on past the 2 of the first pass"):
+        xj.fit_logistic_regression_streamed(growing, num_classes=K, l2=1e-2)
+
+
+def test_a_float32_chunk_before_a_float64_one_is_held_to_float64s_range():
+    # Entries of 1e17 overflow float32's squares, not float64's: a float32 first chunk was
+    # refused ("fit in float64") although the fit runs in float64, as the reversed order did.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 4))
+    X[:, 3] *= 1e17
+    y = rng.integers(0, 3, 600)
+    whole = xj.fit_logistic_regression(
+        np.concatenate([X[:300].astype(np.float32), X[300:]]), y, 3, l2=1e-3
+    )
+    for chunks in (
+        [(X[:300].astype(np.float32), y[:300]), (X[300:], y[300:])],
+        [(X[300:], y[300:]), (X[:300].astype(np.float32), y[:300])],
+    ):
+        streamed = xj.fit_logistic_regression_streamed(chunks, num_classes=3, l2=1e-3)
+        assert streamed.converged and streamed.params[0].dtype == np.float64
+    np.testing.assert_allclose(float(streamed.loss), float(whole.loss), rtol=1e-10)
+    with pytest.raises(ValueError, match=r"beyond .* \(rows 0 to 299\).*or fit in float64"):
+        xj.fit_logistic_regression_streamed(
+            [(X[:300].astype(np.float32), y[:300])] * 2, num_classes=3, l2=1e-3
+        )
 
 
 def _collinear(X):

@@ -231,6 +231,9 @@ class RowChunks(_ChunkSource):
             yield start, dense_rows(self.X[rows]), np.asarray(self.labels[rows]), weights
 
 
+# What `next` returns from an iterator that has no chunk left.
+_EXHAUSTED = object()
+
 # Iterators over the chunks of one source kept open at once (passes that overlap in time).
 _MAX_OPEN_PASSES = 4
 
@@ -348,6 +351,13 @@ class IteratedChunks(_ChunkSource):
             ) from None
         if entry[0] == self.num_chunks:
             self._open.remove(entry)
+            # A pass that gives more chunks than the first was fitted on the first's alone
+            # (CONVERGED on part of the data); fewer are caught above.
+            if next(entry[1], _EXHAUSTED) is not _EXHAUSTED:
+                raise ValueError(
+                    f"the chunks ran on past the {self.num_chunks} of the first pass: every pass "
+                    "must give the same chunks as the first"
+                )
         return item
 
     def rows(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

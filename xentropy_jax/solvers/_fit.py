@@ -139,7 +139,7 @@ def _validate(
                 f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
                 f"{dtype.__name__} (its largest finite number is {np.finfo(dtype).max:.3g}), "
                 "so the fit would meet non-finite values. Scale the features (e.g. standardise "
-                "the columns), or fit in float64."
+                "the columns)" + (", or fit in float64." if dtype != np.float64 else ".")
             )
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
@@ -555,8 +555,9 @@ def fit_logistic_regression(
     Args:
         X: [N, d] features: an array, a scipy.sparse matrix/array (CSR, CSC, COO) or a
             `jax.experimental.sparse.BCOO`; sparse X stays sparse end to end (products with it
-            are sparse-dense; only the "newton" solver's explicit Hessian and the "kronecker"
-            preconditioner's Gram densify it, so use them only for small d). float64 (with x64
+            are sparse-dense; only the "newton" solver's explicit Hessian densifies it, so use
+            it only for small d; the "kronecker" preconditioner's d × d Gram is built block by
+            block). float64 (with x64
             enabled) fits in float64, anything else float32.
         labels: [N] integer labels in [0, num_classes).
         num_classes: K >= 2 (static).

@@ -1,6 +1,7 @@
 """Sparse features at the public boundary: scipy.sparse and BCOO in, one BCOO layout out.
 
-Sparse X is never densified. A scipy CSR/CSC/COO matrix (or array) becomes a
+Sparse X is never densified here (the "newton" solver's explicit Hessian does, see
+`fit_logistic_regression`). A scipy CSR/CSC/COO matrix (or array) becomes a
 `jax.experimental.sparse.BCOO` with duplicates summed and its number of stored entries padded up
 with explicit zeros to a coarse size bucket, so that fits on matrices with nearly the same
 number of non-zeros (cross-validation folds, a path over C) share one compiled solver.
@@ -48,19 +49,32 @@ def stored_values(X) -> np.ndarray | jax.Array:
             X.sum_duplicates()
         return X.data
     if isinstance(X, sparse.BCOO) and not isinstance(X.data, jax.core.Tracer):
-        return _summed_bcoo(X).data
+        return _summed_entries(X)[0]
     return X.data
 
 
-def _summed_bcoo(X: sparse.BCOO) -> sparse.BCOO:
-    """A concrete BCOO as an [nse, 2]-indexed one with duplicates summed (even inside a `jit`).
+def _summed_entries(X: sparse.BCOO) -> tuple[np.ndarray, np.ndarray]:
+    """A concrete BCOO's (data [n], indices [n, 2]) on the host, duplicates summed.
 
-    `sum_duplicates` pads with out-of-range indices, whose data are zeros.
+    Entries at out-of-range indices are padding, whatever they hold (NaN, 1e300), and are
+    dropped. In NumPy (SciPy's COO → CSR sums the duplicates, in the data's dtype): JAX's
+    `sum_duplicates` ran eagerly and compiled afresh for every number of stored entries, about
+    1.3 s per fit on folds or a path over C whose matrices differ in that number.
     """
-    with jax.ensure_compile_time_eval():
+    import scipy.sparse
+
+    with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
         if X.n_batch or X.n_dense:  # batch or dense dimensions: indices are not [nse, 2]
             X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
-        return X.sum_duplicates(nse=X.nse, remove_zeros=False)
+    indices, data = np.asarray(X.indices), np.asarray(X.data)
+    inside = np.all((indices >= 0) & (indices < np.asarray(X.shape)), axis=1)
+    # SciPy has no float16 or bfloat16 matrices: those are summed in float32.
+    indices, data = indices[inside], data[inside].astype(np.promote_types(data.dtype, np.float32))
+    summed = scipy.sparse.coo_matrix((data, (indices[:, 0], indices[:, 1])), shape=X.shape)
+    summed = summed.tocsr()
+    summed.sum_duplicates()
+    summed = summed.tocoo()
+    return summed.data, np.stack([summed.row, summed.col], axis=1)
 
 
 def bucketed_size(count: int) -> int:
@@ -82,11 +96,7 @@ def to_bcoo(X, dtype) -> sparse.BCOO:
     """
     by_column = X.shape[1] > X.shape[0]
     if isinstance(X, sparse.BCOO):
-        matrix = _summed_bcoo(X)  # concrete X, even inside a caller's `jit`
-        data, indices = np.asarray(matrix.data), np.asarray(matrix.indices)
-        # The padding's out-of-range indices are dropped (zero data anyway).
-        keep = np.all(indices < np.asarray(X.shape), axis=1)
-        data, indices = data[keep], indices[keep]
+        data, indices = _summed_entries(X)
         order = np.argsort(indices[:, int(by_column)], kind="stable")
         data, indices = data[order], indices[order]
     else:

@@ -60,9 +60,9 @@ def _scan(
     # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
     # `fit_logistic_regression`, and the fit reads them scaled the same way (`weight_shift`).
     exponent, total, scale, weighted, products = None, 0.0, None, np.zeros(num_classes, bool), None
+    largest, largest_rows = 0.0, ""
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
-        limit = np.sqrt(np.finfo(dtype).max) / 1e3
         rows = f"rows {start} to {start + len(labels) - 1}"
         if not jnp.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
             raise TypeError(f"X must be real and numeric, got dtype {X.dtype} ({rows})")
@@ -74,11 +74,11 @@ def _scan(
             )
         if not np.all(np.isfinite(X)):
             raise ValueError(f"X contains NaN or infinity (in {rows})")
-        if np.max(np.abs(X), initial=0) > limit:
-            raise ValueError(
-                f"X has entries beyond {limit:.3g} ({rows}): their squares overflow "
-                f"{dtype.name}. Scale the features, or fit in float64."
-            )
+        # Checked against the fit's dtype once every chunk has told its own: a float32 chunk
+        # read before a float64 one was held to float32's limit, and refused.
+        here = float(np.max(np.abs(X), initial=0))
+        if here > largest:
+            largest, largest_rows = here, rows
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"labels must be integers, got dtype {labels.dtype} ({rows})")
         if labels.min() < 0 or labels.max() >= num_classes:
@@ -108,6 +108,13 @@ def _scan(
             if fit_intercept:
                 kept = np.concatenate([kept, np.ones((len(kept), 1))], axis=1)
             products = kept.T @ kept if products is None else products + kept.T @ kept
+    limit = np.sqrt(np.finfo(source.dtype).max) / 1e3
+    if largest > limit:
+        raise ValueError(
+            f"X has entries beyond {limit:.3g} ({largest_rows}): their squares overflow "
+            f"{source.dtype.name}. Scale the features"
+            + (", or fit in float64." if source.dtype != np.float64 else ".")
+        )
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
     # The largest weight read in the fit is in [1, 2): the sum cannot overflow, nor every
