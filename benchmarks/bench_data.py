@@ -1,7 +1,10 @@
 """The data people bring: many classes (linear probes), a path over C, sparse text features.
 
 Side by side with scikit-learn in this one process (the sparse memory figure in a child
-process), minima over interleaved single calls, ratios ours / theirs:
+process), minima over interleaved single calls, ratios ours / theirs, to the fastest scikit-learn
+fit that converged and reached our objective (the fastest of all, flagged, if none did). Each
+fit's objective and coefficients are compared with ours: MISMATCH beyond 1e-6 relative in the
+objective or 1e-5 in max |coef diff| / max |coef|.
 
 1. Linear probe: Gaussian class means, 20,000 x 128, K = 200, float64, C = 1, tol = 1e-6:
    our refit against scikit-learn's ``lbfgs`` and ``newton-cg`` (target <= 0.3x the fastest),
@@ -60,6 +63,8 @@ from xentropy_jax.sklearn import LogisticRegression  # noqa: E402
 from xentropy_jax.solvers._fit import wants_transposed_copy  # noqa: E402
 
 TOL = 1e-6
+COEF_RTOL = 1e-5  # max |coef diff| / max |coef|
+OBJECTIVE_RTOL = 1e-6  # |objective diff| / objective
 
 
 def gaussian_means(n_samples, n_features, n_classes, dtype=np.float64, seed=0):
@@ -163,32 +168,41 @@ def side_by_side(title, X, y, sklearn_solvers, repeats, C=1.0, target=None, solv
     model = models["ours"]
     print(f"  our solver {model.solver_}, n_iter_ {model.n_iter_[0]}")
     reference = _objective(X, y, model.coef_, model.intercept_, C)
-    best = None
+    same = []  # scikit-learn's fits that converged and reached our objective
     for name in sklearn_solvers:
         other = models[name]
         value = _objective(X, y, other.coef_, other.intercept_, C)
+        relative = (value - reference) / reference
         difference = np.max(np.abs(other.coef_ - model.coef_)) / np.max(np.abs(model.coef_))
+        flags = " NOT CONVERGED" if other.warned_ else ""
+        if abs(relative) > OBJECTIVE_RTOL:
+            flags += f" OBJECTIVE MISMATCH ({'theirs' if relative > 0 else 'ours'} higher)"
+        if difference > COEF_RTOL:
+            flags += " COEF MISMATCH"
         print(
             f"  sklearn {name:<10s} objective - ours = {value - reference:+.3e} "
-            f"(relative {(value - reference) / reference:+.2e}), max|coef diff|/max|coef| "
-            f"{difference:.2e}, n_iter_ {int(other.n_iter_[0])}"
-            + (" NOT CONVERGED" if other.warned_ else "")
+            f"(relative {relative:+.2e}), max|coef diff|/max|coef| "
+            f"{difference:.2e}, n_iter_ {int(other.n_iter_[0])}{flags}"
         )
-        key = f"sklearn {name}"
-        if best is None or times[key] < times[best]:
-            best = key
+        if not other.warned_ and relative <= OBJECTIVE_RTOL:
+            same.append(f"sklearn {name}")
+    print(f"  (flagged beyond {OBJECTIVE_RTOL:g} relative in the objective, {COEF_RTOL:g} in coef)")
+    # The fastest of the fits that reached our objective; else the fastest, flagged.
+    best = min(same or [f"sklearn {name}" for name in sklearn_solvers], key=times.get)
+    unlike = "" if same else " NOT LIKE FOR LIKE: no scikit-learn fit converged to our objective"
     goal = f" (target <= {target})" if target else ""
     for label in solvers or {}:
         result = models[label]
         weights, intercept = (np.asarray(a) for a in result.params)
         value = _objective(X, y, weights.T, intercept, C)
+        flag = " MISMATCH" if abs(value - reference) > OBJECTIVE_RTOL * reference else ""
         print(
-            f"  xentropy_jax {label}: objective - estimator's = {value - reference:+.3e}, "
+            f"  xentropy_jax {label}: objective - estimator's = {value - reference:+.3e}{flag}, "
             f"{int(result.n_iter)} iterations, {int(result.n_hessian_products)} Hessian products, "
-            f"ratio / {best} = {times[f'xentropy_jax {label}'] / times[best]:.3f}{goal}"
+            f"ratio / {best} = {times[f'xentropy_jax {label}'] / times[best]:.3f}{goal}{unlike}"
         )
     ratio = times["xentropy_jax (repeat fit)"] / times[best]
-    print(f"  ratio ours (repeat) / {best} = {ratio:.3f}{goal}")
+    print(f"  ratio ours (repeat) / {best} = {ratio:.3f}{goal}{unlike}")
     return models, reference, times
 
 
@@ -222,7 +236,9 @@ def newton_cg_work(X, y, C=1.0):
 
     _logistic._newton_cg = newton_cg
     try:
-        _fit_quietly(SklearnLogisticRegression(C=C, tol=TOL, solver="newton-cg"), X, y)
+        _fit_quietly(
+            SklearnLogisticRegression(C=C, tol=TOL, solver="newton-cg", max_iter=10_000), X, y
+        )
     finally:
         _logistic._newton_cg = original
     return counts
@@ -526,9 +542,10 @@ def main():
                 print(f"  float64 reference {name}: objective {value:.12e}")
             model = models["ours"]
             ours = _objective(X64, y, model.coef_.astype(np.float64), model.intercept_, 1.0)
+            relative = (ours - exact) / exact
             print(
                 "  our float32 objective vs the lower float64 objective: relative "
-                f"{(ours - exact) / exact:+.2e} (target 1e-6)"
+                f"{relative:+.2e} (target 1e-6)" + (" MISMATCH" if relative > 1e-6 else "")
             )
     if "path" in cases:
         n, d, k = map(int, args.path_shape.split(","))

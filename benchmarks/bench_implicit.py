@@ -11,9 +11,11 @@ each compiled once and then called interleaved (minimum of the repeats):
   weights and l2 together (still one CG solve, then one product with ∂g/∂x transposed);
 - ``two refits``: what a central finite difference in l2 costs.
 
-Then the float32 derivative against the float64 one (relative to the largest entry), both fits
-converged to their floors. Run ``python benchmarks/bench_implicit.py`` (``--quick`` for a smaller
-problem).
+The implicit derivative d(params)/d(l2) is checked against that central difference (l2 times
+and divided by ``FD_STEP``, truncation error about (FD_STEP − 1)² relative): the largest
+difference over the largest entry is printed, MISMATCH beyond ``FD_RTOL``. Then the float32
+derivative against the float64 one (relative to the largest entry), both fits converged to their
+floors. Run ``python benchmarks/bench_implicit.py`` (``--quick`` for a smaller problem).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ jax.config.update("jax_enable_x64", True)
 
 L2 = 1e-3
 TOL = 1e-8
+FD_STEP = 1.001  # the two refits at l2·FD_STEP and l2/FD_STEP
+FD_RTOL = 1e-4  # 100 x the step's O(1e-6) truncation error, room for the fits' own tolerance
 
 
 def main() -> None:
@@ -73,7 +77,7 @@ def main() -> None:
             "jvp l2": lambda: jvp_l2(*inputs),
             "grad l2": lambda: grad_l2(*inputs),
             "grad X, w, l2": lambda: grad_all(*inputs),
-            "two refits": lambda: (fit(*inputs[:2], L2 * 1.001), fit(*inputs[:2], L2 / 1.001)),
+            "two refits": lambda: (fit(*inputs[:2], L2 * FD_STEP), fit(*inputs[:2], L2 / FD_STEP)),
         },
         repeats=args.repeats,
     )
@@ -89,6 +93,16 @@ def main() -> None:
             ],
         )
     )
+    implicit = jvp_l2(*inputs)[1]
+    above, below = fit(*inputs[:2], L2 * FD_STEP), fit(*inputs[:2], L2 / FD_STEP)
+    for name, derivative, a, b in zip(["dW/dl2", "db/dl2"], implicit, above, below, strict=True):
+        difference = (a - b) / (L2 * FD_STEP - L2 / FD_STEP)
+        error = float(jnp.max(jnp.abs(derivative - difference)) / jnp.max(jnp.abs(derivative)))
+        flag = "ok" if error <= FD_RTOL else "MISMATCH"
+        print(
+            f"implicit {name} vs the two refits' central difference: max difference / max "
+            f"|implicit| = {error:.2e} (tolerance {FD_RTOL:g}) {flag}"
+        )
 
     exact = jax.jacfwd(lambda l2: params(X_train, weights, l2))(L2)
     single = jax.jacfwd(

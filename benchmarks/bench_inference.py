@@ -204,6 +204,9 @@ def memory(n, d, k):
         n, d, n_informative=d // 2, n_redundant=0, n_classes=k, random_state=0
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # This process's settings (also when `--part all` started it), after `before`: machine_info
+    # starts jax's backend, whose memory the figure after generating the data has left out.
+    print(machine_info())
     print(
         f"\n== memory: make_classification({n}, {d}, n_classes={k}), float64, "
         f"data {X.nbytes / 2**20:.0f} MiB, peak RSS after generating it {before:.2f} GiB"

@@ -14,7 +14,9 @@ programs that are timed, the measured growth of the process's resident set durin
 (sampled every 5 ms; the arguments are already resident, so this is outputs + temporaries).
 Time: each program is compiled ahead (the compile time is printed), then called ``--calls``
 times, fused and dense interleaved; the minima of wall and of process CPU seconds are reported
-(on a shared machine the CPU seconds are the steadier measure of the work). Timing at
+(on a shared machine the CPU seconds are the steadier measure of the work). The last call's
+results of fused and dense are compared (loss and each array: max difference over max entry;
+MISMATCH beyond ``RTOL`` of the dtype). Timing at
 ``--time-n`` rows (default: ``--n``) needs room for the dense program (about 13 GiB resident at
 the default size); the work of both programs is linear in N, so a smaller ``--time-n`` also
 gives the ratios.
@@ -43,6 +45,9 @@ import xentropy_jax as xj  # noqa: E402
 
 GIB = 2.0**30
 JOBS = ("loss+grad", "loss+GGN")
+# Fused against dense, max |difference| / max |dense| of the loss and of each array: about
+# 1e-6 measured in float32, 1e-2 to 2e-2 in bfloat16 (8 bits; N = 2048, D = 1024).
+RTOL = {"float32": 1e-4, "bfloat16": 1e-1}
 
 
 def make_jobs(row_chunk, vocab_chunk):
@@ -139,8 +144,18 @@ def make_args(n, d, v, dtype):
     return jax.block_until_ready((hidden, weight, bias, labels, hidden_dot, weight_dot))
 
 
+def relative_error(result, reference) -> float:
+    """The largest, over the leaves, of max |result − reference| / max |reference|."""
+    errors = []
+    for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference), strict=True):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        errors.append(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
+    return max(errors)
+
+
 def time_calls(compiled, args, names, calls):
-    """``name -> (min wall s, min CPU s, max resident growth MiB)``, calls interleaved.
+    """``name -> (min wall s, min CPU s, max resident growth MiB)``, calls interleaved, and
+    ``name -> the last call's result``.
 
     CPU seconds are the process's (all threads): on a machine shared with other work they count
     what the program did, while its wall time also counts the waits for a core.
@@ -148,6 +163,7 @@ def time_calls(compiled, args, names, calls):
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
     growth = {name: 0.0 for name in names}
+    last = {}
     for _ in range(calls):
         for name in names:
             program, arity = compiled[name][:2]
@@ -157,6 +173,7 @@ def time_calls(compiled, args, names, calls):
                 lambda p=program, k=arity: jax.block_until_ready(p(*args[:k]))
             )
             cpu[name].append(time.process_time() - start)
+            last[name] = result
             del result
             wall[name].append(seconds)
             growth[name] = max(growth[name], grown)
@@ -165,7 +182,7 @@ def time_calls(compiled, args, names, calls):
                 f"resident +{grown / 1024:.2f} GiB  (load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
-    return {name: (min(wall[name]), min(cpu[name]), growth[name]) for name in names}
+    return {name: (min(wall[name]), min(cpu[name]), growth[name]) for name in names}, last
 
 
 def main() -> None:
@@ -228,7 +245,7 @@ def main() -> None:
         )
         for job in args.jobs:
             pair = [name for name in wanted if name.startswith(job)]
-            results = time_calls(compiled, data, pair, args.calls)
+            results, outputs = time_calls(compiled, data, pair, args.calls)
             for name in pair:
                 best, best_cpu, grown = results[name]
                 print(
@@ -243,6 +260,13 @@ def main() -> None:
                     f"(1/{dense[2] / fused[2]:.1f})",
                     flush=True,
                 )
+                error = relative_error(outputs[pair[0]], outputs[pair[1]])
+                flag = "ok" if error <= RTOL[dtype.name] else "MISMATCH"
+                print(
+                    f"  {job}: fused vs dense results, max difference / max |dense| {error:.1e} "
+                    f"(tolerance {RTOL[dtype.name]:g}) {flag}"
+                )
+            del outputs
         del data, compiled
         gc.collect()
     print(f"\nload average after: {os.getloadavg()}")

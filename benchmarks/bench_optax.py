@@ -174,7 +174,8 @@ def benchmark_task(task, seeds: int, budgets: dict[str, int], target: float | No
             ]
             reached = [(s, setting) for s, setting in candidates if s is not None]
             best_steps, best_setting = min(reached) if reached else (None, None)
-            final = max(float(curves[method, setting][seed][-1]) for setting, _ in settings)
+            # The chosen setting's own accuracy at the end of its budget (none if none reached).
+            final = float(curves[method, best_setting][seed][-1]) if reached else None
             rows[method, seed] = (best_steps, best_setting, final)
     # Wall-clock: rerun exactly the steps to the target, interleaved across methods.
     timers = {}
@@ -193,8 +194,9 @@ def benchmark_task(task, seeds: int, budgets: dict[str, int], target: float | No
         sec = seconds.get((method, seed))
         steps_text = f"{steps:6d}" if steps is not None else f"{'—':>6s}"
         sec_text = f"{sec:8.3f}" if sec is not None else f"{'—':>8s}"
+        final_text = f"{final:9.3f}" if final is not None else f"{'—':>9s}"
         print(
-            f"  {method:14s} {seed:4d} {setting or '—':>10s} {steps_text} {sec_text} {final:9.3f}"
+            f"  {method:14s} {seed:4d} {setting or '—':>10s} {steps_text} {sec_text} {final_text}"
         )
         summary.setdefault(method, []).append((steps, sec))
     print(f"\n  median over {seeds} seeds (runs that reached the target)")

@@ -3,8 +3,10 @@
 For each problem (float64, tol = 1e-6, scikit-learn's objective with C = 1/(l2·N)) it prints our
 iterations, Hessian products and repeat-fit time with each preconditioner ("auto" is what the
 estimator uses), scikit-learn's lbfgs and newton-cg times on the same data, and the ratio of
-"auto" to the faster of the two that converged (of the two, when neither did). Times are minima
-over interleaved single calls.
+"auto" to the faster of the two that converged (of the two, when neither did; flagged when
+"auto" itself did not converge). Times are minima over interleaved single calls. Each
+scikit-learn fit's objective is compared with that of our "auto" fit (MISMATCH when ours is
+higher by more than ``OBJECTIVE_RTOL`` relative; a higher one of theirs is noted).
 
 Problems: raw (unstandardised) digits at two penalties, standardised digits, raw wine,
 `make_classification` as it comes and with its columns scaled by 10^±3, and
@@ -24,7 +26,7 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 from _common import interleaved_min_times, machine_info  # noqa: E402
-from bench_data import gaussian_means  # noqa: E402
+from bench_data import _objective, gaussian_means  # noqa: E402
 from sklearn.datasets import load_digits, load_wine, make_classification  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -35,6 +37,7 @@ import xentropy_jax as xj  # noqa: E402
 TOL = 1e-6
 KINDS = ("auto", "kronecker", "diagonal", "none")
 MAX_ITER = 200  # for both sides: a solver that needs more is reported as not converged
+OBJECTIVE_RTOL = 1e-6  # scikit-learn's objective against ours, relative
 
 
 def problems():
@@ -58,7 +61,7 @@ def compare(name, X, y, l2, repeats):
     """Print our fit with each preconditioner and scikit-learn's two solvers on one problem."""
     k = int(y.max()) + 1
     print(f"\n== {name}: X {X.shape}, K = {k}, l2 = {l2:g}, tol = {TOL}")
-    results, fns, unconverged = {}, {}, set()
+    results, fns, unconverged, fitted = {}, {}, set(), {}
     for kind in KINDS:
         solver = xj.NewtonCG(preconditioner=kind)
 
@@ -75,7 +78,7 @@ def compare(name, X, y, l2, repeats):
         def theirs(solver_name=solver_name):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
-                LogisticRegression(
+                fitted[solver_name] = LogisticRegression(
                     C=1 / (l2 * len(y)), tol=TOL, solver=solver_name, max_iter=MAX_ITER
                 ).fit(X, y)
             if any(issubclass(w.category, ConvergenceWarning) for w in caught):
@@ -90,12 +93,26 @@ def compare(name, X, y, l2, repeats):
             f"{int(result.n_hessian_products):6d} Hessian products "
             f"{1e3 * times[kind]:9.1f} ms  {xj.Status(int(result.status)).name}"
         )
+    C = 1 / (l2 * len(y))
+    weights, intercept = (np.asarray(a) for a in results["auto"].params)
+    ours = _objective(X, y, weights.T, intercept, C)
     keys = ("sklearn lbfgs", "sklearn newton-cg")
     best = min([key for key in keys if key not in unconverged] or keys, key=times.get)
     for key in keys:
+        model = fitted[key.removeprefix("sklearn ")]
+        relative = (_objective(X, y, model.coef_, model.intercept_, C) - ours) / ours
         flag = "  NOT CONVERGED" if key in unconverged else ""
-        print(f"  {key:<20s} {1e3 * times[key]:9.1f} ms{flag}")
-    print(f"  ratio auto / {best} = {times['auto'] / times[best]:.2f}")
+        if relative < -OBJECTIVE_RTOL:
+            flag += "  MISMATCH: our objective is higher"
+        elif relative > OBJECTIVE_RTOL:
+            flag += "  (above our objective)"
+        print(
+            f"  {key:<20s} {1e3 * times[key]:9.1f} ms  objective - ours (auto) relative "
+            f"{relative:+.1e}{flag}"
+        )
+    status = xj.Status(int(results["auto"].status)).name
+    flag = "" if results["auto"].converged else f"  AUTO NOT CONVERGED ({status})"
+    print(f"  ratio auto / {best} = {times['auto'] / times[best]:.2f}{flag}")
 
 
 def main():

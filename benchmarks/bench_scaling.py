@@ -129,7 +129,10 @@ def _time_product_and_fit(X, y, args) -> dict:
 
 
 def child_devices(count: int, args) -> dict:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+    # The user's XLA flags stay (thread settings included); only the device count is ours.
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -389,7 +392,8 @@ def main() -> None:
     )
     compiled = " with compilation" if args.fit_repeats == 0 else ""
     if "devices" in args.parts:
-        one, two = (_run(["--child", f"devices={count}"], args) for count in (1, 2))
+        env = dict(os.environ, JAX_PLATFORMS="cpu")  # CPU devices, as in `_processes`
+        one, two = (_run(["--child", f"devices={count}"], args, env) for count in (1, 2))
         print(
             f"Hessian product: 1 device {one['hvp_s'] * 1e3:.0f} ms, 2 devices "
             f"{two['hvp_s'] * 1e3:.0f} ms (1 / 2: {one['hvp_s'] / two['hvp_s']:.2f})"

@@ -52,12 +52,19 @@ def run_mode(mode: str, num_fits: int) -> dict:
     from sklearn.datasets import make_classification
 
     import xentropy_jax.sklearn as xsk
-    from xentropy_jax import _buckets
 
     jax.config.update("jax_enable_compilation_cache", False)
+    choose = xsk.fitted_rows
     if mode == "exact":
-        xsk.fitted_rows = lambda n_samples, configuration: n_samples
+        choose = lambda n_samples, configuration: n_samples  # noqa: E731
         xsk._MAX_PROGRAMS = 10**9
+    fitted: list[tuple[int, int]] = []  # (rows given, rows the fit ran at), as the fit chose
+
+    def recorded(n_samples: int, configuration: tuple) -> int:
+        fitted.append((n_samples, choose(n_samples, configuration)))
+        return fitted[-1][1]
+
+    xsk.fitted_rows = recorded
     compilations: list[float] = []
 
     def listener(event: str, duration: float, **kwargs) -> None:
@@ -86,6 +93,7 @@ def run_mode(mode: str, num_fits: int) -> dict:
     gc.collect()
     start_mib, start = _resident_mib(), time.perf_counter()
     compilations.clear()
+    fitted.clear()
     for rows, features in shapes[1:]:
         fit(rows, features)
     seconds = time.perf_counter() - start
@@ -99,7 +107,8 @@ def run_mode(mode: str, num_fits: int) -> dict:
         "compile_seconds": sum(duration for _, duration in compilations),
         "memory_growth_mib": _resident_mib() - start_mib,
         "loop_seconds": seconds,
-        "padded_rows": sorted({_buckets.padded_rows(rows) for rows, _ in shapes[1:]}),
+        "fitted_rows": sorted({ran for _, ran in fitted}),
+        "padded_fits": sum(ran != given for given, ran in fitted),
     }
 
 
@@ -126,7 +135,7 @@ def main() -> None:
     )
     header = (
         f"{'mode':10s} {'fits':>5s} {'solver compilations':>19s} {'others':>6s} {'compile s':>9s} "
-        f"{'memory MiB':>10s} {'loop s':>7s}  padded row counts"
+        f"{'memory MiB':>10s} {'loop s':>7s}  row counts fitted (after padding)"
     )
     print(header)
     results = {}
@@ -139,9 +148,13 @@ def main() -> None:
         )
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         results[mode] = result
-        rows = result["padded_rows"]
+        padded = f"{result['padded_fits']} of {result['fits']} fits padded"
         if mode == "features":
-            rows = f"2000 rows, {result['fits']} feature counts"
+            rows = f"2000 rows, {result['fits']} feature counts ({padded})"
+        elif result["padded_fits"] == 0:
+            rows = f"each fit's own row count, none padded ({len(result['fitted_rows'])} counts)"
+        else:
+            rows = f"{result['fitted_rows']} ({padded})"
         print(
             f"{mode:10s} {result['fits']:5d} {result['compilations']:19d} "
             f"{result['other_compilations']:6d} "
