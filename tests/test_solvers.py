@@ -844,9 +844,12 @@ def test_collinearity_warning_tells_near_dependences_from_exact_ones():
     both = np.hstack([nearly, nearly[:, 1:2] + nearly[:, 2:3]])
     with pytest.warns(CollinearityWarning, match="1 dependence exact and 1 near"):
         fit_logistic_regression(both, labels, 4, throw=False)
-    # Exact to the data's rounding, in float64 and float32: a computed sum, a repeated column.
+    # Exact to the data's rounding, in float64 and float32: a computed sum, a repeated column,
+    # and one far from 0 (beside the intercept the Gram's null vectors carry 2e-15 of rounding,
+    # which read as a near dependence).
     exact = np.hstack([features, features[:, 1:2] + features[:, 2:3]])
-    for data in (exact, exact.astype(np.float32), features.astype(np.float32)):
+    offset = features + 100 * np.arange(1, 10)
+    for data in (exact, exact.astype(np.float32), features.astype(np.float32), offset):
         with pytest.warns(CollinearityWarning, match="are exactly collinear"):
             fit_logistic_regression(data, labels, 4, throw=False)
     # The estimator words the same facts in its own terms.

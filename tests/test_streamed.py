@@ -349,7 +349,7 @@ def test_a_float32_chunk_before_a_float64_one_is_held_to_float64s_range():
         streamed = xj.fit_logistic_regression_streamed(chunks, num_classes=3, l2=1e-3)
         assert streamed.converged and streamed.params[0].dtype == np.float64
     np.testing.assert_allclose(float(streamed.loss), float(whole.loss), rtol=1e-10)
-    with pytest.raises(ValueError, match=r"beyond .* \(rows 0 to 299\).*or fit in float64"):
+    with pytest.raises(ValueError, match=r"beyond .* \(rows 0 to 299, up to .*or fit in float64"):
         xj.fit_logistic_regression_streamed(
             [(X[:300].astype(np.float32), y[:300])] * 2, num_classes=3, l2=1e-3
         )
@@ -390,6 +390,18 @@ def test_streamed_collinear_unpenalised_fit_is_the_minimum_norm_optimum(files, p
             collinear, y, K, sample_weight=weights, tol=1e-10, chunk_rows=700
         )
     np.testing.assert_allclose(sliced.params[0], whole.params[0], rtol=0, atol=1e-8)
+
+
+def test_streamed_float32_columns_collinear_to_its_precision_say_so():
+    # The streamed fit decides on its Gram alone: float32 columns x and x + 1e-4·z are
+    # collinear to float32 precision, not exactly (float64 resolves them).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=600)
+    X = np.column_stack([x, x + 1e-4 * rng.normal(size=600), rng.normal(size=600)])
+    y = rng.integers(0, 3, 600)
+    chunks = [(X[:300].astype(np.float32), y[:300]), (X[300:].astype(np.float32), y[300:])]
+    with pytest.warns(xj.CollinearityWarning, match="collinear to float32 precision"):
+        xj.fit_logistic_regression_streamed(chunks, num_classes=3, l2=0.0, throw=False)
 
 
 @pytest.mark.parametrize("solver", ["newton", "newton-cg"])

@@ -281,7 +281,7 @@ def _float64_gram(features, count: int, fit_intercept: bool) -> np.ndarray:
 
 def float64_collinear_columns(
     X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
-) -> tuple[list[int], int, np.ndarray]:
+) -> tuple[list[int], int, np.ndarray, float]:
     """`collinear_columns` in float64 with NumPy, whatever the fit's precision, and how exactly.
 
     A float32 fit decides rank in float32, where nearly dependent columns count; this says
@@ -293,9 +293,14 @@ def float64_collinear_columns(
     directions: 5e-10 for that pair; 0 for a repeated column, a few eps for one computed as a
     sum of others.
 
+    The null vectors come from the Gram, whose rounding (about d̃·√N·eps) turns them by up to
+    that over the next eigenvalue λ₂, which adds up to d̃·√N·eps/√λ₂ to their images: offset
+    columns beside the intercept (λ₂ small) gave 2e-15 for a repeated column. That bound is
+    the fourth number: images below it are not resolved from 0.
+
     Returns:
-        (columns, rank, dependences): as `collinear_columns`, and those singular values, one
-        per null direction, largest first.
+        (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
+        one per null direction, largest first, and the bound on their rounding.
     """
     features, count = _float64_counted_rows(X, sample_weight)
     gram = _float64_gram(features, count, fit_intercept)
@@ -311,4 +316,6 @@ def float64_collinear_columns(
         images = images + directions[-1]
     dependences = np.linalg.svd(images, compute_uv=False) if images.size else np.zeros(0)
     rank = int(gram.shape[0] - np.count_nonzero(null))
-    return np.flatnonzero(involved).tolist(), rank, dependences
+    next_value = max(float(np.min(values[~null], initial=1.0)), np.finfo(np.float64).tiny)
+    resolution = null_cutoff(gram.shape[0], count, np.float64) / np.sqrt(next_value)
+    return np.flatnonzero(involved).tolist(), rank, dependences, resolution

@@ -765,7 +765,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
         # decision is exact when float64 finds the same rank (all-zero or duplicated columns)
         # and then names its columns; a dependence beyond the rounding of the data (x and
         # x + 1e-9·z in float64) is only near, whatever the Gram says.
-        columns64, rank64, dependences = float64_collinear_columns(
+        columns64, rank64, dependences, resolution = float64_collinear_columns(
             features if isinstance(features, sparse.BCOO) else np.asarray(features),
             None if sample_weight is None else np.asarray(sample_weight),
             fit_intercept,
@@ -773,7 +773,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
         exact = rank64 == rank
         if exact:
             columns = columns64
-            far = dependences > exact_dependence(num_columns, features.dtype)
+            far = dependences > exact_dependence(num_columns, features.dtype) + resolution
             near, dependence = int(np.count_nonzero(far)), float(np.max(dependences, initial=0))
     warn_collinear_columns(
         columns,
@@ -832,11 +832,12 @@ def collinear_message(
     """The `CollinearityWarning`'s text naming `columns` (index d is the intercept).
 
     Rank is decided in the fit's precision, `dtype`, on the Gram, which resolves singular
-    values down to √(d̃·eps) only. `exact` None or True: the same rank in float64, and the
-    columns are exactly collinear, but for `near` of the d̃ − rank dependences, which measured
-    with X itself leave a combination of unit-norm columns of norm up to `dependence`, beyond
-    X's rounding (x and x + 1e-9·z in float64): nearly collinear. `exact` False below float64:
-    float64 resolves them, and the message says "collinear to float32 precision".
+    values down to √(d̃·eps) only. In float64, and below it with `exact` True (float64 finds
+    the same rank), the columns are exactly collinear but for `near` of the d̃ − rank
+    dependences, which measured with X itself leave a combination of unit-norm columns of norm
+    up to `dependence`, beyond X's rounding (x and x + 1e-9·z in float64): nearly collinear.
+    Below float64 otherwise (`exact` False: float64 resolves them; None: not rechecked) the
+    message says "collinear to float32 precision".
     `unpenalised` and `penalise` name the caller's options.
     """
     num_columns = num_features + int(fit_intercept)
@@ -846,7 +847,7 @@ def collinear_message(
     how = "exactly collinear"
     outcome = "the fit returns the minimum-norm optimum (as a pseudo-inverse)"
     remedy = f"Drop redundant columns, or {penalise}."
-    if np.finfo(dtype).bits < 64 and exact is False:
+    if np.finfo(dtype).bits < 64 and not exact:
         how = f"collinear to {np.dtype(dtype).name} precision"
         remedy = (
             f"Drop redundant columns, {penalise}, or fit float64 data (with jax_enable_x64), "

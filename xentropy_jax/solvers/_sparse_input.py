@@ -56,18 +56,22 @@ def stored_values(X) -> np.ndarray | jax.Array:
 def _summed_entries(X: sparse.BCOO) -> tuple[np.ndarray, np.ndarray]:
     """A concrete BCOO's (data [n], indices [n, 2]) on the host, duplicates summed.
 
-    Entries at out-of-range indices are padding, whatever they hold (NaN, 1e300), and are
-    dropped. In NumPy (SciPy's COO → CSR sums the duplicates, in the data's dtype): JAX's
-    `sum_duplicates` ran eagerly and compiled afresh for every number of stored entries, about
-    1.3 s per fit on folds or a path over C whose matrices differ in that number.
+    Entries at indices beyond the shape are padding, whatever they hold (NaN, 1e300), and are
+    dropped; negative indices count from the end, as JAX reads them. In NumPy (SciPy's
+    COO → CSR sums the duplicates, in float32 at least): JAX's `sum_duplicates` ran eagerly
+    and compiled afresh for every number of stored entries, about 1.3 s per fit on folds or a
+    path over C whose matrices differ in that number.
     """
     import scipy.sparse
 
     with jax.ensure_compile_time_eval():  # concrete X, even inside a caller's `jit`
         if X.n_batch or X.n_dense:  # batch or dense dimensions: indices are not [nse, 2]
             X = sparse.bcoo_update_layout(X, n_batch=0, n_dense=0)
+    shape = np.asarray(X.shape)
     indices, data = np.asarray(X.indices), np.asarray(X.data)
-    inside = np.all((indices >= 0) & (indices < np.asarray(X.shape)), axis=1)
+    # Negative indices count from the end, as JAX reads them (`todense`, products).
+    indices = np.where(indices < 0, indices + shape, indices)
+    inside = np.all((indices >= 0) & (indices < shape), axis=1)
     # SciPy has no float16 or bfloat16 matrices: those are summed in float32.
     indices, data = indices[inside], data[inside].astype(np.promote_types(data.dtype, np.float32))
     summed = scipy.sparse.coo_matrix((data, (indices[:, 0], indices[:, 1])), shape=X.shape)

@@ -74,11 +74,15 @@ def _scan(
             )
         if not np.all(np.isfinite(X)):
             raise ValueError(f"X contains NaN or infinity (in {rows})")
-        # Checked against the fit's dtype once every chunk has told its own: a float32 chunk
-        # read before a float64 one was held to float32's limit, and refused.
+        # Checked against the fit's dtype once every chunk has told its own (a float32 chunk
+        # read before a float64 one was held to float32's limit, and refused), and at once
+        # against the widest dtype the fit may take, before the sums below overflow.
         here = float(np.max(np.abs(X), initial=0))
         if here > largest:
             largest, largest_rows = here, rows
+        widest = np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+        if here > _square_limit(widest):
+            _refuse_range(here, rows, widest)
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"labels must be integers, got dtype {labels.dtype} ({rows})")
         if labels.min() < 0 or labels.max() >= num_classes:
@@ -108,13 +112,8 @@ def _scan(
             if fit_intercept:
                 kept = np.concatenate([kept, np.ones((len(kept), 1))], axis=1)
             products = kept.T @ kept if products is None else products + kept.T @ kept
-    limit = np.sqrt(np.finfo(source.dtype).max) / 1e3
-    if largest > limit:
-        raise ValueError(
-            f"X has entries beyond {limit:.3g} ({largest_rows}): their squares overflow "
-            f"{source.dtype.name}. Scale the features"
-            + (", or fit in float64." if source.dtype != np.float64 else ".")
-        )
+    if largest > _square_limit(source.dtype):
+        _refuse_range(largest, largest_rows, source.dtype)
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
     # The largest weight read in the fit is in [1, 2): the sum cannot overflow, nor every
@@ -124,6 +123,19 @@ def _scan(
     if fit_intercept:
         warn_empty_classes(np.flatnonzero(~weighted), stacklevel=4)
     return total, scale / total, products
+
+
+def _square_limit(dtype: np.dtype) -> float:
+    """The largest |x| whose square the fit's sums in `dtype` hold (as the in-memory fit's)."""
+    return float(np.sqrt(np.finfo(dtype).max) / 1e3)
+
+
+def _refuse_range(largest: float, rows: str, dtype: np.dtype) -> None:
+    raise ValueError(
+        f"X has entries beyond {_square_limit(dtype):.3g} ({rows}, up to {largest:.3g}): their "
+        f"squares overflow {dtype.name}. Scale the features"
+        + (", or fit in float64." if dtype != np.float64 else ".")
+    )
 
 
 @functools.partial(
