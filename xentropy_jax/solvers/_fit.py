@@ -557,8 +557,7 @@ def fit_logistic_regression(
             `jax.experimental.sparse.BCOO`; sparse X stays sparse end to end (products with it
             are sparse-dense; only the "newton" solver's explicit Hessian densifies it, so use
             it only for small d; the "kronecker" preconditioner's d × d Gram is built block by
-            block). float64 (with x64
-            enabled) fits in float64, anything else float32.
+            block). float64 (with x64 enabled) fits in float64, anything else float32.
         labels: [N] integer labels in [0, num_classes).
         num_classes: K >= 2 (static).
         sample_weight: [N] weights >= 0 (class weights folded in), or None for ones.

@@ -131,6 +131,7 @@ def _square_limit(dtype: np.dtype) -> float:
 
 
 def _refuse_range(largest: float, rows: str, dtype: np.dtype) -> None:
+    """Raise the ValueError for entries whose squares overflow `dtype` (float64 as the remedy)."""
     raise ValueError(
         f"X has entries beyond {_square_limit(dtype):.3g} ({rows}, up to {largest:.3g}): their "
         f"squares overflow {dtype.name}. Scale the features"
