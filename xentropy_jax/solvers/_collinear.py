@@ -253,7 +253,7 @@ MAX_RECHECKED_COLUMNS = 1024
 
 
 def _float64_counted_rows(X, sample_weight):
-    """(X's rows of positive weight in float64, dense or CSR (a BCOO never dense whole), count)."""
+    """X's rows of positive weight in float64, dense or CSR (a BCOO never dense whole)."""
     if isinstance(X, sparse.BCOO):
         import scipy.sparse
 
@@ -266,17 +266,18 @@ def _float64_counted_rows(X, sample_weight):
         features = np.asarray(X, np.float64)
     if sample_weight is not None:
         features = features[np.flatnonzero(np.asarray(sample_weight) > 0)]
-    return features, features.shape[0]
+    return features
 
 
-def _float64_gram(features, count: int, fit_intercept: bool) -> np.ndarray:
+def _float64_gram(features, fit_intercept: bool) -> np.ndarray:
     """X̃ᵀX̃ in float64 of `_float64_counted_rows`' rows (X̃ = [X, 1] with an intercept)."""
     gram = features.T @ features
     gram = gram.toarray() if scipy_sparse(gram) else np.asarray(gram)
     if not fit_intercept:
         return gram
     sums = np.asarray(features.sum(axis=0), np.float64).reshape(-1)
-    return np.block([[gram, sums[:, None]], [sums[None, :], np.array([[float(count)]])]])
+    count = np.array([[float(features.shape[0])]])
+    return np.block([[gram, sums[:, None]], [sums[None, :], count]])
 
 
 def float64_collinear_columns(
@@ -302,8 +303,8 @@ def float64_collinear_columns(
         (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
         one per null direction, largest first, and the bound on their rounding.
     """
-    features, count = _float64_counted_rows(X, sample_weight)
-    gram = _float64_gram(features, count, fit_intercept)
+    features = _float64_counted_rows(X, sample_weight)
+    gram = _float64_gram(features, fit_intercept)
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
@@ -317,5 +318,5 @@ def float64_collinear_columns(
     dependences = np.linalg.svd(images, compute_uv=False) if images.size else np.zeros(0)
     rank = int(gram.shape[0] - np.count_nonzero(null))
     next_value = max(float(np.min(values[~null], initial=1.0)), np.finfo(np.float64).tiny)
-    resolution = null_cutoff(gram.shape[0], count, np.float64) / np.sqrt(next_value)
+    resolution = null_cutoff(gram.shape[0], features.shape[0], np.float64) / np.sqrt(next_value)
     return np.flatnonzero(involved).tolist(), rank, dependences, resolution

@@ -132,8 +132,7 @@ def _validate(
         if not finite:
             raise ValueError("X contains NaN or infinity")
         dtype = _working_dtype(X)
-        # The curvature needs x² (the Gram of the features): beyond this its sums overflow.
-        limit = np.sqrt(np.finfo(dtype).max) / 1e3
+        limit = square_limit(dtype)
         if largest > limit:
             raise ValueError(
                 f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
@@ -260,6 +259,14 @@ def _finite_and_largest(values) -> tuple[bool, float]:
         return bool(finite), float(largest)
     values = np.asarray(values)
     return bool(np.all(np.isfinite(values))), float(np.max(np.abs(values), initial=0))
+
+
+def square_limit(dtype) -> float:
+    """The largest |x| whose square the fit's sums in `dtype` hold.
+
+    The curvature needs x² (the Gram of the features): beyond this its sums overflow.
+    """
+    return float(np.sqrt(np.finfo(dtype).max) / 1e3)
 
 
 def _working_dtype(X) -> type:

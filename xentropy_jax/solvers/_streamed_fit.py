@@ -37,6 +37,7 @@ from ._fit import (
     check_tol_and_max_iter,
     known_positive,
     setting_status,
+    square_limit,
     symmetric_params,
     warn_collinear_columns,
     warn_empty_classes,
@@ -81,7 +82,7 @@ def _scan(
         if here > largest:
             largest, largest_rows = here, rows
         widest = np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
-        if here > _square_limit(widest):
+        if here > square_limit(widest):
             _refuse_range(here, rows, widest)
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"labels must be integers, got dtype {labels.dtype} ({rows})")
@@ -112,7 +113,7 @@ def _scan(
             if fit_intercept:
                 kept = np.concatenate([kept, np.ones((len(kept), 1))], axis=1)
             products = kept.T @ kept if products is None else products + kept.T @ kept
-    if largest > _square_limit(source.dtype):
+    if largest > square_limit(source.dtype):
         _refuse_range(largest, largest_rows, source.dtype)
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
@@ -125,15 +126,10 @@ def _scan(
     return total, scale / total, products
 
 
-def _square_limit(dtype: np.dtype) -> float:
-    """The largest |x| whose square the fit's sums in `dtype` hold (as the in-memory fit's)."""
-    return float(np.sqrt(np.finfo(dtype).max) / 1e3)
-
-
 def _refuse_range(largest: float, rows: str, dtype: np.dtype) -> None:
     """Raise the ValueError for entries whose squares overflow `dtype` (float64 as the remedy)."""
     raise ValueError(
-        f"X has entries beyond {_square_limit(dtype):.3g} ({rows}, up to {largest:.3g}): their "
+        f"X has entries beyond {square_limit(dtype):.3g} ({rows}, up to {largest:.3g}): their "
         f"squares overflow {dtype.name}. Scale the features"
         + (", or fit in float64." if dtype != np.float64 else ".")
     )
