@@ -40,6 +40,7 @@ from .solvers import FitError as FitError
 from .solvers import FitResult as FitResult
 from .solvers import Newton as Newton
 from .solvers import NewtonCG as NewtonCG
+from .solvers import SeparationWarning as SeparationWarning
 from .solvers import Solver as Solver
 from .solvers import SolverOutput as SolverOutput
 from .solvers import Status as Status
@@ -65,6 +66,7 @@ __all__ = [
     "NewtonCG",
     "Objective",
     "ScaleByGGNDiagonalState",
+    "SeparationWarning",
     "Solver",
     "SolverOutput",
     "SophiaGState",

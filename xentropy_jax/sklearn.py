@@ -54,12 +54,14 @@ from ._buckets import fitted_rows, pad_rows
 from .solvers import (
     CollinearityWarning,
     NewtonCG,
+    SeparationWarning,
     Status,
     TrustRegion,
     fit_logistic_regression,
     fit_regularization_path,
 )
-from .solvers._fit import collinear_message, collinear_notices, empty_classes_quietly
+from .solvers._fit import collinear_message, empty_classes_quietly, fit_notices
+from .solvers._separation import Separation, separation_message
 from .solvers._sharding import row_mesh, shard_rows
 from .solvers._sparse_input import bucketed_size
 
@@ -602,7 +604,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         with (
             jax.enable_x64(X.dtype == np.float64),
             empty_classes_quietly(),
-            collinear_notices() as notices,
+            fit_notices() as notices,
         ):
             result = fit_logistic_regression(
                 X,
@@ -639,13 +641,12 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         # For `inference`: no standard errors after separation, a warning short of convergence.
         self._fit_status = status
         for facts in notices:  # at the caller's line, in the estimator's own terms
-            warnings.warn(
-                collinear_message(
-                    **facts, unpenalised="no penalty", penalise="use a finite C (penalty='l2')"
-                ),
-                CollinearityWarning,
-                stacklevel=3 + _FRAMES_ABOVE_FIT.get(),
-            )
+            options = dict(unpenalised="no penalty", penalise="use a finite C (penalty='l2')")
+            if isinstance(facts, Separation):
+                message, category = separation_message(facts, **options), SeparationWarning
+            else:
+                message, category = collinear_message(**facts, **options), CollinearityWarning
+            warnings.warn(message, category, stacklevel=3 + _FRAMES_ABOVE_FIT.get())
         if not converged:
             warnings.warn(
                 f"LogisticRegression ({solver}) stopped without converging after {n_iter} "

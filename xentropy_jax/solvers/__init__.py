@@ -9,6 +9,7 @@ from ._path import fit_regularization_path as fit_regularization_path
 from ._result import CollinearityWarning as CollinearityWarning
 from ._result import FitError as FitError
 from ._result import FitResult as FitResult
+from ._result import SeparationWarning as SeparationWarning
 from ._result import Status as Status
 from ._streamed_fit import fit_logistic_regression_streamed as fit_logistic_regression_streamed
 from ._trust_region import TrustRegion as TrustRegion
@@ -19,6 +20,7 @@ __all__ = [
     "FitResult",
     "Newton",
     "NewtonCG",
+    "SeparationWarning",
     "Solver",
     "SolverOutput",
     "Status",

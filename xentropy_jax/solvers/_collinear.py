@@ -252,7 +252,7 @@ def collinear_columns_of_gram(gram: jax.Array) -> tuple[list[int], int]:
 MAX_RECHECKED_COLUMNS = 1024
 
 
-def _float64_counted_rows(X, sample_weight):
+def float64_counted_rows(X, sample_weight):
     """X's rows of positive weight in float64, dense or CSR (a BCOO never dense whole)."""
     if isinstance(X, sparse.BCOO):
         import scipy.sparse
@@ -270,7 +270,7 @@ def _float64_counted_rows(X, sample_weight):
 
 
 def _float64_gram(features, fit_intercept: bool) -> np.ndarray:
-    """X̃ᵀX̃ in float64 of `_float64_counted_rows`' rows (X̃ = [X, 1] with an intercept)."""
+    """X̃ᵀX̃ in float64 of `float64_counted_rows`' rows (X̃ = [X, 1] with an intercept)."""
     gram = features.T @ features
     gram = gram.toarray() if scipy_sparse(gram) else np.asarray(gram)
     if not fit_intercept:
@@ -303,7 +303,7 @@ def float64_collinear_columns(
         (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
         one per null direction, largest first, and the bound on their rounding.
     """
-    features = _float64_counted_rows(X, sample_weight)
+    features = float64_counted_rows(X, sample_weight)
     gram = _float64_gram(features, fit_intercept)
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)

@@ -28,6 +28,7 @@ from ._collinear import (
     MAX_RECHECKED_COLUMNS,
     collinear_columns,
     float64_collinear_columns,
+    float64_counted_rows,
     minimum_norm,
 )
 from ._convergence import max_abs
@@ -36,7 +37,13 @@ from ._implicit import minimize_implicit
 from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
-from ._result import CollinearityWarning, FitError, FitResult, Status
+from ._result import CollinearityWarning, FitError, FitResult, SeparationWarning, Status
+from ._separation import (
+    MAX_CHECKED_PARAMS,
+    MAX_CHECKED_WORK,
+    quasi_separation,
+    separation_message,
+)
 from ._sharding import with_auto_axes
 from ._trust_region import TrustRegion
 
@@ -611,6 +618,10 @@ def fit_logistic_regression(
     Warns:
         CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
             the fit returns the minimum-norm optimum.
+        SeparationWarning: l2 = 0, the fit converged, and the data are quasi-separated: some
+            change of the coefficients raises the margins of some rows and lowers none, so no
+            finite optimum exists and the coefficients along it grow as tol shrinks (checked in
+            float64 after the fit, up to 1,024 coefficients; `_separation`).
         UserWarning: classes without samples (zero total weight) while fitting an intercept.
             Their intercepts have no finite optimum; the fit goes on (as it does silently
             under `jit`): each falls until its gradient entry, the class's fitted probability
@@ -699,6 +710,8 @@ def fit_logistic_regression(
             if sample_weight is not None:
                 sample_weight = with_auto_axes(jnp.asarray(sample_weight))
             _warn_collinear(concrete, sample_weight, fit_intercept)
+            if _is_concrete(labels, result.status, *result.params) and result_converged(result):
+                _warn_separation(concrete, labels, sample_weight, result.params, fit_intercept)
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         # Under `jax.jvp` or `jax.jacfwd` of a fit the status is concrete but the floating
         # fields carry tangents; the error reports (and keeps) their values without them.
@@ -794,6 +807,38 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     )
 
 
+def result_converged(result: FitResult) -> bool:
+    """Whether a concrete, unbatched result's status is CONVERGED."""
+    return np.ndim(result.status) == 0 and int(result.status) == Status.CONVERGED
+
+
+def _warn_separation(features, labels, sample_weight, params, fit_intercept: bool) -> None:
+    """Warn when the converged unpenalised fit lies along a quasi-separation (`_separation`)."""
+    num_rows, num_features = features.shape
+    size = (num_features + int(fit_intercept)) * params[0].shape[1]
+    if size > MAX_CHECKED_PARAMS or num_rows * size**2 > MAX_CHECKED_WORK:
+        return
+    kept = np.ones(num_rows, bool)
+    weights = np.ones(num_rows)
+    if sample_weight is not None:
+        weights = np.asarray(sample_weight, np.float64)
+        kept = weights > 0
+    separation = quasi_separation(
+        float64_counted_rows(features, sample_weight),
+        np.asarray(labels)[kept],
+        weights[kept],
+        *params,
+        fit_intercept,
+    )
+    if separation is None:
+        return
+    notices = _FIT_NOTICES.get()
+    if notices is not None:
+        notices.append(separation)
+        return
+    warnings.warn(separation_message(separation), SeparationWarning, stacklevel=4)
+
+
 def exact_dependence(num_columns: int, dtype) -> float:
     """The largest ‖X̃·D·v‖₂ (unit-norm columns, ‖v‖ = 1) of a dependence exact to X's rounding.
 
@@ -803,24 +848,24 @@ def exact_dependence(num_columns: int, dtype) -> float:
     return num_columns * float(np.finfo(dtype).eps)
 
 
-# Per thread and task: the estimator collects the warning's facts and words it for its own
-# parameters (C, penalty) at its caller's line (`collinear_notices`).
-_COLLINEAR_NOTICES = contextvars.ContextVar("collinear_notices", default=None)
+# Per thread and task: the estimator collects the warnings' facts and words them for its own
+# parameters (C, penalty) at its caller's line (`fit_notices`).
+_FIT_NOTICES = contextvars.ContextVar("fit_notices", default=None)
 
 
 @contextlib.contextmanager
-def collinear_notices():
-    """Within it, in this thread, collinear columns are collected, not warned of.
+def fit_notices():
+    """Within it, in this thread, collinear columns and separation are collected, not warned of.
 
-    `warn_collinear_columns` appends its facts (the arguments of `collinear_message`) to the
-    list this yields.
+    `warn_collinear_columns` appends its facts (a dict of the arguments of
+    `collinear_message`), `_warn_separation` its `Separation`, to the list this yields.
     """
-    notices: list[dict] = []
-    token = _COLLINEAR_NOTICES.set(notices)
+    notices: list = []
+    token = _FIT_NOTICES.set(notices)
     try:
         yield notices
     finally:
-        _COLLINEAR_NOTICES.reset(token)
+        _FIT_NOTICES.reset(token)
 
 
 def collinear_message(
@@ -895,7 +940,7 @@ def warn_collinear_columns(
         return
     facts = dict(columns=columns, rank=rank, num_features=num_features, fit_intercept=fit_intercept)
     facts.update(dtype=dtype, exact=exact, near=near, dependence=dependence)
-    notices = _COLLINEAR_NOTICES.get()
+    notices = _FIT_NOTICES.get()
     if notices is not None:
         notices.append(facts)
         return

@@ -1,0 +1,151 @@
+"""The `SeparationWarning`: unpenalised fits on quasi-separated data, and fits that are not.
+
+The premise checked first: on quasi-separated data the converged coefficients grow as tol
+shrinks (no finite optimum exists), while on data with an optimum they settle.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse
+from sklearn.datasets import load_iris
+
+import xentropy_jax as xj
+from xentropy_jax.sklearn import LogisticRegression
+
+SOLVERS = ["newton", "newton-cg", "trust-region"]
+
+
+def _quasi_binary(num_rows=300, tied=40, seed=0):
+    """Class 1 exactly where x₀ > 0, both classes at x₀ = 0; x₁ is noise."""
+    rng = np.random.default_rng(seed)
+    first, second = rng.normal(size=num_rows), rng.normal(size=num_rows)
+    labels = (first > 0).astype(int)
+    first[:tied] = 0.0
+    labels[:tied] = rng.integers(0, 2, tied)
+    return np.c_[first, second], labels
+
+
+def _indicator(num_rows=400, seed=0):
+    """Three classes, noise columns, and an indicator that is 1 on ten rows of class 2 only."""
+    rng = np.random.default_rng(seed)
+    features, labels = rng.normal(size=(num_rows, 4)), rng.integers(0, 3, num_rows)
+    indicator = np.zeros(num_rows)
+    indicator[np.flatnonzero(labels == 2)[:10]] = 1.0
+    return np.c_[features, indicator], labels
+
+
+def _finite(num_rows=500, seed=0):
+    """A strong effect (logit 4·x₀) with a far outlier row: an optimum exists, rows saturate."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(num_rows, 3))
+    probability = 1 / (1 + np.exp(-4 * features[:, 0]))
+    labels = (rng.random(num_rows) < probability).astype(int)
+    features[0, 0], labels[0] = 30.0, 1
+    return features, labels
+
+
+def _fit(X, y, num_classes, **options):
+    """(result, the package's warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = xj.fit_logistic_regression(X, y, num_classes, **options)
+    ours = [w for w in caught if w.category.__module__.startswith("xentropy_jax")]
+    return result, ours
+
+
+def _categories(caught):
+    return [w.category for w in caught]
+
+
+def test_the_premise_quasi_separated_coefficients_grow_as_tol_shrinks():
+    X, y = _quasi_binary()
+    sizes = [
+        float(np.max(np.abs(_fit(X, y, 2, tol=tol)[0].params[0]))) for tol in (1e-4, 1e-8, 1e-12)
+    ]
+    assert sizes[1] > 2 * sizes[0] and sizes[2] > 1.5 * sizes[1], sizes
+    X, y = _finite()
+    sizes = [float(np.max(np.abs(_fit(X, y, 2, tol=tol)[0].params[0]))) for tol in (1e-4, 1e-12)]
+    np.testing.assert_allclose(sizes[0], sizes[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("tol", [1e-4, 1e-8])
+def test_quasi_separated_fits_converge_with_the_warning(solver, tol):
+    X, y = _quasi_binary()
+    result, caught = _fit(X, y, 2, solver=solver, tol=tol)
+    assert bool(result.converged)
+    assert _categories(caught) == [xj.SeparationWarning]
+    message = str(caught[0].message)
+    assert "columns [0]" in message and "of 300 rows" in message and "set l2 > 0" in message
+    assert caught[0].filename == __file__  # at the caller's line
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("solver", ["newton", "newton-cg"])
+def test_iris_unpenalised_is_quasi_separated_in_either_precision(dtype, solver):
+    # Setosa is separated from the other two, which overlap: float32's own Hessian rounds the
+    # curvature along the separation away, which is why the check runs in float64.
+    X, y = load_iris(return_X_y=True)
+    _, caught = _fit(X.astype(dtype), y, 3, solver=solver)
+    assert _categories(caught) == [xj.SeparationWarning]
+    _, caught = _fit(X.astype(dtype), y, 3, solver=solver, reference_class=True)
+    assert _categories(caught) == [xj.SeparationWarning]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_an_indicator_of_one_class_is_named(sparse):
+    X, y = _indicator()
+    result, caught = _fit(scipy.sparse.csr_matrix(X) if sparse else X, y, 3)
+    assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
+    assert "columns [4]" in str(caught[0].message)
+
+
+def test_rows_of_zero_weight_are_left_out():
+    X, y = _indicator()
+    weights = np.ones(len(y))
+    # The only row that keeps the indicator's class from being separated, at weight 0.
+    X[0, 4], y[0], weights[0] = 1.0, 0, 0.0
+    _, caught = _fit(X, y, 3, sample_weight=weights)
+    assert _categories(caught) == [xj.SeparationWarning]
+    weights[0] = 1.0
+    _, caught = _fit(X, y, 3, sample_weight=weights)
+    assert caught == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fits_with_an_optimum_are_not_warned(dtype):
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(500, 5)), rng.integers(0, 4, 500)
+    for features, labels, classes in [(X, y, 4), (*_finite(), 2)]:
+        for solver in SOLVERS:
+            result, caught = _fit(features.astype(dtype), labels, classes, solver=solver)
+            assert bool(result.converged) and caught == [], (solver, caught)
+    # Nearly separated, but one row of each class on the wrong side: the optimum exists.
+    first = np.r_[np.linspace(-1, -0.01, 50), np.linspace(0.01, 1, 50), 0.02, -0.02]
+    labels = np.r_[np.zeros(50), np.ones(50), 0, 1].astype(int)
+    result, caught = _fit(first[:, None].astype(dtype), labels, 2)
+    assert bool(result.converged) and caught == []
+
+
+def test_penalised_and_completely_separated_fits_are_not_warned():
+    X, y = _quasi_binary()
+    result, caught = _fit(X, y, 2, l2=1e-3)
+    assert bool(result.converged) and caught == []
+    separable = (X[:, 0] > 0).astype(int)
+    result, caught = _fit(X[40:], separable[40:], 2, throw=False)
+    assert int(result.status) == xj.Status.DIVERGED and caught == []
+
+
+def test_the_estimator_words_the_warning_for_its_options_at_the_callers_line():
+    X, y = load_iris(return_X_y=True)
+    with pytest.warns(xj.SeparationWarning, match="no penalty") as caught:
+        LogisticRegression(penalty=None).fit(X, y)
+    [warning] = [w for w in caught if w.category is xj.SeparationWarning]
+    assert warning.filename == __file__, warning.filename
+    message = str(warning.message)
+    assert "l2 = 0" not in message and "l2 > 0" not in message and "finite C" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LogisticRegression(C=1.0).fit(X, y)  # penalised: nothing to warn of
