@@ -611,3 +611,39 @@ def test_float16_model_with_a_large_total_weight():
     (half_loss, half_product), (loss, product) = results[jnp.float16], results[jnp.float32]
     np.testing.assert_allclose(half_loss, loss, rtol=2e-3)
     np.testing.assert_allclose(half_product, product, rtol=0, atol=5e-3 * np.abs(product).max())
+
+
+def test_a_zero_weight_row_of_masked_classes_counts_for_nothing():
+    # Its label sits on a −inf logit: loss +inf, and 0 · inf made the objective NaN.
+    rng = np.random.default_rng(0)
+    X, W = jnp.asarray(rng.normal(size=(4, 3))), jnp.asarray(rng.normal(size=(3, 5)))
+    mask = jnp.zeros((4, 5)).at[3].set(-jnp.inf)
+    labels, weights = jnp.array([0, 1, 2, 0]), jnp.array([1.0, 1.0, 1.0, 0.0])
+
+    def masked(W, inputs):
+        return inputs[0] @ W + inputs[1]
+
+    value = xj.mean_cross_entropy(masked, W, (X, mask), labels, sample_weight=weights)
+    expected = xj.mean_cross_entropy(masked, W, (X[:3], mask[:3]), labels[:3])
+    np.testing.assert_allclose(value, expected, rtol=1e-14)
+    grad = jax.grad(xj.mean_cross_entropy, argnums=1)(
+        masked, W, (X, mask), labels, sample_weight=weights
+    )
+    expected_grad = jax.grad(xj.mean_cross_entropy, argnums=1)(
+        masked, W, (X[:3], mask[:3]), labels[:3]
+    )
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["sample_weight", "label_mass"])
+def test_complex_weights_and_masses_are_refused(name):
+    # The imaginary part was dropped silently (under jit without even NumPy's ComplexWarning).
+    params, inputs, labels = make_problem(mlp)
+    value = jnp.full(labels.shape[0], 1 + 1j)
+    with pytest.raises(TypeError, match=f"{name} must be real"):
+        xj.ggn_vp(mlp, params, inputs, params, **{name: value})
+    with pytest.raises(TypeError, match=f"{name} must be real"):
+        xj.ggn_diagonal(mlp, params, inputs, **{name: value})
+    if name == "sample_weight":
+        with pytest.raises(TypeError, match="sample_weight must be real"):
+            xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=value)

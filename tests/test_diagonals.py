@@ -210,7 +210,7 @@ def test_bartlett_with_equal_weights_is_n_times_squared_mean_gradient():
     estimate = xj.ggn_diagonal_bartlett(mlp, params, inputs, key)
     # The same labels as the estimator draws: categorical of the logits under the split key.
     (sample_key,) = jax.random.split(key, 1)
-    labels = jax.random.categorical(sample_key, mlp(params, inputs), axis=-1)
+    labels = jax.random.categorical(sample_key, mlp(params, inputs), axis=-1, mode="high")
     gradient = jax.grad(xj.mean_cross_entropy, argnums=1)(mlp, params, inputs, labels)
     np.testing.assert_allclose(flat(estimate), N * flat(gradient) ** 2, rtol=1e-12)
 
@@ -390,3 +390,49 @@ def test_row_check_allows_no_rounding_for_independent_rows():
 
     diagonal = xj.ggn_diagonal(elementwise, {"w": weights, "b": jnp.zeros(4, jnp.bfloat16)}, half)
     assert np.isfinite(np.asarray(diagonal["w"], np.float32)).all()
+
+
+def test_ggn_diagonal_refuses_a_model_that_closes_over_per_row_arrays():
+    # The one-row call returned all N rows, and the first was taken: a diagonal 0.16 off.
+    rng = np.random.default_rng(0)
+    X, W = jnp.asarray(rng.normal(size=(4, 3))), jnp.asarray(rng.normal(size=(3, 4)))
+    bias = jnp.asarray(rng.normal(size=(4, 4)))
+    with pytest.raises(ValueError, match="through inputs"):
+        xj.ggn_diagonal(lambda W, x: x @ W + bias, W, X)
+    through_inputs = xj.ggn_diagonal(lambda W, inputs: inputs[0] @ W + inputs[1], W, (X, bias))
+    exact = jax.hessian(
+        lambda w: xj.mean_cross_entropy(lambda w, x: x @ w + bias, w, X, jnp.zeros(4, int))
+    )(W).reshape(12, 12)
+    np.testing.assert_allclose(through_inputs.ravel(), jnp.diag(exact), rtol=1e-12, atol=1e-15)
+
+
+def test_bartlett_gives_rows_of_only_masked_classes_no_curvature():
+    # The sampler drew class 0 for a row with every class at −inf, which added (Jᵀe₀)² to the
+    # mean: the other rows have zero features here, so the exact diagonal is 0.
+    X = jnp.zeros((4, 3)).at[2].set(jnp.array([1.0, -2.0, 0.5]))
+    mask = jnp.zeros((4, 4)).at[2].set(-jnp.inf)
+    W = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)))
+
+    def masked(W, inputs):
+        return inputs[0] @ W + inputs[1]
+
+    np.testing.assert_array_equal(xj.ggn_diagonal(masked, W, (X, mask)), 0)
+    estimate = xj.ggn_diagonal_bartlett(masked, W, (X, mask), jax.random.key(0), num_samples=64)
+    np.testing.assert_array_equal(estimate, 0)
+
+
+def test_bartlett_draws_with_the_high_range_sampler(monkeypatch):
+    # The default ("low") Gumbel noise in float32 never draws classes of probability below
+    # about 1e-7: a tail of 1,000 classes at margin 17 came out 10x low (a direct test needs
+    # ~1e9 draws; this one checks the sampler asked for).
+    modes = []
+    categorical = jax.random.categorical
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return categorical(*args, **kwargs)
+
+    monkeypatch.setattr(jax.random, "categorical", spy)
+    params, inputs = make_problem(linear)
+    xj.ggn_diagonal_bartlett(linear, params, inputs, jax.random.key(0), num_samples=2)
+    assert modes and set(modes) == {"high"}

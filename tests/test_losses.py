@@ -1085,3 +1085,10 @@ def test_label_smoothing_spreads_over_included_classes_only():
     )
     np.testing.assert_allclose(soft, expected, rtol=1e-12)
     np.testing.assert_allclose(integer, expected, rtol=1e-12)
+
+
+def test_hvp_and_hessian_of_no_classes_are_empty():
+    # The product failed inside its maximum over the classes ("zero-size array to reduction").
+    logits = jnp.ones((3, 0))
+    assert xj.softmax_cross_entropy_hvp(logits, logits).shape == (3, 0)
+    assert xj.softmax_cross_entropy_hessian(logits).shape == (3, 0, 0)

@@ -80,6 +80,7 @@ def _check_tangents(params: PyTree, tangents: PyTree, name: str = "tangents") ->
 
 def _per_example(value: Any, n: int, name: str, nonnegative: bool = True) -> jax.Array:
     """``value`` as an array broadcast to [N]; checked for sign and finiteness when concrete."""
+    check_real(name, value)  # complex: its imaginary part was dropped silently
     array = jnp.asarray(value)
     if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != n):
         raise ValueError(f"{name} must be a scalar or have shape [N] = [{n}], got {array.shape}.")
@@ -379,7 +380,7 @@ def mean_cross_entropy(
             a valid label's row gets its own loss there.
 
     Returns:
-        The scalar objective, in the dtype of the logits.
+        The scalar objective, in the losses' dtype: that of the logits and the labels promoted.
 
     Raises:
         ValueError: if the labels or weights do not fit the [N, K] logits.
@@ -437,9 +438,14 @@ def mean_cross_entropy(
             kept = (coefficients != 0) | jnp.all(jnp.isfinite(labels), axis=-1)
         labels = jnp.where(kept if labels.ndim == 1 else kept[:, None], labels, 0)
     losses = loss_fn(logits_fn(params, inputs), labels)
-    # Summed in at least float32, returned in the logits' dtype as before.
+    # Summed in at least float32, returned in the losses' dtype (that of the logits and the
+    # labels promoted). A row of weight 0 whose label sits on a −inf logit (a padding row of
+    # masked classes) has loss +inf, and 0 · inf is NaN: such terms count 0. Finite losses keep
+    # their product, so that the derivative in a zero weight stays that row's loss.
     wide = at_least_float32(coefficients, losses)
-    return jnp.sum(coefficients.astype(wide) * losses.astype(wide)).astype(losses.dtype)
+    terms = coefficients.astype(wide) * losses.astype(wide)
+    terms = jnp.where((coefficients == 0) & jnp.isinf(losses), 0, terms)
+    return jnp.sum(terms).astype(losses.dtype)
 
 
 def hessian_vp(

@@ -109,7 +109,16 @@ def _squares(logits_fn: LogitsFn, params: PyTree, example: PyTree, root: jax.Arr
     """Σₖ (Jᵀ·root·bₖ)² for one example, a list like params' leaves: one VJP per class."""
 
     def row_logits(p: PyTree) -> jax.Array:
-        return logits_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+        logits = logits_fn(p, jax.tree.map(lambda x: x[None], example))
+        if logits.ndim != 2 or logits.shape[0] != 1:
+            # A model that closes over an [N, K] array (a mask, a per-row bias) gave N rows
+            # here, whose first was taken silently: a diagonal 0.16 off where its largest
+            # entry is 0.18.
+            raise ValueError(
+                f"logits_fn returned logits of shape {logits.shape} for one row of the inputs, "
+                "not [1, K]: pass per-row arrays (masks, biases) through inputs, not by closure"
+            )
+        return logits[0]
 
     logits, model_vjp = jax.vjp(row_logits, params)
     (columns,) = jax.vmap(model_vjp)(_sqrt_factor_rows(logits, root))
@@ -445,9 +454,12 @@ def ggn_diagonal_bartlett(
     Each sᵢ − e_{ŷᵢ} has mean 0 and covariance diag(sᵢ) − sᵢsᵢᵀ, and the examples are
     independent, so E[ĝ ĝᵀ] = Σᵢ cᵢ Jᵢᵀ (diag(sᵢ) − sᵢsᵢᵀ) Jᵢ = G and ĝ ⊙ ĝ is unbiased for
     diag(G). With equal weights and unit mass ĝ = √N g for g the gradient of the mean loss at ŷ,
-    i.e. the estimate N·g⊙g. Works for any model (no per-example structure needed). Inside
-    ``shard_map`` with ``check_vma``, each shard squares its own ĝ and the shards' estimates are
-    summed, as for :func:`ggn_diagonal`.
+    i.e. the estimate N·g⊙g. Classes are drawn with JAX's high-range Gumbel noise, which
+    reaches probabilities down to about 1e-14 in float32 (rarer ones, at margins beyond about
+    32, are never drawn: their share of G is then missing, at most ~1e-14 of a row's); rows with
+    every class at −inf have no curvature and count 0. Works for any model (no per-example
+    structure needed). Inside ``shard_map`` with ``check_vma``, each shard squares its own ĝ
+    and the shards' estimates are summed, as for :func:`ggn_diagonal`.
 
     Cost: one forward pass, then one backward pass per sample (≈ one gradient each), run
     together under ``vmap``.
@@ -497,15 +509,21 @@ def ggn_diagonal_bartlett(
     params, shared = _per_shard(params, (shape, inputs, sample_weight, label_mass))
     logits, model_vjp = jax.vjp(lambda p: logits_fn(p, inputs), params)
     logits = jax.lax.stop_gradient(logits)
+    # A row with every class at −inf has s = 0 and no curvature, but the sampler still draws
+    # a class for it (class 0), whose −e₀ added Jᵀe₀ squared to the mean: such rows count 0.
+    live = jnp.any(logits > -jnp.inf, axis=-1)
+    row_coefficients = jnp.where(live, root_coefficients, 0)
 
     def squared_gradient(sample_key: jax.Array) -> PyTree:
         # Gumbel noise drawn in half precision samples the wrong distribution (a class at
         # margin 8 came up 0.4 to 0.6 times as often as its probability): draw in float32.
-        labels = jax.random.categorical(sample_key, logits.astype(wide), axis=-1)
+        # mode="high": the default Gumbel noise in float32 never drew classes of probability
+        # below about 1e-7 (a tail of 1,000 classes at margin 17 came out 10x low); "high"
+        # samples down to about 1e-14, for twice the random bits.
+        labels = jax.random.categorical(sample_key, logits.astype(wide), axis=-1, mode="high")
         logit_gradient = jax.grad(
             lambda z: jnp.sum(
-                root_coefficients
-                * softmax_cross_entropy_with_integer_labels(z, labels).astype(wide)
+                row_coefficients * softmax_cross_entropy_with_integer_labels(z, labels).astype(wide)
             )
         )(logits)
         (gradient,) = model_vjp(logit_gradient)

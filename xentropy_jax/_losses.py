@@ -237,6 +237,8 @@ def hessian_product_from_probs(
     # divides by multiplying with a rounded reciprocal. A maximum and a count cost one pass
     # more over [..., K] than the old marker floor(2s) − floor(s) of a class with s ≥ 1/2
     # (1.1-1.4× at 1,024 × 32,000, 1.0-1.04× at 8,192 × 1,000; docs/losses.md).
+    if probs.shape[-1] == 0:  # no classes: nothing to take a maximum of, and no product
+        return probs * tangents
     peak = jnp.maximum(jnp.max(probs, axis=-1, keepdims=True), jnp.finfo(probs.dtype).tiny)
     top = jnp.floor(probs * ((1 + 4 * jnp.finfo(probs.dtype).eps) / peak))
     count = jnp.maximum(jnp.sum(top, axis=-1, keepdims=True), 1)
