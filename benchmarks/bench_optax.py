@@ -27,6 +27,7 @@ Run ``python benchmarks/bench_optax.py`` (``--synthetic`` adds the larger task, 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -120,7 +121,7 @@ def make_functions(optimizer, data):
         )
         return optax.apply_updates(params, updates), state
 
-    @jax.jit(static_argnums=1)
+    @functools.partial(jax.jit, static_argnums=1)  # runs on jax < 0.8.1 too
     def curve(params, num_steps):
         def body(carry, _):
             params, state = step(*carry)

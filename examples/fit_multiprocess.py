@@ -13,9 +13,9 @@ worker
 3. calls ``fit_logistic_regression`` on it: every process runs the same compiled program, and
    each Hessian product ends in one all-reduce of the (d + 1) × K block across processes.
 
-The parent then fits the same data in one process and prints the largest coefficient difference
-of every worker. A stuck collective would hang every worker, so each has a timeout and its own
-log.
+The parent then fits the same data in one process and prints, for every worker, the largest
+coefficient difference relative to the largest coefficient. A stuck collective would hang every
+worker, so each has a timeout and its own log.
 """
 
 from __future__ import annotations
