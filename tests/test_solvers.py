@@ -2,9 +2,14 @@
 
 import copy
 import functools
+import json
+import os
 import pickle
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import chex
 import jax
@@ -1305,3 +1310,104 @@ def test_newton_decrement_is_half_the_model_curvature(capfd):
     H = 0.25 * X.T @ X / y.size + l2 * np.eye(3)
     expected = 0.5 * g @ np.linalg.solve(H, g)
     np.testing.assert_allclose(float(printed[0]), expected, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "solver", [NewtonCG(preconditioner="none"), TrustRegion(preconditioner="none")]
+)
+def test_cg_may_take_more_than_p_steps(solver):
+    # Capped at P (exact CG's count), an unpreconditioned fit of columns scaled 1e3 and 1e-3
+    # stopped at MAX_ITER after 100 iterations (P = 6); max_cg_iter had no effect.
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 2))
+    labels = (features.sum(axis=1) + rng.normal(size=300) > 0).astype(int) + (features[:, 1] > 0)
+    features = features * np.array([1e3, 1e-3])
+    result = fit_logistic_regression(
+        features, labels, 3, l2=1e-9, reference_class=True, solver=solver, throw=False
+    )
+    assert int(result.status) == Status.CONVERGED, Status(int(result.status)).name
+
+
+# Both as users run them: a fresh process with 64-bit mode off (JAX's default), where the
+# reviews found them; the second passed with 64-bit mode on.
+FLOAT32_SOLVER_SCRIPT = """
+import json, warnings
+import numpy as np
+from scipy.special import logsumexp
+import xentropy_jax as xj
+
+warnings.simplefilter("ignore")
+report = {"constant": [], "trust": []}
+for seed in (22, 29):
+    rng = np.random.default_rng(seed)
+    X, y = rng.normal(size=(300, 3)), rng.integers(0, 3, 300)
+    constant = np.hstack([X, np.full((300, 1), 3.0)]).astype(np.float32)
+    for reference in (False, True):
+        r = xj.fit_logistic_regression(
+            constant, y, 3, solver="newton-cg", reference_class=reference, throw=False
+        )
+        o = xj.fit_logistic_regression(X.astype(np.float32), y, 3, reference_class=reference)
+        W, b = (np.asarray(a, np.float64) for a in r.params)
+        Z = constant.astype(np.float64) @ W + b
+        loss = float(np.mean(logsumexp(Z, axis=1) - Z[np.arange(300), y]))
+        report["constant"].append([int(r.status), loss, float(o.loss), float(np.abs(b).max())])
+rng = np.random.default_rng(1)
+X, y = rng.normal(size=(300, 4)), rng.integers(0, 3, 300)
+for l2, scale in [(1e7, 1.0), (1e8, 1.0), (1e9, 1e-6)]:
+    for solver in ("newton-cg", "trust-region"):
+        r = xj.fit_logistic_regression(
+            (X * scale).astype(np.float32), y, 3, l2=l2, solver=solver, throw=False
+        )
+        report["trust"].append([solver, int(r.status)])
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def float32_solver_report():
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    completed = subprocess.run(
+        [sys.executable, "-c", FLOAT32_SOLVER_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.subprocess
+def test_float32_newton_cg_does_not_follow_a_constant_column_beside_the_intercept(
+    float32_solver_report,
+):
+    # The scaled Gram's rounding left that exact dependence above the Kronecker preconditioner's
+    # cutoff: CG moved ±1e4 along it on rounding decreases, and the fit returned intercepts of
+    # 1e9 (loss 25 at the returned point), CONVERGED, on 33 of 60 such fits.
+    for status, loss, reference, largest in float32_solver_report["constant"]:
+        assert status == Status.CONVERGED and largest < 1
+        np.testing.assert_allclose(loss, reference, rtol=1e-6)
+
+
+@pytest.mark.subprocess
+def test_trust_region_survives_rounding_negative_curvature(float32_solver_report):
+    # Steihaug met pᵀHp < 0 from float32 rounding (H is PSD) and went to the boundary uphill;
+    # its negative model decrease ended the fit LINE_SEARCH_FAILED where NewtonCG converged.
+    for solver, status in float32_solver_report["trust"]:
+        assert status == Status.CONVERGED, (solver, Status(status).name)
+
+
+def test_a_failed_line_search_keeps_a_finite_point():
+    # Newton's step is NaN where the features overflow (only jit lets such X through): the
+    # failed search returned θ + 0·NaN, NaN parameters and NON_FINITE.
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(100, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 100)
+    features[3, 1] = 1e25
+    for solver in (Newton(), NewtonCG(), TrustRegion()):
+        result = jax.jit(
+            lambda X, solver=solver: fit_logistic_regression(X, labels, 3, l2=0.1, solver=solver)
+        )(features)
+        assert int(result.status) == Status.LINE_SEARCH_FAILED, type(solver).__name__
+        assert all(bool(jnp.all(jnp.isfinite(p))) for p in result.params)

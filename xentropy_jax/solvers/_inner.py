@@ -62,11 +62,6 @@ def check_cg_options(
         raise ValueError(f"forcing_exponent must be finite and >= 0, got {forcing_exponent}")
 
 
-def max_cg_steps(max_cg_iter: int, num_params: int) -> int:
-    """At most `max_cg_iter` products, and never more than the P that exact CG needs."""
-    return min(max_cg_iter, max(num_params, 1))
-
-
 def check_product_dtype(product_dtype: str | None) -> None:
     """Raise ValueError unless `product_dtype` is None or "float32"."""
     if product_dtype not in (None, "float32"):

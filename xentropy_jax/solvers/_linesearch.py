@@ -122,8 +122,15 @@ def line_search_step(
         change_at, slope, sufficient_decrease=sufficient_decrease, max_steps=max_line_search
     )
     scale = jnp.where(search.success, search.scale, 0)
-    theta = keep_in_subspace(objective, point.theta + scale * direction)
-    predictor = jax.tree.map(lambda a, b: a + scale * b, point.predictor, direction_predictor)
+    # A failed search keeps θ itself: θ + 0·Δ is NaN where Δ is (a non-finite Newton step).
+    theta = jnp.where(
+        search.success, keep_in_subspace(objective, point.theta + scale * direction), point.theta
+    )
+    predictor = jax.tree.map(
+        lambda a, b: jnp.where(search.success, a + scale * b, a),
+        point.predictor,
+        direction_predictor,
+    )
     decrement = 0.5 * curvature
     return StepResult(
         Iterate(theta, predictor, objective.evaluate(theta, predictor)),

@@ -25,6 +25,7 @@ from jax import lax
 from .._batch_cond import batch_cond
 from .._manual import cond
 from .._objective import Evaluation, Objective
+from .._sparse_products import matmul
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled, null_cutoff
 
 # Eigenvalues of B below this fraction of the largest are raised to it: B·1 = 0 without a
@@ -412,9 +413,38 @@ def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasi
             gram,
         )
     if kind == "kronecker":
-        return basis
+        return _null_checked_with_features(objective, basis)
     projected = objective.design_matrix() @ basis.eigenvectors
     return ProjectedBasis(basis.eigenvalues, basis.eigenvectors, projected)
+
+
+def _null_checked_with_features(objective: Objective, basis: FeatureBasis) -> FeatureBasis:
+    """The basis with the eigenvalues of exact dependences of X̃'s columns set to 0.
+
+    `kronecker` drops the directions whose scaled-Gram eigenvalue is below d̃·eps of the
+    largest, the cutoff where nothing checks them against X. The Gram's own rounding (√N·eps
+    per entry) can leave an exact dependence above it: float32 columns 3·1 beside the
+    intercept at N = 300, whose eigenvalue 1/(λ·μ) then amplified, so that Newton-CG moved
+    ±1e4 along the dependence on rounding decreases of the loss, and the fit returned
+    intercepts of 1e9, CONVERGED. Below the looser d̃·√N·eps each direction is measured with X
+    itself (the weighted norm of X̃·D·u, one product with X once per fit, only when an
+    unpenalised fit is possible): a dependence exact to X's rounding has a norm of a few eps,
+    columns that X resolves (x and x + 1e-2·noise) far more.
+    """
+    features = getattr(objective, "features", None)
+    if features is None or getattr(objective, "penalised", True):
+        return basis
+    values = basis.eigenvalues
+    top = jnp.max(values, initial=0)
+    loose = values <= null_cutoff(values.size, features.shape[0], values.dtype) * top
+    directions = (basis.scale[:, None] * basis.eigenvectors).astype(features.dtype)  # D·U
+    num_features = features.shape[1]
+    images = matmul(features, directions[:num_features])
+    if directions.shape[0] > num_features:  # the intercept's row
+        images = images + directions[num_features][None, :]
+    norms = jnp.sqrt(jnp.sum(objective.weights[:, None] * jnp.square(images), axis=0))
+    exact = norms <= 8 * values.size * jnp.finfo(values.dtype).eps * jnp.sqrt(top)
+    return basis._replace(eigenvalues=jnp.where(loose & exact, 0, values))
 
 
 def build(
