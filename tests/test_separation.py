@@ -4,12 +4,13 @@ The premise checked first: on quasi-separated data the converged coefficients gr
 shrinks (no finite optimum exists), while on data with an optimum they settle.
 """
 
+import inspect
 import warnings
 
 import numpy as np
 import pytest
 import scipy.sparse
-from sklearn.datasets import load_iris
+from sklearn.datasets import load_iris, make_classification
 
 import xentropy_jax as xj
 from xentropy_jax.sklearn import LogisticRegression
@@ -78,8 +79,17 @@ def test_quasi_separated_fits_converge_with_the_warning(solver, tol):
     assert bool(result.converged)
     assert _categories(caught) == [xj.SeparationWarning]
     message = str(caught[0].message)
-    assert "columns [0]" in message and "of 300 rows" in message and "set l2 > 0" in message
-    assert caught[0].filename == __file__  # at the caller's line
+    # Δ = e₀ for class 1 raises every row with x₀ ≠ 0: 260 of them.
+    assert "columns [0]" in message and "260 of 300 rows" in message and "set l2 > 0" in message
+
+
+def test_the_warning_points_at_the_callers_line():
+    X, y = _quasi_binary()
+    with pytest.warns(xj.SeparationWarning) as caught:
+        xj.fit_logistic_regression(X, y, 2)
+        line = inspect.currentframe().f_lineno - 1
+    [warning] = [w for w in caught if w.category is xj.SeparationWarning]
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -94,6 +104,57 @@ def test_iris_unpenalised_is_quasi_separated_in_either_precision(dtype, solver):
     assert _categories(caught) == [xj.SeparationWarning]
 
 
+def test_a_class_absent_from_a_level_of_an_indicator_is_found():
+    # Only the margins against the absent class rise along Δ (the other classes' stay): a
+    # check of each row's label against its runner-up alone saw no rise, at any tol.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(600, 2)), rng.integers(0, 3, 600)
+    level = np.zeros(600)
+    level[np.flatnonzero(y != 2)[:40]] = 1.0
+    result, caught = _fit(np.c_[X, level], y, 3)
+    assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
+    assert "columns [2]" in str(caught[0].message) and "40 of 600 rows" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-8, 1e-12])
+def test_the_decision_does_not_depend_on_tol(tol):
+    # A level seen once, in class 2: its row's probability reached only 1 − tol/ŵ at loose tol.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(2000, 3)), rng.integers(0, 3, 2000)
+    rare = np.zeros(2000)
+    rare[np.flatnonzero(y == 2)[0]] = 1.0
+    _, caught = _fit(np.c_[X, rare], y, 3, tol=tol)
+    assert _categories(caught) == [xj.SeparationWarning]
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-10])
+def test_separations_that_a_newton_step_misses_are_found(tol):
+    # Two directions still moving (|W| 31 and 39 at these tols), and a one-row class outside
+    # the others' hull: the Newton step at the returned point lowered some margin by 0.2 of
+    # its largest rise, and a check built on it stayed silent.
+    X, y = make_classification(
+        n_samples=250,
+        n_features=4,
+        n_informative=3,
+        n_redundant=0,
+        n_classes=4,
+        n_clusters_per_class=1,
+        class_sep=1.6,
+        flip_y=0.0,
+        random_state=124,
+    )
+    result, caught = _fit(X, y, 4, tol=tol)
+    assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
+    rng = np.random.default_rng(0)
+    rng.integers(0, 3, 50)
+    X, y = rng.normal(size=(60, 2)), np.r_[rng.integers(0, 2, 59), 2]
+    X[-1] = [5.0, 5.0]
+    result, caught = _fit(X, y, 3, tol=tol)
+    assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
+    # Class 2 falls on the other rows and rises on its own: every row gains some margin.
+    assert "60 of 60 rows" in str(caught[0].message)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_an_indicator_of_one_class_is_named(sparse):
     X, y = _indicator()
@@ -105,8 +166,10 @@ def test_an_indicator_of_one_class_is_named(sparse):
 def test_rows_of_zero_weight_are_left_out():
     X, y = _indicator()
     weights = np.ones(len(y))
-    # The only row that keeps the indicator's class from being separated, at weight 0.
+    # Rows of classes 0 and 1 where the indicator is 1 keep every class present at both of its
+    # levels; at weight 0, class 0 is absent where it is 1.
     X[0, 4], y[0], weights[0] = 1.0, 0, 0.0
+    X[1, 4], y[1] = 1.0, 1
     _, caught = _fit(X, y, 3, sample_weight=weights)
     assert _categories(caught) == [xj.SeparationWarning]
     weights[0] = 1.0
@@ -122,10 +185,26 @@ def test_fits_with_an_optimum_are_not_warned(dtype):
         for solver in SOLVERS:
             result, caught = _fit(features.astype(dtype), labels, classes, solver=solver)
             assert bool(result.converged) and caught == [], (solver, caught)
-    # Nearly separated, but one row of each class on the wrong side: the optimum exists.
-    first = np.r_[np.linspace(-1, -0.01, 50), np.linspace(0.01, 1, 50), 0.02, -0.02]
-    labels = np.r_[np.zeros(50), np.ones(50), 0, 1].astype(int)
-    result, caught = _fit(first[:, None].astype(dtype), labels, 2)
+    # Nearly separated, but one row of each class on the wrong side, by 2e-2 or 1e-3: the
+    # optimum exists (|W| 141 at every tol); a check by the Newton step warned on the latter.
+    for offset in (0.02, 0.001):
+        first = np.r_[np.linspace(-1, -0.01, 50), np.linspace(0.01, 1, 50), offset, -offset]
+        labels = np.r_[np.zeros(50), np.ones(50), 0, 1].astype(int)
+        result, caught = _fit(first[:, None].astype(dtype), labels, 2)
+        assert bool(result.converged) and caught == [], offset
+    # Three overlapping classes with large coefficients (12.6 at every tol).
+    X, y = make_classification(
+        n_samples=200,
+        n_features=4,
+        n_informative=3,
+        n_redundant=0,
+        n_classes=3,
+        n_clusters_per_class=1,
+        class_sep=1.0,
+        flip_y=0.0,
+        random_state=5,
+    )
+    result, caught = _fit(X.astype(dtype), y, 3)
     assert bool(result.converged) and caught == []
 
 
@@ -149,3 +228,15 @@ def test_the_estimator_words_the_warning_for_its_options_at_the_callers_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LogisticRegression(C=1.0).fit(X, y)  # penalised: nothing to warn of
+
+
+def test_a_fit_that_separation_keeps_from_converging_is_told_why():
+    # Classes 0 and 2 are separated; float32 newton-cg runs to its iteration limit on them.
+    X = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [0.5]], np.float32)
+    y = np.array([0, 0, 1, 2, 2, 0])
+    result, caught = _fit(X, y, 3, max_iter=3, throw=False)
+    assert int(result.status) == xj.Status.MAX_ITER
+    assert _categories(caught) == [xj.SeparationWarning]
+    assert "why the fit did not converge" in str(caught[0].message)
+    with pytest.warns(xj.SeparationWarning), pytest.raises(xj.FitError):
+        xj.fit_logistic_regression(X, y, 3, max_iter=3)

@@ -38,12 +38,7 @@ from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import CollinearityWarning, FitError, FitResult, SeparationWarning, Status
-from ._separation import (
-    MAX_CHECKED_PARAMS,
-    MAX_CHECKED_WORK,
-    quasi_separation,
-    separation_message,
-)
+from ._separation import MAX_LP_ENTRIES, lp_entries, quasi_separation, separation_message
 from ._sharding import with_auto_axes
 from ._trust_region import TrustRegion
 
@@ -618,10 +613,12 @@ def fit_logistic_regression(
     Warns:
         CollinearityWarning: l2 = 0 and columns of X (with the intercept) are exactly collinear;
             the fit returns the minimum-norm optimum.
-        SeparationWarning: l2 = 0, the fit converged, and the data are quasi-separated: some
-            change of the coefficients raises the margins of some rows and lowers none, so no
-            finite optimum exists and the coefficients along it grow as tol shrinks (checked in
-            float64 after the fit, up to 1,024 coefficients; `_separation`).
+        SeparationWarning: l2 = 0, the fit converged (or stopped at MAX_ITER or
+            LINE_SEARCH_FAILED, which the warning then explains), and the data are
+            quasi-separated: some change of the coefficients raises the margins of some rows
+            and lowers none, so no finite optimum exists and the coefficients along it grow as
+            tol shrinks (a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁷
+            entries; `_separation`).
         UserWarning: classes without samples (zero total weight) while fitting an intercept.
             Their intercepts have no finite optimum; the fit goes on (as it does silently
             under `jit`): each falls until its gradient entry, the class's fitted probability
@@ -710,8 +707,10 @@ def fit_logistic_regression(
             if sample_weight is not None:
                 sample_weight = with_auto_axes(jnp.asarray(sample_weight))
             _warn_collinear(concrete, sample_weight, fit_intercept)
-            if _is_concrete(labels, result.status, *result.params) and result_converged(result):
-                _warn_separation(concrete, labels, sample_weight, result.params, fit_intercept)
+            if _is_concrete(labels, result.status) and _stopped_by_separation(result.status):
+                _warn_separation(
+                    concrete, labels, sample_weight, num_classes, fit_intercept, result.status
+                )
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         # Under `jax.jvp` or `jax.jacfwd` of a fit the status is concrete but the floating
         # fields carry tangents; the error reports (and keeps) their values without them.
@@ -807,36 +806,41 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     )
 
 
-def result_converged(result: FitResult) -> bool:
-    """Whether a concrete, unbatched result's status is CONVERGED."""
-    return np.ndim(result.status) == 0 and int(result.status) == Status.CONVERGED
+# The statuses after which an unpenalised fit's data are checked for quasi-separation: it ends
+# in CONVERGED (the gradient test passed far along it) or in one of these two.
+_SEPARATION_STATUSES = (Status.CONVERGED, Status.MAX_ITER, Status.LINE_SEARCH_FAILED)
 
 
-def _warn_separation(features, labels, sample_weight, params, fit_intercept: bool) -> None:
-    """Warn when the converged unpenalised fit lies along a quasi-separation (`_separation`)."""
-    num_rows, num_features = features.shape
-    size = (num_features + int(fit_intercept)) * params[0].shape[1]
-    if size > MAX_CHECKED_PARAMS or num_rows * size**2 > MAX_CHECKED_WORK:
-        return
-    kept = np.ones(num_rows, bool)
-    weights = np.ones(num_rows)
+def _stopped_by_separation(status) -> bool:
+    """Whether a concrete, unbatched status is one that quasi-separation can end a fit in."""
+    return np.ndim(status) == 0 and int(status) in _SEPARATION_STATUSES
+
+
+def _warn_separation(
+    features, labels, sample_weight, num_classes: int, fit_intercept, status
+) -> None:
+    """Warn when an unpenalised fit's data are quasi-separated (`_separation`)."""
+    kept = np.ones(features.shape[0], bool)
     if sample_weight is not None:
-        weights = np.asarray(sample_weight, np.float64)
-        kept = weights > 0
+        kept = np.asarray(sample_weight) > 0
+    columns = features.shape[1] + int(fit_intercept)
+    if lp_entries(int(np.count_nonzero(kept)), columns, num_classes) > MAX_LP_ENTRIES:
+        return
     separation = quasi_separation(
         float64_counted_rows(features, sample_weight),
         np.asarray(labels)[kept],
-        weights[kept],
-        *params,
+        num_classes,
         fit_intercept,
     )
     if separation is None:
         return
+    separation = separation._replace(converged=int(status) == Status.CONVERGED)
     notices = _FIT_NOTICES.get()
     if notices is not None:
         notices.append(separation)
         return
-    warnings.warn(separation_message(separation), SeparationWarning, stacklevel=4)
+    # The caller's line: this function, then fit_logistic_regression, then the caller.
+    warnings.warn(separation_message(separation), SeparationWarning, stacklevel=3)
 
 
 def exact_dependence(num_columns: int, dtype) -> float:
