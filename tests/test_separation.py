@@ -240,3 +240,15 @@ def test_a_fit_that_separation_keeps_from_converging_is_told_why():
     assert "why the fit did not converge" in str(caught[0].message)
     with pytest.warns(xj.SeparationWarning), pytest.raises(xj.FitError):
         xj.fit_logistic_regression(X, y, 3, max_iter=3)
+
+
+def test_a_class_without_rows_is_left_to_its_own_warning():
+    # Its intercept has no finite optimum either, which the fit warns of (and the estimator's
+    # folds fit silently): the separation check leaves such classes out.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 3)), rng.integers(0, 3, 300)
+    _, caught = _fit(X, y, 4)
+    assert xj.SeparationWarning not in _categories(caught)
+    X, y = _quasi_binary()
+    _, caught = _fit(X, y, 3)
+    assert xj.SeparationWarning in _categories(caught)

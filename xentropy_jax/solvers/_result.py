@@ -121,15 +121,16 @@ class CollinearityWarning(UserWarning):
 
 
 class SeparationWarning(UserWarning):
-    """Warned when an unpenalised fit (l2 = 0) converged on quasi-separated data.
+    """Warned when an unpenalised fit (l2 = 0) ran on quasi-separated data.
 
     Some change of the coefficients then raises a margin of some row (its label's logit over
-    another class's) and lowers none, so
-    no finite maximum-likelihood estimate exists: the loss keeps falling, ever more slowly,
-    and the fit stops where the gradient test passes, with the coefficients along that change
-    large and growing as `tol` shrinks (the predicted probabilities settle). Completely
-    separated data (every row classified correctly) stop the fit instead (`Status.DIVERGED`).
-    Decided by a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁷ entries.
+    another class's) and lowers none, so no finite maximum-likelihood estimate exists: the loss
+    keeps falling, ever more slowly, and the fit stops where the gradient test passes
+    (CONVERGED), with the coefficients along that change large and growing as `tol` shrinks
+    (the predicted probabilities settle), or at MAX_ITER or LINE_SEARCH_FAILED, which the
+    warning then explains. Completely separated data (every row classified correctly) stop the
+    fit instead (`Status.DIVERGED`). Decided by a linear program after the fit, up to
+    N·(K − 1)·(d + 1) = 2¹⁷ entries; classes without rows are left out of it.
 
     Example:
         Class 1 alone where x > 0, both classes at x = 0:

@@ -16,10 +16,10 @@ maximise Σ sᵢₖ subject to sᵢₖ ≤ x̃ᵢ·(Δ_{yᵢ} − Δₖ), with X
 square. The optimum is 0 where no such Δ exists; a positive one comes with its Δ, which is then
 verified in float64 (`_verified`): no pairwise margin falls by more than `SLACK` of the largest
 rise, and that rise exceeds `RISE` (HiGHS's own tolerances are 1e-7). It is exact where a
-heuristic is not: the Newton step at the returned point, tried first, called nearly separated
-data with an optimum separated (a row on the wrong side by 1e-3 lowered by 0.1% of the rise)
-and missed a class absent from one level of an indicator (only the margins against that class
-rise). Cost: ms for iris; on N(K − 1) constraints of 2d̃ + 1 entries, 0.2-0.7 s at 6·10⁴
+heuristic is not: the Newton step at the returned point, tried first as Δ, took nearly
+separated data with an optimum for separated (a row on the wrong side by 1e-3 lowered by 0.1%
+of the rise) and missed a class absent from one level of an indicator (only the margins against
+that class rise). Cost: ms for iris; on N(K − 1) constraints of 2d̃ + 1 entries, 0.2-0.7 s at 6·10⁴
 entries and 4 s at 1.5·10⁵ (non-separable data, the slow case); run up to `MAX_LP_ENTRIES`.
 """
 
@@ -58,7 +58,7 @@ def quasi_separation(features, labels, num_classes: int, fit_intercept: bool) ->
     Args:
         features: [N, d] float64 rows of positive weight, dense or SciPy CSR.
         labels: [N] integer labels of those rows in [0, num_classes).
-        num_classes: K.
+        num_classes: K (classes without rows are left out).
         fit_intercept: whether an intercept is fitted (X̃ = [X, 1]).
 
     Returns:
@@ -74,11 +74,14 @@ def quasi_separation(features, labels, num_classes: int, fit_intercept: bool) ->
     if fit_intercept:
         dense = np.hstack([dense, np.ones((num_rows, 1))])
     num_columns = dense.shape[1]
+    # Only the classes that have rows: a class without any has no finite intercept either,
+    # which the fit warns of on its own (and the estimator's folds fit silently).
+    present, labels = np.unique(np.asarray(labels), return_inverse=True)
+    num_classes = present.size
     if num_rows == 0 or num_classes < 2:
         return None
     rms = np.sqrt(np.mean(np.square(dense), axis=0))
     dense = dense / np.where(rms > 0, rms, 1)
-    labels = np.asarray(labels)
     # One constraint per pair (row i, class k ≠ yᵢ): −x̃ᵢ·Δ_{yᵢ} + x̃ᵢ·Δₖ + sᵢₖ ≤ 0, with Δ
     # flattened as [d̃, K] (class fastest) and s after it.
     classes = np.arange(num_classes)
