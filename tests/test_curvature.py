@@ -647,3 +647,22 @@ def test_complex_weights_and_masses_are_refused(name):
     if name == "sample_weight":
         with pytest.raises(TypeError, match="sample_weight must be real"):
             xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=value)
+
+
+def test_weights_given_as_a_list_of_tracers_still_work():
+    # The check for complex weights read the list on the host: TracerArrayConversionError.
+    params, inputs, labels = make_problem(mlp)
+    n = labels.shape[0]
+
+    def objective(a, b):
+        weights = [a if i % 2 else b for i in range(n)]
+        return xj.mean_cross_entropy(mlp, params, inputs, labels, sample_weight=weights)
+
+    expected = xj.mean_cross_entropy(
+        mlp,
+        params,
+        inputs,
+        labels,
+        sample_weight=jnp.array([2.0 if i % 2 else 1.0 for i in range(n)]),
+    )
+    np.testing.assert_allclose(jax.jit(objective)(2.0, 1.0), expected, rtol=1e-14)

@@ -80,8 +80,8 @@ def _check_tangents(params: PyTree, tangents: PyTree, name: str = "tangents") ->
 
 def _per_example(value: Any, n: int, name: str, nonnegative: bool = True) -> jax.Array:
     """``value`` as an array broadcast to [N]; checked for sign and finiteness when concrete."""
-    check_real(name, value)  # complex: its imaginary part was dropped silently
     array = jnp.asarray(value)
+    check_real(name, array)  # complex: its imaginary part was dropped silently
     if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != n):
         raise ValueError(f"{name} must be a scalar or have shape [N] = [{n}], got {array.shape}.")
     check_values(value, name, nonnegative)

@@ -617,7 +617,7 @@ def fit_logistic_regression(
             LINE_SEARCH_FAILED, which the warning then explains), and the data are
             quasi-separated: some change of the coefficients raises the margins of some rows
             and lowers none, so no finite optimum exists and the coefficients along it grow as
-            tol shrinks (a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁷
+            tol shrinks (a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁵
             entries; `_separation`).
         UserWarning: classes without samples (zero total weight) while fitting an intercept.
             Their intercepts have no finite optimum; the fit goes on (as it does silently
@@ -707,7 +707,12 @@ def fit_logistic_regression(
             if sample_weight is not None:
                 sample_weight = with_auto_axes(jnp.asarray(sample_weight))
             _warn_collinear(concrete, sample_weight, fit_intercept)
-            if _is_concrete(labels, result.status) and _stopped_by_separation(result.status):
+            # Not on rows that other processes hold (NumPy cannot read them here).
+            if (
+                _is_concrete(labels, result.status)
+                and _addressable(concrete, labels, sample_weight)
+                and _stopped_by_separation(result.status)
+            ):
                 _warn_separation(
                     concrete, labels, sample_weight, num_classes, fit_intercept, result.status
                 )

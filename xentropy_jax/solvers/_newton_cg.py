@@ -17,6 +17,7 @@ from ._inner import (
     check_product_dtype,
     entry_tolerance,
     forcing_term,
+    max_cg_steps,
     preconditioner_at,
     product_objective,
     product_operator,
@@ -131,10 +132,7 @@ class NewtonCG:
             -grad,
             preconditioner=metric.solve,
             rtol=forcing_term(grad, tol, self.forcing_cap, self.forcing_exponent),
-            # Not capped at P, the steps exact CG needs: in floating point an ill-conditioned
-            # system needs more (columns scaled 1e3 and 1e-3 without a preconditioner hit
-            # MAX_ITER at 100 iterations capped at P = 6, and converged in 41 uncapped).
-            max_steps=self.max_cg_iter,
+            max_steps=max_cg_steps(self.max_cg_iter, objective.num_params),
             entry_tol=entry_tolerance(grad, tol),
             verify=False,
         )

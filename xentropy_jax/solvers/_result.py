@@ -130,7 +130,7 @@ class SeparationWarning(UserWarning):
     (the predicted probabilities settle), or at MAX_ITER or LINE_SEARCH_FAILED, which the
     warning then explains. Completely separated data (every row classified correctly) stop the
     fit instead (`Status.DIVERGED`). Decided by a linear program after the fit, up to
-    N·(K − 1)·(d + 1) = 2¹⁷ entries; classes without rows are left out of it.
+    N·(K − 1)·(d + 1) = 2¹⁵ entries; classes without rows are left out of it.
 
     Example:
         Class 1 alone where x > 0, both classes at x = 0:
