@@ -1,12 +1,8 @@
 """Chunked linear-head cross-entropy against the dense loss (ours, optax's) and dense curvature."""
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import chex
 import jax
@@ -14,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fresh import json_report
 
 import xentropy_jax as xj
 
@@ -984,16 +981,7 @@ def sharded_report(request):
     # Four CPU devices exist only when XLA_FLAGS is set before jax starts: a child process,
     # which compiles as fast as the test processes (conftest.py).
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=request.config.test_xla_flags)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    completed = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return json_report(SHARDED_SCRIPT, env)
 
 
 @pytest.mark.subprocess

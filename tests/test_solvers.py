@@ -2,20 +2,17 @@
 
 import copy
 import functools
-import json
 import os
 import pickle
 import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fresh import json_report
 from sklearn.datasets import load_iris, make_classification
 from sklearn.linear_model import LogisticRegression
 
@@ -1350,16 +1347,7 @@ print(json.dumps(report))
 @pytest.fixture(scope="module")
 def float32_solver_report():
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    completed = subprocess.run(
-        [sys.executable, "-c", FLOAT32_SOLVER_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return json_report(FLOAT32_SOLVER_SCRIPT, env)
 
 
 @pytest.mark.subprocess
