@@ -14,6 +14,13 @@ from sklearn.datasets import load_iris, make_classification
 
 import xentropy_jax as xj
 from xentropy_jax.sklearn import LogisticRegression
+from xentropy_jax.solvers._separation import (
+    MAX_LP_ENTRIES,
+    along_fit_checked,
+    lp_entries,
+    quasi_separation,
+    separation_along_fit,
+)
 
 SOLVERS = ["newton", "newton-cg", "trust-region"]
 
@@ -252,3 +259,96 @@ def test_a_class_without_rows_is_left_to_its_own_warning():
     X, y = _quasi_binary()
     _, caught = _fit(X, y, 3)
     assert xj.SeparationWarning in _categories(caught)
+
+
+# Beyond the linear program's size: the check reads the fit's coefficients (`separation_along_fit`).
+
+
+def _setosa_like(num_rows=1500, seed=0):
+    """Ten columns, three classes: class 0 alone where x₀ > 3.5 (a gap), classes 1 and 2 overlap."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, num_rows)
+    features = rng.normal(size=(num_rows, 10))
+    first = np.abs(features[:, 0])
+    features[:, 0] = np.where(labels == 0, first + 4.0, np.minimum(features[:, 0], 3.0))
+    features[:, 1] += 0.8 * (labels == 2)
+    return features, labels
+
+
+def _levels(num_rows=3000, seed=1):
+    """Two 5-level factors (indicators of levels 1-4) and two numbers; no class 2 at level 0."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(0, 5, (num_rows, 2))
+    numbers = rng.normal(size=(num_rows, 2))
+    labels = (numbers @ rng.normal(size=(2, 3)) + 0.5 * rng.normal(size=(num_rows, 3))).argmax(1)
+    absent = (levels[:, 0] == 0) & (labels == 2)
+    labels[absent] = rng.integers(0, 2, np.count_nonzero(absent))
+    indicators = [np.eye(5)[levels[:, j]][:, 1:] for j in range(2)]
+    return np.hstack([*indicators, numbers]), labels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fits_too_large_for_the_linear_program_are_read_off_their_coefficients(dtype, sparse):
+    # (The check on the first ran on iris's size only: these converged silently.)
+    level_zero_rows = None
+    cases = [(_setosa_like(), "[0, intercept]"), (_levels(), "[0, 1, 2, 3, intercept]")]
+    for (X, y), columns in cases:
+        assert lp_entries(len(X), X.shape[1] + 1, 3) > MAX_LP_ENTRIES
+        features = scipy.sparse.csr_matrix(X.astype(dtype)) if sparse else X.astype(dtype)
+        result, caught = _fit(features, y, 3)
+        assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
+        message = str(caught[0].message)
+        assert f"columns {columns}" in message, message
+        level_zero_rows = np.count_nonzero(X[:, :4].sum(axis=1) == 0)
+    # Δ lowers class 2 where the first factor is at level 0: those rows' margins over it rise.
+    assert f"{level_zero_rows} of 3000 rows" in message
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fits_too_large_for_the_linear_program_with_an_optimum_are_not_warned(dtype):
+    rng = np.random.default_rng(2)
+    heavy = rng.standard_t(2, size=(3000, 10))  # many rows at margins of 10 to 900
+    logits = heavy @ rng.normal(size=(10, 3))
+    heavy_labels = (logits + rng.gumbel(size=logits.shape)).argmax(1)
+    strong, strong_labels = _finite(num_rows=9000)
+    X, y = make_classification(
+        n_samples=3000,
+        n_features=8,
+        n_informative=6,
+        n_redundant=0,
+        n_classes=4,
+        class_sep=2.0,
+        random_state=0,
+    )
+    cases = [(heavy, heavy_labels, 3), (strong, strong_labels, 2), (X, y, 4)]
+    for features, labels, classes in cases:
+        assert lp_entries(len(features), features.shape[1] + 1, classes) > MAX_LP_ENTRIES
+        result, caught = _fit(features.astype(dtype), labels, classes)
+        assert bool(result.converged) and caught == [], caught
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_coefficients_tell_what_the_linear_program_does_at_the_default_tol(dtype):
+    # The examples above, small enough for both checks; neither warns where the other does not.
+    X, y = load_iris(return_X_y=True)
+    rng = np.random.default_rng(0)
+    cases = [(*_quasi_binary(), 2), (*_indicator(), 3), (X, y, 3), (*_finite(), 2)]
+    cases.append((rng.normal(size=(500, 5)), rng.integers(0, 4, 500), 4))
+    for features, labels, classes in cases:
+        result, _ = _fit(features.astype(dtype), labels, classes)
+        exact = quasi_separation(features.astype(float), labels, classes, True)
+        read = separation_along_fit(features.astype(float), labels, classes, True, result.params)
+        assert (exact is None) == (read is None), (exact, read)
+        if exact is not None:
+            assert read.rows == exact.rows and read.num_rows == exact.num_rows
+
+
+def test_fits_beyond_both_checks_are_not_checked():
+    X, y = _setosa_like()
+    assert not along_fit_checked(30_000, 20 + 1, 30)  # d̃(K − 1) = 609 > MAX_NULL_SIZE
+    assert along_fit_checked(len(X), X.shape[1] + 1, 3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("xentropy_jax.solvers._fit.along_fit_checked", lambda *shape: False)
+        result, caught = _fit(X, y, 3)
+    assert bool(result.converged) and caught == []

@@ -38,7 +38,14 @@ from ._loop import Solver
 from ._newton import Newton
 from ._newton_cg import NewtonCG
 from ._result import CollinearityWarning, FitError, FitResult, SeparationWarning, Status
-from ._separation import MAX_LP_ENTRIES, lp_entries, quasi_separation, separation_message
+from ._separation import (
+    MAX_LP_ENTRIES,
+    along_fit_checked,
+    lp_entries,
+    quasi_separation,
+    separation_along_fit,
+    separation_message,
+)
 from ._sharding import with_auto_axes
 from ._trust_region import TrustRegion
 
@@ -618,7 +625,8 @@ def fit_logistic_regression(
             quasi-separated: some change of the coefficients raises the margins of some rows
             and lowers none, so no finite optimum exists and the coefficients along it grow as
             tol shrinks (a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁵
-            entries; `_separation`).
+            entries, and beyond it, up to N·(K − 1)·(d + 1)² = 2³⁰ and (d + 1)(K − 1) = 512,
+            a certificate read off the fitted coefficients; `_separation`).
         UserWarning: classes without samples (zero total weight) while fitting an intercept.
             Their intercepts have no finite optimum; the fit goes on (as it does silently
             under `jit`): each falls until its gradient entry, the class's fitted probability
@@ -714,7 +722,13 @@ def fit_logistic_regression(
                 and _stopped_by_separation(result.status)
             ):
                 _warn_separation(
-                    concrete, labels, sample_weight, num_classes, fit_intercept, result.status
+                    concrete,
+                    labels,
+                    sample_weight,
+                    num_classes,
+                    fit_intercept,
+                    result.status,
+                    result.params,
                 )
     if throw and _is_concrete(result.status) and int(result.status) != Status.CONVERGED:
         # Under `jax.jvp` or `jax.jacfwd` of a fit the status is concrete but the floating
@@ -822,21 +836,22 @@ def _stopped_by_separation(status) -> bool:
 
 
 def _warn_separation(
-    features, labels, sample_weight, num_classes: int, fit_intercept, status
+    features, labels, sample_weight, num_classes: int, fit_intercept, status, params
 ) -> None:
     """Warn when an unpenalised fit's data are quasi-separated (`_separation`)."""
     kept = np.ones(features.shape[0], bool)
     if sample_weight is not None:
         kept = np.asarray(sample_weight) > 0
     columns = features.shape[1] + int(fit_intercept)
-    if lp_entries(int(np.count_nonzero(kept)), columns, num_classes) > MAX_LP_ENTRIES:
+    num_rows = int(np.count_nonzero(kept))
+    if lp_entries(num_rows, columns, num_classes) <= MAX_LP_ENTRIES:
+        check = quasi_separation
+    elif along_fit_checked(num_rows, columns, num_classes) and _is_concrete(params):
+        check = functools.partial(separation_along_fit, params=params)
+    else:
         return
-    separation = quasi_separation(
-        float64_counted_rows(features, sample_weight),
-        np.asarray(labels)[kept],
-        num_classes,
-        fit_intercept,
-    )
+    rows = float64_counted_rows(features, sample_weight)
+    separation = check(rows, np.asarray(labels)[kept], num_classes, fit_intercept)
     if separation is None:
         return
     separation = separation._replace(converged=int(status) == Status.CONVERGED)
