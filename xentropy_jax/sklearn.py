@@ -40,8 +40,8 @@ try:
     )
 except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
-        "xentropy_jax.sklearn needs scikit-learn, an optional dependency: install it with "
-        "`pip install 'xentropy_jax[sklearn]'`."
+        "xentropy_jax.sklearn needs scikit-learn 1.7 or later, an optional dependency: "
+        f"install it with `pip install 'xentropy_jax[sklearn]'` ({error})."
     ) from error
 
 import jax
