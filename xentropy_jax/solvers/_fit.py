@@ -920,13 +920,22 @@ def collinear_message(
     intercept = " with the intercept" if fit_intercept else ""
     rank_text = f"rank {rank} of {num_columns} columns{intercept}"
     how = "exactly collinear"
-    outcome = "the fit returns the minimum-norm optimum (as a pseudo-inverse)"
+    outcome = (
+        "their coefficients are not identified, and the fit returns the minimum-norm optimum "
+        "(as a pseudo-inverse)"
+    )
     remedy = f"Drop redundant columns, or {penalise}."
     if np.finfo(dtype).bits < 64 and not exact:
-        how = f"collinear to {np.dtype(dtype).name} precision"
+        name = np.dtype(dtype).name
+        how = f"collinear to {name} precision"
+        outcome = (
+            f"{name} resolves their coefficients along that combination to a few digits at "
+            "best; where the data's rounding hides it, the fit drops that component (the "
+            "minimum-norm point), which can leave the objective above the float64 optimum"
+        )
         remedy = (
-            f"Drop redundant columns, {penalise}, or fit float64 data (with jax_enable_x64), "
-            "in whose precision they may be independent."
+            f"Centre or standardise the columns, drop redundant ones, {penalise}, or fit "
+            "float64 data (with jax_enable_x64), in whose precision they may be independent."
         )
     elif near:
         exactly = num_columns - rank - near
@@ -938,13 +947,14 @@ def collinear_message(
             f"of {np.dtype(dtype).name} data, below what the Newton systems resolve"
         )
         outcome = (
-            "the fit stops where the gradient test passes, which can lie far along the near "
+            "their coefficients are not identified, and the fit stops where the gradient test "
+            "passes, which can lie far along the near "
             "dependence (large coefficients of opposite signs), short of the optimum, and "
             "differ between solvers"
         )
     return (
         f"The columns [{', '.join(names)}] of X are {how} ({rank_text}) and {unpenalised}: "
-        f"their coefficients are not identified, and {outcome}. {remedy}"
+        f"{outcome}. {remedy}"
     )
 
 
