@@ -352,3 +352,37 @@ def test_fits_beyond_both_checks_are_not_checked():
         patch.setattr("xentropy_jax.solvers._fit.along_fit_checked", lambda *shape: False)
         result, caught = _fit(X, y, 3)
     assert bool(result.converged) and caught == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_coefficients_of_unbounded_size_are_certified_row_by_row(dtype):
+    # One entry of 1e10 in a noise column: its row rose by 2.8e8 along the projected fit and
+    # hid falls of 0.06 on other rows from the test relative to the largest rise (warned).
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(3000, 10))
+    y = (X @ (2 * rng.normal(size=(10, 3))) + rng.gumbel(size=(3000, 3))).argmax(1)
+    X[0, 5] = 1e10
+    assert lp_entries(len(X), 11, 3) > MAX_LP_ENTRIES and quasi_separation(X, y, 3, True) is None
+    _, caught = _fit(X.astype(dtype), y, 3, throw=False)
+    assert xj.SeparationWarning not in _categories(caught)
+    # Fifty rows of the lone class 1e-9 inside the others' side: an optimum exists (|W| settles
+    # at 2,638); the projection certified it before the rows' own bound.
+    X, y = _setosa_like(3000)
+    X[np.flatnonzero(y == 0)[:50], 0] = 3.0 - 1e-9
+    assert quasi_separation(X, y, 3, True) is None
+    _, caught = _fit(X, y, 3, throw=False)
+    assert xj.SeparationWarning not in _categories(caught)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_raised_pairs_that_keep_small_margins_do_not_hide_the_separation(dtype):
+    # Ties at x₀ = 0 and class 1 exactly where x₀ > 0: rows with |x₀| < 3e-4 keep margins below
+    # 2.5 at any tol, and counted as unchanged they took x₀'s direction out of the null space.
+    X, y = _quasi_binary(num_rows=20_000, tied=1000)
+    _, caught = _fit(X.astype(dtype), y, 2)
+    assert _categories(caught) == [xj.SeparationWarning]
+    # In float32 the factor's fit stops at coefficients near 12 at any tol.
+    for seed in (2, 7, 8):
+        X, y = _levels(4000, seed)
+        _, caught = _fit(X.astype(dtype), y, 3)
+        assert _categories(caught) == [xj.SeparationWarning], seed

@@ -736,26 +736,31 @@ def test_nearly_collinear_columns_keep_the_optimum_the_fit_found():
     np.testing.assert_allclose(float(result.loss), attained, rtol=1e-6)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_float32_columns_that_x_resolves_below_the_gram_cutoff_reach_the_optimum(sparse):
+def test_float32_collinearity_warning_says_what_the_fit_may_miss_and_the_remedy_works():
     # A column 7 + 1e-3·z beside the intercept, unpenalised: float32's Gram rounds its scaled
-    # eigenvalue to 0, and the Kronecker preconditioner dropped the direction unmeasured:
-    # Newton-CG and the trust region reported CONVERGED 1e-3 above the optimum (194 products),
-    # where `newton` reached it. X itself resolves the column to three digits.
+    # eigenvalue to 0, and Newton-CG reports CONVERGED 1e-3 above the optimum (`newton` reaches
+    # it). The warning promised "the minimum-norm optimum"; it says the fit may stop above the
+    # optimum and names centring, which lets every solver reach it.
     rng = np.random.default_rng(1)
     base = rng.normal(size=(300, 4))
     labels = np.argmax(base @ rng.normal(size=(4, 3)) + rng.gumbel(size=(300, 3)), axis=1)
     features = np.c_[base, 7 + 1e-3 * rng.normal(size=300)].astype(np.float32)
-    exact = _linear.logistic_objective(features.astype(np.float64), labels, 3)
-    optimum = fit_logistic_regression(features.astype(np.float64), labels, 3, tol=1e-12)
-    inputs = scipy.sparse.csr_matrix(features) if sparse else features
-    for solver in ("newton-cg", "trust-region") + (() if sparse else ("newton",)):
-        with pytest.warns(CollinearityWarning, match="to float32 precision") as caught:
-            result = fit_logistic_regression(inputs, labels, 3, solver=solver, throw=False)
-        assert "Centre or standardise" in str(caught[0].message)
-        theta = exact.restrict(*(jnp.asarray(p, jnp.float64) for p in result.params))
-        gap = float(exact.value(theta)) - float(optimum.loss)
-        assert result.status == Status.CONVERGED and gap < 2e-6, (solver, gap)
+    with pytest.warns(CollinearityWarning, match="to float32 precision") as caught:
+        fit_logistic_regression(features, labels, 3, throw=False)
+    message = str(caught[0].message)
+    assert "above the float64 optimum" in message and "Centre or standardise" in message
+    assert "minimum-norm optimum" not in message
+    centred = features - features.mean(axis=0)
+    exact = _linear.logistic_objective(centred.astype(np.float64), labels, 3)
+    optimum = fit_logistic_regression(centred.astype(np.float64), labels, 3, tol=1e-12)
+    for inputs in (centred, scipy.sparse.csr_matrix(centred)):
+        for solver in ("newton-cg", "trust-region"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CollinearityWarning)
+                result = fit_logistic_regression(inputs, labels, 3, solver=solver, throw=False)
+            theta = exact.restrict(*(jnp.asarray(p, jnp.float64) for p in result.params))
+            gap = float(exact.value(theta)) - float(optimum.loss)
+            assert result.status == Status.CONVERGED and gap < 2e-6, (solver, gap)
 
 
 @pytest.mark.parametrize("solver", ["newton", "newton-cg", "trust-region"])

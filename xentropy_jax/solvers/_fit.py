@@ -625,7 +625,7 @@ def fit_logistic_regression(
             quasi-separated: some change of the coefficients raises the margins of some rows
             and lowers none, so no finite optimum exists and the coefficients along it grow as
             tol shrinks (a linear program after the fit, up to N·(K − 1)·(d + 1) = 2¹⁵
-            entries, and beyond it, up to N·(K − 1)·(d + 1)² = 2³⁰ and (d + 1)(K − 1) = 512,
+            entries, and beyond it, up to N·(K − 1)·(d + 1)² = 2²⁷ and (d + 1)(K − 1) = 512,
             a certificate read off the fitted coefficients; `_separation`).
         UserWarning: classes without samples (zero total weight) while fitting an intercept.
             Their intercepts have no finite optimum; the fit goes on (as it does silently

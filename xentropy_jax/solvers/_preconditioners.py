@@ -91,9 +91,6 @@ class FeatureBasis(NamedTuple):
     eigenvectors: jax.Array
     scale: jax.Array
     penalty: jax.Array
-    # [d̃] bool: the directions measured with X as exact dependences (`_null_checked_with_
-    # features`); None where nothing measured them, and `kronecker` drops those below its cutoff.
-    null: jax.Array | None = None
 
 
 def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
@@ -174,8 +171,6 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     # at N = 10⁴) lost their curvature, so that Newton-CG stopped 0.027 above the optimum.
     cutoff = null_cutoff(values.size, 1, values.dtype)
     feature_null = values <= cutoff * jnp.max(values, initial=0)
-    if basis.null is not None:  # measured with X (`_null_checked_with_features`)
-        feature_null = basis.null
     null = feature_null[:, None] & (objective.l2 == 0)
     spectrum = jnp.maximum(spectrum, jnp.finfo(spectrum.dtype).tiny)
     inverse = jnp.where(null, 0, 1 / spectrum)
@@ -449,13 +444,7 @@ def _null_checked_with_features(objective: Objective, basis: FeatureBasis) -> Fe
         images = images + directions[num_features][None, :]
     norms = jnp.sqrt(jnp.sum(objective.weights[:, None] * jnp.square(images), axis=0))
     exact = norms <= 8 * values.size * jnp.finfo(values.dtype).eps * jnp.sqrt(top)
-    # The others keep their curvature as X measures it (the Rayleigh quotient ‖X̃·D·u‖²): the
-    # Gram's eigenvalue below the cutoff is rounding, and `kronecker` dropped such a direction
-    # (float32, no penalty, a column 7 + 1e-3·z beside the intercept: Newton-CG stopped 1e-3
-    # above the optimum, CONVERGED, where `newton` reached it).
-    null = loose & exact
-    measured = jnp.where(null, 0, jnp.where(loose, jnp.square(norms), values))
-    return basis._replace(eigenvalues=measured, null=null)
+    return basis._replace(eigenvalues=jnp.where(loose & exact, 0, values))
 
 
 def build(

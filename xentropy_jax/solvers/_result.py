@@ -130,7 +130,7 @@ class SeparationWarning(UserWarning):
     (the predicted probabilities settle), or at MAX_ITER or LINE_SEARCH_FAILED, which the
     warning then explains. Completely separated data (every row classified correctly) stop the
     fit instead (`Status.DIVERGED`). Decided by a linear program after the fit, up to
-    N·(K − 1)·(d + 1) = 2¹⁵ entries, and beyond it (up to a Gram of N·(K − 1)·(d + 1)² = 2³⁰
+    N·(K − 1)·(d + 1) = 2¹⁵ entries, and beyond it (up to a Gram of N·(K − 1)·(d + 1)² = 2²⁷
     and (d + 1)(K − 1) = 512) by a certificate read off the fitted coefficients; classes
     without rows are left out.
 

@@ -40,6 +40,10 @@ MAX_LP_ENTRIES = 2**15
 # exceeds RISE (margins of columns scaled to unit RMS, Δ within [−1, 1]).
 SLACK = 1e-9
 RISE = 1e-6
+# A Δ read off a fit (`separation_along_fit`) also lowers no margin by more than PAIR_SLACK of
+# ‖x̃ᵢ‖·‖Δ‖: its exact projections fall by about 1e-15 of that, data whose optimum exists (rows
+# 1e-9 on the wrong side, in float64) by about 3e-10.
+PAIR_SLACK = 1e-11
 
 
 class Separation(NamedTuple):
@@ -127,12 +131,13 @@ def separation_along_fit(
     other pair as one that Δ must leave unchanged. The Δ that do so are the null space of those
     other pairs' constraints, x̃ᵢ·(Δ_{yᵢ} − Δₖ) = 0, found from the float64 Gram of their rows;
     the fitted coefficients, projected onto it, are the candidate, certified on every pair as
-    the linear program's Δ is (`SLACK`, `RISE`). T is tried at 2.5, then 10 (a loose `tol`
-    stops fits at small margins; a low T takes confident pairs of data with an optimum as
-    raised too, which can leave directions in the null space that spoil the projection). No Δ
-    is reported that is not certified; a separation can be missed where the fit stopped before
-    the margins it raises stood out (on the tests' examples, two of eleven at tol 1e-4 and
-    none at the default tol).
+    the linear program's Δ is (`SLACK`, `RISE`), with each row's falls also bounded by its own
+    size (`PAIR_SLACK`). T is tried at 0, 2.5 and 10, each Gram adding the pairs between it and
+    the last: a loose `tol` stops fits at small margins, and raised pairs of rows near the
+    boundary (|x̃ᵢ·Δ| small) keep small margins at any tol; a higher T takes fewer confident
+    pairs of the rest as raised, which can leave directions in the null space that spoil the
+    projection. No Δ is reported that is not certified; a separation can be missed where the fit
+    stopped before the margins it raises stood out (iris at tol 1e-4).
 
     Args:
         features: [N, d] float64 rows of positive weight, dense or SciPy CSR.
@@ -166,14 +171,14 @@ def separation_along_fit(
         change = np.zeros_like(coefficients)
         projected = null @ (null.T @ coefficients[:, 1:].reshape(-1))
         change[:, 1:] = projected.reshape(change[:, 1:].shape)
-        separation = rows.certified(change)
+        separation = rows.certified(change, own_scale=True)
         if separation is not None:
             return separation
     return None
 
 
 # The margins above which `separation_along_fit` takes a pair as one the separation raises.
-_THRESHOLDS = (2.5, 10.0)
+_THRESHOLDS = (0.0, 2.5, 10.0)
 
 
 def _null_space(gram: np.ndarray) -> np.ndarray:
@@ -199,7 +204,7 @@ def along_fit_checked(num_rows: int, num_columns: int, num_classes: int) -> bool
     return size <= MAX_NULL_SIZE and work <= MAX_GRAM_WORK
 
 
-MAX_GRAM_WORK = 2**30
+MAX_GRAM_WORK = 2**27
 MAX_NULL_SIZE = 512
 
 
@@ -286,12 +291,29 @@ class _Rows(NamedTuple):
         size = num_columns * (num_classes - 1)
         return gram[:, 1:, :, 1:].reshape(size, size)
 
-    def certified(self, change: np.ndarray) -> Separation | None:
-        """The `Separation` of Δ [d̃, K'] if it certifies one (`_verified`), else None."""
+    def certified(self, change: np.ndarray, own_scale: bool = False) -> Separation | None:
+        """The `Separation` of Δ [d̃, K'] if it certifies one (`_verified`), else None.
+
+        `own_scale` also bounds each row's falls by `PAIR_SLACK`·‖x̃ᵢ‖·‖Δ‖ (Δ centred over the
+        classes), for a Δ of unbounded size: one row of a far outlier (a column holding 1e10
+        among unit values) rose by 2.8e8 along a projected fit, which let falls of 0.06
+        elsewhere pass the test relative to the largest rise.
+        """
         logits = self.times(change)
-        rises = logits[self.row, self.labels[self.row]] - logits[self.row, self.other]
+        labels = self.labels[self.row]
+        rises = logits[self.row, labels] - logits[self.row, self.other]
         if not _verified(rises):
             return None
+        if own_scale:
+            squares = (
+                self.scaled.multiply(self.scaled)
+                if hasattr(self.scaled, "multiply")
+                else np.square(self.scaled)
+            )
+            lengths = np.sqrt(np.asarray(squares.sum(axis=1)).reshape(-1))
+            size = np.linalg.norm(change - change.mean(axis=1, keepdims=True))
+            if np.any(rises < -PAIR_SLACK * size * lengths[self.row]):
+                return None
         separated = np.zeros(self.labels.size, bool)
         separated[self.row[rises > SLACK * rises.max()]] = True
         # The class shift (one vector added to every class) moves no margin: centred out.
