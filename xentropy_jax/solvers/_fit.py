@@ -948,9 +948,8 @@ def collinear_message(
         )
         outcome = (
             "their coefficients are not identified, and the fit stops where the gradient test "
-            "passes, which can lie far along the near "
-            "dependence (large coefficients of opposite signs), short of the optimum, and "
-            "differ between solvers"
+            "passes, which can lie far along the near dependence (large coefficients of "
+            "opposite signs), short of the optimum, and differ between solvers"
         )
     return (
         f"The columns [{', '.join(names)}] of X are {how} ({rank_text}) and {unpenalised}: "

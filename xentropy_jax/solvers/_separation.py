@@ -243,8 +243,7 @@ class _Rows(NamedTuple):
                 if sparse
                 else np.hstack([features, ones])
             )
-        squares = features.multiply(features) if sparse else np.square(features)
-        rms = np.sqrt(np.asarray(squares.mean(axis=0)).reshape(-1))
+        rms = np.sqrt(np.asarray(_squares(features).mean(axis=0)).reshape(-1))
         rms = np.where(rms > 0, rms, 1)
         scaled = features @ scipy.sparse.diags(1 / rms) if sparse else features / rms
         classes = np.arange(num_classes)
@@ -305,12 +304,7 @@ class _Rows(NamedTuple):
         if not _verified(rises):
             return None
         if own_scale:
-            squares = (
-                self.scaled.multiply(self.scaled)
-                if hasattr(self.scaled, "multiply")
-                else np.square(self.scaled)
-            )
-            lengths = np.sqrt(np.asarray(squares.sum(axis=1)).reshape(-1))
+            lengths = np.sqrt(np.asarray(_squares(self.scaled).sum(axis=1)).reshape(-1))
             size = np.linalg.norm(change - change.mean(axis=1, keepdims=True))
             if np.any(rises < -PAIR_SLACK * size * lengths[self.row]):
                 return None
@@ -324,6 +318,11 @@ class _Rows(NamedTuple):
             rows=int(np.count_nonzero(separated)),
             num_rows=self.labels.size,
         )
+
+
+def _squares(matrix):
+    """The entries squared, dense or CSR (as given)."""
+    return matrix.multiply(matrix) if hasattr(matrix, "multiply") else np.square(matrix)
 
 
 def _verified(rises: np.ndarray) -> bool:
