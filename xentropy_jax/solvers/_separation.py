@@ -218,6 +218,7 @@ class _Rows(NamedTuple):
     row: np.ndarray  # [N(K' − 1)] the pairs (row, other class), row-major
     other: np.ndarray
     num_features: int
+    lengths: np.ndarray  # [N] ‖x̃ᵢ‖ of the scaled rows
 
     @property
     def num_classes(self) -> int:
@@ -250,7 +251,8 @@ class _Rows(NamedTuple):
         others = np.broadcast_to(classes, (num_rows, num_classes))
         other = others[classes[None, :] != labels[:, None]]
         row = np.repeat(np.arange(num_rows), num_classes - 1)
-        return cls(scaled, rms, labels, present, row, other, num_features)
+        lengths = np.sqrt(np.asarray(_squares(scaled).sum(axis=1)).reshape(-1))
+        return cls(scaled, rms, labels, present, row, other, num_features, lengths)
 
     def times(self, change: np.ndarray) -> np.ndarray:
         """X̃ Δ, dense [N, K']."""
@@ -304,9 +306,8 @@ class _Rows(NamedTuple):
         if not _verified(rises):
             return None
         if own_scale:
-            lengths = np.sqrt(np.asarray(_squares(self.scaled).sum(axis=1)).reshape(-1))
             size = np.linalg.norm(change - change.mean(axis=1, keepdims=True))
-            if np.any(rises < -PAIR_SLACK * size * lengths[self.row]):
+            if np.any(rises < -PAIR_SLACK * size * self.lengths[self.row]):
                 return None
         separated = np.zeros(self.labels.size, bool)
         separated[self.row[rises > SLACK * rises.max()]] = True
