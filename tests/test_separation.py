@@ -54,6 +54,21 @@ def _finite(num_rows=500, seed=0):
     return features, labels
 
 
+def _clusters(num_rows, num_classes, class_sep, seed):
+    """Four columns, three informative, one Gaussian cluster per class, no flipped labels."""
+    return make_classification(
+        n_samples=num_rows,
+        n_features=4,
+        n_informative=3,
+        n_redundant=0,
+        n_classes=num_classes,
+        n_clusters_per_class=1,
+        class_sep=class_sep,
+        flip_y=0.0,
+        random_state=seed,
+    )
+
+
 def _fit(X, y, num_classes, **options):
     """(result, the package's warnings)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -139,17 +154,7 @@ def test_separations_that_a_newton_step_misses_are_found(tol):
     # Two directions still moving (|W| 31 and 39 at these tols), and a one-row class outside
     # the others' hull: the Newton step at the returned point lowered some margin by 0.2 of
     # its largest rise, and a check built on it stayed silent.
-    X, y = make_classification(
-        n_samples=250,
-        n_features=4,
-        n_informative=3,
-        n_redundant=0,
-        n_classes=4,
-        n_clusters_per_class=1,
-        class_sep=1.6,
-        flip_y=0.0,
-        random_state=124,
-    )
+    X, y = _clusters(250, 4, class_sep=1.6, seed=124)
     result, caught = _fit(X, y, 4, tol=tol)
     assert bool(result.converged) and _categories(caught) == [xj.SeparationWarning]
     rng = np.random.default_rng(0)
@@ -200,17 +205,7 @@ def test_fits_with_an_optimum_are_not_warned(dtype):
         result, caught = _fit(first[:, None].astype(dtype), labels, 2)
         assert bool(result.converged) and caught == [], offset
     # Three overlapping classes with large coefficients (12.6 at every tol).
-    X, y = make_classification(
-        n_samples=200,
-        n_features=4,
-        n_informative=3,
-        n_redundant=0,
-        n_classes=3,
-        n_clusters_per_class=1,
-        class_sep=1.0,
-        flip_y=0.0,
-        random_state=5,
-    )
+    X, y = _clusters(200, 3, class_sep=1.0, seed=5)
     result, caught = _fit(X.astype(dtype), y, 3)
     assert bool(result.converged) and caught == []
 
