@@ -317,6 +317,39 @@ def test_kronecker_penalty_is_exact_when_positive(penalised):
 
 
 @pytest.mark.parametrize("reference_class", [False, True])
+def test_unpenalised_kronecker_in_centred_variables_is_a_kron_b(reference_class):
+    # l2 = 0 with an intercept: the basis is the centred Gram's (X − 1·μᵀ, then the maps C
+    # and C⁻¹ between the variables), and M is still A ⊗ B with A = X̃ᵀŴX̃ of the raw columns,
+    # M⁻¹ its inverse (on the class-centred subspace without a reference class).
+    rng = np.random.default_rng(5)
+    n, d = 200, 3
+    X = rng.normal(size=(n, d)) * np.array([1.0, 0.1, 2.0]) + np.array([4.0, -20.0, 0.5])
+    y = rng.integers(0, 3, n)
+    w = rng.uniform(0.5, 2.0, n)
+    objective = logistic_objective(
+        X, y, 3, sample_weight=w, l2=0.0, reference_class=reference_class
+    )
+    theta = jnp.asarray(rng.normal(size=objective.num_params) / 3)
+    evaluation = evaluate(objective, theta, objective.free_logits(theta))
+    basis = _preconditioners.setup_basis("kronecker", objective)
+    np.testing.assert_allclose(basis.shift, (w / w.sum()) @ X, rtol=1e-12)
+    metric = _preconditioners.build("kronecker", objective, evaluation, basis)
+    eye = jnp.eye(objective.num_params)
+    apply = np.asarray(jax.vmap(metric.apply)(eye).T)
+    solve = np.asarray(jax.vmap(metric.solve)(eye).T)
+    values, vectors = np.linalg.eigh(np.asarray(objective.class_curvature(evaluation)))
+    values = np.maximum(values, _preconditioners._EIGENVALUE_FLOOR * values.max())
+    design = np.c_[X, np.ones(n)]
+    gram = design.T @ ((w / w.sum())[:, None] * design)
+    expected = np.kron(gram, (vectors * values) @ vectors.T)
+    np.testing.assert_allclose(apply, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    classes = objective.num_free_classes
+    center = np.kron(np.eye(d + 1), np.eye(classes) - (0.0 if reference_class else 1 / classes))
+    inverse = center @ np.linalg.pinv(expected) @ center
+    np.testing.assert_allclose(solve, inverse, rtol=0, atol=1e-9 * np.abs(inverse).max())
+
+
+@pytest.mark.parametrize("reference_class", [False, True])
 def test_many_classes_take_the_diagonal_class_curvature(reference_class):
     # From 100 classes on, without a reference class, B is its diagonal b = Σ ŵ s ⊙ (1 − s)
     # (against B from explicit per-row matrices), and M = A ⊗ diag(b) + l2·I exactly; with a
@@ -407,24 +440,28 @@ def test_float32_takes_the_exact_penalty_basis_when_l2_covers_its_rounding(sprea
         assert not bool(unit_scales(unpenalised))
 
 
-@pytest.mark.parametrize("classes", [3, 120])
-def test_float32_kronecker_factorises_class_blocks_for_spread_columns(classes):
+@pytest.mark.parametrize("classes, intercept", [(3, False), (120, False), (3, True)])
+def test_float32_kronecker_factorises_class_blocks_for_spread_columns(classes, intercept):
     # float32, columns spread over 10^±4, l2 > 0 below eps·trace(A)/2: the basis is the scaled
     # one, whose diagonal stand-in for l2·D² is far from M; the factorised class blocks give
     # M = A ⊗ B + l2·I and its inverse to float32 accuracy (against float64 matrices). From
-    # 100 classes on, B is its diagonal (Q = I).
+    # 100 classes on, B is its diagonal (Q = I). With an intercept (columns off-centre) the
+    # basis is the centred Gram's, and the blocks those of the centred variables.
     rng = np.random.default_rng(4)
     n, d, l2 = 400, 6, 1e-3
-    X = rng.normal(size=(n, d)) * 10.0 ** np.linspace(-4, 4, d)
+    X = (rng.normal(size=(n, d)) + 3.0 * intercept) * 10.0 ** np.linspace(-4, 4, d)
     X[:, 1] += 1e-4 * X[:, 0]  # correlated columns of different scales
     y = rng.integers(0, classes, n)
     objective = logistic_objective(
-        jnp.asarray(X, jnp.float32), y, classes, l2=l2, fit_intercept=False
+        jnp.asarray(X, jnp.float32), y, classes, l2=l2, fit_intercept=intercept
     )
     theta = jnp.asarray(rng.normal(size=objective.num_params) * 1e-3, jnp.float32)
     evaluation = evaluate(objective, theta, objective.free_logits(theta))
     basis = _preconditioners.setup_basis("kronecker", objective)
     assert bool(jnp.any(basis.scale != 1))  # l2 does not cover A's rounding: scaled basis
+    assert (basis.shift is not None) == intercept
+    if intercept:
+        X, d = np.c_[X, np.ones(n)], d + 1
     metric = _preconditioners.build("kronecker", objective, evaluation, basis)
     identity = jnp.eye(objective.num_params, dtype=jnp.float32)
     apply = np.asarray(jax.vmap(metric.apply)(identity).T, np.float64)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import sparse
 
 from ._manual import fori_loop
 
@@ -73,3 +74,19 @@ def normalized_weights(weights: jax.Array) -> jax.Array:
     total = jnp.sum(weights)
     # All zero: the empty mean, taken as 0, with a zero derivative as well.
     return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
+
+
+def column_sums_by_chunks(
+    fn: Callable, features: jax.Array | sparse.BCOO, values: jax.Array, chunk: int | None
+) -> jax.Array:
+    """fn(X, V) for X and per-row values V, summed over chunks of `chunk` rows of a dense X.
+
+    `fn` maps rows and their values (weights [N], per-row curvatures [N, K]) to a sum over
+    those rows (a Gram, column sums, the Hessian diagonal's (X ⊙ X)ᵀ·V). One call on all of X
+    holds its [N, d]-sized intermediates (X̃ = [X, 1], ŵ ⊙ X̃, |X|, X ⊙ X): copies as large as
+    X. By chunks they take O(chunk·d). With `chunk` None, a sparse X (whose products hold no
+    such copy), or up to one chunk of rows, the result is the single call's, bit for bit.
+    """
+    if chunk is None or isinstance(features, sparse.BCOO) or features.shape[0] <= chunk:
+        return fn(features, values)
+    return row_chunk_sum(fn, (features, values), chunk)

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from .._batch_cond import batch_cond
-from .._linear import LogisticObjective, column_sums_by_chunks, label_mask
+from .._linear import LogisticObjective, label_mask
 from .._manual import while_loop
+from .._rowsums import column_sums_by_chunks
 from .._sparse_products import matmul, transpose_matmul
 from ._loop import SolverOutput
 from ._progress import print_lowered

@@ -25,6 +25,7 @@ from jax import lax
 from .._batch_cond import batch_cond
 from .._manual import cond
 from .._objective import Evaluation, Objective
+from .._rowsums import column_sums_by_chunks
 from .._sparse_products import matmul
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled, null_cutoff
 
@@ -83,17 +84,37 @@ class FeatureBasis(NamedTuple):
 
     Either of A itself (`scale` all ones, `penalty` all ones: the L2 term l2·I is then exact in
     the eigenbasis) or of the Jacobi-scaled S = D·A·D with D = diag(A)^(-1/2) (`scale` holds
-    D's diagonal, `penalty` the diagonal of Uᵀ·D²·U, the L2 term's Rayleigh quotients in S's
-    eigenbasis, exact only when the columns have equal scales). See `feature_basis`.
+    D's diagonal, `penalty` the L2 term's Rayleigh quotients in S's eigenbasis, exact only
+    when the columns have equal scales). See `feature_basis`. With `shift` μ (not None), A is
+    the centred Gram A_c of X̃·C, C = [[I, 0], [−μᵀ, 1]] (`centred_feature_gram`), and the
+    basis is in the variables C⁻¹·θ (`centring`).
     """
 
     eigenvalues: jax.Array
     eigenvectors: jax.Array
     scale: jax.Array
     penalty: jax.Array
+    shift: jax.Array | None = None
 
 
-def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
+def centring(block: jax.Array, shift: jax.Array | None, inverse: bool, transpose: bool):
+    """C·Y, C⁻¹·Y, Cᵀ·Y or C⁻ᵀ·Y for C = [[I, 0], [−μᵀ, 1]] and Y [d̃, ...] (intercept last).
+
+    C maps the centred variables θ_c = (W, b + μᵀW) to θ; each product is O(d̃) per column of
+    Y. The identity when `shift` μ is None.
+    """
+    if shift is None:
+        return block
+    sign = 1 if inverse else -1
+    shift = shift.astype(block.dtype)
+    if transpose:  # the feature rows get ∓μ times the intercept's row
+        return block.at[:-1].add(sign * jnp.tensordot(shift, block[-1], axes=0))
+    return block.at[-1].add(sign * jnp.tensordot(shift, block[:-1], axes=1))
+
+
+def feature_basis(
+    gram: jax.Array, scaled: bool = True, shift: jax.Array | None = None
+) -> FeatureBasis:
     """Eigendecomposition of the feature Gram, Jacobi-scaled or not (O(d³), once per fit).
 
     Scaled, columns of very different sizes stay resolved (an eigendecomposition of A itself
@@ -103,18 +124,21 @@ def feature_basis(gram: jax.Array, scaled: bool = True) -> FeatureBasis:
     eps·λ_max) matter only where they exceed l2. On raw, unstandardised columns the scaled
     form's approximate L2 term made CG several times longer (float64, tol = 1e-6: raw digits
     at l2 = 1e-3 took 1,278 Hessian products scaled and 444 unscaled; columns scaled by
-    10^±3, 327 and 25), and standardised data is unaffected (docs/solvers.md).
+    10^±3, 327 and 25), and standardised data is unaffected (docs/solvers.md). `gram` is the
+    centred Gram when `shift` is given (scaled only), and the L2 term l2·I the quotients of
+    l2·CᵀC, the same term in the centred variables.
     """
     if not scaled:
         eigenvalues, eigenvectors = eigh(gram)
         ones = jnp.ones_like(eigenvalues)
-        return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, ones, ones)
+        return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, ones, ones, shift)
     scaled_gram, scale = jacobi_scaled(gram)
     eigenvalues, eigenvectors = eigh(scaled_gram)
     # In the scaled variables θ = D·θ' the L2 term l2·I becomes l2·D²; its Rayleigh quotient
     # on each eigenvector keeps M ⊗-structured (exact when the columns have equal scales).
-    penalty = jnp.square(eigenvectors).T @ jnp.square(scale)
-    return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, scale, penalty)
+    directions = centring(scale[:, None] * eigenvectors, shift, inverse=False, transpose=False)
+    penalty = jnp.sum(jnp.square(directions), axis=0)
+    return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, scale, penalty, shift)
 
 
 def class_eigenbasis(curvature: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -176,16 +200,19 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     inverse = jnp.where(null, 0, 1 / spectrum)
     spectrum = jnp.where(null, 0, spectrum)
 
-    def transform(vector, values, outer):
-        block = vector.reshape(-1, kf) * outer
+    shift = basis.shift
+
+    def transform(vector, values, outer, inverse):
+        # M⁻¹ = C·(…)·Cᵀ and M = C⁻ᵀ·(…)·C⁻¹ in the centred variables (`centring`).
+        block = centring(vector.reshape(-1, kf), shift, inverse, transpose=not inverse) * outer
         rotated = rotate_classes(feature_vectors.T @ block, curvature_vectors)
         back = rotate_classes(feature_vectors @ (rotated * values), curvature_vectors, inverse=True)
-        return (outer * back).reshape(-1)
+        return centring(outer * back, shift, inverse, transpose=inverse).reshape(-1)
 
     # M = (D⁻¹ ⊗ I)(U ⊗ Q)·diag(spectrum)·(U ⊗ Q)ᵀ(D⁻¹ ⊗ I), and M⁻¹ with D and 1/spectrum.
     eigen = Preconditioner(
-        solve=lambda v: transform(v, inverse, scale),
-        apply=lambda v: transform(v, spectrum, 1 / scale),
+        solve=lambda v: transform(v, inverse, scale, inverse=False),
+        apply=lambda v: transform(v, spectrum, 1 / scale, inverse=True),
     )
     if not _factors_class_blocks(objective, basis):
         return eigen
@@ -193,6 +220,7 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     # factorise each class's block instead (see `class_block_inverses`).
     factored = (objective.l2 > 0) & jnp.any(basis.scale != 1)
     operands = (basis.eigenvalues, feature_vectors, basis.scale, curvature_values, objective.l2)
+    operands = operands + (shift,)
     size, dtype = basis.eigenvalues.size, spectrum.dtype
     # The branches close over no traced array (see `batch_cond`): the jaxpr keeps its batching
     # rule, and through it a closed-over `spectrum` kept the whole trace alive.
@@ -210,13 +238,18 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
         return rotate_classes(block, curvature_vectors, inverse=True).reshape(-1)
 
     def blocks_solve(vector):
-        return back(jnp.einsum("mij,jm->im", inverses, rotated(vector)))
+        # C·(μ_m·A_c + l2·CᵀC)⁻¹·Cᵀ per class; C commutes with the class rotation.
+        block = centring(rotated(vector), shift, inverse=False, transpose=True)
+        solved = jnp.einsum("mij,jm->im", inverses, block)
+        return back(centring(solved, shift, inverse=False, transpose=False))
 
     def blocks_apply(vector):
-        # (μ_m·A + l2·I)·R_m per class, with A = D⁻¹·U·diag(λ)·Uᵀ·D⁻¹.
+        # C⁻ᵀ·μ_m·A_c·C⁻¹·R_m + l2·R_m per class, with A_c = D⁻¹·U·diag(λ)·Uᵀ·D⁻¹.
         block = rotated(vector)
-        features = feature_vectors.T @ (block / scale)
+        centred = centring(block, shift, inverse=True, transpose=False)
+        features = feature_vectors.T @ (centred / scale)
         gram_block = feature_vectors @ (basis.eigenvalues[:, None] * features) / scale
+        gram_block = centring(gram_block, shift, inverse=True, transpose=True)
         return back(gram_block * curvature_values[None, :] + objective.l2 * block)
 
     return Preconditioner(
@@ -253,6 +286,7 @@ def class_block_inverses(
     scale: jax.Array,
     class_values: jax.Array,
     l2: jax.Array,
+    shift: jax.Array | None = None,
 ) -> jax.Array:
     """(μ_m·A + l2·I)⁻¹ = D·(μ_m·S + l2·D²)⁻¹·D for each class eigenvalue μ_m: [Kf, d̃, d̃].
 
@@ -267,12 +301,19 @@ def class_block_inverses(
     float32, tol = 1e-6, against S's eigenbasis with l2·D² replaced by its diagonal there: raw
     breast cancer (l2 = 1e-2) 54 Hessian products against 1,749; digits with columns scaled
     by 10^U(−3, 3) 473 against 23,933 (MAX_ITER); docs/solvers.md has the table.
+
+    With `shift` μ, A and S are centred (`FeatureBasis`) and the blocks are those of the
+    centred variables, (μ_m·A_c + l2·CᵀC)⁻¹, whose L2 term D·CᵀC·D is no longer diagonal.
     """
     size = eigenvalues.size
     identity = jnp.eye(size, dtype=eigenvalues.dtype)
     jitter = size * jnp.finfo(eigenvalues.dtype).eps * jnp.max(eigenvalues, initial=0)
     gram = (eigenvectors * eigenvalues[None, :]) @ eigenvectors.T + jitter * identity
-    penalty = jnp.diag(l2 * jnp.square(scale))
+    if shift is None:
+        penalty = jnp.diag(l2 * jnp.square(scale))
+    else:
+        factor = centring(jnp.diag(scale), shift, inverse=False, transpose=False)  # C·D
+        penalty = l2 * (factor.T @ factor)
 
     def one(value):
         inverse = cholesky_solve(cholesky(value * gram + penalty), identity)
@@ -397,39 +438,79 @@ def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasi
     """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis).
 
     A regularisation path passes its objective at its weakest l2, which decides the basis.
+    The scaled Kronecker basis is the centred Gram's where the objective has one
+    (`centred_feature_gram`: a dense X with an intercept), see `_centred_basis`.
     """
     kind = resolve(kind, objective)
     if kind in ("diagonal", "none"):
         return None
-    gram = objective.feature_gram()
-    exact = _exact_penalty_basis(objective, gram)
-    if isinstance(exact, bool):
-        basis = feature_basis(gram, scaled=not exact)
-    else:
-        basis = batch_cond(
-            exact,
-            lambda matrix: feature_basis(matrix, scaled=False),
-            lambda matrix: feature_basis(matrix, scaled=True),
-            gram,
-        )
     if kind == "kronecker":
-        return _null_checked_with_features(objective, basis)
+        return _null_checked_with_features(objective, _kronecker_basis(objective))
+    gram = objective.feature_gram()
+    basis = _basis(_exact_penalty_basis(objective, gram), gram)
     projected = objective.design_matrix() @ basis.eigenvectors
     return ProjectedBasis(basis.eigenvalues, basis.eigenvectors, projected)
+
+
+def _basis(exact: bool | jax.Array, gram: jax.Array) -> FeatureBasis:
+    """A's own eigenbasis where `exact` holds, the scaled one where not (`feature_basis`)."""
+    if isinstance(exact, bool):
+        return feature_basis(gram, scaled=not exact)
+    return batch_cond(
+        exact,
+        lambda matrix: feature_basis(matrix, scaled=False),
+        lambda matrix: feature_basis(matrix, scaled=True),
+        gram,
+    )
+
+
+def _kronecker_basis(objective: Objective) -> FeatureBasis:
+    """The Kronecker form's basis: A's own where the L2 term is exact in it, else scaled.
+
+    The scaled basis, which every unpenalised fit takes, is the centred Gram A_c's
+    (`centred_feature_gram`): in float32 a column 7 + 1e-3·z beside the intercept has a scaled
+    eigenvalue in A below eps, so that the basis dropped it as collinear and Newton-CG stopped
+    3e-2 above the optimum (CONVERGED or LINE_SEARCH_FAILED) where Newton reached it, and in
+    float64 the rounding of A mixed an exact dependence among columns of mean 1,000 with its
+    small neighbours. A itself (for the test of `_exact_penalty_basis` and the unscaled basis)
+    is then C⁻ᵀ·A_c·C⁻¹, one Gram pass in all. Float64 fits with a known penalty keep A's own
+    basis and skip the centring.
+    """
+    centred = getattr(objective, "centred_feature_gram", None)
+    known = objective.dtype == jnp.float64 and getattr(objective, "penalised", False)
+    if centred is None or known:
+        gram = objective.feature_gram()
+        return _basis(_exact_penalty_basis(objective, gram), gram)
+    centred_gram, shift = centred()
+    if shift is None:
+        return _basis(_exact_penalty_basis(objective, centred_gram), centred_gram)
+    half = centring(centred_gram, shift, inverse=True, transpose=True)  # C⁻ᵀ·A_c
+    gram = centring(half.T, shift, inverse=True, transpose=True).T  # (C⁻ᵀ·(C⁻ᵀ·A_c)ᵀ)ᵀ = A
+    exact = _exact_penalty_basis(objective, gram)
+    return batch_cond(
+        exact,
+        lambda gram, _, shift: feature_basis(gram, scaled=False, shift=jnp.zeros_like(shift)),
+        lambda _, centred_gram, shift: feature_basis(centred_gram, scaled=True, shift=shift),
+        gram,
+        centred_gram,
+        shift,
+    )
 
 
 def _null_checked_with_features(objective: Objective, basis: FeatureBasis) -> FeatureBasis:
     """The basis with the eigenvalues of exact dependences of X̃'s columns set to 0.
 
     `kronecker` drops the directions whose scaled-Gram eigenvalue is below d̃·eps of the
-    largest, the cutoff where nothing checks them against X. The Gram's own rounding (√N·eps
-    per entry) can leave an exact dependence above it: float32 columns 3·1 beside the
+    largest, the cutoff where nothing checks them against X here. The Gram's own rounding
+    (√N·eps per entry) can leave an exact dependence above it: float32 columns 3·1 beside the
     intercept at N = 300, whose eigenvalue 1/(λ·μ) then amplified, so that Newton-CG moved
     ±1e4 along the dependence on rounding decreases of the loss, and the fit returned
     intercepts of 1e9, CONVERGED. Below the looser d̃·√N·eps each direction is measured with X
     itself (the weighted norm of X̃·D·u, one product with X once per fit, only when an
     unpenalised fit is possible): a dependence exact to X's rounding has a norm of a few eps,
-    columns that X resolves (x and x + 1e-2·noise) far more.
+    columns that X resolves (x and x + 1e-2·noise) far more. In a centred basis the product is
+    with X − 1·μᵀ, row chunk by row chunk (exact where it matters: a column within a factor
+    of two of its mean loses no digit, where X·w − μᵀw would cancel).
     """
     features = getattr(objective, "features", None)
     if features is None or getattr(objective, "penalised", True):
@@ -438,11 +519,18 @@ def _null_checked_with_features(objective: Objective, basis: FeatureBasis) -> Fe
     top = jnp.max(values, initial=0)
     loose = values <= null_cutoff(values.size, features.shape[0], values.dtype) * top
     directions = (basis.scale[:, None] * basis.eigenvectors).astype(features.dtype)  # D·U
-    num_features = features.shape[1]
-    images = matmul(features, directions[:num_features])
-    if directions.shape[0] > num_features:  # the intercept's row
-        images = images + directions[num_features][None, :]
-    norms = jnp.sqrt(jnp.sum(objective.weights[:, None] * jnp.square(images), axis=0))
+    num_features, shift = features.shape[1], basis.shift
+
+    def squares(rows, weights):  # Σᵢ ŵᵢ·(x̃ᵢ·D·u)² over these rows, per direction u
+        if shift is not None:
+            rows = rows - shift.astype(rows.dtype)[None, :]
+        images = matmul(rows, directions[:num_features])
+        if directions.shape[0] > num_features:  # the intercept's row
+            images = images + directions[num_features][None, :]
+        return weights @ jnp.square(images)
+
+    chunk = getattr(objective, "row_chunk", None)
+    norms = jnp.sqrt(column_sums_by_chunks(squares, features, objective.weights, chunk))
     exact = norms <= 8 * values.size * jnp.finfo(values.dtype).eps * jnp.sqrt(top)
     return basis._replace(eigenvalues=jnp.where(loose & exact, 0, values))
 
