@@ -396,6 +396,7 @@ class StreamedLogisticObjective:
         token: int32 scalar, the `hold` token of the `RowChunks` or `IteratedChunks` to read.
         chunks: that source's `ChunkLayout` (static).
         num_classes, fit_intercept, reference_class: as `LogisticObjective` (static).
+        shift: [d] the weighted column means, for `centred_feature_gram` (None: not centred).
     """
 
     l2: jax.Array
@@ -405,6 +406,7 @@ class StreamedLogisticObjective:
     num_classes: int = dataclasses.field(metadata={"static": True})
     fit_intercept: bool = dataclasses.field(default=True, metadata={"static": True})
     reference_class: bool = dataclasses.field(default=False, metadata={"static": True})
+    shift: jax.Array | None = None
 
     # The in-memory objective of one chunk (no penalty: it is added once, here).
 
@@ -553,9 +555,15 @@ class StreamedLogisticObjective:
     def default_preconditioner(self) -> str:
         return "diagonal" if self.chunks.num_features > AUTO_MAX_GRAM_FEATURES else "kronecker"
 
-    def feature_gram(self) -> jax.Array:
+    def feature_gram(self, shift: jax.Array | None = None) -> jax.Array:
         size = self.chunks.num_features + int(self.fit_intercept)
-        return self._sum_over_chunks(feature_gram, jnp.zeros((size, size), self.dtype))
+        return self._sum_over_chunks(
+            lambda chunk: feature_gram(chunk, shift), jnp.zeros((size, size), self.dtype)
+        )
+
+    def centred_feature_gram(self) -> tuple[jax.Array, jax.Array | None]:
+        """(A_c, μ) as `LogisticObjective.centred_feature_gram`, μ = `shift` (one pass)."""
+        return self.feature_gram(self.shift), self.shift
 
     def class_curvature(self, evaluation: StreamedEvaluation) -> jax.Array:
         def part(chunk):

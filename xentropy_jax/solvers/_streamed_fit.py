@@ -51,17 +51,21 @@ from ._sparse_input import is_scipy_sparse
 
 def _scan(
     source: _ChunkSource, num_classes: int, fit_intercept: bool, gram: bool
-) -> tuple[float, np.ndarray, np.ndarray | None]:
+) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One pass on the host: the input checks, the total weight and Σᵢ ŵᵢ·|x_ij| per column.
 
     The column sums give the precision floor of the tolerance (`attainable_tolerance`). With
-    `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns.
+    `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns. With an
+    intercept, the weighted column means μ = x_r + Σᵢ ŵᵢ·(xᵢ − x_r) (x_r the first chunk's row
+    of largest weight, so that a constant column's mean is its value exactly) in float64, the
+    centring of the Kronecker preconditioner's basis (`centred_feature_gram`).
     """
     # The weights are summed as w·2^(1−e), e the exponent of the largest so far (the sums
     # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
     # `fit_logistic_regression`, and the fit reads them scaled the same way (`weight_shift`).
     exponent, total, scale, weighted, products = None, 0.0, None, np.zeros(num_classes, bool), None
     largest, largest_rows = 0.0, ""
+    reference, deviation = None, None
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
         rows = f"rows {start} to {start + len(labels) - 1}"
@@ -103,10 +107,17 @@ def _scan(
             grown, exponent = exponent, int(np.frexp(peak)[1])
             if grown is not None:
                 total, scale = np.ldexp(total, grown - exponent), np.ldexp(scale, grown - exponent)
+                if deviation is not None:
+                    deviation = np.ldexp(deviation, grown - exponent)
         scaled = weights if exponent is None else np.ldexp(weights, 1 - exponent)
         total += float(scaled.sum())
         part = np.abs(X).T.astype(np.float64) @ scaled
         scale = part if scale is None else scale + part
+        if fit_intercept and len(labels):
+            if reference is None:
+                reference = X[int(np.argmax(weights))].astype(np.float64)
+            part = (X.astype(np.float64) - reference).T @ scaled
+            deviation = part if deviation is None else deviation + part
         weighted |= np.bincount(labels[weights > 0], minlength=num_classes) > 0
         if gram and source.num_features + int(fit_intercept) <= MAX_PROJECTED_COLUMNS:
             kept = X[weights > 0].astype(np.float64)
@@ -123,7 +134,8 @@ def _scan(
     source.weight_shift = 1 - exponent
     if fit_intercept:
         warn_empty_classes(np.flatnonzero(~weighted), stacklevel=4)
-    return total, scale / total, products
+    means = None if reference is None else reference + deviation / total
+    return total, scale / total, products, means
 
 
 def _refuse_range(largest: float, rows: str, dtype: np.dtype) -> None:
@@ -144,6 +156,7 @@ def _fit_streamed(
     l2,
     total_weight,
     column_scale,
+    means,
     tol,
     max_iter,
     token,
@@ -159,6 +172,7 @@ def _fit_streamed(
         l2=jnp.asarray(l2, chunks.dtype),
         total_weight=jnp.asarray(total_weight, chunks.dtype),
         token=jnp.asarray(token, jnp.int32),
+        shift=None if means is None else jnp.asarray(means, chunks.dtype),
         chunks=chunks,
         num_classes=num_classes,
         fit_intercept=fit_intercept,
@@ -405,7 +419,9 @@ def fit_logistic_regression_streamed(
         return _is_concrete(l2) and not known_positive(l2, dtype)
 
     unpenalised = is_zero(getattr(source, "dtype", None) or np.float32)
-    total, column_scale, gram = _scan(source, int(num_classes), bool(fit_intercept), unpenalised)
+    total, column_scale, gram, means = _scan(
+        source, int(num_classes), bool(fit_intercept), unpenalised
+    )
     check_l2_fits(l2, source.dtype)
     if gram is not None and is_zero(source.dtype):
         columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
@@ -418,6 +434,7 @@ def fit_logistic_regression_streamed(
             l2,
             total,
             column_scale,
+            means,
             tol,
             max_iter,
             token,
