@@ -460,8 +460,9 @@ def test_float32_kronecker_factorises_class_blocks_for_spread_columns(classes, i
     basis = _preconditioners.setup_basis("kronecker", objective)
     assert bool(jnp.any(basis.scale != 1))  # l2 does not cover A's rounding: scaled basis
     assert (basis.shift is not None) == intercept
-    if intercept:
-        X, d = np.c_[X, np.ones(n)], d + 1
+    penalty = np.ones(d)
+    if intercept:  # centred variables: the penalty's own l2·P, the intercept unpenalised
+        X, d, penalty = np.c_[X, np.ones(n)], d + 1, np.r_[penalty, 0.0]
     metric = _preconditioners.build("kronecker", objective, evaluation, basis)
     identity = jnp.eye(objective.num_params, dtype=jnp.float32)
     apply = np.asarray(jax.vmap(metric.apply)(identity).T, np.float64)
@@ -474,7 +475,8 @@ def test_float32_kronecker_factorises_class_blocks_for_spread_columns(classes, i
         values, vectors = np.linalg.eigh(curvature)
     values = np.maximum(values, _preconditioners._EIGENVALUE_FLOOR * values.max())
     gram = X.T @ X / n
-    expected = np.kron(gram, (vectors * values) @ vectors.T) + l2 * np.eye(d * classes)
+    expected = np.kron(gram, (vectors * values) @ vectors.T)
+    expected += l2 * np.kron(np.diag(penalty), np.eye(classes))
 
     # Entry by entry, relative to the geometric mean of the diagonal entries (the scale at
     # which the columns' sizes cancel), the float32 products agree to about 1e-6.

@@ -779,6 +779,47 @@ def test_float32_near_constant_column_beside_the_intercept_reaches_the_optimum(o
     assert _gap_to_float64_optimum(features, labels, streamed) < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_column_constant_but_for_one_ulp_is_not_centred(dtype):
+    # 7 beside the intercept, five rows one ulp above: centred, a column of one-ulp steps that
+    # the logits in θ cannot resolve (CG proposed |W| ≈ 1e5 with b ≈ −7·W, and the fits
+    # stopped at W = 0, LINE_SEARCH_FAILED); `centring_shift` leaves it uncentred, and the CG
+    # solvers reach the explicit Newton solver's optimum.
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(500, 2))
+    labels = np.argmax(base @ rng.normal(size=(2, 3)) + rng.gumbel(size=(500, 3)), axis=1)
+    column = np.full(500, 7.0, dtype)
+    column[:5] = np.nextafter(dtype(7), dtype(8))
+    features = np.c_[base.astype(dtype), column]
+    _, shift = _linear.logistic_objective(features, labels, 3).centred_feature_gram()
+    assert float(shift[2]) == 0.0 and float(shift[0]) != 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollinearityWarning)
+        newton = fit_logistic_regression(features, labels, 3, solver="newton", throw=False)
+        for solver in ("newton-cg", "trust-region"):
+            result = fit_logistic_regression(features, labels, 3, solver=solver, throw=False)
+            assert result.status == Status.CONVERGED, solver
+            np.testing.assert_allclose(float(result.loss), float(newton.loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-2])
+def test_float32_penalised_columns_of_large_mean_converge(l2):
+    # Two float32 columns of mean 1e4: with l2 > 0 the class blocks of the centred basis had
+    # the L2 term l2·CᵀC, whose μ·μᵀ (1e8) broke their Cholesky factorisation (NaN), and CG
+    # stopped at once at W = 0 (LINE_SEARCH_FAILED). The term is the penalty's own l2·P now.
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(500, 3))
+    labels = np.argmax(base @ rng.normal(size=(3, 3)) + rng.gumbel(size=(500, 3)), axis=1)
+    features = (base + np.array([1e4, 0.0, 1e4])).astype(np.float32)
+    exact = _linear.logistic_objective(features.astype(np.float64), labels, 3, l2=l2)
+    centred = features.astype(np.float64) - features.astype(np.float64).mean(axis=0)
+    optimum = fit_logistic_regression(centred, labels, 3, l2=l2, tol=1e-12)
+    for solver in ("newton-cg", "trust-region"):
+        result = fit_logistic_regression(features, labels, 3, l2=l2, solver=solver)
+        theta = exact.restrict(*(jnp.asarray(p, jnp.float64) for p in result.params))
+        assert float(exact.value(theta)) - float(optimum.loss) < 1e-5, solver
+
+
 def test_float32_collinearity_warning_says_what_the_fit_may_miss_and_the_remedy_works():
     # The column 7 + 1e-3·z is collinear with the intercept to float32 precision (the rank
     # test of the uncentred Gram). The warning promised "the minimum-norm optimum"; it says

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import sparse
 from jax.typing import ArrayLike
@@ -718,20 +719,51 @@ def centred_feature_gram(objective: LogisticObjective) -> tuple[jax.Array, jax.A
     μ = x_r + Σᵢ ŵᵢ·(xᵢ − x_r), with x_r the row of largest weight: a column constant over the
     weighted rows then centres to exact zeros. Σᵢ ŵᵢ·xᵢ itself rounded 3 to 2.9999976 (float32,
     N = 300), and the column of 2.4e-6, Jacobi-scaled by 4e5, amplified rounding along the
-    dependence with the intercept (intercepts of 8e5).
+    dependence with the intercept (intercepts of 8e5). Columns constant to the working
+    precision are not centred (μⱼ = 0, see `centring_shift`). Cost: one pass over X for μ and
+    the spreads, one for the Gram.
     """
     features = objective.features
     if isinstance(features, sparse.BCOO) or not objective.fit_intercept:
         return feature_gram(objective), None
     reference = features[jnp.argmax(objective.weights)]
-    deviation = column_sums_by_chunks(
-        lambda rows, weights: weights @ (rows - reference[None, :]),
-        features,
-        objective.weights,
-        objective.row_chunk,
+
+    def moments(rows, weights):
+        deviations = rows - reference[None, :]
+        return weights @ deviations, weights @ jnp.square(deviations)
+
+    deviation, square = column_sums_by_chunks(
+        moments, features, objective.weights, objective.row_chunk
     )
-    shift = reference + deviation
+    shift = centring_shift(reference, deviation, square, features.dtype)
     return feature_gram(objective, shift), shift
+
+
+# A column is centred only where its spread exceeds this many times the rounding of its logits
+# in the model's own variables (`centring_shift`).
+CENTRED_SPREAD = 16.0
+
+
+def centring_shift(reference, deviation, square, dtype):
+    """μ [d] for `centred_feature_gram`: the weighted means, 0 for columns constant to `dtype`.
+
+    From Σᵢ ŵᵢ·(xᵢ − x_r) (`deviation`) and Σᵢ ŵᵢ·(xᵢ − x_r)² (`square`), ŵ summing to one:
+    μ = x_r + deviation and the spread σ² = square − deviation². The products run in the
+    model's variables θ, where a centred column's logits, of norm 1 along eⱼ/σⱼ, carry a
+    rounding of about 2·eps·mⱼ/σⱼ (mⱼ² = μⱼ² + σⱼ², the column's and the intercept's terms).
+    Centred, a column below that would be a direction that θ's arithmetic cannot resolve: a
+    float32 column 7 with five rows one ulp above (σ/m = 7e-9), or 1e6 + z, along which CG
+    proposed |W| ≈ 1e5 with b ≈ −7·W, logits that were rounding, and the fits stopped at W = 0
+    (LINE_SEARCH_FAILED) or CONVERGED far above the optimum. Uncentred (μⱼ = 0, where
+    0 < σⱼ ≤ `CENTRED_SPREAD`·eps·mⱼ), A's own rounding hides it as before. A constant column
+    (σⱼ = 0) is centred, to exact zeros, and 7 + 1e-3·z (σ/m = 1.4e-4 in float32) too. NumPy
+    or JAX arrays alike.
+    """
+    mean = reference + deviation
+    spread = (square - deviation**2).clip(0) ** 0.5
+    magnitude = (mean**2 + spread**2) ** 0.5
+    lost = (spread > 0) & (spread <= CENTRED_SPREAD * float(np.finfo(dtype).eps) * magnitude)
+    return mean * (~lost).astype(mean.dtype)
 
 
 def sparse_feature_gram(

@@ -86,8 +86,9 @@ class FeatureBasis(NamedTuple):
     the eigenbasis) or of the Jacobi-scaled S = D·A·D with D = diag(A)^(-1/2) (`scale` holds
     D's diagonal, `penalty` the L2 term's Rayleigh quotients in S's eigenbasis, exact only
     when the columns have equal scales). See `feature_basis`. With `shift` μ (not None), A is
-    the centred Gram A_c of X̃·C, C = [[I, 0], [−μᵀ, 1]] (`centred_feature_gram`), and the
-    basis is in the variables C⁻¹·θ (`centring`).
+    the centred Gram A_c of X̃·C, C = [[I, 0], [−μᵀ, 1]] (`centred_feature_gram`), the basis
+    is in the variables C⁻¹·θ (`centring`), and the L2 term is the penalty's own, l2·P with P
+    the projection on W (the intercept unpenalised), which C leaves as it is: CᵀPC = P.
     """
 
     eigenvalues: jax.Array
@@ -97,7 +98,9 @@ class FeatureBasis(NamedTuple):
     shift: jax.Array | None = None
 
 
-def centring(block: jax.Array, shift: jax.Array | None, inverse: bool, transpose: bool):
+def centring(
+    block: jax.Array, shift: jax.Array | None, inverse: bool, transpose: bool
+) -> jax.Array:
     """C·Y, C⁻¹·Y, Cᵀ·Y or C⁻ᵀ·Y for C = [[I, 0], [−μᵀ, 1]] and Y [d̃, ...] (intercept last).
 
     C maps the centred variables θ_c = (W, b + μᵀW) to θ; each product is O(d̃) per column of
@@ -110,6 +113,12 @@ def centring(block: jax.Array, shift: jax.Array | None, inverse: bool, transpose
     if transpose:  # the feature rows get ∓μ times the intercept's row
         return block.at[:-1].add(sign * jnp.tensordot(shift, block[-1], axes=0))
     return block.at[-1].add(sign * jnp.tensordot(shift, block[:-1], axes=1))
+
+
+def penalised_rows(size: int, shift: jax.Array | None, dtype) -> jax.Array:
+    """The diagonal of the L2 term's matrix [d̃]: ones (l2·I), the intercept's 0 when centred."""
+    rows = jnp.ones(size, dtype)
+    return rows if shift is None else rows.at[-1].set(0)
 
 
 def feature_basis(
@@ -125,8 +134,9 @@ def feature_basis(
     form's approximate L2 term made CG several times longer (float64, tol = 1e-6: raw digits
     at l2 = 1e-3 took 1,278 Hessian products scaled and 444 unscaled; columns scaled by
     10^±3, 327 and 25), and standardised data is unaffected (docs/solvers.md). `gram` is the
-    centred Gram when `shift` is given (scaled only), and the L2 term l2·I the quotients of
-    l2·CᵀC, the same term in the centred variables.
+    centred Gram when `shift` is given (scaled only), and `penalty` the quotients of l2·P, the
+    intercept's row left out: l2·I in the centred variables would be l2·CᵀC, whose μ·μᵀ
+    (1e8 for two float32 columns of mean 1e4) broke the class blocks' Cholesky factorisation.
     """
     if not scaled:
         eigenvalues, eigenvectors = eigh(gram)
@@ -136,8 +146,8 @@ def feature_basis(
     eigenvalues, eigenvectors = eigh(scaled_gram)
     # In the scaled variables θ = D·θ' the L2 term l2·I becomes l2·D²; its Rayleigh quotient
     # on each eigenvector keeps M ⊗-structured (exact when the columns have equal scales).
-    directions = centring(scale[:, None] * eigenvectors, shift, inverse=False, transpose=False)
-    penalty = jnp.sum(jnp.square(directions), axis=0)
+    rows = eigenvectors.shape[0] - (shift is not None)  # the intercept's row is unpenalised
+    penalty = jnp.square(eigenvectors[:rows]).T @ jnp.square(scale[:rows])
     return FeatureBasis(jnp.maximum(eigenvalues, 0), eigenvectors, scale, penalty, shift)
 
 
@@ -170,6 +180,9 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
     diagonal when features are correlated; needs the d̃ × d̃ Gram (so d up to a few thousand).
     Where `class_curvature` gives B's diagonal b (many classes, no reference class), Q = I:
     M = A ⊗ diag(b) + l2·I, O(N·K) per outer iteration and O(d²K) per use.
+
+    With a centred basis (`FeatureBasis.shift`) the L2 term is the penalty's own l2·P (the
+    intercept unpenalised): M = A ⊗ B + l2·P.
 
     With the scaled basis and l2 > 0 (float32 only, see `_exact_penalty_basis`) the L2 term's
     stand-in is replaced, within `CLASS_BLOCK_MAX_ENTRIES` and `CLASS_BLOCK_MAX_FLOPS`, by M's
@@ -238,19 +251,21 @@ def kronecker(objective: Objective, evaluation: Evaluation, basis: FeatureBasis)
         return rotate_classes(block, curvature_vectors, inverse=True).reshape(-1)
 
     def blocks_solve(vector):
-        # C·(μ_m·A_c + l2·CᵀC)⁻¹·Cᵀ per class; C commutes with the class rotation.
+        # C·(μ_m·A_c + l2·P)⁻¹·Cᵀ per class; C commutes with the class rotation.
         block = centring(rotated(vector), shift, inverse=False, transpose=True)
         solved = jnp.einsum("mij,jm->im", inverses, block)
         return back(centring(solved, shift, inverse=False, transpose=False))
 
+    rows = penalised_rows(basis.eigenvalues.size, shift, dtype)[:, None]
+
     def blocks_apply(vector):
-        # C⁻ᵀ·μ_m·A_c·C⁻¹·R_m + l2·R_m per class, with A_c = D⁻¹·U·diag(λ)·Uᵀ·D⁻¹.
+        # C⁻ᵀ·μ_m·A_c·C⁻¹·R_m + l2·P·R_m per class, with A_c = D⁻¹·U·diag(λ)·Uᵀ·D⁻¹.
         block = rotated(vector)
         centred = centring(block, shift, inverse=True, transpose=False)
         features = feature_vectors.T @ (centred / scale)
         gram_block = feature_vectors @ (basis.eigenvalues[:, None] * features) / scale
         gram_block = centring(gram_block, shift, inverse=True, transpose=True)
-        return back(gram_block * curvature_values[None, :] + objective.l2 * block)
+        return back(gram_block * curvature_values[None, :] + objective.l2 * rows * block)
 
     return Preconditioner(
         solve=lambda v: cond(factored, blocks_solve, eigen.solve, v),
@@ -303,17 +318,13 @@ def class_block_inverses(
     by 10^U(−3, 3) 473 against 23,933 (MAX_ITER); docs/solvers.md has the table.
 
     With `shift` μ, A and S are centred (`FeatureBasis`) and the blocks are those of the
-    centred variables, (μ_m·A_c + l2·CᵀC)⁻¹, whose L2 term D·CᵀC·D is no longer diagonal.
+    centred variables, (μ_m·A_c + l2·P)⁻¹, with the intercept unpenalised.
     """
     size = eigenvalues.size
     identity = jnp.eye(size, dtype=eigenvalues.dtype)
     jitter = size * jnp.finfo(eigenvalues.dtype).eps * jnp.max(eigenvalues, initial=0)
     gram = (eigenvectors * eigenvalues[None, :]) @ eigenvectors.T + jitter * identity
-    if shift is None:
-        penalty = jnp.diag(l2 * jnp.square(scale))
-    else:
-        factor = centring(jnp.diag(scale), shift, inverse=False, transpose=False)  # C·D
-        penalty = l2 * (factor.T @ factor)
+    penalty = jnp.diag(l2 * jnp.square(scale) * penalised_rows(size, shift, scale.dtype))
 
     def one(value):
         inverse = cholesky_solve(cholesky(value * gram + penalty), identity)
@@ -439,7 +450,7 @@ def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasi
 
     A regularisation path passes its objective at its weakest l2, which decides the basis.
     The scaled Kronecker basis is the centred Gram's where the objective has one
-    (`centred_feature_gram`: a dense X with an intercept), see `_centred_basis`.
+    (`centred_feature_gram`: a dense X with an intercept), see `_kronecker_basis`.
     """
     kind = resolve(kind, objective)
     if kind in ("diagonal", "none"):

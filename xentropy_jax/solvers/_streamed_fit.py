@@ -13,6 +13,7 @@ from jax.typing import ArrayLike
 
 from .._checks import check_flag, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
+from .._linear import centring_shift
 from .._precision import full_precision
 from .._streamed import (
     IteratedChunks,
@@ -56,16 +57,16 @@ def _scan(
 
     The column sums give the precision floor of the tolerance (`attainable_tolerance`). With
     `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns. With an
-    intercept, the weighted column means μ = x_r + Σᵢ ŵᵢ·(xᵢ − x_r) (x_r the first chunk's row
-    of largest weight, so that a constant column's mean is its value exactly) in float64, the
-    centring of the Kronecker preconditioner's basis (`centred_feature_gram`).
+    intercept, the centring of the Kronecker preconditioner's basis (`centring_shift`: the
+    weighted column means, from Σᵢ ŵᵢ·(xᵢ − x_r) and its squares in float64, x_r the first
+    chunk's row of largest weight, so that a constant column's mean is its value exactly).
     """
     # The weights are summed as w·2^(1−e), e the exponent of the largest so far (the sums
     # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
     # `fit_logistic_regression`, and the fit reads them scaled the same way (`weight_shift`).
     exponent, total, scale, weighted, products = None, 0.0, None, np.zeros(num_classes, bool), None
     largest, largest_rows = 0.0, ""
-    reference, deviation = None, None
+    reference, deviation, square = None, None, None
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
         rows = f"rows {start} to {start + len(labels) - 1}"
@@ -109,6 +110,7 @@ def _scan(
                 total, scale = np.ldexp(total, grown - exponent), np.ldexp(scale, grown - exponent)
                 if deviation is not None:
                     deviation = np.ldexp(deviation, grown - exponent)
+                    square = np.ldexp(square, grown - exponent)
         scaled = weights if exponent is None else np.ldexp(weights, 1 - exponent)
         total += float(scaled.sum())
         part = np.abs(X).T.astype(np.float64) @ scaled
@@ -116,8 +118,10 @@ def _scan(
         if fit_intercept and len(labels):
             if reference is None:
                 reference = X[int(np.argmax(weights))].astype(np.float64)
-            part = (X.astype(np.float64) - reference).T @ scaled
+            deviations = X.astype(np.float64) - reference
+            part, squares = deviations.T @ scaled, np.square(deviations).T @ scaled
             deviation = part if deviation is None else deviation + part
+            square = squares if square is None else square + squares
         weighted |= np.bincount(labels[weights > 0], minlength=num_classes) > 0
         if gram and source.num_features + int(fit_intercept) <= MAX_PROJECTED_COLUMNS:
             kept = X[weights > 0].astype(np.float64)
@@ -134,7 +138,9 @@ def _scan(
     source.weight_shift = 1 - exponent
     if fit_intercept:
         warn_empty_classes(np.flatnonzero(~weighted), stacklevel=4)
-    means = None if reference is None else reference + deviation / total
+    means = None
+    if reference is not None:
+        means = centring_shift(reference, deviation / total, square / total, source.dtype)
     return total, scale / total, products, means
 
 
