@@ -194,3 +194,18 @@ def test_extrapolations_are_lagrange_and_fall_back_to_the_last_point():
         np.testing.assert_array_equal(quadratic, quadratic_points[2])
         if not linear_usable:
             np.testing.assert_array_equal(linear, quadratic_points[2])
+
+
+def test_float64_path_through_zero_with_a_near_constant_column_keeps_its_cost():
+    # A float64 path whose grid ends at l2 = 0 takes the scaled Kronecker basis, decided by
+    # its weakest l2. Centred there, the column 7 + 7e-9·z (Jacobi-scaled by about 1e8) made
+    # the penalised members' stand-in for l2·D²·P so poor that the path took 131 to 168
+    # products per value where it takes 10 to 20; float64 fits are not centred.
+    rng = np.random.default_rng(0)
+    base, z = rng.normal(size=(1000, 5)), rng.normal(size=1000)
+    logits = base[:, :3] @ rng.normal(size=(3, 3)) + z[:, None] * rng.normal(size=3)
+    labels = np.argmax(logits + rng.gumbel(size=(1000, 3)), axis=1)
+    features = np.column_stack([base, 7.0 + 7e-9 * z])
+    path = xj.fit_regularization_path(features, labels, 3, np.array([1.0, 1e-2, 1e-4, 0.0]))
+    assert np.all(np.asarray(path.status) == 0)
+    assert np.all(np.asarray(path.n_hessian_products) <= 40)

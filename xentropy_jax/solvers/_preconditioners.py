@@ -478,18 +478,19 @@ def _basis(exact: bool | jax.Array, gram: jax.Array) -> FeatureBasis:
 def _kronecker_basis(objective: Objective) -> FeatureBasis:
     """The Kronecker form's basis: A's own where the L2 term is exact in it, else scaled.
 
-    The scaled basis, which every unpenalised fit takes, is the centred Gram A_c's
-    (`centred_feature_gram`): in float32 a column 7 + 1e-3·z beside the intercept has a scaled
-    eigenvalue in A below eps, so that the basis dropped it as collinear and Newton-CG stopped
-    3e-2 above the optimum (CONVERGED or LINE_SEARCH_FAILED) where Newton reached it, and in
-    float64 the rounding of A mixed an exact dependence among columns of mean 1,000 with its
-    small neighbours. A itself (for the test of `_exact_penalty_basis` and the unscaled basis)
-    is then C⁻ᵀ·A_c·C⁻¹, one Gram pass in all. Float64 fits with a known penalty keep A's own
-    basis and skip the centring.
+    Below float64 the scaled basis (every unpenalised fit's; l2 < eps·trace(A)/2) is the
+    centred Gram A_c's (`centred_feature_gram`): in float32 a column 7 + 1e-3·z beside the
+    intercept has a scaled eigenvalue in A below eps, so that the basis dropped it as collinear
+    and Newton-CG stopped 3e-2 above the optimum (CONVERGED or LINE_SEARCH_FAILED) where Newton
+    reached it. A itself (for the test of `_exact_penalty_basis` and the unscaled basis)
+    is then C⁻ᵀ·A_c·C⁻¹, one Gram pass in all. Float64 fits are not centred: A resolves such a
+    column down to δ/c of about 1e-8 there, and centred, a float64 path with l2 = 0 in its
+    grid took 8 to 100 times the products at δ/c = 1e-9 to 1e-13 (the stand-in for l2·D²·P
+    with D's huge entry), fits at δ/c ≤ 1e-12 ended LINE_SEARCH_FAILED, and the streamed fit
+    failed at 1e-9.
     """
     centred = getattr(objective, "centred_feature_gram", None)
-    known = objective.dtype == jnp.float64 and getattr(objective, "penalised", False)
-    if centred is None or known:
+    if centred is None or objective.dtype == jnp.float64:
         gram = objective.feature_gram()
         return _basis(_exact_penalty_basis(objective, gram), gram)
     centred_gram, shift = centred()
