@@ -449,7 +449,7 @@ def setup_basis(kind: str, objective: Objective) -> FeatureBasis | ProjectedBasi
     """What a preconditioner of this kind needs once per fit (the Gram's eigenbasis).
 
     A regularisation path passes its objective at its weakest l2, which decides the basis.
-    The scaled Kronecker basis is the centred Gram's where the objective has one
+    Below float64 the scaled Kronecker basis is the centred Gram's where the objective has one
     (`centred_feature_gram`: a dense X with an intercept), see `_kronecker_basis`.
     """
     kind = resolve(kind, objective)
