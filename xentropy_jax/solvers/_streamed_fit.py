@@ -113,18 +113,19 @@ def _scan(
                     square = np.ldexp(square, grown - exponent)
         scaled = weights if exponent is None else np.ldexp(weights, 1 - exponent)
         total += float(scaled.sum())
-        part = np.abs(X).T.astype(np.float64) @ scaled
+        rows = X.astype(np.float64)  # once per chunk, for every sum below
+        part = np.abs(rows).T @ scaled
         scale = part if scale is None else scale + part
         if fit_intercept and len(labels):
             if reference is None:
-                reference = X[int(np.argmax(weights))].astype(np.float64)
-            deviations = X.astype(np.float64) - reference
-            part, squares = deviations.T @ scaled, np.square(deviations).T @ scaled
-            deviation = part if deviation is None else deviation + part
+                reference = rows[int(np.argmax(weights))]
+            deviations = rows - reference
+            shifted, squares = deviations.T @ scaled, np.square(deviations).T @ scaled
+            deviation = shifted if deviation is None else deviation + shifted
             square = squares if square is None else square + squares
         weighted |= np.bincount(labels[weights > 0], minlength=num_classes) > 0
         if gram and source.num_features + int(fit_intercept) <= MAX_PROJECTED_COLUMNS:
-            kept = X[weights > 0].astype(np.float64)
+            kept = rows[weights > 0]
             if fit_intercept:
                 kept = np.concatenate([kept, np.ones((len(kept), 1))], axis=1)
             products = kept.T @ kept if products is None else products + kept.T @ kept
