@@ -269,19 +269,57 @@ def float64_counted_rows(X, sample_weight):
     return features
 
 
-def _float64_gram(features, fit_intercept: bool) -> np.ndarray:
-    """X̃ᵀX̃ in float64 of `float64_counted_rows`' rows (X̃ = [X, 1] with an intercept)."""
+def float64_counted_gram(X, sample_weight, fit_intercept: bool) -> tuple:
+    """(rows, X̃ᵀX̃): `float64_counted_rows` and their Gram in float64 (intercept's row last)."""
+    features = float64_counted_rows(X, sample_weight)
     gram = features.T @ features
     gram = gram.toarray() if scipy_sparse(gram) else np.asarray(gram)
     if not fit_intercept:
-        return gram
+        return features, gram
     sums = np.asarray(features.sum(axis=0), np.float64).reshape(-1)
     count = np.array([[float(features.shape[0])]])
-    return np.block([[gram, sums[:, None]], [sums[None, :], count]])
+    return features, np.block([[gram, sums[:, None]], [sums[None, :], count]])
+
+
+# A column counts as resolved by a fit in centred variables when its spread σ exceeds this many
+# eps of its root mean square m (`centred_collinear_columns`).
+RESOLVED_SPREAD = 256.0
+
+
+def centred_collinear_columns(gram: np.ndarray, dtype) -> tuple[list[int], int]:
+    """`collinear_columns_of_gram` in `dtype` for [X − 1·μᵀ, 1], from X̃ᵀX̃ in float64.
+
+    The fits whose Kronecker preconditioner works in centred variables (below float64, dense
+    X with an intercept; `centred_feature_gram`) resolve a column c + δ·z beside the
+    intercept that the uncentred Gram in `dtype` counts as collinear with it (a scaled
+    eigenvalue of order (δ/c)², below float32's eps for δ/c = 1e-4): they reach the float64
+    optimum there, and the rank is decided on the centred Gram A_c = CᵀAC, C = [[I, 0], [−μᵀ,
+    1]], which spans the same columns. It is formed here in float64 (its rounding about
+    eps₆₄·(m/σ)² relative) and rounded to `dtype`. A column centres only where σ >
+    `RESOLVED_SPREAD`·eps·m: closer to constant, the fits' logits in the model's variables
+    carry a rounding of about 2·eps·m/σ relative along it, and float32 fits stopped 1e-6 to
+    2e-5 above the optimum (σ/m = 1e-5 to 5e-6, against 5e-8 at 1e-4), which the warning
+    keeps saying. A constant column (σ = 0) stays uncentred, collinear with the intercept.
+
+    Args:
+        gram: [d + 1, d + 1] X̃ᵀX̃ of the counted rows in float64, the intercept's row last.
+        dtype: the fit's precision.
+    """
+    count = gram[-1, -1]
+    mean = gram[-1, :-1] / count
+    square = np.diag(gram)[:-1] / count
+    spread = np.sqrt(np.clip(square - mean**2, 0, None))
+    resolved = spread > RESOLVED_SPREAD * np.finfo(dtype).eps * np.sqrt(square)
+    change = np.eye(gram.shape[0])
+    change[-1, :-1] = -np.where(resolved, mean, 0.0)
+    return collinear_columns_of_gram((change.T @ gram @ change).astype(dtype))
 
 
 def float64_collinear_columns(
-    X: np.ndarray, sample_weight: np.ndarray | None, fit_intercept: bool
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    fit_intercept: bool,
+    counted: tuple | None = None,
 ) -> tuple[list[int], int, np.ndarray, float]:
     """`collinear_columns` in float64 with NumPy, whatever the fit's precision, and how exactly.
 
@@ -297,14 +335,14 @@ def float64_collinear_columns(
     The null vectors come from the Gram, whose rounding (about d̃·√N·eps) turns them by up to
     that over the next eigenvalue λ₂, which adds up to d̃·√N·eps/√λ₂ to their images: offset
     columns beside the intercept (λ₂ small) gave 2e-15 for a repeated column. That bound is
-    the fourth number: images below it are not resolved from 0.
+    the fourth number: images below it are not resolved from 0. `counted`: the
+    `float64_counted_gram` of X, where the caller has it.
 
     Returns:
         (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
         one per null direction, largest first, and the bound on their rounding.
     """
-    features = float64_counted_rows(X, sample_weight)
-    gram = _float64_gram(features, fit_intercept)
+    features, gram = counted or float64_counted_gram(X, sample_weight, fit_intercept)
     diagonal = np.diag(gram)
     scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 from .._checks import check_flag, check_int_range, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
 from .._linear import (
+    AUTO_MAX_GRAM_FEATURES,
     LogisticObjective,
     logistic_objective,
 )
@@ -26,8 +27,10 @@ from . import _preconditioners, _sparse_input
 from ._collinear import (
     MAX_PROJECTED_COLUMNS,
     MAX_RECHECKED_COLUMNS,
+    centred_collinear_columns,
     collinear_columns,
     float64_collinear_columns,
+    float64_counted_gram,
     float64_counted_rows,
     minimum_norm,
 )
@@ -714,7 +717,9 @@ def fit_logistic_regression(
             # beside Auto features stopped the Gram with a mesh error).
             if sample_weight is not None:
                 sample_weight = with_auto_axes(jnp.asarray(sample_weight))
-            _warn_collinear(concrete, sample_weight, fit_intercept)
+            dense = not isinstance(concrete, sparse.BCOO)
+            centred = fits_centred(config, concrete.dtype, concrete.shape[1], fit_intercept, dense)
+            _warn_collinear(concrete, sample_weight, fit_intercept, centred)
             # Not on rows that other processes hold (NumPy cannot read them here).
             if (
                 _is_concrete(labels, result.status)
@@ -788,8 +793,28 @@ def _one_device(features):
     return next(iter(sharding.device_set))
 
 
-def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
-    """Warn, naming the columns, when unpenalised features are collinear."""
+def fits_centred(
+    solver: Solver, dtype, num_features: int, fit_intercept: bool, dense: bool = True
+) -> bool:
+    """Whether the fit's preconditioner works in centred variables (`centred_feature_gram`).
+
+    Newton-CG and the trust region with the Kronecker preconditioner ("auto" for a dense X
+    of up to `AUTO_MAX_GRAM_FEATURES` columns), below float64, on a dense X with an intercept.
+    """
+    if not (fit_intercept and dense and isinstance(solver, NewtonCG | TrustRegion)):
+        return False
+    kind = solver.preconditioner
+    auto = kind == "auto" and num_features <= AUTO_MAX_GRAM_FEATURES
+    return np.dtype(dtype) != np.float64 and (kind == "kronecker" or auto)
+
+
+def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool) -> None:
+    """Warn, naming the columns, when unpenalised features are collinear.
+
+    `centred` (`fits_centred`): the rank is decided on the centred Gram, below float64
+    (`centred_collinear_columns`), where a column close to constant beside the intercept is
+    one the fit resolves.
+    """
     num_columns = features.shape[1] + int(fit_intercept)
     if num_columns > MAX_PROJECTED_COLUMNS:
         return
@@ -798,14 +823,21 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool) -> None:
     exact = None
     near, dependence = 0, 0.0
     if columns and num_columns <= MAX_RECHECKED_COLUMNS:
+        counted = float64_counted_gram(
+            features if isinstance(features, sparse.BCOO) else np.asarray(features),
+            None if sample_weight is None else np.asarray(sample_weight),
+            fit_intercept,
+        )
+        if centred:
+            columns, rank = centred_collinear_columns(counted[1], features.dtype)
+            if not columns:
+                return
         # The same decision in float64, each dependence measured with X itself: a float32
         # decision is exact when float64 finds the same rank (all-zero or duplicated columns)
         # and then names its columns; a dependence beyond the rounding of the data (x and
         # x + 1e-9·z in float64) is only near, whatever the Gram says.
         columns64, rank64, dependences, resolution = float64_collinear_columns(
-            features if isinstance(features, sparse.BCOO) else np.asarray(features),
-            None if sample_weight is None else np.asarray(sample_weight),
-            fit_intercept,
+            None, None, fit_intercept, counted
         )
         exact = rank64 == rank
         if exact:

@@ -26,6 +26,7 @@ from .._streamed import (
 )
 from ._collinear import (
     MAX_PROJECTED_COLUMNS,
+    centred_collinear_columns,
     collinear_columns_of_gram,
     point_kept,
     point_sums,
@@ -36,6 +37,7 @@ from ._fit import (
     _resolve_solver,
     check_l2_fits,
     check_tol_and_max_iter,
+    fits_centred,
     known_positive,
     setting_status,
     square_limit,
@@ -431,7 +433,10 @@ def fit_logistic_regression_streamed(
     )
     check_l2_fits(l2, source.dtype)
     if gram is not None and is_zero(source.dtype):
-        columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
+        if fits_centred(_resolve_solver(solver), source.dtype, source.num_features, fit_intercept):
+            columns, rank = centred_collinear_columns(gram, source.dtype)
+        else:
+            columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
             columns, rank, source.num_features, bool(fit_intercept), source.dtype, stacklevel=3
         )
