@@ -201,6 +201,31 @@ def test_integer_labels_broadcast_against_the_batch_as_in_optax(rng, logits_shap
         xj.softmax_cross_entropy_with_integer_labels(logits, labels[..., None])
 
 
+@pytest.mark.parametrize("include", [True, False])
+def test_a_scalar_where_broadcasts_as_in_optax(rng, include):
+    # optax broadcasts a 0-d mask to every entry; it raised "where of shape () does not
+    # broadcast" on batched logits (expand_dims of a scalar at the classes' axis).
+    logits, soft, integer = make_problem(rng, batch=(4, 3))
+    where = jnp.asarray(include)
+    expected = optax.softmax_cross_entropy(logits, soft, where=where)
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy(logits, soft, where=where), expected, rtol=1e-13, atol=1e-15
+    )
+    onehot = optax.softmax_cross_entropy(logits, jax.nn.one_hot(integer, 5), where=where)
+    np.testing.assert_allclose(
+        xj.softmax_cross_entropy_with_integer_labels(logits, integer, where=where),
+        onehot,
+        rtol=1e-13,
+        atol=1e-15,
+    )
+    np.testing.assert_allclose(
+        jax.grad(lambda z: xj.softmax_cross_entropy(z, soft, where=where).sum())(logits),
+        jax.grad(lambda z: optax.softmax_cross_entropy(z, soft, where=where).sum())(logits),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+
+
 @pytest.mark.parametrize("mask_shape", ["rows", "classes"])
 def test_where_matches_optax(rng, mask_shape):
     logits, soft, integer = make_problem(rng, batch=(8,))

@@ -686,20 +686,20 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 def _prepare_where(
     where: jax.typing.ArrayLike | None, logits: jax.Array, axes: tuple[int, ...]
 ) -> jax.Array | None:
-    """A boolean mask of the logits' shape, classes last; a per-example mask is broadcast."""
+    """A boolean mask of the logits' shape, classes last; a per-example or scalar mask broadcast."""
     if where is None:
         return None
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean array, got dtype {where.dtype}.")
     try:
-        if where.ndim != logits.ndim:
+        if 0 < where.ndim != logits.ndim:  # a scalar broadcasts as it is (as in optax)
             where = jnp.expand_dims(where, axes)
         where = jnp.broadcast_to(where, logits.shape)
     except ValueError as error:
         raise ValueError(
             f"where of shape {where.shape} does not broadcast to the logits' shape "
-            f"{logits.shape} (it must be of the batch shape or of the logits' shape)."
+            f"{logits.shape} (it must be a scalar, of the batch shape or of the logits' shape)."
         ) from error
     return _classes_last(where, axes)
 
@@ -776,8 +776,8 @@ def softmax_cross_entropy(
             of labels, say); the class axes count from the logits' last dimension.
         axis: the class axis, a tuple of axes whose elements together form the classes, or
             ``None`` for all axes (one example).
-        where: boolean mask of the batch shape (a ``False`` row gives exactly 0) or of the
-            logits' shape (``False`` classes are excluded from the softmax and their labels
+        where: boolean mask: a scalar, of the batch shape (a ``False`` row gives exactly 0) or
+            of the logits' shape (``False`` classes are excluded from the softmax and their labels
             are ignored). Where the labels have more dimensions than the logits, a mask with
             as many as the logits that broadcasts to their shape is a mask of their shape
             and broadcasts as they do; one of the labels' shape or of the batch shape covers
@@ -922,7 +922,7 @@ def softmax_cross_entropy_with_integer_labels(
             broadcasts, as in optax.
         axis: the class axis, a tuple of axes whose elements together form the classes, or
             ``None`` for all axes (then ``labels`` is a scalar flat index).
-        where: boolean mask of the batch shape or of the logits' shape (see
+        where: boolean mask: a scalar, of the batch shape or of the logits' shape (see
             :func:`softmax_cross_entropy`).
         label_smoothing: ``α`` in ``[0, 1]``.
 
@@ -1014,7 +1014,7 @@ def softmax_cross_entropy_hessian(
     Args:
         logits: ``[..., K]`` floating point (the class axis may sit elsewhere: ``axis``).
         axis: the class axis.
-        where: boolean mask of the batch shape or of the logits' shape.
+        where: boolean mask: a scalar, of the batch shape or of the logits' shape.
 
     Returns:
         ``[..., K, K]``: one matrix per example, the batch axes in order and the class axis
@@ -1062,7 +1062,7 @@ def softmax_cross_entropy_hvp(
         logits: ``[..., K]`` floating point.
         tangents: ``[..., K]`` vectors ``v``, same shape as ``logits``.
         axis: the class axis.
-        where: boolean mask of the batch shape or of the logits' shape.
+        where: boolean mask: a scalar, of the batch shape or of the logits' shape.
 
     Returns:
         ``[..., K]``: ``H v`` in the layout of ``tangents``, in the dtype the logits and the
