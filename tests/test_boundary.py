@@ -244,3 +244,40 @@ def test_estimators_name_a_bcoo_instead_of_failing_inside_jax():
     # The conversion the message gives fits the same model.
     converted = sp.coo_matrix((np.asarray(bcoo.data), np.asarray(bcoo.indices).T), bcoo.shape)
     np.testing.assert_array_equal(LogisticRegression().fit(converted, labels).coef_, fitted.coef_)
+
+
+def test_columns_too_small_for_their_squares_are_refused():
+    # A float32 column of 1.6e-19 (a charge in coulombs): the Gram's and the Hessian's
+    # diagonals underflowed to 0, and the fit returned its coefficients as 0, CONVERGED, 23%
+    # above the optimum's objective, dense and sparse, with every solver.
+    rng = np.random.default_rng(19)
+    charge, other = rng.normal(size=400), rng.normal(size=400)
+    labels = np.argmax(np.outer(charge, [0.0, 2.0, 1.0]) + rng.gumbel(size=(400, 3)), axis=1)
+    unit = np.c_[charge, other]
+    reference = xj.fit_logistic_regression(unit, labels, 3, tol=1e-10).params[0]
+    for dtype, small, fine in ((np.float32, 1.6e-19, 1e-15), (np.float64, 1e-160, 1e-149)):
+        scaled = (unit * [small, 1.0]).astype(dtype)
+        for layout in (scaled, sp.csr_matrix(scaled), sparse.BCOO.fromdense(scaled)):
+            with pytest.raises(ValueError, match=f"columns 0 .* too small for {dtype.__name__}"):
+                xj.fit_logistic_regression(layout, labels, 3)
+        with pytest.raises(ValueError, match="too small"):
+            xj.fit_regularization_path(scaled, labels, 3, [1e-2, 0.0])
+        with pytest.raises(ValueError, match="too small"):
+            xj.fit_logistic_regression_streamed(scaled, labels, 3, chunk_rows=128)
+        # Above the limit the fit is the unit-scale fit, rescaled.
+        result = xj.fit_logistic_regression((unit * [fine, 1.0]).astype(dtype), labels, 3)
+        weights = np.asarray(result.params[0], np.float64) * [[fine], [1.0]]
+        np.testing.assert_allclose(weights, reference, rtol=1e-3 if dtype == np.float32 else 1e-6)
+    # An all-zero column is no such column (its coefficients are 0 at any scale).
+    zero = np.c_[unit, np.zeros(400)].astype(np.float32)
+    assert xj.fit_logistic_regression(zero, labels, 3, l2=1e-2).converged
+
+
+def test_a_bcsr_is_named_at_the_boundary():
+    # It failed inside JAX: "sparse rule for slice is not implemented".
+    features = np.random.default_rng(0).normal(size=(50, 3))
+    bcsr = sparse.BCSR.fromdense(features)
+    with pytest.raises(TypeError, match=r"X is a BCSR: .*\.to_bcoo\(\)"):
+        xj.fit_logistic_regression(bcsr, np.arange(50) % 3, 3, l2=1e-2)
+    converted = xj.fit_logistic_regression(bcsr.to_bcoo(), np.arange(50) % 3, 3, l2=1e-2)
+    assert converted.converged

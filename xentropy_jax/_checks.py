@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse
 
 
 def is_concrete(*values: Any) -> bool:
@@ -33,6 +34,12 @@ def check_real(name: str, value: Any) -> None:
         return  # Python numbers, Fraction, Decimal (NumPy makes object arrays of the last two)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a real number or array, got the string {value!r}")
+    if isinstance(value, sparse.JAXSparse) and not isinstance(value, sparse.BCOO):
+        # A BCSR failed deep inside JAX ("sparse rule for slice is not implemented").
+        raise TypeError(
+            f"{name} is a {type(value).__name__}: sparse input is a "
+            "jax.experimental.sparse.BCOO or a SciPy sparse matrix (convert it with .to_bcoo())"
+        )
     dtype = dtype_of(value)
     if np.issubdtype(dtype, np.complexfloating):
         raise TypeError(

@@ -997,7 +997,8 @@ class LogisticRegressionCV(LogisticRegression):
         fit_intercept, class_weight, solver, tol, max_iter, verbose, n_jobs, product_dtype,
             dual, intercept_scaling, random_state: as :class:`LogisticRegression`
             (``n_jobs`` is accepted and ignored: a fit already uses every core, and the
-            splits share one compiled program).
+            splits share one compiled program; ``verbose`` prints the refit's iterations,
+            not those of the splits' paths, which run as one compiled scan).
 
     Attributes:
         Cs_: [n_Cs] the values of ``C``, in the order given (``np.logspace`` order, increasing,

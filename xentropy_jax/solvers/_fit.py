@@ -140,18 +140,24 @@ def _validate(
             )
     values = _sparse_input.stored_values(X) if _sparse_input.is_sparse(X) else X
     if _is_concrete(values):
-        finite, largest = _finite_and_largest(values)
+        finite, peaks = _finite_and_peaks(values)
         if not finite:
             raise ValueError("X contains NaN or infinity")
         dtype = _working_dtype(X)
-        limit = square_limit(dtype)
-        if largest > limit:
+        largest = float(np.max(peaks, initial=0))
+        if largest > square_limit(dtype):
             raise ValueError(
                 f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
                 f"{dtype.__name__} (its largest finite number is {np.finfo(dtype).max:.3g}), "
                 "so the fit would meet non-finite values. Scale the features (e.g. standardise "
                 "the columns)" + (", or fit in float64." if dtype != np.float64 else ".")
             )
+        if _sparse_input.is_sparse(X):
+            # Per column only when some stored value is that small (a pass over the entries).
+            magnitudes = np.abs(np.asarray(values))
+            small = np.any((magnitudes > 0) & (magnitudes < small_limit(dtype)))
+            peaks = _sparse_input.column_peaks(X) if small else np.zeros(0)
+        check_columns_resolved(peaks, dtype)
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
@@ -253,24 +259,57 @@ def _addressable(*values) -> bool:
 
 
 @jax.jit
-def _device_finite_and_largest(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return jnp.all(jnp.isfinite(values)), jnp.max(jnp.abs(values), initial=0)
+def _device_finite_and_peaks(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.all(jnp.isfinite(values)), jnp.max(jnp.abs(values), axis=0, initial=0)
 
 
-def _finite_and_largest(values) -> tuple[bool, float]:
-    """Whether every value is finite, and max|value|.
+def _finite_and_peaks(values) -> tuple[bool, np.ndarray]:
+    """Whether every value is finite, and max|value| over the rows (per column of a dense X).
 
     A jax array is reduced where it lives (on its devices, shard by shard for rows sharded
-    over a mesh) and only the two scalars come back: X is never gathered to the host.
+    over a mesh) and only d + 1 numbers come back: X is never gathered to the host.
     """
     if isinstance(values, jax.Array):
         # Evaluated now even inside a caller's `jit` that closes over X (a concrete array
         # there), where the jitted reduction would otherwise return tracers.
         with jax.ensure_compile_time_eval():
-            finite, largest = _device_finite_and_largest(values)
-        return bool(finite), float(largest)
+            finite, peaks = _device_finite_and_peaks(values)
+        return bool(finite), np.asarray(peaks, np.float64)
     values = np.asarray(values)
-    return bool(np.all(np.isfinite(values))), float(np.max(np.abs(values), initial=0))
+    peaks = np.max(np.abs(values), axis=0, initial=0).astype(np.float64)
+    return bool(np.all(np.isfinite(values))), peaks
+
+
+def small_limit(dtype) -> float:
+    """The smallest max|xⱼ| of a column whose squares the fit's sums in `dtype` keep.
+
+    √(tiny·2²³): the Gram's and the Hessian's diagonals Σᵢ ŵᵢ·xᵢⱼ²·(…) stay normal numbers
+    with a margin of 2²³ for the weights ŵᵢ of about 1/N and the probabilities' factors.
+    Below it they underflow, and XLA's CPU backend flushes subnormal numbers to zero
+    (3.1e-16 in float32, 4.3e-151 in float64).
+    """
+    return float(np.sqrt(np.finfo(dtype).tiny * 2.0**23))
+
+
+def check_columns_resolved(peaks: np.ndarray, dtype) -> None:
+    """Raise for a column of X whose nonzero entries all lie below `small_limit`.
+
+    A column of 1.6e-19 (a charge in coulombs) in float32 was fitted with coefficients 0,
+    23% above the optimum's objective, reported CONVERGED: its curvature had rounded to 0.
+    """
+    small = np.flatnonzero((peaks > 0) & (peaks < small_limit(dtype)))
+    if small.size:
+        named = ", ".join(f"{j} (max |x| = {peaks[j]:.3g})" for j in small[:5])
+        more = f" and {small.size - 5} more" if small.size > 5 else ""
+        name = np.dtype(dtype).name
+        raise ValueError(
+            f"X's columns {named}{more} are too small for {name}: the fit's curvature needs "
+            f"sums of x², which for columns below {small_limit(dtype):.3g} come near {name}'s "
+            f"smallest normal number ({np.finfo(dtype).tiny:.3g}), lose their digits and then "
+            "round to zero, where the fit leaves the coefficients at 0 and reports "
+            "convergence. Scale the features (e.g. standardise the columns)"
+            + (", or fit in float64." if name != "float64" else ".")
+        )
 
 
 def square_limit(dtype) -> float:

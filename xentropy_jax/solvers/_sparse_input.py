@@ -53,6 +53,18 @@ def stored_values(X) -> np.ndarray | jax.Array:
     return X.data
 
 
+def column_peaks(X) -> np.ndarray:
+    """The largest |xᵢⱼ| over the rows, per column [d], of concrete sparse X, duplicates summed."""
+    if is_scipy_sparse(X):
+        X = X.tocsc(copy=True)
+        X.sum_duplicates()
+        return np.asarray(abs(X).max(axis=0).todense(), np.float64).reshape(-1)
+    data, indices = _summed_entries(X)
+    peaks = np.zeros(X.shape[1], np.float64)
+    np.maximum.at(peaks, indices[:, 1], np.abs(data).astype(np.float64))
+    return peaks
+
+
 def _summed_entries(X: sparse.BCOO) -> tuple[np.ndarray, np.ndarray]:
     """A concrete BCOO's (data [n], indices [n, 2]) on the host, duplicates summed.
 

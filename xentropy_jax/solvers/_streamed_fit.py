@@ -35,6 +35,7 @@ from ._collinear import (
 from ._convergence import max_abs
 from ._fit import (
     _resolve_solver,
+    check_columns_resolved,
     check_l2_fits,
     check_tol_and_max_iter,
     fits_centred,
@@ -67,7 +68,7 @@ def _scan(
     # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
     # `fit_logistic_regression`, and the fit reads them scaled the same way (`weight_shift`).
     exponent, total, scale, weighted, products = None, 0.0, None, np.zeros(num_classes, bool), None
-    largest, largest_rows = 0.0, ""
+    largest, largest_rows, peaks = 0.0, "", 0.0
     reference, deviation, square = None, None, None
     for start, X, labels, weights in source.checked():
         dtype = source.dtype
@@ -85,7 +86,9 @@ def _scan(
         # Checked against the fit's dtype once every chunk has told its own (a float32 chunk
         # read before a float64 one was held to float32's limit, and refused), and at once
         # against the widest dtype the fit may take, before the sums below overflow.
-        here = float(np.max(np.abs(X), initial=0))
+        column_peaks = np.max(np.abs(X), axis=0, initial=0).astype(np.float64)
+        peaks = np.maximum(peaks, column_peaks)
+        here = float(np.max(column_peaks, initial=0))
         if here > largest:
             largest, largest_rows = here, rows
         widest = np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
@@ -133,6 +136,7 @@ def _scan(
             products = kept.T @ kept if products is None else products + kept.T @ kept
     if largest > square_limit(source.dtype):
         _refuse_range(largest, largest_rows, source.dtype)
+    check_columns_resolved(np.atleast_1d(peaks), source.dtype)
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
     # The largest weight read in the fit is in [1, 2): the sum cannot overflow, nor every
