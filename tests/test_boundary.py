@@ -6,6 +6,8 @@ named no argument of ours.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,31 +248,43 @@ def test_estimators_name_a_bcoo_instead_of_failing_inside_jax():
     np.testing.assert_array_equal(LogisticRegression().fit(converted, labels).coef_, fitted.coef_)
 
 
-def test_columns_too_small_for_their_squares_are_refused():
+def test_columns_too_small_for_their_squares_are_warned_of_without_a_penalty():
     # A float32 column of 1.6e-19 (a charge in coulombs): the Gram's and the Hessian's
-    # diagonals underflowed to 0, and the fit returned its coefficients as 0, CONVERGED, 23%
-    # above the optimum's objective, dense and sparse, with every solver.
+    # diagonals underflowed to 0, and the unpenalised fit returned its coefficients as 0,
+    # CONVERGED, 23% above the optimum's objective, dense and sparse, with no word.
     rng = np.random.default_rng(19)
     charge, other = rng.normal(size=400), rng.normal(size=400)
     labels = np.argmax(np.outer(charge, [0.0, 2.0, 1.0]) + rng.gumbel(size=(400, 3)), axis=1)
     unit = np.c_[charge, other]
     reference = xj.fit_logistic_regression(unit, labels, 3, tol=1e-10).params[0]
+    # Penalised, a column of 1e-19 is as good as absent: the fit without it is the reference.
+    penalised = xj.fit_logistic_regression(unit[:, 1:], labels, 3, l2=1e-3, tol=1e-10).params[0]
     for dtype, small, fine in ((np.float32, 1.6e-19, 1e-15), (np.float64, 1e-160, 1e-149)):
         scaled = (unit * [small, 1.0]).astype(dtype)
+        match = f"columns 0 .* too small for {dtype.__name__}"
         for layout in (scaled, sp.csr_matrix(scaled), sparse.BCOO.fromdense(scaled)):
-            with pytest.raises(ValueError, match=f"columns 0 .* too small for {dtype.__name__}"):
+            with pytest.warns(UserWarning, match=match):
                 xj.fit_logistic_regression(layout, labels, 3)
-        with pytest.raises(ValueError, match="too small"):
+        with pytest.warns(UserWarning, match=match):
             xj.fit_regularization_path(scaled, labels, 3, [1e-2, 0.0])
-        with pytest.raises(ValueError, match="too small"):
+        with pytest.warns(UserWarning, match=match):
             xj.fit_logistic_regression_streamed(scaled, labels, 3, chunk_rows=128)
-        # Above the limit the fit is the unit-scale fit, rescaled.
+        # With a penalty the optimum holds such coefficients near 0, which the fit finds.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = xj.fit_logistic_regression(scaled, labels, 3, l2=1e-3, tol=1e-10)
+            xj.fit_regularization_path(scaled, labels, 3, [1e-2, 1e-3])
+        np.testing.assert_allclose(result.params[0][1], penalised[0], rtol=1e-4)
+        # Above the limit the unpenalised fit is the unit-scale fit, rescaled.
         result = xj.fit_logistic_regression((unit * [fine, 1.0]).astype(dtype), labels, 3)
         weights = np.asarray(result.params[0], np.float64) * [[fine], [1.0]]
         np.testing.assert_allclose(weights, reference, rtol=1e-3 if dtype == np.float32 else 1e-6)
     # An all-zero column is no such column (its coefficients are 0 at any scale).
     zero = np.c_[unit, np.zeros(400)].astype(np.float32)
-    assert xj.fit_logistic_regression(zero, labels, 3, l2=1e-2).converged
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert xj.fit_logistic_regression(zero, labels, 3, throw=False).converged
+    assert not [warning for warning in caught if "too small" in str(warning.message)]
 
 
 def test_a_bcsr_is_named_at_the_boundary():
@@ -281,3 +295,7 @@ def test_a_bcsr_is_named_at_the_boundary():
         xj.fit_logistic_regression(bcsr, np.arange(50) % 3, 3, l2=1e-2)
     converted = xj.fit_logistic_regression(bcsr.to_bcoo(), np.arange(50) % 3, 3, l2=1e-2)
     assert converted.converged
+    from xentropy_jax.sklearn import LogisticRegression
+
+    with pytest.raises(TypeError, match="not a BCSR"):
+        LogisticRegression().fit(bcsr, np.arange(50) % 3)

@@ -112,7 +112,13 @@ def _stored_bucket(X) -> int | None:
 
 
 def _refuse_bcoo(X) -> None:
-    """TypeError for a BCOO, which scikit-learn's checks failed on inside JAX."""
+    """TypeError for a BCOO or BCSR, which scikit-learn's checks failed on inside JAX."""
+    if isinstance(X, jax_sparse.JAXSparse) and not isinstance(X, jax_sparse.BCOO):
+        raise TypeError(
+            f"the estimators take dense arrays or scipy.sparse matrices, not a "
+            f"{type(X).__name__} (scikit-learn cannot check one): convert it with "
+            "scipy.sparse.csr_matrix((X.data, X.indices, X.indptr), X.shape)."
+        )
     if isinstance(X, jax_sparse.BCOO):
         raise TypeError(
             "the estimators take dense arrays or scipy.sparse matrices, not a BCOO (scikit-learn "

@@ -269,6 +269,12 @@ def float64_counted_rows(X, sample_weight):
     return features
 
 
+def _jacobi_scale(gram: np.ndarray) -> np.ndarray:
+    """diag(A)^(-1/2), 1 where the diagonal is 0 (all-zero columns)."""
+    diagonal = np.diag(gram)
+    return np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
+
+
 def float64_counted_gram(X, sample_weight, fit_intercept: bool) -> tuple:
     """(rows, X̃ᵀX̃): `float64_counted_rows` and their Gram in float64 (intercept's row last)."""
     features = float64_counted_rows(X, sample_weight)
@@ -283,7 +289,7 @@ def float64_counted_gram(X, sample_weight, fit_intercept: bool) -> tuple:
 
 # A column counts as resolved by a fit in centred variables when its spread σ exceeds this many
 # eps of its root mean square m (`centred_collinear_columns`).
-RESOLVED_SPREAD = 256.0
+RESOLVED_SPREAD = 1024.0
 
 
 def centred_collinear_columns(gram: np.ndarray, dtype) -> tuple[list[int], int]:
@@ -296,23 +302,35 @@ def centred_collinear_columns(gram: np.ndarray, dtype) -> tuple[list[int], int]:
     optimum there, and the rank is decided on the centred Gram A_c = CᵀAC, C = [[I, 0], [−μᵀ,
     1]], which spans the same columns. It is formed here in float64 (its rounding about
     eps₆₄·(m/σ)² relative) and rounded to `dtype`. A column centres only where σ >
-    `RESOLVED_SPREAD`·eps·m: closer to constant, the fits' logits in the model's variables
-    carry a rounding of about 2·eps·m/σ relative along it, and float32 fits stopped 1e-6 to
-    2e-5 above the optimum (σ/m = 1e-5 to 5e-6, against 5e-8 at 1e-4), which the warning
-    keeps saying. A constant column (σ = 0) stays uncentred, collinear with the intercept.
+    `RESOLVED_SPREAD`·eps·m (1.2e-4 in float32): closer to constant, the fits' logits in the
+    model's variables carry a rounding of about 2·eps·m/σ relative along it, and float32 fits
+    stopped 1e-6 to 2e-6 above the optimum at σ/m = 3e-5 to 4e-5 and up to 2e-5 at 1e-5 to
+    5e-6 (against 1e-9 at 1e-3 and 5e-8 at 1e-4), which the warning keeps saying. A constant
+    column (σ = 0) stays uncentred, collinear with the intercept.
 
     Args:
         gram: [d + 1, d + 1] X̃ᵀX̃ of the counted rows in float64, the intercept's row last.
         dtype: the fit's precision.
+
+    Returns:
+        (columns, rank, shift): as `collinear_columns`, and μ [d] (0 for the columns left
+        uncentred), for `float64_collinear_columns`.
     """
     count = gram[-1, -1]
     mean = gram[-1, :-1] / count
     square = np.diag(gram)[:-1] / count
     spread = np.sqrt(np.clip(square - mean**2, 0, None))
     resolved = spread > RESOLVED_SPREAD * np.finfo(dtype).eps * np.sqrt(square)
-    change = np.eye(gram.shape[0])
-    change[-1, :-1] = -np.where(resolved, mean, 0.0)
-    return collinear_columns_of_gram((change.T @ gram @ change).astype(dtype))
+    shift = np.where(resolved, mean, 0.0)
+    change = _centring_change(shift)
+    return *collinear_columns_of_gram((change.T @ gram @ change).astype(dtype)), shift
+
+
+def _centring_change(shift: np.ndarray) -> np.ndarray:
+    """C = [[I, 0], [−μᵀ, 1]] [d + 1, d + 1]: X̃·C = [X − 1·μᵀ, 1]."""
+    change = np.eye(shift.size + 1)
+    change[-1, :-1] = -shift
+    return change
 
 
 def float64_collinear_columns(
@@ -320,6 +338,7 @@ def float64_collinear_columns(
     sample_weight: np.ndarray | None,
     fit_intercept: bool,
     counted: tuple | None = None,
+    shift: np.ndarray | None = None,
 ) -> tuple[list[int], int, np.ndarray, float]:
     """`collinear_columns` in float64 with NumPy, whatever the fit's precision, and how exactly.
 
@@ -336,20 +355,34 @@ def float64_collinear_columns(
     that over the next eigenvalue λ₂, which adds up to d̃·√N·eps/√λ₂ to their images: offset
     columns beside the intercept (λ₂ small) gave 2e-15 for a repeated column. That bound is
     the fourth number: images below it are not resolved from 0. `counted`: the
-    `float64_counted_gram` of X, where the caller has it.
+    `float64_counted_gram` of X, where the caller has it. `shift` (with an intercept, from
+    `centred_collinear_columns`): the decision is made on the Gram of [X − 1·μᵀ, 1], where a
+    column close to constant beside the intercept is no near-null direction whose rounding
+    mixes into the exact ones' null vectors (it named such a column beside an exact
+    dependence of others).
 
     Returns:
         (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
         one per null direction, largest first, and the bound on their rounding.
     """
     features, gram = counted or float64_counted_gram(X, sample_weight, fit_intercept)
-    diagonal = np.diag(gram)
-    scale = np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
+    if shift is not None:
+        change = _centring_change(shift)
+        features, gram = features - shift[None, :], change.T @ gram @ change
+    scale = _jacobi_scale(gram)
     values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
     null = values <= null_cutoff(gram.shape[0], 1, np.float64) * max(values.max(initial=0), 0)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     directions = scale[:, None] * vectors[:, null]  # [d̃, nulls]
+    if shift is not None:
+        # A feature is named by its entry in the centred variables (in X̃'s, the rounding
+        # that mixes a column close to constant into the null vectors is amplified by m/σ);
+        # the intercept by its entry in X̃'s, b_c − μᵀw over the features named (x₃ = x₁ +
+        # x₂ + 5 involves it, x₃ = x₁ + x₂ does not), Jacobi-scaled as in the Gram.
+        kept = np.where(involved[:-1, None], directions[:-1], 0)
+        intercept = (directions[-1] - shift @ kept) / scale[-1]
+        involved[-1] = np.any(np.abs(intercept) > threshold)
     images = np.asarray(features @ directions[: features.shape[1]])  # X̃·D·V
     if fit_intercept:
         images = images + directions[-1]

@@ -140,11 +140,10 @@ def _validate(
             )
     values = _sparse_input.stored_values(X) if _sparse_input.is_sparse(X) else X
     if _is_concrete(values):
-        finite, peaks = _finite_and_peaks(values)
+        finite, largest = _finite_and_largest(values)
         if not finite:
             raise ValueError("X contains NaN or infinity")
         dtype = _working_dtype(X)
-        largest = float(np.max(peaks, initial=0))
         if largest > square_limit(dtype):
             raise ValueError(
                 f"X has entries up to {largest:.3g}: their squares (the Hessian needs x²) overflow "
@@ -152,12 +151,10 @@ def _validate(
                 "so the fit would meet non-finite values. Scale the features (e.g. standardise "
                 "the columns)" + (", or fit in float64." if dtype != np.float64 else ".")
             )
-        if _sparse_input.is_sparse(X):
-            # Per column only when some stored value is that small (a pass over the entries).
-            magnitudes = np.abs(np.asarray(values))
-            small = np.any((magnitudes > 0) & (magnitudes < small_limit(dtype)))
-            peaks = _sparse_input.column_peaks(X) if small else np.zeros(0)
-        check_columns_resolved(peaks, dtype)
+        if not known_positive(l2, dtype):
+            # Only where l2 may be 0: a penalty holds such a column's coefficients near 0,
+            # where its optimum is (1e-11 relative at l2 = 1e-3, a column of 1e-19).
+            warn_small_columns(_column_peaks(X, values), dtype, stacklevel=4)
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
@@ -259,25 +256,42 @@ def _addressable(*values) -> bool:
 
 
 @jax.jit
-def _device_finite_and_peaks(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return jnp.all(jnp.isfinite(values)), jnp.max(jnp.abs(values), axis=0, initial=0)
+def _device_finite_and_largest(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.all(jnp.isfinite(values)), jnp.max(jnp.abs(values), initial=0)
 
 
-def _finite_and_peaks(values) -> tuple[bool, np.ndarray]:
-    """Whether every value is finite, and max|value| over the rows (per column of a dense X).
+def _finite_and_largest(values) -> tuple[bool, float]:
+    """Whether every value is finite, and max|value|.
 
     A jax array is reduced where it lives (on its devices, shard by shard for rows sharded
-    over a mesh) and only d + 1 numbers come back: X is never gathered to the host.
+    over a mesh) and only the two scalars come back: X is never gathered to the host.
     """
     if isinstance(values, jax.Array):
         # Evaluated now even inside a caller's `jit` that closes over X (a concrete array
         # there), where the jitted reduction would otherwise return tracers.
         with jax.ensure_compile_time_eval():
-            finite, peaks = _device_finite_and_peaks(values)
-        return bool(finite), np.asarray(peaks, np.float64)
+            finite, largest = _device_finite_and_largest(values)
+        return bool(finite), float(largest)
     values = np.asarray(values)
-    peaks = np.max(np.abs(values), axis=0, initial=0).astype(np.float64)
-    return bool(np.all(np.isfinite(values))), peaks
+    return bool(np.all(np.isfinite(values))), float(np.max(np.abs(values), initial=0))
+
+
+@jax.jit
+def _device_column_peaks(values: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(values), axis=0, initial=0)
+
+
+def _column_peaks(X, values) -> np.ndarray:
+    """The largest |xᵢⱼ| over the rows, per column [d], of a concrete X, dense or sparse."""
+    if _sparse_input.is_sparse(X):
+        # Per column only when some stored value is that small (a pass over the entries).
+        magnitudes = np.abs(np.asarray(values))
+        small = np.any((magnitudes > 0) & (magnitudes < small_limit(_working_dtype(X))))
+        return _sparse_input.column_peaks(X) if small else np.zeros(0)
+    if isinstance(values, jax.Array):
+        with jax.ensure_compile_time_eval():  # as in `_finite_and_largest`
+            return np.asarray(_device_column_peaks(values), np.float64)
+    return np.max(np.abs(np.asarray(values)), axis=0, initial=0).astype(np.float64)
 
 
 def small_limit(dtype) -> float:
@@ -291,24 +305,28 @@ def small_limit(dtype) -> float:
     return float(np.sqrt(np.finfo(dtype).tiny * 2.0**23))
 
 
-def check_columns_resolved(peaks: np.ndarray, dtype) -> None:
-    """Raise for a column of X whose nonzero entries all lie below `small_limit`.
+def warn_small_columns(peaks: np.ndarray, dtype, stacklevel: int) -> None:
+    """Warn of the columns of X whose nonzero entries all lie below `small_limit`.
 
-    A column of 1.6e-19 (a charge in coulombs) in float32 was fitted with coefficients 0,
-    23% above the optimum's objective, reported CONVERGED: its curvature had rounded to 0.
+    An unpenalised fit leaves their coefficients at 0: a float32 column of 1.6e-19 (a charge
+    in coulombs) was fitted so, 23% above the optimum's objective, reported CONVERGED with no
+    word (its curvature had rounded to 0). A warning, not an error: a constant column
+    standardised to rounding noise (6.8e-17) is such a column, and 0 its sensible coefficient.
     """
     small = np.flatnonzero((peaks > 0) & (peaks < small_limit(dtype)))
     if small.size:
         named = ", ".join(f"{j} (max |x| = {peaks[j]:.3g})" for j in small[:5])
         more = f" and {small.size - 5} more" if small.size > 5 else ""
         name = np.dtype(dtype).name
-        raise ValueError(
+        warnings.warn(
             f"X's columns {named}{more} are too small for {name}: the fit's curvature needs "
             f"sums of x², which for columns below {small_limit(dtype):.3g} come near {name}'s "
             f"smallest normal number ({np.finfo(dtype).tiny:.3g}), lose their digits and then "
-            "round to zero, where the fit leaves the coefficients at 0 and reports "
-            "convergence. Scale the features (e.g. standardise the columns)"
-            + (", or fit in float64." if name != "float64" else ".")
+            "round to zero, and without a penalty the fit leaves their coefficients at 0, "
+            "above the optimum where they carry information. Scale such columns up"
+            + (", or fit in float64." if name != "float64" else "."),
+            UserWarning,
+            stacklevel=stacklevel,
         )
 
 
@@ -867,8 +885,9 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool)
             None if sample_weight is None else np.asarray(sample_weight),
             fit_intercept,
         )
+        shift = None
         if centred:
-            columns, rank = centred_collinear_columns(counted[1], features.dtype)
+            columns, rank, shift = centred_collinear_columns(counted[1], features.dtype)
             if not columns:
                 return
         # The same decision in float64, each dependence measured with X itself: a float32
@@ -876,7 +895,7 @@ def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool)
         # and then names its columns; a dependence beyond the rounding of the data (x and
         # x + 1e-9·z in float64) is only near, whatever the Gram says.
         columns64, rank64, dependences, resolution = float64_collinear_columns(
-            None, None, fit_intercept, counted
+            None, None, fit_intercept, counted, shift
         )
         exact = rank64 == rank
         if exact:

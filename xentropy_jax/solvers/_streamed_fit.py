@@ -35,7 +35,6 @@ from ._collinear import (
 from ._convergence import max_abs
 from ._fit import (
     _resolve_solver,
-    check_columns_resolved,
     check_l2_fits,
     check_tol_and_max_iter,
     fits_centred,
@@ -45,6 +44,7 @@ from ._fit import (
     symmetric_params,
     warn_collinear_columns,
     warn_empty_classes,
+    warn_small_columns,
 )
 from ._floor import minimize_to_floor, rounding_floor, static_floor
 from ._loop import Solver, SolverOutput
@@ -136,7 +136,8 @@ def _scan(
             products = kept.T @ kept if products is None else products + kept.T @ kept
     if largest > square_limit(source.dtype):
         _refuse_range(largest, largest_rows, source.dtype)
-    check_columns_resolved(np.atleast_1d(peaks), source.dtype)
+    if gram:  # l2 may be 0 (see `warn_small_columns`)
+        warn_small_columns(np.atleast_1d(peaks), source.dtype, stacklevel=4)
     if not total > 0:
         raise ValueError("sample_weight sums to zero")
     # The largest weight read in the fit is in [1, 2): the sum cannot overflow, nor every
@@ -438,7 +439,7 @@ def fit_logistic_regression_streamed(
     check_l2_fits(l2, source.dtype)
     if gram is not None and is_zero(source.dtype):
         if fits_centred(_resolve_solver(solver), source.dtype, source.num_features, fit_intercept):
-            columns, rank = centred_collinear_columns(gram, source.dtype)
+            columns, rank, _ = centred_collinear_columns(gram, source.dtype)
         else:
             columns, rank = collinear_columns_of_gram(gram.astype(source.dtype))
         warn_collinear_columns(
