@@ -292,7 +292,7 @@ def float64_counted_gram(X, sample_weight, fit_intercept: bool) -> tuple:
 RESOLVED_SPREAD = 1024.0
 
 
-def centred_collinear_columns(gram: np.ndarray, dtype) -> tuple[list[int], int]:
+def centred_collinear_columns(gram: np.ndarray, dtype) -> tuple[list[int], int, np.ndarray]:
     """`collinear_columns_of_gram` in `dtype` for [X − 1·μᵀ, 1], from X̃ᵀX̃ in float64.
 
     The fits whose Kronecker preconditioner works in centred variables (below float64, dense

@@ -154,7 +154,7 @@ def _validate(
         if not known_positive(l2, dtype):
             # Only where l2 may be 0: a penalty holds such a column's coefficients near 0,
             # where its optimum is (1e-11 relative at l2 = 1e-3, a column of 1e-19).
-            warn_small_columns(_column_peaks(X, values), dtype, stacklevel=4)
+            warn_small_columns(_column_peaks(X, values, dtype), dtype, stacklevel=4)
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
         if not (np.all(np.isfinite(l2_value)) and np.all(l2_value >= 0)):
@@ -281,12 +281,14 @@ def _device_column_peaks(values: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(values), axis=0, initial=0)
 
 
-def _column_peaks(X, values) -> np.ndarray:
-    """The largest |xᵢⱼ| over the rows, per column [d], of a concrete X, dense or sparse."""
+def _column_peaks(X, values, dtype) -> np.ndarray:
+    """The largest |xᵢⱼ| over the rows, per column [d], of a concrete X, dense or sparse.
+
+    Sparse X: per column only where some stored value lies below `small_limit` (else none).
+    """
     if _sparse_input.is_sparse(X):
-        # Per column only when some stored value is that small (a pass over the entries).
         magnitudes = np.abs(np.asarray(values))
-        small = np.any((magnitudes > 0) & (magnitudes < small_limit(_working_dtype(X))))
+        small = np.any((magnitudes > 0) & (magnitudes < small_limit(dtype)))
         return _sparse_input.column_peaks(X) if small else np.zeros(0)
     if isinstance(values, jax.Array):
         with jax.ensure_compile_time_eval():  # as in `_finite_and_largest`
