@@ -274,6 +274,12 @@ def test_columns_too_small_for_their_squares_are_warned_of_without_a_penalty():
             warnings.simplefilter("error")
             result = xj.fit_logistic_regression(scaled, labels, 3, l2=1e-3, tol=1e-10)
             xj.fit_regularization_path(scaled, labels, 3, [1e-2, 1e-3])
+
+            # A traced l2 is not known to be 0: silent, as the collinearity warning.
+            def loss(l2, features=scaled):
+                return xj.fit_logistic_regression(features, labels, 3, l2=l2).loss
+
+            jax.vmap(loss)(jnp.asarray([1e-2, 1e-3], dtype))
         np.testing.assert_allclose(result.params[0][1], penalised[0], rtol=1e-4)
         # Above the limit the unpenalised fit is the unit-scale fit, rescaled.
         result = xj.fit_logistic_regression((unit * [fine, 1.0]).astype(dtype), labels, 3)

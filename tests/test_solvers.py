@@ -875,6 +875,13 @@ def test_float32_column_that_centred_fits_resolve_is_not_called_collinear():
         dependent = np.c_[features, features[:, 0] + features[:, 1] + np.float32(constant)]
         with pytest.warns(CollinearityWarning, match=rf"columns \[{names}\] of X are exactly"):
             fit_logistic_regression(dependent, labels, 3, throw=False)
+    # A near-constant column and itself plus 1: exact to the data's rounding of magnitudes
+    # (near against the spreads, in the centred float64 Gram): X̃'s own Gram names them, the
+    # intercept included (it said "to float32 precision" without it).
+    features, labels = _near_constant_column(0, 7.0, 7e-2)
+    shifted = np.c_[features, features[:, 4] + np.float32(1)]
+    with pytest.warns(CollinearityWarning, match=r"columns \[4, 5, intercept\] of X are exactly"):
+        fit_logistic_regression(shifted, labels, 3, throw=False)
     features, labels = _near_constant_column(0, 7.0, 3e-4)
     for fit in (fit_logistic_regression, fit_logistic_regression_streamed):
         with pytest.warns(CollinearityWarning, match=r"columns \[4, intercept\] .* float32"):

@@ -275,6 +275,39 @@ def _jacobi_scale(gram: np.ndarray) -> np.ndarray:
     return np.where(diagonal > 0, 1 / np.sqrt(np.where(diagonal > 0, diagonal, 1)), 1)
 
 
+def _null_space(gram: np.ndarray) -> tuple:
+    """(null [d̃] bool, eigenvectors, Jacobi scale, next eigenvalue) of the scaled Gram."""
+    scale = _jacobi_scale(gram)
+    values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    null = values <= null_cutoff(gram.shape[0], 1, np.float64) * max(values.max(initial=0), 0)
+    next_value = max(float(np.min(values[~null], initial=1.0)), np.finfo(np.float64).tiny)
+    return null, vectors, scale, next_value
+
+
+def _centred_names(gram, shift, rank, involved, threshold) -> np.ndarray:
+    """The columns named by the centred Gram's null vectors, where its rank is X̃'s (`rank`).
+
+    Beside a column close to constant the rounding of X̃'s Gram mixes that column, and the
+    intercept, into the null vectors of other columns' exact dependence (amplified by m/σ):
+    it named 1,000 + z beside make_classification's redundant columns. The centred Gram's null
+    vectors name a feature by its own entry, and the intercept by its entry in X̃'s
+    variables, b_c − μᵀw over the features named (x₃ = x₁ + x₂ + 5 involves it, x₃ = x₁ + x₂
+    does not), Jacobi-scaled as in the Gram. Where the centred rank differs (a dependence
+    exact to the data's rounding of magnitudes, such as x and x + 1 of a near-constant x,
+    is a near one against the spreads), X̃'s own names (`involved`) stand.
+    """
+    change = _centring_change(shift)
+    null, vectors, scale, _ = _null_space(change.T @ gram @ change)
+    if gram.shape[0] - np.count_nonzero(null) != rank:
+        return involved
+    named = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
+    directions = scale[:, None] * vectors[:, null]
+    kept = np.where(named[:-1, None], directions[:-1], 0)
+    intercept = (directions[-1] - shift @ kept) / scale[-1]
+    named[-1] = np.any(np.abs(intercept) > threshold)
+    return named
+
+
 def float64_counted_gram(X, sample_weight, fit_intercept: bool) -> tuple:
     """(rows, X̃ᵀX̃): `float64_counted_rows` and their Gram in float64 (intercept's row last)."""
     features = float64_counted_rows(X, sample_weight)
@@ -356,38 +389,24 @@ def float64_collinear_columns(
     columns beside the intercept (λ₂ small) gave 2e-15 for a repeated column. That bound is
     the fourth number: images below it are not resolved from 0. `counted`: the
     `float64_counted_gram` of X, where the caller has it. `shift` (with an intercept, from
-    `centred_collinear_columns`): the decision is made on the Gram of [X − 1·μᵀ, 1], where a
-    column close to constant beside the intercept is no near-null direction whose rounding
-    mixes into the exact ones' null vectors (it named such a column beside an exact
-    dependence of others).
+    `centred_collinear_columns`): the columns are named from the Gram of [X − 1·μᵀ, 1] where
+    it has the same rank (`_centred_names`); rank, dependences and resolution are X̃'s.
 
     Returns:
         (columns, rank, dependences, resolution): as `collinear_columns`, the singular values,
         one per null direction, largest first, and the bound on their rounding.
     """
     features, gram = counted or float64_counted_gram(X, sample_weight, fit_intercept)
-    if shift is not None:
-        change = _centring_change(shift)
-        features, gram = features - shift[None, :], change.T @ gram @ change
-    scale = _jacobi_scale(gram)
-    values, vectors = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
-    null = values <= null_cutoff(gram.shape[0], 1, np.float64) * max(values.max(initial=0), 0)
+    null, vectors, scale, next_value = _null_space(gram)
     threshold = np.sqrt(np.finfo(np.float64).eps)
     involved = np.any(np.abs(vectors[:, null]) > threshold, axis=1)
     directions = scale[:, None] * vectors[:, null]  # [d̃, nulls]
+    rank = int(gram.shape[0] - np.count_nonzero(null))
     if shift is not None:
-        # A feature is named by its entry in the centred variables (in X̃'s, the rounding
-        # that mixes a column close to constant into the null vectors is amplified by m/σ);
-        # the intercept by its entry in X̃'s, b_c − μᵀw over the features named (x₃ = x₁ +
-        # x₂ + 5 involves it, x₃ = x₁ + x₂ does not), Jacobi-scaled as in the Gram.
-        kept = np.where(involved[:-1, None], directions[:-1], 0)
-        intercept = (directions[-1] - shift @ kept) / scale[-1]
-        involved[-1] = np.any(np.abs(intercept) > threshold)
+        involved = _centred_names(gram, shift, rank, involved, threshold)
     images = np.asarray(features @ directions[: features.shape[1]])  # X̃·D·V
     if fit_intercept:
         images = images + directions[-1]
     dependences = np.linalg.svd(images, compute_uv=False) if images.size else np.zeros(0)
-    rank = int(gram.shape[0] - np.count_nonzero(null))
-    next_value = max(float(np.min(values[~null], initial=1.0)), np.finfo(np.float64).tiny)
     resolution = null_cutoff(gram.shape[0], features.shape[0], np.float64) / np.sqrt(next_value)
     return np.flatnonzero(involved).tolist(), rank, dependences, resolution

@@ -151,9 +151,10 @@ def _validate(
                 "so the fit would meet non-finite values. Scale the features (e.g. standardise "
                 "the columns)" + (", or fit in float64." if dtype != np.float64 else ".")
             )
-        if not known_positive(l2, dtype):
-            # Only where l2 may be 0: a penalty holds such a column's coefficients near 0,
-            # where its optimum is (1e-11 relative at l2 = 1e-3, a column of 1e-19).
+        if _is_concrete(l2) and not known_positive(l2, dtype):
+            # Only where l2 is 0 (as the collinearity warning: a traced l2 is not known to
+            # be): a penalty holds such a column's coefficients near 0, where its optimum is
+            # (1e-11 relative at l2 = 1e-3, a column of 1e-19).
             warn_small_columns(_column_peaks(X, values, dtype), dtype, stacklevel=4)
     if _is_concrete(l2):
         l2_value = np.asarray(l2)
