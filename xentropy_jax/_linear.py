@@ -47,6 +47,14 @@ from ._sparse_products import map_features, matmul, transpose_matmul, weighted_g
 AUTO_MAX_GRAM_FEATURES = 4000
 
 
+def auto_preconditioner(num_features: int, dense: bool = True) -> str:
+    """What "auto" means for logistic regression (`LogisticObjective.default_preconditioner`).
+
+    "diagonal" for sparse X or d > `AUTO_MAX_GRAM_FEATURES`, else "kronecker".
+    """
+    return "kronecker" if dense and num_features <= AUTO_MAX_GRAM_FEATURES else "diagonal"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LogisticObjective:
@@ -259,9 +267,9 @@ class LogisticObjective:
         than they save beyond a few thousand features (and do not fit in memory at text
         sizes); sparse X would have to be densified for it.
         """
-        if isinstance(self.features, sparse.BCOO) or self.num_features > AUTO_MAX_GRAM_FEATURES:
-            return "diagonal"
-        return "kronecker"
+        return auto_preconditioner(
+            self.num_features, dense=not isinstance(self.features, sparse.BCOO)
+        )
 
     def design_matrix(self) -> jax.Array:
         """X̃ = [X, 1] (with an intercept) as a dense [N, d̃] array, for small d only."""

@@ -34,9 +34,9 @@ import numpy as np
 from jax import lax
 
 from ._linear import (
-    AUTO_MAX_GRAM_FEATURES,
     Evaluation,
     LogisticObjective,
+    auto_preconditioner,
     class_curvature,
     diagonal_class_curvature,
     evaluate,
@@ -553,7 +553,7 @@ class StreamedLogisticObjective:
 
     @property
     def default_preconditioner(self) -> str:
-        return "diagonal" if self.chunks.num_features > AUTO_MAX_GRAM_FEATURES else "kronecker"
+        return auto_preconditioner(self.chunks.num_features)
 
     def feature_gram(self, shift: jax.Array | None = None) -> jax.Array:
         size = self.chunks.num_features + int(self.fit_intercept)

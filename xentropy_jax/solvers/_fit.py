@@ -17,8 +17,8 @@ from jax.typing import ArrayLike
 from .._checks import check_flag, check_int_range, check_real, python_float, python_int
 from .._checks import is_concrete as _is_concrete
 from .._linear import (
-    AUTO_MAX_GRAM_FEATURES,
     LogisticObjective,
+    auto_preconditioner,
     logistic_objective,
 )
 from .._precision import full_precision
@@ -858,14 +858,16 @@ def fits_centred(
 ) -> bool:
     """Whether the fit's preconditioner works in centred variables (`centred_feature_gram`).
 
-    Newton-CG and the trust region with the Kronecker preconditioner ("auto" for a dense X
-    of up to `AUTO_MAX_GRAM_FEATURES` columns), below float64, on a dense X with an intercept.
+    Newton-CG and the trust region with the Kronecker preconditioner (what "auto" means for a
+    dense X of up to 4,000 columns, `auto_preconditioner`), below float64, on a dense X
+    with an intercept.
     """
     if not (fit_intercept and dense and isinstance(solver, NewtonCG | TrustRegion)):
         return False
     kind = solver.preconditioner
-    auto = kind == "auto" and num_features <= AUTO_MAX_GRAM_FEATURES
-    return np.dtype(dtype) != np.float64 and (kind == "kronecker" or auto)
+    if kind == "auto":
+        kind = auto_preconditioner(num_features, dense)
+    return np.dtype(dtype) != np.float64 and kind == "kronecker"
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool) -> None:
