@@ -574,6 +574,30 @@ def test_derivatives_reach_matrices_held_by_objects_and_deep_closures():
             jax.jit(lambda A, make=make: xj.cg(make(A), b).solution)(A0)
 
 
+def test_derivatives_reach_a_matrix_behind_a_large_structure():
+    # An object holding a list of 3,000 entries beside its matrix: the search for tracers gave
+    # up after 2,000 objects and counted none, so the solve took the eager path, without its
+    # derivative rule: reverse mode failed inside lax.while_loop, and forward mode returned
+    # the derivative of CG's iterations (off-diagonal entries 3x off at rtol 1e-3).
+    A0, b = jnp.array([[4.0, 1.0], [1.0, 3.0]]), jnp.array([1.0, 2.0])
+    exact = jax.grad(lambda A: jnp.sum(jnp.linalg.solve(A, b)))(A0)
+
+    class System:
+        def __init__(self, history, A):
+            self.history, self.params = history, {"A": A}
+
+        def matvec(self, v):
+            return self.params["A"] @ v
+
+    def through_cg(A):
+        return jnp.sum(xj.cg(System(list(range(3000)), A).matvec, b, rtol=1e-3).solution)
+
+    for derivative in (jax.grad, jax.jacfwd):
+        np.testing.assert_allclose(derivative(through_cg)(A0), exact, rtol=1e-12)
+    system = System(list(range(3000)), A0)  # eager: solved, not compiled into a program
+    np.testing.assert_allclose(xj.cg(system.matvec, b).solution, jnp.linalg.solve(A0, b))
+
+
 def test_derivatives_with_options_that_depend_on_the_differentiated_values():
     # A Jacobi preconditioner read from A, a warm start and tolerances computed from b: they
     # leaked their tracers out of the custom derivative (UnexpectedTracerError), and forward

@@ -82,11 +82,18 @@ def holds_tracer(*values: Any, budget: int = 2000) -> bool:
 
     Searched breadth first: pytree leaves and containers, a function's closure, bound object,
     partial arguments and defaults, an object's attributes (a bound method's matrix), up to
-    ``budget`` objects (a large structure is looked at in part, at bounded cost). Whatever
-    cannot be read (a proxy whose attributes raise) counts as holding none.
+    ``budget`` objects. A structure larger than that counts as holding one, the answer that
+    is safe for both callers: `cg` then takes the path with its derivative rule (which serves
+    plain values too), and `Programs` keeps no program. Counted as holding none, an operator
+    whose object also held a list of 3,000 entries hid the matrix it differentiated:
+    reverse mode failed inside ``lax.while_loop`` and forward mode returned CG's own wrong
+    derivative. Whatever cannot be read (a proxy whose attributes raise) counts as holding
+    none.
     """
     queue, seen = collections.deque(values), set()
-    while queue and budget > 0:
+    while queue:
+        if budget == 0:
+            return True
         value = queue.popleft()
         budget -= 1
         if isinstance(value, jax.core.Tracer):
@@ -95,7 +102,8 @@ def holds_tracer(*values: Any, budget: int = 2000) -> bool:
             continue
         seen.add(id(value))
         try:
-            queue.extend(itertools.islice(_held_by(value), budget))
+            # One more than the budget: a cut-off structure still ends the search as too large.
+            queue.extend(itertools.islice(_held_by(value), budget + 1))
         except Exception:  # an attribute that raises: no tracer to be seen there
             continue
     return False
