@@ -736,6 +736,10 @@ def test_nearly_collinear_columns_keep_the_optimum_the_fit_found():
     np.testing.assert_allclose(float(result.loss), attained, rtol=1e-6)
 
 
+# A dense fit that works in uncentred variables below float64 (`fits_centred`).
+_DIAGONAL = NewtonCG(preconditioner="diagonal")
+
+
 def _near_constant_column(seed: int, offset: float, spread: float):
     """300 rows of four N(0, 1) columns and offset + spread·z, z informative, labels of 3."""
     rng = np.random.default_rng(seed)
@@ -761,9 +765,11 @@ def test_float32_near_constant_column_beside_the_intercept_reaches_the_optimum(o
     # products, CONVERGED or LINE_SEARCH_FAILED. Its basis is the centred Gram's now, in the
     # streamed fit too (which ended MAX_ITER or LINE_SEARCH_FAILED as far above; it reaches
     # the optimum's objective now, but its float32 gradient test may still end MAX_ITER there).
+    # `newton` factorised the uncentred Hessian and stopped CONVERGED up to 1.5e-4 above
+    # (100 + 1e-2·z, seed 0); it factorises the centred one now.
     for seed in (0, 1):
         features, labels = _near_constant_column(seed, offset, spread)
-        for solver in ("newton-cg", "trust-region"):
+        for solver in ("newton-cg", "trust-region", "newton"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CollinearityWarning)
                 result = fit_logistic_regression(features, labels, 3, solver=solver, throw=False)
@@ -822,12 +828,12 @@ def test_float32_penalised_columns_of_large_mean_converge(l2):
 
 def test_float32_collinearity_warning_says_what_the_fit_may_miss_and_the_remedy_works():
     # The column 7 + 1e-3·z is collinear with the intercept to float32 precision (the rank
-    # test of the uncentred Gram), which is what `newton` factorises. The warning promised "the
-    # minimum-norm optimum"; it says the fit may stop above the optimum and names centring,
-    # which lets every solver reach it, sparse input (the diagonal preconditioner) included.
+    # test of the uncentred Gram), which is what the diagonal preconditioner works with. The
+    # warning promised "the minimum-norm optimum"; it says the fit may stop above the optimum
+    # and names centring, which lets every solver reach it, sparse input included.
     features, labels = _near_constant_column(1, 7.0, 1e-3)
     with pytest.warns(CollinearityWarning, match="to float32 precision") as caught:
-        fit_logistic_regression(features, labels, 3, solver="newton", throw=False)
+        fit_logistic_regression(features, labels, 3, solver=_DIAGONAL, throw=False)
     message = str(caught[0].message)
     assert "above the float64 optimum" in message and "Centre or standardise" in message
     assert "minimum-norm optimum" not in message
@@ -842,10 +848,11 @@ def test_float32_collinearity_warning_says_what_the_fit_may_miss_and_the_remedy_
 
 
 def test_float32_column_that_centred_fits_resolve_is_not_called_collinear():
-    # The CG solvers' Kronecker preconditioner works in centred variables below float64 and
-    # reaches the optimum beside a column c + δ·z (see the test above it), where the rank of
-    # the uncentred float32 Gram called it collinear with the intercept and warned that the fit
-    # may stop above the optimum: a false alarm for 1,000 + z and 7 + 1e-3·z. The rank is
+    # The CG solvers' Kronecker preconditioner and `newton`'s Hessian work in centred
+    # variables below float64 and reach the optimum beside a column c + δ·z (see the test
+    # above), where the rank of the uncentred float32 Gram called it collinear with the
+    # intercept and warned that the fit may stop above the optimum: a false alarm for
+    # 1,000 + z and 7 + 1e-3·z. The rank is
     # decided on the centred Gram for those fits, in memory, streamed and in the estimator;
     # closer to constant (δ/c below 1024·eps = 1.2e-4; 1e-6 to 2e-5 above the optimum at 4e-5
     # to 5e-6), the warning stays, and for an exact duplicate beside it names that pair alone.
@@ -856,13 +863,14 @@ def test_float32_column_that_centred_fits_resolve_is_not_called_collinear():
         features, labels = _near_constant_column(0, offset, spread)
         with warnings.catch_warnings():
             warnings.simplefilter("error", CollinearityWarning)
-            for solver in ("newton-cg", "trust-region"):
+            for solver in ("newton-cg", "trust-region", "newton"):
                 result = fit_logistic_regression(features, labels, 3, solver=solver)
                 assert _gap_to_float64_optimum(features, labels, result) < 2e-6, solver
             fit_logistic_regression_streamed(features, labels, 3, chunk_rows=100, throw=False)
             Estimator(C=np.inf).fit(features, labels)
+            Estimator(C=np.inf, solver="newton-cholesky").fit(features, labels)
         with pytest.warns(CollinearityWarning, match="to float32 precision"):
-            fit_logistic_regression(features, labels, 3, solver="newton", throw=False)
+            fit_logistic_regression(features, labels, 3, solver=_DIAGONAL, throw=False)
         repeated = np.c_[features, features[:, 1]]
         with pytest.warns(CollinearityWarning, match=r"columns \[1, 5\] of X are exactly"):
             fit_logistic_regression(repeated, labels, 3, throw=False)

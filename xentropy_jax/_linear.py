@@ -218,9 +218,9 @@ class LogisticObjective:
             return jnp.zeros((), bool)
         return (self.l2 == 0) & separated(self, predictor)
 
-    def hessian(self, evaluation: Evaluation) -> jax.Array:
-        """The explicit Hessian [P, P] (`hessian`)."""
-        return hessian(self, evaluation)
+    def hessian(self, evaluation: Evaluation, shift: jax.Array | None = None) -> jax.Array:
+        """The explicit Hessian [P, P] (`hessian`), in the centred variables given `shift`."""
+        return hessian(self, evaluation, shift)
 
     def hessian_diagonal(self, evaluation: Evaluation) -> jax.Array:
         """diag(H) [P] (`hessian_diagonal`)."""
@@ -285,6 +285,10 @@ class LogisticObjective:
     def centred_feature_gram(self) -> tuple[jax.Array, jax.Array | None]:
         """(A_c, μ), the Gram of [X − 1·μᵀ, 1] and the column means (`centred_feature_gram`)."""
         return centred_feature_gram(self)
+
+    def feature_shift(self) -> jax.Array | None:
+        """μ [d], the column means that centre X (`feature_shift`), or None."""
+        return feature_shift(self)
 
     def class_curvature(self, evaluation: Evaluation) -> jax.Array:
         """B = Σᵢ ŵᵢ·(diag(sᵢ) − sᵢsᵢᵀ) [Kf, Kf] or its diagonal [Kf] (`class_curvature`)."""
@@ -442,14 +446,23 @@ def hessian_diagonal(objective: LogisticObjective, evaluation: Evaluation) -> ja
     return objective.pack(diag_weights, jnp.sum(variance, axis=0))
 
 
-def hessian(objective: LogisticObjective, evaluation: Evaluation) -> jax.Array:
+def hessian(
+    objective: LogisticObjective, evaluation: Evaluation, shift: jax.Array | None = None
+) -> jax.Array:
     """The explicit Hessian [P, P] in θ's layout, for small P.
 
     H[(i,k),(j,l)] = Σₙ ŵₙ·x̃ₙᵢx̃ₙⱼ·(δ_kl·s_nk − s_nk·s_nl) + l2·δ over W entries: the diagonal
     part is Kf weighted Gram matrices X̃ᵀdiag(ŵ⊙s_k)X̃, the rank-one part one Gram matrix BᵀB
     with B = √ŵ ⊙ (x̃ ⊗ s) [N, P]. Cost: O(N·P²) flops in large GEMMs, O(N·P + P²) memory.
+
+    With `shift` μ [d] (`feature_shift`), the Hessian in the centred variables
+    θ_c = (W, b + μᵀW), CᵀHC with C as in `centred_feature_gram`: the same sums over the rows of
+    [X − 1·μᵀ, 1], where a column c + δ·z keeps the curvature δ² that H's entries, of order
+    c², round away below float64.
     """
     features = objective.design_matrix()
+    if shift is not None:
+        features = features - jnp.append(shift, 0).astype(features.dtype)[None, :]
     probs = evaluation.probs
     num_rows, dt = features.shape
     kf = probs.shape[1]
@@ -731,9 +744,15 @@ def centred_feature_gram(objective: LogisticObjective) -> tuple[jax.Array, jax.A
     precision are not centred (μⱼ = 0, see `centring_shift`). Cost: one pass over X for μ and
     the spreads, one for the Gram.
     """
+    shift = feature_shift(objective)
+    return feature_gram(objective, shift), shift
+
+
+def feature_shift(objective: LogisticObjective) -> jax.Array | None:
+    """μ [d] of `centred_feature_gram`; None for a sparse X or without an intercept."""
     features = objective.features
     if isinstance(features, sparse.BCOO) or not objective.fit_intercept:
-        return feature_gram(objective), None
+        return None
     reference = features[jnp.argmax(objective.weights)]
 
     def moments(rows, weights):
@@ -743,8 +762,7 @@ def centred_feature_gram(objective: LogisticObjective) -> tuple[jax.Array, jax.A
     deviation, square = column_sums_by_chunks(
         moments, features, objective.weights, objective.row_chunk
     )
-    shift = centring_shift(reference, deviation, square, features.dtype)
-    return feature_gram(objective, shift), shift
+    return centring_shift(reference, deviation, square, features.dtype)
 
 
 # A column is centred only where its spread exceeds this many times the rounding of its logits

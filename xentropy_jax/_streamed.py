@@ -535,11 +535,11 @@ class StreamedLogisticObjective:
         )
         return self._sum_over_chunks(part, jnp.zeros_like(evaluation.theta)) + penalty
 
-    def hessian(self, evaluation: StreamedEvaluation) -> jax.Array:
-        """The explicit [P, P] Hessian, summed over the chunks (small P only)."""
+    def hessian(self, evaluation: StreamedEvaluation, shift: jax.Array | None = None) -> jax.Array:
+        """The explicit [P, P] Hessian summed over the chunks (small P), centred by `shift`."""
 
         def part(chunk):
-            return hessian(chunk, self._probabilities(chunk, evaluation.theta))
+            return hessian(chunk, self._probabilities(chunk, evaluation.theta), shift)
 
         size = self.num_params
         penalty = jnp.diag(self._penalty_gradient(jnp.ones((size,), self.dtype)))
@@ -564,6 +564,10 @@ class StreamedLogisticObjective:
     def centred_feature_gram(self) -> tuple[jax.Array, jax.Array | None]:
         """(A_c, μ) as `LogisticObjective.centred_feature_gram`, μ = `shift` (one pass)."""
         return self.feature_gram(self.shift), self.shift
+
+    def feature_shift(self) -> jax.Array | None:
+        """μ = `shift`, as `LogisticObjective.feature_shift` (computed before the fit)."""
+        return self.shift
 
     def class_curvature(self, evaluation: StreamedEvaluation) -> jax.Array:
         def part(chunk):

@@ -856,18 +856,22 @@ def _one_device(features):
 def fits_centred(
     solver: Solver, dtype, num_features: int, fit_intercept: bool, dense: bool = True
 ) -> bool:
-    """Whether the fit's preconditioner works in centred variables (`centred_feature_gram`).
+    """Whether the fit works in centred variables (`centred_feature_gram`, `feature_shift`).
 
-    Newton-CG and the trust region with the Kronecker preconditioner (what "auto" means for a
-    dense X of up to 4,000 columns, `auto_preconditioner`), below float64, on a dense X
-    with an intercept.
+    Below float64, on a dense X with an intercept: `Newton` (its Hessian), and Newton-CG and
+    the trust region with the Kronecker preconditioner (what "auto" means for a dense X of up
+    to 4,000 columns, `auto_preconditioner`).
     """
-    if not (fit_intercept and dense and isinstance(solver, NewtonCG | TrustRegion)):
+    if not (fit_intercept and dense) or np.dtype(dtype) == np.float64:
+        return False
+    if isinstance(solver, Newton):
+        return True
+    if not isinstance(solver, NewtonCG | TrustRegion):
         return False
     kind = solver.preconditioner
     if kind == "auto":
         kind = auto_preconditioner(num_features, dense)
-    return np.dtype(dtype) != np.float64 and kind == "kronecker"
+    return kind == "kronecker"
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool) -> None:
