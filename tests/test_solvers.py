@@ -737,7 +737,7 @@ def test_nearly_collinear_columns_keep_the_optimum_the_fit_found():
 
 
 # A dense fit that works in uncentred variables below float64 (`fits_centred`).
-_DIAGONAL = NewtonCG(preconditioner="diagonal")
+_UNCENTRED = NewtonCG(preconditioner="ekfac")
 
 
 def _near_constant_column(seed: int, offset: float, spread: float):
@@ -766,10 +766,12 @@ def test_float32_near_constant_column_beside_the_intercept_reaches_the_optimum(o
     # streamed fit too (which ended MAX_ITER or LINE_SEARCH_FAILED as far above; it reaches
     # the optimum's objective now, but its float32 gradient test may still end MAX_ITER there).
     # `newton` factorised the uncentred Hessian and stopped CONVERGED up to 1.5e-4 above
-    # (100 + 1e-2·z, seed 0); it factorises the centred one now.
+    # (100 + 1e-2·z, seed 0); it factorises the centred one now, and the diagonal
+    # preconditioner is the centred Hessian's diagonal.
+    diagonal = NewtonCG(preconditioner="diagonal")
     for seed in (0, 1):
         features, labels = _near_constant_column(seed, offset, spread)
-        for solver in ("newton-cg", "trust-region", "newton"):
+        for solver in ("newton-cg", "trust-region", "newton", diagonal):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CollinearityWarning)
                 result = fit_logistic_regression(features, labels, 3, solver=solver, throw=False)
@@ -828,12 +830,12 @@ def test_float32_penalised_columns_of_large_mean_converge(l2):
 
 def test_float32_collinearity_warning_says_what_the_fit_may_miss_and_the_remedy_works():
     # The column 7 + 1e-3·z is collinear with the intercept to float32 precision (the rank
-    # test of the uncentred Gram), which is what the diagonal preconditioner works with. The
+    # test of the uncentred Gram), which is what the EKFAC preconditioner works with. The
     # warning promised "the minimum-norm optimum"; it says the fit may stop above the optimum
     # and names centring, which lets every solver reach it, sparse input included.
     features, labels = _near_constant_column(1, 7.0, 1e-3)
     with pytest.warns(CollinearityWarning, match="to float32 precision") as caught:
-        fit_logistic_regression(features, labels, 3, solver=_DIAGONAL, throw=False)
+        fit_logistic_regression(features, labels, 3, solver=_UNCENTRED, throw=False)
     message = str(caught[0].message)
     assert "above the float64 optimum" in message and "Centre or standardise" in message
     assert "minimum-norm optimum" not in message
@@ -870,7 +872,7 @@ def test_float32_column_that_centred_fits_resolve_is_not_called_collinear():
             Estimator(C=np.inf).fit(features, labels)
             Estimator(C=np.inf, solver="newton-cholesky").fit(features, labels)
         with pytest.warns(CollinearityWarning, match="to float32 precision"):
-            fit_logistic_regression(features, labels, 3, solver=_DIAGONAL, throw=False)
+            fit_logistic_regression(features, labels, 3, solver=_UNCENTRED, throw=False)
         repeated = np.c_[features, features[:, 1]]
         with pytest.warns(CollinearityWarning, match=r"columns \[1, 5\] of X are exactly"):
             fit_logistic_regression(repeated, labels, 3, throw=False)

@@ -22,9 +22,11 @@ Optional capabilities, used when a solver or preconditioner asks for them:
 * ``hessian(evaluation)``: the explicit [P, P] Hessian (the `Newton` solver), and
   ``hessian_null_space(matrix)``: a [P, P] positive semi-definite matrix on the directions
   along which f is exactly flat, scaled like the Hessian ``matrix`` (or None), which `Newton`
-  adds to H before factorising; and ``feature_shift()``: column means μ [d] (or None), with
-  which `Newton`, below float64, asks ``hessian(evaluation, μ)`` for the Hessian in the
-  centred variables (W, b + μᵀW) of a linear model with an intercept, θ's layout [d + 1, Kf];
+  adds to H before factorising; and ``feature_shift(dominant=True)``: column means μ [d] (or
+  None), with which, below float64, `Newton` asks ``hessian(evaluation, μ)`` and the
+  diagonal preconditioner ``hessian_diagonal(evaluation, μ)`` for the Hessian (diagonal) in
+  the centred variables (W, b + μᵀW) of a linear model with an intercept, θ's layout
+  [d + 1, Kf];
 * ``hessian_diagonal(evaluation)``: diag(H) [P] (the "diagonal" preconditioner);
 * ``remove_class_shift(vector)``: the orthogonal projection onto a subspace that holds the
   gradient, every H·v and a minimiser (for logistic regression: W and b centred over the

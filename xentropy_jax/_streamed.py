@@ -397,6 +397,8 @@ class StreamedLogisticObjective:
         chunks: that source's `ChunkLayout` (static).
         num_classes, fit_intercept, reference_class: as `LogisticObjective` (static).
         shift: [d] the weighted column means, for `centred_feature_gram` (None: not centred).
+        dominant_shift: [d] those of the columns whose mean dominates their spread, for
+            `feature_shift(dominant=True)` (`centring_shift`).
     """
 
     l2: jax.Array
@@ -407,6 +409,7 @@ class StreamedLogisticObjective:
     fit_intercept: bool = dataclasses.field(default=True, metadata={"static": True})
     reference_class: bool = dataclasses.field(default=False, metadata={"static": True})
     shift: jax.Array | None = None
+    dominant_shift: jax.Array | None = None
 
     # The in-memory objective of one chunk (no penalty: it is added once, here).
 
@@ -524,9 +527,11 @@ class StreamedLogisticObjective:
     def diverged(self, evaluation: StreamedEvaluation, predictor: tuple) -> jax.Array:
         return (self.l2 == 0) & evaluation.separated
 
-    def hessian_diagonal(self, evaluation: StreamedEvaluation) -> jax.Array:
+    def hessian_diagonal(
+        self, evaluation: StreamedEvaluation, shift: jax.Array | None = None
+    ) -> jax.Array:
         def part(chunk):
-            return hessian_diagonal(chunk, self._probabilities(chunk, evaluation.theta))
+            return hessian_diagonal(chunk, self._probabilities(chunk, evaluation.theta), shift)
 
         layout = self._layout
         penalty = layout.pack(
@@ -565,9 +570,9 @@ class StreamedLogisticObjective:
         """(A_c, μ) as `LogisticObjective.centred_feature_gram`, μ = `shift` (one pass)."""
         return self.feature_gram(self.shift), self.shift
 
-    def feature_shift(self) -> jax.Array | None:
-        """μ = `shift`, as `LogisticObjective.feature_shift` (computed before the fit)."""
-        return self.shift
+    def feature_shift(self, dominant: bool = False) -> jax.Array | None:
+        """μ, as `LogisticObjective.feature_shift` (computed before the fit)."""
+        return self.dominant_shift if dominant else self.shift
 
     def class_curvature(self, evaluation: StreamedEvaluation) -> jax.Array:
         def part(chunk):

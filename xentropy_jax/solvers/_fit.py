@@ -860,7 +860,7 @@ def fits_centred(
 
     Below float64, on a dense X with an intercept: `Newton` (its Hessian), and Newton-CG and
     the trust region with the Kronecker preconditioner (what "auto" means for a dense X of up
-    to 4,000 columns, `auto_preconditioner`).
+    to 4,000 columns, `auto_preconditioner`) or the diagonal one (`centring_of`).
     """
     if not (fit_intercept and dense) or np.dtype(dtype) == np.float64:
         return False
@@ -871,7 +871,7 @@ def fits_centred(
     kind = solver.preconditioner
     if kind == "auto":
         kind = auto_preconditioner(num_features, dense)
-    return kind == "kronecker"
+    return kind in ("kronecker", "diagonal")
 
 
 def _warn_collinear(features, sample_weight, fit_intercept: bool, centred: bool) -> None:

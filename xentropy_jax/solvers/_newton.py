@@ -14,7 +14,7 @@ from ._inner import entry_tolerance, forcing_term
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 from ._linesearch import check_line_search_options, line_search_step
 from ._loop import Iterate, SolverOutput, StepResult, run
-from ._preconditioners import centring
+from ._preconditioners import centring, centring_of
 from ._progress import Progress
 
 
@@ -105,21 +105,6 @@ def newton_direction(
     return solve.solution, curvature, one + 1 + solve.num_steps
 
 
-def centring_of(objective: Objective) -> jax.Array | None:
-    """The shift μ that `Newton` centres by: the objective's `feature_shift`, below float64.
-
-    In float32 the explicit Hessian of a column c + δ·z beside the intercept rounds its
-    centred curvature, of relative size δ²/c², away: `newton` (scikit-learn's
-    "newton-cholesky") stopped CONVERGED 5.6e-4 above the optimum with a column of mean 1e4
-    (2,000 × 20, 5 classes), where the centred Kronecker preconditioner's Newton-CG reached
-    3e-8. Float64 fits are not centred, as that preconditioner's.
-    """
-    shift = getattr(objective, "feature_shift", None)
-    if shift is None or objective.dtype == jnp.float64:
-        return None
-    return shift()
-
-
 # Most CG steps of a refinement (each one Hessian product, where forming H costs about P/2).
 # Measured on raw iris, wine, digits and breast cancer and nearly collinear columns: 0.1 to 2.6
 # steps an iteration on average, beyond the product that measures the step's residual.
@@ -161,7 +146,9 @@ class Newton:
     drives any `Objective` that has the optional `hessian` method. Below float64 each step is
     refined by CG on matrix-free Hessian products, preconditioned by the factor (one product
     when the factorised step is accurate, at most 11; `n_hessian_products` counts them, and
-    the explicit Hessian as one).
+    the explicit Hessian as one), and, where the objective has `feature_shift` (a dense X with
+    an intercept), the Hessian is formed and factorised in the centred variables (W, b + μᵀW)
+    of the columns whose mean dominates their spread (`centring_of`).
 
     Attributes:
         sufficient_decrease: Armijo constant of the line search.

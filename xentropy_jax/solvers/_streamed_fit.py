@@ -62,7 +62,9 @@ def _scan(
     `gram`, also X̃ᵀ·diag(1[w > 0])·X̃ in float64, for the names of collinear columns. With an
     intercept, the centring of the Kronecker preconditioner's basis (`centring_shift`: the
     weighted column means, from Σᵢ ŵᵢ·(xᵢ − x_r) and its squares in float64, x_r the first
-    chunk's row of largest weight, so that a constant column's mean is its value exactly).
+    chunk's row of largest weight, so that a constant column's mean is its value exactly), and
+    those of the columns whose mean dominates their spread (`newton`, the diagonal
+    preconditioner; `centring_shift` with `dominant`).
     """
     # The weights are summed as w·2^(1−e), e the exponent of the largest so far (the sums
     # rescaled exactly when it grows): a sum of weights that overflows is fitted, as in
@@ -148,7 +150,8 @@ def _scan(
         warn_empty_classes(np.flatnonzero(~weighted), stacklevel=4)
     means = None
     if reference is not None:
-        means = centring_shift(reference, deviation / total, square / total, source.dtype)
+        moments = (reference, deviation / total, square / total, source.dtype)
+        means = (centring_shift(*moments), centring_shift(*moments, dominant=True))
     return total, scale / total, products, means
 
 
@@ -186,7 +189,8 @@ def _fit_streamed(
         l2=jnp.asarray(l2, chunks.dtype),
         total_weight=jnp.asarray(total_weight, chunks.dtype),
         token=jnp.asarray(token, jnp.int32),
-        shift=None if means is None else jnp.asarray(means, chunks.dtype),
+        shift=None if means is None else jnp.asarray(means[0], chunks.dtype),
+        dominant_shift=None if means is None else jnp.asarray(means[1], chunks.dtype),
         chunks=chunks,
         num_classes=num_classes,
         fit_intercept=fit_intercept,
