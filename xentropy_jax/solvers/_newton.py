@@ -14,7 +14,7 @@ from ._inner import entry_tolerance, forcing_term
 from ._linalg import cholesky, cholesky_solve, eigh, jacobi_scaled
 from ._linesearch import check_line_search_options, line_search_step
 from ._loop import Iterate, SolverOutput, StepResult, run
-from ._preconditioners import centring, centring_of
+from ._preconditioners import centring_flat, centring_of
 from ._progress import Progress
 
 
@@ -45,11 +45,8 @@ def newton_direction(
     grad = evaluation.grad
 
     def centred(vector: jax.Array, back: bool) -> jax.Array:
-        # Cᵀ·v (into the centred variables) or C·v (back), on θ's [d̃, Kf] view.
-        if shift is None:
-            return vector
-        block = vector.reshape(shift.size + 1, -1)
-        return centring(block, shift, inverse=False, transpose=not back).reshape(-1)
+        # Cᵀ·v (into the centred variables) or C·v (back).
+        return centring_flat(vector, shift, inverse=False, transpose=not back)
 
     null_space = getattr(objective, "hessian_null_space", lambda matrix: None)(matrix)
     if null_space is not None:

@@ -90,8 +90,7 @@ def diagonal(
         return jacobi
 
     def centred(vector, inverse, transpose):
-        block = vector.reshape(shift.size + 1, -1)
-        return centring(block, shift, inverse, transpose).reshape(-1)
+        return centring_flat(vector, shift, inverse, transpose)
 
     # C and Π act on the two axes of θ's [d̃, Kf] view and commute: M⁻¹ = C·(Π·D_c⁻¹·Π)·Cᵀ,
     # M = C⁻ᵀ·E_c·C⁻¹ on Π's range.
@@ -153,6 +152,15 @@ def centring(
     if transpose:  # the feature rows get ∓μ times the intercept's row
         return block.at[:-1].add(sign * jnp.tensordot(shift, block[-1], axes=0))
     return block.at[-1].add(sign * jnp.tensordot(shift, block[:-1], axes=1))
+
+
+def centring_flat(
+    vector: jax.Array, shift: jax.Array | None, inverse: bool, transpose: bool
+) -> jax.Array:
+    """`centring` applied to a flat θ through its [d̃, Kf] view (intercept row last)."""
+    if shift is None:
+        return vector
+    return centring(vector.reshape(shift.size + 1, -1), shift, inverse, transpose).reshape(-1)
 
 
 def penalised_rows(size: int, shift: jax.Array | None, dtype) -> jax.Array:
