@@ -507,6 +507,22 @@ def test_float32_offset_columns_of_full_rank_keep_their_standard_errors():
             np.testing.assert_allclose(result.bse, reference, rtol=rtol)
 
 
+def test_well_conditioned_float32_designs_are_not_called_ill_conditioned():
+    # The warning's line was 1e4·eps·P, which every float32 correlation matrix of P ≥ 840
+    # falls below: independent standard-normal columns at P = 287 (pivot² 0.29 below 0.34)
+    # were told their standard errors "carry few correct digits"; they are within 1e-5.
+    n, d, K = 3000, 40, 8
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(n, d))
+    y = (X @ rng.normal(size=(d, K)) * 0.2 + rng.gumbel(size=(n, K))).argmax(1)
+    reference = xj.logit_inference(_fit(X, y, K), X, y).bse
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error", xj.InferenceWarning)
+        fit = xj.fit_logistic_regression(X.astype(np.float32), y, K, reference_class=True)
+        bse = xj.logit_inference(fit, X.astype(np.float32), y).bse
+    _close(bse, reference, rtol=1e-4)
+
+
 def test_columns_collinear_only_to_float32_precision_are_told_apart():
     # Correlation 1 − 5e-7: float64 gives standard errors; float32 refuses, and said the
     # columns "are collinear … drop or combine them". At 1 − 4e-6 float32 resolves them: the
@@ -768,5 +784,11 @@ def test_structured_output_and_intervals(monkeypatch):
     _close(plain["p_value"], result.pvalues.T.ravel(), rtol=0)
     # Whole numbers of observations in full, also where the weights' sum rounds off them.
     assert "Observations: 300 " in result.summary()
+    # Term names are printed in full: two that share their first 20 characters were one label.
+    names = ["income_per_capita_2019", "income_per_capita_2020"]
+    long = xj.logit_inference(FIT4, X4, Y4, term_names=[*names, "x2"]).summary()
+    lines = long.splitlines()
+    assert all(sum(line.startswith(name + " ") for line in lines) == 3 for name in names)
+    assert len({len(line) for line in lines if line.startswith(("=", "-"))}) == 1
     for nobs, shown in ((1234566.9999999995, "1234567"), (2.5, "2.5"), (1234567.5, "1.23457e+06")):
         assert f"Observations: {shown} " in dataclasses.replace(result, nobs=nobs).summary()

@@ -125,27 +125,30 @@ def _format_table(
     """A statsmodels-style table: the title rows, then one block per (name, column index).
 
     `columns` holds the value, std err, z, P>|z| and interval arrays [terms, blocks], each
-    block one of their columns, each row one of the terms.
+    block one of their columns, each row one of the terms. The first column is 20 characters
+    wide, or as wide as the longest term or block heading (names are never cut: two terms
+    that share their first 20 characters kept the same label).
     """
     low, high = f"[{alpha / 2:.3f}", f"{1 - alpha / 2:.3f}]"
-    width = 84
+    headings = [f"{first_column}={name}" for name, _ in blocks]
+    names = max(20, *(len(str(label)) + 1 for label in [*terms, *headings]))
+    width = names + 64
     lines = ["=" * width]
     for left, right in title_rows:
-        lines.append(f"{left:<42}{right:>42}" if right else left)
-    for name, column in blocks:
+        lines.append(f"{left:<{width // 2}}{right:>{width - width // 2}}" if right else left)
+    for heading, (_, column) in zip(headings, blocks, strict=True):
         lines.append("=" * width)
         lines.append(
-            f"{first_column + '=' + name:<20}{value:>10}{'std err':>11}{'z':>10}{'P>|z|':>9}"
-            f"{low:>12}{high:>12}"
+            f"{heading:<{names}}{value:>10}{'std err':>11}{'z':>10}{'P>|z|':>9}{low:>12}{high:>12}"
         )
         lines.append("-" * width)
         for row, term in enumerate(terms):
             coef, se, z, p, lo, hi = (array[row, column] for array in columns)
             if np.isnan(se):
-                lines.append(f"{term[:20]:<20}{coef:>10.4f}{'(not computed)':>25}")
+                lines.append(f"{term:<{names}}{coef:>10.4f}{'(not computed)':>25}")
             else:
                 lines.append(
-                    f"{term[:20]:<20}{coef:>10.4f}{se:>11.4f}{z:>10.3f}{p:>9.3f}{lo:>12.4f}"
+                    f"{term:<{names}}{coef:>10.4f}{se:>11.4f}{z:>10.3f}{p:>9.3f}{lo:>12.4f}"
                     f"{hi:>12.4f}"
                 )
     lines.append("=" * width)
@@ -465,6 +468,19 @@ def _singular_line(eps: float, size: int) -> float:
     came out 1e-3 from float64's.
     """
     return 10 * eps * math.sqrt(size)
+
+
+def _ill_conditioned_line(eps: float, size: int) -> float:
+    """The pivot² below which the dense path warns: 1000·eps·√size (100 × `_singular_line`).
+
+    The standard errors' rounding is at most about eps·√size / pivot² of themselves (float32:
+    6e-5 where that is 1e-4, 1.6e-2 where it is 3.7e-2, 1e-3 where it is 1.1e-2), so below
+    the line they may be off by 1e-3 or more. It was 1e4·eps·size, which every float32
+    correlation matrix of P ≥ 840 parameters falls below (its pivots² are at most 1):
+    independent standard-normal columns at P = 287 and 909 were warned with standard errors
+    within 6e-6 of float64's.
+    """
+    return 1000 * eps * math.sqrt(size)
 
 
 def _null_eigenvalues(values: np.ndarray, eps: float) -> np.ndarray:
@@ -858,19 +874,21 @@ def logit_inference(
                 + _diagnose_singular(unpadded, row_weights, fit_intercept, term_names, eps)
             )
         # Rounding can lift the pivot of an exactly singular Hessian above `_singular_line` (columns
-        # with offsets and different scales): an ill-conditioned one is checked for columns
-        # that float64 finds collinear in the Gram of [X, 1], and refused for them only; a
-        # float32 design of full rank (a year-like column beside the intercept) keeps its
-        # standard errors and this warning.
+        # with offsets and different scales): a small one is checked for columns that float64
+        # finds collinear in the Gram of [X, 1], and refused for them only; a float32 design of
+        # full rank (a year-like column beside the intercept) keeps its standard errors, with a
+        # warning where their rounding may reach 1e-3 (`_ill_conditioned_line`).
         if pivot < 1e4 * eps * num_params:
             exact = np.finfo(np.float64).eps
             collinear = _collinear_columns(unpadded, row_weights, fit_intercept, term_names, exact)
             if collinear is not None:
                 raise InferenceError(_SINGULAR + collinear)
+        if pivot < _ill_conditioned_line(eps, num_params):
             warnings.warn(
                 f"the Hessian is ill-conditioned (smallest Cholesky pivot² {pivot:.2e} of its "
                 "correlation form): nearly collinear columns or near-separation; the standard "
-                "errors carry few correct digits",
+                f"errors may be off by up to about {eps * math.sqrt(num_params) / pivot:.0e} "
+                "of themselves from rounding",
                 InferenceWarning,
                 stacklevel=2,
             )
