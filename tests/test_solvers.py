@@ -1561,3 +1561,40 @@ def test_float32_fit_with_a_class_of_zero_weight_converges():
         features, labels, 3, sample_weight=(labels != 2).astype(float), throw=False
     )
     assert int(result.status) == Status.CONVERGED, Status(int(result.status)).name
+
+
+def _offset_problem(seed: int, offset: float):
+    """600 rows of five N(0, 1) columns, the fourth + offset (float32), labels of 3."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(600, 5))
+    labels = np.argmax(base @ rng.normal(size=(5, 3)) + rng.gumbel(size=(600, 3)), axis=1)
+    base[:, 3] += offset
+    return base.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "newton", "trust-region"])
+def test_float32_fits_centre_columns_of_large_mean(solver):
+    # A float32 column c + z beside the intercept rounds its gradient entries to about
+    # eps·c·Σ|r|, which the floor test accepted: at l2 = 1e-6 the fits stopped CONVERGED up
+    # to 3e-5 above the optimum with c = 1e4 (and `newton` 1.2 to 1.6 above with c = 1e6).
+    # The fits centre such columns (the same model in θ_c = (W, b + μᵀW)).
+    for seed, offset, bound in ((0, 1e4, 1e-7), (1, 1e4, 1e-7), (0, 1e6, 2e-2)):
+        features, labels = _offset_problem(seed, offset)
+        exact = fit_logistic_regression(
+            np.asarray(features, np.float64), labels, 3, l2=1e-6, solver="newton", tol=1e-13
+        )
+        with jax.enable_x64(False):
+            result = fit_logistic_regression(features, labels, 3, l2=1e-6, solver=solver)
+            path = fit_regularization_path(features, labels, 3, [1e-3, 1e-6], solver=solver)
+            # A warm start from the float64 optimum (in the user's variables) starts near it.
+            init = tuple(np.asarray(p, np.float32) for p in exact.params)
+            warm = fit_logistic_regression(features, labels, 3, l2=1e-6, solver=solver, init=init)
+        assert int(warm.n_iter) < int(result.n_iter) and result.params[0].dtype == jnp.float32
+        last = jax.tree.map(lambda a: a[-1], path.params)
+        for params in (result.params, last, warm.params):
+            exact_objective = _linear.logistic_objective(
+                np.asarray(features, np.float64), labels, 3, l2=1e-6
+            )
+            theta = exact_objective.restrict(*(jnp.asarray(p, jnp.float64) for p in params))
+            gap = (float(exact_objective.value(theta)) - float(exact.loss)) / float(exact.loss)
+            assert gap < bound, (seed, offset, gap)

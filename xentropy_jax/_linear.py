@@ -759,11 +759,13 @@ def centred_feature_gram(objective: LogisticObjective) -> tuple[jax.Array, jax.A
     return feature_gram(objective, shift), shift
 
 
-def feature_shift(objective: LogisticObjective, dominant: bool = False) -> jax.Array | None:
+def feature_shift(
+    objective: LogisticObjective, dominant: bool = False, data: bool = False
+) -> jax.Array | None:
     """μ [d] of `centred_feature_gram`; None for a sparse X or without an intercept.
 
-    `dominant`: only the columns whose mean dominates their spread are centred
-    (`centring_shift`).
+    `dominant`: only the columns whose mean dominates their spread are centred; `data`: the
+    shift by which a fit centres X itself (`centring_shift`).
     """
     features = objective.features
     if isinstance(features, sparse.BCOO) or not objective.fit_intercept:
@@ -777,19 +779,23 @@ def feature_shift(objective: LogisticObjective, dominant: bool = False) -> jax.A
     deviation, square = column_sums_by_chunks(
         moments, features, objective.weights, objective.row_chunk
     )
-    return centring_shift(reference, deviation, square, features.dtype, dominant)
+    return centring_shift(reference, deviation, square, features.dtype, dominant, data)
 
 
 # A column is centred only where its spread exceeds this many times the rounding of its logits
 # in the model's own variables (`centring_shift`).
 CENTRED_SPREAD = 16.0
 
+# The fits that centre X itself (`centred_input`) do so for spreads above this many ulps of the
+# column: 1e6 + z in float32 (σ/m = 1e-6, 8 ulps), not a column constant but for a few ulps.
+INPUT_SPREAD = 4.0
+
 # `newton` and the diagonal preconditioner centre only the columns whose squared mean exceeds
 # this many times their variance (`centring_shift` with `dominant`).
 DOMINANT_MEAN = 100.0
 
 
-def centring_shift(reference, deviation, square, dtype, dominant: bool = False):
+def centring_shift(reference, deviation, square, dtype, dominant: bool = False, data: bool = False):
     """μ [d] for `centred_feature_gram`: the weighted means, 0 for columns constant to `dtype`.
 
     From Σᵢ ŵᵢ·(xᵢ − x_r) (`deviation`) and Σᵢ ŵᵢ·(xᵢ − x_r)² (`square`), ŵ summing to one:
@@ -811,11 +817,20 @@ def centring_shift(reference, deviation, square, dtype, dominant: bool = False):
     column also changed `newton`'s steps on unpenalised quasi-separated float32 fits (iris,
     μ²/σ² ≤ 50): two of eight such fits without a reference class went from CONVERGED to
     MAX_ITER at the same loss.
+
+    With `data` (and `dominant`), for the fits that centre X itself (`centred_input`): they
+    compute on the centred values, not in θ, so columns are centred down to a spread of a few
+    ulps of the column (`INPUT_SPREAD`), and constant columns are not centred (centred, their
+    minimum-norm optimum would put the whole shift in the intercept, not split it with the
+    column's coefficient as in X's own variables).
     """
     mean = reference + deviation
     spread = (square - deviation**2).clip(0) ** 0.5
     magnitude = (mean**2 + spread**2) ** 0.5
-    lost = (spread > 0) & (spread <= CENTRED_SPREAD * float(np.finfo(dtype).eps) * magnitude)
+    floor = INPUT_SPREAD if data else CENTRED_SPREAD
+    lost = (spread > 0) & (spread <= floor * float(np.finfo(dtype).eps) * magnitude)
+    if data:
+        lost = lost | (spread == 0)
     if dominant:
         lost = lost | (mean**2 <= DOMINANT_MEAN * spread**2)
     return mean * (~lost).astype(mean.dtype)

@@ -27,9 +27,12 @@ from ._fit import (
     _is_concrete,
     _resolve_solver,
     _validate,
+    centred_input,
     finalize,
     fit_inputs,
     known_positive,
+    shifted_init,
+    unshifted,
     wants_transposed_copy,
 )
 from ._floor import attainable_tolerance, minimize_to_floor
@@ -66,10 +69,10 @@ def _path(
     solver,
     transposed_copy=False,
 ) -> FitResult:
-    objective = logistic_objective(
-        X,
-        labels,
-        num_classes,
+    build = functools.partial(
+        logistic_objective,
+        labels=labels,
+        num_classes=num_classes,
         sample_weight=sample_weight,
         l2=l2_values[0],
         fit_intercept=fit_intercept,
@@ -77,6 +80,7 @@ def _path(
         penalised=penalised,
         transposed_copy=transposed_copy,
     )
+    objective, shift = centred_input(build(X), build)  # (the fits' own: `centred_input`)
     # Under `jit` each value is judged on its own: a NaN or negative l2 marks only its fit
     # INVALID_L2 (no iteration), not the whole path; bad labels, weights or tol mark every fit.
     valid_l2 = jnp.isfinite(l2_values) & (l2_values >= 0)
@@ -118,10 +122,10 @@ def _path(
         log_l2s = jnp.where(valid, jnp.concatenate([log_l2s[1:], log_l2[None]]), log_l2s)
         return (optima, log_l2s), result
 
-    theta = _initial_theta(objective, init)
+    theta = _initial_theta(objective, shifted_init(init, shift))
     history = jnp.full((3,), -jnp.inf, objective.dtype)
     _, results = scan(step, (jnp.stack([theta] * 3), history), (l2_values, valid_l2))
-    return results
+    return unshifted(results, shift)
 
 
 # Extrapolate no further than this many times the last step in log(l2).

@@ -161,7 +161,10 @@ class FitResult(NamedTuple):
         loss: scalar objective value at `params`.
         converged: bool scalar, `status == Status.CONVERGED`.
         n_iter: int scalar, outer (Newton or trust-region) iterations taken.
-        grad_norm: scalar max|gradient| at `params`.
+        grad_norm: scalar max|gradient| at `params`, in the variables the fit ran in (below
+            float64, with columns of X centred where the fit centres them, see
+            docs/solvers.md#precision: the intercept's entries are the same, a centred
+            column's is ∂f/∂Wⱼ − μⱼ·∂f/∂b, which equals ∂f/∂Wⱼ where ∂f/∂b = 0).
         status: int scalar, a `Status` code.
         n_hessian_products: int scalar, Hessian-vector products (or explicit Hessians) formed.
 
