@@ -327,10 +327,15 @@ def test_estimator_inference_weighs_classes_as_the_fit_did():
     expected = by_rows.inference(X, y, sample_weight=rows)
     _close(ours.params, expected.params, rtol=1e-8)
     _close(ours.bse, expected.bse, rtol=1e-8)
-    # A class weight changed after the fit is checked as the fit checks it.
-    by_class.set_params(class_weight={0: 1.0, 1: np.nan, 2: 1.0})
-    with pytest.raises(ValueError, match="class_weight must be finite and >= 0"):
-        by_class.inference(X, y)
+    # Parameters set after the fit do not change the model whose errors are computed: they
+    # were read at inference (a fit at C = 100 set to C = inf was taken as unpenalised).
+    by_class.set_params(class_weight={0: 1.0, 1: np.nan, 2: 1.0}, C=1.0, penalty="l2")
+    again = by_class.inference(X, y, sample_weight=np.linspace(0.5, 1.5, y.size))
+    _close(again.bse, ours.bse, rtol=0)
+    penalised = LogisticRegression(C=100.0, tol=1e-12).fit(X, y)
+    penalised.set_params(C=np.inf)
+    with pytest.raises(xj.InferenceError, match="penalised"):
+        penalised.inference(X, y)
 
 
 def test_symmetric_fit():

@@ -15,6 +15,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from numbers import Integral, Real
+from typing import NamedTuple
 
 try:
     import sklearn
@@ -150,6 +151,23 @@ _FRAMES_ABOVE_FIT = contextvars.ContextVar("frames_above_fit", default=0)
 def _dense(array) -> np.ndarray:
     """``array`` as a dense ndarray: a scipy.sparse matrix or array is expanded."""
     return array.toarray() if scipy.sparse.issparse(array) else np.asarray(array)
+
+
+class _FittedSetting(NamedTuple):
+    """What `inference` reads of a fit: its C (inf without a penalty), intercept, class weights.
+
+    Kept at fit time: parameters set after the fit (`set_params(C=np.inf)`) must not change the
+    model whose standard errors are computed.
+    """
+
+    C: float
+    fit_intercept: bool
+    class_weight: object
+
+    @classmethod
+    def of(cls, C: float, fit_intercept, class_weight) -> _FittedSetting:
+        weights = dict(class_weight) if isinstance(class_weight, dict) else class_weight
+        return cls(float(C), bool(fit_intercept), weights)
 
 
 def _class_weighted(
@@ -646,6 +664,10 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         self.solver_ = solver
         # For `inference`: no standard errors after separation, a warning short of convergence.
         self._fit_status = status
+        # For `inference`: the fit's own setting, not parameters set after it.
+        self._fitted_setting = _FittedSetting.of(
+            np.inf if unpenalised else float(self.C), self.fit_intercept, self.class_weight
+        )
         for facts in notices:  # at the caller's line, in the estimator's own terms
             options = dict(unpenalised="no penalty", penalise="use a finite C (penalty='l2')")
             if isinstance(facts, Separation):
@@ -840,11 +862,15 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
         position = np.minimum(position, self.classes_.size - 1)
         if np.any(self.classes_[position] != y):
             raise ValueError("y has labels that the estimator was not fitted on")
+        setting = getattr(self, "_fitted_setting", None)
+        if setting is None:  # (an estimator fitted before the setting was kept)
+            C = self._fitted_c()
+            C = np.inf if self.penalty is None else C
+            setting = _FittedSetting.of(C, self.fit_intercept, self.class_weight)
         weights = _check_sample_weight(sample_weight, X, dtype=X.dtype, copy=True)
-        weights = _class_weighted(weights, self.class_weight, self.classes_, y, position)
-        C = self._fitted_c()
-        unpenalised = self.penalty is None or np.isinf(C)
-        l2 = 0.0 if unpenalised else 1.0 / (C * float(weights.sum()))
+        weights = _class_weighted(weights, setting.class_weight, self.classes_, y, position)
+        unpenalised = np.isinf(setting.C)
+        l2 = 0.0 if unpenalised else 1.0 / (setting.C * float(weights.sum()))
         coef, intercept = _dense(self.coef_), self.intercept_
         if coef.shape[0] == 1:  # binomial: class 0 is the reference
             coef = np.concatenate([np.zeros_like(coef), coef])
@@ -859,7 +885,7 @@ class LogisticRegression(ClassifierMixin, BaseEstimator):
                 X,
                 position.astype(np.int32),
                 sample_weight=weights,
-                fit_intercept=self.fit_intercept,
+                fit_intercept=setting.fit_intercept,
                 l2=l2,
                 cov_type=cov_type,
                 groups=groups,
@@ -1242,6 +1268,10 @@ class LogisticRegressionCV(LogisticRegression):
             self._fit_status = int(unconverged[0]) if unconverged.size else Status.CONVERGED
         self.solver_ = solver
         self._set_path_attributes(chosen, scores, path_coefs, path_intercepts, n_iter)
+        C = float(np.ravel(self.C_)[0])
+        self._fitted_setting = _FittedSetting.of(
+            np.inf if self.penalty is None else C, self.fit_intercept, self.class_weight
+        )
         return self
 
     def _fit_paths(self, X, labels, n_classes: int, reference: bool, fold_weights, l2, solver: str):
