@@ -463,6 +463,14 @@ def centred_input(
     precision. Uncentred, a float32 column c + z beside the intercept has gradient entries
     rounded to about eps·c·Σ|r|, which the floor test accepts: fits stopped CONVERGED 1.5e-6
     (c = 1e4), 1e-4 (1e5) and 0.02 to 1.6 (1e6, `newton`) above the optimum, relative.
+    Only penalised fits (l2 > 0 known when the program is built, `LogisticObjective.penalised`)
+    are centred: with l2 = 0 a dependence of the columns on the intercept leaves a set of
+    optima, whose minimum-norm point in θ_c is not X's own (x and x + 1 of mean 100:
+    coefficients ±7 became 0.1, 7 from the float64 fit's), and near such a dependence the fits
+    moved far along it, where b = b_c − μᵀW loses the fit to its rounding (a one-hot set whose
+    main category holds 99.5% of the rows: `newton` CONVERGED 1.5e-3 above the optimum, from
+    LINE_SEARCH_FAILED 3.8e-5 above).
+
     Centring copies X: only an X of at most `CENTRED_COPY_MAX_BYTES` (one row chunk) is
     centred, and none that the fit sums by row chunks (`row_chunk`), which keep no copy of X.
     `build(X)` makes the objective of the same problem on another X.
@@ -470,6 +478,7 @@ def centred_input(
     features = objective.features
     if (
         objective.dtype == jnp.float64
+        or not objective.penalised
         or isinstance(features, sparse.BCOO)
         or objective.row_chunk is not None
         or features.size * features.dtype.itemsize > CENTRED_COPY_MAX_BYTES
@@ -693,8 +702,8 @@ def fit_logistic_regression(
             are sparse-dense; only the "newton" solver's explicit Hessian densifies it, so use
             it only for small d; the "kronecker" preconditioner's d × d Gram is built block by
             block). float64 (with x64 enabled) fits in float64, anything else float32; below
-            float64, the columns of a dense X (up to 64 MiB) whose mean dominates their spread
-            are centred for the fit, and `params` are returned for X itself
+            float64, with l2 > 0, the columns of a dense X (up to 64 MiB) whose mean dominates
+            their spread are centred for the fit, and `params` are returned for X itself
             (docs/solvers.md#precision).
         labels: [N] integer labels in [0, num_classes).
         num_classes: K >= 2 (static).

@@ -158,7 +158,9 @@ class FitResult(NamedTuple):
     Attributes:
         params: (W [d, K], b [K]); b is zeros without an intercept, and the reference class's
             column and entry are zeros with `reference_class=True`.
-        loss: scalar objective value at `params`.
+        loss: scalar objective value at the fitted point: where the fit centred columns of X
+            (below float64, docs/solvers.md#precision), that of the centred parameters, which
+            the returned `params` round (b = b_c − μᵀW).
         converged: bool scalar, `status == Status.CONVERGED`.
         n_iter: int scalar, outer (Newton or trust-region) iterations taken.
         grad_norm: scalar max|gradient| at `params`, in the variables the fit ran in (below
