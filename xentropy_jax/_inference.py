@@ -131,7 +131,7 @@ def _format_table(
     """
     low, high = f"[{alpha / 2:.3f}", f"{1 - alpha / 2:.3f}]"
     headings = [f"{first_column}={name}" for name, _ in blocks]
-    names = max(20, *(len(str(label)) + 1 for label in [*terms, *headings]))
+    names = max([20, *(len(str(label)) + 1 for label in [*terms, *headings])])
     width = names + 64
     lines = ["=" * width]
     for left, right in title_rows:

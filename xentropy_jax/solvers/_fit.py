@@ -457,12 +457,13 @@ def centred_input(
     """The objective on X − 1·μᵀ and the shift μ [d], or the objective as it is and None.
 
     Below float64, on a dense X with an intercept, the columns whose mean dominates their
-    spread, μⱼ² > 100·σⱼ² (`centring_of`), are centred before the fit: the model is the same
-    (θ_c = (W, b + μᵀW), the penalty on W unchanged), but the logits, the gradient and its
-    rounding floor are computed from the centred values, which float32 holds to its own
-    precision. Uncentred, a float32 column c + z beside the intercept has gradient entries
-    rounded to about eps·c·Σ|r|, which the floor test accepts: fits stopped CONVERGED 1.5e-6
-    (c = 1e4), 1e-4 (1e5) and 0.02 to 1.6 (1e6, `newton`) above the optimum, relative.
+    spread, μⱼ² > 100·σⱼ² (`feature_shift` with `data`), are centred before the fit: the
+    model is the same (θ_c = (W, b + μᵀW), the penalty on W unchanged), but the logits, the
+    gradient and its rounding floor are computed from the centred values, which float32 holds
+    to its own precision. Uncentred, a float32 column c + z beside the intercept has gradient
+    entries rounded to about eps·c·Σ|r|, which the floor test accepts: fits stopped CONVERGED
+    1.7e-6 to 1e-5 (c = 1e4, l2 = 1e-6), up to 2.2e-4 (1e5) and up to 1.6 (1e6, `newton`)
+    above the optimum, relative.
     Only penalised fits (l2 > 0 known when the program is built, `LogisticObjective.penalised`)
     are centred: with l2 = 0 a dependence of the columns on the intercept leaves a set of
     optima, whose minimum-norm point in θ_c is not X's own (x and x + 1 of mean 100:

@@ -80,7 +80,7 @@ def _path(
         penalised=penalised,
         transposed_copy=transposed_copy,
     )
-    objective, shift = centred_input(build(X), build)  # (the fits' own: `centred_input`)
+    objective, shift = centred_input(build(X), build)  # as `_fit` does
     # Under `jit` each value is judged on its own: a NaN or negative l2 marks only its fit
     # INVALID_L2 (no iteration), not the whole path; bad labels, weights or tol mark every fit.
     valid_l2 = jnp.isfinite(l2_values) & (l2_values >= 0)
