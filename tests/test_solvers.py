@@ -1591,10 +1591,10 @@ def test_float32_fits_centre_columns_of_large_mean(solver):
             warm = fit_logistic_regression(features, labels, 3, l2=1e-6, solver=solver, init=init)
         assert int(warm.n_iter) < int(result.n_iter) and result.params[0].dtype == jnp.float32
         last = jax.tree.map(lambda a: a[-1], path.params)
+        exact_objective = _linear.logistic_objective(
+            np.asarray(features, np.float64), labels, 3, l2=1e-6
+        )
         for params in (result.params, last, warm.params):
-            exact_objective = _linear.logistic_objective(
-                np.asarray(features, np.float64), labels, 3, l2=1e-6
-            )
             theta = exact_objective.restrict(*(jnp.asarray(p, jnp.float64) for p in params))
             gap = (float(exact_objective.value(theta)) - float(exact.loss)) / float(exact.loss)
             assert gap < bound, (seed, offset, gap)

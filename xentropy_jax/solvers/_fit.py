@@ -491,24 +491,25 @@ def centred_input(
     return build(objective.features - shift[None, :]), shift
 
 
+def _shift_of(shift: jax.Array, weights: jax.Array) -> jax.Array:
+    """μᵀW [..., K] for W [..., d, K] (a path's params carry a leading axis)."""
+    return jnp.einsum("d,...dk->...k", shift.astype(weights.dtype), weights)
+
+
 def shifted_init(init, shift: jax.Array | None):
     """A warm start (W, b) in the centred variables: (W, b + μᵀW)."""
     if init is None or shift is None:
         return init
     weights, intercept = init
-    return weights, intercept + jnp.tensordot(shift.astype(weights.dtype), weights, axes=1)
+    return weights, intercept + _shift_of(shift, weights)
 
 
 def unshifted(result: FitResult, shift: jax.Array | None) -> FitResult:
-    """A fit of the centred variables (`centred_input`) in the user's: b = b_c − μᵀW.
-
-    `params` may carry leading axes (a path's [L, d, K] and [L, K]).
-    """
+    """A fit of the centred variables (`centred_input`) in the user's: b = b_c − μᵀW."""
     if shift is None:
         return result
     weights, intercept = result.params
-    offset = jnp.einsum("d,...dk->...k", shift.astype(weights.dtype), weights)
-    return result._replace(params=(weights, intercept - offset))
+    return result._replace(params=(weights, intercept - _shift_of(shift, weights)))
 
 
 @functools.partial(jax.jit, static_argnames=FIT_STATIC_ARGNAMES)
