@@ -61,7 +61,8 @@ from .solvers import (
     fit_logistic_regression,
     fit_regularization_path,
 )
-from .solvers._fit import collinear_message, empty_classes_quietly, fit_notices
+from .solvers._fit import collinear_message, empty_classes_quietly, fit_notices, known_positive
+from .solvers._path import positive_l2_promised
 from .solvers._separation import Separation, separation_message
 from .solvers._sharding import row_mesh, shard_rows
 from .solvers._sparse_input import bucketed_size
@@ -1286,8 +1287,10 @@ class LogisticRegressionCV(LogisticRegression):
         labels = labels.astype(np.int32)
         core_solver = _core_solver(solver, X.shape[1], self.product_dtype)
         configuration = ("path", X.shape[1], X.dtype.str, _stored_bucket(X), n_classes)
-        # (Whether l2 > 0 selects no program here: the vmapped path's l2 values are traced.)
-        configuration += (bool(self.fit_intercept), reference, core_solver, l2.shape[1])
+        # The vmapped paths' l2 values are traced: that every one is > 0 (so that float32
+        # columns of large mean are centred, as in the refit) is promised from the values here.
+        penalised = known_positive(l2, X.dtype)
+        configuration += (bool(self.fit_intercept), reference, core_solver, l2.shape[1], penalised)
         configuration += (_splits_in_lockstep(X) and len(l2),)
         # Zero-weight rows up to a bucket: the outer folds of a nested cross-validation, whose
         # row counts differ by one, share the program (`_buckets`).
@@ -1295,7 +1298,7 @@ class LogisticRegressionCV(LogisticRegression):
             fitted_rows(X.shape[0], configuration), X, labels, fold_weights
         )
         _use_program((X.shape[0], *configuration))
-        with jax.enable_x64(X.dtype == np.float64):
+        with jax.enable_x64(X.dtype == np.float64), positive_l2_promised(penalised):
             fit_path = jax.vmap(
                 lambda w, l2_values: fit_regularization_path(
                     X,

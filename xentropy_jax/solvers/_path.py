@@ -7,6 +7,8 @@ fit starts from the previous optimum, so that the later fits take a few Newton i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -39,6 +41,27 @@ from ._floor import attainable_tolerance, minimize_to_floor
 from ._newton_cg import NewtonCG
 from ._result import FitError, FitResult, Status
 from ._trust_region import TrustRegion
+
+# Whether a caller has promised that every l2 it traces is > 0 (`positive_l2_promised`).
+_POSITIVE_L2_PROMISED = contextvars.ContextVar("positive_l2_promised", default=False)
+
+
+@contextlib.contextmanager
+def positive_l2_promised(promised: bool = True):
+    """Paths traced inside take traced l2 values as known > 0 (`LogisticObjective.penalised`).
+
+    For callers that vectorise paths over l2 values they hold concretely (the cross-validated
+    estimator's splits, each with its own penalty): without the promise a traced l2 may be 0,
+    and such fits are compiled as unpenalised, which leaves float32 columns of large mean
+    uncentred (`centred_input`). A false promise of l2 = 0 would compile an unpenalised fit's
+    data as penalised: only promise what was checked (`known_positive` on the concrete values).
+    """
+    token = _POSITIVE_L2_PROMISED.set(promised)
+    try:
+        yield
+    finally:
+        _POSITIVE_L2_PROMISED.reset(token)
+
 
 # The arguments of `_path` that are compile-time constants: one program per combination.
 PATH_STATIC_ARGNAMES = (
@@ -280,7 +303,7 @@ def fit_regularization_path(
         num_classes=int(num_classes),
         fit_intercept=bool(fit_intercept),
         reference_class=bool(reference_class),
-        penalised=known_positive(l2_values, features.dtype),
+        penalised=_POSITIVE_L2_PROMISED.get() or known_positive(l2_values, features.dtype),
         transposed_copy=wants_transposed_copy(features),
         solver=config,
     )
