@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.monitoring
@@ -649,3 +651,29 @@ def test_maps_of_the_wrong_shape_are_named():
             jax.jit(lambda b, maps=maps: xj.cg(rhs=b, **maps).solution)(b)
     with pytest.raises(ValueError, match="the operator must map rhs"):
         xj.steihaug_cg(lambda v: v[:4], b, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_solve_does_not_depend_on_the_scale_of_the_rhs(dtype):
+    # A float32 b of 1e-19 had ‖b‖² and ‖r‖² underflow to 0, taken as an exact zero residual:
+    # CONVERGED after one step 28% off (at 1e-20 and below: at x = 0), and b of 1e19 ended
+    # NON_FINITE at step 0; Steihaug's radius² underflowed already at 1e-15 (x = 0, BOUNDARY).
+    # Solved as b·2⁻ᵉ, every scale gives the unit solve's answer, tolerances and radius scaled.
+    matrix = spd_matrix(8, 50.0, 0, dtype)
+    operator, rhs, rhs_flat, unravel = pytree_problem(matrix)
+    exact = np.linalg.solve(matrix.astype(np.float64), np.asarray(rhs_flat, np.float64))
+    radius = 0.5 * np.linalg.norm(exact)
+    extreme = 150 if dtype == np.float64 else 30
+    with jax.enable_x64(dtype == np.float64):
+        for scale in (10.0**-extreme, 1e-19, 1e-15, 1.0, 1e15, 1e19, 10.0**extreme):
+            factor = dtype(scale)
+            scaled = jax.tree.map(functools.partial(jnp.multiply, factor), rhs)
+            result = xj.cg(operator, scaled, rtol=1e-5, atol=1e-6 * scale, max_steps=40)
+            solution = ravel_pytree(result.solution)[0] / dtype(scale)
+            assert int(result.status) == CGStatus.CONVERGED, scale
+            np.testing.assert_allclose(solution, exact, rtol=1e-3 if dtype == np.float32 else 1e-8)
+            assert 0 < float(result.residual_norm) / scale <= 1e-5 * np.linalg.norm(rhs_flat) * 2
+            region = xj.steihaug_cg(operator, scaled, radius * scale)
+            step = ravel_pytree(region.solution)[0] / dtype(scale)
+            assert int(region.status) == CGStatus.BOUNDARY, scale
+            np.testing.assert_allclose(np.linalg.norm(step), radius, rtol=1e-5)

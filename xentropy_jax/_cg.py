@@ -42,7 +42,7 @@ class CGStatus(enum.IntEnum):
             there. :func:`cg` returns the last iterate before it; :func:`steihaug_cg` follows p
             to the trust-region boundary.
         NON_FINITE: a product or a step size was NaN or infinite; the last finite iterate is
-            returned. Check the operator and the scale of the right-hand side.
+            returned. Check the operator (the right-hand side's own scale is taken out).
         BOUNDARY: (:func:`steihaug_cg` only) the iterate reached the trust-region boundary
             ‖x‖_M = radius along a direction of positive curvature.
         INVALID_RADIUS: (:func:`steihaug_cg` only) a traced radius that is not positive (zero,
@@ -284,6 +284,45 @@ def _check_map(name: str, function: Operator, rhs: PyTree) -> None:
             )
 
 
+# A right-hand side whose largest entry is within 2^±32 of 1 is solved as it is (`_scale_exponent`).
+_UNSCALED_EXPONENTS = 32
+
+
+def _scale_exponent(rhs: PyTree) -> jax.Array:
+    """The e of max|b| in [2^(e−1), 2^e) where that is beyond 2^±32; otherwise 0 (int32).
+
+    CG is linear in b: A(x·2⁻ᵉ) = b·2⁻ᵉ runs the same steps with every vector scaled by an
+    exact power of two, and its scalars (α, β, the ratios of the norms) unchanged. Solved as
+    given, a float32 b of 1e-19 had ‖b‖² and ‖r‖² underflow to 0, taken as an exact zero
+    residual: CONVERGED after one step 28% off, or at x = 0 (and b of 1e19 overflowed to
+    NON_FINITE at step 0). Within 2^±32 no squared norm of a float32 (or wider) b leaves the
+    range, and the solve is bit for bit the unscaled one; float16 and bfloat16 leaves are
+    widened to float32 by `tree_vdot`, and float16's range never reaches the window's edge.
+    """
+    leaves = [lax.stop_gradient(leaf) for leaf in jax.tree.leaves(rhs)]
+    wide = jnp.result_type(*(at_least_float32(leaf) for leaf in leaves))
+    peak = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(leaf), initial=0).astype(wide) for leaf in leaves]
+    )
+    exponent = jnp.frexp(peak)[1]
+    far = jnp.isfinite(peak) & (peak > 0) & (jnp.abs(exponent) > _UNSCALED_EXPONENTS)
+    return jnp.where(far, exponent, 0).astype(jnp.int32)
+
+
+def _times_power_of_two(tree: PyTree, exponent: jax.Array) -> PyTree:
+    """Every leaf times 2^exponent, exactly (in two factors: 2^±150 is no float32 number)."""
+
+    def scale(leaf):
+        wide = at_least_float32(leaf)
+        half = exponent // 2
+        first, second = jnp.exp2(half.astype(wide)), jnp.exp2((exponent - half).astype(wide))
+        scaled = jnp.asarray(leaf, wide) * first * second
+        # Floating leaves keep their dtype; an integer tolerance becomes a floating one.
+        return scaled.astype(leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else scaled
+
+    return jax.tree.map(scale, tree)
+
+
 def _solve(
     operator: Operator,
     preconditioner: Operator | None,
@@ -296,6 +335,71 @@ def _solve(
     entry_tol: PyTree | None,
     verify: bool = False,
 ) -> CGResult:
+    """CG from x0 (or 0) on b scaled by a power of two (`_scale_exponent`), then verified."""
+    exponent = _scale_exponent(rhs)
+    down = functools.partial(_times_power_of_two, exponent=-exponent)
+    if radius is not None:
+        radius = down(jnp.asarray(radius))
+    result = _iterate(
+        operator,
+        preconditioner,
+        down(rhs),
+        None if x0 is None else down(x0),
+        radius,
+        rtol,
+        down(jnp.asarray(atol)),
+        max_steps,
+        None if entry_tol is None else down(_as_arrays(entry_tol)),
+    )
+    up = functools.partial(_times_power_of_two, exponent=exponent)
+    result = result._replace(
+        solution=up(result.solution),
+        residual=up(result.residual),
+        residual_norm=up(result.residual_norm),
+    )
+    if not verify:
+        return result
+
+    # Until b − A x, computed afresh at x (one product), is within tolerance: CG restarts from x
+    # while its recurrence reports CONVERGED and steps remain, and a fresh residual that passes
+    # at once (no step taken) is the verified end.
+    def unverified(carry: tuple[CGResult, jax.Array]) -> jax.Array:
+        result, verified = carry
+        return (result.status == CGStatus.CONVERGED) & ~verified
+
+    def restart(carry: tuple[CGResult, jax.Array]) -> tuple[CGResult, jax.Array]:
+        result, _ = carry
+        again = _solve(
+            operator,
+            preconditioner,
+            rhs,
+            result.solution,
+            None,
+            rtol,
+            atol,
+            max_steps - result.num_steps,
+            entry_tol,
+        )
+        combined = again._replace(num_steps=result.num_steps + again.num_steps)
+        return combined, again.num_steps == 0
+
+    result, _ = while_loop(unverified, restart, (result, jnp.zeros((), bool)))
+    return result
+
+
+def _iterate(
+    operator: Operator,
+    preconditioner: Operator | None,
+    rhs: PyTree,
+    x0: PyTree | None,
+    radius: jax.Array | None,
+    rtol: Any,
+    atol: Any,
+    max_steps: Any,
+    entry_tol: PyTree | None,
+) -> CGResult:
+    """The CG (or Steihaug-Toint) iteration from x0 (or 0), the residual by recurrence."""
+
     def small(residual: PyTree, residual_norm2: jax.Array) -> jax.Array:
         """‖r‖₂ within tolerance, or every entry within its own (``entry_tol``).
 
@@ -424,33 +528,6 @@ def _solve(
         num_steps=final.num_steps,
         residual_norm=jnp.sqrt(tree_vdot(final.residual, final.residual)),
     )
-    if not verify:
-        return result
-
-    # Until b − A x, computed afresh at x (one product), is within tolerance: CG restarts from x
-    # while its recurrence reports CONVERGED and steps remain, and a fresh residual that passes
-    # at once (no step taken) is the verified end.
-    def unverified(carry: tuple[CGResult, jax.Array]) -> jax.Array:
-        result, verified = carry
-        return (result.status == CGStatus.CONVERGED) & ~verified
-
-    def restart(carry: tuple[CGResult, jax.Array]) -> tuple[CGResult, jax.Array]:
-        result, _ = carry
-        again = _solve(
-            operator,
-            preconditioner,
-            rhs,
-            result.solution,
-            None,
-            rtol,
-            atol,
-            max_steps - result.num_steps,
-            entry_tol,
-        )
-        combined = again._replace(num_steps=result.num_steps + again.num_steps)
-        return combined, again.num_steps == 0
-
-    result, _ = while_loop(unverified, restart, (result, jnp.zeros((), bool)))
     return result
 
 
@@ -479,7 +556,11 @@ def cg(
     (``MAX_STEPS``), at a direction with pᵀAp ≤ 0, returning the iterate before it
     (``NEGATIVE_CURVATURE``; with x₀ = 0 at the first step that is 0), or when a number turns
     non-finite, returning the last finite iterate (``NON_FINITE``). Cost per iteration: one
-    product with A, one with M⁻¹, and a few O(P) vector operations.
+    product with A, one with M⁻¹, and a few O(P) vector operations. A right-hand side whose
+    largest entry lies beyond 2^±32 is solved as b·2⁻ᵉ, with ``x0``, ``atol``, ``entry_tol``
+    (and :func:`steihaug_cg`'s radius) scaled alike, and the solution scaled back: the same
+    steps, exactly, where the squared norms of b itself would underflow or overflow (a float32
+    b of 1e-19 was reported converged 28% off, one of 1e19 non-finite).
 
     Derivatives (``jax.grad``, ``jvp``, ``vmap`` of either, to any order) with respect to b and
     to the arrays the operator reads are those of the exact solution x = A⁻¹b, not of the
