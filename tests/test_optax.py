@@ -217,6 +217,37 @@ def test_curvature_is_refreshed_every_k_steps_only():
     assert changed == [False, False, True, False, False, True]
 
 
+@pytest.mark.parametrize("name", ["sophia", "diagonal"])
+def test_a_refresh_on_a_batch_of_no_weight_is_skipped(name):
+    # Such a batch has no curvature: averaged in, its estimate 0 shrank the average by the decay
+    # and counted as a refresh in the bias correction (gauss_newton leaves λ alone there).
+    params, inputs, labels = mlp_problem()
+    transform = (
+        xj.scale_by_sophia_g(b2=0.5, update_interval=1, bias_correction=True)
+        if name == "sophia"
+        else xj.scale_by_ggn_diagonal(decay=0.5)
+    )
+    grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)
+
+    @jax.jit
+    def update(state, weight, mass):
+        options = dict(logits_fn=mlp, inputs=inputs, sample_weight=weight, label_mass=mass)
+        return transform.update(grad, state, params, **options)
+
+    ones = jnp.ones(inputs.shape[0])
+    first, state = update(transform.init(params), ones, 1.0)
+    for weight, mass in ((0 * ones, 1.0), (ones, 0.0), (ones, 0 * ones)):
+        again, skipped = update(state, weight, mass)
+        assert int(skipped.num_refreshes) == int(state.num_refreshes) == 1
+        average = skipped.hessian if name == "sophia" else skipped.diagonal
+        previous = state.hessian if name == "sophia" else state.diagonal
+        chex.assert_trees_all_equal(average, previous)
+        if name == "diagonal":  # the same division as the step before
+            chex.assert_trees_all_close(again, first, rtol=1e-12)
+    _, refreshed = update(state, ones.at[0].set(0.0), 1.0)
+    assert int(refreshed.num_refreshes) == 2
+
+
 def test_scale_by_ggn_diagonal_divides_by_the_damped_diagonal():
     params, inputs, labels = mlp_problem()
     grad = jax.grad(lambda p: xj.mean_cross_entropy(mlp, p, inputs, labels))(params)

@@ -509,8 +509,14 @@ def _refresh(
     inputs: PyTree,
     sample_weight: jax.typing.ArrayLike | None,
     label_mass: jax.typing.ArrayLike,
-) -> tuple[PyTree, jax.Array]:
-    """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch)."""
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch).
+
+    Returns the average, the next key and whether the estimate was averaged in (int32 0 or
+    1, for the bias correction's count). A batch with no row of positive weight and label mass
+    has no curvature to estimate: its refresh is skipped, as `gauss_newton` leaves λ alone on a
+    zero gradient (averaged in, its ĥ = 0 shrank h by the decay and counted as an estimate).
+    """
     arrays = (count, interval, average, decay, key, params, inputs, sample_weight, label_mass)
     if _is_concrete(arrays):
         # The compiled program sees them traced: checked here, a negative or NaN weight came
@@ -535,8 +541,8 @@ def _refreshed(
     inputs: PyTree,
     sample_weight: jax.typing.ArrayLike | None,
     label_mass: jax.typing.ArrayLike,
-) -> tuple[PyTree, jax.Array]:
-    """`_refresh` itself: a `cond` on count % interval == 0 around the estimate."""
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """`_refresh` itself: a `cond` on count % interval == 0 and some weight, around the estimate."""
     key, sample_key = jax.random.split(jax.random.wrap_key_data(key))
     sample_key = jax.random.key_data(sample_key)
 
@@ -548,8 +554,10 @@ def _refreshed(
             lambda h, e: (decay * h + (1 - decay) * e.astype(h.dtype)).astype(h.dtype), avg, fresh
         )
 
-    average = cond(count % interval == 0, estimate, lambda avg: avg, average)
-    return average, jax.random.key_data(key)
+    weight = jnp.asarray(1.0 if sample_weight is None else sample_weight)
+    refreshed = (count % interval == 0) & jnp.any(weight * jnp.asarray(label_mass) > 0)
+    average = cond(refreshed, estimate, lambda avg: avg, average)
+    return average, jax.random.key_data(key), refreshed.astype(jnp.int32)
 
 
 # Called eagerly (an `update` outside `jit`), `_refreshed`'s branch was traced and compiled
@@ -584,7 +592,8 @@ def scale_by_sophia_g(
     unbiased; one forward and one backward pass); ``"exact"`` uses the exact diagonal
     (:func:`~xentropy_jax.ggn_diagonal`, K per-example backward passes); ``"hutchinson"`` the
     Hutchinson estimate (one GGN product). Refreshes happen at steps 0, k, 2k, …, inside a
-    ``lax.cond``, so the other steps cost nothing extra. As in the reference implementation
+    ``lax.cond``, so the other steps cost nothing extra; one whose batch has no row of positive
+    weight and label mass is skipped (h and its count unchanged). As in the reference implementation
     there is no bias correction by default, so the first steps are mostly clipped (sign-like)
     steps; ``bias_correction=True`` corrects both averages as Adam does.
 
@@ -670,7 +679,7 @@ def scale_by_sophia_g(
             optax.tree.update_moment(updates, state.mu, b1, 1),
             state.mu,
         )
-        hessian, key = _refresh(
+        hessian, key, refreshed = _refresh(
             state.count,
             update_interval,
             state.hessian,
@@ -686,7 +695,6 @@ def scale_by_sophia_g(
 
         # Counted, not inferred from count and k: k may be injected and change between steps
         # (`optax.inject_hyperparams`), and ⌊count / k⌋ + 1 then corrected h 6× too little.
-        refreshed = (state.count % update_interval == 0).astype(jnp.int32)
         num_refreshes = state.num_refreshes + refreshed
         if bias_correction:
             # m / (1 − b₁ᵗ) after t steps; h / (1 − b₂ⁿ) after n refreshes.
@@ -823,8 +831,9 @@ def scale_by_ggn_diagonal(
 
     diag(G) of the batch is computed (``estimator="exact"``, :func:`~xentropy_jax.ggn_diagonal`)
     or estimated (``"bartlett"``: sampled labels; ``"hutchinson"``: Rademacher probes) every
-    ``update_interval`` steps, averaged as D ← decay·D + (1 − decay)·D̂ and bias-corrected by
-    1 − decay^n after n refreshes (as Adam's second moment), and used as max(D, 0) (Hutchinson's
+    ``update_interval`` steps (skipped for a batch with no row of positive weight and label
+    mass), averaged as D ← decay·D + (1 − decay)·D̂ and bias-corrected by 1 − decay^n after n
+    refreshes (as Adam's second moment), and used as max(D, 0) (Hutchinson's
     estimate can be negative, which would turn a step uphill). p = 1 is a diagonal Newton step
     (then chain ``optax.sgd(lr)`` with lr ≈ 1 or a line search); p = ½ gives Adam-like scale
     invariance with curvature in place of squared gradients. λ > 0 bounds the step where
@@ -903,7 +912,7 @@ def scale_by_ggn_diagonal(
         logits_fn = _require_model("scale_by_ggn_diagonal", updates, params, logits_fn, inputs)
         if not jax.tree.leaves(params):  # an empty group: nothing to estimate, the model unread
             return updates, state._replace(count=optax.safe_increment(state.count))
-        diagonal, key = _refresh(
+        diagonal, key, refreshed = _refresh(
             state.count,
             update_interval,
             state.diagonal,
@@ -916,7 +925,6 @@ def scale_by_ggn_diagonal(
             sample_weight,
             label_mass,
         )
-        refreshed = (state.count % update_interval == 0).astype(jnp.int32)
         num_refreshes = state.num_refreshes + refreshed
 
         def scale(g: jax.Array, d: jax.Array) -> jax.Array:
