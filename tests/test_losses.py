@@ -954,6 +954,24 @@ def test_label_smoothing_out_of_range_is_refused_for_array_scalars(smoothing):
     xj.softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=np.float32(0.2))
 
 
+def test_a_traced_label_smoothing_must_be_a_scalar():
+    # Under `jit` a vector α was broadcast over the classes without a word; eagerly it raised.
+    logits, labels = jnp.zeros((2, 2)), jnp.array([0, 1])
+    onehot = jax.nn.one_hot(labels, 2)
+    for loss, targets in (
+        (xj.softmax_cross_entropy_with_integer_labels, labels),
+        (xj.softmax_cross_entropy, onehot),
+    ):
+        smoothed = jax.jit(
+            lambda a, loss=loss, targets=targets: loss(logits, targets, label_smoothing=a)
+        )
+        with pytest.raises(ValueError, match="label_smoothing must be a scalar"):
+            smoothed(jnp.array([0.1, 0.9]))
+        with pytest.raises(ValueError, match="label_smoothing must be a scalar"):
+            smoothed(jnp.array(True))
+        np.testing.assert_allclose(smoothed(0.2), loss(logits, targets, label_smoothing=0.2))
+
+
 def test_narrow_integer_label_dtypes():
     # `labels < K` cast K to int8 (200 wraps to -56): every label read as out of range, NaN.
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 300)))

@@ -377,6 +377,23 @@ def test_float32_hessian_and_products_are_psd_at_every_margin(num_classes):
             assert lowest >= -4 * eps * largest, (name, margin, lowest)
 
 
+def test_float32_products_on_a_flat_row_of_a_thousand_classes():
+    """Nearly flat rows: λmax ≈ max s, and the products' K² roundings reach −5.2·eps·λmax."""
+    eps = float(jnp.finfo(jnp.float32).eps)
+    for top in (0.625, 1.0):
+        logits = np.zeros(1000)
+        logits[7] = top
+        probs = exact_probs_float64(logits)
+        largest = float(np.linalg.eigvalsh(np.diag(probs) - np.outer(probs, probs))[-1])
+        z = jnp.asarray(logits, jnp.float32)
+        hessian = xj.softmax_cross_entropy_hessian(z)
+        products = jax.vmap(xj.softmax_cross_entropy_hvp, in_axes=(None, 0))(
+            z, jnp.eye(1000, dtype=jnp.float32)
+        )
+        assert smallest_eigenvalues(hessian)[0] >= -4 * eps * largest, top
+        assert smallest_eigenvalues(products)[0] >= -8 * eps * largest, top
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_hessian_is_psd(dtype):
     rng = np.random.default_rng(2)

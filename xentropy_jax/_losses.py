@@ -705,8 +705,17 @@ def _prepare_where(
 
 
 def _check_label_smoothing(label_smoothing: float | jax.Array) -> None:
-    """A concrete ``α`` (Python, NumPy or JAX scalar) must be a number in [0, 1]; traced passes."""
+    """``α`` must be a scalar number; a concrete one (Python, NumPy or JAX) in [0, 1].
+
+    A traced ``α`` has its shape and dtype checked (a vector was broadcast over the classes
+    under ``jit``); its value cannot be.
+    """
     if isinstance(label_smoothing, jax.core.Tracer):
+        if label_smoothing.shape != () or not jnp.issubdtype(label_smoothing.dtype, jnp.number):
+            raise ValueError(
+                f"label_smoothing must be a scalar number, got a traced array of shape "
+                f"{label_smoothing.shape} and dtype {label_smoothing.dtype}."
+            )
         return
     value = np.asarray(label_smoothing)
     if value.shape != () or not (
@@ -905,10 +914,14 @@ def softmax_cross_entropy_with_integer_labels(
     these differences, all on inputs where optax's answer is not meaningful:
 
     * a label outside ``[0, K)`` (negative ones included, which optax wraps around) gives a NaN
-      loss and NaN gradient for its row, never a plausible number; a row fully masked by
-      ``where`` gives 0 whatever its label, and so does a label on a class that ``where``
-      excludes (it carries no label, as the one-hot row in ``optax.softmax_cross_entropy``;
-      optax's integer version returns ``logsumexp − z[label]`` there, which can be negative);
+      loss and NaN gradient for its row, never a plausible number (with 64-bit mode off, a
+      NumPy int64 label beyond int32 passed here counts as outside; passed to a ``jax.jit`` or
+      ``jax.vmap`` of a caller, it is narrowed to int32 before this function sees it, which
+      wraps it into range, as for any JAX function: check such labels before that call); a
+      row fully masked by ``where`` gives 0 whatever its label, and so does a label on a class
+      that ``where`` excludes (it carries no label, as the one-hot row in
+      ``optax.softmax_cross_entropy``; optax's integer version returns ``logsumexp − z[label]``
+      there, which can be negative);
     * a ``-inf`` logit is a masked class: finite loss and zero gradient there, unless the label
       sits on it, which gives ``+inf`` (with gradient −1 at the label and 0 elsewhere when
       every logit of the row is ``-inf``, as the one-hot loss; optax gives NaN).
