@@ -7,6 +7,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
@@ -15,6 +16,20 @@ from jax.experimental import sparse
 def is_concrete(*values: Any) -> bool:
     """Whether no leaf of `values` is a tracer: checks on values run only outside `jit`."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def concrete_value(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array where it is known before the program is built, else None.
+
+    Known: a concrete array, or the tracer of eager autodiff (``jax.grad``, ``jax.jvp`` outside
+    ``jit``), whose primal is concrete. Unknown: under ``jit`` or ``vmap``.
+    """
+    if is_concrete(value):
+        return np.asarray(value)
+    try:
+        return np.asarray(jax.extend.core.concrete_or_error(None, value))
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def dtype_of(value: Any) -> np.dtype:
