@@ -246,6 +246,16 @@ def test_a_refresh_on_a_batch_of_no_weight_is_skipped(name):
             chex.assert_trees_all_close(again, first, rtol=1e-12)
     _, refreshed = update(state, ones.at[0].set(0.0), 1.0)
     assert int(refreshed.num_refreshes) == 2
+    # Skipped before any refresh: the average 0 is not bias-corrected into 0/0 = NaN.
+    empty, start = update(transform.init(params), 0 * ones, 1.0)
+    assert int(start.num_refreshes) == 0
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(empty))
+    if name == "diagonal":  # D = 0: g / λ
+        chex.assert_trees_all_close(empty, jax.tree.map(lambda g: g / 1e-3, grad), rtol=1e-12)
+    # NaN weights (unchecked under `jit`) are not taken for an empty batch: they show.
+    _, poisoned = update(state, jnp.full_like(ones, jnp.nan), 1.0)
+    average = poisoned.hessian if name == "sophia" else poisoned.diagonal
+    assert not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(average))
 
 
 def test_scale_by_ggn_diagonal_divides_by_the_damped_diagonal():

@@ -513,8 +513,8 @@ def _refresh(
     """Average h ← decay·h + (1 − decay)·ĥ when count % interval == 0 (a real branch).
 
     Returns the average, the next key and whether the estimate was averaged in (int32 0 or
-    1, for the bias correction's count). A batch with no row of positive weight and label mass
-    has no curvature to estimate: its refresh is skipped, as `gauss_newton` leaves λ alone on a
+    1, for the bias correction's count). A batch whose weights or label masses are all 0 has
+    no curvature to estimate: its refresh is skipped, as `gauss_newton` leaves λ alone on a
     zero gradient (averaged in, its ĥ = 0 shrank h by the decay and counted as an estimate).
     """
     arrays = (count, interval, average, decay, key, params, inputs, sample_weight, label_mass)
@@ -554,8 +554,12 @@ def _refreshed(
             lambda h, e: (decay * h + (1 - decay) * e.astype(h.dtype)).astype(h.dtype), avg, fresh
         )
 
+    # All weights or all label masses exactly 0: nothing to estimate. Tested apart, so that a
+    # bad shape meets the estimator's own check, and with `==`, so that NaN or negative values
+    # (traced, not checked) still reach the estimate and show as NaN there.
     weight = jnp.asarray(1.0 if sample_weight is None else sample_weight)
-    refreshed = (count % interval == 0) & jnp.any(weight * jnp.asarray(label_mass) > 0)
+    empty = jnp.all(weight == 0) | jnp.all(jnp.asarray(label_mass) == 0)
+    refreshed = (count % interval == 0) & ~empty
     average = cond(refreshed, estimate, lambda avg: avg, average)
     return average, jax.random.key_data(key), refreshed.astype(jnp.int32)
 
@@ -592,10 +596,11 @@ def scale_by_sophia_g(
     unbiased; one forward and one backward pass); ``"exact"`` uses the exact diagonal
     (:func:`~xentropy_jax.ggn_diagonal`, K per-example backward passes); ``"hutchinson"`` the
     Hutchinson estimate (one GGN product). Refreshes happen at steps 0, k, 2k, …, inside a
-    ``lax.cond``, so the other steps cost nothing extra; one whose batch has no row of positive
-    weight and label mass is skipped (h and its count unchanged). As in the reference implementation
-    there is no bias correction by default, so the first steps are mostly clipped (sign-like)
-    steps; ``bias_correction=True`` corrects both averages as Adam does.
+    ``lax.cond``, so the other steps cost nothing extra; one whose batch has all weights (or all
+    label masses) 0 is skipped (h and its count unchanged; before any refresh h = 0). As in the
+    reference implementation there is no bias correction by default, so the first steps are
+    mostly clipped (sign-like) steps; ``bias_correction=True`` corrects both averages as Adam
+    does.
 
     ``update(grads, state, params, *, logits_fn, inputs, sample_weight=None, label_mass=1.0)``.
     Called eagerly, from its second call with the same ``logits_fn`` on ``update`` runs
@@ -699,7 +704,8 @@ def scale_by_sophia_g(
         if bias_correction:
             # m / (1 − b₁ᵗ) after t steps; h / (1 − b₂ⁿ) after n refreshes.
             mu_hat = optax.tree.bias_correction(mu, b1, optax.safe_increment(state.count))
-            hessian_hat = optax.tree.bias_correction(hessian, b2, num_refreshes)
+            # No refresh yet (skipped ones): h = 0, and 1 − b₂⁰ = 0 would make it NaN.
+            hessian_hat = optax.tree.bias_correction(hessian, b2, jnp.maximum(num_refreshes, 1))
         else:
             mu_hat, hessian_hat = mu, hessian
 
@@ -831,8 +837,8 @@ def scale_by_ggn_diagonal(
 
     diag(G) of the batch is computed (``estimator="exact"``, :func:`~xentropy_jax.ggn_diagonal`)
     or estimated (``"bartlett"``: sampled labels; ``"hutchinson"``: Rademacher probes) every
-    ``update_interval`` steps (skipped for a batch with no row of positive weight and label
-    mass), averaged as D ← decay·D + (1 − decay)·D̂ and bias-corrected by 1 − decay^n after n
+    ``update_interval`` steps (skipped for a batch whose weights or label masses are all 0),
+    averaged as D ← decay·D + (1 − decay)·D̂ and bias-corrected by 1 − decay^n after n
     refreshes (as Adam's second moment), and used as max(D, 0) (Hutchinson's
     estimate can be negative, which would turn a step uphill). p = 1 is a diagonal Newton step
     (then chain ``optax.sgd(lr)`` with lr ≈ 1 or a line search); p = ½ gives Adam-like scale
@@ -928,7 +934,9 @@ def scale_by_ggn_diagonal(
         num_refreshes = state.num_refreshes + refreshed
 
         def scale(g: jax.Array, d: jax.Array) -> jax.Array:
-            correction = 1 - jax.lax.pow(jnp.asarray(decay, d.dtype), num_refreshes)
+            # At least 1: before any refresh (all skipped) D = 0, and 1 − decay⁰ = 0 made it NaN.
+            refreshes = jnp.maximum(num_refreshes, 1)
+            correction = 1 - jax.lax.pow(jnp.asarray(decay, d.dtype), refreshes)
             # diag(G) >= 0; Hutchinson's unbiased estimate is not, and a negative entry would
             # turn the step uphill (p = 1) or NaN (p = ½). The average stays unclipped.
             curvature = jnp.maximum(d / correction, 0) + jnp.asarray(damping, d.dtype)
