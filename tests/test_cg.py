@@ -677,3 +677,21 @@ def test_the_solve_does_not_depend_on_the_scale_of_the_rhs(dtype):
             step = ravel_pytree(region.solution)[0] / dtype(scale)
             assert int(region.status) == CGStatus.BOUNDARY, scale
             np.testing.assert_allclose(np.linalg.norm(step), radius, rtol=1e-5)
+
+
+def test_scaling_keeps_narrow_leaves_and_warm_starts():
+    # b is scaled only where its squared norm leaves the range: a float16 leaf beside a float32
+    # one of 1e10 was scaled by 2^-34 to 0 (CONVERGED with its residual 1.0), and a scaled warm
+    # start must come back exactly (2^e by `exp2` was 17 ulps off).
+    def operator(v):
+        return {"a": 2 * v["a"], "h": (4 * v["h"].astype(jnp.float32)).astype(jnp.float16)}
+
+    rhs = {"a": jnp.array([1e10], jnp.float32), "h": jnp.array([1.0], jnp.float16)}
+    result = xj.cg(operator, rhs, rtol=0.0, entry_tol={"a": 1e3, "h": 1e-3})
+    assert int(result.status) == CGStatus.CONVERGED
+    assert float(result.solution["h"][0]) == 0.25 and float(result.solution["a"][0]) == 5e9
+    matrix = jnp.array([[4.0, 1.0], [1.0, 3.0]], jnp.float32)
+    rhs = jnp.array([1.0, 2.0], jnp.float32) * 1e-30
+    exact = jnp.array([1.0, 7.0], jnp.float32) / 11 * 1e-30
+    start = xj.cg(lambda v: matrix @ v, rhs, x0=exact, rtol=1e-3)
+    assert int(start.num_steps) == 0 and bool(jnp.all(start.solution == exact))
