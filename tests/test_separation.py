@@ -7,6 +7,7 @@ shrinks (no finite optimum exists), while on data with an optimum they settle.
 import inspect
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import scipy.sparse
@@ -381,3 +382,17 @@ def test_raised_pairs_that_keep_small_margins_do_not_hide_the_separation(dtype):
         X, y = _levels(4000, seed)
         _, caught = _fit(X.astype(dtype), y, 3)
         assert _categories(caught) == [xj.SeparationWarning], seed
+
+
+def test_a_subnormal_float32_l2_is_not_taken_for_a_penalty():
+    # l2 = 1e-42 is positive to NumPy but subnormal in float32, 0 to XLA's CPU backend: the fit
+    # was compiled as penalised and reported separable data CONVERGED after 19 iterations,
+    # where the l2 = 0 fit it ran reports DIVERGED.
+    X, y = load_iris(return_X_y=True)
+    X, y = X.astype(np.float32), (y == 0).astype(int)
+    with jax.enable_x64(False):
+        statuses = [
+            int(xj.fit_logistic_regression(X, y, 2, l2=l2, throw=False).status)
+            for l2 in (0.0, 1e-42)
+        ]
+    assert statuses == [xj.Status.DIVERGED, xj.Status.DIVERGED]

@@ -882,15 +882,17 @@ def fit_logistic_regression(
 def known_positive(l2, dtype) -> bool:
     """Whether every l2 is known > 0 in ``dtype`` before tracing (`LogisticObjective.penalised`).
 
-    In the fit's dtype: l2 = 1e-50 is 0 in float32, and a float32 fit of separable data
-    compiled as penalised reported CONVERGED (with no collinearity warning either) where the
-    l2 = 0 fit it ran reports DIVERGED. Known also under eager ``jax.grad`` or ``jax.jvp`` in l2
+    In the fit's dtype, and normal: l2 = 1e-50 is 0 in float32 (and 1e-42 subnormal, 0 to
+    XLA's CPU backend), and a float32 fit of separable data compiled as penalised reported
+    CONVERGED (with no collinearity warning either) where the l2 = 0 fit it ran reports
+    DIVERGED. Known also under eager ``jax.grad`` or ``jax.jvp`` in l2
     (`concrete_value`): there the fit was compiled as possibly unpenalised, and float32 columns
     of large mean were left uncentred (`centred_input`), which put the implicit derivative 9 to
     17% off with a warning from its Hessian solve.
     """
     value = concrete_value(l2)
-    return value is not None and bool(np.all(value.astype(dtype) > 0))
+    # At least the smallest normal number: XLA's CPU backend flushes a subnormal l2 to 0.
+    return value is not None and bool(np.all(value.astype(dtype) >= np.finfo(dtype).tiny))
 
 
 def _row_chunk(features) -> int | None:
