@@ -135,7 +135,15 @@ def _check_arguments(objective: Objective, theta: jax.Array, tol: Any, max_iter:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     # The gradient rides in the loop's carry; products are checked where they are used (CG
     # names an operator that widens its input), and `hessian` only by `Newton`, which calls it.
-    grad = jax.eval_shape(lambda t: objective.evaluate(t, objective.predictor(t)), theta).grad
+    evaluation = jax.eval_shape(lambda t: objective.evaluate(t, objective.predictor(t)), theta)
+    grad = evaluation.grad
+    # Of other shapes they failed inside the loop with JAX's "dot_general requires contracting
+    # dimensions to have the same shape" or "cond_fun must return a boolean scalar".
+    if jnp.shape(evaluation.loss) != () or grad.shape != (size,):
+        raise ValueError(
+            f"the objective's evaluate must give a scalar loss and a grad of shape [P] = "
+            f"({size},), got shapes {jnp.shape(evaluation.loss)} and {grad.shape}"
+        )
     if jnp.promote_types(grad.dtype, theta.dtype) != theta.dtype:  # narrower promotes
         raise TypeError(
             f"the objective's evaluate gives a {grad.dtype} grad where its dtype is "
