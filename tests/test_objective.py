@@ -128,28 +128,6 @@ def test_user_defined_objective_is_fitted_by_every_solver(poisson, solver):
     np.testing.assert_allclose(output.evaluation.loss, naive_loss(output.theta, *poisson, l2))
 
 
-class NaNCurvature(Poisson):
-    """A user objective whose curvature is NaN (its loss and gradient are finite)."""
-
-    def hessian_product(self, evaluation, tangent):
-        return super().hessian_product(evaluation, tangent) * jnp.nan
-
-    def hessian(self, evaluation):
-        return super().hessian(evaluation) * jnp.nan
-
-    def hessian_diagonal(self, evaluation):
-        return super().hessian_diagonal(evaluation) * jnp.nan
-
-
-@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}")
-def test_a_nan_curvature_is_reported_non_finite(poisson, solver):
-    # Its NaN step failed every line search: LINE_SEARCH_FAILED, with advice about scaling.
-    objective = NaNCurvature(*poisson, jnp.asarray(0.05))
-    output = solver.minimize(objective, jnp.zeros(6), tol=1e-10, max_iter=50)
-    assert xj.Status(int(output.status)) == xj.Status.NON_FINITE
-    assert bool(jnp.all(output.theta == 0))  # the last finite point
-
-
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}")
 def test_an_objective_with_no_parameters_converges_at_once(solver):
     # Newton's pseudo-inverse step took the largest of no eigenvalues: NumPy's "zero-size array

@@ -28,8 +28,7 @@ def status_code(
 
     Convergence is scikit-learn's `NewtonSolver.check_convergence`: max|g| <= tol and half the
     squared Newton decrement of the last step, ½·ΔᵀHΔ, <= tol (tol a scalar or one value per
-    parameter). Order of precedence: non-finite values (of the loss, the gradient, or a NaN
-    decrement: a NaN step), a failed step (unless the point passes
+    parameter). Order of precedence: non-finite values, a failed step (unless the point passes
     both tests), divergence (the objective's certificate, `Objective.diverged`), convergence,
     the iteration limit. A step
     with no model decrease at all (ΔᵀHΔ = 0) while max|g| > tol also counts as failed. A
@@ -38,11 +37,7 @@ def status_code(
     verified, and in float32 the last digits of nearly empty columns are reached only through
     them.
     """
-    # A NaN decrement is a NaN step: a user objective's curvature (Hessian or its products)
-    # gave NaN, which the line search then reported as LINE_SEARCH_FAILED with advice about
-    # scaling. (The decrement may be +inf before a first step: not NaN.)
     finite = jnp.isfinite(evaluation.loss) & jnp.all(jnp.isfinite(evaluation.grad))
-    finite &= ~jnp.isnan(decrement)
     grad_small = jnp.all(jnp.abs(evaluation.grad) <= tol)
     converged = grad_small & (decrement <= jnp.max(tol, initial=0))
     # A point that passes both tests has converged, even when no step could be taken from it

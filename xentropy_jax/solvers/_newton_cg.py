@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .._cg import CGStatus, plain_cg
+from .._cg import plain_cg
 from .._objective import Objective
 from . import _preconditioners
 from ._inner import (
@@ -139,9 +139,6 @@ class NewtonCG:
         # HΔ = −g − r, so ΔᵀHΔ = −Δᵀ(g + r) with no extra product. A first CG direction of
         # zero curvature (rounding only, H is PSD) leaves Δ = 0: no decrease, a failed step.
         curvature = -jnp.vdot(solve.solution, grad + solve.residual)
-        # A NaN product (a user objective's curvature) ends CG at its last finite iterate, a
-        # zero step that no line search accepts: NaN here makes the status NON_FINITE.
-        curvature = jnp.where(solve.status == CGStatus.NON_FINITE, jnp.nan, curvature)
         result = line_search_step(
             objective,
             point,

@@ -63,9 +63,8 @@ _MESSAGES = {
         "(jax.config.update('jax_enable_x64', True) and float64 X); or increase the L2 penalty."
     ),
     Status.NON_FINITE: (
-        "Non-finite values (NaN or inf) appeared in the loss or the gradient, or NaN in the "
-        "Newton step (the curvature): check X, the sample weights and the initial parameters "
-        "for NaN/inf, or scale the features; a user objective, its Hessian (products)."
+        "Non-finite values (NaN or inf) appeared in the loss or the gradient: check X, the "
+        "sample weights and the initial parameters for NaN/inf, or scale the features."
     ),
     Status.DIVERGED: (
         "The data are linearly separable and there is no L2 penalty, so the maximum-likelihood "

@@ -225,8 +225,6 @@ class TrustRegion:
         # converged fit) the step is rejected, its decrease being rounding, and keeping the
         # last accepted decrement (inf at first) reported LINE_SEARCH_FAILED there.
         decrement = jnp.where(taken | ~on_boundary, predicted, carry.decrement)
-        # A NaN product ends CG at its last finite iterate: NaN makes the status NON_FINITE.
-        decrement = jnp.where(solve.status == CGStatus.NON_FINITE, jnp.nan, decrement)
         # The region has collapsed below the resolution of θ: no decrease can be found.
         collapsed = radius <= 10 * jnp.finfo(dtype).eps * (
             1 + jnp.sqrt(jnp.vdot(theta, metric.apply(theta)))
